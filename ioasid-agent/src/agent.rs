@@ -1,0 +1,433 @@
+//! `ioasid-agent run`: the daemon.
+//!
+//! Tasks: a ring buffer reader (AsyncFd -> decode -> bounded queue, drops counted), the HTTP
+//! endpoint, the audit writer, and one actor that owns the loaded object and its maps. The actor
+//! takes events, periodic sweeps, scrape refreshes, SIGHUP and policy-file changes, one at a
+//! time, so no map or state is shared between tasks.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use ioasid_common::{
+    self as common, CounterKey, DECISION_NONE, FdKey, IoctlEvent, KVM_CREATE_DEVICE, KVM_CREATE_VM, STATS_LEN,
+    TransitionEvent, VmVerdict,
+};
+use tokio::{
+    io::unix::AsyncFd,
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    accounting::{Accounting, Totals},
+    audit::{AuditLog, hostname, rfc3339},
+    enforce::{self, Followup},
+    events::{self, Event},
+    http,
+    loader::{self, HookState, LoadOptions},
+    policy::Policy,
+    procfs::{ProcFs, ProcessInfo},
+    telemetry::{KERNEL_ERROR_KINDS, Metrics},
+    vfio::{self, SysFs},
+};
+
+const EVENT_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub listen: SocketAddr,
+    pub policy: Option<PathBuf>,
+    pub audit_log: PathBuf,
+    pub record: Option<PathBuf>,
+    pub enforce: bool,
+    pub optional_hooks: bool,
+    pub sweep: Duration,
+    pub retention: Duration,
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Requests to the actor.
+pub enum Cmd {
+    /// Sweep the kernel counters now (a scrape wants fresh values), then answer.
+    Refresh(oneshot::Sender<()>),
+}
+
+struct State {
+    // Dropping the object detaches every program: it lives as long as the actor.
+    _ebpf: aya::Ebpf,
+    counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    vm_policy: BpfHashMap<MapData, u32, VmVerdict>,
+    kvm_devices: BpfHashMap<MapData, FdKey, u32>,
+    procfs: ProcFs,
+    sysfs: SysFs,
+    policy: Policy,
+    generation: u32,
+    policy_path: Option<PathBuf>,
+    policy_hash: Option<u64>,
+    acct: Accounting,
+    metrics: Metrics,
+    audit: AuditLog,
+    record: Option<AuditLog>,
+    host: String,
+    retention: Duration,
+    stats_seen: [u64; STATS_LEN as usize],
+    /// Non-coherent DMA registrations per `struct kvm *` (opaque), from fentry.
+    noncoherent: HashMap<u64, i64>,
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).with_context(|| format!("the object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+pub async fn run(cfg: RunConfig) -> Result<()> {
+    let metrics = Metrics::new();
+    let (policy, policy_hash) = match &cfg.policy {
+        Some(path) => {
+            let p = Policy::load(path)?;
+            tracing::info!(policy = %path.display(), rules = p.rule_count(), default = p.default.decision(), "policy loaded");
+            (p, file_hash(path))
+        }
+        None => {
+            tracing::info!("no --policy given: running the embedded default policy (audit every incoherent-DMA enable, deny nothing)");
+            (Policy::embedded(), None)
+        }
+    };
+    let audit = AuditLog::start(&cfg.audit_log, metrics.clone())?;
+    let record = cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.clone())).transpose()?;
+
+    let mut loaded = loader::load(LoadOptions { enforce: cfg.enforce, optional_hooks: cfg.optional_hooks, strict: true })?;
+    for h in &loaded.hooks {
+        match &h.state {
+            HookState::Attached => tracing::info!(hook = h.spec.hook, optional = h.spec.optional, "hook attached"),
+            HookState::Refused(why) => tracing::warn!(hook = h.spec.hook, optional = h.spec.optional, reason = %why, "hook refused by the kernel"),
+        }
+        metrics.hook_attached.with_label_values(&[h.spec.hook]).set(i64::from(h.attached()));
+    }
+    let mechanism = mechanism_name(cfg.enforce, loaded.lsm_attached());
+    for m in ["lsm", "sigkill", "none"] {
+        metrics.enforcement_mechanism.with_label_values(&[m]).set(i64::from(m == mechanism));
+    }
+    tracing::info!(mechanism, "incoherent-DMA enforcement");
+
+    let ebpf = &mut loaded.ebpf;
+    let ring: RingBuf<MapData> = take(ebpf, common::MAP_EVENTS)?;
+    let mut state = State {
+        counters: take(ebpf, common::MAP_COUNTERS)?,
+        stats: take(ebpf, common::MAP_STATS)?,
+        vm_policy: take(ebpf, common::MAP_VM_POLICY)?,
+        kvm_devices: take(ebpf, common::MAP_KVM_DEVICES)?,
+        _ebpf: loaded.ebpf,
+        procfs: ProcFs::default(),
+        sysfs: SysFs::default(),
+        policy,
+        generation: 1,
+        policy_path: cfg.policy.clone(),
+        policy_hash,
+        acct: Accounting::default(),
+        metrics: metrics.clone(),
+        audit,
+        record,
+        host: hostname(),
+        retention: cfg.retention,
+        stats_seen: [0; STATS_LEN as usize],
+        noncoherent: HashMap::new(),
+    };
+
+    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(64);
+    tokio::spawn(http::serve(listener, cmd_tx, metrics.clone()));
+    tracing::info!(listen = %local, "serving /metrics");
+
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
+    // always returns that same fd.
+    let reader = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1).context("polling the ring buffer")?;
+    tokio::spawn(read_events(reader, ev_tx, metrics.clone()));
+
+    // Classify VMMs that were running before the agent started, from the counters they have.
+    state.sweep();
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    }
+
+    let mut tick = tokio::time::interval(cfg.sweep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            Some(ev) = ev_rx.recv() => state.on_event(ev),
+            Some(cmd) = cmd_rx.recv() => match cmd {
+                Cmd::Refresh(done) => {
+                    state.sweep();
+                    let _ = done.send(());
+                }
+            },
+            _ = tick.tick() => state.sweep(),
+            _ = watch.tick() => state.watch_policy_file(),
+            _ = hup.recv() => state.reload("SIGHUP"),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: detaching every hook");
+    Ok(())
+}
+
+pub fn mechanism_name(enforce: bool, lsm: bool) -> &'static str {
+    match (enforce, lsm) {
+        (false, _) => "none",
+        (true, true) => "lsm",
+        (true, false) => "sigkill",
+    }
+}
+
+/// Ring buffer -> decode -> bounded queue. A full queue drops the event and counts it.
+async fn read_events(mut fd: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Event>, metrics: Metrics) {
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "ring buffer poll failed; no more events");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match events::decode(&item) {
+                Ok(ev) => {
+                    if tx.try_send(ev).is_err() {
+                        metrics.events_dropped.inc();
+                    }
+                }
+                Err(e) => {
+                    let n = metrics.event_decode_errors.get();
+                    metrics.event_decode_errors.inc();
+                    if n.is_power_of_two() || n == 0 {
+                        tracing::warn!(error = %e, "undecodable ring buffer record");
+                    }
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+fn file_hash(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+fn signal_process(pid: u32, sig: i32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: kill(2) with a checked pid and a valid signal number.
+    if unsafe { libc::kill(pid, sig) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+impl State {
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Ioctl(ev) => self.on_ioctl(&ev),
+            Event::Noncoherent(ev) => self.on_transition(&ev),
+        }
+    }
+
+    /// Names the process and writes its verdict into the kernel, once per process.
+    fn classify(&mut self, tgid: u32, comm: Option<&str>) -> ProcessInfo {
+        let known = self.acct.procs.contains_key(&tgid);
+        let info = self.acct.ensure(tgid, comm, &self.procfs, Instant::now()).info.clone();
+        if !known {
+            self.write_verdict(&info);
+        }
+        info
+    }
+
+    fn write_verdict(&mut self, info: &ProcessInfo) {
+        if info.start_time == 0 {
+            return; // gone before it was named: nothing to judge
+        }
+        let verdict = self.policy.evaluate(info);
+        let kv = enforce::kernel_verdict(&verdict, self.generation);
+        if let Err(e) = self.vm_policy.insert(info.pid, kv, 0) {
+            tracing::error!(pid = info.pid, vm = %info.vm, error = %e, "writing the verdict map; FILE_ADD from this VM will be stopped and asked");
+        } else {
+            tracing::debug!(pid = info.pid, vm = %info.vm, rule = %verdict.rule_name, action = verdict.action.decision(), "verdict compiled into the kernel");
+        }
+    }
+
+    fn on_ioctl(&mut self, ev: &IoctlEvent) {
+        let tgid = ev.header.tgid;
+        let comm = events::comm(&ev.header.comm);
+        self.metrics.ioctls.with_label_values(&[events::request_name(ev.cmd)]).inc();
+        if ev.cmd == KVM_CREATE_VM || ev.cmd == KVM_CREATE_DEVICE {
+            let info = self.classify(tgid, Some(&comm));
+            tracing::debug!(pid = tgid, vm = %info.vm, request = events::request_name(ev.cmd), ret = ev.ret, "VMM ioctl");
+        }
+        if ev.decision == DECISION_NONE || !enforce::is_enable(ev.decision) {
+            if ev.decision == DECISION_NONE {
+                tracing::debug!(pid = tgid, comm = %comm, request = events::request_name(ev.cmd), group = ev.attr_group, attr = ev.attr_attr, ret = ev.ret, "watched ioctl");
+            }
+            return;
+        }
+        let info = if ev.decision == common::DECISION_ASK {
+            // The kernel stopped the process: judge it on what it is now.
+            match self.procfs.info(tgid) {
+                Ok(info) => {
+                    self.acct.replace(info.clone());
+                    self.write_verdict(&info);
+                    info
+                }
+                Err(_) => self.classify(tgid, Some(&comm)),
+            }
+        } else {
+            self.classify(tgid, Some(&comm))
+        };
+        let vfio = (ev.flags & common::IOCTL_F_FILE_FD_READ != 0)
+            .then(|| vfio::resolve(&self.procfs, &self.sysfs, tgid, ev.file_fd));
+        let cx = enforce::Context { policy: &self.policy, generation: self.generation, host: &self.host, time: rfc3339(SystemTime::now()) };
+        let j = enforce::judge(ev, &info, vfio, &cx);
+        let sig = match j.followup {
+            Followup::None => None,
+            Followup::Continue => Some(libc::SIGCONT),
+            Followup::Kill => Some(libc::SIGKILL),
+        };
+        let mut record = j.record;
+        if let Some(sig) = sig {
+            if let Err(e) = signal_process(tgid, sig) {
+                record.outcome = "gone".into();
+                record.reason = Some(format!("signal {sig}: {e}"));
+            }
+        }
+        self.metrics.incoherent_dma_requests.with_label_values(&[&info.vm, j.action.decision()]).inc();
+        if let Some(r) = &self.record {
+            r.record_quiet(record.clone());
+        }
+        self.audit.record(record);
+    }
+
+    fn on_transition(&mut self, ev: &TransitionEvent) {
+        let n = self.noncoherent.entry(ev.kvm).or_insert(0);
+        *n += if ev.register == 1 { 1 } else { -1 };
+        if *n <= 0 {
+            self.noncoherent.remove(&ev.kvm);
+        }
+        let info = self.classify(ev.header.tgid, Some(&events::comm(&ev.header.comm)));
+        tracing::info!(vm = %info.vm, pid = ev.header.tgid, register = ev.register == 1, "KVM non-coherent DMA transition");
+        self.metrics.noncoherent_vms.set(self.noncoherent.len() as i64);
+    }
+
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.acct.check_liveness(&self.procfs, now);
+        let mut kernel: HashMap<u32, Totals> = HashMap::new();
+        let mut keys: HashMap<u32, Vec<CounterKey>> = HashMap::new();
+        for item in self.counters.iter() {
+            match item {
+                Ok((k, values)) => {
+                    let sum: u64 = values.iter().sum();
+                    *kernel.entry(k.tgid).or_default().entry((k.op, k.path)).or_insert(0) += sum;
+                    keys.entry(k.tgid).or_default().push(k);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the counter map");
+                    break;
+                }
+            }
+        }
+        let before: Vec<u32> = self.acct.procs.keys().copied().collect();
+        self.acct.apply(kernel, &self.procfs, now);
+        let new: Vec<ProcessInfo> = self
+            .acct
+            .procs
+            .iter()
+            .filter(|(t, p)| !before.contains(t) && p.dead_since.is_none())
+            .map(|(_, p)| p.info.clone())
+            .collect();
+        for info in new {
+            self.write_verdict(&info);
+        }
+        for tgid in self.acct.to_purge() {
+            for k in keys.remove(&tgid).unwrap_or_default() {
+                let _ = self.counters.remove(&k);
+            }
+            let _ = self.vm_policy.remove(&tgid);
+            let stale: Vec<FdKey> = self.kvm_devices.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+            for k in stale {
+                let _ = self.kvm_devices.remove(&k);
+            }
+        }
+        self.acct.expire(self.retention, now);
+        self.acct.export(&self.metrics);
+        self.export_stats();
+    }
+
+    fn export_stats(&mut self) {
+        for i in 0..STATS_LEN {
+            let Ok(values) = self.stats.get(&i, 0) else { continue };
+            let total: u64 = values.iter().sum();
+            let seen = &mut self.stats_seen[i as usize];
+            if total > *seen {
+                let delta = total - *seen;
+                *seen = total;
+                if i == common::Stat::EventsDropped as u32 {
+                    self.metrics.events_dropped.inc_by(delta);
+                    tracing::warn!(dropped = delta, "kernel ring buffer full: events dropped (counters stay exact)");
+                } else if let Some(kind) = KERNEL_ERROR_KINDS.get(i as usize - 1) {
+                    self.metrics.kernel_errors.with_label_values(&[kind]).inc_by(delta);
+                }
+            }
+        }
+    }
+
+    fn watch_policy_file(&mut self) {
+        let Some(path) = &self.policy_path else { return };
+        let h = file_hash(path);
+        if h.is_some() && h != self.policy_hash {
+            self.policy_hash = h;
+            self.reload("file changed");
+        }
+    }
+
+    fn reload(&mut self, why: &str) {
+        let Some(path) = self.policy_path.clone() else {
+            tracing::info!(trigger = why, "reload requested; running the embedded default policy, nothing to reload");
+            return;
+        };
+        match Policy::load(&path) {
+            Ok(p) => {
+                self.policy_hash = file_hash(&path);
+                self.policy = p;
+                self.generation += 1;
+                let live: Vec<ProcessInfo> =
+                    self.acct.procs.values().filter(|p| p.dead_since.is_none()).map(|p| p.info.clone()).collect();
+                for info in &live {
+                    self.write_verdict(info);
+                }
+                self.metrics.policy_reloads.with_label_values(&["success"]).inc();
+                tracing::info!(trigger = why, policy = %path.display(), generation = self.generation, rules = self.policy.rule_count(), vms = live.len(), "policy reloaded");
+            }
+            Err(e) => {
+                self.metrics.policy_reloads.with_label_values(&["failure"]).inc();
+                tracing::error!(trigger = why, error = %e, "policy reload rejected; the last good policy stays in force");
+            }
+        }
+    }
+}

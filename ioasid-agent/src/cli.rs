@@ -1,0 +1,162 @@
+//! Command line (clap derive). One subcommand per module under `cmd/`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::audit::DEFAULT_AUDIT_PATH;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ioasid-agent",
+    version,
+    about = "Audits and enforces incoherent (no-snoop) DMA on KVM hosts, and measures guest WBINVD per VM",
+    long_about = "ioasid-agent loads eBPF programs onto KVM's WBINVD paths and the KVM/VFIO/iommufd ioctls.\n\
+                  It counts every guest WBINVD/INVD per VM, judges every incoherent-DMA enable \
+                  (KVM_DEV_VFIO_FILE_ADD) against a policy and enforces it in the kernel, writes an audit \
+                  log and exports Prometheus metrics. Needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)."
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "IOASID_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ioasid_agent=debug`.
+    #[arg(long, global = true, default_value = "info", env = "IOASID_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: attach the hooks, enforce the policy, serve /metrics.
+    Run(RunArgs),
+    /// Print which hooks this kernel allows (loads and attaches each, then exits).
+    Status(StatusArgs),
+    /// Policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Evaluate recorded requests (an audit log or a `run --record` file) against a policy.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Address of the Prometheus endpoint. Loopback by default: expose it deliberately.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    pub listen: SocketAddr,
+    /// Policy file (YAML). Without it the embedded default policy runs: audit everything.
+    #[arg(long, value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+    /// Audit log (JSON lines, appended).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_AUDIT_PATH)]
+    pub audit_log: PathBuf,
+    /// Also write every judged request to this file, for `replay`.
+    #[arg(long, value_name = "PATH")]
+    pub record: Option<PathBuf>,
+    /// Observe and audit only: never stop or kill a process.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Attach only the tracepoint hooks (no fentry/fexit/LSM), e.g. to compare overheads.
+    #[arg(long)]
+    pub no_optional_hooks: bool,
+    /// How often the kernel counters are read (scrapes also read them).
+    #[arg(long, value_parser = parse_duration, default_value = "250ms")]
+    pub sweep_interval: Duration,
+    /// How long a VM whose process exited is still reported.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub vm_retention: Duration,
+    /// Write the bound listen address here once every hook is attached (readiness).
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Validate a policy file; exit status 1 with the error if it is invalid.
+    Check {
+        /// The policy file.
+        path: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Recorded requests: JSON lines as written to the audit log or by `run --record`.
+    pub events: PathBuf,
+    /// The policy to evaluate them against.
+    #[arg(long, value_name = "PATH")]
+    pub policy: PathBuf,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `250ms`, `5s`, `2m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 250ms, 5s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "ms", "5x", "-1s", "0", "1e99", "nan"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_flags_are_errors_not_panics() {
+        for args in [
+            vec!["ioasid-agent", "run", "--listen", "nope"],
+            vec!["ioasid-agent", "run", "--sweep-interval", "fast"],
+            vec!["ioasid-agent", "policy", "check"],
+            vec!["ioasid-agent", "replay", "x.jsonl"],
+            vec!["ioasid-agent", "--log-format", "xml", "status"],
+            vec!["ioasid-agent", "frobnicate"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["ioasid-agent", "run"]).is_ok());
+    }
+}

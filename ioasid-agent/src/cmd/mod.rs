@@ -1,0 +1,3 @@
+pub mod policy;
+pub mod replay;
+pub mod status;

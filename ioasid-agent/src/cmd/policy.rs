@@ -1,0 +1,18 @@
+//! `ioasid-agent policy check PATH`.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::policy::Policy;
+
+pub fn check(path: &Path) -> Result<()> {
+    let p = Policy::load(path)?;
+    println!(
+        "{}: valid: {} rule(s), default incoherent_dma: {:?}",
+        path.display(),
+        p.rule_count(),
+        p.default
+    );
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `ioasid-agent replay EVENTS.jsonl --policy PATH`: what a policy would decide for recorded
+//! requests. Bad lines are reported with their line numbers; the others are still evaluated.
+
+use std::io::BufRead;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{audit::AuditRecord, cli::ReplayArgs, enforce, policy::Policy};
+
+pub fn run(args: &ReplayArgs) -> Result<()> {
+    let policy = Policy::load(&args.policy)?;
+    let file = std::fs::File::open(&args.events).with_context(|| format!("opening {}", args.events.display()))?;
+    let (mut total, mut changed, mut bad) = (0usize, 0usize, 0usize);
+    if !args.json {
+        println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
+    }
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", args.events.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec: AuditRecord = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                bad += 1;
+                eprintln!("{}:{}: not a recorded request: {e}", args.events.display(), i + 1);
+                continue;
+            }
+        };
+        total += 1;
+        let (action, rule, reason) = enforce::replay(&rec, &policy);
+        let decision = action.decision();
+        if decision != rec.decision {
+            changed += 1;
+        }
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "line": i + 1, "time": rec.time, "vm": rec.vm, "pid": rec.pid,
+                    "recorded": rec.decision, "decision": decision, "rule": rule, "reason": reason,
+                })
+            );
+        } else {
+            println!("{:<24} {:<8} {:<10} {:<10} {:<24} {}", rec.vm, rec.pid, rec.decision, decision, rule, reason.unwrap_or_default());
+        }
+    }
+    eprintln!("{total} request(s) evaluated against {}; {changed} decided differently than recorded", args.policy.display());
+    if bad > 0 {
+        bail!("{bad} line(s) of {} could not be read (see above)", args.events.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `ioasid-agent status`: which hooks this kernel allows, without staying resident.
+
+use anyhow::Result;
+
+use crate::{
+    agent::mechanism_name,
+    cli::StatusArgs,
+    loader::{self, HookState, LoadOptions},
+};
+
+pub fn run(args: &StatusArgs) -> Result<()> {
+    // Enforcement stays off: nothing is judged while status runs.
+    let loaded = loader::load(LoadOptions { enforce: false, optional_hooks: true, strict: false })?;
+    let mechanism = mechanism_name(true, loaded.lsm_attached());
+    if args.json {
+        let hooks: Vec<serde_json::Value> = loaded
+            .hooks
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "hook": h.spec.hook,
+                    "optional": h.spec.optional,
+                    "attached": h.attached(),
+                    "reason": match &h.state { HookState::Refused(r) => Some(r.as_str()), HookState::Attached => None },
+                    "purpose": h.spec.purpose,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism }));
+    } else {
+        for h in &loaded.hooks {
+            println!("{h}");
+        }
+        println!("enforcement mechanism for incoherent-DMA denials: {mechanism}");
+    }
+    Ok(())
+}

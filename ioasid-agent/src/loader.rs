@@ -1,0 +1,328 @@
+//! Loading the kernel object and attaching every hook the kernel allows.
+//!
+//! Required hooks (tracepoints) must attach or start-up fails with the reason. Optional hooks
+//! (fentry/fexit/LSM: BPF trampolines) are attached where the kernel allows them; a refusal is
+//! reported, never fatal. `ioasid-agent status` and `ioasid_hook_attached{hook}` show the table.
+
+use std::fmt;
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
+};
+use ioasid_common as common;
+use ioasid_common::{Control, ProgConfig};
+
+use crate::tracefs::{TraceFs, TraceFsError};
+
+/// The compiled kernel object.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ioasid.bpf.o"));
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    TracePoint { category: &'static str, name: &'static str },
+    FEntry { function: &'static str },
+    FExit { function: &'static str },
+    Lsm { hook: &'static str },
+}
+
+/// One hook the agent knows.
+#[derive(Debug, Clone, Copy)]
+pub struct HookSpec {
+    /// Stable label: the `hook` label of `ioasid_hook_attached`.
+    pub hook: &'static str,
+    pub program: &'static str,
+    pub kind: HookKind,
+    pub optional: bool,
+    pub purpose: &'static str,
+}
+
+pub const HOOKS: &[HookSpec] = &[
+    HookSpec {
+        hook: "tracepoint/kvm/kvm_exit",
+        program: common::PROG_KVM_EXIT,
+        kind: HookKind::TracePoint { category: "kvm", name: "kvm_exit" },
+        optional: false,
+        purpose: "WBINVD/INVD hardware exits",
+    },
+    HookSpec {
+        hook: "tracepoint/kvm/kvm_emulate_insn",
+        program: common::PROG_KVM_EMULATE_INSN,
+        kind: HookKind::TracePoint { category: "kvm", name: "kvm_emulate_insn" },
+        optional: false,
+        purpose: "WBINVD/INVD run by KVM's emulator",
+    },
+    HookSpec {
+        hook: "tracepoint/syscalls/sys_enter_ioctl",
+        program: common::PROG_SYS_ENTER_IOCTL,
+        kind: HookKind::TracePoint { category: "syscalls", name: "sys_enter_ioctl" },
+        optional: false,
+        purpose: "KVM/VFIO/iommufd ioctls; judges and enforces FILE_ADD",
+    },
+    HookSpec {
+        hook: "tracepoint/syscalls/sys_exit_ioctl",
+        program: common::PROG_SYS_EXIT_IOCTL,
+        kind: HookKind::TracePoint { category: "syscalls", name: "sys_exit_ioctl" },
+        optional: false,
+        purpose: "ioctl results; kvm-vfio device fds",
+    },
+    HookSpec {
+        hook: "tracepoint/sched/sched_process_exec",
+        program: common::PROG_SCHED_EXEC,
+        kind: HookKind::TracePoint { category: "sched", name: "sched_process_exec" },
+        optional: false,
+        purpose: "drops a process's verdict when it execs",
+    },
+    HookSpec {
+        hook: "fexit/kvm_emulate_wbinvd",
+        program: common::PROG_FEXIT_KVM_EMULATE_WBINVD,
+        kind: HookKind::FExit { function: "kvm_emulate_wbinvd" },
+        optional: true,
+        purpose: "WBINVD exit handler calls",
+    },
+    HookSpec {
+        hook: "fexit/emulator_wbinvd",
+        program: common::PROG_FEXIT_EMULATOR_WBINVD,
+        kind: HookKind::FExit { function: "emulator_wbinvd" },
+        optional: true,
+        purpose: "WBINVD emulator handler calls",
+    },
+    HookSpec {
+        hook: "lsm/file_ioctl",
+        program: common::PROG_LSM_FILE_IOCTL,
+        kind: HookKind::Lsm { hook: "file_ioctl" },
+        optional: true,
+        purpose: "denies FILE_ADD with -EPERM before it runs",
+    },
+    HookSpec {
+        hook: "fentry/kvm_arch_register_noncoherent_dma",
+        program: common::PROG_FENTRY_REGISTER_NONCOHERENT,
+        kind: HookKind::FEntry { function: "kvm_arch_register_noncoherent_dma" },
+        optional: true,
+        purpose: "a VM becomes non-coherent",
+    },
+    HookSpec {
+        hook: "fentry/kvm_arch_unregister_noncoherent_dma",
+        program: common::PROG_FENTRY_UNREGISTER_NONCOHERENT,
+        kind: HookKind::FEntry { function: "kvm_arch_unregister_noncoherent_dma" },
+        optional: true,
+        purpose: "a VM is coherent again",
+    },
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookState {
+    Attached,
+    /// The kernel would not load or attach it (the reason, with the kernel's error).
+    Refused(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct HookReport {
+    pub spec: HookSpec,
+    pub state: HookState,
+}
+
+impl HookReport {
+    pub fn attached(&self) -> bool {
+        self.state == HookState::Attached
+    }
+}
+
+impl fmt::Display for HookReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let need = if self.spec.optional { "optional" } else { "required" };
+        match &self.state {
+            HookState::Attached => write!(f, "{:<46} attached  ({need}) {}", self.spec.hook, self.spec.purpose),
+            HookState::Refused(why) => write!(f, "{:<46} refused   ({need}) {}: {why}", self.spec.hook, self.spec.purpose),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    TraceFs(#[from] TraceFsError),
+    #[error("loading the ioasid eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the object has no program {0} (built from another version?)")]
+    MissingProgram(&'static str),
+    #[error("the object has no map {0} (built from another version?)")]
+    MissingMap(&'static str),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("required hook {hook} could not be attached: {reason}")]
+    Required { hook: &'static str, reason: String },
+}
+
+/// How the agent wants the programs set up.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Enforce verdicts (false: observe and audit only).
+    pub enforce: bool,
+    /// Attach optional hooks (false: tracepoints only; for comparing).
+    pub optional_hooks: bool,
+    /// Fail if a required hook cannot attach (false for `status`, which reports instead).
+    pub strict: bool,
+}
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub hooks: Vec<HookReport>,
+}
+
+impl Loaded {
+    pub fn lsm_attached(&self) -> bool {
+        self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
+    }
+}
+
+/// Reads the record layouts this kernel uses into the program configuration.
+pub fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError> {
+    let exit = tracefs.format("kvm", "kvm_exit")?;
+    let emul = tracefs.format("kvm", "kvm_emulate_insn")?;
+    let enter = tracefs.format("syscalls", "sys_enter_ioctl")?;
+    let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
+    Ok(ProgConfig {
+        exit_reason: exit.field("exit_reason")?,
+        exit_isa: exit.field("isa")?,
+        exit_vcpu_id: exit.field("vcpu_id")?,
+        emul_len: emul.field("len")?,
+        emul_insn: emul.field("insn")?,
+        emul_flags: emul.field("flags")?,
+        emul_failed: emul.field("failed")?,
+        ioctl_fd: enter.field("fd")?,
+        ioctl_cmd: enter.field("cmd")?,
+        ioctl_arg: enter.field("arg")?,
+        ioctl_ret: leave.field("ret")?,
+        agent_tgid: std::process::id(),
+        _pad: 0,
+    })
+}
+
+/// Loads the object and attaches every hook the kernel allows.
+pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
+    let tracefs = TraceFs::locate_or_mount()?;
+    let config = prog_config(&tracefs)?;
+    let btf = Btf::from_sys_fs().ok();
+    let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
+        .override_global(common::GLOBAL_CONFIG, &config, true)
+        .load(OBJECT)
+        .map_err(LoadError::Object)?;
+    let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
+        .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
+        .ok();
+
+    let mut hooks = Vec::with_capacity(HOOKS.len());
+    for spec in HOOKS {
+        let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
+        let state = if spec.optional && !opts.optional_hooks {
+            HookState::Refused("not requested (--no-optional-hooks)".into())
+        } else {
+            match attach(prog, spec.kind, btf.as_ref(), lsm_active) {
+                Ok(()) => HookState::Attached,
+                Err(why) => HookState::Refused(why),
+            }
+        };
+        if let (HookState::Refused(reason), false, true) = (&state, spec.optional, opts.strict) {
+            return Err(LoadError::Required { hook: spec.hook, reason: reason.clone() });
+        }
+        hooks.push(HookReport { spec: *spec, state });
+    }
+    let mut loaded = Loaded { ebpf, hooks };
+    let control = Control { enforce: u32::from(opts.enforce), lsm_enforces: u32::from(loaded.lsm_attached()) };
+    set_control(&mut loaded.ebpf, control)?;
+    Ok(loaded)
+}
+
+pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {
+    let map = ebpf.map_mut(common::MAP_CONTROL).ok_or(LoadError::MissingMap(common::MAP_CONTROL))?;
+    let mut array: Array<&mut MapData, Control> =
+        Array::try_from(map).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })?;
+    array.set(0, control, 0).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })
+}
+
+fn attach(prog: &mut Program, kind: HookKind, btf: Option<&Btf>, lsm_active: Option<bool>) -> Result<(), String> {
+    let need_btf = || btf.ok_or_else(|| "no kernel BTF at /sys/kernel/btf/vmlinux".to_string());
+    match kind {
+        HookKind::TracePoint { category, name } => {
+            let tp: &mut TracePoint = prog.try_into().map_err(describe)?;
+            tp.load().map_err(describe)?;
+            tp.attach(category, name).map_err(describe)?;
+        }
+        HookKind::FEntry { function } => {
+            let p: &mut FEntry = prog.try_into().map_err(describe)?;
+            p.load(function, need_btf()?).map_err(describe)?;
+            p.attach().map_err(describe)?;
+        }
+        HookKind::FExit { function } => {
+            let p: &mut FExit = prog.try_into().map_err(describe)?;
+            p.load(function, need_btf()?).map_err(describe)?;
+            p.attach().map_err(describe)?;
+        }
+        HookKind::Lsm { hook } => {
+            if lsm_active == Some(false) {
+                return Err("the BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm; boot with lsm=...,bpf)".into());
+            }
+            let p: &mut Lsm = prog.try_into().map_err(describe)?;
+            p.load(hook, need_btf()?).map_err(describe)?;
+            p.attach().map_err(describe)?;
+        }
+    }
+    Ok(())
+}
+
+/// One line: the kernel's answer, with the verifier's last lines when it said something.
+fn describe(e: ProgramError) -> String {
+    if let ProgramError::LoadError { io_error, verifier_log } = &e {
+        let log = verifier_log.to_string();
+        let tail: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(3).collect();
+        let mut out = format!("BPF_PROG_LOAD: {io_error}");
+        if !tail.is_empty() {
+            out.push_str(" (verifier: ");
+            out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+            out.push(')');
+        }
+        return out;
+    }
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every map and program named in ioasid-common exists in the built object, and every
+    /// program is in the hook table.
+    #[test]
+    fn object_has_every_name() {
+        let obj = aya_obj_names(OBJECT);
+        for name in common::ALL_MAPS.iter().chain(common::ALL_PROGRAMS.iter()) {
+            assert!(obj.iter().any(|s| s == name), "{name} missing from the object");
+        }
+        for prog in common::ALL_PROGRAMS {
+            assert!(HOOKS.iter().any(|h| h.program == prog), "{prog} not in HOOKS");
+        }
+        assert!(obj.iter().any(|s| s == common::GLOBAL_CONFIG));
+    }
+
+    /// Symbol names of the ELF object (no kernel needed).
+    fn aya_obj_names(data: &[u8]) -> Vec<String> {
+        use object::{Object, ObjectSymbol};
+        let file = object::File::parse(data).expect("the built object is ELF");
+        file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect()
+    }
+}

@@ -1,0 +1,67 @@
+//! ioasid-agent: the daemon and CLI. See README.md.
+
+mod accounting;
+mod agent;
+mod audit;
+mod cli;
+mod cmd;
+mod enforce;
+mod events;
+mod http;
+mod loader;
+mod policy;
+mod procfs;
+mod telemetry;
+mod tracefs;
+mod vfio;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, LogFormat, PolicyCommand};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!("ioasid-agent: bad --log filter {:?} ({e}); using `info`", cli.log);
+        EnvFilter::new("info")
+    });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let result = match &cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => cmd::status::run(args),
+        Command::Policy(PolicyCommand::Check { path }) => cmd::policy::check(path),
+        Command::Replay(args) => cmd::replay::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ioasid-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
+    let cfg = agent::RunConfig {
+        listen: args.listen,
+        policy: args.policy.clone(),
+        audit_log: args.audit_log.clone(),
+        record: args.record.clone(),
+        enforce: !args.dry_run,
+        optional_hooks: !args.no_optional_hooks,
+        sweep: args.sweep_interval,
+        retention: args.vm_retention,
+        ready_file: args.ready_file.clone(),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(agent::run(cfg))
+}

@@ -1,0 +1,261 @@
+//! Process identity from procfs: who a VMM is (VM name, exe, cgroup, uid) and whether a pid is
+//! still the same process (start time). The procfs root is injectable for tests.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("process {pid} is gone")]
+    Gone { pid: u32 },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: unexpected content: {what}")]
+    Malformed { path: PathBuf, what: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        Self::at("/proc")
+    }
+}
+
+/// What the agent knows about a VMM process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    /// The VM name: from `-name`/`--name` (QEMU, libvirt, KubeVirt), else `<comm>:<pid>`.
+    pub vm: String,
+    pub exe: Option<String>,
+    /// cgroup v2 path (the `0::` line), or the first hierarchy's path on cgroup v1.
+    pub cgroup: Option<String>,
+    pub uid: u32,
+    /// Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, the identity.
+    pub start_time: u64,
+}
+
+impl ProcFs {
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+
+    fn read(&self, pid: u32, file: &str) -> Result<Vec<u8>, ProcError> {
+        let path = self.root.join(pid.to_string()).join(file);
+        std::fs::read(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ProcError::Gone { pid },
+            _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::Gone { pid },
+            _ => ProcError::Read { path, source },
+        })
+    }
+
+    /// The process start time, or `Gone`.
+    pub fn start_time(&self, pid: u32) -> Result<u64, ProcError> {
+        let stat = self.read(pid, "stat")?;
+        parse_start_time(&stat).ok_or_else(|| ProcError::Malformed {
+            path: self.root.join(pid.to_string()).join("stat"),
+            what: "no start time".into(),
+        })
+    }
+
+    /// Where fd `fd` of `pid` points (`readlink /proc/PID/fd/FD`).
+    pub fn fd_target(&self, pid: u32, fd: i32) -> Result<PathBuf, ProcError> {
+        let path = self.root.join(pid.to_string()).join("fd").join(fd.to_string());
+        std::fs::read_link(&path).map_err(|source| ProcError::Read { path, source })
+    }
+
+    pub fn info(&self, pid: u32) -> Result<ProcessInfo, ProcError> {
+        let start_time = self.start_time(pid)?;
+        let comm = String::from_utf8_lossy(&self.read(pid, "comm")?).trim_end().to_string();
+        let cmdline = split_cmdline(&self.read(pid, "cmdline")?);
+        let exe = std::fs::read_link(self.root.join(pid.to_string()).join("exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        let cgroup = self.read(pid, "cgroup").ok().and_then(|c| parse_cgroup(&String::from_utf8_lossy(&c)));
+        let status = String::from_utf8_lossy(&self.read(pid, "status")?).into_owned();
+        let uid = parse_uid(&status).ok_or_else(|| ProcError::Malformed {
+            path: self.root.join(pid.to_string()).join("status"),
+            what: "no Uid line".into(),
+        })?;
+        let vm = vm_name_from_cmdline(&cmdline).unwrap_or_else(|| format!("{comm}:{pid}"));
+        Ok(ProcessInfo { pid, comm, vm, exe, cgroup, uid, start_time })
+    }
+}
+
+fn split_cmdline(raw: &[u8]) -> Vec<String> {
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Field 22 of /proc/PID/stat, counted after the `(comm)` field, which may hold spaces and ')'.
+fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let stat = std::str::from_utf8(stat).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After the comm: field 3 (state) is the first; start time is field 22.
+    after.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+fn parse_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The cgroup v2 path (`0::/path`), else the first v1 hierarchy's path.
+fn parse_cgroup(text: &str) -> Option<String> {
+    let mut first = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(_), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if id == "0" {
+            return Some(path.to_string());
+        }
+        first.get_or_insert_with(|| path.to_string());
+    }
+    first
+}
+
+/// The VM name from a VMM command line: QEMU's `-name`/`--name` option (also `-name=...`), whose
+/// value is either `NAME[,opts]` or `guest=NAME[,opts]`, with `,,` standing for a literal comma.
+/// libvirt and KubeVirt start QEMU with `-name guest=NAME,debug-threads=on`.
+pub fn vm_name_from_cmdline(args: &[String]) -> Option<String> {
+    let mut value = None;
+    let mut it = args.iter().skip(1);
+    while let Some(arg) = it.next() {
+        let arg = arg.as_str();
+        if arg == "-name" || arg == "--name" {
+            value = it.next().map(String::as_str);
+        } else if let Some(v) = arg.strip_prefix("-name=").or_else(|| arg.strip_prefix("--name=")) {
+            value = Some(v);
+        }
+    }
+    // QEMU takes the last -name given.
+    let value = value?;
+    for (i, opt) in split_qemu_opts(value).into_iter().enumerate() {
+        match opt.split_once('=') {
+            Some(("guest", name)) => return non_empty(name),
+            Some(_) => continue,
+            // QEMU's implied first key for -name is `guest`.
+            None if i == 0 => return non_empty(&opt),
+            None => continue,
+        }
+    }
+    None
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Splits a QEMU option string on single commas; `,,` is an escaped comma.
+fn split_qemu_opts(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().expect("never empty").push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().expect("never empty").push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(args: &[&str]) -> Option<String> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        vm_name_from_cmdline(&args)
+    }
+
+    #[test]
+    fn qemu_and_libvirt_names() {
+        let q = "/usr/bin/qemu-system-x86_64";
+        assert_eq!(name(&[q, "-name", "web1"]).as_deref(), Some("web1"));
+        assert_eq!(name(&[q, "-name", "guest=db,debug-threads=on"]).as_deref(), Some("db"));
+        assert_eq!(name(&[q, "-name", "debug-threads=on,guest=late"]).as_deref(), Some("late"));
+        assert_eq!(name(&[q, "-name", "plain,process=qemu:plain"]).as_deref(), Some("plain"));
+        assert_eq!(name(&[q, "--name", "guest=two-dash"]).as_deref(), Some("two-dash"));
+        assert_eq!(name(&[q, "-name=eq"]).as_deref(), Some("eq"));
+        // KubeVirt: namespace_vm.
+        assert_eq!(name(&[q, "-name", "guest=default_vm-gpu,debug-threads=on"]).as_deref(), Some("default_vm-gpu"));
+        // Last -name wins, as in QEMU.
+        assert_eq!(name(&[q, "-name", "a", "-name", "b"]).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn qemu_comma_escaping() {
+        assert_eq!(name(&["q", "-name", "guest=a,,b,debug-threads=on"]).as_deref(), Some("a,b"));
+        assert_eq!(name(&["q", "-name", "x,,,,y"]).as_deref(), Some("x,,y"));
+        assert_eq!(name(&["q", "-name", "guest=trail,,"]).as_deref(), Some("trail,"));
+    }
+
+    #[test]
+    fn no_name() {
+        assert_eq!(name(&["q"]), None);
+        assert_eq!(name(&["q", "-name"]), None);
+        assert_eq!(name(&["q", "-name", ""]), None);
+        assert_eq!(name(&["q", "-name", "guest="]), None);
+        assert_eq!(name(&["q", "-name", "debug-threads=on"]), None);
+        // argv[0] is never the option.
+        assert_eq!(name(&["-name", "x"]), None);
+    }
+
+    #[test]
+    fn stat_start_time_survives_odd_comm() {
+        let stat = b"1234 (qemu) x (y)) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 1000 10 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time(b"garbage"), None);
+        assert_eq!(parse_start_time(b"1 (a) S 1"), None);
+    }
+
+    #[test]
+    fn cgroup_and_uid() {
+        assert_eq!(parse_cgroup("0::/machine.slice/machine-qemu.scope\n").as_deref(), Some("/machine.slice/machine-qemu.scope"));
+        assert_eq!(parse_cgroup("12:cpu,cpuacct:/v1path\n0::/v2\n").as_deref(), Some("/v2"));
+        assert_eq!(parse_cgroup("12:cpu:/v1only\n").as_deref(), Some("/v1only"));
+        assert_eq!(parse_cgroup("junk"), None);
+        assert_eq!(parse_uid("Name:\tq\nUid:\t107\t107\t107\t107\n"), Some(107));
+        assert_eq!(parse_uid("Name:\tq\n"), None);
+    }
+
+    #[test]
+    fn info_from_a_fixture_tree() {
+        let dir = std::env::temp_dir().join(format!("ioasid-procfs-{}", std::process::id()));
+        let p = dir.join("4242");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("stat"), "4242 (qemu-kvm) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5555 0 0").unwrap();
+        std::fs::write(p.join("comm"), "qemu-kvm\n").unwrap();
+        std::fs::write(p.join("cmdline"), b"/usr/bin/qemu-kvm\0-name\0guest=gpu-1,debug-threads=on\0-m\01G\0").unwrap();
+        std::fs::write(p.join("cgroup"), "0::/machine.slice/gpu\n").unwrap();
+        std::fs::write(p.join("status"), "Name:\tqemu-kvm\nUid:\t107\t107\t107\t107\n").unwrap();
+        std::os::unix::fs::symlink("/usr/bin/qemu-kvm", p.join("exe")).unwrap();
+        let fs = ProcFs::at(&dir);
+        let info = fs.info(4242).unwrap();
+        assert_eq!(info.vm, "gpu-1");
+        assert_eq!(info.exe.as_deref(), Some("/usr/bin/qemu-kvm"));
+        assert_eq!(info.cgroup.as_deref(), Some("/machine.slice/gpu"));
+        assert_eq!((info.uid, info.start_time, info.comm.as_str()), (107, 5555, "qemu-kvm"));
+        std::fs::write(p.join("cmdline"), b"/opt/vmm\0").unwrap();
+        assert_eq!(fs.info(4242).unwrap().vm, "qemu-kvm:4242");
+        assert!(matches!(fs.info(1), Err(ProcError::Gone { pid: 1 })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

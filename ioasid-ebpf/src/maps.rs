@@ -1,0 +1,82 @@
+//! Every map of the object, and the load-time configuration global.
+//!
+//! Names are the `MAP_*` constants of ioasid-common (the symbol name is the map name).
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use ioasid_common::{
+    Control,
+    COUNTERS_MAX_ENTRIES, CounterKey, EVENTS_RING_BYTES, FdKey, INFLIGHT_MAX_ENTRIES, IoctlEvent,
+    KVM_DEVICES_MAX_ENTRIES, ProgConfig, STATS_LEN, Stat, VM_POLICY_MAX_ENTRIES, VmVerdict,
+};
+
+/// Exact counts. Per-CPU so the hot path never contends; the agent sums the CPUs.
+#[map]
+pub static IOASID_COUNTERS: PerCpuHashMap<CounterKey, u64> =
+    PerCpuHashMap::with_max_entries(COUNTERS_MAX_ENTRIES, 0);
+
+#[map]
+pub static IOASID_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[map]
+pub static IOASID_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Written by the agent only.
+#[map]
+pub static IOASID_VM_POLICY: HashMap<u32, VmVerdict> =
+    HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+
+/// (tgid, fd) -> KVM device type, from KVM_CREATE_DEVICE's sys_exit.
+#[map]
+pub static IOASID_KVM_DEVICES: HashMap<FdKey, u32> =
+    HashMap::with_max_entries(KVM_DEVICES_MAX_ENTRIES, 0);
+
+/// Thread id -> the watched ioctl it is in, between sys_enter and sys_exit.
+#[map]
+pub static IOASID_INFLIGHT: HashMap<u32, IoctlEvent> =
+    HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+
+/// Enforcement switches, written by the agent after attaching.
+#[map]
+pub static IOASID_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn control() -> Control {
+    IOASID_CONTROL.get(0).copied().unwrap_or(Control { enforce: 0, lsm_enforces: 0 })
+}
+
+/// Tracepoint field offsets (from tracefs `format` files) and switches, set by the agent.
+#[unsafe(no_mangle)]
+pub static IOASID_CONFIG: Global<ProgConfig> = Global::new(ProgConfig {
+    exit_reason: ioasid_common::Field { offset: 0, size: 0 },
+    exit_isa: ioasid_common::Field { offset: 0, size: 0 },
+    exit_vcpu_id: ioasid_common::Field { offset: 0, size: 0 },
+    emul_len: ioasid_common::Field { offset: 0, size: 0 },
+    emul_insn: ioasid_common::Field { offset: 0, size: 0 },
+    emul_flags: ioasid_common::Field { offset: 0, size: 0 },
+    emul_failed: ioasid_common::Field { offset: 0, size: 0 },
+    ioctl_fd: ioasid_common::Field { offset: 0, size: 0 },
+    ioctl_cmd: ioasid_common::Field { offset: 0, size: 0 },
+    ioctl_arg: ioasid_common::Field { offset: 0, size: 0 },
+    ioctl_ret: ioasid_common::Field { offset: 0, size: 0 },
+    agent_tgid: 0,
+    _pad: 0,
+});
+
+#[inline(always)]
+pub fn config() -> ProgConfig {
+    IOASID_CONFIG.load()
+}
+
+/// Adds one to a statistics slot. Per-CPU and never nested on one CPU: a plain add is exact.
+#[inline(always)]
+pub fn stat_inc(stat: Stat) {
+    if let Some(slot) = IOASID_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: the pointer is this CPU's slot of an array map element, valid for the
+        // program's run; tracing programs do not nest on one CPU, so nothing else writes it.
+        unsafe { *slot += 1 };
+    }
+}

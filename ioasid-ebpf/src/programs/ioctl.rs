@@ -1,0 +1,283 @@
+//! The ioctl path: observe every watched KVM/VFIO/iommufd ioctl, judge each incoherent-DMA enable
+//! (KVM_SET_DEVICE_ATTR, group KVM_DEV_VFIO_FILE, attr FILE_ADD) against the verdict the agent
+//! compiled for the calling process, and enforce it.
+//!
+//! Enforcement semantics (see README "Enforcement"):
+//! - verdict `deny`, LSM attached: `ioasid_lsm_file_ioctl` returns -EPERM; the ioctl never runs.
+//! - verdict `deny`, no LSM: bpf_send_signal(SIGKILL) here at sys_enter. The ioctl body still runs,
+//!   then the VMM dies on its way back to userspace: it never runs a guest with incoherent DMA.
+//! - no verdict yet (process not classified) or a rule that depends on the device:
+//!   bpf_send_signal(SIGSTOP), and the agent decides from /proc: SIGCONT or SIGKILL. So a VMM that
+//!   execs and issues FILE_ADD microseconds later is judged by its own rule, never by a default.
+//!
+//! Fail-closed for FILE_ADD: a SET_DEVICE_ATTR with group 1 / attr 1 on an fd we did not see being
+//! created (device created before the agent started, or passed in) is still judged; on x86 only
+//! the kvm-vfio device accepts it. Fail-open for everything else: a read error is counted in
+//! `Stat::ReadErrors` and the ioctl proceeds.
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_uid_gid,
+        bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_send_signal,
+    },
+    macros::{lsm, tracepoint},
+    programs::{LsmContext, TracePointContext},
+};
+use ioasid_common::{
+    EventHeader, FdKey, IoctlEvent, Stat, DECISION_ASK, DECISION_DENY, DECISION_NONE, EPERM,
+    EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
+    IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO,
+    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR,
+    KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK, SIGKILL, SIGSTOP,
+    VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, is_watched_ioctl,
+};
+
+use super::current_ids;
+use crate::{
+    maps::{
+        config, control, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
+    },
+    read::field_u64,
+};
+
+/// `struct kvm_device_attr` (include/uapi/linux/kvm.h), user memory.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KvmDeviceAttr {
+    flags: u32,
+    group: u32,
+    attr: u64,
+    addr: u64,
+}
+
+/// `struct kvm_create_device` (include/uapi/linux/kvm.h), user memory.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KvmCreateDevice {
+    ty: u32,
+    fd: u32,
+    flags: u32,
+}
+
+#[inline(always)]
+fn is_file_add(attr: &KvmDeviceAttr) -> bool {
+    attr.group == KVM_DEV_VFIO_FILE && attr.attr == KVM_DEV_VFIO_FILE_ADD
+}
+
+/// syscalls:sys_enter_ioctl. Record: `fd`, `cmd`, `arg` (each 8 bytes wide; offsets from the
+/// format file). Every ioctl on the host passes here: unrelated requests leave after one
+/// type-byte test (`is_watched_ioctl`).
+#[tracepoint(category = "syscalls", name = "sys_enter_ioctl")]
+pub fn ioasid_sys_enter_ioctl(ctx: TracePointContext) -> u32 {
+    if try_sys_enter_ioctl(&ctx).is_err() {
+        stat_inc(Stat::ReadErrors);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_sys_enter_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
+    let cfg = config();
+    let cmd = field_u64(ctx, cfg.ioctl_cmd)? as u32;
+    if !is_watched_ioctl(cmd) {
+        return Ok(());
+    }
+    let (tgid, tid) = current_ids();
+    if tgid == cfg.agent_tgid {
+        return Ok(());
+    }
+    let fd = field_u64(ctx, cfg.ioctl_fd)? as u32 as i32;
+    let arg = field_u64(ctx, cfg.ioctl_arg)?;
+
+    // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
+    let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
+    fill_header(&mut ev.header, tgid, tid);
+    ev.cmd = cmd;
+    ev.fd = fd;
+    ev.arg = arg;
+    ev.file_fd = -1;
+    ev.rule = u32::MAX;
+
+    match cmd {
+        KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => {
+            let ctl = control();
+            judge_device_attr(&mut ev, tgid, ctl.enforce != 0, ctl.lsm_enforces != 0)
+        }
+        // The extension or IOMMU type is the argument itself (VFIO_DMA_CC_IOMMU, TYPE1v2...).
+        VFIO_SET_IOMMU | VFIO_CHECK_EXTENSION => ev.attr_attr = arg,
+        _ => {}
+    }
+
+    if IOASID_INFLIGHT.insert(&tid, &ev, BPF_ANY as u64).is_err() {
+        // Cannot pair with sys_exit: send what we have now, without the return value.
+        stat_inc(Stat::InflightFull);
+        submit(&ev);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn fill_header(h: &mut EventHeader, tgid: u32, tid: u32) {
+    let uid_gid = bpf_get_current_uid_gid();
+    h.kind = EVENT_IOCTL;
+    h.size = core::mem::size_of::<IoctlEvent>() as u32;
+    // SAFETY: helper calls without pointer arguments.
+    h.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    h.tgid = tgid;
+    h.tid = tid;
+    h.uid = uid_gid as u32;
+    h.gid = (uid_gid >> 32) as u32;
+    // SAFETY: as above.
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+#[inline(always)]
+fn judge_device_attr(ev: &mut IoctlEvent, tgid: u32, enforce: bool, lsm_enforces: bool) {
+    // SAFETY: bpf_probe_read_user faults safely on a bad user pointer.
+    let Ok(attr) = (unsafe { bpf_probe_read_user(ev.arg as *const KvmDeviceAttr) }) else {
+        stat_inc(Stat::ReadErrors);
+        return;
+    };
+    ev.flags |= IOCTL_F_ATTR_READ;
+    ev.attr_flags = attr.flags;
+    ev.attr_group = attr.group;
+    ev.attr_attr = attr.attr;
+    ev.attr_addr = attr.addr;
+    let key = FdKey { tgid, fd: ev.fd as u32 };
+    if let Some(ty) = IOASID_KVM_DEVICES.get_ptr(&key) {
+        // SAFETY: pointer to a live map value, read once.
+        if unsafe { *ty } == KVM_DEV_TYPE_VFIO {
+            ev.flags |= IOCTL_F_DEVICE_KNOWN;
+        }
+    }
+    if attr.group == KVM_DEV_VFIO_FILE
+        && (attr.attr == KVM_DEV_VFIO_FILE_ADD || attr.attr == KVM_DEV_VFIO_FILE_DEL)
+    {
+        // SAFETY: as above.
+        if let Ok(file_fd) = unsafe { bpf_probe_read_user(attr.addr as *const i32) } {
+            ev.file_fd = file_fd;
+            ev.flags |= IOCTL_F_FILE_FD_READ;
+        }
+    }
+    if ev.cmd != KVM_SET_DEVICE_ATTR || !is_file_add(&attr) {
+        ev.decision = DECISION_NONE;
+        return;
+    }
+
+    // An incoherent-DMA enable: judge it.
+    match IOASID_VM_POLICY.get_ptr(&tgid) {
+        Some(v) => {
+            // SAFETY: pointer to a live map value, copied once.
+            let v = unsafe { *v };
+            ev.decision = v.decision;
+            ev.rule = v.rule;
+            ev.generation = v.generation;
+        }
+        None => ev.decision = DECISION_ASK,
+    }
+    if !enforce {
+        return;
+    }
+    let sig = match ev.decision {
+        DECISION_DENY if lsm_enforces => {
+            ev.mechanism = MECH_LSM;
+            return;
+        }
+        DECISION_DENY => {
+            ev.mechanism = MECH_SIGKILL;
+            SIGKILL
+        }
+        DECISION_ASK => {
+            ev.mechanism = MECH_STOP_ASK;
+            SIGSTOP
+        }
+        _ => return,
+    };
+    // SAFETY: helper call; signals the current process (the whole thread group).
+    if unsafe { bpf_send_signal(sig) } == 0 {
+        ev.flags |= IOCTL_F_SIGNAL_SENT;
+    } else {
+        stat_inc(Stat::SignalErrors);
+    }
+}
+
+/// syscalls:sys_exit_ioctl. Record: `ret` (8 bytes). Completes the in-flight event of this thread,
+/// learns kvm device fds from KVM_CREATE_DEVICE, and submits the event.
+#[tracepoint(category = "syscalls", name = "sys_exit_ioctl")]
+pub fn ioasid_sys_exit_ioctl(ctx: TracePointContext) -> u32 {
+    if try_sys_exit_ioctl(&ctx).is_err() {
+        stat_inc(Stat::ReadErrors);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
+    let (tgid, tid) = current_ids();
+    let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) else {
+        return Ok(());
+    };
+    // SAFETY: pointer to this thread's map value; only this thread's sys_enter/sys_exit write it
+    // and they cannot run at the same time.
+    let ev = unsafe { &mut *ev };
+    let cfg = config();
+    let ret = field_u64(ctx, cfg.ioctl_ret);
+    ev.exit_ktime_ns = unsafe { bpf_ktime_get_ns() };
+    if let Ok(ret) = ret {
+        ev.ret = ret as i64;
+        ev.flags |= IOCTL_F_RETURNED;
+        if ev.cmd == KVM_CREATE_DEVICE && ret == 0 {
+            // SAFETY: bpf_probe_read_user faults safely.
+            if let Ok(cd) = unsafe { bpf_probe_read_user(ev.arg as *const KvmCreateDevice) } {
+                ev.attr_group = cd.ty;
+                ev.attr_flags = cd.flags;
+                ev.file_fd = cd.fd as i32;
+                let key = FdKey { tgid, fd: cd.fd };
+                let _ = IOASID_KVM_DEVICES.insert(&key, &cd.ty, BPF_ANY as u64);
+            }
+        }
+    }
+    submit(ev);
+    let _ = IOASID_INFLIGHT.remove(&tid);
+    ret.map(|_| ())
+}
+
+#[inline(always)]
+fn submit(ev: &IoctlEvent) {
+    if IOASID_EVENTS.output::<IoctlEvent>(ev, 0).is_err() {
+        stat_inc(Stat::EventsDropped);
+    }
+}
+
+/// LSM file_ioctl: int (struct file *file, unsigned int cmd, unsigned long arg), plus the
+/// previous hook's return value as argument 3. Denies FILE_ADD for `deny` verdicts with -EPERM
+/// before the ioctl runs. Optional: needs BPF LSM (refused on kernels without it). Processes
+/// without a verdict are left to the stop-and-ask path of `ioasid_sys_enter_ioctl`, which runs
+/// first (the sys_enter tracepoint precedes security_file_ioctl).
+#[lsm(hook = "file_ioctl")]
+pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(3);
+    if prev != 0 {
+        return prev;
+    }
+    let cmd: u32 = ctx.arg(1);
+    if cmd != KVM_SET_DEVICE_ATTR || control().enforce == 0 {
+        return 0;
+    }
+    let arg: u64 = ctx.arg(2);
+    // SAFETY: bpf_probe_read_user faults safely.
+    let Ok(attr) = (unsafe { bpf_probe_read_user(arg as *const KvmDeviceAttr) }) else {
+        return 0;
+    };
+    if !is_file_add(&attr) {
+        return 0;
+    }
+    let (tgid, _) = current_ids();
+    match IOASID_VM_POLICY.get_ptr(&tgid) {
+        // SAFETY: pointer to a live map value, read once.
+        Some(v) if unsafe { (*v).decision } == DECISION_DENY => -EPERM,
+        _ => 0,
+    }
+}

@@ -1,0 +1,66 @@
+//! Process and VM lifecycle.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    macros::{fentry, tracepoint},
+    programs::{FEntryContext, TracePointContext},
+};
+use ioasid_common::{TransitionEvent, EVENT_NONCOHERENT};
+
+use super::current_ids;
+use crate::maps::{IOASID_EVENTS, IOASID_VM_POLICY};
+
+/// sched:sched_process_exec. After exec a process is someone else (new command line, new exe):
+/// the verdict compiled from what it was no longer applies, so it is dropped and the next
+/// FILE_ADD is judged afresh (stop-and-ask). One hash delete per exec on the host.
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn ioasid_sched_exec(_ctx: TracePointContext) -> u32 {
+    let (tgid, _) = current_ids();
+    let _ = IOASID_VM_POLICY.remove(&tgid);
+    0
+}
+
+/// fentry kvm_arch_register_noncoherent_dma(struct kvm *kvm): the VM really becomes
+/// non-coherent (x86, all 6.x). Optional: needs trampolines.
+#[fentry(function = "kvm_arch_register_noncoherent_dma")]
+pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
+    transition(&ctx, 1);
+    0
+}
+
+/// fentry kvm_arch_unregister_noncoherent_dma(struct kvm *kvm). Optional: needs trampolines.
+#[fentry(function = "kvm_arch_unregister_noncoherent_dma")]
+pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
+    transition(&ctx, 0);
+    0
+}
+
+#[inline(always)]
+fn transition(ctx: &FEntryContext, register: u32) {
+    let kvm: u64 = ctx.arg(0);
+    let Some(mut entry) = IOASID_EVENTS.reserve::<TransitionEvent>(0) else {
+        crate::maps::stat_inc(ioasid_common::Stat::EventsDropped);
+        return;
+    };
+    let (tgid, tid) = current_ids();
+    let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: helper calls without pointer arguments.
+    let (now, cgroup_id) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_cgroup_id()) };
+    entry.write(TransitionEvent {
+        header: ioasid_common::EventHeader {
+            kind: EVENT_NONCOHERENT,
+            size: core::mem::size_of::<TransitionEvent>() as u32,
+            ktime_ns: now,
+            tgid,
+            tid,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            cgroup_id,
+            comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]),
+        },
+        kvm,
+        register,
+        _pad: 0,
+    });
+    entry.submit(0);
+}

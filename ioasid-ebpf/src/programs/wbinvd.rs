@@ -1,0 +1,130 @@
+//! Guest WBINVD / INVD accounting.
+//!
+//! Both paths KVM has are counted, exactly, into the per-CPU `IOASID_COUNTERS` map keyed by the
+//! VMM's tgid (the agent names the VM from it). Fail-open: a record that cannot be read is
+//! counted in `Stat::ReadErrors` and never affects the guest.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_probe_read_kernel_buf,
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
+    EbpfContext,
+};
+use ioasid_common::{
+    classify_exit, classify_insn, CounterKey, Stat, KVM_EMUL_INSN_F_CS_L, OP_WBINVD, PATH_EMULATED,
+    PATH_EXIT, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT, VCPU_UNKNOWN,
+};
+
+use super::current_ids;
+use crate::{
+    maps::{config, stat_inc, IOASID_COUNTERS},
+    read::field_u64,
+};
+
+/// Adds one to `key`'s counter on this CPU.
+#[inline(always)]
+fn count(key: &CounterKey) {
+    if let Some(slot) = IOASID_COUNTERS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest on a
+        // CPU, so the read-modify-write is not interleaved with another writer.
+        unsafe { *slot += 1 };
+        return;
+    }
+    // First event for this key: create it with 1 on this CPU (0 on the others). A concurrent
+    // insert of the same key on another CPU makes ours fail with EEXIST: add to it instead.
+    if IOASID_COUNTERS.insert(key, 1u64, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match IOASID_COUNTERS.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(slot) => unsafe { *slot += 1 },
+        None => stat_inc(Stat::CounterMapFull),
+    }
+}
+
+/// kvm:kvm_exit, fired on every VM exit.
+///
+/// TP_PROTO(struct kvm_vcpu *vcpu, u32 isa). The record carries `exit_reason` (u32; SVM codes
+/// are moving to u64), `isa` (1 VMX, 2 SVM) and `vcpu_id`, computed by the tracepoint itself,
+/// so no kernel struct offset is needed. Offsets and sizes come from the `format` file at load
+/// time (seen on 5.x-6.18). Hot path: two reads and a compare for every non-WBINVD exit.
+#[tracepoint(category = "kvm", name = "kvm_exit")]
+pub fn ioasid_kvm_exit(ctx: TracePointContext) -> u32 {
+    if try_kvm_exit(&ctx).is_err() {
+        stat_inc(Stat::ReadErrors);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let cfg = config();
+    let reason = field_u64(ctx, cfg.exit_reason)?;
+    let isa = field_u64(ctx, cfg.exit_isa)? as u32;
+    let op = classify_exit(isa, reason);
+    if op == 0 {
+        return Ok(());
+    }
+    let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
+    let (tgid, _) = current_ids();
+    count(&CounterKey { tgid, vcpu, op, path: PATH_EXIT });
+    Ok(())
+}
+
+/// kvm:kvm_emulate_insn, fired for every instruction KVM's emulator runs (and again with
+/// `failed` = 1 when emulation fails; only the successful records are counted).
+///
+/// TP_PROTO(struct kvm_vcpu *vcpu, __u8 failed). Record: `len`, `insn[15]` copied from the
+/// emulator context, `flags` (bit 3 = CS.L, 64-bit mode), `failed`. No vCPU id in the record.
+#[tracepoint(category = "kvm", name = "kvm_emulate_insn")]
+pub fn ioasid_kvm_emulate_insn(ctx: TracePointContext) -> u32 {
+    if try_kvm_emulate_insn(&ctx).is_err() {
+        stat_inc(Stat::ReadErrors);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
+    let cfg = config();
+    if field_u64(ctx, cfg.emul_failed)? != 0 {
+        return Ok(());
+    }
+    let mut insn = [0u8; 15];
+    // SAFETY: bpf_probe_read_kernel_buf faults safely; the destination is a stack buffer.
+    unsafe {
+        bpf_probe_read_kernel_buf(
+            (ctx.as_ptr() as *const u8).add(cfg.emul_insn.offset as usize),
+            &mut insn,
+        )
+    }
+    .map_err(i64::from)?;
+    let len = field_u64(ctx, cfg.emul_len)? as u8;
+    let long_mode = field_u64(ctx, cfg.emul_flags)? as u8 & KVM_EMUL_INSN_F_CS_L != 0;
+    let op = classify_insn(&insn, len, long_mode);
+    if op == 0 {
+        return Ok(());
+    }
+    let (tgid, _) = current_ids();
+    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op, path: PATH_EMULATED });
+    Ok(())
+}
+
+/// fexit kvm_emulate_wbinvd(struct kvm_vcpu *vcpu) -> int: the exit handler ran (the
+/// function exists since 2.6.x). Optional: needs BPF trampolines.
+#[fexit(function = "kvm_emulate_wbinvd")]
+pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
+    let (tgid, _) = current_ids();
+    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EXIT });
+    0
+}
+
+/// fexit emulator_wbinvd(struct x86_emulate_ctxt *ctxt) -> void: static but address-taken
+/// (ctxt->ops->wbinvd), so it is a real function with BTF. Optional: needs trampolines.
+#[fexit(function = "emulator_wbinvd")]
+pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
+    let (tgid, _) = current_ids();
+    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EMULATED });
+    0
+}

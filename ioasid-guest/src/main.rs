@@ -1,0 +1,271 @@
+//! ioasid-guest: a real KVM guest for tests, demos and load.
+//!
+//! It creates a VM through /dev/kvm, loads a few bytes of 16-bit real-mode code and runs one vCPU
+//! that executes exactly the WBINVD and INVD instructions asked for, or WBINVD at a chosen rate
+//! for a chosen time (a WBINVD storm). It is named like a VM on its command line
+//! (`--name guest=NAME`, QEMU's syntax), so ioasid names it as QEMU/libvirt VMs are named.
+//!
+//! `--file-add` instead walks the path QEMU takes to give a VM a VFIO device: KVM_CREATE_DEVICE
+//! (KVM_DEV_TYPE_VFIO) then KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_ADD) with an ordinary
+//! fd, which the kernel answers with EINVAL: the request an incoherent-DMA policy judges.
+//!
+//! The last line on stdout is a JSON summary.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use kvm_bindings::{
+    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, kvm_create_device, kvm_device_attr,
+    kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_regs, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+/// Guest physical address of the code.
+const CODE_GPA: u64 = 0x1000;
+const MEM_SIZE: usize = 0x10000;
+/// Port the storm code writes to after each batch, so the host can pace it.
+const PACE_PORT: u16 = 0x10;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "A real KVM guest that executes WBINVD/INVD on demand (ioasid tests, demos and load)")]
+struct Args {
+    /// VM name in QEMU syntax (`guest=NAME[,...]` or `NAME`); ioasid names the VM from it.
+    #[arg(long = "name", value_name = "guest=NAME")]
+    name: Option<String>,
+    /// Execute exactly this many WBINVD instructions.
+    #[arg(long, default_value_t = 0)]
+    wbinvd: u32,
+    /// Then exactly this many INVD instructions.
+    #[arg(long, default_value_t = 0)]
+    invd: u32,
+    /// Storm mode: WBINVD at this many per second (paced in batches) for --duration.
+    #[arg(long, value_name = "PER_SECOND", conflicts_with_all = ["wbinvd", "invd"])]
+    rate: Option<u32>,
+    /// Storm duration in seconds (fractions allowed).
+    #[arg(long, default_value_t = 5.0, requires = "rate")]
+    duration: f64,
+    /// Create a kvm-vfio device and issue KVM_DEV_VFIO_FILE_ADD with an ordinary fd.
+    #[arg(long, conflicts_with_all = ["rate"])]
+    file_add: bool,
+    /// Stay alive this many seconds after the work is done (so a watcher sees the VM live).
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !args.duration.is_finite() || args.duration < 0.0 || !args.hold.is_finite() || args.hold < 0.0 {
+        bail!("--duration and --hold take a non-negative number of seconds");
+    }
+    let kvm = Kvm::new().context("opening /dev/kvm")?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+
+    let mut summary = serde_like::Summary::default();
+    if args.file_add {
+        summary.file_add_errno = Some(file_add(&vm)?);
+    }
+    if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
+        let code = match args.rate {
+            Some(_) => storm_code(batch_size(args.rate)),
+            None => counted_code(args.wbinvd, args.invd),
+        };
+        let (_mem, mut vcpu) = setup_guest(&vm, &code)?;
+        let start = Instant::now();
+        match args.rate {
+            Some(rate) => {
+                summary.wbinvd = run_storm(&mut vcpu, rate, Duration::from_secs_f64(args.duration))?;
+            }
+            None => {
+                run_to_halt(&mut vcpu)?;
+                summary.wbinvd = u64::from(args.wbinvd);
+                summary.invd = u64::from(args.invd);
+            }
+        }
+        summary.seconds = start.elapsed().as_secs_f64();
+    }
+    if args.hold > 0.0 {
+        thread::sleep(Duration::from_secs_f64(args.hold));
+    }
+    println!("{}", summary.to_json(std::process::id()));
+    Ok(())
+}
+
+/// WBINVDs per paced batch: about 1 ms worth at the asked rate, at least 1.
+fn batch_size(rate: Option<u32>) -> u32 {
+    rate.map_or(1, |r| (r / 1000).max(1))
+}
+
+/// Issues KVM_CREATE_DEVICE(VFIO) and KVM_SET_DEVICE_ATTR(FILE, FILE_ADD, &fd of /dev/null).
+/// Returns the errno of FILE_ADD (0 on success, which an ordinary fd never gets).
+fn file_add(vm: &VmFd) -> Result<i32> {
+    let mut cd = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let dev = vm.create_device(&mut cd).context("KVM_CREATE_DEVICE(VFIO)")?;
+    let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    let fd: i32 = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let attr = kvm_device_attr {
+        flags: 0,
+        group: KVM_DEV_VFIO_FILE,
+        attr: u64::from(KVM_DEV_VFIO_FILE_ADD),
+        addr: &fd as *const i32 as u64,
+    };
+    Ok(match dev.set_device_attr(&attr) {
+        Ok(()) => 0,
+        Err(e) => e.errno(),
+    })
+}
+
+/// Real-mode code: `mov ecx, N; test ecx, ecx; jz skip; L: <insn>; dec ecx; jnz L; skip:`.
+fn counted_loop(code: &mut Vec<u8>, n: u32, insn: [u8; 2]) {
+    code.extend_from_slice(&[0x66, 0xb9]);
+    code.extend_from_slice(&n.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0x85, 0xc9, 0x74, 0x06]);
+    code.extend_from_slice(&insn);
+    code.extend_from_slice(&[0x66, 0x49, 0x75, 0xfa]);
+}
+
+const WBINVD: [u8; 2] = [0x0f, 0x09];
+const INVD: [u8; 2] = [0x0f, 0x08];
+
+fn counted_code(wbinvd: u32, invd: u32) -> Vec<u8> {
+    let mut code = Vec::new();
+    counted_loop(&mut code, wbinvd, WBINVD);
+    counted_loop(&mut code, invd, INVD);
+    code.push(0xf4); // hlt
+    code
+}
+
+/// `top: <batch WBINVDs>; out PACE_PORT, al; jmp top`.
+fn storm_code(batch: u32) -> Vec<u8> {
+    let mut code = Vec::new();
+    counted_loop(&mut code, batch, WBINVD);
+    code.extend_from_slice(&[0xe6, PACE_PORT as u8]);
+    let back = -(code.len() as i32 + 2);
+    code.push(0xeb);
+    code.push(back as i8 as u8);
+    code
+}
+
+/// Maps guest memory, copies the code and makes a vCPU in real mode at CODE_GPA.
+fn setup_guest(vm: &VmFd, code: &[u8]) -> Result<(GuestMem, VcpuFd)> {
+    let mem = GuestMem::new(MEM_SIZE)?;
+    let off = CODE_GPA as usize;
+    if code.len() > MEM_SIZE - off {
+        bail!("guest code of {} bytes does not fit", code.len());
+    }
+    // SAFETY: `mem` is a fresh private mapping of MEM_SIZE bytes; the copy stays inside it.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.ptr.add(off), code.len()) };
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: mem.ptr as u64,
+    };
+    // SAFETY: the region is a valid mapping that outlives the VM (returned to the caller).
+    unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+    let regs = kvm_regs { rip: CODE_GPA, rflags: 2, ..Default::default() };
+    vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+    Ok((mem, vcpu))
+}
+
+fn run_to_halt(vcpu: &mut VcpuFd) -> Result<()> {
+    loop {
+        match vcpu.run().context("KVM_RUN")? {
+            VcpuExit::Hlt => return Ok(()),
+            VcpuExit::IoOut(..) | VcpuExit::Intr => {}
+            other => bail!("unexpected vCPU exit: {other:?}"),
+        }
+    }
+}
+
+/// Runs the storm code, pacing batches to `rate` per second, for `duration`. Returns the
+/// number of WBINVD the guest executed.
+fn run_storm(vcpu: &mut VcpuFd, rate: u32, duration: Duration) -> Result<u64> {
+    let batch = u64::from(batch_size(Some(rate)));
+    let start = Instant::now();
+    let mut done = 0u64;
+    loop {
+        match vcpu.run().context("KVM_RUN")? {
+            VcpuExit::IoOut(PACE_PORT, _) => {
+                done += batch;
+                let elapsed = start.elapsed();
+                if elapsed >= duration {
+                    return Ok(done);
+                }
+                // Pace: batch k may start at k/rate seconds.
+                let due = Duration::from_secs_f64(done as f64 / f64::from(rate.max(1)));
+                if due > elapsed {
+                    thread::sleep(due - elapsed);
+                }
+            }
+            VcpuExit::Intr => {}
+            other => bail!("unexpected vCPU exit: {other:?}"),
+        }
+    }
+}
+
+struct GuestMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl GuestMem {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: anonymous private mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap guest memory");
+        }
+        Ok(Self { ptr: ptr.cast(), len })
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+mod serde_like {
+    /// The summary line; written by hand to keep this binary's dependencies small.
+    #[derive(Default)]
+    pub struct Summary {
+        pub wbinvd: u64,
+        pub invd: u64,
+        pub seconds: f64,
+        pub file_add_errno: Option<i32>,
+    }
+
+    impl Summary {
+        pub fn to_json(&self, pid: u32) -> String {
+            let errno = self.file_add_errno.map_or("null".to_string(), |e| e.to_string());
+            format!(
+                "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{errno}}}",
+                self.wbinvd, self.invd, self.seconds
+            )
+        }
+    }
+}
