@@ -16,26 +16,26 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use ioasid_common::{
-    self as common, CounterKey, DECISION_NONE, FdKey, IoctlEvent, KVM_CREATE_DEVICE, KVM_CREATE_VM, STATS_LEN,
-    TransitionEvent, VmVerdict,
+    self as common, CounterKey, FdKey, IoctlEvent, TransitionEvent, VmVerdict, DECISION_NONE,
+    KVM_CREATE_DEVICE, KVM_CREATE_VM, STATS_LEN,
 };
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
 
 use crate::{
     accounting::{Accounting, Totals},
-    audit::{AuditLog, hostname, rfc3339},
+    audit::{hostname, rfc3339, AuditLog},
     enforce::{self, Followup},
     events::{self, Event},
     http,
     loader::{self, HookState, LoadOptions},
     policy::Policy,
     procfs::{ProcFs, ProcessInfo},
-    telemetry::{KERNEL_ERROR_KINDS, Metrics},
+    telemetry::{Metrics, KERNEL_ERROR_KINDS},
     vfio::{self, SysFs},
 };
 
@@ -88,7 +88,9 @@ fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).with_context(|| format!("the object has no map {name}"))?;
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
@@ -106,19 +108,39 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         }
     };
     let audit = AuditLog::start(&cfg.audit_log, metrics.clone())?;
-    let record = cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.clone())).transpose()?;
+    let record = cfg
+        .record
+        .as_deref()
+        .map(|p| AuditLog::start(p, metrics.clone()))
+        .transpose()?;
 
-    let mut loaded = loader::load(LoadOptions { enforce: cfg.enforce, optional_hooks: cfg.optional_hooks, strict: true })?;
+    let mut loaded = loader::load(LoadOptions {
+        enforce: cfg.enforce,
+        optional_hooks: cfg.optional_hooks,
+        strict: true,
+    })?;
     for h in &loaded.hooks {
         match &h.state {
-            HookState::Attached => tracing::info!(hook = h.spec.hook, optional = h.spec.optional, "hook attached"),
-            HookState::Refused(why) => tracing::warn!(hook = h.spec.hook, optional = h.spec.optional, reason = %why, "hook refused by the kernel"),
+            HookState::Attached => tracing::info!(
+                hook = h.spec.hook,
+                optional = h.spec.optional,
+                "hook attached"
+            ),
+            HookState::Refused(why) => {
+                tracing::warn!(hook = h.spec.hook, optional = h.spec.optional, reason = %why, "hook refused by the kernel")
+            }
         }
-        metrics.hook_attached.with_label_values(&[h.spec.hook]).set(i64::from(h.attached()));
+        metrics
+            .hook_attached
+            .with_label_values(&[h.spec.hook])
+            .set(i64::from(h.attached()));
     }
     let mechanism = mechanism_name(cfg.enforce, loaded.lsm_attached());
     for m in ["lsm", "sigkill", "none"] {
-        metrics.enforcement_mechanism.with_label_values(&[m]).set(i64::from(m == mechanism));
+        metrics
+            .enforcement_mechanism
+            .with_label_values(&[m])
+            .set(i64::from(m == mechanism));
     }
     tracing::info!(mechanism, "incoherent-DMA enforcement");
 
@@ -146,7 +168,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         noncoherent: HashMap::new(),
     };
 
-    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(64);
     tokio::spawn(http::serve(listener, cmd_tx, metrics.clone()));
@@ -155,13 +179,16 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
     // always returns that same fd.
-    let reader = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1).context("polling the ring buffer")?;
+    let reader = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| e.into_parts().1)
+        .context("polling the ring buffer")?;
     tokio::spawn(read_events(reader, ev_tx, metrics.clone()));
 
     // Classify VMMs that were running before the agent started, from the counters they have.
     state.sweep();
     if let Some(path) = &cfg.ready_file {
-        std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, local.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
 
     let mut tick = tokio::time::interval(cfg.sweep);
@@ -237,9 +264,14 @@ fn file_hash(path: &Path) -> Option<u64> {
 }
 
 fn signal_process(pid: u32, sig: i32) -> std::io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: kill(2) with a checked pid and a valid signal number.
-    if unsafe { libc::kill(pid, sig) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl State {
@@ -253,7 +285,11 @@ impl State {
     /// Names the process and writes its verdict into the kernel, once per process.
     fn classify(&mut self, tgid: u32, comm: Option<&str>) -> ProcessInfo {
         let known = self.acct.procs.contains_key(&tgid);
-        let info = self.acct.ensure(tgid, comm, &self.procfs, Instant::now()).info.clone();
+        let info = self
+            .acct
+            .ensure(tgid, comm, &self.procfs, Instant::now())
+            .info
+            .clone();
         if !known {
             self.write_verdict(&info);
         }
@@ -276,7 +312,10 @@ impl State {
     fn on_ioctl(&mut self, ev: &IoctlEvent) {
         let tgid = ev.header.tgid;
         let comm = events::comm(&ev.header.comm);
-        self.metrics.ioctls.with_label_values(&[events::request_name(ev.cmd)]).inc();
+        self.metrics
+            .ioctls
+            .with_label_values(&[events::request_name(ev.cmd)])
+            .inc();
         if ev.cmd == KVM_CREATE_VM || ev.cmd == KVM_CREATE_DEVICE {
             let info = self.classify(tgid, Some(&comm));
             tracing::debug!(pid = tgid, vm = %info.vm, request = events::request_name(ev.cmd), ret = ev.ret, "VMM ioctl");
@@ -302,7 +341,12 @@ impl State {
         };
         let vfio = (ev.flags & common::IOCTL_F_FILE_FD_READ != 0)
             .then(|| vfio::resolve(&self.procfs, &self.sysfs, tgid, ev.file_fd));
-        let cx = enforce::Context { policy: &self.policy, generation: self.generation, host: &self.host, time: rfc3339(SystemTime::now()) };
+        let cx = enforce::Context {
+            policy: &self.policy,
+            generation: self.generation,
+            host: &self.host,
+            time: rfc3339(SystemTime::now()),
+        };
         let j = enforce::judge(ev, &info, vfio, &cx);
         let sig = match j.followup {
             Followup::None => None,
@@ -316,7 +360,10 @@ impl State {
                 record.reason = Some(format!("signal {sig}: {e}"));
             }
         }
-        self.metrics.incoherent_dma_requests.with_label_values(&[&info.vm, j.action.decision()]).inc();
+        self.metrics
+            .incoherent_dma_requests
+            .with_label_values(&[&info.vm, j.action.decision()])
+            .inc();
         if let Some(r) = &self.record {
             r.record_quiet(record.clone());
         }
@@ -331,7 +378,9 @@ impl State {
         }
         let info = self.classify(ev.header.tgid, Some(&events::comm(&ev.header.comm)));
         tracing::info!(vm = %info.vm, pid = ev.header.tgid, register = ev.register == 1, "KVM non-coherent DMA transition");
-        self.metrics.noncoherent_vms.set(self.noncoherent.len() as i64);
+        self.metrics
+            .noncoherent_vms
+            .set(self.noncoherent.len() as i64);
     }
 
     fn sweep(&mut self) {
@@ -343,7 +392,11 @@ impl State {
             match item {
                 Ok((k, values)) => {
                     let sum: u64 = values.iter().sum();
-                    *kernel.entry(k.tgid).or_default().entry((k.op, k.path)).or_insert(0) += sum;
+                    *kernel
+                        .entry(k.tgid)
+                        .or_default()
+                        .entry((k.op, k.path))
+                        .or_insert(0) += sum;
                     keys.entry(k.tgid).or_default().push(k);
                 }
                 Err(e) => {
@@ -364,12 +417,17 @@ impl State {
         for info in new {
             self.write_verdict(&info);
         }
-        for tgid in self.acct.to_purge() {
+        for tgid in self.acct.take_newly_dead() {
             for k in keys.remove(&tgid).unwrap_or_default() {
                 let _ = self.counters.remove(&k);
             }
             let _ = self.vm_policy.remove(&tgid);
-            let stale: Vec<FdKey> = self.kvm_devices.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+            let stale: Vec<FdKey> = self
+                .kvm_devices
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == tgid)
+                .collect();
             for k in stale {
                 let _ = self.kvm_devices.remove(&k);
             }
@@ -381,7 +439,9 @@ impl State {
 
     fn export_stats(&mut self) {
         for i in 0..STATS_LEN {
-            let Ok(values) = self.stats.get(&i, 0) else { continue };
+            let Ok(values) = self.stats.get(&i, 0) else {
+                continue;
+            };
             let total: u64 = values.iter().sum();
             let seen = &mut self.stats_seen[i as usize];
             if total > *seen {
@@ -389,16 +449,24 @@ impl State {
                 *seen = total;
                 if i == common::Stat::EventsDropped as u32 {
                     self.metrics.events_dropped.inc_by(delta);
-                    tracing::warn!(dropped = delta, "kernel ring buffer full: events dropped (counters stay exact)");
+                    tracing::warn!(
+                        dropped = delta,
+                        "kernel ring buffer full: events dropped (counters stay exact)"
+                    );
                 } else if let Some(kind) = KERNEL_ERROR_KINDS.get(i as usize - 1) {
-                    self.metrics.kernel_errors.with_label_values(&[kind]).inc_by(delta);
+                    self.metrics
+                        .kernel_errors
+                        .with_label_values(&[kind])
+                        .inc_by(delta);
                 }
             }
         }
     }
 
     fn watch_policy_file(&mut self) {
-        let Some(path) = &self.policy_path else { return };
+        let Some(path) = &self.policy_path else {
+            return;
+        };
         let h = file_hash(path);
         if h.is_some() && h != self.policy_hash {
             self.policy_hash = h;
@@ -408,7 +476,10 @@ impl State {
 
     fn reload(&mut self, why: &str) {
         let Some(path) = self.policy_path.clone() else {
-            tracing::info!(trigger = why, "reload requested; running the embedded default policy, nothing to reload");
+            tracing::info!(
+                trigger = why,
+                "reload requested; running the embedded default policy, nothing to reload"
+            );
             return;
         };
         match Policy::load(&path) {
@@ -416,16 +487,27 @@ impl State {
                 self.policy_hash = file_hash(&path);
                 self.policy = p;
                 self.generation += 1;
-                let live: Vec<ProcessInfo> =
-                    self.acct.procs.values().filter(|p| p.dead_since.is_none()).map(|p| p.info.clone()).collect();
+                let live: Vec<ProcessInfo> = self
+                    .acct
+                    .procs
+                    .values()
+                    .filter(|p| p.dead_since.is_none())
+                    .map(|p| p.info.clone())
+                    .collect();
                 for info in &live {
                     self.write_verdict(info);
                 }
-                self.metrics.policy_reloads.with_label_values(&["success"]).inc();
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["success"])
+                    .inc();
                 tracing::info!(trigger = why, policy = %path.display(), generation = self.generation, rules = self.policy.rule_count(), vms = live.len(), "policy reloaded");
             }
             Err(e) => {
-                self.metrics.policy_reloads.with_label_values(&["failure"]).inc();
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
                 tracing::error!(trigger = why, error = %e, "policy reload rejected; the last good policy stays in force");
             }
         }

@@ -7,9 +7,9 @@
 use std::fmt;
 
 use aya::{
-    Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData},
     programs::{FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
 use ioasid_common as common;
 use ioasid_common::{Control, ProgConfig};
@@ -21,10 +21,19 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookKind {
-    TracePoint { category: &'static str, name: &'static str },
-    FEntry { function: &'static str },
-    FExit { function: &'static str },
-    Lsm { hook: &'static str },
+    TracePoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    FEntry {
+        function: &'static str,
+    },
+    FExit {
+        function: &'static str,
+    },
+    Lsm {
+        hook: &'static str,
+    },
 }
 
 /// One hook the agent knows.
@@ -42,49 +51,68 @@ pub const HOOKS: &[HookSpec] = &[
     HookSpec {
         hook: "tracepoint/kvm/kvm_exit",
         program: common::PROG_KVM_EXIT,
-        kind: HookKind::TracePoint { category: "kvm", name: "kvm_exit" },
+        kind: HookKind::TracePoint {
+            category: "kvm",
+            name: "kvm_exit",
+        },
         optional: false,
         purpose: "WBINVD/INVD hardware exits",
     },
     HookSpec {
         hook: "tracepoint/kvm/kvm_emulate_insn",
         program: common::PROG_KVM_EMULATE_INSN,
-        kind: HookKind::TracePoint { category: "kvm", name: "kvm_emulate_insn" },
+        kind: HookKind::TracePoint {
+            category: "kvm",
+            name: "kvm_emulate_insn",
+        },
         optional: false,
         purpose: "WBINVD/INVD run by KVM's emulator",
     },
     HookSpec {
         hook: "tracepoint/syscalls/sys_enter_ioctl",
         program: common::PROG_SYS_ENTER_IOCTL,
-        kind: HookKind::TracePoint { category: "syscalls", name: "sys_enter_ioctl" },
+        kind: HookKind::TracePoint {
+            category: "syscalls",
+            name: "sys_enter_ioctl",
+        },
         optional: false,
         purpose: "KVM/VFIO/iommufd ioctls; judges and enforces FILE_ADD",
     },
     HookSpec {
         hook: "tracepoint/syscalls/sys_exit_ioctl",
         program: common::PROG_SYS_EXIT_IOCTL,
-        kind: HookKind::TracePoint { category: "syscalls", name: "sys_exit_ioctl" },
+        kind: HookKind::TracePoint {
+            category: "syscalls",
+            name: "sys_exit_ioctl",
+        },
         optional: false,
         purpose: "ioctl results; kvm-vfio device fds",
     },
     HookSpec {
         hook: "tracepoint/sched/sched_process_exec",
         program: common::PROG_SCHED_EXEC,
-        kind: HookKind::TracePoint { category: "sched", name: "sched_process_exec" },
+        kind: HookKind::TracePoint {
+            category: "sched",
+            name: "sched_process_exec",
+        },
         optional: false,
         purpose: "drops a process's verdict when it execs",
     },
     HookSpec {
         hook: "fexit/kvm_emulate_wbinvd",
         program: common::PROG_FEXIT_KVM_EMULATE_WBINVD,
-        kind: HookKind::FExit { function: "kvm_emulate_wbinvd" },
+        kind: HookKind::FExit {
+            function: "kvm_emulate_wbinvd",
+        },
         optional: true,
         purpose: "WBINVD exit handler calls",
     },
     HookSpec {
         hook: "fexit/emulator_wbinvd",
         program: common::PROG_FEXIT_EMULATOR_WBINVD,
-        kind: HookKind::FExit { function: "emulator_wbinvd" },
+        kind: HookKind::FExit {
+            function: "emulator_wbinvd",
+        },
         optional: true,
         purpose: "WBINVD emulator handler calls",
     },
@@ -98,14 +126,18 @@ pub const HOOKS: &[HookSpec] = &[
     HookSpec {
         hook: "fentry/kvm_arch_register_noncoherent_dma",
         program: common::PROG_FENTRY_REGISTER_NONCOHERENT,
-        kind: HookKind::FEntry { function: "kvm_arch_register_noncoherent_dma" },
+        kind: HookKind::FEntry {
+            function: "kvm_arch_register_noncoherent_dma",
+        },
         optional: true,
         purpose: "a VM becomes non-coherent",
     },
     HookSpec {
         hook: "fentry/kvm_arch_unregister_noncoherent_dma",
         program: common::PROG_FENTRY_UNREGISTER_NONCOHERENT,
-        kind: HookKind::FEntry { function: "kvm_arch_unregister_noncoherent_dma" },
+        kind: HookKind::FEntry {
+            function: "kvm_arch_unregister_noncoherent_dma",
+        },
         optional: true,
         purpose: "a VM is coherent again",
     },
@@ -132,10 +164,22 @@ impl HookReport {
 
 impl fmt::Display for HookReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let need = if self.spec.optional { "optional" } else { "required" };
+        let need = if self.spec.optional {
+            "optional"
+        } else {
+            "required"
+        };
         match &self.state {
-            HookState::Attached => write!(f, "{:<46} attached  ({need}) {}", self.spec.hook, self.spec.purpose),
-            HookState::Refused(why) => write!(f, "{:<46} refused   ({need}) {}: {why}", self.spec.hook, self.spec.purpose),
+            HookState::Attached => write!(
+                f,
+                "{:<46} attached  ({need}) {}",
+                self.spec.hook, self.spec.purpose
+            ),
+            HookState::Refused(why) => write!(
+                f,
+                "{:<46} refused   ({need}) {}: {why}",
+                self.spec.hook, self.spec.purpose
+            ),
         }
     }
 }
@@ -178,7 +222,9 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn lsm_attached(&self) -> bool {
-        self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
+        self.hooks
+            .iter()
+            .any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
     }
 }
 
@@ -221,7 +267,9 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
 
     let mut hooks = Vec::with_capacity(HOOKS.len());
     for spec in HOOKS {
-        let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
+        let prog = ebpf
+            .program_mut(spec.program)
+            .ok_or(LoadError::MissingProgram(spec.program))?;
         let state = if spec.optional && !opts.optional_hooks {
             HookState::Refused("not requested (--no-optional-hooks)".into())
         } else {
@@ -231,24 +279,43 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
             }
         };
         if let (HookState::Refused(reason), false, true) = (&state, spec.optional, opts.strict) {
-            return Err(LoadError::Required { hook: spec.hook, reason: reason.clone() });
+            return Err(LoadError::Required {
+                hook: spec.hook,
+                reason: reason.clone(),
+            });
         }
         hooks.push(HookReport { spec: *spec, state });
     }
     let mut loaded = Loaded { ebpf, hooks };
-    let control = Control { enforce: u32::from(opts.enforce), lsm_enforces: u32::from(loaded.lsm_attached()) };
+    let control = Control {
+        enforce: u32::from(opts.enforce),
+        lsm_enforces: u32::from(loaded.lsm_attached()),
+    };
     set_control(&mut loaded.ebpf, control)?;
     Ok(loaded)
 }
 
 pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {
-    let map = ebpf.map_mut(common::MAP_CONTROL).ok_or(LoadError::MissingMap(common::MAP_CONTROL))?;
+    let map = ebpf
+        .map_mut(common::MAP_CONTROL)
+        .ok_or(LoadError::MissingMap(common::MAP_CONTROL))?;
     let mut array: Array<&mut MapData, Control> =
-        Array::try_from(map).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })?;
-    array.set(0, control, 0).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })
+        Array::try_from(map).map_err(|source| LoadError::Map {
+            name: common::MAP_CONTROL,
+            source,
+        })?;
+    array.set(0, control, 0).map_err(|source| LoadError::Map {
+        name: common::MAP_CONTROL,
+        source,
+    })
 }
 
-fn attach(prog: &mut Program, kind: HookKind, btf: Option<&Btf>, lsm_active: Option<bool>) -> Result<(), String> {
+fn attach(
+    prog: &mut Program,
+    kind: HookKind,
+    btf: Option<&Btf>,
+    lsm_active: Option<bool>,
+) -> Result<(), String> {
     let need_btf = || btf.ok_or_else(|| "no kernel BTF at /sys/kernel/btf/vmlinux".to_string());
     match kind {
         HookKind::TracePoint { category, name } => {
@@ -280,9 +347,19 @@ fn attach(prog: &mut Program, kind: HookKind, btf: Option<&Btf>, lsm_active: Opt
 
 /// One line: the kernel's answer, with the verifier's last lines when it said something.
 fn describe(e: ProgramError) -> String {
-    if let ProgramError::LoadError { io_error, verifier_log } = &e {
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &e
+    {
         let log = verifier_log.to_string();
-        let tail: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(3).collect();
+        let tail: Vec<&str> = log
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .rev()
+            .take(3)
+            .collect();
         let mut out = format!("BPF_PROG_LOAD: {io_error}");
         if !tail.is_empty() {
             out.push_str(" (verifier: ");
@@ -311,10 +388,16 @@ mod tests {
     fn object_has_every_name() {
         let obj = aya_obj_names(OBJECT);
         for name in common::ALL_MAPS.iter().chain(common::ALL_PROGRAMS.iter()) {
-            assert!(obj.iter().any(|s| s == name), "{name} missing from the object");
+            assert!(
+                obj.iter().any(|s| s == name),
+                "{name} missing from the object"
+            );
         }
         for prog in common::ALL_PROGRAMS {
-            assert!(HOOKS.iter().any(|h| h.program == prog), "{prog} not in HOOKS");
+            assert!(
+                HOOKS.iter().any(|h| h.program == prog),
+                "{prog} not in HOOKS"
+            );
         }
         assert!(obj.iter().any(|s| s == common::GLOBAL_CONFIG));
     }
@@ -323,6 +406,8 @@ mod tests {
     fn aya_obj_names(data: &[u8]) -> Vec<String> {
         use object::{Object, ObjectSymbol};
         let file = object::File::parse(data).expect("the built object is ELF");
-        file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect()
+        file.symbols()
+            .filter_map(|s| s.name().ok().map(str::to_string))
+            .collect()
     }
 }

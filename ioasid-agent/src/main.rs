@@ -23,11 +23,17 @@ use crate::cli::{Cli, Command, LogFormat, PolicyCommand};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
-        eprintln!("ioasid-agent: bad --log filter {:?} ({e}); using `info`", cli.log);
+        eprintln!(
+            "ioasid-agent: bad --log filter {:?} ({e}); using `info`",
+            cli.log
+        );
         EnvFilter::new("info")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -4,7 +4,9 @@
 //! and alert rules: never rename them. Labels are bounded: `vm` is one value per VM on the
 //! host, everything else is a fixed set. No pid or path labels.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -40,23 +42,33 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
+            let m =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
             m
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
+            let m =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
             m
         };
         let counter = |name: &str, help: &str| {
             let m = IntCounter::new(name, help).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
             m
         };
         let gauge = |name: &str, help: &str| {
             let m = IntGauge::new(name, help).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
             m
         };
         let m = Self {
@@ -121,7 +133,9 @@ impl Metrics {
             ),
             registry,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
         }
@@ -148,4 +162,9 @@ impl Default for Metrics {
 }
 
 /// `kind` label values of `ioasid_kernel_errors_total`, in `Stat` order after EventsDropped.
-pub const KERNEL_ERROR_KINDS: [&str; 4] = ["counter_map_full", "read_error", "inflight_full", "signal_error"];
+pub const KERNEL_ERROR_KINDS: [&str; 4] = [
+    "counter_map_full",
+    "read_error",
+    "inflight_full",
+    "signal_error",
+];

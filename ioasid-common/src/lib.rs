@@ -387,7 +387,11 @@ pub fn classify_exit(isa: u32, exit_reason: u64) -> u32 {
 /// Legacy prefixes are skipped, and REX prefixes in 64-bit mode. Bounded for the verifier.
 #[inline(always)]
 pub fn classify_insn(insn: &[u8; 15], len: u8, long_mode: bool) -> u32 {
-    let len = if (len as usize) > insn.len() { insn.len() } else { len as usize };
+    let len = if (len as usize) > insn.len() {
+        insn.len()
+    } else {
+        len as usize
+    };
     let mut i = 0usize;
     while i < 14 && i < len {
         let b = insn[i];

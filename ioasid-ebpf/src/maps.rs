@@ -3,14 +3,14 @@
 //! Names are the `MAP_*` constants of ioasid-common (the symbol name is the map name).
 
 use aya_ebpf::{
-    Global,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    Global,
 };
 use ioasid_common::{
-    Control,
-    COUNTERS_MAX_ENTRIES, CounterKey, EVENTS_RING_BYTES, FdKey, INFLIGHT_MAX_ENTRIES, IoctlEvent,
-    KVM_DEVICES_MAX_ENTRIES, ProgConfig, STATS_LEN, Stat, VM_POLICY_MAX_ENTRIES, VmVerdict,
+    Control, CounterKey, FdKey, IoctlEvent, ProgConfig, Stat, VmVerdict, COUNTERS_MAX_ENTRIES,
+    EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, STATS_LEN,
+    VM_POLICY_MAX_ENTRIES,
 };
 
 /// Exact counts. Per-CPU so the hot path never contends; the agent sums the CPUs.
@@ -45,7 +45,10 @@ pub static IOASID_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn control() -> Control {
-    IOASID_CONTROL.get(0).copied().unwrap_or(Control { enforce: 0, lsm_enforces: 0 })
+    IOASID_CONTROL.get(0).copied().unwrap_or(Control {
+        enforce: 0,
+        lsm_enforces: 0,
+    })
 }
 
 /// Tracepoint field offsets (from tracefs `format` files) and switches, set by the agent.

@@ -16,11 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kvm_bindings::{
-    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, kvm_create_device, kvm_device_attr,
-    kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_regs, kvm_userspace_memory_region,
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_regs,
+    kvm_userspace_memory_region, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -31,7 +31,10 @@ const MEM_SIZE: usize = 0x10000;
 const PACE_PORT: u16 = 0x10;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "A real KVM guest that executes WBINVD/INVD on demand (ioasid tests, demos and load)")]
+#[command(
+    version,
+    about = "A real KVM guest that executes WBINVD/INVD on demand (ioasid tests, demos and load)"
+)]
 struct Args {
     /// VM name in QEMU syntax (`guest=NAME[,...]` or `NAME`); ioasid names the VM from it.
     #[arg(long = "name", value_name = "guest=NAME")]
@@ -51,6 +54,9 @@ struct Args {
     /// Create a kvm-vfio device and issue KVM_DEV_VFIO_FILE_ADD with an ordinary fd.
     #[arg(long, conflicts_with_all = ["rate"])]
     file_add: bool,
+    /// With --file-add: wait this many seconds between KVM_CREATE_VM and KVM_CREATE_DEVICE.
+    #[arg(long, default_value_t = 0.0, requires = "file_add")]
+    file_add_delay: f64,
     /// Stay alive this many seconds after the work is done (so a watcher sees the VM live).
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
@@ -58,14 +64,21 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if !args.duration.is_finite() || args.duration < 0.0 || !args.hold.is_finite() || args.hold < 0.0 {
-        bail!("--duration and --hold take a non-negative number of seconds");
+    for (flag, v) in [
+        ("--duration", args.duration),
+        ("--hold", args.hold),
+        ("--file-add-delay", args.file_add_delay),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            bail!("{flag} takes a non-negative number of seconds");
+        }
     }
     let kvm = Kvm::new().context("opening /dev/kvm")?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
 
     let mut summary = serde_like::Summary::default();
     if args.file_add {
+        thread::sleep(Duration::from_secs_f64(args.file_add_delay));
         summary.file_add_errno = Some(file_add(&vm)?);
     }
     if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
@@ -77,7 +90,8 @@ fn main() -> Result<()> {
         let start = Instant::now();
         match args.rate {
             Some(rate) => {
-                summary.wbinvd = run_storm(&mut vcpu, rate, Duration::from_secs_f64(args.duration))?;
+                summary.wbinvd =
+                    run_storm(&mut vcpu, rate, Duration::from_secs_f64(args.duration))?;
             }
             None => {
                 run_to_halt(&mut vcpu)?;
@@ -107,7 +121,9 @@ fn file_add(vm: &VmFd) -> Result<i32> {
         fd: 0,
         flags: 0,
     };
-    let dev = vm.create_device(&mut cd).context("KVM_CREATE_DEVICE(VFIO)")?;
+    let dev = vm
+        .create_device(&mut cd)
+        .context("KVM_CREATE_DEVICE(VFIO)")?;
     let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
     let fd: i32 = std::os::fd::AsRawFd::as_raw_fd(&file);
     let attr = kvm_device_attr {
@@ -176,7 +192,11 @@ fn setup_guest(vm: &VmFd, code: &[u8]) -> Result<(GuestMem, VcpuFd)> {
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
-    let regs = kvm_regs { rip: CODE_GPA, rflags: 2, ..Default::default() };
+    let regs = kvm_regs {
+        rip: CODE_GPA,
+        rflags: 2,
+        ..Default::default()
+    };
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
     Ok((mem, vcpu))
 }
@@ -238,7 +258,10 @@ impl GuestMem {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap guest memory");
         }
-        Ok(Self { ptr: ptr.cast(), len })
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 }
 
@@ -261,7 +284,9 @@ mod serde_like {
 
     impl Summary {
         pub fn to_json(&self, pid: u32) -> String {
-            let errno = self.file_add_errno.map_or("null".to_string(), |e| e.to_string());
+            let errno = self
+                .file_add_errno
+                .map_or("null".to_string(), |e| e.to_string());
             format!(
                 "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{errno}}}",
                 self.wbinvd, self.invd, self.seconds

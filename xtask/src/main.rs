@@ -1,1 +1,231 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//!
+//! Every task that needs the eBPF toolchain runs `setup` first, which installs, idempotently,
+//! what shared/TOOLCHAIN.md measured to work on these machines: Debian's rustc-web with the
+//! prebuilt `core` for bpfel-unknown-none, LLVM 22, bpf-linker 0.13 built against it, and the
+//! test tools (promtool from Debian's prometheus package, tmux, bpftool).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "ioasid project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools (idempotent; skips what is present).
+    Setup,
+    /// Build the agent and the guest (release).
+    Build,
+    /// Set up, build and run the agent on this host (as root). Extra arguments go to `run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy (warnings are errors) on the host crates.
+    Lint,
+    /// Set up and run every test: unit tests and the kernel tests (real programs, real guests).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages: (package, why).
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "rustc 1.96 for the eBPF crate"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "prebuilt core/alloc for bpfel-unknown-none",
+    ),
+    ("llvm-22-dev", "LLVM 22 for bpf-linker"),
+    (
+        "prometheus",
+        "promtool, to check the metrics exposition and alert rules",
+    ),
+    ("tmux", "drives the terminal UI in tests"),
+    ("bpftool", "inspecting loaded programs (optional)"),
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "ioasid-agent",
+                    "-p",
+                    "ioasid-guest",
+                ],
+            )
+        }
+        Task::Run { args } => {
+            setup()?;
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent"])?;
+            let agent = root.join("target/release/ioasid-agent");
+            let mut cmd = Command::new(&agent);
+            cmd.arg("run").args(&args);
+            let status = cmd
+                .status()
+                .with_context(|| format!("running {}", agent.display()))?;
+            exit_with(status)
+        }
+        Task::Lint => {
+            cargo(&root, &["fmt", "--all", "--", "--check"])?;
+            cargo(
+                &root,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "ioasid-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+        }
+        Task::Test { args } => {
+            setup()?;
+            let start = Instant::now();
+            // The kernel tests run the guest binary of the same build.
+            cargo(
+                &root,
+                &["build", "-p", "ioasid-guest", "-p", "ioasid-agent"],
+            )?;
+            let mut test = vec!["test", "--workspace", "--exclude", "ioasid-ebpf"];
+            test.extend(args.iter().map(String::as_str));
+            let r = cargo(&root, &test);
+            eprintln!("xtask: tests took {:.1} s", start.elapsed().as_secs_f64());
+            r
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir
+        .parent()
+        .context("xtask has a parent directory")?
+        .to_path_buf())
+}
+
+fn exit_with(status: ExitStatus) -> Result<()> {
+    if status.success() {
+        Ok(())
+    } else {
+        bail!("exited with {status}")
+    }
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(cargo)
+        .current_dir(root)
+        .args(args)
+        .status()
+        .context("running cargo")?;
+    exit_with(status)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    exit_with(status)
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn setup() -> Result<()> {
+    let start = Instant::now();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
+        }
+        for (p, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+            eprintln!("xtask: installing {p}: {why}");
+        }
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 90 s)");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        run(Command::new(cargo)
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker {BPF_LINKER_VERSION} is still not runnable after installing it (is ~/.cargo/bin on PATH?)");
+        }
+    }
+    eprintln!(
+        "xtask: toolchain ready ({:.1} s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn bpf_linker_ok() -> bool {
+    let candidates = [
+        Some(PathBuf::from("bpf-linker")),
+        std::env::var_os("CARGO_HOME").map(|h| Path::new(&h).join("bin/bpf-linker")),
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/bpf-linker")),
+    ];
+    candidates.into_iter().flatten().any(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+            .unwrap_or(false)
+    })
+}

@@ -10,7 +10,11 @@ use crate::{
 
 pub fn run(args: &StatusArgs) -> Result<()> {
     // Enforcement stays off: nothing is judged while status runs.
-    let loaded = loader::load(LoadOptions { enforce: false, optional_hooks: true, strict: false })?;
+    let loaded = loader::load(LoadOptions {
+        enforce: false,
+        optional_hooks: true,
+        strict: false,
+    })?;
     let mechanism = mechanism_name(true, loaded.lsm_attached());
     if args.json {
         let hooks: Vec<serde_json::Value> = loaded
@@ -26,7 +30,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism }));
+        println!(
+            "{}",
+            serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism })
+        );
     } else {
         for h in &loaded.hooks {
             println!("{h}");

@@ -18,25 +18,26 @@
 use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_uid_gid,
-        bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_send_signal,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_probe_read_user, generated::bpf_send_signal,
     },
     macros::{lsm, tracepoint},
     programs::{LsmContext, TracePointContext},
 };
 use ioasid_common::{
-    EventHeader, FdKey, IoctlEvent, Stat, DECISION_ASK, DECISION_DENY, DECISION_NONE, EPERM,
-    EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
-    IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO,
-    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR,
-    KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK, SIGKILL, SIGSTOP,
-    VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, is_watched_ioctl,
+    is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, DECISION_ASK, DECISION_DENY,
+    DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
+    IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE,
+    KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL,
+    KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK, SIGKILL,
+    SIGSTOP, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
 };
 
 use super::current_ids;
 use crate::{
     maps::{
-        config, control, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
+        config, control, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT, IOASID_KVM_DEVICES,
+        IOASID_VM_POLICY,
     },
     read::field_u64,
 };
@@ -145,7 +146,10 @@ fn judge_device_attr(ev: &mut IoctlEvent, tgid: u32, enforce: bool, lsm_enforces
     ev.attr_group = attr.group;
     ev.attr_attr = attr.attr;
     ev.attr_addr = attr.addr;
-    let key = FdKey { tgid, fd: ev.fd as u32 };
+    let key = FdKey {
+        tgid,
+        fd: ev.fd as u32,
+    };
     if let Some(ty) = IOASID_KVM_DEVICES.get_ptr(&key) {
         // SAFETY: pointer to a live map value, read once.
         if unsafe { *ty } == KVM_DEV_TYPE_VFIO {

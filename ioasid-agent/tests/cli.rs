@@ -1,0 +1,128 @@
+//! The CLI on bad input: clear errors, non-zero exit codes, never a panic. No root needed.
+
+mod support;
+
+use std::process::Command;
+
+use support::{write, TempDir, AGENT};
+
+fn agent(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(AGENT).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+#[test]
+fn policy_check_accepts_the_documented_example() {
+    let dir = TempDir::new("cli");
+    let p = dir.path("example.yaml");
+    write(&p, "default:\n  incoherent_dma: audit\nrules:\n  - name: gpu-tenants\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n  - name: everyone-else-untrusted\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n");
+    let (code, out, err) = agent(&["policy", "check", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid: 2 rule(s)"), "{out}");
+    // The example policy shipped in the repository is valid too.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.yaml");
+    let (code, _, err) = agent(&["policy", "check", shipped]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn policy_check_rejects_bad_files_with_location() {
+    let dir = TempDir::new("cli");
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "default:\n  incoherent_dma: allow\n  extra: 1\n",
+            &["bad.yaml:3:3", "unknown field `extra`"],
+        ),
+        (
+            "rules:\n  - name: x\n    match: { vm: \"[unclosed\" }\n",
+            &["rule 1", "bad glob"],
+        ),
+        (
+            "rules:\n  - name: x\n    match: {}\n    incoherent_dma: perhaps\n",
+            &[
+                "bad.yaml:4",
+                "unknown variant `perhaps`",
+                "`allow`, `audit`, `deny`",
+            ],
+        ),
+        ("\t- not yaml: [\n", &["bad.yaml"]),
+        ("", &["empty"]),
+        ("\u{0}\u{1}binary", &["bad.yaml"]),
+    ];
+    for (text, wants) in cases {
+        let p = dir.path("bad.yaml");
+        std::fs::write(&p, text).unwrap();
+        let (code, _, err) = agent(&["policy", "check", p.to_str().unwrap()]);
+        assert_eq!(code, 1, "{text:?}: {err}");
+        for want in *wants {
+            assert!(err.contains(want), "{text:?}: wanted {want:?} in: {err}");
+        }
+    }
+    let (code, _, err) = agent(&["policy", "check", "/nonexistent/policy.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/policy.yaml") && err.contains("No such file"),
+        "{err}"
+    );
+    let (code, _, err) = agent(&["run", "--policy", "/nonexistent/policy.yaml"]);
+    assert_eq!(code, 1, "run must refuse a missing policy: {err}");
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    for args in [
+        &["run", "--listen", "not-an-address"][..],
+        &["run", "--sweep-interval", "fast"],
+        &["run", "--vm-retention", "-5s"],
+        &["replay"],
+        &["nonsense"],
+    ] {
+        let (code, _, err) = agent(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("error:"), "{err}");
+    }
+    let (code, out, _) = agent(&["--help"]);
+    assert_eq!(code, 0);
+    for word in ["run", "status", "policy", "replay"] {
+        assert!(out.contains(word), "{out}");
+    }
+}
+
+#[test]
+fn replay_reports_bad_lines_and_still_evaluates_the_rest() {
+    let dir = TempDir::new("cli");
+    let pol = dir.path("p.yaml");
+    write(&pol, "default:\n  incoherent_dma: deny\n");
+    let events = dir.path("events.jsonl");
+    let good = r#"{"time":"t","host":"h","vm":"gpu-1","pid":5,"comm":"qemu","exe":null,"cgroup":null,"uid":0,"request":{"ioctl":"KVM_SET_DEVICE_ATTR","attr":"KVM_DEV_VFIO_FILE_ADD","fd":3,"file_fd":4,"device_fd_known":true},"vfio":null,"rule":"default","decision":"audited","mechanism":"none","outcome":"completed","ret":-22,"reason":null,"policy":"x"}"#;
+    std::fs::write(
+        &events,
+        format!("{good}\nnot json\n{{\"vm\": 1}}\n\n{good}\n"),
+    )
+    .unwrap();
+    let (code, out, err) = agent(&[
+        "replay",
+        events.to_str().unwrap(),
+        "--policy",
+        pol.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("events.jsonl:2:") && err.contains("events.jsonl:3:"),
+        "{err}"
+    );
+    assert!(err.contains("2 line(s)"), "{err}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("gpu-1") && l.contains("denied"))
+            .count(),
+        2,
+        "{out}"
+    );
+}

@@ -1,0 +1,357 @@
+//! Kernel tests: incoherent-DMA enables judged against a policy and enforced in the kernel.
+//!
+//! The guest walks QEMU's path: KVM_CREATE_VM, KVM_CREATE_DEVICE(VFIO), then
+//! KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_ADD) with an ordinary fd, which the kernel
+//! answers with EINVAL. With no delay it does so microseconds after exec, before the agent can
+//! have classified it (the stop-and-ask path); with a delay the agent has compiled its verdict
+//! into the kernel first (the in-kernel path).
+
+mod support;
+
+use std::{os::unix::process::ExitStatusExt, process::Command, time::Duration};
+
+use support::*;
+
+fn policy(prefix: &str) -> String {
+    format!(
+        "default:\n  incoherent_dma: audit\nrules:\n  - name: gpu-tenants\n    match: {{ vm: \"{prefix}-gpu-*\" }}\n    incoherent_dma: allow\n  - name: everyone-else-untrusted\n    match: {{ vm: \"{prefix}-tenant-*\" }}\n    incoherent_dma: deny\n"
+    )
+}
+
+fn file_add(name: &str, delay: &str) -> (std::process::ExitStatus, serde_json::Value, String) {
+    finish(guest(&[
+        "--name",
+        &format!("guest={name},debug-threads=on"),
+        "--file-add",
+        "--file-add-delay",
+        delay,
+    ]))
+}
+
+#[test]
+fn allow_audit_and_deny_right_after_exec() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("t");
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(&prefix));
+    let agent = Agent::start(&["--policy", path.to_str().unwrap()]);
+
+    // allow: the kernel's own EINVAL, and an `allowed` record.
+    let gpu = format!("{prefix}-gpu-1");
+    let (status, summary, err) = file_add(&gpu, "0");
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    let r = agent.wait_audit(&gpu);
+    assert_eq!(
+        (r["decision"].as_str(), r["rule"].as_str()),
+        (Some("allowed"), Some("gpu-tenants")),
+        "{r}"
+    );
+    assert_eq!(r["ret"], -22);
+    assert_eq!(r["request"]["attr"], "KVM_DEV_VFIO_FILE_ADD");
+    assert_eq!(r["vfio"]["path"], "/dev/null");
+    assert_eq!(r["vfio"]["kind"], "not-vfio");
+
+    // audit (default): EINVAL and an `audited` record.
+    let web = format!("{prefix}-web-1");
+    let (status, summary, err) = file_add(&web, "0");
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    let r = agent.wait_audit(&web);
+    assert_eq!(
+        (r["decision"].as_str(), r["rule"].as_str()),
+        (Some("audited"), Some("default")),
+        "{r}"
+    );
+
+    // deny, issued microseconds after exec: stopped in the kernel, then killed by the agent
+    // before the ioctl ever returns to it.
+    let tenant = format!("{prefix}-tenant-1");
+    let (status, summary, _) = file_add(&tenant, "0");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the denied VMM must die by SIGKILL: {status:?}"
+    );
+    assert_eq!(
+        summary,
+        serde_json::Value::Null,
+        "it must not get to print anything"
+    );
+    let r = agent.wait_audit(&tenant);
+    assert_eq!(
+        (r["decision"].as_str(), r["rule"].as_str()),
+        (Some("denied"), Some("everyone-else-untrusted")),
+        "{r}"
+    );
+    assert_eq!(
+        (r["mechanism"].as_str(), r["outcome"].as_str()),
+        (Some("stop-ask"), Some("killed")),
+        "{r}"
+    );
+    for key in [
+        "time",
+        "host",
+        "vm",
+        "pid",
+        "exe",
+        "cgroup",
+        "uid",
+        "request",
+        "rule",
+        "decision",
+        "mechanism",
+        "outcome",
+    ] {
+        assert!(!r[key].is_null(), "audit record lacks {key}: {r}");
+    }
+
+    let m = agent.scrape();
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_incoherent_dma_requests_total",
+            &[("vm", &gpu), ("decision", "allowed")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_incoherent_dma_requests_total",
+            &[("vm", &web), ("decision", "audited")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_incoherent_dma_requests_total",
+            &[("vm", &tenant), ("decision", "denied")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_enforcement_mechanism",
+            &[("mechanism", "sigkill")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn deny_with_the_verdict_already_in_the_kernel() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("k");
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(&prefix));
+    let agent = Agent::start(&["--policy", path.to_str().unwrap()]);
+    // The agent classifies the VM at KVM_CREATE_VM; FILE_ADD comes later and the kernel program
+    // itself sends SIGKILL.
+    let tenant = format!("{prefix}-tenant-2");
+    let (status, _, _) = file_add(&tenant, "0.5");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    let r = agent.wait_audit(&tenant);
+    assert_eq!(
+        (
+            r["decision"].as_str(),
+            r["mechanism"].as_str(),
+            r["outcome"].as_str()
+        ),
+        (Some("denied"), Some("sigkill"), Some("killed")),
+        "{r}"
+    );
+    assert_eq!(r["request"]["device_fd_known"], true, "{r}");
+    // The ioctl body ran before the process died: its result is in the record.
+    assert_eq!(r["ret"], -22, "{r}");
+
+    let gpu = format!("{prefix}-gpu-2");
+    let (status, summary, err) = file_add(&gpu, "0.5");
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    let r = agent.wait_audit(&gpu);
+    assert_eq!(
+        (
+            r["decision"].as_str(),
+            r["mechanism"].as_str(),
+            r["outcome"].as_str()
+        ),
+        (Some("allowed"), Some("none"), Some("completed")),
+        "{r}"
+    );
+}
+
+#[test]
+fn dry_run_audits_denials_without_enforcing() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("d");
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(&prefix));
+    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--dry-run"]);
+    let tenant = format!("{prefix}-tenant-3");
+    let (status, summary, err) = file_add(&tenant, "0");
+    assert!(status.success(), "dry run must not kill: {err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    let r = agent.wait_audit(&tenant);
+    assert_eq!(
+        (r["decision"].as_str(), r["outcome"].as_str()),
+        (Some("denied"), Some("not-enforced")),
+        "{r}"
+    );
+    let m = agent.scrape();
+    assert_eq!(
+        sample(&m, "ioasid_enforcement_mechanism", &[("mechanism", "none")]),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn reload_is_atomic_and_keeps_the_last_good_policy() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("r");
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, "default:\n  incoherent_dma: audit\n");
+    let agent = Agent::start(&["--policy", path.to_str().unwrap()]);
+
+    // A VM that is already running when the policy changes is judged by the new policy.
+    let vm = format!("{prefix}-tenant-live");
+    let live = guest(&["--name", &vm, "--file-add", "--file-add-delay", "2"]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A change on disk is picked up; SIGHUP also reloads.
+    write(&path, &policy(&prefix));
+    let reloaded = eventually(Duration::from_secs(5), || {
+        (sample(
+            &agent.scrape(),
+            "ioasid_policy_reloads_total",
+            &[("result", "success")],
+        ) == Some(1.0))
+        .then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "file change not picked up:\n{}",
+        agent.log()
+    );
+    let (status, _, _) = finish(live);
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the running VM must be judged by the new policy"
+    );
+    assert_eq!(agent.wait_audit(&vm)["decision"], "denied");
+
+    // A bad file is rejected and the last good policy stays in force.
+    write(&path, "default:\n  incoherent_dma: sometimes\n");
+    let rejected = eventually(Duration::from_secs(5), || {
+        (sample(
+            &agent.scrape(),
+            "ioasid_policy_reloads_total",
+            &[("result", "failure")],
+        ) == Some(1.0))
+        .then_some(())
+    });
+    assert!(
+        rejected.is_some(),
+        "bad file not rejected:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("last good policy stays in force"),
+        "{}",
+        agent.log()
+    );
+    let tenant = format!("{prefix}-tenant-after");
+    let (status, _, _) = file_add(&tenant, "0");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the last good policy still denies"
+    );
+
+    write(&path, "default:\n  incoherent_dma: allow\n");
+    agent.signal(libc::SIGHUP);
+    let ok = eventually(Duration::from_secs(5), || {
+        (sample(
+            &agent.scrape(),
+            "ioasid_policy_reloads_total",
+            &[("result", "success")],
+        ) >= Some(2.0))
+        .then_some(())
+    });
+    assert!(ok.is_some(), "{}", agent.log());
+    let (status, summary, err) = file_add(&format!("{prefix}-tenant-allowed"), "0");
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["file_add_errno"], 22);
+}
+
+#[test]
+fn recorded_requests_replay_against_another_policy() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("p");
+    let dir = TempDir::new("replay");
+    let record = dir.path("events.jsonl");
+    let agent = Agent::start(&["--record", record.to_str().unwrap(), "--dry-run"]);
+    for vm in [format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1")] {
+        let (status, _, err) = file_add(&vm, "0");
+        assert!(status.success(), "{err}");
+        agent.wait_audit(&vm);
+    }
+    drop(agent);
+    let pol = dir.path("strict.yaml");
+    write(&pol, &policy(&prefix));
+    let out = Command::new(AGENT)
+        .args([
+            "replay",
+            record.to_str().unwrap(),
+            "--policy",
+            pol.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let by_vm = |vm: &str| lines.iter().find(|l| l["vm"] == vm).unwrap().clone();
+    let g = by_vm(&format!("{prefix}-gpu-1"));
+    assert_eq!(
+        (g["recorded"].as_str(), g["decision"].as_str()),
+        (Some("audited"), Some("allowed"))
+    );
+    let t = by_vm(&format!("{prefix}-tenant-1"));
+    assert_eq!(
+        (t["decision"].as_str(), t["rule"].as_str()),
+        (Some("denied"), Some("everyone-else-untrusted"))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 decided differently"));
+}

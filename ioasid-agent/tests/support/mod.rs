@@ -1,0 +1,283 @@
+//! Test harness for the kernel tests: the real agent binary, real guests, real scrapes.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_ioasid-agent");
+
+/// Kernel tests share the host's hooks: an agent judges every process on the host, so two
+/// agents at once would both judge the same FILE_ADD. They run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kernel tests need root and /dev/kvm. Without them they fail, saying why, unless
+/// IOASID_SKIP_KERNEL_TESTS=1 asks to skip them (then they say so on stderr). CI runs them.
+pub fn kernel_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let kvm = Path::new("/dev/kvm").exists();
+    let why = match (root, kvm) {
+        (true, true) => return true,
+        (false, _) => "not root (loading eBPF programs needs CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)",
+        (true, false) => "no /dev/kvm",
+    };
+    if std::env::var("IOASID_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED kernel test: {why} (IOASID_SKIP_KERNEL_TESTS=1)");
+        return false;
+    }
+    panic!("kernel test cannot run: {why}. Run as root on a KVM host (cargo xtask test), or set IOASID_SKIP_KERNEL_TESTS=1 to skip explicitly.");
+}
+
+/// A unique suffix so names never collide with another run's.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(&format!("ioasid-test-{tag}")));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    pub addr: String,
+    pub dir: TempDir,
+    stderr_path: PathBuf,
+}
+
+impl Agent {
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = TempDir::new("agent");
+        let ready = dir.path("ready");
+        let stderr_path = dir.path("agent.log");
+        let log = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(AGENT)
+            .args([
+                "--log",
+                "info,ioasid_agent=debug",
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--sweep-interval",
+                "100ms",
+            ])
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--audit-log")
+            .arg(dir.path("audit.jsonl"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting ioasid-agent");
+        let mut agent = Self {
+            child,
+            addr: String::new(),
+            dir,
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&ready) {
+                if !addr.is_empty() {
+                    agent.addr = addr;
+                    return agent;
+                }
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "ioasid-agent exited during start-up ({status}):\n{}",
+                    agent.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ioasid-agent not ready after 30 s:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
+    }
+
+    /// Waits until an audit record for `vm` exists and returns it.
+    pub fn wait_audit(&self, vm: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.audit().into_iter().find(|r| r["vm"] == vm) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit record for {vm}; agent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn scrape(&self) -> String {
+        http_get(&self.addr, "/metrics")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connecting to the agent");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `name{labels}` (labels given as `k="v"` pairs, any order).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse().ok()).flatten()
+        })
+}
+
+pub fn guest_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("IOASID_GUEST") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/ioasid-guest
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("ioasid-guest"))
+        .unwrap();
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p ioasid-guest`, done by `cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+pub fn guest(args: &[&str]) -> Child {
+    Command::new(guest_path())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting ioasid-guest")
+}
+
+pub fn finish(child: Child) -> (ExitStatus, serde_json::Value, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&stdout).into_owned();
+    let summary = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (
+        status,
+        summary,
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Polls `f` until it returns Some or the timeout passes.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}

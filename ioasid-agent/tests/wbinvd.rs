@@ -1,0 +1,244 @@
+//! Kernel tests: WBINVD/INVD accounting with real programs and real KVM guests.
+
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use support::*;
+
+#[test]
+fn status_reports_every_hook() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let out = Command::new(AGENT)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hooks = v["hooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 10);
+    for h in hooks {
+        let attached = h["attached"].as_bool().unwrap();
+        if h["optional"] == false {
+            assert!(attached, "required hook not attached: {h}");
+        } else if !attached {
+            // A refusal always says why.
+            assert!(h["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
+        }
+    }
+    for name in [
+        "tracepoint/kvm/kvm_exit",
+        "tracepoint/kvm/kvm_emulate_insn",
+        "fexit/kvm_emulate_wbinvd",
+        "fexit/emulator_wbinvd",
+        "lsm/file_ioctl",
+    ] {
+        assert!(hooks.iter().any(|h| h["hook"] == name), "{name} missing");
+    }
+    let mech = v["enforcement_mechanism"].as_str().unwrap();
+    let lsm = hooks
+        .iter()
+        .any(|h| h["hook"] == "lsm/file_ioctl" && h["attached"] == true);
+    assert_eq!(mech, if lsm { "lsm" } else { "sigkill" });
+
+    // The table text form names the same hooks, one line each.
+    let out = Command::new(AGENT).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("attached") || l.contains("refused"))
+            .count(),
+        10,
+        "{text}"
+    );
+}
+
+#[test]
+fn exact_counts_for_two_guests_at_once() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let (a, b) = (unique("alpha"), unique("beta"));
+    // Two VMs at once, different counts; each holds a moment so the agent sees it alive.
+    let ga = guest(&[
+        "--name",
+        &format!("guest={a},debug-threads=on"),
+        "--wbinvd",
+        "25000",
+        "--invd",
+        "111",
+        "--hold",
+        "0.5",
+    ]);
+    let gb = guest(&[
+        "--name", &b, "--wbinvd", "3333", "--invd", "7", "--hold", "0.5",
+    ]);
+    for g in [ga, gb] {
+        let (status, summary, err) = finish(g);
+        assert!(status.success(), "guest failed: {err}");
+        assert!(summary["wbinvd"].as_u64().is_some(), "{summary}");
+    }
+    let m = agent.scrape();
+    // This kernel emulates real-mode guests fully, so they arrive on the emulated path; a
+    // hardware-exit guest is counted on `exit` by the same program family.
+    let total = |fam: &str, vm: &str| {
+        ["exit", "emulated"]
+            .iter()
+            .map(|p| sample(&m, fam, &[("vm", vm), ("path", p)]).unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    assert_eq!(total("ioasid_wbinvd_exits_total", &a), 25000.0, "{m}");
+    assert_eq!(total("ioasid_invd_exits_total", &a), 111.0, "{m}");
+    assert_eq!(total("ioasid_wbinvd_exits_total", &b), 3333.0, "{m}");
+    assert_eq!(total("ioasid_invd_exits_total", &b), 7.0, "{m}");
+    assert_eq!(sample(&m, "ioasid_events_dropped_total", &[]), Some(0.0));
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_hook_attached",
+            &[("hook", "tracepoint/kvm/kvm_exit")]
+        ),
+        Some(1.0)
+    );
+    assert!(sample(
+        &m,
+        "ioasid_hook_attached",
+        &[("hook", "fexit/kvm_emulate_wbinvd")]
+    )
+    .is_some());
+    assert_eq!(
+        sample(&m, "ioasid_kernel_errors_total", &[("kind", "read_error")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_kernel_errors_total",
+            &[("kind", "counter_map_full")]
+        ),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_guest_without_a_name_is_named_by_comm_and_pid() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let g = guest(&["--wbinvd", "42", "--hold", "0.5"]);
+    let pid = g.id();
+    let (status, _, err) = finish(g);
+    assert!(status.success(), "{err}");
+    let vm = format!("ioasid-guest:{pid}");
+    let m = agent.scrape();
+    assert_eq!(
+        sample(
+            &m,
+            "ioasid_wbinvd_exits_total",
+            &[("vm", &vm), ("path", "emulated")]
+        ),
+        Some(42.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn exited_vms_are_kept_for_the_retention_then_dropped() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let agent = Agent::start(&["--vm-retention", "1500ms"]);
+    let name = unique("retained");
+    let (status, _, err) = finish(guest(&["--name", &name, "--wbinvd", "10", "--hold", "0.4"]));
+    assert!(status.success(), "{err}");
+    let m = agent.scrape();
+    assert_eq!(
+        sample(&m, "ioasid_wbinvd_exits_total", &[("vm", &name)]),
+        Some(10.0),
+        "kept after exit:\n{m}"
+    );
+    let gone = eventually(Duration::from_secs(5), || {
+        sample(
+            &agent.scrape(),
+            "ioasid_wbinvd_exits_total",
+            &[("vm", &name)],
+        )
+        .is_none()
+        .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "still reported after the retention:\n{}",
+        agent.scrape()
+    );
+}
+
+#[test]
+fn exposition_passes_promtool() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let (status, _, err) = finish(guest(&[
+        "--name",
+        &unique("lint"),
+        "--wbinvd",
+        "5",
+        "--invd",
+        "1",
+        "--hold",
+        "0.3",
+    ]));
+    assert!(status.success(), "{err}");
+    let (_, _, _) = finish(guest(&[
+        "--name",
+        &unique("lint-dma"),
+        "--file-add",
+        "--hold",
+        "0.3",
+    ]));
+    let text = agent.scrape();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}\n{text}"
+    );
+    assert!(
+        text.contains("ioasid_incoherent_dma_requests_total"),
+        "{text}"
+    );
+}
