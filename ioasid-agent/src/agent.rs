@@ -52,6 +52,7 @@ pub struct RunConfig {
     pub sweep: Duration,
     pub retention: Duration,
     pub ready_file: Option<PathBuf>,
+    pub lock_file: PathBuf,
 }
 
 /// Requests to the actor.
@@ -94,7 +95,36 @@ where
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
+/// One enforcing agent per host: two would both judge (and stop, resume or kill) the same VMMs.
+/// Held with flock(2) on `path` for the life of the process; the file names the holder's pid.
+fn lock_host(path: &Path) -> Result<std::fs::File> {
+    use std::{io::Write, os::fd::AsRawFd};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        anyhow::bail!(
+            "another ioasid-agent (pid {}) is running on this host (lock {}): only one may judge the host's VMMs",
+            holder.trim(),
+            path.display()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 pub async fn run(cfg: RunConfig) -> Result<()> {
+    let _lock = lock_host(&cfg.lock_file)?;
     let metrics = Metrics::new();
     let (policy, policy_hash) = match &cfg.policy {
         Some(path) => {

@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// How long a VM whose process exited is still reported.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub vm_retention: Duration,
+    /// Host-wide lock: only one agent may run (two would both judge the same VMMs).
+    #[arg(long, value_name = "PATH", default_value = "/run/ioasid-agent.lock")]
+    pub lock_file: PathBuf,
     /// Write the bound listen address here once every hook is attached (readiness).
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,

@@ -64,6 +64,7 @@ fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
         sweep: args.sweep_interval,
         retention: args.vm_retention,
         ready_file: args.ready_file.clone(),
+        lock_file: args.lock_file.clone(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

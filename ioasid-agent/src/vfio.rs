@@ -114,8 +114,10 @@ pub fn resolve(procfs: &ProcFs, sysfs: &SysFs, pid: u32, fd: i32) -> VfioFile {
     let target = match procfs.fd_target(pid, fd) {
         Ok(t) => t,
         Err(e) => {
+            let why = std::error::Error::source(&e)
+                .map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
             return VfioFile {
-                path: format!("<{e}>"),
+                path: format!("<unresolved: {why}>"),
                 kind: "unresolved".into(),
                 devices: vec![],
                 iommu: "unknown".into(),

@@ -138,6 +138,25 @@ fn exact_counts_for_two_guests_at_once() {
 }
 
 #[test]
+fn a_second_agent_refuses_to_start() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let _agent = Agent::start(&[]);
+    let out = Command::new(AGENT)
+        .args(["run", "--listen", "127.0.0.1:0", "--audit-log", "/dev/null"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another ioasid-agent") && err.contains(&_agent.pid().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_guest_without_a_name_is_named_by_comm_and_pid() {
     if !kernel_available() {
         return;

@@ -77,9 +77,13 @@ fn main() -> Result<()> {
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
 
     let mut summary = serde_like::Summary::default();
+    // A VMM keeps its device and VFIO fds open for the VM's life: so does this one.
+    let mut _keep = None;
     if args.file_add {
         thread::sleep(Duration::from_secs_f64(args.file_add_delay));
-        summary.file_add_errno = Some(file_add(&vm)?);
+        let (errno, fds) = file_add(&vm)?;
+        summary.file_add_errno = Some(errno);
+        _keep = Some(fds);
     }
     if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
         let code = match args.rate {
@@ -114,8 +118,9 @@ fn batch_size(rate: Option<u32>) -> u32 {
 }
 
 /// Issues KVM_CREATE_DEVICE(VFIO) and KVM_SET_DEVICE_ATTR(FILE, FILE_ADD, &fd of /dev/null).
-/// Returns the errno of FILE_ADD (0 on success, which an ordinary fd never gets).
-fn file_add(vm: &VmFd) -> Result<i32> {
+/// Returns the errno of FILE_ADD (0 on success, which an ordinary fd never gets) and the fds,
+/// which the caller keeps open.
+fn file_add(vm: &VmFd) -> Result<(i32, (kvm_ioctls::DeviceFd, std::fs::File))> {
     let mut cd = kvm_create_device {
         type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
         fd: 0,
@@ -132,10 +137,11 @@ fn file_add(vm: &VmFd) -> Result<i32> {
         attr: u64::from(KVM_DEV_VFIO_FILE_ADD),
         addr: &fd as *const i32 as u64,
     };
-    Ok(match dev.set_device_attr(&attr) {
+    let errno = match dev.set_device_attr(&attr) {
         Ok(()) => 0,
         Err(e) => e.errno(),
-    })
+    };
+    Ok((errno, (dev, file)))
 }
 
 /// Real-mode code: `mov ecx, N; test ecx, ecx; jz skip; L: <insn>; dec ecx; jnz L; skip:`.
