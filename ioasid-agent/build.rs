@@ -16,19 +16,15 @@ use anyhow::{bail, Context, Result};
 fn main() -> Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest.parent().context("workspace root")?.to_path_buf();
-    for dir in [
-        "ioasid-ebpf/src",
-        "ioasid-common/src",
-        "ioasid-ebpf/Cargo.toml",
-        "ioasid-common/Cargo.toml",
-    ] {
+    for dir in ["ioasid-ebpf/src", "ioasid-common/src", "ioasid-ebpf/Cargo.toml", "ioasid-common/Cargo.toml"]
+    {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=IOASID_BPF_RUSTC");
     println!("cargo:rerun-if-env-changed=IOASID_BPF_LINKER");
 
-    let rustc = env::var_os("IOASID_BPF_RUSTC")
-        .map_or_else(|| PathBuf::from("/usr/bin/rustc"), PathBuf::from);
+    let rustc =
+        env::var_os("IOASID_BPF_RUSTC").map_or_else(|| PathBuf::from("/usr/bin/rustc"), PathBuf::from);
     if !rustc.exists() {
         bail!(
             "Debian's rustc ({}) is missing: run `cargo xtask setup` (installs rustc-web and \
@@ -41,31 +37,13 @@ fn main() -> Result<()> {
     )?;
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = root.join("target").join("ebpf");
-    let rustflags = [
-        "-C",
-        "debuginfo=2",
-        "-C",
-        "link-arg=--btf",
-        "-C",
-        "panic=abort",
-    ]
-    .join("\x1f");
+    let rustflags = ["-C", "debuginfo=2", "-C", "link-arg=--btf", "-C", "panic=abort"].join("\x1f");
 
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "ioasid-ebpf",
-            "--target",
-            "bpfel-unknown-none",
-        ])
+        .args(["build", "--release", "--package", "ioasid-ebpf", "--target", "bpfel-unknown-none"])
         .arg("--config")
-        .arg(format!(
-            "target.bpfel-unknown-none.linker={:?}",
-            linker.display().to_string()
-        ))
+        .arg(format!("target.bpfel-unknown-none.linker={:?}", linker.display().to_string()))
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's settings must not leak into the eBPF build.
@@ -97,16 +75,13 @@ fn find_linker() -> Option<PathBuf> {
     if let Some(p) = env::var_os("IOASID_BPF_LINKER") {
         return Some(PathBuf::from(p));
     }
-    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        env::var_os("PATH").map(|p| env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(home) = env::var_os("CARGO_HOME") {
         dirs.push(Path::new(&home).join("bin"));
     }
     if let Some(home) = env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
-    dirs.into_iter()
-        .map(|d| d.join("bpf-linker"))
-        .find(|p| p.is_file())
+    dirs.into_iter().map(|d| d.join("bpf-linker")).find(|p| p.is_file())
 }

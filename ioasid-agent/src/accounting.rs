@@ -18,9 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ioasid_common::{
-    OP_INVD, OP_WBINVD, PATH_EMULATED, PATH_EXIT, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT,
-};
+use ioasid_common::{OP_INVD, OP_WBINVD, PATH_EMULATED, PATH_EXIT, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT};
 
 use crate::{
     procfs::{ProcError, ProcFs, ProcessInfo},
@@ -67,11 +65,7 @@ impl Accounting {
     /// Marks dead processes. Call before reading the kernel map.
     pub fn check_liveness(&mut self, procfs: &ProcFs, now: Instant) -> Vec<u32> {
         let mut died = Vec::new();
-        for (tgid, p) in self
-            .procs
-            .iter_mut()
-            .filter(|(_, p)| p.dead_since.is_none())
-        {
+        for (tgid, p) in self.procs.iter_mut().filter(|(_, p)| p.dead_since.is_none()) {
             let alive = match procfs.start_time(*tgid) {
                 Ok(st) => st == p.info.start_time,
                 Err(ProcError::Gone { .. }) => false,
@@ -88,13 +82,7 @@ impl Accounting {
 
     /// Returns the known process for `tgid`, naming it from procfs if new. A process that is
     /// already gone is named `unknown:<tgid>` (`comm` when an event told it).
-    pub fn ensure(
-        &mut self,
-        tgid: u32,
-        comm: Option<&str>,
-        procfs: &ProcFs,
-        now: Instant,
-    ) -> &mut Proc {
+    pub fn ensure(&mut self, tgid: u32, comm: Option<&str>, procfs: &ProcFs, now: Instant) -> &mut Proc {
         self.procs.entry(tgid).or_insert_with(|| match procfs.info(tgid) {
             Ok(info) => Proc { info, totals: Totals::new(), dead_since: None, purged: false },
             Err(e) => {
@@ -120,15 +108,8 @@ impl Accounting {
         match self.procs.get_mut(&tgid) {
             Some(p) if p.info.start_time == info.start_time => p.info = info,
             _ => {
-                self.procs.insert(
-                    tgid,
-                    Proc {
-                        info,
-                        totals: Totals::new(),
-                        dead_since: None,
-                        purged: false,
-                    },
-                );
+                self.procs
+                    .insert(tgid, Proc { info, totals: Totals::new(), dead_since: None, purged: false });
             }
         }
     }
@@ -147,12 +128,8 @@ impl Accounting {
 
     /// Processes that died and whose kernel entries should now be removed.
     pub fn take_newly_dead(&mut self) -> Vec<u32> {
-        let v: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.dead_since.is_some() && !p.purged)
-            .map(|(t, _)| *t)
-            .collect();
+        let v: Vec<u32> =
+            self.procs.iter().filter(|(_, p)| p.dead_since.is_some() && !p.purged).map(|(t, _)| *t).collect();
         for t in &v {
             if let Some(p) = self.procs.get_mut(t) {
                 p.purged = true;
@@ -166,10 +143,7 @@ impl Accounting {
         let expired: Vec<u32> = self
             .procs
             .iter()
-            .filter(|(_, p)| {
-                p.dead_since
-                    .is_some_and(|d| now.duration_since(d) >= retention)
-            })
+            .filter(|(_, p)| p.dead_since.is_some_and(|d| now.duration_since(d) >= retention))
             .map(|(t, _)| *t)
             .collect();
         for tgid in &expired {
@@ -231,12 +205,8 @@ impl Accounting {
             }
         }
         // Series of VMs no longer tracked at all.
-        let gone: Vec<(String, u32, u32)> = self
-            .exported
-            .keys()
-            .filter(|(vm, _, _)| !totals.contains_key(vm))
-            .cloned()
-            .collect();
+        let gone: Vec<(String, u32, u32)> =
+            self.exported.keys().filter(|(vm, _, _)| !totals.contains_key(vm)).cloned().collect();
         for key in gone {
             self.exported.remove(&key);
             if let Some((fam, label)) = series(key.1, key.2) {
@@ -248,12 +218,7 @@ impl Accounting {
                 let _ = vec.remove_label_values(&[&key.0, label]);
             }
         }
-        metrics.vms.set(
-            self.procs
-                .values()
-                .filter(|p| p.dead_since.is_none())
-                .count() as i64,
-        );
+        metrics.vms.set(self.procs.values().filter(|p| p.dead_since.is_none()).count() as i64);
     }
 }
 
@@ -282,18 +247,12 @@ mod tests {
 
     fn value(m: &Metrics, vm: &str, path: &str) -> Option<u64> {
         let fams = m.registry.gather();
-        let fam = fams
-            .iter()
-            .find(|f| f.name() == "ioasid_wbinvd_exits_total")?;
+        let fam = fams.iter().find(|f| f.name() == "ioasid_wbinvd_exits_total")?;
         fam.get_metric()
             .iter()
             .find(|x| {
-                x.get_label()
-                    .iter()
-                    .any(|l| l.name() == "vm" && l.value() == vm)
-                    && x.get_label()
-                        .iter()
-                        .any(|l| l.name() == "path" && l.value() == path)
+                x.get_label().iter().any(|l| l.name() == "vm" && l.value() == vm)
+                    && x.get_label().iter().any(|l| l.name() == "path" && l.value() == path)
             })
             .map(|x| x.get_counter().get_value() as u64)
     }
@@ -322,10 +281,7 @@ mod tests {
         a.export(&m);
         assert_eq!(value(&m, "gpu-1", "exit"), Some(10));
         // Retention over: the dead process's totals fold into the VM's, no reset.
-        assert_eq!(
-            a.expire(Duration::from_secs(1), now + Duration::from_secs(2)),
-            vec![10]
-        );
+        assert_eq!(a.expire(Duration::from_secs(1), now + Duration::from_secs(2)), vec![10]);
         a.export(&m);
         assert_eq!(value(&m, "gpu-1", "exit"), Some(10));
         assert_eq!(value(&m, "gpu-1", "emulated"), Some(7));
@@ -342,19 +298,10 @@ mod tests {
         a.export(&m);
         assert_eq!(value(&m, "web", "exit"), Some(3));
         a.check_liveness(&procfs, now);
-        assert!(a
-            .expire(Duration::from_secs(60), now + Duration::from_secs(30))
-            .is_empty());
+        assert!(a.expire(Duration::from_secs(60), now + Duration::from_secs(30)).is_empty());
         a.export(&m);
-        assert_eq!(
-            value(&m, "web", "exit"),
-            Some(3),
-            "still reported during retention"
-        );
-        assert_eq!(
-            a.expire(Duration::from_secs(60), now + Duration::from_secs(61)),
-            vec![20]
-        );
+        assert_eq!(value(&m, "web", "exit"), Some(3), "still reported during retention");
+        assert_eq!(a.expire(Duration::from_secs(60), now + Duration::from_secs(61)), vec![20]);
         a.export(&m);
         assert_eq!(value(&m, "web", "exit"), None);
     }

@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub retention: Duration,
     pub ready_file: Option<PathBuf>,
     pub lock_file: PathBuf,
+    pub bpf_stats: bool,
+    pub ioctl_hooks: loader::IoctlHooks,
 }
 
 /// Requests to the actor.
@@ -83,15 +85,17 @@ struct State {
     stats_seen: [u64; STATS_LEN as usize],
     /// Non-coherent DMA registrations per `struct kvm *` (opaque), from fentry.
     noncoherent: HashMap<u64, i64>,
+    /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
+    stats_hooks: Vec<(&'static str, &'static str)>,
+    /// Keeps kernel BPF run-time statistics enabled while the agent runs.
+    _bpf_stats: Option<std::os::fd::OwnedFd>,
 }
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("the object has no map {name}"))?;
+    let map = ebpf.take_map(name).with_context(|| format!("the object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
@@ -138,42 +142,50 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         }
     };
     let audit = AuditLog::start(&cfg.audit_log, metrics.clone())?;
-    let record = cfg
-        .record
-        .as_deref()
-        .map(|p| AuditLog::start(p, metrics.clone()))
-        .transpose()?;
+    let record = cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.clone())).transpose()?;
 
     let mut loaded = loader::load(LoadOptions {
         enforce: cfg.enforce,
         optional_hooks: cfg.optional_hooks,
+        ioctl_hooks: cfg.ioctl_hooks,
         strict: true,
     })?;
     for h in &loaded.hooks {
         match &h.state {
-            HookState::Attached => tracing::info!(
-                hook = h.spec.hook,
-                optional = h.spec.optional,
-                "hook attached"
-            ),
+            HookState::Attached => {
+                tracing::info!(hook = h.spec.hook, optional = h.spec.optional, "hook attached")
+            }
             HookState::Refused(why) => {
                 tracing::warn!(hook = h.spec.hook, optional = h.spec.optional, reason = %why, "hook refused by the kernel")
             }
+            HookState::Standby(by) => {
+                tracing::info!(hook = h.spec.hook, serving = by, "hook on standby: an alternative serves")
+            }
         }
-        metrics
-            .hook_attached
-            .with_label_values(&[h.spec.hook])
-            .set(i64::from(h.attached()));
+        metrics.hook_attached.with_label_values(&[h.spec.hook]).set(i64::from(h.attached()));
     }
     let mechanism = mechanism_name(cfg.enforce, loaded.lsm_attached());
     for m in ["lsm", "sigkill", "none"] {
-        metrics
-            .enforcement_mechanism
-            .with_label_values(&[m])
-            .set(i64::from(m == mechanism));
+        metrics.enforcement_mechanism.with_label_values(&[m]).set(i64::from(m == mechanism));
     }
     tracing::info!(mechanism, "incoherent-DMA enforcement");
 
+    let bpf_stats = if cfg.bpf_stats {
+        match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not enable BPF run-time statistics");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let stats_hooks = if bpf_stats.is_some() {
+        loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.spec.program)).collect()
+    } else {
+        Vec::new()
+    };
     let ebpf = &mut loaded.ebpf;
     let ring: RingBuf<MapData> = take(ebpf, common::MAP_EVENTS)?;
     let mut state = State {
@@ -196,11 +208,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         retention: cfg.retention,
         stats_seen: [0; STATS_LEN as usize],
         noncoherent: HashMap::new(),
+        stats_hooks,
+        _bpf_stats: bpf_stats,
     };
 
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener =
+        TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(64);
     tokio::spawn(http::serve(listener, cmd_tx, metrics.clone()));
@@ -217,8 +230,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // Classify VMMs that were running before the agent started, from the counters they have.
     state.sweep();
     if let Some(path) = &cfg.ready_file {
-        std::fs::write(path, local.to_string())
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
 
     let mut tick = tokio::time::interval(cfg.sweep);
@@ -294,8 +306,7 @@ fn file_hash(path: &Path) -> Option<u64> {
 }
 
 fn signal_process(pid: u32, sig: i32) -> std::io::Result<()> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: kill(2) with a checked pid and a valid signal number.
     if unsafe { libc::kill(pid, sig) } == 0 {
         Ok(())
@@ -315,11 +326,7 @@ impl State {
     /// Names the process and writes its verdict into the kernel, once per process.
     fn classify(&mut self, tgid: u32, comm: Option<&str>) -> ProcessInfo {
         let known = self.acct.procs.contains_key(&tgid);
-        let info = self
-            .acct
-            .ensure(tgid, comm, &self.procfs, Instant::now())
-            .info
-            .clone();
+        let info = self.acct.ensure(tgid, comm, &self.procfs, Instant::now()).info.clone();
         if !known {
             self.write_verdict(&info);
         }
@@ -342,10 +349,7 @@ impl State {
     fn on_ioctl(&mut self, ev: &IoctlEvent) {
         let tgid = ev.header.tgid;
         let comm = events::comm(&ev.header.comm);
-        self.metrics
-            .ioctls
-            .with_label_values(&[events::request_name(ev.cmd)])
-            .inc();
+        self.metrics.ioctls.with_label_values(&[events::request_name(ev.cmd)]).inc();
         if ev.cmd == KVM_CREATE_VM || ev.cmd == KVM_CREATE_DEVICE {
             let info = self.classify(tgid, Some(&comm));
             tracing::debug!(pid = tgid, vm = %info.vm, request = events::request_name(ev.cmd), ret = ev.ret, "VMM ioctl");
@@ -390,10 +394,7 @@ impl State {
                 record.reason = Some(format!("signal {sig}: {e}"));
             }
         }
-        self.metrics
-            .incoherent_dma_requests
-            .with_label_values(&[&info.vm, j.action.decision()])
-            .inc();
+        self.metrics.incoherent_dma_requests.with_label_values(&[&info.vm, j.action.decision()]).inc();
         if let Some(r) = &self.record {
             r.record_quiet(record.clone());
         }
@@ -408,9 +409,7 @@ impl State {
         }
         let info = self.classify(ev.header.tgid, Some(&events::comm(&ev.header.comm)));
         tracing::info!(vm = %info.vm, pid = ev.header.tgid, register = ev.register == 1, "KVM non-coherent DMA transition");
-        self.metrics
-            .noncoherent_vms
-            .set(self.noncoherent.len() as i64);
+        self.metrics.noncoherent_vms.set(self.noncoherent.len() as i64);
     }
 
     fn sweep(&mut self) {
@@ -422,11 +421,7 @@ impl State {
             match item {
                 Ok((k, values)) => {
                     let sum: u64 = values.iter().sum();
-                    *kernel
-                        .entry(k.tgid)
-                        .or_default()
-                        .entry((k.op, k.path))
-                        .or_insert(0) += sum;
+                    *kernel.entry(k.tgid).or_default().entry((k.op, k.path)).or_insert(0) += sum;
                     keys.entry(k.tgid).or_default().push(k);
                 }
                 Err(e) => {
@@ -452,12 +447,8 @@ impl State {
                 let _ = self.counters.remove(&k);
             }
             let _ = self.vm_policy.remove(&tgid);
-            let stale: Vec<FdKey> = self
-                .kvm_devices
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| k.tgid == tgid)
-                .collect();
+            let stale: Vec<FdKey> =
+                self.kvm_devices.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
             for k in stale {
                 let _ = self.kvm_devices.remove(&k);
             }
@@ -465,6 +456,21 @@ impl State {
         self.acct.expire(self.retention, now);
         self.acct.export(&self.metrics);
         self.export_stats();
+        self.export_program_stats();
+    }
+
+    /// In-kernel cost of each attached program (run count and total run time), when enabled.
+    fn export_program_stats(&self) {
+        for (hook, program) in &self.stats_hooks {
+            let Some(info) = self._ebpf.program(program).and_then(|p| p.info().ok()) else { continue };
+            let runs = self.metrics.program_runs.with_label_values(&[hook]);
+            let time = self.metrics.program_run_seconds.with_label_values(&[hook]);
+            runs.inc_by(info.run_count().saturating_sub(runs.get()));
+            let secs = info.run_time().as_secs_f64();
+            if secs > time.get() {
+                time.inc_by(secs - time.get());
+            }
+        }
     }
 
     fn export_stats(&mut self) {
@@ -484,10 +490,7 @@ impl State {
                         "kernel ring buffer full: events dropped (counters stay exact)"
                     );
                 } else if let Some(kind) = KERNEL_ERROR_KINDS.get(i as usize - 1) {
-                    self.metrics
-                        .kernel_errors
-                        .with_label_values(&[kind])
-                        .inc_by(delta);
+                    self.metrics.kernel_errors.with_label_values(&[kind]).inc_by(delta);
                 }
             }
         }
@@ -527,17 +530,11 @@ impl State {
                 for info in &live {
                     self.write_verdict(info);
                 }
-                self.metrics
-                    .policy_reloads
-                    .with_label_values(&["success"])
-                    .inc();
+                self.metrics.policy_reloads.with_label_values(&["success"]).inc();
                 tracing::info!(trigger = why, policy = %path.display(), generation = self.generation, rules = self.policy.rule_count(), vms = live.len(), "policy reloaded");
             }
             Err(e) => {
-                self.metrics
-                    .policy_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
+                self.metrics.policy_reloads.with_label_values(&["failure"]).inc();
                 tracing::error!(trigger = why, error = %e, "policy reload rejected; the last good policy stays in force");
             }
         }

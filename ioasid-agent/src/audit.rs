@@ -98,18 +98,11 @@ impl AuditLog {
     /// Opens (creating directories) and starts the writer task. Fails now if the file cannot be
     /// opened, rather than losing records later.
     pub fn start(path: &Path, metrics: Metrics) -> Result<Self, AuditError> {
-        let open_err = |source| AuditError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+        let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(open_err)?;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(open_err)?;
         let (tx, mut rx) = mpsc::channel::<AuditRecord>(QUEUE);
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
@@ -192,10 +185,7 @@ mod tests {
 
     #[test]
     fn time_format() {
-        assert_eq!(
-            rfc3339(SystemTime::UNIX_EPOCH),
-            "1970-01-01T00:00:00.000000Z"
-        );
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_730_951_123_456);
         assert_eq!(rfc3339(t), "2026-11-26T22:09:11.123456Z");
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
@@ -236,11 +226,7 @@ mod tests {
         log.record(rec.clone());
         drop(log);
         for _ in 0..100 {
-            if std::fs::read_to_string(&path)
-                .map(|s| s.lines().count())
-                .unwrap_or(0)
-                == 1
-            {
+            if std::fs::read_to_string(&path).map(|s| s.lines().count()).unwrap_or(0) == 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

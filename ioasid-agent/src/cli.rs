@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::audit::DEFAULT_AUDIT_PATH;
+use crate::{audit::DEFAULT_AUDIT_PATH, loader::IoctlHooks};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,6 +72,13 @@ pub struct RunArgs {
     /// How long a VM whose process exited is still reported.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub vm_retention: Duration,
+    /// Program family for the ioctl path.
+    #[arg(long, value_enum, default_value_t = IoctlHooks::Auto)]
+    pub ioctl_hooks: IoctlHooks,
+    /// Turn on kernel BPF run-time statistics and export each program's runs and in-kernel
+    /// time (ioasid_program_runs_total, ioasid_program_run_seconds_total). Costs a little per run.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Host-wide lock: only one agent may run (two would both judge the same VMMs).
     #[arg(long, value_name = "PATH", default_value = "/run/ioasid-agent.lock")]
     pub lock_file: PathBuf,
@@ -82,6 +89,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// Program family for the ioctl path (as for `run`).
+    #[arg(long, value_enum, default_value_t = IoctlHooks::Auto)]
+    pub ioctl_hooks: IoctlHooks,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -111,13 +121,9 @@ pub struct ReplayArgs {
 /// `250ms`, `5s`, `2m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 250ms, 5s, 2m)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 250ms, 5s, 2m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,

@@ -5,9 +5,9 @@
 //! here from a fresh read of /proc and the VFIO device, then carried out with SIGKILL or SIGCONT.
 
 use ioasid_common::{
-    IoctlEvent, VmVerdict, DECISION_ALLOW, DECISION_ASK, DECISION_AUDIT, DECISION_DENY,
-    IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, MECH_LSM,
-    MECH_SIGKILL, MECH_STOP_ASK, RULE_DEFAULT,
+    IoctlEvent, VmVerdict, DECISION_ALLOW, DECISION_ASK, DECISION_AUDIT, DECISION_DENY, IOCTL_F_DEVICE_KNOWN,
+    IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK,
+    RULE_DEFAULT,
 };
 
 use crate::{
@@ -19,12 +19,7 @@ use crate::{
 
 /// The kernel verdict for a classified process.
 pub fn kernel_verdict(v: &Verdict, generation: u32) -> VmVerdict {
-    VmVerdict {
-        decision: v.kernel_decision(),
-        rule: v.kernel_rule(),
-        generation,
-        _pad: 0,
-    }
+    VmVerdict { decision: v.kernel_decision(), rule: v.kernel_rule(), generation, _pad: 0 }
 }
 
 /// What the agent must do after judging an event.
@@ -52,12 +47,7 @@ pub struct Context<'a> {
 }
 
 /// Judges one FILE_ADD event from the process `p` (as read now, or as known) and VFIO file.
-pub fn judge(
-    ev: &IoctlEvent,
-    p: &ProcessInfo,
-    vfio: Option<VfioFile>,
-    cx: &Context<'_>,
-) -> Judgement {
+pub fn judge(ev: &IoctlEvent, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Context<'_>) -> Judgement {
     let sent = ev.flags & IOCTL_F_SIGNAL_SENT != 0;
     let ret = (ev.flags & IOCTL_F_RETURNED != 0).then_some(ev.ret);
     let (action, rule, mechanism, outcome, followup, reason) = match ev.decision {
@@ -72,14 +62,7 @@ pub fn judge(
                 (false, Action::Deny) => ("none", "not-enforced", Followup::None),
                 (false, _) => ("none", "completed", Followup::None),
             };
-            (
-                action,
-                verdict.rule_name,
-                mechanism,
-                outcome,
-                followup,
-                reason,
-            )
+            (action, verdict.rule_name, mechanism, outcome, followup, reason)
         }
         d => {
             let action = match d {
@@ -129,31 +112,20 @@ pub fn judge(
         reason,
         policy: cx.policy.source.clone(),
     };
-    Judgement {
-        action,
-        followup,
-        record,
-    }
+    Judgement { action, followup, record }
 }
 
 /// Replays a recorded decision against `policy`: what it would decide now.
 pub fn replay(rec: &AuditRecord, policy: &Policy) -> (Action, String, Option<String>) {
     let verdict = policy.evaluate(&rec.process());
-    let devices = rec
-        .vfio
-        .as_ref()
-        .map(|v| v.devices.clone())
-        .unwrap_or_default();
+    let devices = rec.vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
     let (action, reason) = policy.decide_device(&verdict, &devices);
     (action, verdict.rule_name, reason)
 }
 
 /// True for the kernel decision values that mean an incoherent-DMA enable was judged.
 pub fn is_enable(decision: u32) -> bool {
-    matches!(
-        decision,
-        DECISION_ALLOW | DECISION_AUDIT | DECISION_DENY | DECISION_ASK
-    )
+    matches!(decision, DECISION_ALLOW | DECISION_AUDIT | DECISION_DENY | DECISION_ASK)
 }
 
 #[cfg(test)]
@@ -195,64 +167,27 @@ mod tests {
     #[test]
     fn kernel_decisions_become_records() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
-        let cx = Context {
-            policy: &policy,
-            generation: 3,
-            host: "h",
-            time: "t".into(),
-        };
-        let j = judge(
-            &ev(DECISION_DENY, MECH_SIGKILL, IOCTL_F_SIGNAL_SENT, 1, 3),
-            &proc("tenant-1"),
-            None,
-            &cx,
-        );
+        let cx = Context { policy: &policy, generation: 3, host: "h", time: "t".into() };
+        let j =
+            judge(&ev(DECISION_DENY, MECH_SIGKILL, IOCTL_F_SIGNAL_SENT, 1, 3), &proc("tenant-1"), None, &cx);
         let r = &j.record;
         assert_eq!(
-            (
-                r.decision.as_str(),
-                r.mechanism.as_str(),
-                r.outcome.as_str(),
-                r.rule.as_str()
-            ),
+            (r.decision.as_str(), r.mechanism.as_str(), r.outcome.as_str(), r.rule.as_str()),
             ("denied", "sigkill", "killed", "tenants")
         );
-        assert_eq!(
-            (r.ret, r.request.file_fd, r.request.device_fd_known),
-            (Some(-22), Some(13), false)
-        );
+        assert_eq!((r.ret, r.request.file_fd, r.request.device_fd_known), (Some(-22), Some(13), false));
         assert_eq!(j.followup, Followup::None);
-        let j = judge(
-            &ev(DECISION_DENY, MECH_LSM, 0, 1, 3),
-            &proc("tenant-1"),
-            None,
-            &cx,
-        );
-        assert_eq!(
-            (j.record.mechanism.as_str(), j.record.outcome.as_str()),
-            ("lsm", "blocked")
-        );
+        let j = judge(&ev(DECISION_DENY, MECH_LSM, 0, 1, 3), &proc("tenant-1"), None, &cx);
+        assert_eq!((j.record.mechanism.as_str(), j.record.outcome.as_str()), ("lsm", "blocked"));
         let j = judge(&ev(DECISION_DENY, 0, 0, 1, 3), &proc("tenant-1"), None, &cx);
         assert_eq!(j.record.outcome, "not-enforced");
         let j = judge(&ev(DECISION_ALLOW, 0, 0, 0, 3), &proc("gpu-1"), None, &cx);
         assert_eq!(
-            (
-                j.record.decision.as_str(),
-                j.record.outcome.as_str(),
-                j.record.rule.as_str()
-            ),
+            (j.record.decision.as_str(), j.record.outcome.as_str(), j.record.rule.as_str()),
             ("allowed", "completed", "gpu")
         );
-        let j = judge(
-            &ev(DECISION_AUDIT, 0, 0, RULE_DEFAULT, 3),
-            &proc("web"),
-            None,
-            &cx,
-        );
-        assert_eq!(
-            (j.record.decision.as_str(), j.record.rule.as_str()),
-            ("audited", "default")
-        );
+        let j = judge(&ev(DECISION_AUDIT, 0, 0, RULE_DEFAULT, 3), &proc("web"), None, &cx);
+        assert_eq!((j.record.decision.as_str(), j.record.rule.as_str()), ("audited", "default"));
         // A verdict from an older policy generation names the rule by number.
         let j = judge(&ev(DECISION_ALLOW, 0, 0, 0, 2), &proc("gpu-1"), None, &cx);
         assert!(j.record.rule.contains("generation 2"), "{}", j.record.rule);
@@ -261,20 +196,9 @@ mod tests {
     #[test]
     fn ask_is_decided_here() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
-        let cx = Context {
-            policy: &policy,
-            generation: 1,
-            host: "h",
-            time: "t".into(),
-        };
+        let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
         let j = judge(
-            &ev(
-                DECISION_ASK,
-                MECH_STOP_ASK,
-                IOCTL_F_SIGNAL_SENT,
-                u32::MAX,
-                0,
-            ),
+            &ev(DECISION_ASK, MECH_STOP_ASK, IOCTL_F_SIGNAL_SENT, u32::MAX, 0),
             &proc("tenant-9"),
             None,
             &cx,
@@ -284,13 +208,7 @@ mod tests {
             (Action::Deny, Followup::Kill, "killed")
         );
         let j = judge(
-            &ev(
-                DECISION_ASK,
-                MECH_STOP_ASK,
-                IOCTL_F_SIGNAL_SENT,
-                u32::MAX,
-                0,
-            ),
+            &ev(DECISION_ASK, MECH_STOP_ASK, IOCTL_F_SIGNAL_SENT, u32::MAX, 0),
             &proc("gpu-2"),
             None,
             &cx,
@@ -300,34 +218,15 @@ mod tests {
             (Action::Allow, Followup::Continue, "resumed")
         );
         // Not stopped (dry run): nothing to carry out.
-        let j = judge(
-            &ev(DECISION_ASK, 0, 0, u32::MAX, 0),
-            &proc("tenant-9"),
-            None,
-            &cx,
-        );
-        assert_eq!(
-            (j.followup, j.record.outcome.as_str()),
-            (Followup::None, "not-enforced")
-        );
+        let j = judge(&ev(DECISION_ASK, 0, 0, u32::MAX, 0), &proc("tenant-9"), None, &cx);
+        assert_eq!((j.followup, j.record.outcome.as_str()), (Followup::None, "not-enforced"));
     }
 
     #[test]
     fn replay_uses_the_new_policy() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
-        let cx = Context {
-            policy: &policy,
-            generation: 1,
-            host: "h",
-            time: "t".into(),
-        };
-        let rec = judge(
-            &ev(DECISION_AUDIT, 0, 0, RULE_DEFAULT, 1),
-            &proc("tenant-5"),
-            None,
-            &cx,
-        )
-        .record;
+        let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
+        let rec = judge(&ev(DECISION_AUDIT, 0, 0, RULE_DEFAULT, 1), &proc("tenant-5"), None, &cx).record;
         let (a, rule, _) = replay(&rec, &policy);
         assert_eq!((a, rule.as_str()), (Action::Deny, "tenants"));
         assert_eq!(replay(&rec, &Policy::embedded()).0, Action::Audit);

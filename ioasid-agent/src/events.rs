@@ -18,12 +18,7 @@ pub enum DecodeError {
     #[error("record kind {kind} is unknown")]
     UnknownKind { kind: u32 },
     #[error("record kind {kind} says {said} bytes; {len} arrived, {need} expected")]
-    Size {
-        kind: u32,
-        said: u32,
-        len: usize,
-        need: usize,
-    },
+    Size { kind: u32, said: u32, len: usize, need: usize },
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> T {
@@ -36,20 +31,12 @@ fn read<T: Copy>(bytes: &[u8]) -> T {
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let need = size_of::<EventHeader>();
     if bytes.len() < need {
-        return Err(DecodeError::Short {
-            len: bytes.len(),
-            need,
-        });
+        return Err(DecodeError::Short { len: bytes.len(), need });
     }
     let header: EventHeader = read(bytes);
     let check = |need: usize| {
         if bytes.len() < need || header.size as usize != need {
-            Err(DecodeError::Size {
-                kind: header.kind,
-                said: header.size,
-                len: bytes.len(),
-                need,
-            })
+            Err(DecodeError::Size { kind: header.kind, said: header.size, len: bytes.len(), need })
         } else {
             Ok(())
         }
@@ -119,39 +106,22 @@ mod tests {
 
     #[test]
     fn decodes_ioctl() {
-        let Event::Ioctl(ev) = decode(&bytes_of(&ioctl_event())).unwrap() else {
-            panic!("kind")
-        };
-        assert_eq!(
-            (ev.header.tgid, ev.ret, comm(&ev.header.comm).as_str()),
-            (77, -22, "qemu")
-        );
+        let Event::Ioctl(ev) = decode(&bytes_of(&ioctl_event())).unwrap() else { panic!("kind") };
+        assert_eq!((ev.header.tgid, ev.ret, comm(&ev.header.comm).as_str()), (77, -22, "qemu"));
         assert_eq!(request_name(ev.cmd), "KVM_SET_DEVICE_ATTR");
     }
 
     #[test]
     fn rejects_bad_records() {
         let good = bytes_of(&ioctl_event());
-        assert!(matches!(
-            decode(&good[..10]),
-            Err(DecodeError::Short { len: 10, .. })
-        ));
-        assert!(matches!(
-            decode(&good[..100]),
-            Err(DecodeError::Size { .. })
-        ));
+        assert!(matches!(decode(&good[..10]), Err(DecodeError::Short { len: 10, .. })));
+        assert!(matches!(decode(&good[..100]), Err(DecodeError::Size { .. })));
         let mut wrong_size = ioctl_event();
         wrong_size.header.size = 8;
-        assert!(matches!(
-            decode(&bytes_of(&wrong_size)),
-            Err(DecodeError::Size { said: 8, .. })
-        ));
+        assert!(matches!(decode(&bytes_of(&wrong_size)), Err(DecodeError::Size { said: 8, .. })));
         let mut unknown = ioctl_event();
         unknown.header.kind = 99;
-        assert_eq!(
-            decode(&bytes_of(&unknown)).unwrap_err(),
-            DecodeError::UnknownKind { kind: 99 }
-        );
+        assert_eq!(decode(&bytes_of(&unknown)).unwrap_err(), DecodeError::UnknownKind { kind: 99 });
         // Arbitrary bytes never panic.
         for len in 0..200 {
             let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();

@@ -47,11 +47,7 @@ pub fn parse_request(head: &[u8]) -> Option<(&str, &str)> {
     Some((method, target.split('?').next().unwrap_or(target)))
 }
 
-async fn handle(
-    mut sock: TcpStream,
-    actor: mpsc::Sender<Cmd>,
-    metrics: Metrics,
-) -> std::io::Result<()> {
+async fn handle(mut sock: TcpStream, actor: mpsc::Sender<Cmd>, metrics: Metrics) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -73,37 +69,28 @@ async fn handle(
         Ok(r) => r?,
         Err(_) => false,
     };
-    let (status, ctype, body): (&str, &str, Vec<u8>) = match complete
-        .then(|| parse_request(&buf))
-        .flatten()
-    {
+    let (status, ctype, body): (&str, &str, Vec<u8>) = match complete.then(|| parse_request(&buf)).flatten() {
         None => ("400 Bad Request", "text/plain", b"bad request\n".to_vec()),
         Some(("GET", "/metrics")) => {
             let (tx, rx) = oneshot::channel();
             if actor.send(Cmd::Refresh(tx)).await.is_ok() {
                 let _ = tokio::time::timeout(REFRESH_TIMEOUT, rx).await;
             }
-            (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics.encode(),
-            )
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode())
         }
         Some(("GET", "/healthz")) => ("200 OK", "text/plain", b"ok\n".to_vec()),
         Some(("GET", "/")) => (
             "200 OK",
             "text/html",
-            b"<html><body><h1>ioasid-agent</h1><a href=\"/metrics\">/metrics</a></body></html>\n"
-                .to_vec(),
+            b"<html><body><h1>ioasid-agent</h1><a href=\"/metrics\">/metrics</a></body></html>\n".to_vec(),
         ),
         Some(("GET", _)) => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
-        Some(_) => (
-            "405 Method Not Allowed",
-            "text/plain",
-            b"only GET\n".to_vec(),
-        ),
+        Some(_) => ("405 Method Not Allowed", "text/plain", b"only GET\n".to_vec()),
     };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     sock.write_all(head.as_bytes()).await?;
     sock.write_all(&body).await?;
     sock.shutdown().await
@@ -115,18 +102,9 @@ mod tests {
 
     #[test]
     fn request_lines() {
-        assert_eq!(
-            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(
-            parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(
-            parse_request(b"POST / HTTP/1.1\r\n\r\n"),
-            Some(("POST", "/"))
-        );
+        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Some(("GET", "/metrics")));
+        assert_eq!(parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Some(("GET", "/metrics")));
+        assert_eq!(parse_request(b"POST / HTTP/1.1\r\n\r\n"), Some(("POST", "/")));
         assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), None);
         assert_eq!(parse_request(b"GET / SPDY/3\r\n\r\n"), None);
         assert_eq!(parse_request(b"\xff\xfe"), None);

@@ -8,7 +8,7 @@ use std::fmt;
 
 use aya::{
     maps::{Array, MapData},
-    programs::{FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use ioasid_common as common;
@@ -21,19 +21,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookKind {
-    TracePoint {
-        category: &'static str,
-        name: &'static str,
-    },
-    FEntry {
-        function: &'static str,
-    },
-    FExit {
-        function: &'static str,
-    },
-    Lsm {
-        hook: &'static str,
-    },
+    TracePoint { category: &'static str, name: &'static str },
+    BtfTracePoint { name: &'static str },
+    FEntry { function: &'static str },
+    FExit { function: &'static str },
+    Lsm { hook: &'static str },
 }
 
 /// One hook the agent knows.
@@ -45,76 +37,83 @@ pub struct HookSpec {
     pub kind: HookKind,
     pub optional: bool,
     pub purpose: &'static str,
+    /// Hooks sharing a group are alternatives, tried in table order: the first that attaches
+    /// serves, the others stand by. A required group needs one of them.
+    pub group: Option<&'static str>,
 }
 
 pub const HOOKS: &[HookSpec] = &[
     HookSpec {
         hook: "tracepoint/kvm/kvm_exit",
         program: common::PROG_KVM_EXIT,
-        kind: HookKind::TracePoint {
-            category: "kvm",
-            name: "kvm_exit",
-        },
+        kind: HookKind::TracePoint { category: "kvm", name: "kvm_exit" },
         optional: false,
         purpose: "WBINVD/INVD hardware exits",
+        group: None,
     },
     HookSpec {
         hook: "tracepoint/kvm/kvm_emulate_insn",
         program: common::PROG_KVM_EMULATE_INSN,
-        kind: HookKind::TracePoint {
-            category: "kvm",
-            name: "kvm_emulate_insn",
-        },
+        kind: HookKind::TracePoint { category: "kvm", name: "kvm_emulate_insn" },
         optional: false,
         purpose: "WBINVD/INVD run by KVM's emulator",
+        group: None,
+    },
+    HookSpec {
+        hook: "tp_btf/sys_enter",
+        program: common::PROG_TP_BTF_SYS_ENTER,
+        kind: HookKind::BtfTracePoint { name: "sys_enter" },
+        optional: false,
+        purpose: "KVM/VFIO/iommufd ioctls; judges and enforces FILE_ADD (cheapest)",
+        group: Some("ioctl-enter"),
+    },
+    HookSpec {
+        hook: "tp_btf/sys_exit",
+        program: common::PROG_TP_BTF_SYS_EXIT,
+        kind: HookKind::BtfTracePoint { name: "sys_exit" },
+        optional: false,
+        purpose: "ioctl results; kvm-vfio device fds (cheapest)",
+        group: Some("ioctl-exit"),
     },
     HookSpec {
         hook: "tracepoint/syscalls/sys_enter_ioctl",
         program: common::PROG_SYS_ENTER_IOCTL,
-        kind: HookKind::TracePoint {
-            category: "syscalls",
-            name: "sys_enter_ioctl",
-        },
+        kind: HookKind::TracePoint { category: "syscalls", name: "sys_enter_ioctl" },
         optional: false,
         purpose: "KVM/VFIO/iommufd ioctls; judges and enforces FILE_ADD",
+        group: Some("ioctl-enter"),
     },
     HookSpec {
         hook: "tracepoint/syscalls/sys_exit_ioctl",
         program: common::PROG_SYS_EXIT_IOCTL,
-        kind: HookKind::TracePoint {
-            category: "syscalls",
-            name: "sys_exit_ioctl",
-        },
+        kind: HookKind::TracePoint { category: "syscalls", name: "sys_exit_ioctl" },
         optional: false,
         purpose: "ioctl results; kvm-vfio device fds",
+        group: Some("ioctl-exit"),
     },
     HookSpec {
         hook: "tracepoint/sched/sched_process_exec",
         program: common::PROG_SCHED_EXEC,
-        kind: HookKind::TracePoint {
-            category: "sched",
-            name: "sched_process_exec",
-        },
+        kind: HookKind::TracePoint { category: "sched", name: "sched_process_exec" },
         optional: false,
         purpose: "drops a process's verdict when it execs",
+        group: None,
     },
     HookSpec {
         hook: "fexit/kvm_emulate_wbinvd",
         program: common::PROG_FEXIT_KVM_EMULATE_WBINVD,
-        kind: HookKind::FExit {
-            function: "kvm_emulate_wbinvd",
-        },
+        kind: HookKind::FExit { function: "kvm_emulate_wbinvd" },
         optional: true,
         purpose: "WBINVD exit handler calls",
+        group: None,
     },
     HookSpec {
         hook: "fexit/emulator_wbinvd",
         program: common::PROG_FEXIT_EMULATOR_WBINVD,
-        kind: HookKind::FExit {
-            function: "emulator_wbinvd",
-        },
+        kind: HookKind::FExit { function: "emulator_wbinvd" },
         optional: true,
         purpose: "WBINVD emulator handler calls",
+        group: None,
     },
     HookSpec {
         hook: "lsm/file_ioctl",
@@ -122,24 +121,23 @@ pub const HOOKS: &[HookSpec] = &[
         kind: HookKind::Lsm { hook: "file_ioctl" },
         optional: true,
         purpose: "denies FILE_ADD with -EPERM before it runs",
+        group: None,
     },
     HookSpec {
         hook: "fentry/kvm_arch_register_noncoherent_dma",
         program: common::PROG_FENTRY_REGISTER_NONCOHERENT,
-        kind: HookKind::FEntry {
-            function: "kvm_arch_register_noncoherent_dma",
-        },
+        kind: HookKind::FEntry { function: "kvm_arch_register_noncoherent_dma" },
         optional: true,
         purpose: "a VM becomes non-coherent",
+        group: None,
     },
     HookSpec {
         hook: "fentry/kvm_arch_unregister_noncoherent_dma",
         program: common::PROG_FENTRY_UNREGISTER_NONCOHERENT,
-        kind: HookKind::FEntry {
-            function: "kvm_arch_unregister_noncoherent_dma",
-        },
+        kind: HookKind::FEntry { function: "kvm_arch_unregister_noncoherent_dma" },
         optional: true,
         purpose: "a VM is coherent again",
+        group: None,
     },
 ];
 
@@ -148,6 +146,8 @@ pub enum HookState {
     Attached,
     /// The kernel would not load or attach it (the reason, with the kernel's error).
     Refused(String),
+    /// Not attached because an alternative of its group serves (named here).
+    Standby(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -164,20 +164,17 @@ impl HookReport {
 
 impl fmt::Display for HookReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let need = if self.spec.optional {
-            "optional"
-        } else {
-            "required"
-        };
+        let need = if self.spec.optional { "optional" } else { "required" };
         match &self.state {
-            HookState::Attached => write!(
+            HookState::Attached => {
+                write!(f, "{:<46} attached  ({need}) {}", self.spec.hook, self.spec.purpose)
+            }
+            HookState::Refused(why) => {
+                write!(f, "{:<46} refused   ({need}) {}: {why}", self.spec.hook, self.spec.purpose)
+            }
+            HookState::Standby(by) => write!(
                 f,
-                "{:<46} attached  ({need}) {}",
-                self.spec.hook, self.spec.purpose
-            ),
-            HookState::Refused(why) => write!(
-                f,
-                "{:<46} refused   ({need}) {}: {why}",
+                "{:<46} standby   ({need}) {}: {by} serves instead",
                 self.spec.hook, self.spec.purpose
             ),
         }
@@ -204,6 +201,18 @@ pub enum LoadError {
     Required { hook: &'static str, reason: String },
 }
 
+/// Which program family serves the ioctl path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IoctlHooks {
+    /// tp_btf where the kernel allows it (cheapest), else classic tracepoints.
+    #[default]
+    Auto,
+    /// Only tp_btf sys_enter/sys_exit.
+    TpBtf,
+    /// Only the classic syscalls:sys_enter_ioctl/sys_exit_ioctl tracepoints.
+    Tracepoint,
+}
+
 /// How the agent wants the programs set up.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
@@ -211,6 +220,7 @@ pub struct LoadOptions {
     pub enforce: bool,
     /// Attach optional hooks (false: tracepoints only; for comparing).
     pub optional_hooks: bool,
+    pub ioctl_hooks: IoctlHooks,
     /// Fail if a required hook cannot attach (false for `status`, which reports instead).
     pub strict: bool,
 }
@@ -222,9 +232,17 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn lsm_attached(&self) -> bool {
-        self.hooks
-            .iter()
-            .any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
+        self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
+    }
+}
+
+/// Whether `--ioctl-hooks` rules this hook out; the flag value if so.
+fn excluded(spec: &HookSpec, mode: IoctlHooks) -> Option<&'static str> {
+    let ioctl = matches!(spec.group, Some("ioctl-enter" | "ioctl-exit"));
+    match (mode, spec.kind) {
+        (IoctlHooks::Tracepoint, HookKind::BtfTracePoint { .. }) if ioctl => Some("tracepoint"),
+        (IoctlHooks::TpBtf, HookKind::TracePoint { .. }) if ioctl => Some("tp-btf"),
+        _ => None,
     }
 }
 
@@ -265,12 +283,15 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();
 
-    let mut hooks = Vec::with_capacity(HOOKS.len());
+    let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
     for spec in HOOKS {
-        let prog = ebpf
-            .program_mut(spec.program)
-            .ok_or(LoadError::MissingProgram(spec.program))?;
-        let state = if spec.optional && !opts.optional_hooks {
+        let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
+        let serving = spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
+        let state = if let Some(by) = serving {
+            HookState::Standby(by.spec.hook)
+        } else if let Some(flag) = excluded(spec, opts.ioctl_hooks) {
+            HookState::Refused(format!("not requested (--ioctl-hooks {flag})"))
+        } else if spec.optional && !opts.optional_hooks {
             HookState::Refused("not requested (--no-optional-hooks)".into())
         } else {
             match attach(prog, spec.kind, btf.as_ref(), lsm_active) {
@@ -278,36 +299,30 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
                 Err(why) => HookState::Refused(why),
             }
         };
-        if let (HookState::Refused(reason), false, true) = (&state, spec.optional, opts.strict) {
-            return Err(LoadError::Required {
-                hook: spec.hook,
-                reason: reason.clone(),
-            });
-        }
         hooks.push(HookReport { spec: *spec, state });
     }
+    // A required hook, or group of alternatives, that nothing serves is fatal.
+    for h in hooks.iter().filter(|h| !h.spec.optional) {
+        let served = match h.spec.group {
+            Some(g) => hooks.iter().any(|o| o.spec.group == Some(g) && o.attached()),
+            None => h.attached(),
+        };
+        if let (false, true, HookState::Refused(reason)) = (served, opts.strict, &h.state) {
+            return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
+        }
+    }
     let mut loaded = Loaded { ebpf, hooks };
-    let control = Control {
-        enforce: u32::from(opts.enforce),
-        lsm_enforces: u32::from(loaded.lsm_attached()),
-    };
+    let control =
+        Control { enforce: u32::from(opts.enforce), lsm_enforces: u32::from(loaded.lsm_attached()) };
     set_control(&mut loaded.ebpf, control)?;
     Ok(loaded)
 }
 
 pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {
-    let map = ebpf
-        .map_mut(common::MAP_CONTROL)
-        .ok_or(LoadError::MissingMap(common::MAP_CONTROL))?;
+    let map = ebpf.map_mut(common::MAP_CONTROL).ok_or(LoadError::MissingMap(common::MAP_CONTROL))?;
     let mut array: Array<&mut MapData, Control> =
-        Array::try_from(map).map_err(|source| LoadError::Map {
-            name: common::MAP_CONTROL,
-            source,
-        })?;
-    array.set(0, control, 0).map_err(|source| LoadError::Map {
-        name: common::MAP_CONTROL,
-        source,
-    })
+        Array::try_from(map).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })?;
+    array.set(0, control, 0).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })
 }
 
 fn attach(
@@ -322,6 +337,11 @@ fn attach(
             let tp: &mut TracePoint = prog.try_into().map_err(describe)?;
             tp.load().map_err(describe)?;
             tp.attach(category, name).map_err(describe)?;
+        }
+        HookKind::BtfTracePoint { name } => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(describe)?;
+            p.load(name, need_btf()?).map_err(describe)?;
+            p.attach().map_err(describe)?;
         }
         HookKind::FEntry { function } => {
             let p: &mut FEntry = prog.try_into().map_err(describe)?;
@@ -347,19 +367,9 @@ fn attach(
 
 /// One line: the kernel's answer, with the verifier's last lines when it said something.
 fn describe(e: ProgramError) -> String {
-    if let ProgramError::LoadError {
-        io_error,
-        verifier_log,
-    } = &e
-    {
+    if let ProgramError::LoadError { io_error, verifier_log } = &e {
         let log = verifier_log.to_string();
-        let tail: Vec<&str> = log
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .rev()
-            .take(3)
-            .collect();
+        let tail: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(3).collect();
         let mut out = format!("BPF_PROG_LOAD: {io_error}");
         if !tail.is_empty() {
             out.push_str(" (verifier: ");
@@ -388,16 +398,10 @@ mod tests {
     fn object_has_every_name() {
         let obj = aya_obj_names(OBJECT);
         for name in common::ALL_MAPS.iter().chain(common::ALL_PROGRAMS.iter()) {
-            assert!(
-                obj.iter().any(|s| s == name),
-                "{name} missing from the object"
-            );
+            assert!(obj.iter().any(|s| s == name), "{name} missing from the object");
         }
         for prog in common::ALL_PROGRAMS {
-            assert!(
-                HOOKS.iter().any(|h| h.program == prog),
-                "{prog} not in HOOKS"
-            );
+            assert!(HOOKS.iter().any(|h| h.program == prog), "{prog} not in HOOKS");
         }
         assert!(obj.iter().any(|s| s == common::GLOBAL_CONFIG));
     }
@@ -406,8 +410,6 @@ mod tests {
     fn aya_obj_names(data: &[u8]) -> Vec<String> {
         use object::{Object, ObjectSymbol};
         let file = object::File::parse(data).expect("the built object is ELF");
-        file.symbols()
-            .filter_map(|s| s.name().ok().map(str::to_string))
-            .collect()
+        file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect()
     }
 }

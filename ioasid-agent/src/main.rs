@@ -23,17 +23,12 @@ use crate::cli::{Cli, Command, LogFormat, PolicyCommand};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
-        eprintln!(
-            "ioasid-agent: bad --log filter {:?} ({e}); using `info`",
-            cli.log
-        );
+        eprintln!("ioasid-agent: bad --log filter {:?} ({e}); using `info`", cli.log);
         EnvFilter::new("info")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -65,6 +60,8 @@ fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
         retention: args.vm_retention,
         ready_file: args.ready_file.clone(),
         lock_file: args.lock_file.clone(),
+        bpf_stats: args.bpf_stats,
+        ioctl_hooks: args.ioctl_hooks,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

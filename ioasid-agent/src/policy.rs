@@ -69,9 +69,7 @@ struct DefaultSection {
 
 impl Default for DefaultSection {
     fn default() -> Self {
-        Self {
-            incoherent_dma: default_action(),
-        }
+        Self { incoherent_dma: default_action() }
     }
 }
 
@@ -114,12 +112,7 @@ pub enum PolicyError {
         source: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Syntax { path: PathBuf, line: usize, column: usize, message: String },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -173,28 +166,20 @@ impl Verdict {
 
 impl Policy {
     pub fn embedded() -> Self {
-        Self::parse(EMBEDDED_DEFAULT, "<embedded default>")
-            .expect("the embedded default policy is valid")
+        Self::parse(EMBEDDED_DEFAULT, "<embedded default>").expect("the embedded default policy is valid")
     }
 
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PolicyError::Read { path: path.into(), source })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, source: &str) -> Result<Self, PolicyError> {
         let path = PathBuf::from(source);
-        let invalid = |message: String| PolicyError::Invalid {
-            path: path.clone(),
-            message,
-        };
+        let invalid = |message: String| PolicyError::Invalid { path: path.clone(), message };
         if text.trim().is_empty()
-            || text
-                .lines()
-                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
         {
             return Err(invalid(
                 "the policy is empty (write at least `default: {incoherent_dma: audit}`)".into(),
@@ -207,12 +192,7 @@ impl Policy {
             if let Some(cut) = message.rfind(" at line ") {
                 message.truncate(cut);
             }
-            PolicyError::Syntax {
-                path: path.clone(),
-                line,
-                column,
-                message,
-            }
+            PolicyError::Syntax { path: path.clone(), line, column, message }
         })?;
         let mut rules = Vec::with_capacity(file.rules.len());
         for (i, r) in file.rules.into_iter().enumerate() {
@@ -221,32 +201,25 @@ impl Policy {
                 return Err(invalid(format!("rule {}: `name` must not be empty", i + 1)));
             }
             if rules.iter().any(|x: &Rule| x.name == r.name) {
-                return Err(invalid(format!(
-                    "{what}: a rule with this name already exists"
-                )));
+                return Err(invalid(format!("{what}: a rule with this name already exists")));
             }
-            let glob =
-                |field: &str, pat: &Option<String>| -> Result<Option<GlobMatcher>, PolicyError> {
-                    pat.as_ref()
-                        .map(|p| {
-                            if p.is_empty() {
-                                return Err(invalid(format!(
-                                    "{what}: match.{field} must not be empty"
-                                )));
-                            }
-                            Glob::new(p).map(|g| g.compile_matcher()).map_err(|e| {
-                                invalid(format!("{what}: match.{field}: bad glob {p:?}: {e}"))
-                            })
-                        })
-                        .transpose()
-                };
+            let glob = |field: &str, pat: &Option<String>| -> Result<Option<GlobMatcher>, PolicyError> {
+                pat.as_ref()
+                    .map(|p| {
+                        if p.is_empty() {
+                            return Err(invalid(format!("{what}: match.{field} must not be empty")));
+                        }
+                        Glob::new(p)
+                            .map(|g| g.compile_matcher())
+                            .map_err(|e| invalid(format!("{what}: match.{field}: bad glob {p:?}: {e}")))
+                    })
+                    .transpose()
+            };
             let uids = match r.matcher.uid {
                 None => None,
                 Some(Uids::One(u)) => Some(vec![u]),
                 Some(Uids::Many(v)) if v.is_empty() => {
-                    return Err(invalid(format!(
-                        "{what}: match.uid must list at least one uid"
-                    )));
+                    return Err(invalid(format!("{what}: match.uid must list at least one uid")));
                 }
                 Some(Uids::Many(v)) => Some(v),
             };
@@ -260,14 +233,11 @@ impl Policy {
                 Some(list) => {
                     let mut set = GlobSetBuilder::new();
                     for d in &list {
-                        let g = Glob::new(d).map_err(|e| {
-                            invalid(format!("{what}: devices: bad glob {d:?}: {e}"))
-                        })?;
+                        let g = Glob::new(d)
+                            .map_err(|e| invalid(format!("{what}: devices: bad glob {d:?}: {e}")))?;
                         set.add(g);
                     }
-                    let set = set
-                        .build()
-                        .map_err(|e| invalid(format!("{what}: devices: {e}")))?;
+                    let set = set.build().map_err(|e| invalid(format!("{what}: devices: {e}")))?;
                     Some((list, set))
                 }
             };
@@ -281,11 +251,7 @@ impl Policy {
                 name: r.name,
             });
         }
-        Ok(Self {
-            source: source.to_string(),
-            default: file.default.incoherent_dma,
-            rules,
-        })
+        Ok(Self { source: source.to_string(), default: file.default.incoherent_dma, rules })
     }
 
     pub fn rule_count(&self) -> usize {
@@ -300,12 +266,8 @@ impl Policy {
     pub fn evaluate(&self, p: &ProcessInfo) -> Verdict {
         for (i, r) in self.rules.iter().enumerate() {
             let ok = r.vm.as_ref().is_none_or(|g| g.is_match(&p.vm))
-                && r.cgroup
-                    .as_ref()
-                    .is_none_or(|g| p.cgroup.as_deref().is_some_and(|c| g.is_match(c)))
-                && r.exe
-                    .as_ref()
-                    .is_none_or(|g| p.exe.as_deref().is_some_and(|e| g.is_match(e)))
+                && r.cgroup.as_ref().is_none_or(|g| p.cgroup.as_deref().is_some_and(|c| g.is_match(c)))
+                && r.exe.as_ref().is_none_or(|g| p.exe.as_deref().is_some_and(|e| g.is_match(e)))
                 && r.uids.as_ref().is_none_or(|u| u.contains(&p.uid));
             if ok {
                 return Verdict {
@@ -316,12 +278,7 @@ impl Policy {
                 };
             }
         }
-        Verdict {
-            rule: None,
-            rule_name: "default".into(),
-            action: self.default,
-            devices: None,
-        }
+        Verdict { rule: None, rule_name: "default".into(), action: self.default, devices: None }
     }
 
     /// The final action once the device is known: a device-limited rule denies any device
@@ -341,13 +298,7 @@ impl Policy {
         }
         match pci.iter().find(|d| !set.is_match(d.as_str())) {
             None => (verdict.action, None),
-            Some(d) => (
-                Action::Deny,
-                Some(format!(
-                    "device {d} is not in rule {:?}'s devices",
-                    rule.name
-                )),
-            ),
+            Some(d) => (Action::Deny, Some(format!("device {d} is not in rule {:?}'s devices", rule.name))),
         }
     }
 }
@@ -379,15 +330,9 @@ mod tests {
             (Action::Allow, "gpu-tenants", DECISION_ALLOW)
         );
         let v = p.evaluate(&proc("tenant-42"));
-        assert_eq!(
-            (v.action, v.rule, v.kernel_decision()),
-            (Action::Deny, Some(1), DECISION_DENY)
-        );
+        assert_eq!((v.action, v.rule, v.kernel_decision()), (Action::Deny, Some(1), DECISION_DENY));
         let v = p.evaluate(&proc("web"));
-        assert_eq!(
-            (v.action, v.rule, v.rule_name.as_str()),
-            (Action::Audit, None, "default")
-        );
+        assert_eq!((v.action, v.rule, v.rule_name.as_str()), (Action::Audit, None, "default"));
         assert_eq!(v.kernel_rule(), RULE_DEFAULT);
     }
 
@@ -419,15 +364,8 @@ mod tests {
         let p = Policy::parse(text, "t").unwrap();
         let v = p.evaluate(&proc("gpu-1"));
         assert_eq!(v.kernel_decision(), DECISION_ASK);
-        assert_eq!(
-            p.decide_device(&v, &["0000:65:00.1".into()]).0,
-            Action::Allow
-        );
-        assert_eq!(
-            p.decide_device(&v, &["0000:65:00.0".into(), "0000:ca:00.0".into()])
-                .0,
-            Action::Allow
-        );
+        assert_eq!(p.decide_device(&v, &["0000:65:00.1".into()]).0, Action::Allow);
+        assert_eq!(p.decide_device(&v, &["0000:65:00.0".into(), "0000:ca:00.0".into()]).0, Action::Allow);
         let (a, why) = p.decide_device(&v, &["0000:17:00.0".into()]);
         assert_eq!(a, Action::Deny);
         assert!(why.unwrap().contains("0000:17:00.0"));
@@ -442,74 +380,31 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("", "empty"),
             ("# only a comment\n", "empty"),
-            (
-                "default:\n  incoherent_dma: maybe\n",
-                "unknown variant `maybe`",
-            ),
-            (
-                "default:\n  incoherent_dma: audit\n  budget: 3\n",
-                "unknown field `budget`",
-            ),
-            (
-                "defaults:\n  incoherent_dma: audit\n",
-                "unknown field `defaults`",
-            ),
-            (
-                "rules:\n  - name: a\n    match: { vmname: x }\n",
-                "unknown field `vmname`",
-            ),
+            ("default:\n  incoherent_dma: maybe\n", "unknown variant `maybe`"),
+            ("default:\n  incoherent_dma: audit\n  budget: 3\n", "unknown field `budget`"),
+            ("defaults:\n  incoherent_dma: audit\n", "unknown field `defaults`"),
+            ("rules:\n  - name: a\n    match: { vmname: x }\n", "unknown field `vmname`"),
             ("rules:\n  - name: a\n", "missing field `match`"),
             ("rules:\n  - match: { vm: x }\n", "missing field `name`"),
-            (
-                "rules:\n  - name: \"\"\n    match: {}\n",
-                "must not be empty",
-            ),
-            (
-                "rules:\n  - name: a\n    match: {}\n  - name: a\n    match: {}\n",
-                "already exists",
-            ),
-            (
-                "rules:\n  - name: a\n    match: { vm: \"[\" }\n",
-                "bad glob",
-            ),
-            (
-                "rules:\n  - name: a\n    match: { vm: \"\" }\n",
-                "must not be empty",
-            ),
-            (
-                "rules:\n  - name: a\n    match: { uid: -1 }\n",
-                "did not match any variant",
-            ),
-            (
-                "rules:\n  - name: a\n    match: { uid: [] }\n",
-                "at least one uid",
-            ),
-            (
-                "rules:\n  - name: a\n    match: {}\n    devices: []\n",
-                "`devices` is empty",
-            ),
+            ("rules:\n  - name: \"\"\n    match: {}\n", "must not be empty"),
+            ("rules:\n  - name: a\n    match: {}\n  - name: a\n    match: {}\n", "already exists"),
+            ("rules:\n  - name: a\n    match: { vm: \"[\" }\n", "bad glob"),
+            ("rules:\n  - name: a\n    match: { vm: \"\" }\n", "must not be empty"),
+            ("rules:\n  - name: a\n    match: { uid: -1 }\n", "did not match any variant"),
+            ("rules:\n  - name: a\n    match: { uid: [] }\n", "at least one uid"),
+            ("rules:\n  - name: a\n    match: {}\n    devices: []\n", "`devices` is empty"),
             ("rules: 7\n", "invalid type"),
             ("- just\n- a list\n", "invalid type"),
             ("default: {incoherent_dma: audit\n", "line"),
-            (
-                "default:\n  incoherent_dma: audit\ndefault:\n  incoherent_dma: deny\n",
-                "duplicate",
-            ),
+            ("default:\n  incoherent_dma: audit\ndefault:\n  incoherent_dma: deny\n", "duplicate"),
         ];
         for (text, want) in cases {
             let err = Policy::parse(text, "bad.yaml").expect_err(text).to_string();
             assert!(err.contains(want), "{text:?}: {err}");
             assert!(err.starts_with("bad.yaml"), "{err}");
         }
-        let err = Policy::parse(
-            "rules:\n  - name: a\n    match: { vmname: x }\n",
-            "bad.yaml",
-        )
-        .unwrap_err();
-        assert!(
-            matches!(err, PolicyError::Syntax { line: 3, .. }),
-            "{err:?}"
-        );
+        let err = Policy::parse("rules:\n  - name: a\n    match: { vmname: x }\n", "bad.yaml").unwrap_err();
+        assert!(matches!(err, PolicyError::Syntax { line: 3, .. }), "{err:?}");
         assert!(Policy::load(Path::new("/nonexistent/p.yaml")).is_err());
     }
 }

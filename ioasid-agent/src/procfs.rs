@@ -68,42 +68,25 @@ impl ProcFs {
 
     /// Where fd `fd` of `pid` points (`readlink /proc/PID/fd/FD`).
     pub fn fd_target(&self, pid: u32, fd: i32) -> Result<PathBuf, ProcError> {
-        let path = self
-            .root
-            .join(pid.to_string())
-            .join("fd")
-            .join(fd.to_string());
+        let path = self.root.join(pid.to_string()).join("fd").join(fd.to_string());
         std::fs::read_link(&path).map_err(|source| ProcError::Read { path, source })
     }
 
     pub fn info(&self, pid: u32) -> Result<ProcessInfo, ProcError> {
         let start_time = self.start_time(pid)?;
-        let comm = String::from_utf8_lossy(&self.read(pid, "comm")?)
-            .trim_end()
-            .to_string();
+        let comm = String::from_utf8_lossy(&self.read(pid, "comm")?).trim_end().to_string();
         let cmdline = split_cmdline(&self.read(pid, "cmdline")?);
         let exe = std::fs::read_link(self.root.join(pid.to_string()).join("exe"))
             .ok()
             .map(|p| p.to_string_lossy().into_owned());
-        let cgroup = self
-            .read(pid, "cgroup")
-            .ok()
-            .and_then(|c| parse_cgroup(&String::from_utf8_lossy(&c)));
+        let cgroup = self.read(pid, "cgroup").ok().and_then(|c| parse_cgroup(&String::from_utf8_lossy(&c)));
         let status = String::from_utf8_lossy(&self.read(pid, "status")?).into_owned();
         let uid = parse_uid(&status).ok_or_else(|| ProcError::Malformed {
             path: self.root.join(pid.to_string()).join("status"),
             what: "no Uid line".into(),
         })?;
         let vm = vm_name_from_cmdline(&cmdline).unwrap_or_else(|| format!("{comm}:{pid}"));
-        Ok(ProcessInfo {
-            pid,
-            comm,
-            vm,
-            exe,
-            cgroup,
-            uid,
-            start_time,
-        })
+        Ok(ProcessInfo { pid, comm, vm, exe, cgroup, uid, start_time })
     }
 }
 
@@ -153,10 +136,7 @@ pub fn vm_name_from_cmdline(args: &[String]) -> Option<String> {
         let arg = arg.as_str();
         if arg == "-name" || arg == "--name" {
             value = it.next().map(String::as_str);
-        } else if let Some(v) = arg
-            .strip_prefix("-name=")
-            .or_else(|| arg.strip_prefix("--name="))
-        {
+        } else if let Some(v) = arg.strip_prefix("-name=").or_else(|| arg.strip_prefix("--name=")) {
             value = Some(v);
         }
     }
@@ -210,22 +190,10 @@ mod tests {
     fn qemu_and_libvirt_names() {
         let q = "/usr/bin/qemu-system-x86_64";
         assert_eq!(name(&[q, "-name", "web1"]).as_deref(), Some("web1"));
-        assert_eq!(
-            name(&[q, "-name", "guest=db,debug-threads=on"]).as_deref(),
-            Some("db")
-        );
-        assert_eq!(
-            name(&[q, "-name", "debug-threads=on,guest=late"]).as_deref(),
-            Some("late")
-        );
-        assert_eq!(
-            name(&[q, "-name", "plain,process=qemu:plain"]).as_deref(),
-            Some("plain")
-        );
-        assert_eq!(
-            name(&[q, "--name", "guest=two-dash"]).as_deref(),
-            Some("two-dash")
-        );
+        assert_eq!(name(&[q, "-name", "guest=db,debug-threads=on"]).as_deref(), Some("db"));
+        assert_eq!(name(&[q, "-name", "debug-threads=on,guest=late"]).as_deref(), Some("late"));
+        assert_eq!(name(&[q, "-name", "plain,process=qemu:plain"]).as_deref(), Some("plain"));
+        assert_eq!(name(&[q, "--name", "guest=two-dash"]).as_deref(), Some("two-dash"));
         assert_eq!(name(&[q, "-name=eq"]).as_deref(), Some("eq"));
         // KubeVirt: namespace_vm.
         assert_eq!(
@@ -238,15 +206,9 @@ mod tests {
 
     #[test]
     fn qemu_comma_escaping() {
-        assert_eq!(
-            name(&["q", "-name", "guest=a,,b,debug-threads=on"]).as_deref(),
-            Some("a,b")
-        );
+        assert_eq!(name(&["q", "-name", "guest=a,,b,debug-threads=on"]).as_deref(), Some("a,b"));
         assert_eq!(name(&["q", "-name", "x,,,,y"]).as_deref(), Some("x,,y"));
-        assert_eq!(
-            name(&["q", "-name", "guest=trail,,"]).as_deref(),
-            Some("trail,")
-        );
+        assert_eq!(name(&["q", "-name", "guest=trail,,"]).as_deref(), Some("trail,"));
     }
 
     #[test]
@@ -274,10 +236,7 @@ mod tests {
             parse_cgroup("0::/machine.slice/machine-qemu.scope\n").as_deref(),
             Some("/machine.slice/machine-qemu.scope")
         );
-        assert_eq!(
-            parse_cgroup("12:cpu,cpuacct:/v1path\n0::/v2\n").as_deref(),
-            Some("/v2")
-        );
+        assert_eq!(parse_cgroup("12:cpu,cpuacct:/v1path\n0::/v2\n").as_deref(), Some("/v2"));
         assert_eq!(parse_cgroup("12:cpu:/v1only\n").as_deref(), Some("/v1only"));
         assert_eq!(parse_cgroup("junk"), None);
         assert_eq!(parse_uid("Name:\tq\nUid:\t107\t107\t107\t107\n"), Some(107));
@@ -289,11 +248,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ioasid-procfs-{}", std::process::id()));
         let p = dir.join("4242");
         std::fs::create_dir_all(&p).unwrap();
-        std::fs::write(
-            p.join("stat"),
-            "4242 (qemu-kvm) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5555 0 0",
-        )
-        .unwrap();
+        std::fs::write(p.join("stat"), "4242 (qemu-kvm) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5555 0 0")
+            .unwrap();
         std::fs::write(p.join("comm"), "qemu-kvm\n").unwrap();
         std::fs::write(
             p.join("cmdline"),
@@ -301,21 +257,14 @@ mod tests {
         )
         .unwrap();
         std::fs::write(p.join("cgroup"), "0::/machine.slice/gpu\n").unwrap();
-        std::fs::write(
-            p.join("status"),
-            "Name:\tqemu-kvm\nUid:\t107\t107\t107\t107\n",
-        )
-        .unwrap();
+        std::fs::write(p.join("status"), "Name:\tqemu-kvm\nUid:\t107\t107\t107\t107\n").unwrap();
         std::os::unix::fs::symlink("/usr/bin/qemu-kvm", p.join("exe")).unwrap();
         let fs = ProcFs::at(&dir);
         let info = fs.info(4242).unwrap();
         assert_eq!(info.vm, "gpu-1");
         assert_eq!(info.exe.as_deref(), Some("/usr/bin/qemu-kvm"));
         assert_eq!(info.cgroup.as_deref(), Some("/machine.slice/gpu"));
-        assert_eq!(
-            (info.uid, info.start_time, info.comm.as_str()),
-            (107, 5555, "qemu-kvm")
-        );
+        assert_eq!((info.uid, info.start_time, info.comm.as_str()), (107, 5555, "qemu-kvm"));
         std::fs::write(p.join("cmdline"), b"/opt/vmm\0").unwrap();
         assert_eq!(fs.info(4242).unwrap().vm, "qemu-kvm:4242");
         assert!(matches!(fs.info(1), Err(ProcError::Gone { pid: 1 })));

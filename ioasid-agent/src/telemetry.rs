@@ -4,9 +4,7 @@
 //! and alert rules: never rename them. Labels are bounded: `vm` is one value per VM on the
 //! host, everything else is a fixed set. No pid or path labels.
 
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,39 +34,32 @@ pub struct Metrics {
     pub enforcement_mechanism: IntGaugeVec,
     pub ioctls: IntCounterVec,
     pub audit_dropped: IntCounter,
+    /// BPF program runs and in-kernel run time (only with --bpf-stats).
+    pub program_runs: IntCounterVec,
+    pub program_run_seconds: prometheus::CounterVec,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m =
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("unique metric");
+            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry.register(Box::new(m.clone())).expect("unique metric");
             m
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m =
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("unique metric");
+            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry.register(Box::new(m.clone())).expect("unique metric");
             m
         };
         let counter = |name: &str, help: &str| {
             let m = IntCounter::new(name, help).expect("valid metric definition");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(m.clone())).expect("unique metric");
             m
         };
         let gauge = |name: &str, help: &str| {
             let m = IntGauge::new(name, help).expect("valid metric definition");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(m.clone())).expect("unique metric");
             m
         };
         let m = Self {
@@ -131,11 +122,26 @@ impl Metrics {
                 "ioasid_audit_records_dropped_total",
                 "Audit records lost because the audit queue was full.",
             ),
+            program_runs: counter_vec(
+                "ioasid_program_runs_total",
+                "Runs of each attached kernel program (with --bpf-stats).",
+                &["hook"],
+            ),
+            program_run_seconds: {
+                let m = prometheus::CounterVec::new(
+                    Opts::new(
+                        "ioasid_program_run_seconds_total",
+                        "In-kernel run time of each attached kernel program (with --bpf-stats; the measuring itself adds a little).",
+                    ),
+                    &["hook"],
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(m.clone())).expect("unique metric");
+                m
+            },
             registry,
         };
-        m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
         }
@@ -162,9 +168,4 @@ impl Default for Metrics {
 }
 
 /// `kind` label values of `ioasid_kernel_errors_total`, in `Stat` order after EventsDropped.
-pub const KERNEL_ERROR_KINDS: [&str; 4] = [
-    "counter_map_full",
-    "read_error",
-    "inflight_full",
-    "signal_error",
-];
+pub const KERNEL_ERROR_KINDS: [&str; 4] = ["counter_map_full", "read_error", "inflight_full", "signal_error"];

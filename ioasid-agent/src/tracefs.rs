@@ -25,17 +25,9 @@ pub enum TraceFsError {
         source: std::io::Error,
     },
     #[error("{path}: line {line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Parse { path: PathBuf, line: usize, message: String },
     #[error("tracepoint {tracepoint} has no field `{field}` (fields: {available})")]
-    MissingField {
-        tracepoint: String,
-        field: String,
-        available: String,
-    },
+    MissingField { tracepoint: String, field: String, available: String },
 }
 
 /// A mounted tracefs.
@@ -69,37 +61,20 @@ impl TraceFs {
     }
 
     pub fn format(&self, category: &str, name: &str) -> Result<Format, TraceFsError> {
-        let path = self
-            .root
-            .join("events")
-            .join(category)
-            .join(name)
-            .join("format");
-        let text = std::fs::read_to_string(&path).map_err(|source| TraceFsError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let path = self.root.join("events").join(category).join(name).join("format");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| TraceFsError::Read { path: path.clone(), source })?;
         Format::parse(&format!("{category}:{name}"), &path, &text)
     }
 }
 
 fn mount_tracefs(path: &Path) -> Result<(), TraceFsError> {
-    let err = |source| TraceFsError::Mount {
-        path: path.to_path_buf(),
-        source,
-    };
-    let target = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| err(std::io::Error::other(e)))?;
+    let err = |source| TraceFsError::Mount { path: path.to_path_buf(), source };
+    let target =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(std::io::Error::other(e)))?;
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc =
+        unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(err(std::io::Error::last_os_error()));
     }
@@ -129,11 +104,8 @@ impl Format {
             let Some(rest) = line.strip_prefix("field:") else {
                 continue;
             };
-            let perr = |message: String| TraceFsError::Parse {
-                path: path.to_path_buf(),
-                line: i + 1,
-                message,
-            };
+            let perr =
+                |message: String| TraceFsError::Parse { path: path.to_path_buf(), line: i + 1, message };
             let mut decl = None;
             let mut offset = None;
             let mut size = None;
@@ -142,65 +114,36 @@ impl Format {
                 if j == 0 {
                     decl = Some(part);
                 } else if let Some(v) = part.strip_prefix("offset:") {
-                    offset = Some(
-                        v.parse::<u32>()
-                            .map_err(|e| perr(format!("bad offset {v:?}: {e}")))?,
-                    );
+                    offset = Some(v.parse::<u32>().map_err(|e| perr(format!("bad offset {v:?}: {e}")))?);
                 } else if let Some(v) = part.strip_prefix("size:") {
-                    size = Some(
-                        v.parse::<u32>()
-                            .map_err(|e| perr(format!("bad size {v:?}: {e}")))?,
-                    );
+                    size = Some(v.parse::<u32>().map_err(|e| perr(format!("bad size {v:?}: {e}")))?);
                 }
             }
-            let decl = decl
-                .filter(|d| !d.is_empty())
-                .ok_or_else(|| perr("empty field declaration".into()))?;
+            let decl =
+                decl.filter(|d| !d.is_empty()).ok_or_else(|| perr("empty field declaration".into()))?;
             // The name is the last word of the declaration, without any array suffix.
-            let last = decl
-                .rsplit(|c: char| c.is_whitespace())
-                .next()
-                .unwrap_or(decl);
-            let name = last
-                .split('[')
-                .next()
-                .unwrap_or(last)
-                .trim_start_matches('*');
+            let last = decl.rsplit(|c: char| c.is_whitespace()).next().unwrap_or(decl);
+            let name = last.split('[').next().unwrap_or(last).trim_start_matches('*');
             if name.is_empty() {
                 return Err(perr(format!("no field name in {decl:?}")));
             }
             let (Some(offset), Some(size)) = (offset, size) else {
                 return Err(perr(format!("field {name} lacks offset or size")));
             };
-            fields.push(FormatField {
-                name: name.to_string(),
-                offset,
-                size,
-            });
+            fields.push(FormatField { name: name.to_string(), offset, size });
         }
-        Ok(Self {
-            tracepoint: tracepoint.to_string(),
-            fields,
-        })
+        Ok(Self { tracepoint: tracepoint.to_string(), fields })
     }
 
     pub fn field(&self, name: &str) -> Result<Field, TraceFsError> {
         self.fields
             .iter()
             .find(|f| f.name == name)
-            .map(|f| Field {
-                offset: f.offset,
-                size: f.size,
-            })
+            .map(|f| Field { offset: f.offset, size: f.size })
             .ok_or_else(|| TraceFsError::MissingField {
                 tracepoint: self.tracepoint.clone(),
                 field: name.to_string(),
-                available: self
-                    .fields
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                available: self.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
             })
     }
 }
@@ -215,64 +158,28 @@ mod tests {
     #[test]
     fn parses_kvm_exit() {
         let f = Format::parse("kvm:kvm_exit", Path::new("x"), KVM_EXIT).unwrap();
-        assert_eq!(
-            f.field("exit_reason").unwrap(),
-            Field { offset: 8, size: 4 }
-        );
-        assert_eq!(
-            f.field("isa").unwrap(),
-            Field {
-                offset: 24,
-                size: 4
-            }
-        );
-        assert_eq!(
-            f.field("vcpu_id").unwrap(),
-            Field {
-                offset: 56,
-                size: 4
-            }
-        );
-        assert_eq!(
-            f.field("common_type").unwrap(),
-            Field { offset: 0, size: 2 }
-        );
+        assert_eq!(f.field("exit_reason").unwrap(), Field { offset: 8, size: 4 });
+        assert_eq!(f.field("isa").unwrap(), Field { offset: 24, size: 4 });
+        assert_eq!(f.field("vcpu_id").unwrap(), Field { offset: 56, size: 4 });
+        assert_eq!(f.field("common_type").unwrap(), Field { offset: 0, size: 2 });
         let err = f.field("info1").unwrap_err().to_string();
-        assert!(
-            err.contains("no field `info1`") && err.contains("exit_reason"),
-            "{err}"
-        );
+        assert!(err.contains("no field `info1`") && err.contains("exit_reason"), "{err}");
     }
 
     #[test]
     fn parses_arrays_and_data_loc() {
         let f = Format::parse("kvm:kvm_emulate_insn", Path::new("x"), EMULATE).unwrap();
-        assert_eq!(
-            f.field("insn").unwrap(),
-            Field {
-                offset: 21,
-                size: 15
-            }
-        );
+        assert_eq!(f.field("insn").unwrap(), Field { offset: 21, size: 15 });
         assert_eq!(f.field("filename").unwrap(), Field { offset: 8, size: 4 });
     }
 
     #[test]
     fn rejects_bad_numbers_with_line() {
-        let err = Format::parse(
-            "a:b",
-            Path::new("/f"),
-            "format:\n\tfield:int x;\toffset:zz;\tsize:4;\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("/f: line 2") && err.contains("bad offset"),
-            "{err}"
-        );
-        let err = Format::parse("a:b", Path::new("/f"), "\tfield:int x;\tsize:4;\n")
+        let err = Format::parse("a:b", Path::new("/f"), "format:\n\tfield:int x;\toffset:zz;\tsize:4;\n")
             .unwrap_err()
             .to_string();
+        assert!(err.contains("/f: line 2") && err.contains("bad offset"), "{err}");
+        let err = Format::parse("a:b", Path::new("/f"), "\tfield:int x;\tsize:4;\n").unwrap_err().to_string();
         assert!(err.contains("lacks offset"), "{err}");
     }
 
@@ -285,18 +192,8 @@ mod tests {
         let fs = TraceFs::at(&dir);
         assert!(fs.exists("kvm", "kvm_exit"));
         assert!(!fs.exists("kvm", "kvm_entry"));
-        assert_eq!(
-            fs.format("kvm", "kvm_exit")
-                .unwrap()
-                .field("isa")
-                .unwrap()
-                .offset,
-            24
-        );
-        assert!(matches!(
-            fs.format("kvm", "nope"),
-            Err(TraceFsError::Read { .. })
-        ));
+        assert_eq!(fs.format("kvm", "kvm_exit").unwrap().field("isa").unwrap().offset, 24);
+        assert!(matches!(fs.format("kvm", "nope"), Err(TraceFsError::Read { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

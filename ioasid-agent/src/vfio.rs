@@ -53,11 +53,7 @@ impl SysFs {
 
     fn list(&self, rel: &str) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.root.join(rel))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -78,13 +74,9 @@ impl SysFs {
             return (Coherency::Unknown, "unknown".into());
         };
         if unit.starts_with("dmar") {
-            let ecap = std::fs::read_to_string(
-                self.root
-                    .join(format!("class/iommu/{unit}/intel-iommu/ecap")),
-            );
-            let sc = ecap
-                .ok()
-                .and_then(|s| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
+            let ecap =
+                std::fs::read_to_string(self.root.join(format!("class/iommu/{unit}/intel-iommu/ecap")));
+            let sc = ecap.ok().and_then(|s| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
             match sc {
                 Some(ecap) if ecap & (1 << 7) != 0 => (Coherency::Enforced, "intel-vtd".into()),
                 Some(_) => (Coherency::NotEnforced, "intel-vtd".into()),
@@ -100,13 +92,15 @@ impl SysFs {
 
 fn is_uuid(s: &str) -> bool {
     s.len() == 36
-        && s.char_indices().all(|(i, c)| {
-            if [8, 13, 18, 23].contains(&i) {
-                c == '-'
-            } else {
-                c.is_ascii_hexdigit()
-            }
-        })
+        && s.char_indices().all(
+            |(i, c)| {
+                if [8, 13, 18, 23].contains(&i) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            },
+        )
 }
 
 /// Resolves fd `fd` of process `pid`.
@@ -114,8 +108,7 @@ pub fn resolve(procfs: &ProcFs, sysfs: &SysFs, pid: u32, fd: i32) -> VfioFile {
     let target = match procfs.fd_target(pid, fd) {
         Ok(t) => t,
         Err(e) => {
-            let why = std::error::Error::source(&e)
-                .map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+            let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
             return VfioFile {
                 path: format!("<unresolved: {why}>"),
                 kind: "unresolved".into(),
@@ -146,36 +139,27 @@ pub fn resolve_path(sysfs: &SysFs, target: &Path) -> VfioFile {
     }
     if let Some(name) = path.strip_prefix("/dev/vfio/devices/") {
         file.kind = "cdev".into();
-        file.devices = sysfs
-            .link_name(&format!("class/vfio-dev/{name}/device"))
-            .into_iter()
-            .collect();
-    } else if let Some(n) = path
-        .strip_prefix("/dev/vfio/")
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        file.devices = sysfs.link_name(&format!("class/vfio-dev/{name}/device")).into_iter().collect();
+    } else if let Some(n) =
+        path.strip_prefix("/dev/vfio/").filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     {
         file.kind = "group".into();
         file.devices = sysfs.list(&format!("kernel/iommu_groups/{n}/devices"));
     } else {
         return file;
     }
-    let verdicts: Vec<(Coherency, String)> = file
-        .devices
-        .iter()
-        .map(|d| sysfs.device_coherency(d))
-        .collect();
-    file.coherency =
-        if verdicts.is_empty() || verdicts.iter().any(|(c, _)| *c == Coherency::Unknown) {
-            if verdicts.iter().any(|(c, _)| *c == Coherency::NotEnforced) {
-                Coherency::NotEnforced
-            } else {
-                Coherency::Unknown
-            }
-        } else if verdicts.iter().all(|(c, _)| *c == Coherency::Enforced) {
-            Coherency::Enforced
-        } else {
+    let verdicts: Vec<(Coherency, String)> = file.devices.iter().map(|d| sysfs.device_coherency(d)).collect();
+    file.coherency = if verdicts.is_empty() || verdicts.iter().any(|(c, _)| *c == Coherency::Unknown) {
+        if verdicts.iter().any(|(c, _)| *c == Coherency::NotEnforced) {
             Coherency::NotEnforced
-        };
+        } else {
+            Coherency::Unknown
+        }
+    } else if verdicts.iter().all(|(c, _)| *c == Coherency::Enforced) {
+        Coherency::Enforced
+    } else {
+        Coherency::NotEnforced
+    };
     if let Some((_, iommu)) = verdicts.first() {
         file.iommu = iommu.clone();
     }
@@ -218,10 +202,7 @@ mod tests {
     fn intel_group_with_and_without_snoop_control() {
         let t = Tree::new("intel");
         t.dir("kernel/iommu_groups/12/devices/0000:65:00.0");
-        t.link(
-            "bus/pci/devices/0000:65:00.0/iommu",
-            "../../../devices/virtual/iommu/dmar3",
-        );
+        t.link("bus/pci/devices/0000:65:00.0/iommu", "../../../devices/virtual/iommu/dmar3");
         t.file("class/iommu/dmar3/intel-iommu/ecap", "f0205ef\n");
         let fs = SysFs::at(&t.0);
         let f = resolve_path(&fs, Path::new("/dev/vfio/12"));
@@ -232,48 +213,27 @@ mod tests {
         // 0x...ef has bit 7 set: Snoop Control present.
         assert_eq!(f.coherency, Coherency::Enforced);
         t.file("class/iommu/dmar3/intel-iommu/ecap", "0x f0205f\n");
-        assert_eq!(
-            resolve_path(&fs, Path::new("/dev/vfio/12")).coherency,
-            Coherency::Unknown
-        );
+        assert_eq!(resolve_path(&fs, Path::new("/dev/vfio/12")).coherency, Coherency::Unknown);
         t.file("class/iommu/dmar3/intel-iommu/ecap", "f02057\n");
-        assert_eq!(
-            resolve_path(&fs, Path::new("/dev/vfio/12")).coherency,
-            Coherency::NotEnforced
-        );
+        assert_eq!(resolve_path(&fs, Path::new("/dev/vfio/12")).coherency, Coherency::NotEnforced);
     }
 
     #[test]
     fn amd_cdev_mdev_noiommu_and_others() {
         let t = Tree::new("amd");
-        t.link(
-            "class/vfio-dev/vfio0/device",
-            "../../../devices/pci0000:00/0000:c1:00.0",
-        );
+        t.link("class/vfio-dev/vfio0/device", "../../../devices/pci0000:00/0000:c1:00.0");
         t.link("bus/pci/devices/0000:c1:00.0/iommu", "../../ivhd0");
-        t.link(
-            "class/vfio-dev/vfio1/device",
-            "../../../devices/mdev/0b5b3a0e-4d5f-4a7a-9c7e-1b2d3c4e5f60",
-        );
+        t.link("class/vfio-dev/vfio1/device", "../../../devices/mdev/0b5b3a0e-4d5f-4a7a-9c7e-1b2d3c4e5f60");
         t.dir("kernel/iommu_groups/3/devices/0000:00:02.0");
         let fs = SysFs::at(&t.0);
         let f = resolve_path(&fs, Path::new("/dev/vfio/devices/vfio0"));
-        assert_eq!(
-            (f.kind.as_str(), f.iommu.as_str(), f.coherency),
-            ("cdev", "amd-vi", Coherency::Enforced)
-        );
+        assert_eq!((f.kind.as_str(), f.iommu.as_str(), f.coherency), ("cdev", "amd-vi", Coherency::Enforced));
         let f = resolve_path(&fs, Path::new("/dev/vfio/devices/vfio1"));
         assert_eq!(f.coherency, Coherency::NotEnforced);
         let f = resolve_path(&fs, Path::new("/dev/vfio/noiommu-3"));
-        assert_eq!(
-            (f.kind.as_str(), f.coherency, f.devices.len()),
-            ("noiommu", Coherency::NotEnforced, 1)
-        );
+        assert_eq!((f.kind.as_str(), f.coherency, f.devices.len()), ("noiommu", Coherency::NotEnforced, 1));
         let f = resolve_path(&fs, Path::new("/dev/null"));
-        assert_eq!(
-            (f.kind.as_str(), f.coherency),
-            ("not-vfio", Coherency::Unknown)
-        );
+        assert_eq!((f.kind.as_str(), f.coherency), ("not-vfio", Coherency::Unknown));
         // A group whose device has no iommu link: unknown.
         let f = resolve_path(&fs, Path::new("/dev/vfio/3"));
         assert_eq!(f.coherency, Coherency::Unknown);
@@ -285,22 +245,9 @@ mod tests {
     fn resolves_a_real_fd() {
         let file = std::fs::File::open("/dev/null").unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-        let f = resolve(
-            &ProcFs::default(),
-            &SysFs::default(),
-            std::process::id(),
-            fd,
-        );
-        assert_eq!(
-            (f.path.as_str(), f.kind.as_str()),
-            ("/dev/null", "not-vfio")
-        );
-        let f = resolve(
-            &ProcFs::default(),
-            &SysFs::default(),
-            std::process::id(),
-            9999,
-        );
+        let f = resolve(&ProcFs::default(), &SysFs::default(), std::process::id(), fd);
+        assert_eq!((f.path.as_str(), f.kind.as_str()), ("/dev/null", "not-vfio"));
+        let f = resolve(&ProcFs::default(), &SysFs::default(), std::process::id(), 9999);
         assert_eq!(f.kind, "unresolved");
     }
 }

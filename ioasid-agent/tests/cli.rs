@@ -10,11 +10,7 @@ fn agent(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(AGENT).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
 }
 
 #[test]
@@ -35,21 +31,11 @@ fn policy_check_accepts_the_documented_example() {
 fn policy_check_rejects_bad_files_with_location() {
     let dir = TempDir::new("cli");
     let cases: &[(&str, &[&str])] = &[
-        (
-            "default:\n  incoherent_dma: allow\n  extra: 1\n",
-            &["bad.yaml:3:3", "unknown field `extra`"],
-        ),
-        (
-            "rules:\n  - name: x\n    match: { vm: \"[unclosed\" }\n",
-            &["rule 1", "bad glob"],
-        ),
+        ("default:\n  incoherent_dma: allow\n  extra: 1\n", &["bad.yaml:3:3", "unknown field `extra`"]),
+        ("rules:\n  - name: x\n    match: { vm: \"[unclosed\" }\n", &["rule 1", "bad glob"]),
         (
             "rules:\n  - name: x\n    match: {}\n    incoherent_dma: perhaps\n",
-            &[
-                "bad.yaml:4",
-                "unknown variant `perhaps`",
-                "`allow`, `audit`, `deny`",
-            ],
+            &["bad.yaml:4", "unknown variant `perhaps`", "`allow`, `audit`, `deny`"],
         ),
         ("\t- not yaml: [\n", &["bad.yaml"]),
         ("", &["empty"]),
@@ -66,10 +52,7 @@ fn policy_check_rejects_bad_files_with_location() {
     }
     let (code, _, err) = agent(&["policy", "check", "/nonexistent/policy.yaml"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("/nonexistent/policy.yaml") && err.contains("No such file"),
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/policy.yaml") && err.contains("No such file"), "{err}");
     let (code, _, err) = agent(&["run", "--policy", "/nonexistent/policy.yaml"]);
     assert_eq!(code, 1, "run must refuse a missing policy: {err}");
 }
@@ -101,28 +84,10 @@ fn replay_reports_bad_lines_and_still_evaluates_the_rest() {
     write(&pol, "default:\n  incoherent_dma: deny\n");
     let events = dir.path("events.jsonl");
     let good = r#"{"time":"t","host":"h","vm":"gpu-1","pid":5,"comm":"qemu","exe":null,"cgroup":null,"uid":0,"request":{"ioctl":"KVM_SET_DEVICE_ATTR","attr":"KVM_DEV_VFIO_FILE_ADD","fd":3,"file_fd":4,"device_fd_known":true},"vfio":null,"rule":"default","decision":"audited","mechanism":"none","outcome":"completed","ret":-22,"reason":null,"policy":"x"}"#;
-    std::fs::write(
-        &events,
-        format!("{good}\nnot json\n{{\"vm\": 1}}\n\n{good}\n"),
-    )
-    .unwrap();
-    let (code, out, err) = agent(&[
-        "replay",
-        events.to_str().unwrap(),
-        "--policy",
-        pol.to_str().unwrap(),
-    ]);
+    std::fs::write(&events, format!("{good}\nnot json\n{{\"vm\": 1}}\n\n{good}\n")).unwrap();
+    let (code, out, err) = agent(&["replay", events.to_str().unwrap(), "--policy", pol.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("events.jsonl:2:") && err.contains("events.jsonl:3:"),
-        "{err}"
-    );
+    assert!(err.contains("events.jsonl:2:") && err.contains("events.jsonl:3:"), "{err}");
     assert!(err.contains("2 line(s)"), "{err}");
-    assert_eq!(
-        out.lines()
-            .filter(|l| l.contains("gpu-1") && l.contains("denied"))
-            .count(),
-        2,
-        "{out}"
-    );
+    assert_eq!(out.lines().filter(|l| l.contains("gpu-1") && l.contains("denied")).count(), 2, "{out}");
 }

@@ -29,7 +29,16 @@ fn file_add(name: &str, delay: &str) -> (std::process::ExitStatus, serde_json::V
 }
 
 #[test]
-fn allow_audit_and_deny_right_after_exec() {
+fn allow_audit_and_deny_right_after_exec_tp_btf() {
+    allow_audit_and_deny_right_after_exec("tp-btf");
+}
+
+#[test]
+fn allow_audit_and_deny_right_after_exec_classic_tracepoints() {
+    allow_audit_and_deny_right_after_exec("tracepoint");
+}
+
+fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
     if !kernel_available() {
         return;
     }
@@ -38,7 +47,7 @@ fn allow_audit_and_deny_right_after_exec() {
     let dir = TempDir::new("policy");
     let path = dir.path("policy.yaml");
     write(&path, &policy(&prefix));
-    let agent = Agent::start(&["--policy", path.to_str().unwrap()]);
+    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--ioctl-hooks", ioctl_hooks]);
 
     // allow: the kernel's own EINVAL, and an `allowed` record.
     let gpu = format!("{prefix}-gpu-1");
@@ -46,11 +55,7 @@ fn allow_audit_and_deny_right_after_exec() {
     assert!(status.success(), "{err}");
     assert_eq!(summary["file_add_errno"], 22);
     let r = agent.wait_audit(&gpu);
-    assert_eq!(
-        (r["decision"].as_str(), r["rule"].as_str()),
-        (Some("allowed"), Some("gpu-tenants")),
-        "{r}"
-    );
+    assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("allowed"), Some("gpu-tenants")), "{r}");
     assert_eq!(r["ret"], -22);
     assert_eq!(r["request"]["attr"], "KVM_DEV_VFIO_FILE_ADD");
     assert_eq!(r["vfio"]["path"], "/dev/null");
@@ -62,37 +67,21 @@ fn allow_audit_and_deny_right_after_exec() {
     assert!(status.success(), "{err}");
     assert_eq!(summary["file_add_errno"], 22);
     let r = agent.wait_audit(&web);
-    assert_eq!(
-        (r["decision"].as_str(), r["rule"].as_str()),
-        (Some("audited"), Some("default")),
-        "{r}"
-    );
+    assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("audited"), Some("default")), "{r}");
 
     // deny, issued microseconds after exec: stopped in the kernel, then killed by the agent
     // before the ioctl ever returns to it.
     let tenant = format!("{prefix}-tenant-1");
     let (status, summary, _) = file_add(&tenant, "0");
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "the denied VMM must die by SIGKILL: {status:?}"
-    );
-    assert_eq!(
-        summary,
-        serde_json::Value::Null,
-        "it must not get to print anything"
-    );
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the denied VMM must die by SIGKILL: {status:?}");
+    assert_eq!(summary, serde_json::Value::Null, "it must not get to print anything");
     let r = agent.wait_audit(&tenant);
     assert_eq!(
         (r["decision"].as_str(), r["rule"].as_str()),
         (Some("denied"), Some("everyone-else-untrusted")),
         "{r}"
     );
-    assert_eq!(
-        (r["mechanism"].as_str(), r["outcome"].as_str()),
-        (Some("stop-ask"), Some("killed")),
-        "{r}"
-    );
+    assert_eq!((r["mechanism"].as_str(), r["outcome"].as_str()), (Some("stop-ask"), Some("killed")), "{r}");
     for key in [
         "time",
         "host",
@@ -112,42 +101,32 @@ fn allow_audit_and_deny_right_after_exec() {
 
     let m = agent.scrape();
     assert_eq!(
-        sample(
-            &m,
-            "ioasid_incoherent_dma_requests_total",
-            &[("vm", &gpu), ("decision", "allowed")]
-        ),
+        sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", &gpu), ("decision", "allowed")]),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        sample(
-            &m,
-            "ioasid_incoherent_dma_requests_total",
-            &[("vm", &web), ("decision", "audited")]
-        ),
+        sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", &web), ("decision", "audited")]),
         Some(1.0)
     );
     assert_eq!(
-        sample(
-            &m,
-            "ioasid_incoherent_dma_requests_total",
-            &[("vm", &tenant), ("decision", "denied")]
-        ),
+        sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", &tenant), ("decision", "denied")]),
         Some(1.0)
     );
-    assert_eq!(
-        sample(
-            &m,
-            "ioasid_enforcement_mechanism",
-            &[("mechanism", "sigkill")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(sample(&m, "ioasid_enforcement_mechanism", &[("mechanism", "sigkill")]), Some(1.0));
 }
 
 #[test]
-fn deny_with_the_verdict_already_in_the_kernel() {
+fn deny_with_the_verdict_already_in_the_kernel_tp_btf() {
+    deny_with_the_verdict_already_in_the_kernel("tp-btf");
+}
+
+#[test]
+fn deny_with_the_verdict_already_in_the_kernel_classic_tracepoints() {
+    deny_with_the_verdict_already_in_the_kernel("tracepoint");
+}
+
+fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
     if !kernel_available() {
         return;
     }
@@ -156,7 +135,7 @@ fn deny_with_the_verdict_already_in_the_kernel() {
     let dir = TempDir::new("policy");
     let path = dir.path("policy.yaml");
     write(&path, &policy(&prefix));
-    let agent = Agent::start(&["--policy", path.to_str().unwrap()]);
+    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--ioctl-hooks", ioctl_hooks]);
     // The agent classifies the VM at KVM_CREATE_VM; FILE_ADD comes later and the kernel program
     // itself sends SIGKILL.
     let tenant = format!("{prefix}-tenant-2");
@@ -164,11 +143,7 @@ fn deny_with_the_verdict_already_in_the_kernel() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     let r = agent.wait_audit(&tenant);
     assert_eq!(
-        (
-            r["decision"].as_str(),
-            r["mechanism"].as_str(),
-            r["outcome"].as_str()
-        ),
+        (r["decision"].as_str(), r["mechanism"].as_str(), r["outcome"].as_str()),
         (Some("denied"), Some("sigkill"), Some("killed")),
         "{r}"
     );
@@ -182,11 +157,7 @@ fn deny_with_the_verdict_already_in_the_kernel() {
     assert_eq!(summary["file_add_errno"], 22);
     let r = agent.wait_audit(&gpu);
     assert_eq!(
-        (
-            r["decision"].as_str(),
-            r["mechanism"].as_str(),
-            r["outcome"].as_str()
-        ),
+        (r["decision"].as_str(), r["mechanism"].as_str(), r["outcome"].as_str()),
         (Some("allowed"), Some("none"), Some("completed")),
         "{r}"
     );
@@ -214,10 +185,7 @@ fn dry_run_audits_denials_without_enforcing() {
         "{r}"
     );
     let m = agent.scrape();
-    assert_eq!(
-        sample(&m, "ioasid_enforcement_mechanism", &[("mechanism", "none")]),
-        Some(1.0)
-    );
+    assert_eq!(sample(&m, "ioasid_enforcement_mechanism", &[("mechanism", "none")]), Some(1.0));
 }
 
 #[test]
@@ -240,63 +208,31 @@ fn reload_is_atomic_and_keeps_the_last_good_policy() {
     // A change on disk is picked up; SIGHUP also reloads.
     write(&path, &policy(&prefix));
     let reloaded = eventually(Duration::from_secs(5), || {
-        (sample(
-            &agent.scrape(),
-            "ioasid_policy_reloads_total",
-            &[("result", "success")],
-        ) == Some(1.0))
-        .then_some(())
+        (sample(&agent.scrape(), "ioasid_policy_reloads_total", &[("result", "success")]) == Some(1.0))
+            .then_some(())
     });
-    assert!(
-        reloaded.is_some(),
-        "file change not picked up:\n{}",
-        agent.log()
-    );
+    assert!(reloaded.is_some(), "file change not picked up:\n{}", agent.log());
     let (status, _, _) = finish(live);
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "the running VM must be judged by the new policy"
-    );
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the running VM must be judged by the new policy");
     assert_eq!(agent.wait_audit(&vm)["decision"], "denied");
 
     // A bad file is rejected and the last good policy stays in force.
     write(&path, "default:\n  incoherent_dma: sometimes\n");
     let rejected = eventually(Duration::from_secs(5), || {
-        (sample(
-            &agent.scrape(),
-            "ioasid_policy_reloads_total",
-            &[("result", "failure")],
-        ) == Some(1.0))
-        .then_some(())
+        (sample(&agent.scrape(), "ioasid_policy_reloads_total", &[("result", "failure")]) == Some(1.0))
+            .then_some(())
     });
-    assert!(
-        rejected.is_some(),
-        "bad file not rejected:\n{}",
-        agent.log()
-    );
-    assert!(
-        agent.log().contains("last good policy stays in force"),
-        "{}",
-        agent.log()
-    );
+    assert!(rejected.is_some(), "bad file not rejected:\n{}", agent.log());
+    assert!(agent.log().contains("last good policy stays in force"), "{}", agent.log());
     let tenant = format!("{prefix}-tenant-after");
     let (status, _, _) = file_add(&tenant, "0");
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "the last good policy still denies"
-    );
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the last good policy still denies");
 
     write(&path, "default:\n  incoherent_dma: allow\n");
     agent.signal(libc::SIGHUP);
     let ok = eventually(Duration::from_secs(5), || {
-        (sample(
-            &agent.scrape(),
-            "ioasid_policy_reloads_total",
-            &[("result", "success")],
-        ) >= Some(2.0))
-        .then_some(())
+        (sample(&agent.scrape(), "ioasid_policy_reloads_total", &[("result", "success")]) >= Some(2.0))
+            .then_some(())
     });
     assert!(ok.is_some(), "{}", agent.log());
     let (status, summary, err) = file_add(&format!("{prefix}-tenant-allowed"), "0");
@@ -323,31 +259,16 @@ fn recorded_requests_replay_against_another_policy() {
     let pol = dir.path("strict.yaml");
     write(&pol, &policy(&prefix));
     let out = Command::new(AGENT)
-        .args([
-            "replay",
-            record.to_str().unwrap(),
-            "--policy",
-            pol.to_str().unwrap(),
-            "--json",
-        ])
+        .args(["replay", record.to_str().unwrap(), "--policy", pol.to_str().unwrap(), "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     let by_vm = |vm: &str| lines.iter().find(|l| l["vm"] == vm).unwrap().clone();
     let g = by_vm(&format!("{prefix}-gpu-1"));
-    assert_eq!(
-        (g["recorded"].as_str(), g["decision"].as_str()),
-        (Some("audited"), Some("allowed"))
-    );
+    assert_eq!((g["recorded"].as_str(), g["decision"].as_str()), (Some("audited"), Some("allowed")));
     let t = by_vm(&format!("{prefix}-tenant-1"));
     assert_eq!(
         (t["decision"].as_str(), t["rule"].as_str()),

@@ -12,26 +12,29 @@ fn status_reports_every_hook() {
         return;
     }
     let _g = serial();
-    let out = Command::new(AGENT)
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(AGENT).args(["status", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let hooks = v["hooks"].as_array().unwrap();
-    assert_eq!(hooks.len(), 10);
+    assert_eq!(hooks.len(), 12);
     for h in hooks {
         let attached = h["attached"].as_bool().unwrap();
-        if h["optional"] == false {
+        if h["optional"] == false && h["standby"] == false {
             assert!(attached, "required hook not attached: {h}");
-        } else if !attached {
-            // A refusal always says why.
+        }
+        if !attached {
+            // A refusal or a standby always says why.
             assert!(h["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
         }
+    }
+    // Exactly one program of each ioctl pair serves; tp_btf is preferred where it loads.
+    for pair in [
+        ["tp_btf/sys_enter", "tracepoint/syscalls/sys_enter_ioctl"],
+        ["tp_btf/sys_exit", "tracepoint/syscalls/sys_exit_ioctl"],
+    ] {
+        let serving: Vec<_> =
+            pair.iter().filter(|n| hooks.iter().any(|h| h["hook"] == **n && h["attached"] == true)).collect();
+        assert_eq!(serving.len(), 1, "{pair:?}: {hooks:?}");
     }
     for name in [
         "tracepoint/kvm/kvm_exit",
@@ -43,18 +46,14 @@ fn status_reports_every_hook() {
         assert!(hooks.iter().any(|h| h["hook"] == name), "{name} missing");
     }
     let mech = v["enforcement_mechanism"].as_str().unwrap();
-    let lsm = hooks
-        .iter()
-        .any(|h| h["hook"] == "lsm/file_ioctl" && h["attached"] == true);
+    let lsm = hooks.iter().any(|h| h["hook"] == "lsm/file_ioctl" && h["attached"] == true);
     assert_eq!(mech, if lsm { "lsm" } else { "sigkill" });
 
     // The table text form names the same hooks, one line each.
     let out = Command::new(AGENT).arg("status").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
-        text.lines()
-            .filter(|l| l.contains("attached") || l.contains("refused"))
-            .count(),
+        text.lines().filter(|l| l.contains("attached") || l.contains("refused")).count(),
         10,
         "{text}"
     );
@@ -79,9 +78,7 @@ fn exact_counts_for_two_guests_at_once() {
         "--hold",
         "0.5",
     ]);
-    let gb = guest(&[
-        "--name", &b, "--wbinvd", "3333", "--invd", "7", "--hold", "0.5",
-    ]);
+    let gb = guest(&["--name", &b, "--wbinvd", "3333", "--invd", "7", "--hold", "0.5"]);
     for g in [ga, gb] {
         let (status, summary, err) = finish(g);
         assert!(status.success(), "guest failed: {err}");
@@ -101,40 +98,11 @@ fn exact_counts_for_two_guests_at_once() {
     assert_eq!(total("ioasid_wbinvd_exits_total", &b), 3333.0, "{m}");
     assert_eq!(total("ioasid_invd_exits_total", &b), 7.0, "{m}");
     assert_eq!(sample(&m, "ioasid_events_dropped_total", &[]), Some(0.0));
-    assert_eq!(
-        sample(
-            &m,
-            "ioasid_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(
-            &m,
-            "ioasid_hook_attached",
-            &[("hook", "tracepoint/kvm/kvm_exit")]
-        ),
-        Some(1.0)
-    );
-    assert!(sample(
-        &m,
-        "ioasid_hook_attached",
-        &[("hook", "fexit/kvm_emulate_wbinvd")]
-    )
-    .is_some());
-    assert_eq!(
-        sample(&m, "ioasid_kernel_errors_total", &[("kind", "read_error")]),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(
-            &m,
-            "ioasid_kernel_errors_total",
-            &[("kind", "counter_map_full")]
-        ),
-        Some(0.0)
-    );
+    assert_eq!(sample(&m, "ioasid_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert_eq!(sample(&m, "ioasid_hook_attached", &[("hook", "tracepoint/kvm/kvm_exit")]), Some(1.0));
+    assert!(sample(&m, "ioasid_hook_attached", &[("hook", "fexit/kvm_emulate_wbinvd")]).is_some());
+    assert_eq!(sample(&m, "ioasid_kernel_errors_total", &[("kind", "read_error")]), Some(0.0));
+    assert_eq!(sample(&m, "ioasid_kernel_errors_total", &[("kind", "counter_map_full")]), Some(0.0));
 }
 
 #[test]
@@ -150,10 +118,7 @@ fn a_second_agent_refuses_to_start() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("another ioasid-agent") && err.contains(&_agent.pid().to_string()),
-        "{err}"
-    );
+    assert!(err.contains("another ioasid-agent") && err.contains(&_agent.pid().to_string()), "{err}");
 }
 
 #[test]
@@ -170,11 +135,7 @@ fn a_guest_without_a_name_is_named_by_comm_and_pid() {
     let vm = format!("ioasid-guest:{pid}");
     let m = agent.scrape();
     assert_eq!(
-        sample(
-            &m,
-            "ioasid_wbinvd_exits_total",
-            &[("vm", &vm), ("path", "emulated")]
-        ),
+        sample(&m, "ioasid_wbinvd_exits_total", &[("vm", &vm), ("path", "emulated")]),
         Some(42.0),
         "{m}"
     );
@@ -197,19 +158,9 @@ fn exited_vms_are_kept_for_the_retention_then_dropped() {
         "kept after exit:\n{m}"
     );
     let gone = eventually(Duration::from_secs(5), || {
-        sample(
-            &agent.scrape(),
-            "ioasid_wbinvd_exits_total",
-            &[("vm", &name)],
-        )
-        .is_none()
-        .then_some(())
+        sample(&agent.scrape(), "ioasid_wbinvd_exits_total", &[("vm", &name)]).is_none().then_some(())
     });
-    assert!(
-        gone.is_some(),
-        "still reported after the retention:\n{}",
-        agent.scrape()
-    );
+    assert!(gone.is_some(), "still reported after the retention:\n{}", agent.scrape());
 }
 
 #[test]
@@ -219,24 +170,10 @@ fn exposition_passes_promtool() {
     }
     let _g = serial();
     let agent = Agent::start(&[]);
-    let (status, _, err) = finish(guest(&[
-        "--name",
-        &unique("lint"),
-        "--wbinvd",
-        "5",
-        "--invd",
-        "1",
-        "--hold",
-        "0.3",
-    ]));
+    let (status, _, err) =
+        finish(guest(&["--name", &unique("lint"), "--wbinvd", "5", "--invd", "1", "--hold", "0.3"]));
     assert!(status.success(), "{err}");
-    let (_, _, _) = finish(guest(&[
-        "--name",
-        &unique("lint-dma"),
-        "--file-add",
-        "--hold",
-        "0.3",
-    ]));
+    let (_, _, _) = finish(guest(&["--name", &unique("lint-dma"), "--file-add", "--hold", "0.3"]));
     let text = agent.scrape();
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -247,17 +184,8 @@ fn exposition_passes_promtool() {
         .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && complaints.trim().is_empty(),
-        "promtool: {complaints}\n{text}"
-    );
-    assert!(
-        text.contains("ioasid_incoherent_dma_requests_total"),
-        "{text}"
-    );
+    let complaints =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
+    assert!(text.contains("ioasid_incoherent_dma_requests_total"), "{text}");
 }

@@ -26,6 +26,9 @@ pub const MAP_KVM_DEVICES: &str = "IOASID_KVM_DEVICES";
 pub const MAP_INFLIGHT: &str = "IOASID_INFLIGHT";
 /// Array of one [`Control`].
 pub const MAP_CONTROL: &str = "IOASID_CONTROL";
+/// Array of one u64: watched ioctls between sys_enter and sys_exit, host-wide. While it is 0
+/// (nearly always) the sys_exit programs return without a hash lookup.
+pub const MAP_INFLIGHT_COUNT: &str = "IOASID_INFLIGHT_COUNT";
 
 pub const PROG_KVM_EXIT: &str = "ioasid_kvm_exit";
 pub const PROG_KVM_EMULATE_INSN: &str = "ioasid_kvm_emulate_insn";
@@ -33,14 +36,17 @@ pub const PROG_FEXIT_KVM_EMULATE_WBINVD: &str = "ioasid_fexit_kvm_emulate_wbinvd
 pub const PROG_FEXIT_EMULATOR_WBINVD: &str = "ioasid_fexit_emulator_wbinvd";
 pub const PROG_SYS_ENTER_IOCTL: &str = "ioasid_sys_enter_ioctl";
 pub const PROG_SYS_EXIT_IOCTL: &str = "ioasid_sys_exit_ioctl";
+pub const PROG_TP_BTF_SYS_ENTER: &str = "ioasid_tp_btf_sys_enter";
+pub const PROG_TP_BTF_SYS_EXIT: &str = "ioasid_tp_btf_sys_exit";
 pub const PROG_SCHED_EXEC: &str = "ioasid_sched_exec";
 pub const PROG_LSM_FILE_IOCTL: &str = "ioasid_lsm_file_ioctl";
 pub const PROG_FENTRY_REGISTER_NONCOHERENT: &str = "ioasid_fentry_register_noncoherent";
 pub const PROG_FENTRY_UNREGISTER_NONCOHERENT: &str = "ioasid_fentry_unregister_noncoherent";
 
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_CONTROL,
+    MAP_INFLIGHT_COUNT,
     MAP_COUNTERS,
     MAP_STATS,
     MAP_EVENTS,
@@ -50,7 +56,9 @@ pub const ALL_MAPS: [&str; 7] = [
 ];
 
 /// Every program name, for the object test.
-pub const ALL_PROGRAMS: [&str; 10] = [
+pub const ALL_PROGRAMS: [&str; 12] = [
+    PROG_TP_BTF_SYS_ENTER,
+    PROG_TP_BTF_SYS_EXIT,
     PROG_KVM_EXIT,
     PROG_KVM_EMULATE_INSN,
     PROG_FEXIT_KVM_EMULATE_WBINVD,
@@ -135,6 +143,15 @@ pub const WATCHED_IOCTLS: [u32; 15] = [
     IOMMU_GET_HW_INFO,
     IOMMU_DESTROY,
 ];
+
+/// x86-64 `struct pt_regs` offsets (arch/x86/include/asm/ptrace.h, the ptrace ABI order,
+/// unchanged since 2.6; FRED in 6.9 reused only the cs/ss slots). The tp_btf sys_enter program
+/// reads the ioctl arguments from them: fd in di, request in si, argument in dx.
+pub const PT_REGS_DX: usize = 96;
+pub const PT_REGS_SI: usize = 104;
+pub const PT_REGS_DI: usize = 112;
+/// x86-64 syscall number of ioctl.
+pub const NR_IOCTL: i64 = 16;
 
 pub const SIGKILL: u32 = 9;
 pub const SIGSTOP: u32 = 19;
@@ -387,18 +404,12 @@ pub fn classify_exit(isa: u32, exit_reason: u64) -> u32 {
 /// Legacy prefixes are skipped, and REX prefixes in 64-bit mode. Bounded for the verifier.
 #[inline(always)]
 pub fn classify_insn(insn: &[u8; 15], len: u8, long_mode: bool) -> u32 {
-    let len = if (len as usize) > insn.len() {
-        insn.len()
-    } else {
-        len as usize
-    };
+    let len = if (len as usize) > insn.len() { insn.len() } else { len as usize };
     let mut i = 0usize;
     while i < 14 && i < len {
         let b = insn[i];
-        let prefix = matches!(
-            b,
-            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3
-        ) || (long_mode && (b & 0xf0) == 0x40);
+        let prefix = matches!(b, 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3)
+            || (long_mode && (b & 0xf0) == 0x40);
         if !prefix {
             break;
         }

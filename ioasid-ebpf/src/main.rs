@@ -8,6 +8,8 @@
 //!   non-coherent DMA transitions where trampolines load.
 #![no_std]
 #![no_main]
+// BPF inline assembly (the atomic add in maps.rs); Debian's rustc builds this crate with RUSTC_BOOTSTRAP.
+#![feature(asm_experimental_arch)]
 
 mod maps;
 mod programs;

@@ -9,8 +9,7 @@ use aya_ebpf::{
 };
 use ioasid_common::{
     Control, CounterKey, FdKey, IoctlEvent, ProgConfig, Stat, VmVerdict, COUNTERS_MAX_ENTRIES,
-    EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, STATS_LEN,
-    VM_POLICY_MAX_ENTRIES,
+    EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, STATS_LEN, VM_POLICY_MAX_ENTRIES,
 };
 
 /// Exact counts. Per-CPU so the hot path never contends; the agent sums the CPUs.
@@ -26,18 +25,40 @@ pub static IOASID_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0
 
 /// Written by the agent only.
 #[map]
-pub static IOASID_VM_POLICY: HashMap<u32, VmVerdict> =
-    HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+pub static IOASID_VM_POLICY: HashMap<u32, VmVerdict> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
 
 /// (tgid, fd) -> KVM device type, from KVM_CREATE_DEVICE's sys_exit.
 #[map]
-pub static IOASID_KVM_DEVICES: HashMap<FdKey, u32> =
-    HashMap::with_max_entries(KVM_DEVICES_MAX_ENTRIES, 0);
+pub static IOASID_KVM_DEVICES: HashMap<FdKey, u32> = HashMap::with_max_entries(KVM_DEVICES_MAX_ENTRIES, 0);
 
 /// Thread id -> the watched ioctl it is in, between sys_enter and sys_exit.
 #[map]
-pub static IOASID_INFLIGHT: HashMap<u32, IoctlEvent> =
-    HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+pub static IOASID_INFLIGHT: HashMap<u32, IoctlEvent> = HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+
+/// Watched ioctls in flight, host-wide (see `MAP_INFLIGHT_COUNT`).
+#[map]
+pub static IOASID_INFLIGHT_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn inflight_add(delta: i64) {
+    if let Some(p) = IOASID_INFLIGHT_COUNT.get_ptr_mut(0) {
+        // The bpfel target has no Rust atomics; BPF's own atomic add (BPF_XADD) is exact
+        // across CPUs. SAFETY: `p` is an array map element, valid and 8-byte aligned.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({p} + 0) += {d}",
+                p = in(reg) p,
+                d = in(reg) delta,
+                options(nostack),
+            )
+        };
+    }
+}
+
+#[inline(always)]
+pub fn inflight_none() -> bool {
+    IOASID_INFLIGHT_COUNT.get(0).is_none_or(|n| *n == 0)
+}
 
 /// Enforcement switches, written by the agent after attaching.
 #[map]
@@ -45,10 +66,7 @@ pub static IOASID_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn control() -> Control {
-    IOASID_CONTROL.get(0).copied().unwrap_or(Control {
-        enforce: 0,
-        lsm_enforces: 0,
-    })
+    IOASID_CONTROL.get(0).copied().unwrap_or(Control { enforce: 0, lsm_enforces: 0 })
 }
 
 /// Tracepoint field offsets (from tracefs `format` files) and switches, set by the agent.

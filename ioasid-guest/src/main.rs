@@ -64,11 +64,9 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    for (flag, v) in [
-        ("--duration", args.duration),
-        ("--hold", args.hold),
-        ("--file-add-delay", args.file_add_delay),
-    ] {
+    for (flag, v) in
+        [("--duration", args.duration), ("--hold", args.hold), ("--file-add-delay", args.file_add_delay)]
+    {
         if !v.is_finite() || v < 0.0 {
             bail!("{flag} takes a non-negative number of seconds");
         }
@@ -94,8 +92,7 @@ fn main() -> Result<()> {
         let start = Instant::now();
         match args.rate {
             Some(rate) => {
-                summary.wbinvd =
-                    run_storm(&mut vcpu, rate, Duration::from_secs_f64(args.duration))?;
+                summary.wbinvd = run_storm(&mut vcpu, rate, Duration::from_secs_f64(args.duration))?;
             }
             None => {
                 run_to_halt(&mut vcpu)?;
@@ -121,14 +118,8 @@ fn batch_size(rate: Option<u32>) -> u32 {
 /// Returns the errno of FILE_ADD (0 on success, which an ordinary fd never gets) and the fds,
 /// which the caller keeps open.
 fn file_add(vm: &VmFd) -> Result<(i32, (kvm_ioctls::DeviceFd, std::fs::File))> {
-    let mut cd = kvm_create_device {
-        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
-        fd: 0,
-        flags: 0,
-    };
-    let dev = vm
-        .create_device(&mut cd)
-        .context("KVM_CREATE_DEVICE(VFIO)")?;
+    let mut cd = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+    let dev = vm.create_device(&mut cd).context("KVM_CREATE_DEVICE(VFIO)")?;
     let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
     let fd: i32 = std::os::fd::AsRawFd::as_raw_fd(&file);
     let attr = kvm_device_attr {
@@ -198,11 +189,7 @@ fn setup_guest(vm: &VmFd, code: &[u8]) -> Result<(GuestMem, VcpuFd)> {
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
-    let regs = kvm_regs {
-        rip: CODE_GPA,
-        rflags: 2,
-        ..Default::default()
-    };
+    let regs = kvm_regs { rip: CODE_GPA, rflags: 2, ..Default::default() };
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
     Ok((mem, vcpu))
 }
@@ -264,10 +251,7 @@ impl GuestMem {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap guest memory");
         }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
+        Ok(Self { ptr: ptr.cast(), len })
     }
 }
 
@@ -290,9 +274,7 @@ mod serde_like {
 
     impl Summary {
         pub fn to_json(&self, pid: u32) -> String {
-            let errno = self
-                .file_add_errno
-                .map_or("null".to_string(), |e| e.to_string());
+            let errno = self.file_add_errno.map_or("null".to_string(), |e| e.to_string());
             format!(
                 "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{errno}}}",
                 self.wbinvd, self.invd, self.seconds

@@ -14,6 +14,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(about = "ioasid project tasks")]
 struct Cli {
@@ -32,6 +34,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Overhead of the agent: micro-benchmarks without and with it, interleaved in one run,
+    /// reported as ratios; plus each program's in-kernel cost from BPF run-time statistics.
+    Bench {
+        /// Without/with alternations.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// rustfmt check and clippy (warnings are errors) on the host crates.
     Lint,
     /// Set up and run every test: unit tests and the kernel tests (real programs, real guests).
@@ -45,15 +54,9 @@ enum Task {
 /// Debian packages: (package, why).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "rustc 1.96 for the eBPF crate"),
-    (
-        "libstd-rust-web-dev-bpf",
-        "prebuilt core/alloc for bpfel-unknown-none",
-    ),
+    ("libstd-rust-web-dev-bpf", "prebuilt core/alloc for bpfel-unknown-none"),
     ("llvm-22-dev", "LLVM 22 for bpf-linker"),
-    (
-        "prometheus",
-        "promtool, to check the metrics exposition and alert rules",
-    ),
+    ("prometheus", "promtool, to check the metrics exposition and alert rules"),
     ("tmux", "drives the terminal UI in tests"),
     ("bpftool", "inspecting loaded programs (optional)"),
 ];
@@ -66,17 +69,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Build => {
             setup()?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "ioasid-agent",
-                    "-p",
-                    "ioasid-guest",
-                ],
-            )
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])
         }
         Task::Run { args } => {
             setup()?;
@@ -84,10 +77,13 @@ fn main() -> Result<()> {
             let agent = root.join("target/release/ioasid-agent");
             let mut cmd = Command::new(&agent);
             cmd.arg("run").args(&args);
-            let status = cmd
-                .status()
-                .with_context(|| format!("running {}", agent.display()))?;
+            let status = cmd.status().with_context(|| format!("running {}", agent.display()))?;
             exit_with(status)
+        }
+        Task::Bench { rounds } => {
+            setup()?;
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])?;
+            bench::run(&root, rounds)
         }
         Task::Lint => {
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
@@ -109,10 +105,7 @@ fn main() -> Result<()> {
             setup()?;
             let start = Instant::now();
             // The kernel tests run the guest binary of the same build.
-            cargo(
-                &root,
-                &["build", "-p", "ioasid-guest", "-p", "ioasid-agent"],
-            )?;
+            cargo(&root, &["build", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
             let mut test = vec!["test", "--workspace", "--exclude", "ioasid-ebpf"];
             test.extend(args.iter().map(String::as_str));
             let r = cargo(&root, &test);
@@ -124,10 +117,7 @@ fn main() -> Result<()> {
 
 fn workspace_root() -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(dir
-        .parent()
-        .context("xtask has a parent directory")?
-        .to_path_buf())
+    Ok(dir.parent().context("xtask has a parent directory")?.to_path_buf())
 }
 
 fn exit_with(status: ExitStatus) -> Result<()> {
@@ -141,11 +131,7 @@ fn exit_with(status: ExitStatus) -> Result<()> {
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(cargo)
-        .current_dir(root)
-        .args(args)
-        .status()
-        .context("running cargo")?;
+    let status = Command::new(cargo).current_dir(root).args(args).status().context("running cargo")?;
     exit_with(status)
 }
 
@@ -175,11 +161,7 @@ unsafe extern "C" {
 
 fn setup() -> Result<()> {
     let start = Instant::now();
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .map(|(p, _)| *p)
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !dpkg_installed(p)).collect();
     if !missing.is_empty() {
         if !is_root() {
             bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
@@ -197,21 +179,14 @@ fn setup() -> Result<()> {
         eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 90 s)");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         run(Command::new(cargo)
-            .args([
-                "install",
-                "--locked",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            ])
+            .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
         if !bpf_linker_ok() {
             bail!("bpf-linker {BPF_LINKER_VERSION} is still not runnable after installing it (is ~/.cargo/bin on PATH?)");
         }
     }
-    eprintln!(
-        "xtask: toolchain ready ({:.1} s)",
-        start.elapsed().as_secs_f64()
-    );
+    eprintln!("xtask: toolchain ready ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -9,14 +9,11 @@ use crate::{audit::AuditRecord, cli::ReplayArgs, enforce, policy::Policy};
 
 pub fn run(args: &ReplayArgs) -> Result<()> {
     let policy = Policy::load(&args.policy)?;
-    let file = std::fs::File::open(&args.events)
-        .with_context(|| format!("opening {}", args.events.display()))?;
+    let file =
+        std::fs::File::open(&args.events).with_context(|| format!("opening {}", args.events.display()))?;
     let (mut total, mut changed, mut bad) = (0usize, 0usize, 0usize);
     if !args.json {
-        println!(
-            "{:<24} {:<8} {:<10} {:<10} {:<24} REASON",
-            "VM", "PID", "RECORDED", "DECISION", "RULE"
-        );
+        println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
     }
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", args.events.display()))?;
@@ -27,11 +24,7 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
             Ok(r) => r,
             Err(e) => {
                 bad += 1;
-                eprintln!(
-                    "{}:{}: not a recorded request: {e}",
-                    args.events.display(),
-                    i + 1
-                );
+                eprintln!("{}:{}: not a recorded request: {e}", args.events.display(), i + 1);
                 continue;
             }
         };
@@ -66,10 +59,7 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
         args.policy.display()
     );
     if bad > 0 {
-        bail!(
-            "{bad} line(s) of {} could not be read (see above)",
-            args.events.display()
-        );
+        bail!("{bad} line(s) of {} could not be read (see above)", args.events.display());
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     let loaded = loader::load(LoadOptions {
         enforce: false,
         optional_hooks: true,
+        ioctl_hooks: args.ioctl_hooks,
         strict: false,
     })?;
     let mechanism = mechanism_name(true, loaded.lsm_attached());
@@ -25,15 +26,17 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                     "hook": h.spec.hook,
                     "optional": h.spec.optional,
                     "attached": h.attached(),
-                    "reason": match &h.state { HookState::Refused(r) => Some(r.as_str()), HookState::Attached => None },
+                    "standby": matches!(h.state, HookState::Standby(_)),
+                    "reason": match &h.state {
+                        HookState::Refused(r) => Some(r.clone()),
+                        HookState::Standby(by) => Some(format!("{by} serves instead")),
+                        HookState::Attached => None,
+                    },
                     "purpose": h.spec.purpose,
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism })
-        );
+        println!("{}", serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism }));
     } else {
         for h in &loaded.hooks {
             println!("{h}");

@@ -1,8 +1,5 @@
 //! Test harness for the kernel tests: the real agent binary, real guests, real scrapes.
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of the harness"
-)]
+#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
 use std::{
     io::{Read, Write},
@@ -43,10 +40,7 @@ pub fn kernel_available() -> bool {
 
 /// A unique suffix so names never collide with another run's.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{prefix}-{}-{nanos:x}", std::process::id())
 }
 
@@ -101,12 +95,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("starting ioasid-agent");
-        let mut agent = Self {
-            child,
-            addr: String::new(),
-            dir,
-            stderr_path,
-        };
+        let mut agent = Self { child, addr: String::new(), dir, stderr_path };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(addr) = std::fs::read_to_string(&ready) {
@@ -116,16 +105,9 @@ impl Agent {
                 }
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!(
-                    "ioasid-agent exited during start-up ({status}):\n{}",
-                    agent.log()
-                );
+                panic!("ioasid-agent exited during start-up ({status}):\n{}", agent.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "ioasid-agent not ready after 30 s:\n{}",
-                agent.log()
-            );
+            assert!(Instant::now() < deadline, "ioasid-agent not ready after 30 s:\n{}", agent.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -153,11 +135,7 @@ impl Agent {
             if let Some(r) = self.audit().into_iter().find(|r| r["vm"] == vm) {
                 return r;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no audit record for {vm}; agent log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "no audit record for {vm}; agent log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -200,19 +178,15 @@ pub fn http_get(addr: &str, path: &str) -> String {
 
 /// The value of the sample `name{labels}` (labels given as `k="v"` pairs, any order).
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            if n != name {
-                return None;
-            }
-            let ok = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            ok.then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        let ok = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        ok.then(|| value.parse().ok()).flatten()
+    })
 }
 
 pub fn guest_path() -> PathBuf {
@@ -221,11 +195,7 @@ pub fn guest_path() -> PathBuf {
     }
     // target/<profile>/deps/<test> -> target/<profile>/ioasid-guest
     let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("ioasid-guest"))
-        .unwrap();
+    let p = exe.parent().and_then(Path::parent).map(|d| d.join("ioasid-guest")).unwrap();
     assert!(
         p.exists(),
         "{} is missing: build it first (`cargo build -p ioasid-guest`, done by `cargo xtask test`)",
@@ -244,22 +214,11 @@ pub fn guest(args: &[&str]) -> Child {
 }
 
 pub fn finish(child: Child) -> (ExitStatus, serde_json::Value, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().unwrap();
+    let Output { status, stdout, stderr } = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&stdout).into_owned();
-    let summary = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (
-        status,
-        summary,
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
+    let summary =
+        stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(serde_json::Value::Null);
+    (status, summary, String::from_utf8_lossy(&stderr).into_owned())
 }
 
 /// Polls `f` until it returns Some or the timeout passes.

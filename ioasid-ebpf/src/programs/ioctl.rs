@@ -19,25 +19,24 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        bpf_probe_read_user, generated::bpf_send_signal,
+        bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_send_signal,
     },
-    macros::{lsm, tracepoint},
-    programs::{LsmContext, TracePointContext},
+    macros::{btf_tracepoint, lsm, tracepoint},
+    programs::{BtfTracePointContext, LsmContext, TracePointContext},
 };
 use ioasid_common::{
-    is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, DECISION_ASK, DECISION_DENY,
-    DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
-    IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE,
-    KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL,
-    KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK, SIGKILL,
-    SIGSTOP, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
+    is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, DECISION_ASK, DECISION_DENY, DECISION_NONE,
+    EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED,
+    IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD,
+    KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK,
+    NR_IOCTL, PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
 };
 
 use super::current_ids;
 use crate::{
     maps::{
-        config, control, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT, IOASID_KVM_DEVICES,
-        IOASID_VM_POLICY,
+        config, control, inflight_add, inflight_none, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT,
+        IOASID_KVM_DEVICES, IOASID_VM_POLICY,
     },
     read::field_u64,
 };
@@ -84,12 +83,59 @@ fn try_sys_enter_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
     if !is_watched_ioctl(cmd) {
         return Ok(());
     }
-    let (tgid, tid) = current_ids();
-    if tgid == cfg.agent_tgid {
-        return Ok(());
-    }
     let fd = field_u64(ctx, cfg.ioctl_fd)? as u32 as i32;
     let arg = field_u64(ctx, cfg.ioctl_arg)?;
+    on_sys_enter_ioctl(fd, cmd, arg);
+    Ok(())
+}
+
+/// tp_btf sys_enter: TP_PROTO(struct pt_regs *regs, long id), every syscall on the host. The
+/// cheapest hook for ioctls (no trace record is built): non-ioctl syscalls leave at the first
+/// compare, unrelated ioctls at the type-byte test. Preferred over `ioasid_sys_enter_ioctl`.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id != NR_IOCTL {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    // SAFETY: pt_regs of the current syscall; bpf_probe_read_kernel faults safely.
+    let read = |off: usize| unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()) };
+    let Ok(cmd) = read(PT_REGS_SI) else {
+        stat_inc(Stat::ReadErrors);
+        return 0;
+    };
+    let cmd = cmd as u32;
+    if !is_watched_ioctl(cmd) {
+        return 0;
+    }
+    match (read(PT_REGS_DI), read(PT_REGS_DX)) {
+        (Ok(fd), Ok(arg)) => on_sys_enter_ioctl(fd as u32 as i32, cmd, arg),
+        _ => stat_inc(Stat::ReadErrors),
+    }
+    0
+}
+
+/// tp_btf sys_exit: TP_PROTO(struct pt_regs *regs, long ret). While no watched ioctl is in
+/// flight anywhere (nearly always) it returns after one array read.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn ioasid_tp_btf_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    if inflight_none() {
+        return 0;
+    }
+    let ret: i64 = ctx.arg(1);
+    on_sys_exit_ioctl(Ok(ret as u64));
+    0
+}
+
+/// A watched ioctl entered: judge it if it is an incoherent-DMA enable, and keep it in flight
+/// for sys_exit.
+#[inline(always)]
+fn on_sys_enter_ioctl(fd: i32, cmd: u32, arg: u64) {
+    let (tgid, tid) = current_ids();
+    if tgid == config().agent_tgid {
+        return;
+    }
 
     // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
     let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
@@ -114,8 +160,9 @@ fn try_sys_enter_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
         // Cannot pair with sys_exit: send what we have now, without the return value.
         stat_inc(Stat::InflightFull);
         submit(&ev);
+        return;
     }
-    Ok(())
+    inflight_add(1);
 }
 
 #[inline(always)]
@@ -146,10 +193,7 @@ fn judge_device_attr(ev: &mut IoctlEvent, tgid: u32, enforce: bool, lsm_enforces
     ev.attr_group = attr.group;
     ev.attr_attr = attr.attr;
     ev.attr_addr = attr.addr;
-    let key = FdKey {
-        tgid,
-        fd: ev.fd as u32,
-    };
+    let key = FdKey { tgid, fd: ev.fd as u32 };
     if let Some(ty) = IOASID_KVM_DEVICES.get_ptr(&key) {
         // SAFETY: pointer to a live map value, read once.
         if unsafe { *ty } == KVM_DEV_TYPE_VFIO {
@@ -219,6 +263,16 @@ pub fn ioasid_sys_exit_ioctl(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
+    if inflight_none() {
+        return Ok(());
+    }
+    let ret = field_u64(ctx, config().ioctl_ret);
+    on_sys_exit_ioctl(ret)
+}
+
+/// Completes this thread's in-flight ioctl, if it has one, and submits it.
+#[inline(always)]
+fn on_sys_exit_ioctl(ret: Result<u64, i64>) -> Result<(), i64> {
     let (tgid, tid) = current_ids();
     let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) else {
         return Ok(());
@@ -226,8 +280,6 @@ fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: pointer to this thread's map value; only this thread's sys_enter/sys_exit write it
     // and they cannot run at the same time.
     let ev = unsafe { &mut *ev };
-    let cfg = config();
-    let ret = field_u64(ctx, cfg.ioctl_ret);
     ev.exit_ktime_ns = unsafe { bpf_ktime_get_ns() };
     if let Ok(ret) = ret {
         ev.ret = ret as i64;
@@ -244,7 +296,9 @@ fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     submit(ev);
-    let _ = IOASID_INFLIGHT.remove(&tid);
+    if IOASID_INFLIGHT.remove(&tid).is_ok() {
+        inflight_add(-1);
+    }
     ret.map(|_| ())
 }
 

@@ -33,10 +33,7 @@ fn count(key: &CounterKey) {
     }
     // First event for this key: create it with 1 on this CPU (0 on the others). A concurrent
     // insert of the same key on another CPU makes ours fail with EEXIST: add to it instead.
-    if IOASID_COUNTERS
-        .insert(key, 1u64, BPF_NOEXIST as u64)
-        .is_ok()
-    {
+    if IOASID_COUNTERS.insert(key, 1u64, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     match IOASID_COUNTERS.get_ptr_mut(key) {
@@ -71,12 +68,7 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
     let (tgid, _) = current_ids();
-    count(&CounterKey {
-        tgid,
-        vcpu,
-        op,
-        path: PATH_EXIT,
-    });
+    count(&CounterKey { tgid, vcpu, op, path: PATH_EXIT });
     Ok(())
 }
 
@@ -102,10 +94,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     let mut insn = [0u8; 15];
     // SAFETY: bpf_probe_read_kernel_buf faults safely; the destination is a stack buffer.
     unsafe {
-        bpf_probe_read_kernel_buf(
-            (ctx.as_ptr() as *const u8).add(cfg.emul_insn.offset as usize),
-            &mut insn,
-        )
+        bpf_probe_read_kernel_buf((ctx.as_ptr() as *const u8).add(cfg.emul_insn.offset as usize), &mut insn)
     }
     .map_err(i64::from)?;
     let len = field_u64(ctx, cfg.emul_len)? as u8;
@@ -115,12 +104,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let (tgid, _) = current_ids();
-    count(&CounterKey {
-        tgid,
-        vcpu: VCPU_UNKNOWN,
-        op,
-        path: PATH_EMULATED,
-    });
+    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op, path: PATH_EMULATED });
     Ok(())
 }
 
@@ -129,12 +113,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
 #[fexit(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
     let (tgid, _) = current_ids();
-    count(&CounterKey {
-        tgid,
-        vcpu: VCPU_UNKNOWN,
-        op: OP_WBINVD,
-        path: PATH_HANDLER_EXIT,
-    });
+    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EXIT });
     0
 }
 
@@ -143,11 +122,6 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
 #[fexit(function = "emulator_wbinvd")]
 pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
     let (tgid, _) = current_ids();
-    count(&CounterKey {
-        tgid,
-        vcpu: VCPU_UNKNOWN,
-        op: OP_WBINVD,
-        path: PATH_HANDLER_EMULATED,
-    });
+    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EMULATED });
     0
 }
