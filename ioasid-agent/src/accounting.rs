@@ -18,11 +18,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ioasid_common::{OP_INVD, OP_WBINVD, PATH_EMULATED, PATH_EXIT, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT};
+use ioasid_common::{
+    OP_INVD, OP_WBINVD, PATH_EMULATED, PATH_EXIT, PATH_FLUSHED, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT,
+};
 
 use crate::{
+    policy::Budget,
     procfs::{ProcError, ProcFs, ProcessInfo},
-    telemetry::Metrics,
+    telemetry::{CostHist, Metrics},
 };
 
 /// (op, path) -> count.
@@ -32,18 +35,68 @@ pub type Totals = BTreeMap<(u32, u32), u64>;
 pub struct Proc {
     pub info: ProcessInfo,
     pub totals: Totals,
+    /// WBINVD handler time histogram (kernel totals).
+    pub cost: CostHist,
+    /// The WBINVD budget and rule name from the policy.
+    pub budget: Budget,
+    pub rule: String,
+    /// Known to have non-coherent DMA (its WBINVD flush caches).
+    pub noncoherent: bool,
     pub dead_since: Option<Instant>,
     /// Set when the kernel map entries were removed after death.
     pub purged: bool,
+}
+
+impl Proc {
+    fn new(info: ProcessInfo, dead_since: Option<Instant>) -> Self {
+        Self {
+            info,
+            totals: Totals::new(),
+            cost: CostHist::default(),
+            budget: Budget::DEFAULT,
+            rule: "default".into(),
+            noncoherent: false,
+            dead_since,
+            purged: false,
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        self.dead_since.is_none()
+    }
+
+    pub fn total(&self, op: u32, paths: &[u32]) -> u64 {
+        paths.iter().map(|p| self.totals.get(&(op, *p)).copied().unwrap_or(0)).sum()
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Accounting {
     pub procs: HashMap<u32, Proc>,
     /// Totals of retired processes of VMs that still have a live process.
-    retired: HashMap<String, Totals>,
+    retired: HashMap<String, (Totals, CostHist)>,
     /// What has been exported per (vm, op, path), to increment by the difference.
     exported: HashMap<(String, u32, u32), u64>,
+    /// VM names with series out, to remove their per-VM gauges when they are forgotten.
+    exported_vms: std::collections::BTreeSet<String>,
+}
+
+fn counter(metrics: &Metrics, fam: &str, vm: &str, path: &str) -> prometheus::IntCounter {
+    match fam {
+        "wbinvd" => metrics.wbinvd_exits.with_label_values(&[vm, path]),
+        "invd" => metrics.invd_exits.with_label_values(&[vm, path]),
+        "flushes" => metrics.wbinvd_flushes.with_label_values(&[vm]),
+        _ => metrics.wbinvd_handled.with_label_values(&[vm, path]),
+    }
+}
+
+fn remove(metrics: &Metrics, fam: &str, vm: &str, path: &str) {
+    let _ = match fam {
+        "wbinvd" => metrics.wbinvd_exits.remove_label_values(&[vm, path]),
+        "invd" => metrics.invd_exits.remove_label_values(&[vm, path]),
+        "flushes" => metrics.wbinvd_flushes.remove_label_values(&[vm]),
+        _ => metrics.wbinvd_handled.remove_label_values(&[vm, path]),
+    };
 }
 
 /// Prometheus family and path label of a (op, path) key.
@@ -52,6 +105,7 @@ fn series(op: u32, path: u32) -> Option<(&'static str, &'static str)> {
         (OP_WBINVD, PATH_EXIT | PATH_EMULATED) => "wbinvd",
         (OP_INVD, PATH_EXIT | PATH_EMULATED) => "invd",
         (OP_WBINVD, PATH_HANDLER_EXIT | PATH_HANDLER_EMULATED) => "handled",
+        (OP_WBINVD, PATH_FLUSHED) => "flushes",
         _ => return None,
     };
     let label = match path {
@@ -84,7 +138,7 @@ impl Accounting {
     /// already gone is named `unknown:<tgid>` (`comm` when an event told it).
     pub fn ensure(&mut self, tgid: u32, comm: Option<&str>, procfs: &ProcFs, now: Instant) -> &mut Proc {
         self.procs.entry(tgid).or_insert_with(|| match procfs.info(tgid) {
-            Ok(info) => Proc { info, totals: Totals::new(), dead_since: None, purged: false },
+            Ok(info) => Proc::new(info, None),
             Err(e) => {
                 let name = comm.map_or_else(|| format!("unknown:{tgid}"), |c| format!("{c}:{tgid}"));
                 tracing::debug!(tgid, error = %e, vm = %name, "process gone before it could be named");
@@ -97,7 +151,7 @@ impl Accounting {
                     uid: u32::MAX,
                     start_time: 0,
                 };
-                Proc { info, totals: Totals::new(), dead_since: Some(now), purged: false }
+                Proc::new(info, Some(now))
             }
         })
     }
@@ -108,8 +162,7 @@ impl Accounting {
         match self.procs.get_mut(&tgid) {
             Some(p) if p.info.start_time == info.start_time => p.info = info,
             _ => {
-                self.procs
-                    .insert(tgid, Proc { info, totals: Totals::new(), dead_since: None, purged: false });
+                self.procs.insert(tgid, Proc::new(info, None));
             }
         }
     }
@@ -123,6 +176,18 @@ impl Accounting {
                 // Kernel counts only grow while the process lives; never go backwards.
                 *e = (*e).max(v);
             }
+        }
+    }
+
+    /// Applies the kernel's handler-time histograms read this sweep.
+    pub fn apply_cost(&mut self, kernel: HashMap<u32, CostHist>, procfs: &ProcFs, now: Instant) {
+        for (tgid, hist) in kernel {
+            let p = self.ensure(tgid, None, procfs, now);
+            // Kernel counts only grow while the process lives; never go backwards.
+            for (a, b) in p.cost.buckets.iter_mut().zip(hist.buckets.iter()) {
+                *a = (*a).max(*b);
+            }
+            p.cost.sum_ns = p.cost.sum_ns.max(hist.sum_ns);
         }
     }
 
@@ -152,10 +217,11 @@ impl Accounting {
             };
             let vm_lives = self.procs.values().any(|o| o.info.vm == p.info.vm);
             if vm_lives {
-                let r = self.retired.entry(p.info.vm.clone()).or_default();
+                let (r, c) = self.retired.entry(p.info.vm.clone()).or_default();
                 for (k, v) in p.totals {
                     *r.entry(k).or_insert(0) += v;
                 }
+                c.add(&p.cost);
             }
         }
         // A VM name with no process left at all is forgotten.
@@ -166,19 +232,16 @@ impl Accounting {
     }
 
     /// Per-VM totals: live and retained processes plus retired ones.
-    pub fn vm_totals(&self) -> BTreeMap<String, Totals> {
-        let mut out: BTreeMap<String, Totals> = BTreeMap::new();
-        for (vm, t) in &self.retired {
-            let e = out.entry(vm.clone()).or_default();
+    pub fn vm_totals(&self) -> BTreeMap<String, (Totals, CostHist)> {
+        let mut out: BTreeMap<String, (Totals, CostHist)> = BTreeMap::new();
+        let parts = self.retired.iter().map(|(vm, (t, c))| (vm, t, c));
+        let live = self.procs.values().map(|p| (&p.info.vm, &p.totals, &p.cost));
+        for (vm, t, c) in parts.chain(live) {
+            let (et, ec) = out.entry(vm.clone()).or_default();
             for (k, v) in t {
-                *e.entry(*k).or_insert(0) += v;
+                *et.entry(*k).or_insert(0) += v;
             }
-        }
-        for p in self.procs.values() {
-            let e = out.entry(p.info.vm.clone()).or_default();
-            for (k, v) in &p.totals {
-                *e.entry(*k).or_insert(0) += v;
-            }
+            ec.add(c);
         }
         out
     }
@@ -186,20 +249,13 @@ impl Accounting {
     /// Brings the Prometheus counters up to the current totals and removes forgotten VMs.
     pub fn export(&mut self, metrics: &Metrics) {
         let totals = self.vm_totals();
-        for (vm, t) in &totals {
+        for (vm, (t, _)) in &totals {
             for ((op, path), v) in t {
-                let Some((fam, label)) = series(*op, *path) else {
-                    continue;
-                };
-                let vec = match fam {
-                    "wbinvd" => &metrics.wbinvd_exits,
-                    "invd" => &metrics.invd_exits,
-                    _ => &metrics.wbinvd_handled,
-                };
+                let Some((fam, label)) = series(*op, *path) else { continue };
                 let key = (vm.clone(), *op, *path);
                 let before = self.exported.get(&key).copied().unwrap_or(0);
                 if *v > before {
-                    vec.with_label_values(&[vm, label]).inc_by(*v - before);
+                    counter(metrics, fam, vm, label).inc_by(*v - before);
                     self.exported.insert(key, *v);
                 }
             }
@@ -210,15 +266,26 @@ impl Accounting {
         for key in gone {
             self.exported.remove(&key);
             if let Some((fam, label)) = series(key.1, key.2) {
-                let vec = match fam {
-                    "wbinvd" => &metrics.wbinvd_exits,
-                    "invd" => &metrics.invd_exits,
-                    _ => &metrics.wbinvd_handled,
-                };
-                let _ = vec.remove_label_values(&[&key.0, label]);
+                remove(metrics, fam, &key.0, label);
             }
         }
-        metrics.vms.set(self.procs.values().filter(|p| p.dead_since.is_none()).count() as i64);
+        let forgotten: Vec<String> =
+            self.exported_vms.iter().filter(|vm| !totals.contains_key(*vm)).cloned().collect();
+        for vm in forgotten {
+            let _ = metrics.wbinvd_cost_ratio.remove_label_values(&[&vm]);
+            let _ = metrics.wbinvd_rate.remove_label_values(&[&vm]);
+            let _ = metrics.wbinvd_storm.remove_label_values(&[&vm]);
+            let _ = metrics.dos_alerts.remove_label_values(&[&vm]);
+            self.exported_vms.remove(&vm);
+        }
+        self.exported_vms.extend(totals.keys().cloned());
+        let per_vm = totals
+            .into_iter()
+            .filter(|(_, (_, c))| c.buckets.iter().any(|n| *n > 0))
+            .map(|(vm, (_, c))| (vm, c))
+            .collect();
+        metrics.cost.lock().unwrap_or_else(|e| e.into_inner()).per_vm = per_vm;
+        metrics.vms.set(self.procs.values().filter(|p| p.alive()).count() as i64);
     }
 }
 

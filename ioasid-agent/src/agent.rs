@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use ioasid_common::{
-    self as common, CounterKey, FdKey, IoctlEvent, TransitionEvent, VmVerdict, DECISION_NONE,
+    self as common, CostKey, CounterKey, FdKey, IoctlEvent, TransitionEvent, VmVerdict, DECISION_NONE,
     KVM_CREATE_DEVICE, KVM_CREATE_VM, STATS_LEN,
 };
 use tokio::{
@@ -28,14 +28,15 @@ use tokio::{
 
 use crate::{
     accounting::{Accounting, Totals},
-    audit::{hostname, rfc3339, AuditLog},
+    audit::{hostname, rfc3339, AuditLog, StormRecord, EVENT_WBINVD_STORM},
     enforce::{self, Followup},
     events::{self, Event},
     http,
     loader::{self, HookState, LoadOptions},
-    policy::Policy,
+    policy::{Policy, StormAction},
     procfs::{ProcFs, ProcessInfo},
-    telemetry::{Metrics, KERNEL_ERROR_KINDS},
+    storm::{Detector, Transition},
+    telemetry::{CostHist, Metrics, KERNEL_ERROR_KINDS},
     vfio::{self, SysFs},
 };
 
@@ -85,6 +86,13 @@ struct State {
     stats_seen: [u64; STATS_LEN as usize],
     /// Non-coherent DMA registrations per `struct kvm *` (opaque), from fentry.
     noncoherent: HashMap<u64, i64>,
+    cost: PerCpuHashMap<MapData, CostKey, u64>,
+    flush_cpus: PerCpuArray<MapData, u64>,
+    /// tgid -> 1: VMMs whose WBINVD really flush (the kernel counts their flushes).
+    noncoherent_tgids: BpfHashMap<MapData, u32, u32>,
+    detector: Detector,
+    sweep_interval: Duration,
+    sweeps: u64,
     /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
     stats_hooks: Vec<(&'static str, &'static str)>,
     /// Keeps kernel BPF run-time statistics enabled while the agent runs.
@@ -169,6 +177,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         metrics.enforcement_mechanism.with_label_values(&[m]).set(i64::from(m == mechanism));
     }
     tracing::info!(mechanism, "incoherent-DMA enforcement");
+    let (_, cost_source) = loaded.cost_source();
+    for s in ["handlers", "tracepoint-pairs"] {
+        metrics.wbinvd_cost_source.with_label_values(&[s]).set(i64::from(s == cost_source));
+    }
+    tracing::info!(source = cost_source, "WBINVD handler time source");
 
     let bpf_stats = if cfg.bpf_stats {
         match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
@@ -188,6 +201,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     };
     let ebpf = &mut loaded.ebpf;
     let ring: RingBuf<MapData> = take(ebpf, common::MAP_EVENTS)?;
+    let cost = take(ebpf, common::MAP_COST)?;
+    let flush_cpus = take(ebpf, common::MAP_FLUSH_CPUS)?;
+    let noncoherent_tgids = take(ebpf, common::MAP_NONCOHERENT)?;
     let mut state = State {
         counters: take(ebpf, common::MAP_COUNTERS)?,
         stats: take(ebpf, common::MAP_STATS)?,
@@ -208,6 +224,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         retention: cfg.retention,
         stats_seen: [0; STATS_LEN as usize],
         noncoherent: HashMap::new(),
+        cost,
+        flush_cpus,
+        noncoherent_tgids,
+        detector: Detector::default(),
+        sweep_interval: cfg.sweep,
+        sweeps: 0,
         stats_hooks,
         _bpf_stats: bpf_stats,
     };
@@ -338,6 +360,10 @@ impl State {
             return; // gone before it was named: nothing to judge
         }
         let verdict = self.policy.evaluate(info);
+        if let Some(p) = self.acct.procs.get_mut(&info.pid) {
+            p.budget = verdict.budget;
+            p.rule = verdict.rule_name.clone();
+        }
         let kv = enforce::kernel_verdict(&verdict, self.generation);
         if let Err(e) = self.vm_policy.insert(info.pid, kv, 0) {
             tracing::error!(pid = info.pid, vm = %info.vm, error = %e, "writing the verdict map; FILE_ADD from this VM will be stopped and asked");
@@ -395,6 +421,18 @@ impl State {
             }
         }
         self.metrics.incoherent_dma_requests.with_label_values(&[&info.vm, j.action.decision()]).inc();
+        // A device the IOMMU does not keep coherent was really added: from now on KVM really
+        // executes this VM's WBINVD. (Where the fentry hooks load, the kernel says so itself.)
+        let added = record.ret == Some(0) && j.action != crate::policy::Action::Deny;
+        let coherent = record.vfio.as_ref().is_some_and(|v| v.coherency == vfio::Coherency::Enforced);
+        if added && !coherent {
+            if let Err(e) = self.noncoherent_tgids.insert(tgid, 1, 0) {
+                tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
+            }
+            if let Some(p) = self.acct.procs.get_mut(&tgid) {
+                p.noncoherent = true;
+            }
+        }
         if let Some(r) = &self.record {
             r.record_quiet(record.clone());
         }
@@ -414,7 +452,57 @@ impl State {
 
     fn sweep(&mut self) {
         let now = Instant::now();
-        self.acct.check_liveness(&self.procfs, now);
+        // Liveness costs a procfs read per VMM: about once a second is enough for lifecycle.
+        let every = (1000 / self.sweep_interval.as_millis().max(1)).max(1) as u64;
+        let full = self.sweeps.is_multiple_of(every);
+        self.sweeps += 1;
+        if full {
+            for tgid in self.acct.check_liveness(&self.procfs, now) {
+                self.detector.forget(tgid);
+            }
+        }
+        let (kernel, mut keys) = self.read_counters();
+        let cost = self.read_cost();
+        let before: Vec<u32> = self.acct.procs.keys().copied().collect();
+        self.acct.apply(kernel, &self.procfs, now);
+        self.acct.apply_cost(cost, &self.procfs, now);
+        let new: Vec<ProcessInfo> = self
+            .acct
+            .procs
+            .iter()
+            .filter(|(t, p)| !before.contains(t) && p.alive())
+            .map(|(_, p)| p.info.clone())
+            .collect();
+        for info in new {
+            self.write_verdict(&info);
+        }
+        for tgid in self.acct.take_newly_dead() {
+            for k in keys.remove(&tgid).unwrap_or_default() {
+                let _ = self.counters.remove(&k);
+            }
+            for bucket in (0..=common::COST_BUCKETS_NS.len() as u32).chain([common::COST_SUM]) {
+                let _ = self.cost.remove(&CostKey { tgid, bucket });
+            }
+            let _ = self.vm_policy.remove(&tgid);
+            let _ = self.noncoherent_tgids.remove(&tgid);
+            let stale: Vec<FdKey> =
+                self.kvm_devices.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
+            for k in stale {
+                let _ = self.kvm_devices.remove(&k);
+            }
+        }
+        if full {
+            self.acct.expire(self.retention, now);
+        }
+        self.acct.export(&self.metrics);
+        self.detect_storms(now);
+        self.export_flush_cpus();
+        self.export_stats();
+        self.export_program_stats();
+    }
+
+    /// Kernel WBINVD/INVD counts summed over CPUs and vCPUs, per tgid, and the keys per tgid.
+    fn read_counters(&self) -> (HashMap<u32, Totals>, HashMap<u32, Vec<CounterKey>>) {
         let mut kernel: HashMap<u32, Totals> = HashMap::new();
         let mut keys: HashMap<u32, Vec<CounterKey>> = HashMap::new();
         for item in self.counters.iter() {
@@ -430,33 +518,127 @@ impl State {
                 }
             }
         }
-        let before: Vec<u32> = self.acct.procs.keys().copied().collect();
-        self.acct.apply(kernel, &self.procfs, now);
-        let new: Vec<ProcessInfo> = self
-            .acct
-            .procs
-            .iter()
-            .filter(|(t, p)| !before.contains(t) && p.dead_since.is_none())
-            .map(|(_, p)| p.info.clone())
-            .collect();
-        for info in new {
-            self.write_verdict(&info);
-        }
-        for tgid in self.acct.take_newly_dead() {
-            for k in keys.remove(&tgid).unwrap_or_default() {
-                let _ = self.counters.remove(&k);
+        (kernel, keys)
+    }
+
+    /// Kernel handler-time histograms summed over CPUs, per tgid.
+    fn read_cost(&self) -> HashMap<u32, CostHist> {
+        let mut out: HashMap<u32, CostHist> = HashMap::new();
+        for item in self.cost.iter() {
+            match item {
+                Ok((k, values)) => {
+                    let sum: u64 = values.iter().sum();
+                    let h = out.entry(k.tgid).or_default();
+                    match h.buckets.get_mut(k.bucket as usize) {
+                        Some(b) => *b += sum,
+                        None if k.bucket == common::COST_SUM => h.sum_ns += sum,
+                        None => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the cost map");
+                    break;
+                }
             }
-            let _ = self.vm_policy.remove(&tgid);
-            let stale: Vec<FdKey> =
-                self.kvm_devices.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).collect();
-            for k in stale {
-                let _ = self.kvm_devices.remove(&k);
+        }
+        out
+    }
+
+    fn export_flush_cpus(&self) {
+        let mut snap = [0u64; common::FLUSH_CPUS_LEN as usize];
+        for (i, slot) in snap.iter_mut().enumerate() {
+            if let Ok(v) = self.flush_cpus.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
             }
         }
-        self.acct.expire(self.retention, now);
-        self.acct.export(&self.metrics);
-        self.export_stats();
-        self.export_program_stats();
+        self.metrics.cost.lock().unwrap_or_else(|e| e.into_inner()).flush_cpus = snap;
+    }
+
+    /// Feeds each live VMM's totals to the detector and acts on alerts raised or cleared.
+    fn detect_storms(&mut self, now: Instant) {
+        let first = self.sweeps == 1;
+        let mut per_vm: HashMap<String, (f64, f64, bool)> = HashMap::new();
+        let mut changes = Vec::new();
+        for (tgid, p) in self.acct.procs.iter().filter(|(_, p)| p.alive()) {
+            let wbinvd = p.total(common::OP_WBINVD, &[common::PATH_EXIT, common::PATH_EMULATED]);
+            if !self.detector.is_tracked(*tgid) {
+                // A VMM that ran before the agent starts from what it has; one that appeared
+                // since started from zero one sweep ago.
+                if first {
+                    self.detector.baseline(*tgid, now, wbinvd, p.cost.sum_ns);
+                } else {
+                    self.detector.baseline(*tgid, now - self.sweep_interval, 0, 0);
+                }
+            }
+            if let Some(t) = self.detector.observe(*tgid, now, wbinvd, p.cost.sum_ns, &p.budget) {
+                changes.push((*tgid, t));
+            }
+            if let Some(w) = self.detector.window(*tgid) {
+                let e = per_vm.entry(p.info.vm.clone()).or_default();
+                e.0 += w.rate;
+                e.1 += w.cost_ratio;
+                e.2 |= w.storm;
+            }
+        }
+        for (vm, (rate, ratio, storm)) in &per_vm {
+            self.metrics.wbinvd_rate.with_label_values(&[vm]).set(*rate);
+            self.metrics.wbinvd_cost_ratio.with_label_values(&[vm]).set(*ratio);
+            self.metrics.wbinvd_storm.with_label_values(&[vm]).set(i64::from(*storm));
+        }
+        for (tgid, t) in changes {
+            self.on_storm(tgid, t);
+        }
+    }
+
+    fn on_storm(&mut self, tgid: u32, t: Transition) {
+        let Some(p) = self.acct.procs.get(&tgid) else { return };
+        let w = self.detector.window(tgid).unwrap_or_default();
+        let b = p.budget;
+        let (state, outcome) = match t {
+            Transition::Raised => {
+                self.metrics.dos_alerts.with_label_values(&[&p.info.vm]).inc();
+                let outcome = match b.action {
+                    StormAction::Alert => "alerted".to_string(),
+                    StormAction::Stop | StormAction::Kill => {
+                        let (sig, done) = if b.action == StormAction::Kill {
+                            (libc::SIGKILL, "killed")
+                        } else {
+                            (libc::SIGSTOP, "stopped")
+                        };
+                        match signal_process(tgid, sig) {
+                            Ok(()) => done.to_string(),
+                            Err(e) => format!("signal-failed: {e}"),
+                        }
+                    }
+                };
+                tracing::warn!(
+                    vm = %p.info.vm, pid = tgid, rate = w.rate, cost_ratio = w.cost_ratio, budget_rate = b.rate,
+                    budget_cost_ratio = b.cost_ratio, action = b.action.as_str(), outcome = %outcome, "WBINVD storm"
+                );
+                ("raised", outcome)
+            }
+            Transition::Cleared => {
+                tracing::info!(vm = %p.info.vm, pid = tgid, rate = w.rate, cost_ratio = w.cost_ratio, "WBINVD storm cleared");
+                ("cleared", "cleared".to_string())
+            }
+        };
+        self.audit.write(&StormRecord {
+            event: EVENT_WBINVD_STORM.into(),
+            time: rfc3339(SystemTime::now()),
+            host: self.host.clone(),
+            vm: p.info.vm.clone(),
+            pid: tgid,
+            rule: p.rule.clone(),
+            state: state.into(),
+            rate: w.rate,
+            cost_ratio: w.cost_ratio,
+            budget_rate: b.rate,
+            budget_cost_ratio: b.cost_ratio,
+            window_seconds: b.window.as_secs_f64(),
+            action: b.action.as_str().into(),
+            outcome,
+            policy: self.policy.source.clone(),
+        });
     }
 
     /// In-kernel cost of each attached program (run count and total run time), when enabled.

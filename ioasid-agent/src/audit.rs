@@ -35,8 +35,19 @@ pub struct Request {
     pub device_fd_known: bool,
 }
 
+pub const EVENT_INCOHERENT_DMA: &str = "incoherent-dma";
+pub const EVENT_WBINVD_STORM: &str = "wbinvd-storm";
+
+fn incoherent_dma() -> String {
+    EVENT_INCOHERENT_DMA.into()
+}
+
+/// An incoherent-DMA decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
+    /// `incoherent-dma`.
+    #[serde(default = "incoherent_dma")]
+    pub event: String,
     /// RFC 3339, UTC.
     pub time: String,
     pub host: String,
@@ -63,6 +74,32 @@ pub struct AuditRecord {
     pub policy: String,
 }
 
+/// A WBINVD storm raised or cleared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StormRecord {
+    /// `wbinvd-storm`.
+    pub event: String,
+    pub time: String,
+    pub host: String,
+    pub vm: String,
+    pub pid: u32,
+    pub rule: String,
+    /// raised | cleared
+    pub state: String,
+    /// WBINVD per second over the window.
+    pub rate: f64,
+    /// Handler time over wall time over the window.
+    pub cost_ratio: f64,
+    pub budget_rate: f64,
+    pub budget_cost_ratio: f64,
+    pub window_seconds: f64,
+    /// alert | stop | kill
+    pub action: String,
+    /// alerted | stopped | killed | cleared | signal-failed
+    pub outcome: String,
+    pub policy: String,
+}
+
 impl AuditRecord {
     /// The process as the policy saw it (for replay).
     pub fn process(&self) -> ProcessInfo {
@@ -80,7 +117,7 @@ impl AuditRecord {
 
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditRecord>,
+    tx: mpsc::Sender<Vec<u8>>,
     metrics: Metrics,
 }
 
@@ -103,17 +140,10 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(open_err)?;
-        let (tx, mut rx) = mpsc::channel::<AuditRecord>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            while let Some(rec) = rx.blocking_recv() {
-                let mut line = match serde_json::to_vec(&rec) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "serializing an audit record");
-                        continue;
-                    }
-                };
+            while let Some(mut line) = rx.blocking_recv() {
                 line.push(b'\n');
                 if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
                     tracing::error!(path = %path.display(), error = %e, "writing the audit log");
@@ -134,7 +164,19 @@ impl AuditLog {
 
     /// Queues the record without a log line (a second sink, e.g. `--record`).
     pub fn record_quiet(&self, rec: AuditRecord) {
-        if let Err(e) = self.tx.try_send(rec) {
+        self.write(&rec);
+    }
+
+    /// Queues any record as one JSON line.
+    pub fn write<T: Serialize>(&self, rec: &T) {
+        let line = match serde_json::to_vec(rec) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "serializing an audit record");
+                return;
+            }
+        };
+        if let Err(e) = self.tx.try_send(line) {
             let n = self.metrics.audit_dropped.get();
             self.metrics.audit_dropped.inc();
             if n.is_power_of_two() || n == 0 {
@@ -199,6 +241,7 @@ mod tests {
         let metrics = Metrics::new();
         let log = AuditLog::start(&path, metrics.clone()).unwrap();
         let rec = AuditRecord {
+            event: EVENT_INCOHERENT_DMA.into(),
             time: rfc3339(SystemTime::now()),
             host: "h".into(),
             vm: "gpu-1".into(),

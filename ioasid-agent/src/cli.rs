@@ -42,6 +42,8 @@ pub enum Command {
     /// Policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Live per-VM view of a running agent (WBINVD rate, handler time, storms, incoherent DMA).
+    Top(TopArgs),
     /// Evaluate recorded requests (an audit log or a `run --record` file) against a policy.
     Replay(ReplayArgs),
 }
@@ -67,7 +69,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_optional_hooks: bool,
     /// How often the kernel counters are read (scrapes also read them).
-    #[arg(long, value_parser = parse_duration, default_value = "250ms")]
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     pub sweep_interval: Duration,
     /// How long a VM whose process exited is still reported.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
@@ -104,6 +106,19 @@ pub enum PolicyCommand {
         /// The policy file.
         path: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// The agent's metrics address.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    pub url: String,
+    /// Refresh interval.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+    /// Print one frame and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Args, Debug)]

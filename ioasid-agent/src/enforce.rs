@@ -88,6 +88,7 @@ pub fn judge(ev: &IoctlEvent, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Cont
         }
     };
     let record = AuditRecord {
+        event: crate::audit::EVENT_INCOHERENT_DMA.into(),
         time: cx.time.clone(),
         host: cx.host.to_string(),
         vm: p.vm.clone(),

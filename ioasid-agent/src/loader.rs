@@ -60,6 +60,22 @@ pub const HOOKS: &[HookSpec] = &[
         group: None,
     },
     HookSpec {
+        hook: "tp_btf/kvm_entry",
+        program: common::PROG_TP_BTF_KVM_ENTRY,
+        kind: HookKind::BtfTracePoint { name: "kvm_entry" },
+        optional: true,
+        purpose: "ends a WBINVD's handling time at the next VM entry (cheapest)",
+        group: Some("vm-entry"),
+    },
+    HookSpec {
+        hook: "tracepoint/kvm/kvm_entry",
+        program: common::PROG_KVM_ENTRY,
+        kind: HookKind::TracePoint { category: "kvm", name: "kvm_entry" },
+        optional: true,
+        purpose: "ends a WBINVD's handling time at the next VM entry",
+        group: Some("vm-entry"),
+    },
+    HookSpec {
         hook: "tp_btf/sys_enter",
         program: common::PROG_TP_BTF_SYS_ENTER,
         kind: HookKind::BtfTracePoint { name: "sys_enter" },
@@ -97,6 +113,30 @@ pub const HOOKS: &[HookSpec] = &[
         kind: HookKind::TracePoint { category: "sched", name: "sched_process_exec" },
         optional: false,
         purpose: "drops a process's verdict when it execs",
+        group: None,
+    },
+    HookSpec {
+        hook: "fentry/kvm_emulate_wbinvd",
+        program: common::PROG_FENTRY_KVM_EMULATE_WBINVD,
+        kind: HookKind::FEntry { function: "kvm_emulate_wbinvd" },
+        optional: true,
+        purpose: "WBINVD exit handler start (exact handler time)",
+        group: None,
+    },
+    HookSpec {
+        hook: "fentry/emulator_wbinvd",
+        program: common::PROG_FENTRY_EMULATOR_WBINVD,
+        kind: HookKind::FEntry { function: "emulator_wbinvd" },
+        optional: true,
+        purpose: "WBINVD emulator handler start (exact handler time)",
+        group: None,
+    },
+    HookSpec {
+        hook: "fentry/wbinvd_on_cpus_mask",
+        program: common::PROG_FENTRY_WBINVD_ON_CPUS_MASK,
+        kind: HookKind::FEntry { function: "wbinvd_on_cpus_mask" },
+        optional: true,
+        purpose: "CPUs each WBINVD flush reaches",
         group: None,
     },
     HookSpec {
@@ -231,6 +271,26 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    fn attached(&self, hook: &str) -> bool {
+        self.hooks.iter().any(|h| h.spec.hook == hook && h.attached())
+    }
+
+    /// Which programs time WBINVD handling: the handlers' fentry/fexit where all four attach,
+    /// else tracepoint pairs. Returns the `Control::cost_source` value and its name.
+    pub fn cost_source(&self) -> (u32, &'static str) {
+        let handlers = [
+            "fentry/kvm_emulate_wbinvd",
+            "fexit/kvm_emulate_wbinvd",
+            "fentry/emulator_wbinvd",
+            "fexit/emulator_wbinvd",
+        ];
+        if handlers.iter().all(|h| self.attached(h)) {
+            (common::COST_SOURCE_HANDLERS, "handlers")
+        } else {
+            (common::COST_SOURCE_TRACEPOINTS, "tracepoint-pairs")
+        }
+    }
+
     pub fn lsm_attached(&self) -> bool {
         self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
     }
@@ -312,8 +372,12 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         }
     }
     let mut loaded = Loaded { ebpf, hooks };
-    let control =
-        Control { enforce: u32::from(opts.enforce), lsm_enforces: u32::from(loaded.lsm_attached()) };
+    let control = Control {
+        enforce: u32::from(opts.enforce),
+        lsm_enforces: u32::from(loaded.lsm_attached()),
+        cost_source: loaded.cost_source().0,
+        _pad: 0,
+    };
     set_control(&mut loaded.ebpf, control)?;
     Ok(loaded)
 }

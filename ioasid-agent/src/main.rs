@@ -11,6 +11,8 @@ mod http;
 mod loader;
 mod policy;
 mod procfs;
+mod promtext;
+mod storm;
 mod telemetry;
 mod tracefs;
 mod vfio;
@@ -38,6 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => cmd::status::run(args),
         Command::Policy(PolicyCommand::Check { path }) => cmd::policy::check(path),
         Command::Replay(args) => cmd::replay::run(args),
+        Command::Top(args) => cmd::top::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,7 +13,10 @@
 //! Parsing is strict (unknown keys are errors, with line and column); the file is validated
 //! and compiled once into matchers, and is swapped atomically on reload.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use globset::{Glob, GlobMatcher, GlobSet, GlobSetBuilder};
 use ioasid_common::{DECISION_ALLOW, DECISION_ASK, DECISION_AUDIT, DECISION_DENY, RULE_DEFAULT};
@@ -65,12 +68,84 @@ struct PolicyFile {
 struct DefaultSection {
     #[serde(default = "default_action")]
     incoherent_dma: Action,
+    #[serde(default)]
+    wbinvd: BudgetFile,
 }
 
 impl Default for DefaultSection {
     fn default() -> Self {
-        Self { incoherent_dma: default_action() }
+        Self { incoherent_dma: default_action(), wbinvd: BudgetFile::default() }
     }
+}
+
+/// What to do when a VM goes over its WBINVD budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StormAction {
+    /// Raise `ioasid_wbinvd_storm`, count an alert, log and audit it.
+    Alert,
+    /// Also SIGSTOP the VMM (resume it with SIGCONT).
+    Stop,
+    /// Also SIGKILL the VMM.
+    Kill,
+}
+
+impl StormAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StormAction::Alert => "alert",
+            StormAction::Stop => "stop",
+            StormAction::Kill => "kill",
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetFile {
+    /// WBINVD per second, averaged over the window.
+    rate: Option<f64>,
+    /// Share of wall time KVM spent handling the VM's WBINVD over the window.
+    cost_ratio: Option<f64>,
+    /// `250ms`, `1s`, `2m`...
+    window: Option<String>,
+    action: Option<StormAction>,
+}
+
+/// A compiled WBINVD budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub rate: f64,
+    pub cost_ratio: f64,
+    pub window: Duration,
+    pub action: StormAction,
+}
+
+impl Budget {
+    /// With no policy at all: alert (only) above 1000 WBINVD/s or 5 % of wall time in WBINVD
+    /// handling over 1 s. Healthy guests execute WBINVD a few times at boot, on ACPI sleep and
+    /// on memory-type changes; a thousand per second is a loop.
+    pub const DEFAULT: Budget =
+        Budget { rate: 1000.0, cost_ratio: 0.05, window: Duration::from_secs(1), action: StormAction::Alert };
+}
+
+fn compile_budget(f: &BudgetFile, base: &Budget, what: &str) -> Result<Budget, String> {
+    let rate = f.rate.unwrap_or(base.rate);
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(format!("{what}: wbinvd.rate must be a positive number of WBINVD per second"));
+    }
+    let cost_ratio = f.cost_ratio.unwrap_or(base.cost_ratio);
+    if !(cost_ratio.is_finite() && cost_ratio > 0.0) {
+        return Err(format!("{what}: wbinvd.cost_ratio must be a positive share of wall time (0.05 = 5 %)"));
+    }
+    let window = match &f.window {
+        None => base.window,
+        Some(w) => crate::cli::parse_duration(w).map_err(|e| format!("{what}: wbinvd.window: {e}"))?,
+    };
+    if window < Duration::from_millis(100) || window > Duration::from_secs(3600) {
+        return Err(format!("{what}: wbinvd.window must be between 100ms and 1h"));
+    }
+    Ok(Budget { rate, cost_ratio, window, action: f.action.unwrap_or(base.action) })
 }
 
 fn default_action() -> Action {
@@ -85,6 +160,7 @@ struct RuleFile {
     matcher: MatchFile,
     incoherent_dma: Option<Action>,
     devices: Option<Vec<String>>,
+    wbinvd: Option<BudgetFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +202,7 @@ struct Rule {
     uids: Option<Vec<u32>>,
     incoherent_dma: Action,
     devices: Option<(Vec<String>, GlobSet)>,
+    budget: Budget,
 }
 
 /// A validated, compiled policy.
@@ -134,11 +211,12 @@ pub struct Policy {
     /// Where it came from: a path, or `<embedded default>`.
     pub source: String,
     pub default: Action,
+    pub default_budget: Budget,
     rules: Vec<Rule>,
 }
 
 /// What the policy says for one VMM process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     /// Index of the matched rule, or None for the default.
     pub rule: Option<usize>,
@@ -147,6 +225,8 @@ pub struct Verdict {
     pub action: Action,
     /// Device globs the rule limits the VM to (the decision then depends on the device).
     pub devices: Option<Vec<String>>,
+    /// The VM's WBINVD budget.
+    pub budget: Budget,
 }
 
 impl Verdict {
@@ -194,6 +274,8 @@ impl Policy {
             }
             PolicyError::Syntax { path: path.clone(), line, column, message }
         })?;
+        let default_budget =
+            compile_budget(&file.default.wbinvd, &Budget::DEFAULT, "default").map_err(&invalid)?;
         let mut rules = Vec::with_capacity(file.rules.len());
         for (i, r) in file.rules.into_iter().enumerate() {
             let what = format!("rule {} ({:?})", i + 1, r.name);
@@ -241,7 +323,12 @@ impl Policy {
                     Some((list, set))
                 }
             };
+            let budget = match &r.wbinvd {
+                None => default_budget,
+                Some(b) => compile_budget(b, &default_budget, &what).map_err(&invalid)?,
+            };
             rules.push(Rule {
+                budget,
                 vm: glob("vm", &r.matcher.vm)?,
                 cgroup: glob("cgroup", &r.matcher.cgroup)?,
                 exe: glob("exe", &r.matcher.exe)?,
@@ -251,7 +338,7 @@ impl Policy {
                 name: r.name,
             });
         }
-        Ok(Self { source: source.to_string(), default: file.default.incoherent_dma, rules })
+        Ok(Self { source: source.to_string(), default: file.default.incoherent_dma, default_budget, rules })
     }
 
     pub fn rule_count(&self) -> usize {
@@ -275,10 +362,17 @@ impl Policy {
                     rule_name: r.name.clone(),
                     action: r.incoherent_dma,
                     devices: r.devices.as_ref().map(|(l, _)| l.clone()),
+                    budget: r.budget,
                 };
             }
         }
-        Verdict { rule: None, rule_name: "default".into(), action: self.default, devices: None }
+        Verdict {
+            rule: None,
+            rule_name: "default".into(),
+            action: self.default,
+            devices: None,
+            budget: self.default_budget,
+        }
     }
 
     /// The final action once the device is known: a device-limited rule denies any device
@@ -373,6 +467,35 @@ mod tests {
         // Rules without devices ignore the device.
         let d = p.evaluate(&proc("web"));
         assert_eq!(p.decide_device(&d, &[]).0, Action::Deny);
+    }
+
+    #[test]
+    fn wbinvd_budgets_inherit_from_the_default() {
+        let text = "default:\n  incoherent_dma: audit\n  wbinvd: { rate: 500, window: 2s }\nrules:\n  - name: tenants\n    match: { vm: \"tenant-*\" }\n    wbinvd: { cost_ratio: 0.01, action: kill }\n  - name: gpu\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n";
+        let p = Policy::parse(text, "t").unwrap();
+        let t = p.evaluate(&proc("tenant-1")).budget;
+        assert_eq!(
+            (t.rate, t.cost_ratio, t.window, t.action),
+            (500.0, 0.01, Duration::from_secs(2), StormAction::Kill)
+        );
+        let g = p.evaluate(&proc("gpu-1")).budget;
+        assert_eq!((g.rate, g.cost_ratio, g.action), (500.0, Budget::DEFAULT.cost_ratio, StormAction::Alert));
+        // The tenant rule set only a budget: its incoherent_dma is the default's.
+        assert_eq!(p.evaluate(&proc("tenant-1")).action, Action::Audit);
+        assert_eq!(Policy::embedded().evaluate(&proc("x")).budget, Budget::DEFAULT);
+        for (bad, want) in [
+            ("default: { wbinvd: { rate: 0 } }\n", "wbinvd.rate must be a positive"),
+            ("default: { wbinvd: { rate: -3 } }\n", "wbinvd.rate"),
+            ("default: { wbinvd: { cost_ratio: 0 } }\n", "cost_ratio"),
+            ("default: { wbinvd: { window: 10ms } }\n", "between 100ms and 1h"),
+            ("default: { wbinvd: { window: soon } }\n", "wbinvd.window"),
+            ("default: { wbinvd: { action: reboot } }\n", "unknown variant `reboot`"),
+            ("default: { wbinvd: { burst: 3 } }\n", "unknown field `burst`"),
+            ("rules:\n  - name: a\n    match: {}\n    wbinvd: { rate: .nan }\n", "rule 1 (\"a\")"),
+        ] {
+            let err = Policy::parse(bad, "b.yaml").expect_err(bad).to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
     }
 
     #[test]

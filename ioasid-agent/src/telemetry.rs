@@ -4,7 +4,117 @@
 //! and alert rules: never rename them. Labels are bounded: `vm` is one value per VM on the
 //! host, everything else is a fixed set. No pid or path labels.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use ioasid_common::{COST_BUCKETS_NS, FLUSH_CPUS_LEN, FLUSH_CPU_BUCKETS};
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// WBINVD handler-time histogram of one VM: the kernel's exact bucket counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CostHist {
+    /// Per bucket (not cumulative); the last is +Inf.
+    pub buckets: [u64; COST_BUCKETS_NS.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl CostHist {
+    pub fn add(&mut self, o: &CostHist) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+    }
+}
+
+/// What the histogram collector exports, replaced by each sweep.
+#[derive(Debug, Default)]
+pub struct CostSnapshot {
+    pub per_vm: BTreeMap<String, CostHist>,
+    pub flush_cpus: [u64; FLUSH_CPUS_LEN as usize],
+}
+
+/// Exports `ioasid_wbinvd_handler_seconds{vm}` and `ioasid_wbinvd_flush_cpus` from kernel counts
+/// (the prometheus crate's own histograms only take observations one by one).
+struct HistCollector {
+    descs: Vec<Desc>,
+    snap: Arc<Mutex<CostSnapshot>>,
+}
+
+/// A histogram from per-bucket counts; `per_bucket` has one more entry than `bounds` (+Inf),
+/// which only enters the total count.
+fn histogram(bounds: impl Iterator<Item = f64>, per_bucket: &[u64], sum: f64) -> proto::Histogram {
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0;
+    let buckets = bounds
+        .zip(per_bucket.iter())
+        .map(|(upper, n)| {
+            cumulative += n;
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(upper);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    h.set_bucket(buckets);
+    h.set_sample_count(per_bucket.iter().sum());
+    h.set_sample_sum(sum);
+    h
+}
+
+fn family(name: &str, help: &str, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(MetricType::HISTOGRAM);
+    f.set_metric(metrics);
+    f
+}
+
+const HANDLER_HELP: &str =
+    "Time KVM spent handling each guest WBINVD, by VM (source: see ioasid_wbinvd_cost_source).";
+const FLUSH_CPUS_HELP: &str =
+    "Physical CPUs reached by each WBINVD flush (needs fentry on wbinvd_on_cpus_mask).";
+
+impl Collector for HistCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snap = self.snap.lock().unwrap_or_else(|e| e.into_inner());
+        let bounds = || COST_BUCKETS_NS.iter().map(|ns| *ns as f64 / 1e9);
+        let per_vm = snap
+            .per_vm
+            .iter()
+            .map(|(vm, h)| {
+                let mut m = proto::Metric::default();
+                let mut l = proto::LabelPair::default();
+                l.set_name("vm".into());
+                l.set_value(vm.clone());
+                m.set_label(vec![l]);
+                m.set_histogram(histogram(bounds(), &h.buckets, h.sum_ns as f64 / 1e9));
+                m
+            })
+            .collect();
+        let mut flush = proto::Metric::default();
+        flush.set_histogram(histogram(
+            FLUSH_CPU_BUCKETS.iter().map(|b| f64::from(*b)),
+            &snap.flush_cpus,
+            0.0,
+        ));
+        vec![
+            family("ioasid_wbinvd_handler_seconds", HANDLER_HELP, per_vm),
+            family("ioasid_wbinvd_flush_cpus", FLUSH_CPUS_HELP, vec![flush]),
+        ]
+    }
+}
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -37,6 +147,20 @@ pub struct Metrics {
     /// BPF program runs and in-kernel run time (only with --bpf-stats).
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
+    /// Histogram data for `ioasid_wbinvd_handler_seconds` and `ioasid_wbinvd_flush_cpus`.
+    pub cost: Arc<Mutex<CostSnapshot>>,
+    /// contract: WBINVD that really flushed caches (the VM had non-coherent DMA).
+    pub wbinvd_flushes: IntCounterVec,
+    /// contract: handler time over wall time, last window.
+    pub wbinvd_cost_ratio: GaugeVec,
+    /// WBINVD per second, last window.
+    pub wbinvd_rate: GaugeVec,
+    /// contract: 1 while a VM is over its WBINVD budget.
+    pub wbinvd_storm: IntGaugeVec,
+    /// contract: storm alerts raised.
+    pub dos_alerts: IntCounterVec,
+    /// 1 for the source timing WBINVD handling: handlers | tracepoint-pairs.
+    pub wbinvd_cost_source: IntGaugeVec,
 }
 
 impl Metrics {
@@ -139,6 +263,52 @@ impl Metrics {
                 registry.register(Box::new(m.clone())).expect("unique metric");
                 m
             },
+            cost: {
+                let snap = Arc::new(Mutex::new(CostSnapshot::default()));
+                let descs = vec![
+                    Desc::new("ioasid_wbinvd_handler_seconds".into(), HANDLER_HELP.into(), vec!["vm".into()], Default::default())
+                        .expect("valid metric definition"),
+                    Desc::new("ioasid_wbinvd_flush_cpus".into(), FLUSH_CPUS_HELP.into(), vec![], Default::default())
+                        .expect("valid metric definition"),
+                ];
+                registry
+                    .register(Box::new(HistCollector { descs, snap: snap.clone() }))
+                    .expect("unique metric");
+                snap
+            },
+            wbinvd_flushes: counter_vec(
+                "ioasid_wbinvd_flushes_total",
+                "Guest WBINVD that really flushed caches: the VM had non-coherent DMA.",
+                &["vm"],
+            ),
+            wbinvd_cost_ratio: {
+                let m = GaugeVec::new(
+                    Opts::new(
+                        "ioasid_wbinvd_cost_ratio",
+                        "Time KVM spent handling the VM's WBINVD over wall time, last budget window (can exceed 1 with several vCPUs).",
+                    ),
+                    &["vm"],
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(m.clone())).expect("unique metric");
+                m
+            },
+            wbinvd_rate: {
+                let m = GaugeVec::new(
+                    Opts::new("ioasid_wbinvd_rate", "Guest WBINVD per second, last budget window."),
+                    &["vm"],
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(m.clone())).expect("unique metric");
+                m
+            },
+            wbinvd_storm: gauge_vec("ioasid_wbinvd_storm", "1 while the VM is over its WBINVD budget.", &["vm"]),
+            dos_alerts: counter_vec("ioasid_dos_alerts_total", "WBINVD storm alerts raised, by VM.", &["vm"]),
+            wbinvd_cost_source: gauge_vec(
+                "ioasid_wbinvd_cost_source",
+                "1 for the source timing WBINVD handling: handlers (fentry/fexit) or tracepoint-pairs.",
+                &["source"],
+            ),
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

@@ -26,6 +26,18 @@ pub const MAP_KVM_DEVICES: &str = "IOASID_KVM_DEVICES";
 pub const MAP_INFLIGHT: &str = "IOASID_INFLIGHT";
 /// Array of one [`Control`].
 pub const MAP_CONTROL: &str = "IOASID_CONTROL";
+/// Per-CPU hash: [`CostKey`] -> u64. WBINVD handler time histogram and ns sum, per VM.
+pub const MAP_COST: &str = "IOASID_COST";
+/// Hash: thread id -> [`Pending`], a WBINVD whose handling has started and not yet ended.
+pub const MAP_PENDING: &str = "IOASID_PENDING";
+/// Array of one u64: pending WBINVDs host-wide. While 0 (nearly always) the closers on every
+/// VM entry, emulated instruction and syscall exit return after one array read.
+pub const MAP_PENDING_COUNT: &str = "IOASID_PENDING_COUNT";
+/// Hash: tgid -> u32, VMMs known to have non-coherent DMA (their WBINVD really flush).
+/// Written by the agent, and by the fentry hooks on (un)register_noncoherent_dma.
+pub const MAP_NONCOHERENT: &str = "IOASID_NONCOHERENT";
+/// Per-CPU array of u64 indexed by [`flush_cpus_bucket`]: CPUs reached per flush.
+pub const MAP_FLUSH_CPUS: &str = "IOASID_FLUSH_CPUS";
 /// Array of one u64: watched ioctls between sys_enter and sys_exit, host-wide. While it is 0
 /// (nearly always) the sys_exit programs return without a hash lookup.
 pub const MAP_INFLIGHT_COUNT: &str = "IOASID_INFLIGHT_COUNT";
@@ -36,6 +48,11 @@ pub const PROG_FEXIT_KVM_EMULATE_WBINVD: &str = "ioasid_fexit_kvm_emulate_wbinvd
 pub const PROG_FEXIT_EMULATOR_WBINVD: &str = "ioasid_fexit_emulator_wbinvd";
 pub const PROG_SYS_ENTER_IOCTL: &str = "ioasid_sys_enter_ioctl";
 pub const PROG_SYS_EXIT_IOCTL: &str = "ioasid_sys_exit_ioctl";
+pub const PROG_TP_BTF_KVM_ENTRY: &str = "ioasid_tp_btf_kvm_entry";
+pub const PROG_KVM_ENTRY: &str = "ioasid_kvm_entry";
+pub const PROG_FENTRY_KVM_EMULATE_WBINVD: &str = "ioasid_fentry_kvm_emulate_wbinvd";
+pub const PROG_FENTRY_EMULATOR_WBINVD: &str = "ioasid_fentry_emulator_wbinvd";
+pub const PROG_FENTRY_WBINVD_ON_CPUS_MASK: &str = "ioasid_fentry_wbinvd_on_cpus_mask";
 pub const PROG_TP_BTF_SYS_ENTER: &str = "ioasid_tp_btf_sys_enter";
 pub const PROG_TP_BTF_SYS_EXIT: &str = "ioasid_tp_btf_sys_exit";
 pub const PROG_SCHED_EXEC: &str = "ioasid_sched_exec";
@@ -44,7 +61,12 @@ pub const PROG_FENTRY_REGISTER_NONCOHERENT: &str = "ioasid_fentry_register_nonco
 pub const PROG_FENTRY_UNREGISTER_NONCOHERENT: &str = "ioasid_fentry_unregister_noncoherent";
 
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 13] = [
+    MAP_COST,
+    MAP_PENDING,
+    MAP_PENDING_COUNT,
+    MAP_NONCOHERENT,
+    MAP_FLUSH_CPUS,
     MAP_CONTROL,
     MAP_INFLIGHT_COUNT,
     MAP_COUNTERS,
@@ -56,7 +78,12 @@ pub const ALL_MAPS: [&str; 8] = [
 ];
 
 /// Every program name, for the object test.
-pub const ALL_PROGRAMS: [&str; 12] = [
+pub const ALL_PROGRAMS: [&str; 17] = [
+    PROG_TP_BTF_KVM_ENTRY,
+    PROG_KVM_ENTRY,
+    PROG_FENTRY_KVM_EMULATE_WBINVD,
+    PROG_FENTRY_EMULATOR_WBINVD,
+    PROG_FENTRY_WBINVD_ON_CPUS_MASK,
     PROG_TP_BTF_SYS_ENTER,
     PROG_TP_BTF_SYS_EXIT,
     PROG_KVM_EXIT,
@@ -78,6 +105,8 @@ pub const COUNTERS_MAX_ENTRIES: u32 = 16384;
 pub const VM_POLICY_MAX_ENTRIES: u32 = 8192;
 pub const KVM_DEVICES_MAX_ENTRIES: u32 = 8192;
 pub const INFLIGHT_MAX_ENTRIES: u32 = 4096;
+/// 18 keys per VM (16 buckets, +Inf, sum).
+pub const COST_MAX_ENTRIES: u32 = 65536;
 /// 256 KiB: ioctl events are rare (a handful per VM start), so this is generous.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
@@ -170,6 +199,8 @@ pub const PATH_EMULATED: u32 = 2;
 /// A handler invocation seen by fexit on kvm_emulate_wbinvd / emulator_wbinvd (optional hooks).
 pub const PATH_HANDLER_EXIT: u32 = 3;
 pub const PATH_HANDLER_EMULATED: u32 = 4;
+/// A WBINVD of a VM known to be non-coherent: KVM really flushed caches.
+pub const PATH_FLUSHED: u32 = 5;
 /// `vcpu` value when the source does not say which vCPU it was.
 pub const VCPU_UNKNOWN: u32 = u32::MAX;
 
@@ -200,6 +231,88 @@ pub enum Stat {
     SignalErrors = 4,
 }
 pub const STATS_LEN: u32 = 5;
+
+// ---------------------------------------------------------------------------------------------
+// WBINVD cost.
+// ---------------------------------------------------------------------------------------------
+
+/// Upper bounds (ns) of the handler-time histogram buckets: 1 us .. 100 ms. Index
+/// `COST_BUCKETS_NS.len()` is +Inf.
+pub const COST_BUCKETS_NS: [u64; 16] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+];
+/// `CostKey::bucket` of the ns sum.
+pub const COST_SUM: u32 = 0xffff;
+
+/// Histogram bucket of a handler time: the first bound it does not exceed, else +Inf.
+#[inline(always)]
+pub fn cost_bucket(ns: u64) -> u32 {
+    let mut i = 0;
+    while i < COST_BUCKETS_NS.len() {
+        if ns <= COST_BUCKETS_NS[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    COST_BUCKETS_NS.len() as u32
+}
+
+/// Upper bounds of the flush-CPU-count buckets; index `FLUSH_CPU_BUCKETS.len()` is +Inf.
+pub const FLUSH_CPU_BUCKETS: [u32; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+pub const FLUSH_CPUS_LEN: u32 = FLUSH_CPU_BUCKETS.len() as u32 + 1;
+
+#[inline(always)]
+pub fn flush_cpus_bucket(cpus: u32) -> u32 {
+    let mut i = 0;
+    while i < FLUSH_CPU_BUCKETS.len() {
+        if cpus <= FLUSH_CPU_BUCKETS[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    FLUSH_CPU_BUCKETS.len() as u32
+}
+
+/// Key of [`MAP_COST`]: a histogram bucket (or [`COST_SUM`]) of one VMM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CostKey {
+    pub tgid: u32,
+    pub bucket: u32,
+}
+const _: () = assert!(size_of::<CostKey>() == 8);
+
+/// Value of [`MAP_PENDING`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    pub start_ns: u64,
+    pub tgid: u32,
+    /// `PATH_EXIT` / `PATH_EMULATED`.
+    pub path: u32,
+}
+const _: () = assert!(size_of::<Pending>() == 16);
+
+/// `Control::cost_source`: which programs time WBINVD handling.
+pub const COST_SOURCE_TRACEPOINTS: u32 = 0;
+/// fentry/fexit on kvm_emulate_wbinvd and emulator_wbinvd time it exactly; the tracepoint
+/// pairs then do not.
+pub const COST_SOURCE_HANDLERS: u32 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Policy, compiled into the kernel.
@@ -372,8 +485,11 @@ pub struct Control {
     /// Non-zero when the LSM program is attached: `deny` happens there (-EPERM) and the
     /// tracepoint program sends no SIGKILL.
     pub lsm_enforces: u32,
+    /// `COST_SOURCE_*`.
+    pub cost_source: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Control>() == 8);
+const _: () = assert!(size_of::<Control>() == 16);
 
 // ---------------------------------------------------------------------------------------------
 // Decoding shared by the kernel programs and the tests: one implementation, tested on the host.
@@ -461,6 +577,10 @@ mod pod {
     unsafe impl aya::Pod for super::IoctlEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Control {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CostKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Pending {}
 }
 
 #[cfg(test)]
@@ -513,6 +633,21 @@ mod tests {
         // Fourteen prefixes and nothing else is not an instruction we count.
         let b = [0x66u8; 15];
         assert_eq!(classify_insn(&b, 15, false), 0);
+    }
+
+    #[test]
+    fn cost_buckets() {
+        assert_eq!(cost_bucket(0), 0);
+        assert_eq!(cost_bucket(1_000), 0);
+        assert_eq!(cost_bucket(1_001), 1);
+        assert_eq!(cost_bucket(99_999_999), 15);
+        assert_eq!(cost_bucket(100_000_000), 15);
+        assert_eq!(cost_bucket(100_000_001), 16);
+        assert_eq!(cost_bucket(u64::MAX), 16);
+        assert_eq!(flush_cpus_bucket(0), 0);
+        assert_eq!(flush_cpus_bucket(3), 2);
+        assert_eq!(flush_cpus_bucket(256), 8);
+        assert_eq!(flush_cpus_bucket(257), 9);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use aya_ebpf::{
     Global,
 };
 use ioasid_common::{
-    Control, CounterKey, FdKey, IoctlEvent, ProgConfig, Stat, VmVerdict, COUNTERS_MAX_ENTRIES,
-    EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, STATS_LEN, VM_POLICY_MAX_ENTRIES,
+    Control, CostKey, CounterKey, FdKey, IoctlEvent, Pending, ProgConfig, Stat, VmVerdict, COST_MAX_ENTRIES,
+    COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES, FLUSH_CPUS_LEN, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES,
+    STATS_LEN, VM_POLICY_MAX_ENTRIES,
 };
 
 /// Exact counts. Per-CPU so the hot path never contends; the agent sums the CPUs.
@@ -39,19 +40,25 @@ pub static IOASID_INFLIGHT: HashMap<u32, IoctlEvent> = HashMap::with_max_entries
 #[map]
 pub static IOASID_INFLIGHT_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Adds `delta` to a map value shared by all CPUs, atomically.
+#[inline(always)]
+fn atomic_add(p: *mut u64, delta: i64) {
+    // The bpfel target has no Rust atomics; BPF's own atomic add (BPF_XADD) is exact across
+    // CPUs. SAFETY: callers pass a pointer to an 8-byte aligned map value.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {d}",
+            p = in(reg) p,
+            d = in(reg) delta,
+            options(nostack),
+        )
+    };
+}
+
 #[inline(always)]
 pub fn inflight_add(delta: i64) {
     if let Some(p) = IOASID_INFLIGHT_COUNT.get_ptr_mut(0) {
-        // The bpfel target has no Rust atomics; BPF's own atomic add (BPF_XADD) is exact
-        // across CPUs. SAFETY: `p` is an array map element, valid and 8-byte aligned.
-        unsafe {
-            core::arch::asm!(
-                "lock *(u64 *)({p} + 0) += {d}",
-                p = in(reg) p,
-                d = in(reg) delta,
-                options(nostack),
-            )
-        };
+        atomic_add(p, delta);
     }
 }
 
@@ -60,13 +67,43 @@ pub fn inflight_none() -> bool {
     IOASID_INFLIGHT_COUNT.get(0).is_none_or(|n| *n == 0)
 }
 
+/// WBINVD handler time histogram and sum per VM.
+#[map]
+pub static IOASID_COST: PerCpuHashMap<CostKey, u64> = PerCpuHashMap::with_max_entries(COST_MAX_ENTRIES, 0);
+
+/// Thread id -> WBINVD being handled.
+#[map]
+pub static IOASID_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+
+#[map]
+pub static IOASID_PENDING_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// tgid -> 1 for VMMs with non-coherent DMA.
+#[map]
+pub static IOASID_NONCOHERENT: HashMap<u32, u32> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+
+#[map]
+pub static IOASID_FLUSH_CPUS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLUSH_CPUS_LEN, 0);
+
+#[inline(always)]
+pub fn pending_add(delta: i64) {
+    if let Some(p) = IOASID_PENDING_COUNT.get_ptr_mut(0) {
+        atomic_add(p, delta);
+    }
+}
+
+#[inline(always)]
+pub fn pending_none() -> bool {
+    IOASID_PENDING_COUNT.get(0).is_none_or(|n| *n == 0)
+}
+
 /// Enforcement switches, written by the agent after attaching.
 #[map]
 pub static IOASID_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn control() -> Control {
-    IOASID_CONTROL.get(0).copied().unwrap_or(Control { enforce: 0, lsm_enforces: 0 })
+    IOASID_CONTROL.get(0).copied().unwrap_or(Control { enforce: 0, lsm_enforces: 0, cost_source: 0, _pad: 0 })
 }
 
 /// Tracepoint field offsets (from tracefs `format` files) and switches, set by the agent.

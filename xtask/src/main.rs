@@ -41,6 +41,18 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// A WBINVD storm from a real KVM guest named like a VM: for demos, alert tests and load.
+    Storm {
+        /// VM name (QEMU style: `guest=NAME` or `NAME`).
+        #[arg(long, default_value = "storm-demo")]
+        name: String,
+        /// WBINVD per second.
+        #[arg(long, default_value_t = 20000)]
+        rate: u32,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
     /// rustfmt check and clippy (warnings are errors) on the host crates.
     Lint,
     /// Set up and run every test: unit tests and the kernel tests (real programs, real guests).
@@ -84,6 +96,18 @@ fn main() -> Result<()> {
             setup()?;
             cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])?;
             bench::run(&root, rounds)
+        }
+        Task::Storm { name, rate, duration } => {
+            cargo(&root, &["build", "--release", "-p", "ioasid-guest"])?;
+            let guest = root.join("target/release/ioasid-guest");
+            run(Command::new(guest).args([
+                "--name",
+                &name,
+                "--rate",
+                &rate.to_string(),
+                "--duration",
+                &duration.to_string(),
+            ]))
         }
         Task::Lint => {
             cargo(&root, &["fmt", "--all", "--", "--check"])?;

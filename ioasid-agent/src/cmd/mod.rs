@@ -1,3 +1,4 @@
 pub mod policy;
 pub mod replay;
 pub mod status;
+pub mod top;

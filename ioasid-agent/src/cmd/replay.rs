@@ -5,13 +5,18 @@ use std::io::BufRead;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{audit::AuditRecord, cli::ReplayArgs, enforce, policy::Policy};
+use crate::{
+    audit::{AuditRecord, EVENT_INCOHERENT_DMA},
+    cli::ReplayArgs,
+    enforce,
+    policy::Policy,
+};
 
 pub fn run(args: &ReplayArgs) -> Result<()> {
     let policy = Policy::load(&args.policy)?;
     let file =
         std::fs::File::open(&args.events).with_context(|| format!("opening {}", args.events.display()))?;
-    let (mut total, mut changed, mut bad) = (0usize, 0usize, 0usize);
+    let (mut total, mut changed, mut bad, mut skipped) = (0usize, 0usize, 0usize, 0usize);
     if !args.json {
         println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
     }
@@ -20,7 +25,20 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let rec: AuditRecord = match serde_json::from_str(&line) {
+        // Audit logs also hold other events (WBINVD storms): only decisions are replayed.
+        let value: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                bad += 1;
+                eprintln!("{}:{}: not JSON: {e}", args.events.display(), i + 1);
+                continue;
+            }
+        };
+        if value.get("event").and_then(|e| e.as_str()).is_some_and(|e| e != EVENT_INCOHERENT_DMA) {
+            skipped += 1;
+            continue;
+        }
+        let rec: AuditRecord = match serde_json::from_value(value) {
             Ok(r) => r,
             Err(e) => {
                 bad += 1;
@@ -53,6 +71,9 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
                 reason.unwrap_or_default()
             );
         }
+    }
+    if skipped > 0 {
+        eprintln!("{skipped} other audit event(s) (not incoherent-DMA decisions) skipped");
     }
     eprintln!(
         "{total} request(s) evaluated against {}; {changed} decided differently than recorded",

@@ -120,6 +120,8 @@ pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
 /// flight anywhere (nearly always) it returns after one array read.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn ioasid_tp_btf_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    // A WBINVD that was the last thing a vCPU did before returning to userspace ends here.
+    super::cost::close_pending(current_ids().1);
     if inflight_none() {
         return 0;
     }
@@ -263,6 +265,7 @@ pub fn ioasid_sys_exit_ioctl(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
+    super::cost::close_pending(current_ids().1);
     if inflight_none() {
         return Ok(());
     }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use ioasid_common::{TransitionEvent, EVENT_NONCOHERENT};
 
 use super::current_ids;
-use crate::maps::{IOASID_EVENTS, IOASID_VM_POLICY};
+use crate::maps::{IOASID_EVENTS, IOASID_NONCOHERENT, IOASID_VM_POLICY};
 
 /// sched:sched_process_exec. After exec a process is someone else (new command line, new exe):
 /// the verdict compiled from what it was no longer applies, so it is dropped and the next
@@ -25,6 +25,12 @@ pub fn ioasid_sched_exec(_ctx: TracePointContext) -> u32 {
 #[fentry(function = "kvm_arch_register_noncoherent_dma")]
 pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
     transition(&ctx, 1);
+    let (tgid, _) = current_ids();
+    let n = IOASID_NONCOHERENT.get_ptr(&tgid).map_or(0, |p| {
+        // SAFETY: live map value, read once.
+        unsafe { *p }
+    });
+    let _ = IOASID_NONCOHERENT.insert(&tgid, n.saturating_add(1), 0);
     0
 }
 
@@ -32,6 +38,16 @@ pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
 #[fentry(function = "kvm_arch_unregister_noncoherent_dma")]
 pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
     transition(&ctx, 0);
+    let (tgid, _) = current_ids();
+    if let Some(p) = IOASID_NONCOHERENT.get_ptr(&tgid) {
+        // SAFETY: live map value, read once.
+        let n = unsafe { *p };
+        if n <= 1 {
+            let _ = IOASID_NONCOHERENT.remove(&tgid);
+        } else {
+            let _ = IOASID_NONCOHERENT.insert(&tgid, n - 1, 0);
+        }
+    }
     0
 }
 

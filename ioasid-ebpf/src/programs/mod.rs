@@ -1,3 +1,4 @@
+pub mod cost;
 pub mod ioctl;
 pub mod lifecycle;
 pub mod wbinvd;

@@ -13,12 +13,12 @@ use aya_ebpf::{
 };
 use ioasid_common::{
     classify_exit, classify_insn, CounterKey, Stat, KVM_EMUL_INSN_F_CS_L, OP_WBINVD, PATH_EMULATED,
-    PATH_EXIT, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT, VCPU_UNKNOWN,
+    PATH_EXIT, PATH_FLUSHED, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT, VCPU_UNKNOWN,
 };
 
-use super::current_ids;
+use super::{cost, current_ids};
 use crate::{
-    maps::{config, stat_inc, IOASID_COUNTERS},
+    maps::{config, stat_inc, IOASID_COUNTERS, IOASID_NONCOHERENT},
     read::field_u64,
 };
 
@@ -67,8 +67,12 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
-    let (tgid, _) = current_ids();
+    let (tgid, tid) = current_ids();
     count(&CounterKey { tgid, vcpu, op, path: PATH_EXIT });
+    if op == OP_WBINVD {
+        count_flush(tgid, vcpu);
+        cost::start_from_tracepoint(tgid, tid, PATH_EXIT);
+    }
     Ok(())
 }
 
@@ -87,6 +91,9 @@ pub fn ioasid_kvm_emulate_insn(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
+    let (tgid, tid) = current_ids();
+    // The previous instruction of this vCPU thread is done: if it was a WBINVD, time it.
+    cost::close_pending(tid);
     let cfg = config();
     if field_u64(ctx, cfg.emul_failed)? != 0 {
         return Ok(());
@@ -103,8 +110,11 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     if op == 0 {
         return Ok(());
     }
-    let (tgid, _) = current_ids();
     count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op, path: PATH_EMULATED });
+    if op == OP_WBINVD {
+        count_flush(tgid, VCPU_UNKNOWN);
+        cost::start_from_tracepoint(tgid, tid, PATH_EMULATED);
+    }
     Ok(())
 }
 
@@ -114,6 +124,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
 pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
     let (tgid, _) = current_ids();
     count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EXIT });
+    cost::handler_done();
     0
 }
 
@@ -123,5 +134,15 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
 pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
     let (tgid, _) = current_ids();
     count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EMULATED });
+    cost::handler_done();
     0
+}
+
+/// A WBINVD of a VM known to be non-coherent really flushed the caches of every CPU its vCPU
+/// ran on: count it. One hash lookup per WBINVD (not per exit).
+#[inline(always)]
+fn count_flush(tgid: u32, vcpu: u32) {
+    if IOASID_NONCOHERENT.get_ptr(&tgid).is_some() {
+        count(&CounterKey { tgid, vcpu, op: OP_WBINVD, path: PATH_FLUSHED });
+    }
 }

@@ -1,0 +1,193 @@
+//! Kernel tests: WBINVD cost, budgets and storm detection with real storming guests.
+
+mod support;
+
+use std::{
+    os::unix::process::ExitStatusExt,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+fn budget_policy(dir: &TempDir, extra_rules: &str) -> String {
+    let path = dir.path("policy.yaml");
+    write(
+        &path,
+        &format!("default:\n  incoherent_dma: audit\n  wbinvd: {{ rate: 1000, cost_ratio: 0.5, window: 1s, action: alert }}\nrules:\n{extra_rules}"),
+    );
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let dir = TempDir::new("storm");
+    let policy = budget_policy(&dir, "  []\n");
+    let agent = Agent::start(&["--policy", &policy]);
+    let (loud, quiet) = (unique("storm-loud"), unique("storm-quiet"));
+    let q = guest(&["--name", &quiet, "--rate", "50", "--duration", "5"]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let started = Instant::now();
+    let l = guest(&["--name", &loud, "--rate", "20000", "--duration", "2", "--hold", "4"]);
+    // Watch the audit log, not /metrics: a scrape makes the agent sweep at once, which would
+    // measure the scraper, not the detector's own 100 ms sweeps.
+    let detected = eventually(Duration::from_secs(3), || {
+        agent
+            .audit()
+            .iter()
+            .any(|r| r["event"] == "wbinvd-storm" && r["vm"] == loud.as_str() && r["state"] == "raised")
+            .then(|| started.elapsed())
+    })
+    .expect("no storm alert within 3 s");
+    eprintln!(
+        "storm detection latency (guest spawn to audit record, no scrapes): {:.0} ms",
+        detected.as_secs_f64() * 1e3
+    );
+    assert!(detected < Duration::from_secs(1), "alert took {detected:?}");
+    let visible = started.elapsed();
+    assert_eq!(sample(&agent.scrape(), "ioasid_wbinvd_storm", &[("vm", &loud)]), Some(1.0));
+    assert!(visible < Duration::from_secs(1), "visible on /metrics after {visible:?}");
+    assert!(agent.log().contains("WBINVD storm"), "the log says so too");
+    let m = agent.scrape();
+    assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", &loud)]), Some(1.0));
+    assert!(sample(&m, "ioasid_wbinvd_rate", &[("vm", &loud)]).unwrap() > 1000.0, "{m}");
+
+    // The storm stops after 2 s; the alert clears with hysteresis (window + 1 s calm), once.
+    let cleared = eventually(Duration::from_secs(6), || {
+        (sample(&agent.scrape(), "ioasid_wbinvd_storm", &[("vm", &loud)]) == Some(0.0)).then_some(())
+    });
+    assert!(cleared.is_some(), "alert never cleared:\n{}", agent.log());
+    let (status, summary, err) = finish(l);
+    assert!(status.success(), "{err}");
+    let (status, qsum, err) = finish(q);
+    assert!(status.success(), "{err}");
+
+    let m = agent.scrape();
+    assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", &loud)]), Some(1.0), "no flapping");
+    assert_eq!(sample(&m, "ioasid_wbinvd_storm", &[("vm", &quiet)]), Some(0.0));
+    assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", &quiet)]), None, "the quiet VM raised nothing");
+    // Exact counts, and a handler-time histogram that counts every one of them.
+    let n = summary["wbinvd"].as_f64().unwrap();
+    assert_eq!(sample(&m, "ioasid_wbinvd_exits_total", &[("vm", &loud), ("path", "emulated")]), Some(n));
+    assert_eq!(sample(&m, "ioasid_wbinvd_handler_seconds_count", &[("vm", &loud)]), Some(n));
+    let qn = qsum["wbinvd"].as_f64().unwrap();
+    assert_eq!(sample(&m, "ioasid_wbinvd_handler_seconds_count", &[("vm", &quiet)]), Some(qn));
+    let mean = sample(&m, "ioasid_wbinvd_handler_seconds_sum", &[("vm", &loud)]).unwrap() / n;
+    assert!((50e-9..1e-3).contains(&mean), "implausible mean handler time {mean} s");
+    let inf = sample(&m, "ioasid_wbinvd_handler_seconds_bucket", &[("vm", &loud), ("le", "+Inf")]);
+    assert_eq!(inf, Some(n));
+    // Exactly one timing source serves.
+    let sources: f64 = ["handlers", "tracepoint-pairs"]
+        .iter()
+        .map(|s| sample(&m, "ioasid_wbinvd_cost_source", &[("source", s)]).unwrap_or(0.0))
+        .sum();
+    assert_eq!(sources, 1.0, "{m}");
+
+    let records: Vec<_> = agent
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "wbinvd-storm" && r["vm"] == loud.as_str())
+        .collect();
+    let states: Vec<&str> = records.iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["raised", "cleared"], "{records:?}");
+    assert_eq!(records[0]["outcome"], "alerted");
+}
+
+#[test]
+fn the_kill_action_ends_the_storming_vmm_and_is_audited() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let dir = TempDir::new("storm");
+    let name = unique("storm-kill");
+    let policy = budget_policy(
+        &dir,
+        &format!("  - name: kill-storms\n    match: {{ vm: \"{name}\" }}\n    wbinvd: {{ rate: 2000, action: kill }}\n"),
+    );
+    let agent = Agent::start(&["--policy", &policy]);
+    let started = Instant::now();
+    let (status, _, _) = finish(guest(&["--name", &name, "--rate", "30000", "--duration", "10"]));
+    let took = started.elapsed();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(took < Duration::from_secs(3), "killed after {took:?}");
+    let r = eventually(Duration::from_secs(3), || {
+        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == name.as_str())
+    })
+    .expect("a storm audit record");
+    assert_eq!(
+        (r["action"].as_str(), r["outcome"].as_str(), r["rule"].as_str()),
+        (Some("kill"), Some("killed"), Some("kill-storms")),
+        "{r}"
+    );
+}
+
+#[test]
+fn the_stop_action_pauses_the_storming_vmm() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let dir = TempDir::new("storm");
+    let name = unique("storm-stop");
+    let policy = budget_policy(
+        &dir,
+        &format!("  - name: stop-storms\n    match: {{ vm: \"{name}\" }}\n    wbinvd: {{ rate: 2000, action: stop }}\n"),
+    );
+    let agent = Agent::start(&["--policy", &policy]);
+    let mut g = guest(&["--name", &name, "--rate", "30000", "--duration", "10"]);
+    let pid = g.id();
+    let stopped = eventually(Duration::from_secs(3), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+        (state == "T").then_some(())
+    });
+    assert!(stopped.is_some(), "the VMM was not stopped:\n{}", agent.log());
+    let r = eventually(Duration::from_secs(3), || {
+        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == name.as_str())
+    })
+    .unwrap();
+    assert_eq!(r["outcome"], "stopped");
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = g.wait();
+}
+
+#[test]
+fn top_shows_the_storming_vm_in_a_real_terminal() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let dir = TempDir::new("top");
+    let policy = budget_policy(&dir, "  []\n");
+    let agent = Agent::start(&["--policy", &policy]);
+    let name = unique("top-storm");
+    let session = unique("ioasid-top");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux").args(args).output().expect("tmux (cargo xtask setup installs it)")
+    };
+    let cmd = format!("{AGENT} top --url {} --interval 200ms", agent.addr);
+    let out = tmux(&["new-session", "-d", "-s", &session, "-x", "220", "-y", "30", &cmd]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let g = guest(&["--name", &name, "--rate", "20000", "--duration", "3"]);
+    let screen = eventually(Duration::from_secs(5), || {
+        let out = tmux(&["capture-pane", "-p", "-t", &session]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().any(|l| l.contains(&name[..20]) && l.contains("STORM")).then_some(text)
+    });
+    let _ = tmux(&["send-keys", "-t", &session, "q"]);
+    let gone = eventually(Duration::from_secs(3), || {
+        (!tmux(&["has-session", "-t", &session]).status.success()).then_some(())
+    });
+    let _ = tmux(&["kill-session", "-t", &session]);
+    let _ = finish(g);
+    let screen = screen.expect("top never showed the storming VM");
+    assert!(screen.contains("WBINVD/s") && screen.contains("enforcement"), "{screen}");
+    assert!(gone.is_some(), "top did not exit on q");
+}

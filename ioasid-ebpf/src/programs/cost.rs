@@ -1,0 +1,149 @@
+//! WBINVD cost: how long KVM spent handling each WBINVD, and how many CPUs a flush reached.
+//!
+//! Two sources, the agent uses the best the kernel allows (`Control::cost_source`):
+//! - handlers (fentry/fexit on kvm_emulate_wbinvd and emulator_wbinvd, where trampolines load):
+//!   the exact time inside KVM's handler;
+//! - tracepoint pairs (everywhere): from the WBINVD's kvm_exit (or its kvm_emulate_insn record)
+//!   to the same thread's next kvm_entry, next emulated instruction, or return to userspace.
+//!
+//! The closers run on every VM entry, every emulated instruction and every syscall exit: while
+//! no WBINVD is pending anywhere (nearly always) they cost one array read.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, fentry, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, TracePointContext},
+};
+use ioasid_common::{
+    cost_bucket, flush_cpus_bucket, CostKey, Pending, COST_SOURCE_HANDLERS, COST_SUM, PATH_EMULATED,
+    PATH_EXIT,
+};
+
+use super::current_ids;
+use crate::maps::{control, pending_add, pending_none, IOASID_COST, IOASID_FLUSH_CPUS, IOASID_PENDING};
+
+#[inline(always)]
+fn add(key: &CostKey, v: u64) {
+    if let Some(slot) = IOASID_COST.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest.
+        unsafe { *slot += v };
+        return;
+    }
+    if IOASID_COST.insert(key, v, BPF_NOEXIST as u64).is_err() {
+        if let Some(slot) = IOASID_COST.get_ptr_mut(key) {
+            // SAFETY: as above.
+            unsafe { *slot += v };
+        }
+    }
+}
+
+/// Records one handled WBINVD of `tgid` that took `ns`.
+#[inline(always)]
+fn record(tgid: u32, ns: u64) {
+    add(&CostKey { tgid, bucket: cost_bucket(ns) }, 1);
+    add(&CostKey { tgid, bucket: COST_SUM }, ns);
+}
+
+/// A WBINVD started on this thread (tracepoint source).
+#[inline(always)]
+pub fn start_from_tracepoint(tgid: u32, tid: u32, path: u32) {
+    if control().cost_source == COST_SOURCE_HANDLERS {
+        return;
+    }
+    start(tgid, tid, path);
+}
+
+#[inline(always)]
+fn start(tgid: u32, tid: u32, path: u32) {
+    // SAFETY: helper without pointer arguments.
+    let p = Pending { start_ns: unsafe { bpf_ktime_get_ns() }, tgid, path };
+    if IOASID_PENDING.insert(&tid, &p, BPF_NOEXIST as u64).is_ok() {
+        pending_add(1);
+    } else {
+        let _ = IOASID_PENDING.insert(&tid, &p, BPF_ANY as u64);
+    }
+}
+
+/// Ends this thread's pending WBINVD, if any. Fast when nothing is pending anywhere.
+#[inline(always)]
+pub fn close_pending(tid: u32) {
+    if pending_none() {
+        return;
+    }
+    let Some(p) = IOASID_PENDING.get_ptr(&tid) else { return };
+    // SAFETY: live map value, copied once.
+    let p = unsafe { *p };
+    if IOASID_PENDING.remove(&tid).is_ok() {
+        pending_add(-1);
+    }
+    // SAFETY: helper without pointer arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    record(p.tgid, now.saturating_sub(p.start_ns));
+}
+
+/// tp_btf kvm_entry: TP_PROTO(struct kvm_vcpu *vcpu, bool force_immediate_exit) (6.10+; one
+/// argument before). Arguments are not read. Runs on every VM entry: one array read unless a
+/// WBINVD is pending.
+#[btf_tracepoint(function = "kvm_entry")]
+pub fn ioasid_tp_btf_kvm_entry(_ctx: BtfTracePointContext) -> i32 {
+    if pending_none() {
+        return 0;
+    }
+    close_pending(current_ids().1);
+    0
+}
+
+/// kvm:kvm_entry, the fallback where tp_btf does not load (builds a trace record per entry).
+#[tracepoint(category = "kvm", name = "kvm_entry")]
+pub fn ioasid_kvm_entry(_ctx: TracePointContext) -> u32 {
+    if pending_none() {
+        return 0;
+    }
+    close_pending(current_ids().1);
+    0
+}
+
+/// fentry kvm_emulate_wbinvd(struct kvm_vcpu *): the exit handler starts.
+#[fentry(function = "kvm_emulate_wbinvd")]
+pub fn ioasid_fentry_kvm_emulate_wbinvd(_ctx: FEntryContext) -> i32 {
+    let (tgid, tid) = current_ids();
+    start(tgid, tid, PATH_EXIT);
+    0
+}
+
+/// fentry emulator_wbinvd(struct x86_emulate_ctxt *): the emulator's handler starts.
+#[fentry(function = "emulator_wbinvd")]
+pub fn ioasid_fentry_emulator_wbinvd(_ctx: FEntryContext) -> i32 {
+    let (tgid, tid) = current_ids();
+    start(tgid, tid, PATH_EMULATED);
+    0
+}
+
+/// fexit of either handler: see `programs::wbinvd`.
+#[inline(always)]
+pub fn handler_done() {
+    close_pending(current_ids().1);
+}
+
+/// fentry wbinvd_on_cpus_mask(struct cpumask *mask) (x86, since ~6.17; KVM's flush of every
+/// CPU the vCPU ran on): how many CPUs the flush reaches. Reads the first 512 CPUs' bits.
+#[fentry(function = "wbinvd_on_cpus_mask")]
+pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
+    let mask: *const u64 = ctx.arg(0);
+    let mut cpus = 0u32;
+    let mut i = 0usize;
+    while i < 8 {
+        // SAFETY: bpf_probe_read_kernel faults safely past the end of a short mask.
+        match unsafe { bpf_probe_read_kernel(mask.wrapping_add(i)) } {
+            Ok(word) => cpus += word.count_ones(),
+            Err(_) => break,
+        }
+        i += 1;
+    }
+    if let Some(slot) = IOASID_FLUSH_CPUS.get_ptr_mut(flush_cpus_bucket(cpus)) {
+        // SAFETY: this CPU's slot of a per-CPU array element.
+        unsafe { *slot += 1 };
+    }
+    0
+}
