@@ -360,6 +360,12 @@ impl State {
             return; // gone before it was named: nothing to judge
         }
         let verdict = self.policy.evaluate(info);
+        // Per-VM counters start at zero when the VM is first seen, so that rate() and
+        // increase() in Prometheus see its first incoherent-DMA request or storm alert.
+        for d in ["allowed", "audited", "denied"] {
+            self.metrics.incoherent_dma_requests.with_label_values(&[&info.vm, d]);
+        }
+        self.metrics.dos_alerts.with_label_values(&[&info.vm]);
         if let Some(p) = self.acct.procs.get_mut(&info.pid) {
             p.budget = verdict.budget;
             p.rule = verdict.rule_name.clone();

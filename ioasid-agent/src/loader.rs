@@ -325,7 +325,12 @@ pub fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError> {
         ioctl_arg: enter.field("arg")?,
         ioctl_ret: leave.field("ret")?,
         agent_tgid: std::process::id(),
-        _pad: 0,
+        emul_packed: u32::from(common::emul_is_packed(
+            emul.field("len")?,
+            emul.field("insn")?,
+            emul.field("flags")?,
+            emul.field("failed")?,
+        )),
     })
 }
 

@@ -472,9 +472,30 @@ pub struct ProgConfig {
     pub ioctl_ret: Field,
     /// The agent's own tgid, never stopped or killed.
     pub agent_tgid: u32,
-    pub _pad: u32,
+    /// Non-zero when kvm_emulate_insn's `len, insn[15], flags, failed` are contiguous, as in
+    /// every kernel seen (then one 18-byte read replaces four; see [`EmulTail`]).
+    pub emul_packed: u32,
 }
 const _: () = assert!(size_of::<ProgConfig>() == 96);
+
+/// The tail of the kvm:kvm_emulate_insn record, read at once when `ProgConfig::emul_packed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EmulTail {
+    pub len: u8,
+    pub insn: [u8; 15],
+    pub flags: u8,
+    pub failed: u8,
+}
+const _: () = assert!(size_of::<EmulTail>() == 18);
+
+/// Whether the format's fields lie as [`EmulTail`] does.
+pub fn emul_is_packed(len: Field, insn: Field, flags: Field, failed: Field) -> bool {
+    len.size == 1
+        && insn == Field { offset: len.offset + 1, size: 15 }
+        && flags == Field { offset: len.offset + 16, size: 1 }
+        && failed == Field { offset: len.offset + 17, size: 1 }
+}
 
 /// The one element of [`MAP_CONTROL`]: switches the agent sets after attaching.
 #[repr(C)]
@@ -633,6 +654,16 @@ mod tests {
         // Fourteen prefixes and nothing else is not an instruction we count.
         let b = [0x66u8; 15];
         assert_eq!(classify_insn(&b, 15, false), 0);
+    }
+
+    #[test]
+    fn emulate_insn_layout() {
+        let f = |offset, size| Field { offset, size };
+        // The 6.18 format: len@20, insn[15]@21, flags@36, failed@37.
+        assert!(emul_is_packed(f(20, 1), f(21, 15), f(36, 1), f(37, 1)));
+        assert!(!emul_is_packed(f(20, 1), f(24, 15), f(39, 1), f(40, 1)));
+        assert!(!emul_is_packed(f(20, 2), f(21, 15), f(36, 1), f(37, 1)));
+        assert!(!emul_is_packed(f(20, 1), f(21, 16), f(37, 1), f(38, 1)));
     }
 
     #[test]

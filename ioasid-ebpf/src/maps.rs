@@ -121,7 +121,7 @@ pub static IOASID_CONFIG: Global<ProgConfig> = Global::new(ProgConfig {
     ioctl_arg: ioasid_common::Field { offset: 0, size: 0 },
     ioctl_ret: ioasid_common::Field { offset: 0, size: 0 },
     agent_tgid: 0,
-    _pad: 0,
+    emul_packed: 0,
 });
 
 #[inline(always)]

@@ -35,7 +35,7 @@ use ioasid_common::{
 use super::current_ids;
 use crate::{
     maps::{
-        config, control, inflight_add, inflight_none, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT,
+        config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT,
         IOASID_KVM_DEVICES, IOASID_VM_POLICY,
     },
     read::field_u64,
@@ -121,7 +121,9 @@ pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sys_exit")]
 pub fn ioasid_tp_btf_sys_exit(ctx: BtfTracePointContext) -> i32 {
     // A WBINVD that was the last thing a vCPU did before returning to userspace ends here.
-    super::cost::close_pending(current_ids().1);
+    if !pending_none() {
+        super::cost::close_pending(current_ids().1);
+    }
     if inflight_none() {
         return 0;
     }
@@ -265,7 +267,9 @@ pub fn ioasid_sys_exit_ioctl(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
-    super::cost::close_pending(current_ids().1);
+    if !pending_none() {
+        super::cost::close_pending(current_ids().1);
+    }
     if inflight_none() {
         return Ok(());
     }

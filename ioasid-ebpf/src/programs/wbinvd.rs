@@ -12,7 +12,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use ioasid_common::{
-    classify_exit, classify_insn, CounterKey, Stat, KVM_EMUL_INSN_F_CS_L, OP_WBINVD, PATH_EMULATED,
+    classify_exit, classify_insn, CounterKey, EmulTail, Stat, KVM_EMUL_INSN_F_CS_L, OP_WBINVD, PATH_EMULATED,
     PATH_EXIT, PATH_FLUSHED, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT, VCPU_UNKNOWN,
 };
 
@@ -95,17 +95,30 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     // The previous instruction of this vCPU thread is done: if it was a WBINVD, time it.
     cost::close_pending(tid);
     let cfg = config();
-    if field_u64(ctx, cfg.emul_failed)? != 0 {
-        return Ok(());
-    }
-    let mut insn = [0u8; 15];
-    // SAFETY: bpf_probe_read_kernel_buf faults safely; the destination is a stack buffer.
-    unsafe {
-        bpf_probe_read_kernel_buf((ctx.as_ptr() as *const u8).add(cfg.emul_insn.offset as usize), &mut insn)
-    }
-    .map_err(i64::from)?;
-    let len = field_u64(ctx, cfg.emul_len)? as u8;
-    let long_mode = field_u64(ctx, cfg.emul_flags)? as u8 & KVM_EMUL_INSN_F_CS_L != 0;
+    let (insn, len, flags) = if cfg.emul_packed != 0 {
+        // One read of `len, insn[15], flags, failed` (the layout the agent checked).
+        // SAFETY: bpf_probe_read_kernel faults safely.
+        let t: EmulTail = unsafe { ctx.read_at(cfg.emul_len.offset as usize) }.map_err(i64::from)?;
+        if t.failed != 0 {
+            return Ok(());
+        }
+        (t.insn, t.len, t.flags)
+    } else {
+        if field_u64(ctx, cfg.emul_failed)? != 0 {
+            return Ok(());
+        }
+        let mut insn = [0u8; 15];
+        // SAFETY: bpf_probe_read_kernel_buf faults safely; the destination is a stack buffer.
+        unsafe {
+            bpf_probe_read_kernel_buf(
+                (ctx.as_ptr() as *const u8).add(cfg.emul_insn.offset as usize),
+                &mut insn,
+            )
+        }
+        .map_err(i64::from)?;
+        (insn, field_u64(ctx, cfg.emul_len)? as u8, field_u64(ctx, cfg.emul_flags)? as u8)
+    };
+    let long_mode = flags & KVM_EMUL_INSN_F_CS_L != 0;
     let op = classify_insn(&insn, len, long_mode);
     if op == 0 {
         return Ok(());

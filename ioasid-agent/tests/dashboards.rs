@@ -1,0 +1,195 @@
+//! The dashboards and alert rules, tested with the real Prometheus tools:
+//! - promtool checks and unit-tests the rules (no root needed);
+//! - a real Prometheus server scrapes a real agent while a real guest storms and a real enable
+//!   is denied; every Grafana panel query must run, the key ones must return data, and the
+//!   storm alert must fire.
+
+mod support;
+
+use std::{
+    net::TcpListener,
+    os::unix::process::ExitStatusExt,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use support::*;
+
+fn dashboards() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards"))
+}
+
+#[test]
+fn rules_pass_promtool_check_and_unit_tests() {
+    let dir = dashboards().join("prometheus");
+    for args in [&["check", "rules", "ioasid-rules.yaml"][..], &["test", "rules", "ioasid-rules.test.yaml"]] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every PromQL expression of the Grafana dashboard, with its template variables filled in.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(dashboards().join("grafana/ioasid-overview.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            let expr =
+                expr.replace("$instance", ".*").replace("$__rate_interval", "15s").replace("$__range", "5m");
+            assert!(!expr.contains('$'), "unknown template variable in {expr}");
+            out.push((p["title"].as_str().unwrap().to_string(), expr));
+        }
+    }
+    assert!(out.len() >= 10, "{out:?}");
+    out
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let dir = TempDir::new("prometheus");
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let rules = dashboards().join("prometheus/ioasid-rules.yaml");
+        let config = dir.path("prometheus.yml");
+        write(
+            &config,
+            &format!(
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nrule_files: [{:?}]\nscrape_configs:\n  - job_name: ioasid\n    static_configs: [{{ targets: [\"{target}\"] }}]\n",
+                rules.display()
+            ),
+        );
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus; `cargo xtask setup` installs it)");
+        Self { child, addr: format!("127.0.0.1:{port}"), _dir: dir }
+    }
+
+    /// Runs an instant query; the `data.result` array, or the API's error.
+    fn query(&self, expr: &str) -> Result<Vec<serde_json::Value>, String> {
+        let mut s = std::net::TcpStream::connect(&self.addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "GET /api/v1/query?query={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            encode(expr)
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        // Chunked or not, the JSON object is the part between the outer braces.
+        let json = &body[body.find('{').ok_or("no JSON")?..=body.rfind('}').ok_or("no JSON")?];
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
+        if v["status"] != "success" {
+            return Err(v.to_string());
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let dir = TempDir::new("dash");
+    let prefix = unique("dash");
+    let policy = dir.path("policy.yaml");
+    write(
+        &policy,
+        &format!("default:\n  incoherent_dma: audit\n  wbinvd: {{ rate: 1000 }}\nrules:\n  - name: deny-tenants\n    match: {{ vm: \"{prefix}-tenant-*\" }}\n    incoherent_dma: deny\n"),
+    );
+    let agent = Agent::start(&["--policy", policy.to_str().unwrap()]);
+    let prom = Prometheus::start(&agent.addr);
+    let up = eventually(Duration::from_secs(20), || {
+        prom.query("up{job=\"ioasid\"} == 1").ok().filter(|r| !r.is_empty())
+    });
+    assert!(up.is_some(), "Prometheus never scraped the agent");
+
+    let storm = format!("{prefix}-storm");
+    let g = guest(&["--name", &storm, "--rate", "20000", "--duration", "8"]);
+    // Like a real VMM, the tenant creates its VM a while before it adds a device.
+    let (status, _, _) =
+        finish(guest(&["--name", &format!("{prefix}-tenant-1"), "--file-add", "--file-add-delay", "2.5"]));
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+
+    let firing = eventually(Duration::from_secs(20), || {
+        let q = format!("ALERTS{{alertname=\"IoasidWbinvdStorm\",alertstate=\"firing\",vm=\"{storm}\"}}");
+        prom.query(&q).ok().filter(|r| !r.is_empty())
+    });
+    assert!(firing.is_some(), "the storm alert never fired in Prometheus");
+
+    let must = [
+        "WBINVD per second, by VM",
+        "WBINVD handler time p99, by VM",
+        "WBINVD storms",
+        "Incoherent-DMA enables in range, by decision",
+        "Denied enables since VMM start, by VM",
+        "Hooks attached",
+        "Enforcement mechanism",
+    ];
+    // Rate windows need a few scrapes: wait until every key panel has data.
+    let mut empty = Vec::new();
+    let ready = eventually(Duration::from_secs(20), || {
+        empty.clear();
+        for (title, expr) in dashboard_queries() {
+            let result = prom.query(&expr).unwrap_or_else(|e| panic!("panel {title:?}: {expr}: {e}"));
+            if result.is_empty() {
+                empty.push(title);
+            }
+        }
+        (!must.iter().any(|m| empty.iter().any(|t| t == m))).then_some(())
+    });
+    assert!(ready.is_some(), "panels without data: {empty:?}");
+    let increase = prom
+        .query(&format!("sum(increase(ioasid_incoherent_dma_requests_total{{decision=\"denied\",vm=\"{prefix}-tenant-1\"}}[5m]))"))
+        .unwrap();
+    assert!(increase[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap() > 0.5, "{increase:?}");
+    let denied = eventually(Duration::from_secs(10), || {
+        let q = format!("ALERTS{{alertname=\"IoasidIncoherentDmaDenied\",vm=\"{prefix}-tenant-1\"}}");
+        prom.query(&q).ok().filter(|r| !r.is_empty())
+    });
+    assert!(denied.is_some(), "the denied-enable alert did not fire");
+    let _ = finish(g);
+}
