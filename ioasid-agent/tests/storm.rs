@@ -70,7 +70,11 @@ fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet()
     let m = agent.scrape();
     assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", &loud)]), Some(1.0), "no flapping");
     assert_eq!(sample(&m, "ioasid_wbinvd_storm", &[("vm", &quiet)]), Some(0.0));
-    assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", &quiet)]), Some(0.0), "the quiet VM raised nothing");
+    assert_eq!(
+        sample(&m, "ioasid_dos_alerts_total", &[("vm", &quiet)]),
+        Some(0.0),
+        "the quiet VM raised nothing"
+    );
     // Exact counts, and a handler-time histogram that counts every one of them.
     let n = summary["wbinvd"].as_f64().unwrap();
     assert_eq!(sample(&m, "ioasid_wbinvd_exits_total", &[("vm", &loud), ("path", "emulated")]), Some(n));
