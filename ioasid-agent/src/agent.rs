@@ -448,12 +448,15 @@ impl State {
     fn on_transition(&mut self, ev: &TransitionEvent) {
         let n = self.noncoherent.entry(ev.kvm).or_insert(0);
         *n += if ev.register == 1 { 1 } else { -1 };
-        if *n <= 0 {
+        let still = *n > 0;
+        if !still {
             self.noncoherent.remove(&ev.kvm);
         }
         let info = self.classify(ev.header.tgid, Some(&events::comm(&ev.header.comm)));
+        if let Some(p) = self.acct.procs.get_mut(&ev.header.tgid) {
+            p.noncoherent = still;
+        }
         tracing::info!(vm = %info.vm, pid = ev.header.tgid, register = ev.register == 1, "KVM non-coherent DMA transition");
-        self.metrics.noncoherent_vms.set(self.noncoherent.len() as i64);
     }
 
     fn sweep(&mut self) {
@@ -501,6 +504,11 @@ impl State {
             self.acct.expire(self.retention, now);
         }
         self.acct.export(&self.metrics);
+        // Live VMMs known to have non-coherent DMA: from the kernel's own transitions where the
+        // fentry hooks load, or from a successful FILE_ADD of a device the IOMMU does not keep
+        // coherent.
+        let noncoherent = self.acct.procs.values().filter(|p| p.alive() && p.noncoherent).count();
+        self.metrics.noncoherent_vms.set(noncoherent as i64);
         self.detect_storms(now);
         self.export_flush_cpus();
         self.export_stats();

@@ -229,7 +229,7 @@ impl Metrics {
             ),
             noncoherent_vms: gauge(
                 "ioasid_noncoherent_vms",
-                "VMs for which KVM has registered non-coherent DMA (needs fentry on kvm_arch_register_noncoherent_dma).",
+                "Live VMs with non-coherent DMA: KVM registered it (fentry), or a FILE_ADD of a device whose IOMMU does not enforce coherency succeeded.",
             ),
             policy_reloads: counter_vec("ioasid_policy_reloads_total", "Policy reloads by result.", &["result"]),
             enforcement_mechanism: gauge_vec(
