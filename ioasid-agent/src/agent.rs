@@ -472,7 +472,7 @@ impl State {
         }
         let (kernel, mut keys) = self.read_counters();
         let cost = self.read_cost();
-        let before: Vec<u32> = self.acct.procs.keys().copied().collect();
+        let before: std::collections::HashSet<u32> = self.acct.procs.keys().copied().collect();
         self.acct.apply(kernel, &self.procfs, now);
         self.acct.apply_cost(cost, &self.procfs, now);
         let new: Vec<ProcessInfo> = self

@@ -18,6 +18,16 @@ fn policy(prefix: &str) -> String {
     )
 }
 
+/// An agent enforcing `policy(prefix)` with `extra` flags; the TempDir holds the policy file.
+fn agent_with_policy(prefix: &str, extra: &[&str]) -> (Agent, TempDir) {
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(prefix));
+    let mut args = vec!["--policy", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Agent::start(&args), dir)
+}
+
 fn file_add(name: &str, delay: &str) -> (std::process::ExitStatus, serde_json::Value, String) {
     finish(guest(&[
         "--name",
@@ -44,10 +54,7 @@ fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
     }
     let _g = serial();
     let prefix = unique("t");
-    let dir = TempDir::new("policy");
-    let path = dir.path("policy.yaml");
-    write(&path, &policy(&prefix));
-    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--ioctl-hooks", ioctl_hooks]);
+    let (agent, _policy) = agent_with_policy(&prefix, &["--ioctl-hooks", ioctl_hooks]);
 
     // allow: the kernel's own EINVAL, and an `allowed` record.
     let gpu = format!("{prefix}-gpu-1");
@@ -132,10 +139,7 @@ fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
     }
     let _g = serial();
     let prefix = unique("k");
-    let dir = TempDir::new("policy");
-    let path = dir.path("policy.yaml");
-    write(&path, &policy(&prefix));
-    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--ioctl-hooks", ioctl_hooks]);
+    let (agent, _policy) = agent_with_policy(&prefix, &["--ioctl-hooks", ioctl_hooks]);
     // The agent classifies the VM at KVM_CREATE_VM; FILE_ADD comes later and the kernel program
     // itself sends SIGKILL.
     let tenant = format!("{prefix}-tenant-2");
@@ -170,10 +174,7 @@ fn dry_run_audits_denials_without_enforcing() {
     }
     let _g = serial();
     let prefix = unique("d");
-    let dir = TempDir::new("policy");
-    let path = dir.path("policy.yaml");
-    write(&path, &policy(&prefix));
-    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--dry-run"]);
+    let (agent, _policy) = agent_with_policy(&prefix, &["--dry-run"]);
     let tenant = format!("{prefix}-tenant-3");
     let (status, summary, err) = file_add(&tenant, "0");
     assert!(status.success(), "dry run must not kill: {err}");

@@ -19,6 +19,24 @@ fn budget_policy(dir: &TempDir, extra_rules: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// An agent whose policy gives VM `name` a 2000/s budget with `action`.
+fn agent_with_action(name: &str, action: &str) -> (Agent, TempDir) {
+    let dir = TempDir::new("storm");
+    let rule = format!(
+        "  - name: {action}-storms\n    match: {{ vm: \"{name}\" }}\n    wbinvd: {{ rate: 2000, action: {action} }}\n"
+    );
+    let policy = budget_policy(&dir, &rule);
+    (Agent::start(&["--policy", &policy]), dir)
+}
+
+/// Waits for the storm audit record of `vm`.
+fn storm_record(agent: &Agent, vm: &str) -> serde_json::Value {
+    eventually(Duration::from_secs(3), || {
+        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == vm)
+    })
+    .expect("a storm audit record")
+}
+
 #[test]
 fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet() {
     if !kernel_available() {
@@ -108,22 +126,14 @@ fn the_kill_action_ends_the_storming_vmm_and_is_audited() {
         return;
     }
     let _g = serial();
-    let dir = TempDir::new("storm");
     let name = unique("storm-kill");
-    let policy = budget_policy(
-        &dir,
-        &format!("  - name: kill-storms\n    match: {{ vm: \"{name}\" }}\n    wbinvd: {{ rate: 2000, action: kill }}\n"),
-    );
-    let agent = Agent::start(&["--policy", &policy]);
+    let (agent, _dir) = agent_with_action(&name, "kill");
     let started = Instant::now();
     let (status, _, _) = finish(guest(&["--name", &name, "--rate", "30000", "--duration", "10"]));
     let took = started.elapsed();
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     assert!(took < Duration::from_secs(3), "killed after {took:?}");
-    let r = eventually(Duration::from_secs(3), || {
-        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == name.as_str())
-    })
-    .expect("a storm audit record");
+    let r = storm_record(&agent, &name);
     assert_eq!(
         (r["action"].as_str(), r["outcome"].as_str(), r["rule"].as_str()),
         (Some("kill"), Some("killed"), Some("kill-storms")),
@@ -137,13 +147,8 @@ fn the_stop_action_pauses_the_storming_vmm() {
         return;
     }
     let _g = serial();
-    let dir = TempDir::new("storm");
     let name = unique("storm-stop");
-    let policy = budget_policy(
-        &dir,
-        &format!("  - name: stop-storms\n    match: {{ vm: \"{name}\" }}\n    wbinvd: {{ rate: 2000, action: stop }}\n"),
-    );
-    let agent = Agent::start(&["--policy", &policy]);
+    let (agent, _dir) = agent_with_action(&name, "stop");
     let mut g = guest(&["--name", &name, "--rate", "30000", "--duration", "10"]);
     let pid = g.id();
     let stopped = eventually(Duration::from_secs(3), || {
@@ -152,11 +157,7 @@ fn the_stop_action_pauses_the_storming_vmm() {
         (state == "T").then_some(())
     });
     assert!(stopped.is_some(), "the VMM was not stopped:\n{}", agent.log());
-    let r = eventually(Duration::from_secs(3), || {
-        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == name.as_str())
-    })
-    .unwrap();
-    assert_eq!(r["outcome"], "stopped");
+    assert_eq!(storm_record(&agent, &name)["outcome"], "stopped");
     // SAFETY: killing our own child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let _ = g.wait();

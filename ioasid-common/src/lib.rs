@@ -259,17 +259,24 @@ pub const COST_BUCKETS_NS: [u64; 16] = [
 /// `CostKey::bucket` of the ns sum.
 pub const COST_SUM: u32 = 0xffff;
 
-/// Histogram bucket of a handler time: the first bound it does not exceed, else +Inf.
+/// Index of the first bound `v` does not exceed, else `bounds.len()` (+Inf). Bounded for the
+/// verifier.
 #[inline(always)]
-pub fn cost_bucket(ns: u64) -> u32 {
+pub fn bucket<T: Copy + PartialOrd, const N: usize>(v: T, bounds: &[T; N]) -> u32 {
     let mut i = 0;
-    while i < COST_BUCKETS_NS.len() {
-        if ns <= COST_BUCKETS_NS[i] {
+    while i < N {
+        if v <= bounds[i] {
             return i as u32;
         }
         i += 1;
     }
-    COST_BUCKETS_NS.len() as u32
+    N as u32
+}
+
+/// Histogram bucket of a handler time in ns.
+#[inline(always)]
+pub fn cost_bucket(ns: u64) -> u32 {
+    bucket(ns, &COST_BUCKETS_NS)
 }
 
 /// Upper bounds of the flush-CPU-count buckets; index `FLUSH_CPU_BUCKETS.len()` is +Inf.
@@ -278,14 +285,7 @@ pub const FLUSH_CPUS_LEN: u32 = FLUSH_CPU_BUCKETS.len() as u32 + 1;
 
 #[inline(always)]
 pub fn flush_cpus_bucket(cpus: u32) -> u32 {
-    let mut i = 0;
-    while i < FLUSH_CPU_BUCKETS.len() {
-        if cpus <= FLUSH_CPU_BUCKETS[i] {
-            return i as u32;
-        }
-        i += 1;
-    }
-    FLUSH_CPU_BUCKETS.len() as u32
+    bucket(cpus, &FLUSH_CPU_BUCKETS)
 }
 
 /// Key of [`MAP_COST`]: a histogram bucket (or [`COST_SUM`]) of one VMM.

@@ -55,16 +55,28 @@ fn atomic_add(p: *mut u64, delta: i64) {
     };
 }
 
+/// Adds to a one-element host-wide counter (in-flight ioctls, pending WBINVDs).
 #[inline(always)]
-pub fn inflight_add(delta: i64) {
-    if let Some(p) = IOASID_INFLIGHT_COUNT.get_ptr_mut(0) {
+fn shared_add(counter: &Array<u64>, delta: i64) {
+    if let Some(p) = counter.get_ptr_mut(0) {
         atomic_add(p, delta);
     }
 }
 
+/// True while a one-element host-wide counter is zero: one inlined array read.
+#[inline(always)]
+fn shared_zero(counter: &Array<u64>) -> bool {
+    counter.get(0).is_none_or(|n| *n == 0)
+}
+
+#[inline(always)]
+pub fn inflight_add(delta: i64) {
+    shared_add(&IOASID_INFLIGHT_COUNT, delta);
+}
+
 #[inline(always)]
 pub fn inflight_none() -> bool {
-    IOASID_INFLIGHT_COUNT.get(0).is_none_or(|n| *n == 0)
+    shared_zero(&IOASID_INFLIGHT_COUNT)
 }
 
 /// WBINVD handler time histogram and sum per VM.
@@ -87,14 +99,12 @@ pub static IOASID_FLUSH_CPUS: PerCpuArray<u64> = PerCpuArray::with_max_entries(F
 
 #[inline(always)]
 pub fn pending_add(delta: i64) {
-    if let Some(p) = IOASID_PENDING_COUNT.get_ptr_mut(0) {
-        atomic_add(p, delta);
-    }
+    shared_add(&IOASID_PENDING_COUNT, delta);
 }
 
 #[inline(always)]
 pub fn pending_none() -> bool {
-    IOASID_PENDING_COUNT.get(0).is_none_or(|n| *n == 0)
+    shared_zero(&IOASID_PENDING_COUNT)
 }
 
 /// Enforcement switches, written by the agent after attaching.

@@ -72,6 +72,16 @@ fn guest(code: &[u8]) -> Result<Guest> {
     Ok(Guest { _mem: mem, vcpu, _vm: vm })
 }
 
+/// Wall time of one KVM_RUN of `g` (which must exit with `out`), divided by `per`.
+fn run_once(g: &mut Guest, per: u32) -> f64 {
+    let start = Instant::now();
+    match g.vcpu.run() {
+        Ok(VcpuExit::IoOut(..)) => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(per)
+}
+
 fn main() -> Result<()> {
     let rounds = 7;
     let mut out = Vec::new();
@@ -109,9 +119,8 @@ fn main() -> Result<()> {
     // `top: out 0x10, al; jmp top`
     let mut g = guest(&[0xe6, 0x10, 0xeb, 0xfc])?;
     let run = median(rounds, || {
-        ns_per_op(20_000, || match g.vcpu.run() {
-            Ok(VcpuExit::IoOut(..)) => {}
-            other => panic!("unexpected exit {other:?}"),
+        ns_per_op(20_000, || {
+            run_once(&mut g, 1);
         })
     });
     out.push(("kvm_run_roundtrip_ns", run));
@@ -122,14 +131,7 @@ fn main() -> Result<()> {
     code.extend_from_slice(&n.to_le_bytes());
     code.extend_from_slice(&[0x0f, 0x09, 0x66, 0x49, 0x75, 0xfa, 0xe6, 0x10, 0xeb, 0xf0]);
     let mut w = guest(&code)?;
-    let wb = median(rounds, || {
-        let start = Instant::now();
-        match w.vcpu.run() {
-            Ok(VcpuExit::IoOut(..)) => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-        start.elapsed().as_nanos() as f64 / f64::from(n)
-    });
+    let wb = median(rounds, || run_once(&mut w, n));
     out.push(("emulated_wbinvd_ns", wb));
 
     // `top: mov ecx, 20000; L: dec ecx; jnz L; out 0x10, al; jmp top`: ordinary emulated
@@ -139,14 +141,7 @@ fn main() -> Result<()> {
     code.extend_from_slice(&n.to_le_bytes());
     code.extend_from_slice(&[0x66, 0x49, 0x75, 0xfc, 0xe6, 0x10, 0xeb, 0xf2]);
     let mut e = guest(&code)?;
-    let insn = median(rounds, || {
-        let start = Instant::now();
-        match e.vcpu.run() {
-            Ok(VcpuExit::IoOut(..)) => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-        start.elapsed().as_nanos() as f64 / f64::from(2 * n)
-    });
+    let insn = median(rounds, || run_once(&mut e, 2 * n));
     out.push(("emulated_insn_ns", insn));
 
     let body: Vec<String> = out.iter().map(|(k, v)| format!("\"{k}\":{v:.1}")).collect();
