@@ -275,6 +275,7 @@ impl Accounting {
             let _ = metrics.wbinvd_cost_ratio.remove_label_values(&[&vm]);
             let _ = metrics.wbinvd_rate.remove_label_values(&[&vm]);
             let _ = metrics.wbinvd_storm.remove_label_values(&[&vm]);
+            let _ = metrics.vm_noncoherent.remove_label_values(&[&vm]);
             let _ = metrics.dos_alerts.remove_label_values(&[&vm]);
             for d in ["allowed", "audited", "denied"] {
                 let _ = metrics.incoherent_dma_requests.remove_label_values(&[&vm, d]);

@@ -351,8 +351,23 @@ impl State {
         let info = self.acct.ensure(tgid, comm, &self.procfs, Instant::now()).info.clone();
         if !known {
             self.write_verdict(&info);
+            self.discover_noncoherent(tgid);
         }
         info
+    }
+
+    /// A VMM first seen already holding a VFIO device its IOMMU does not keep coherent (added
+    /// before the agent started) has non-coherent DMA: its WBINVD flush.
+    fn discover_noncoherent(&mut self, tgid: u32) {
+        let files = vfio::held(&self.procfs, &self.sysfs, tgid);
+        let Some(f) = files.iter().find(|f| vfio::makes_noncoherent(f)) else { return };
+        if let Err(e) = self.noncoherent_tgids.insert(tgid, 1, 0) {
+            tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
+        }
+        if let Some(p) = self.acct.procs.get_mut(&tgid) {
+            p.noncoherent = true;
+            tracing::info!(vm = %p.info.vm, pid = tgid, device = %f.path, coherency = ?f.coherency, "VM already holds a non-coherent VFIO device");
+        }
     }
 
     fn write_verdict(&mut self, info: &ProcessInfo) {
@@ -430,7 +445,10 @@ impl State {
         // A device the IOMMU does not keep coherent was really added: from now on KVM really
         // executes this VM's WBINVD. (Where the fentry hooks load, the kernel says so itself.)
         let added = record.ret == Some(0) && j.action != crate::policy::Action::Deny;
-        let coherent = record.vfio.as_ref().is_some_and(|v| v.coherency == vfio::Coherency::Enforced);
+        // The kernel's own verdict where fexit vfio_file_enforced_coherent loads, else sysfs's.
+        let coherent = record.kernel_coherent.unwrap_or_else(|| {
+            record.vfio.as_ref().is_some_and(|v| v.coherency == vfio::Coherency::Enforced)
+        });
         if added && !coherent {
             if let Err(e) = self.noncoherent_tgids.insert(tgid, 1, 0) {
                 tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
@@ -484,6 +502,7 @@ impl State {
             .collect();
         for info in new {
             self.write_verdict(&info);
+            self.discover_noncoherent(info.pid);
         }
         for tgid in self.acct.take_newly_dead() {
             for k in keys.remove(&tgid).unwrap_or_default() {
@@ -507,8 +526,14 @@ impl State {
         // Live VMMs known to have non-coherent DMA: from the kernel's own transitions where the
         // fentry hooks load, or from a successful FILE_ADD of a device the IOMMU does not keep
         // coherent.
-        let noncoherent = self.acct.procs.values().filter(|p| p.alive() && p.noncoherent).count();
-        self.metrics.noncoherent_vms.set(noncoherent as i64);
+        let mut per_vm: HashMap<&str, bool> = HashMap::new();
+        for p in self.acct.procs.values().filter(|p| p.alive()) {
+            *per_vm.entry(p.info.vm.as_str()).or_default() |= p.noncoherent;
+        }
+        for (vm, nc) in &per_vm {
+            self.metrics.vm_noncoherent.with_label_values(&[vm]).set(i64::from(*nc));
+        }
+        self.metrics.noncoherent_vms.set(per_vm.values().filter(|nc| **nc).count() as i64);
         self.detect_storms(now);
         self.export_flush_cpus();
         self.export_stats();

@@ -59,6 +59,9 @@ pub struct AuditRecord {
     pub uid: u32,
     pub request: Request,
     pub vfio: Option<VfioFile>,
+    /// The kernel's own verdict (fexit vfio_file_enforced_coherent), where that hook loads.
+    #[serde(default)]
+    pub kernel_coherent: Option<bool>,
     /// Matched rule name, or `default`.
     pub rule: String,
     /// allowed | audited | denied
@@ -258,6 +261,7 @@ mod tests {
                 device_fd_known: true,
             },
             vfio: None,
+            kernel_coherent: None,
             rule: "default".into(),
             decision: "audited".into(),
             mechanism: "none".into(),

@@ -105,6 +105,11 @@ pub fn judge(ev: &IoctlEvent, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Cont
             device_fd_known: ev.flags & IOCTL_F_DEVICE_KNOWN != 0,
         },
         vfio,
+        kernel_coherent: match ev.kernel_coherent {
+            ioasid_common::COHERENT_YES => Some(true),
+            ioasid_common::COHERENT_NO => Some(false),
+            _ => None,
+        },
         rule,
         decision: action.decision().into(),
         mechanism: mechanism.into(),

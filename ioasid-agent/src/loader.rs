@@ -164,6 +164,14 @@ pub const HOOKS: &[HookSpec] = &[
         group: None,
     },
     HookSpec {
+        hook: "fexit/vfio_file_enforced_coherent",
+        program: common::PROG_FEXIT_VFIO_FILE_ENFORCED_COHERENT,
+        kind: HookKind::FExit { function: "vfio_file_enforced_coherent" },
+        optional: true,
+        purpose: "the kernel's own coherency verdict for each FILE_ADD",
+        group: None,
+    },
+    HookSpec {
         hook: "fentry/kvm_arch_register_noncoherent_dma",
         program: common::PROG_FENTRY_REGISTER_NONCOHERENT,
         kind: HookKind::FEntry { function: "kvm_arch_register_noncoherent_dma" },

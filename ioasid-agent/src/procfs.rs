@@ -72,6 +72,24 @@ impl ProcFs {
         std::fs::read_link(&path).map_err(|source| ProcError::Read { path, source })
     }
 
+    /// Every open fd of `pid` and where it points (fds that vanish meanwhile are skipped).
+    pub fn fds(&self, pid: u32) -> Result<Vec<(i32, PathBuf)>, ProcError> {
+        let dir = self.root.join(pid.to_string()).join("fd");
+        let entries = std::fs::read_dir(&dir).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ProcError::Gone { pid },
+            _ => ProcError::Read { path: dir.clone(), source },
+        })?;
+        let mut out: Vec<(i32, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let fd = e.file_name().to_str()?.parse().ok()?;
+                Some((fd, std::fs::read_link(e.path()).ok()?))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     pub fn info(&self, pid: u32) -> Result<ProcessInfo, ProcError> {
         let start_time = self.start_time(pid)?;
         let comm = String::from_utf8_lossy(&self.read(pid, "comm")?).trim_end().to_string();

@@ -138,6 +138,8 @@ pub struct Metrics {
     pub incoherent_dma_requests: IntCounterVec,
     /// contract: VMs with non-coherent DMA registered (where the kernel transition is observable).
     pub noncoherent_vms: IntGauge,
+    /// 1 while the VM has non-coherent DMA (its WBINVD really flush).
+    pub vm_noncoherent: IntGaugeVec,
     /// contract: policy reloads by result = success | failure.
     pub policy_reloads: IntCounterVec,
     /// 1 for the enforcement mechanism in use: lsm | sigkill | none.
@@ -230,6 +232,11 @@ impl Metrics {
             noncoherent_vms: gauge(
                 "ioasid_noncoherent_vms",
                 "Live VMs with non-coherent DMA: KVM registered it (fentry), or a FILE_ADD of a device whose IOMMU does not enforce coherency succeeded.",
+            ),
+            vm_noncoherent: gauge_vec(
+                "ioasid_vm_noncoherent",
+                "1 while the VM has non-coherent DMA, so KVM really executes its WBINVD.",
+                &["vm"],
             ),
             policy_reloads: counter_vec("ioasid_policy_reloads_total", "Policy reloads by result.", &["result"]),
             enforcement_mechanism: gauge_vec(

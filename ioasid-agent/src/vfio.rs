@@ -121,6 +121,25 @@ pub fn resolve(procfs: &ProcFs, sysfs: &SysFs, pid: u32, fd: i32) -> VfioFile {
     resolve_path(sysfs, &target)
 }
 
+/// The VFIO groups and devices process `pid` holds open, resolved. QEMU adds every one it holds
+/// to its kvm-vfio device, so a VMM found holding one its IOMMU does not keep coherent runs with
+/// non-coherent DMA even if it added it before the agent started.
+pub fn held(procfs: &ProcFs, sysfs: &SysFs, pid: u32) -> Vec<VfioFile> {
+    procfs
+        .fds(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, t)| t.starts_with("/dev/vfio/") && t != Path::new("/dev/vfio/vfio"))
+        .map(|(_, t)| resolve_path(sysfs, &t))
+        .filter(|f| f.kind != "not-vfio")
+        .collect()
+}
+
+/// Whether a held VFIO file makes the VM non-coherent: anything not known to be coherent.
+pub fn makes_noncoherent(f: &VfioFile) -> bool {
+    f.coherency != Coherency::Enforced
+}
+
 pub fn resolve_path(sysfs: &SysFs, target: &Path) -> VfioFile {
     let path = target.to_string_lossy().into_owned();
     let mut file = VfioFile {
@@ -239,6 +258,27 @@ mod tests {
         assert_eq!(f.coherency, Coherency::Unknown);
         let f = resolve_path(&fs, Path::new("/dev/vfio/vfio"));
         assert_eq!(f.kind, "not-vfio");
+    }
+
+    #[test]
+    fn vfio_files_a_vmm_already_holds() {
+        let t = Tree::new("held");
+        t.dir("kernel/iommu_groups/12/devices/0000:65:00.0");
+        t.link("bus/pci/devices/0000:65:00.0/iommu", "../../../devices/virtual/iommu/dmar3");
+        t.file("class/iommu/dmar3/intel-iommu/ecap", "f02057\n"); // no Snoop Control
+        t.link("proc/77/fd/3", "/dev/kvm");
+        t.link("proc/77/fd/4", "anon_inode:kvm-vm");
+        t.link("proc/77/fd/5", "/dev/vfio/vfio");
+        t.link("proc/77/fd/6", "/dev/vfio/12");
+        t.link("proc/77/fd/7", "/dev/null");
+        let procfs = ProcFs::at(t.0.join("proc"));
+        let files = held(&procfs, &SysFs::at(&t.0), 77);
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!((files[0].kind.as_str(), files[0].coherency), ("group", Coherency::NotEnforced));
+        assert!(makes_noncoherent(&files[0]));
+        t.file("class/iommu/dmar3/intel-iommu/ecap", "f020df\n"); // Snoop Control
+        assert!(!makes_noncoherent(&held(&procfs, &SysFs::at(&t.0), 77)[0]));
+        assert!(held(&procfs, &SysFs::at(&t.0), 78).is_empty(), "a gone process holds nothing");
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub const PROG_SCHED_EXEC: &str = "ioasid_sched_exec";
 pub const PROG_LSM_FILE_IOCTL: &str = "ioasid_lsm_file_ioctl";
 pub const PROG_FENTRY_REGISTER_NONCOHERENT: &str = "ioasid_fentry_register_noncoherent";
 pub const PROG_FENTRY_UNREGISTER_NONCOHERENT: &str = "ioasid_fentry_unregister_noncoherent";
+pub const PROG_FEXIT_VFIO_FILE_ENFORCED_COHERENT: &str = "ioasid_fexit_vfio_file_enforced_coherent";
 
 /// Every map name, for the object test.
 pub const ALL_MAPS: [&str; 13] = [
@@ -78,7 +79,8 @@ pub const ALL_MAPS: [&str; 13] = [
 ];
 
 /// Every program name, for the object test.
-pub const ALL_PROGRAMS: [&str; 17] = [
+pub const ALL_PROGRAMS: [&str; 18] = [
+    PROG_FEXIT_VFIO_FILE_ENFORCED_COHERENT,
     PROG_TP_BTF_KVM_ENTRY,
     PROG_KVM_ENTRY,
     PROG_FENTRY_KVM_EMULATE_WBINVD,
@@ -426,8 +428,16 @@ pub struct IoctlEvent {
     pub flags: u32,
     /// sys_exit time, for latency.
     pub exit_ktime_ns: u64,
+    /// The kernel's own verdict during this ioctl, from fexit vfio_file_enforced_coherent
+    /// (where trampolines load): [`COHERENT_UNKNOWN`], [`COHERENT_YES`] or [`COHERENT_NO`].
+    pub kernel_coherent: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<IoctlEvent>() == 136);
+const _: () = assert!(size_of::<IoctlEvent>() == 144);
+
+pub const COHERENT_UNKNOWN: u32 = 0;
+pub const COHERENT_YES: u32 = 1;
+pub const COHERENT_NO: u32 = 2;
 
 /// kvm_arch_(un)register_noncoherent_dma, seen by fentry where trampolines load.
 #[repr(C)]

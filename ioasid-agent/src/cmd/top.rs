@@ -37,6 +37,7 @@ pub struct Row {
     pub dma_allowed: f64,
     pub dma_audited: f64,
     pub dma_denied: f64,
+    pub noncoherent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +78,7 @@ pub fn frame(text: &str) -> Frame {
                     "ioasid_wbinvd_cost_ratio" => r.cost_ratio = s.value,
                     "ioasid_wbinvd_flushes_total" => r.flushes = s.value,
                     "ioasid_wbinvd_storm" => r.storm = s.value == 1.0,
+                    "ioasid_vm_noncoherent" => r.noncoherent = s.value == 1.0,
                     "ioasid_dos_alerts_total" => r.alerts = s.value,
                     "ioasid_incoherent_dma_requests_total" => {
                         match s.labels.get("decision").map(String::as_str) {
@@ -111,7 +113,7 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
         f.dropped
     ));
     out.push_str(&format!(
-        "{:<24} {:>10} {:>12} {:>8} {:>10} {:>8} {:>9} {:>6} {:<7} {}\n",
+        "{:<24} {:>10} {:>12} {:>8} {:>10} {:>8} {:>9} {:>6} {:<7} {:<13} {}\n",
         "VM",
         "WBINVD/s",
         "WBINVD",
@@ -121,7 +123,8 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
         "FLUSHES",
         "ALERTS",
         "STATE",
-        "INCOHERENT-DMA a/u/d"
+        "DMA",
+        "ENABLES a/u/d"
     ));
     for r in &f.rows {
         let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
@@ -130,7 +133,7 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
             vm = vm.chars().take(23).collect::<String>() + "~";
         }
         let line = format!(
-            "{:<24} {:>10.0} {:>12.0} {:>8.0} {:>8.1}us {:>7.2}% {:>9.0} {:>6.0} {:<7} {:.0}/{:.0}/{:.0}",
+            "{:<24} {:>10.0} {:>12.0} {:>8.0} {:>8.1}us {:>7.2}% {:>9.0} {:>6.0} {:<7} {:<13} {:.0}/{:.0}/{:.0}",
             vm,
             r.rate,
             r.wbinvd,
@@ -140,6 +143,7 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
             r.flushes,
             r.alerts,
             if r.storm { "STORM" } else { "ok" },
+            if r.noncoherent { "non-coherent" } else { "coherent" },
             r.dma_allowed,
             r.dma_audited,
             r.dma_denied
@@ -268,7 +272,8 @@ mod tests {
             ioasid_wbinvd_rate{vm=\"quiet\"} 5\nioasid_wbinvd_rate{vm=\"loud\"} 20000\nioasid_wbinvd_storm{vm=\"loud\"} 1\n\
             ioasid_wbinvd_exits_total{path=\"exit\",vm=\"loud\"} 10\nioasid_wbinvd_exits_total{path=\"emulated\",vm=\"loud\"} 30\n\
             ioasid_wbinvd_handler_seconds_sum{vm=\"loud\"} 0.004\nioasid_wbinvd_handler_seconds_count{vm=\"loud\"} 40\n\
-            ioasid_incoherent_dma_requests_total{decision=\"denied\",vm=\"quiet\"} 2\n";
+            ioasid_incoherent_dma_requests_total{decision=\"denied\",vm=\"quiet\"} 2\n\
+            ioasid_vm_noncoherent{vm=\"loud\"} 1\n";
         let f = frame(text);
         assert_eq!((f.mechanism.as_str(), f.hooks_attached, f.hooks_total), ("sigkill", 1, 2));
         assert_eq!(f.rows[0].vm, "loud");
@@ -277,5 +282,6 @@ mod tests {
         assert_eq!(f.rows[1].dma_denied, 2.0);
         let out = render(&f, "x", 200);
         assert!(out.contains("STORM") && out.contains("100.0us") && out.contains("0/0/2"), "{out}");
+        assert!(out.contains("non-coherent"), "{out}");
     }
 }

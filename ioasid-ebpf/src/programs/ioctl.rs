@@ -21,15 +21,16 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_send_signal,
     },
-    macros::{btf_tracepoint, lsm, tracepoint},
-    programs::{BtfTracePointContext, LsmContext, TracePointContext},
+    macros::{btf_tracepoint, fexit, lsm, tracepoint},
+    programs::{BtfTracePointContext, FExitContext, LsmContext, TracePointContext},
 };
 use ioasid_common::{
-    is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, DECISION_ASK, DECISION_DENY, DECISION_NONE,
-    EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED,
-    IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD,
-    KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK,
-    NR_IOCTL, PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
+    is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK,
+    DECISION_DENY, DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
+    IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO,
+    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR,
+    KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK, NR_IOCTL, PT_REGS_DI, PT_REGS_DX, PT_REGS_SI,
+    SIGKILL, SIGSTOP, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
 };
 
 use super::current_ids;
@@ -345,4 +346,19 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         Some(v) if unsafe { (*v).decision } == DECISION_DENY => -EPERM,
         _ => 0,
     }
+}
+
+/// fexit vfio_file_enforced_coherent(struct file *file) -> bool (drivers/vfio, 6.2+; called by
+/// kvm-vfio while it handles FILE_ADD): the kernel's own coherency verdict for the file. Written
+/// into this thread's in-flight FILE_ADD event, so it lands in its audit record. Optional: needs
+/// trampolines and VFIO.
+#[fexit(function = "vfio_file_enforced_coherent")]
+pub fn ioasid_fexit_vfio_file_enforced_coherent(ctx: FExitContext) -> i32 {
+    let Ok(ret) = ctx.ret::<u64>() else { return 0 };
+    let (_, tid) = current_ids();
+    if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) {
+        // SAFETY: this thread's own in-flight event; sys_exit for it has not run yet.
+        unsafe { (*ev).kernel_coherent = if ret & 0xff != 0 { COHERENT_YES } else { COHERENT_NO } };
+    }
+    0
 }
