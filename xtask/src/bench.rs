@@ -66,15 +66,10 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child.
-        unsafe { libc_kill(self.child.id() as i32, 15) };
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 fn bench_once(root: &Path) -> Result<BTreeMap<String, f64>> {
