@@ -485,6 +485,10 @@ impl State {
         self.sweeps += 1;
         if full {
             for tgid in self.acct.check_liveness(&self.procfs, now) {
+                // A VMM that exits ends its storm: say so, so raised/cleared records pair up.
+                if self.detector.window(tgid).is_some_and(|w| w.storm) {
+                    self.on_storm(tgid, Transition::Exited);
+                }
                 self.detector.forget(tgid);
             }
         }
@@ -596,7 +600,9 @@ impl State {
     /// Feeds each live VMM's totals to the detector and acts on alerts raised or cleared.
     fn detect_storms(&mut self, now: Instant) {
         let first = self.sweeps == 1;
-        let mut per_vm: HashMap<String, (f64, f64, bool)> = HashMap::new();
+        // Every tracked VM gets its gauges set; a VM whose processes all exited reads 0.
+        let mut per_vm: HashMap<String, (f64, f64, bool)> =
+            self.acct.procs.values().map(|p| (p.info.vm.clone(), (0.0, 0.0, false))).collect();
         let mut changes = Vec::new();
         for (tgid, p) in self.acct.procs.iter().filter(|(_, p)| p.alive()) {
             let wbinvd = p.total(common::OP_WBINVD, &[common::PATH_EXIT, common::PATH_EMULATED]);
@@ -659,6 +665,10 @@ impl State {
             Transition::Cleared => {
                 tracing::info!(vm = %p.info.vm, pid = tgid, rate = w.rate, cost_ratio = w.cost_ratio, "WBINVD storm cleared");
                 ("cleared", "cleared".to_string())
+            }
+            Transition::Exited => {
+                tracing::info!(vm = %p.info.vm, pid = tgid, "WBINVD storm over: the VMM exited");
+                ("cleared", "vmm-exited".to_string())
             }
         };
         self.audit.write(&StormRecord {

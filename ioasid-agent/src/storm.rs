@@ -20,6 +20,8 @@ use crate::policy::Budget;
 pub enum Transition {
     Raised,
     Cleared,
+    /// The process exited during a storm (reported by the agent, not the detector).
+    Exited,
 }
 
 /// What the last window looked like for one process.

@@ -134,6 +134,16 @@ fn the_kill_action_ends_the_storming_vmm_and_is_audited() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     assert!(took < Duration::from_secs(3), "killed after {took:?}");
     let r = storm_record(&agent, &name);
+    // The killed VMM's storm is over: its gauge drops and the audit trail pairs up.
+    let over = eventually(Duration::from_secs(5), || {
+        let cleared = agent
+            .audit()
+            .iter()
+            .any(|r| r["vm"] == name.as_str() && r["state"] == "cleared" && r["outcome"] == "vmm-exited");
+        (cleared && sample(&agent.scrape(), "ioasid_wbinvd_storm", &[("vm", &name)]) == Some(0.0))
+            .then_some(())
+    });
+    assert!(over.is_some(), "storm state not cleared after the VMM died:\n{}", agent.log());
     assert_eq!(
         (r["action"].as_str(), r["outcome"].as_str(), r["rule"].as_str()),
         (Some("kill"), Some("killed"), Some("kill-storms")),

@@ -70,6 +70,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "LLVM 22 for bpf-linker"),
     ("prometheus", "promtool, to check the metrics exposition and alert rules"),
     ("tmux", "drives the terminal UI in tests"),
+    ("qemu-system-x86", "a real VMM for the QEMU guest test"),
     ("bpftool", "inspecting loaded programs (optional)"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

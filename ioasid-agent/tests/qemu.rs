@@ -1,0 +1,79 @@
+//! Kernel test with a real VMM: Debian's QEMU under KVM, named like libvirt names VMs, running a
+//! tiny flat `-bios` ROM that executes exactly N WBINVD and M INVD, then exits QEMU.
+
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use support::*;
+
+/// `mov ecx, n; test ecx, ecx; jz skip; L: insn; dec ecx; jnz L; skip:` (16-bit real mode).
+fn counted_loop(code: &mut Vec<u8>, n: u32, insn: [u8; 2]) {
+    code.extend_from_slice(&[0x66, 0xb9]);
+    code.extend_from_slice(&n.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0x85, 0xc9, 0x74, 0x06]);
+    code.extend_from_slice(&insn);
+    code.extend_from_slice(&[0x66, 0x49, 0x75, 0xfa]);
+}
+
+/// A 64 KiB BIOS image: QEMU maps it at 0xF0000 and the CPU starts at its last 16 bytes.
+fn rom(wbinvd: u32, invd: u32) -> Vec<u8> {
+    let mut code = Vec::new();
+    counted_loop(&mut code, wbinvd, [0x0f, 0x09]);
+    counted_loop(&mut code, invd, [0x0f, 0x08]);
+    // out 0xf4, al (isa-debug-exit: QEMU exits with status (al << 1) | 1); then hlt forever.
+    code.extend_from_slice(&[0x30, 0xc0, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
+    let mut image = vec![0xf4u8; 0x10000];
+    image[..code.len()].copy_from_slice(&code);
+    // Reset vector: jmp far F000:0000.
+    image[0xfff0..0xfff5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
+    image
+}
+
+#[test]
+fn qemu_guests_are_named_and_counted_exactly() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let dir = TempDir::new("qemu");
+    let mut vms = Vec::new();
+    for (i, (wb, inv)) in [(7_777u32, 33u32), (1_234, 5)].into_iter().enumerate() {
+        let path = dir.path(&format!("rom{i}.bin"));
+        std::fs::write(&path, rom(wb, inv)).unwrap();
+        // libvirt's form, with a comma in the name escaped QEMU's way.
+        let name = unique(&format!("qemu,vm{i}"));
+        let escaped = name.replace(',', ",,");
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "kvm", "-m", "16", "-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "none", "-monitor", "none"])
+            .args(["-name", &format!("guest={escaped},debug-threads=on")])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .arg("-bios")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64 (Debian package qemu-system-x86; `cargo xtask setup` installs it)");
+        vms.push((name, wb, inv, child));
+    }
+    for (name, wb, inv, child) in vms {
+        let out = child.wait_with_output().unwrap();
+        // isa-debug-exit with al = 0 exits QEMU with status 1: the ROM ran to its end.
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let counted = eventually(Duration::from_secs(5), || {
+            let m = agent.scrape();
+            let total = |fam: &str| {
+                ["exit", "emulated"]
+                    .iter()
+                    .map(|p| sample(&m, fam, &[("vm", &name), ("path", p)]).unwrap_or(0.0))
+                    .sum::<f64>()
+            };
+            (total("ioasid_wbinvd_exits_total") == f64::from(wb)
+                && total("ioasid_invd_exits_total") == f64::from(inv))
+            .then_some(())
+        });
+        assert!(counted.is_some(), "{name}: expected {wb}/{inv}:\n{}", agent.scrape());
+    }
+}
