@@ -277,3 +277,40 @@ fn recorded_requests_replay_against_another_policy() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 decided differently"));
 }
+
+#[test]
+fn every_watched_vfio_and_iommufd_request_is_observed() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let requests = [
+        "VFIO_CHECK_EXTENSION",
+        "VFIO_SET_IOMMU",
+        "VFIO_GROUP_SET_CONTAINER",
+        "VFIO_GROUP_GET_DEVICE_FD",
+        "VFIO_DEVICE_BIND_IOMMUFD",
+        "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+        "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+        "IOMMU_IOAS_ALLOC",
+        "IOMMU_HWPT_ALLOC",
+        "IOMMU_GET_HW_INFO",
+        "IOMMU_DESTROY",
+    ];
+    let before = agent.scrape();
+    let (status, summary, err) = finish(guest(&["--name", &unique("probe"), "--vfio-probe"]));
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["vfio_probed"], requests.len());
+    let seen = eventually(Duration::from_secs(5), || {
+        let m = agent.scrape();
+        let all = requests.iter().all(|r| {
+            let was = sample(&before, "ioasid_ioctls_total", &[("request", r)]).unwrap_or(0.0);
+            sample(&m, "ioasid_ioctls_total", &[("request", r)]).unwrap_or(0.0) >= was + 1.0
+        });
+        all.then_some(m)
+    });
+    assert!(seen.is_some(), "not every request was observed:\n{}", agent.scrape());
+    // Unwatched requests are not counted as watched ones.
+    assert_eq!(sample(&seen.unwrap(), "ioasid_ioctls_total", &[("request", "other")]), None);
+}

@@ -57,6 +57,10 @@ struct Args {
     /// With --file-add: wait this many seconds between KVM_CREATE_VM and KVM_CREATE_DEVICE.
     #[arg(long, default_value_t = 0.0, requires = "file_add")]
     file_add_delay: f64,
+    /// Issue each VFIO container, VFIO cdev and iommufd request the agent watches once, on an
+    /// ordinary fd (the kernel answers ENOTTY): what QEMU does on a real VFIO host.
+    #[arg(long)]
+    vfio_probe: bool,
     /// Stay alive this many seconds after the work is done (so a watcher sees the VM live).
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
@@ -82,6 +86,9 @@ fn main() -> Result<()> {
         let (errno, fds) = file_add(&vm)?;
         summary.file_add_errno = Some(errno);
         _keep = Some(fds);
+    }
+    if args.vfio_probe {
+        summary.probed = Some(vfio_probe()?);
     }
     if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
         let code = match args.rate {
@@ -133,6 +140,34 @@ fn file_add(vm: &VmFd) -> Result<(i32, (kvm_ioctls::DeviceFd, std::fs::File))> {
         Err(e) => e.errno(),
     };
     Ok((errno, (dev, file)))
+}
+
+/// The VFIO/iommufd requests (include/uapi/linux/vfio.h, iommufd.h), issued on /dev/null.
+/// Returns how many were issued.
+fn vfio_probe() -> Result<u32> {
+    const REQUESTS: [(u64, u64); 11] = [
+        (0x3b65, 4), // VFIO_CHECK_EXTENSION(VFIO_DMA_CC_IOMMU)
+        (0x3b66, 3), // VFIO_SET_IOMMU(VFIO_TYPE1v2_IOMMU)
+        (0x3b68, 0), // VFIO_GROUP_SET_CONTAINER
+        (0x3b6a, 0), // VFIO_GROUP_GET_DEVICE_FD
+        (0x3b76, 0), // VFIO_DEVICE_BIND_IOMMUFD
+        (0x3b77, 0), // VFIO_DEVICE_ATTACH_IOMMUFD_PT
+        (0x3b78, 0), // VFIO_DEVICE_DETACH_IOMMUFD_PT
+        (0x3b81, 0), // IOMMU_IOAS_ALLOC
+        (0x3b89, 0), // IOMMU_HWPT_ALLOC
+        (0x3b8a, 0), // IOMMU_GET_HW_INFO
+        (0x3b80, 0), // IOMMU_DESTROY
+    ];
+    let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut zeroes = [0u8; 64];
+    for (req, arg) in REQUESTS {
+        let arg = if arg == 0 { zeroes.as_mut_ptr() as u64 } else { arg };
+        // SAFETY: ioctl on /dev/null, which rejects every one of these requests (ENOTTY) without
+        // touching `arg`; pointer arguments point at a zeroed local buffer all the same.
+        unsafe { libc::ioctl(fd, req as libc::c_ulong, arg) };
+    }
+    Ok(REQUESTS.len() as u32)
 }
 
 /// Real-mode code: `mov ecx, N; test ecx, ecx; jz skip; L: <insn>; dec ecx; jnz L; skip:`.
@@ -270,13 +305,15 @@ mod serde_like {
         pub invd: u64,
         pub seconds: f64,
         pub file_add_errno: Option<i32>,
+        pub probed: Option<u32>,
     }
 
     impl Summary {
         pub fn to_json(&self, pid: u32) -> String {
             let errno = self.file_add_errno.map_or("null".to_string(), |e| e.to_string());
+            let probed = self.probed.map_or("null".to_string(), |e| e.to_string());
             format!(
-                "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{errno}}}",
+                "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{errno},\"vfio_probed\":{probed}}}",
                 self.wbinvd, self.invd, self.seconds
             )
         }
