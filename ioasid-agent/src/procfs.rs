@@ -172,8 +172,19 @@ pub fn vm_name_from_cmdline(args: &[String]) -> Option<String> {
     None
 }
 
+/// VM names are labels on every per-VM series and come from a command line any /dev/kvm user
+/// controls: longer names are cut (on a character boundary) to keep series bounded.
+pub const MAX_VM_NAME: usize = 128;
+
 fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_string())
+    if s.is_empty() {
+        return None;
+    }
+    let mut end = s.len().min(MAX_VM_NAME);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(s[..end].to_string())
 }
 
 /// Splits a QEMU option string on single commas; `,,` is an escaped comma.
@@ -227,6 +238,13 @@ mod tests {
         assert_eq!(name(&["q", "-name", "guest=a,,b,debug-threads=on"]).as_deref(), Some("a,b"));
         assert_eq!(name(&["q", "-name", "x,,,,y"]).as_deref(), Some("x,,y"));
         assert_eq!(name(&["q", "-name", "guest=trail,,"]).as_deref(), Some("trail,"));
+    }
+
+    #[test]
+    fn long_names_are_cut() {
+        let long = "é".repeat(100); // 200 bytes
+        let got = name(&["q", "-name", &long]).unwrap();
+        assert!(got.len() <= MAX_VM_NAME && got.chars().all(|c| c == 'é'), "{got}");
     }
 
     #[test]
