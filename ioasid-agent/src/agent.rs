@@ -199,6 +199,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     } else {
         Vec::new()
     };
+    start_kernel_log(&mut loaded.ebpf);
     let ebpf = &mut loaded.ebpf;
     let ring: RingBuf<MapData> = take(ebpf, common::MAP_EVENTS)?;
     let cost = take(ebpf, common::MAP_COST)?;
@@ -279,6 +280,35 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     tracing::info!("shutting down: detaching every hook");
     Ok(())
+}
+
+/// Forwards the kernel programs' aya-log records (enforcement actions, signal failures) into
+/// the agent's log, under the `ioasid_ebpf` target.
+fn start_kernel_log(ebpf: &mut aya::Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel-side log unavailable");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered.map_err(|e| e.into_parts().1) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel-side log unavailable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 pub fn mechanism_name(enforce: bool, lsm: bool) -> &'static str {

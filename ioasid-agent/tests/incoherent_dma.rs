@@ -154,6 +154,15 @@ fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
     assert_eq!(r["request"]["device_fd_known"], true, "{r}");
     // The ioctl body ran before the process died: its result is in the record.
     assert_eq!(r["ret"], -22, "{r}");
+    // The kernel program said so itself, through aya-log, in the agent's log.
+    let said = eventually(Duration::from_secs(3), || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("ioasid_ebpf") && l.contains("decision 3, signal 9 sent"))
+            .then_some(())
+    });
+    assert!(said.is_some(), "no kernel log line:\n{}", agent.log());
 
     let gpu = format!("{prefix}-gpu-2");
     let (status, summary, err) = file_add(&gpu, "0.5");

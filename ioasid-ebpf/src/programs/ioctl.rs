@@ -23,7 +23,9 @@ use aya_ebpf::{
     },
     macros::{btf_tracepoint, fexit, lsm, tracepoint},
     programs::{BtfTracePointContext, FExitContext, LsmContext, TracePointContext},
+    EbpfContext,
 };
+use aya_log_ebpf::{info, warn};
 use ioasid_common::{
     is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK,
     DECISION_DENY, DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
@@ -86,7 +88,7 @@ fn try_sys_enter_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let fd = field_u64(ctx, cfg.ioctl_fd)? as u32 as i32;
     let arg = field_u64(ctx, cfg.ioctl_arg)?;
-    on_sys_enter_ioctl(fd, cmd, arg);
+    on_sys_enter_ioctl(ctx, fd, cmd, arg);
     Ok(())
 }
 
@@ -111,7 +113,7 @@ pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     match (read(PT_REGS_DI), read(PT_REGS_DX)) {
-        (Ok(fd), Ok(arg)) => on_sys_enter_ioctl(fd as u32 as i32, cmd, arg),
+        (Ok(fd), Ok(arg)) => on_sys_enter_ioctl(&ctx, fd as u32 as i32, cmd, arg),
         _ => stat_inc(Stat::ReadErrors),
     }
     0
@@ -136,7 +138,7 @@ pub fn ioasid_tp_btf_sys_exit(ctx: BtfTracePointContext) -> i32 {
 /// A watched ioctl entered: judge it if it is an incoherent-DMA enable, and keep it in flight
 /// for sys_exit.
 #[inline(always)]
-fn on_sys_enter_ioctl(fd: i32, cmd: u32, arg: u64) {
+fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) {
     let (tgid, tid) = current_ids();
     if tgid == config().agent_tgid {
         return;
@@ -154,7 +156,7 @@ fn on_sys_enter_ioctl(fd: i32, cmd: u32, arg: u64) {
     match cmd {
         KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => {
             let ctl = control();
-            judge_device_attr(&mut ev, tgid, ctl.enforce != 0, ctl.lsm_enforces != 0)
+            judge_device_attr(ctx, &mut ev, tgid, ctl.enforce != 0, ctl.lsm_enforces != 0)
         }
         // The extension or IOMMU type is the argument itself (VFIO_DMA_CC_IOMMU, TYPE1v2...).
         VFIO_SET_IOMMU | VFIO_CHECK_EXTENSION => ev.attr_attr = arg,
@@ -187,7 +189,13 @@ fn fill_header(h: &mut EventHeader, tgid: u32, tid: u32) {
 }
 
 #[inline(always)]
-fn judge_device_attr(ev: &mut IoctlEvent, tgid: u32, enforce: bool, lsm_enforces: bool) {
+fn judge_device_attr<C: EbpfContext>(
+    ctx: &C,
+    ev: &mut IoctlEvent,
+    tgid: u32,
+    enforce: bool,
+    lsm_enforces: bool,
+) {
     // SAFETY: bpf_probe_read_user faults safely on a bad user pointer.
     let Ok(attr) = (unsafe { bpf_probe_read_user(ev.arg as *const KvmDeviceAttr) }) else {
         stat_inc(Stat::ReadErrors);
@@ -249,10 +257,17 @@ fn judge_device_attr(ev: &mut IoctlEvent, tgid: u32, enforce: bool, lsm_enforces
         _ => return,
     };
     // SAFETY: helper call; signals the current process (the whole thread group).
-    if unsafe { bpf_send_signal(sig) } == 0 {
+    let rc = unsafe { bpf_send_signal(sig) };
+    if rc == 0 {
         ev.flags |= IOCTL_F_SIGNAL_SENT;
+        // Rare (one per judged FILE_ADD that is denied or asked about): worth a kernel log line.
+        info!(
+            ctx,
+            "FILE_ADD by tgid {} on fd {}: decision {}, signal {} sent", tgid, ev.fd, ev.decision, sig
+        );
     } else {
         stat_inc(Stat::SignalErrors);
+        warn!(ctx, "FILE_ADD by tgid {}: bpf_send_signal({}) failed: {}", tgid, sig, rc);
     }
 }
 
