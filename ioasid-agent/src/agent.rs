@@ -41,6 +41,16 @@ use crate::{
 };
 
 const EVENT_QUEUE: usize = 4096;
+/// An ask older than this without its event is taken as lost (events arrive in microseconds).
+const LOST_ASK_NS: u64 = 500_000_000;
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -56,6 +66,9 @@ pub struct RunConfig {
     pub lock_file: PathBuf,
     pub bpf_stats: bool,
     pub ioctl_hooks: loader::IoctlHooks,
+    /// Tests only: discard every ring buffer event (as a full queue would), to exercise the
+    /// paths that must not depend on events.
+    pub test_drop_events: bool,
 }
 
 /// Requests to the actor.
@@ -87,6 +100,7 @@ struct State {
     /// Non-coherent DMA registrations per `struct kvm *` (opaque), from fentry.
     noncoherent: HashMap<u64, i64>,
     cost: PerCpuHashMap<MapData, CostKey, u64>,
+    asked: BpfHashMap<MapData, u32, common::Asked>,
     flush_cpus: PerCpuArray<MapData, u64>,
     /// tgid -> 1: VMMs whose WBINVD really flush (the kernel counts their flushes).
     noncoherent_tgids: BpfHashMap<MapData, u32, u32>,
@@ -203,6 +217,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let ebpf = &mut loaded.ebpf;
     let ring: RingBuf<MapData> = take(ebpf, common::MAP_EVENTS)?;
     let cost = take(ebpf, common::MAP_COST)?;
+    let asked = take(ebpf, common::MAP_ASKED)?;
     let flush_cpus = take(ebpf, common::MAP_FLUSH_CPUS)?;
     let noncoherent_tgids = take(ebpf, common::MAP_NONCOHERENT)?;
     let mut state = State {
@@ -226,6 +241,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         stats_seen: [0; STATS_LEN as usize],
         noncoherent: HashMap::new(),
         cost,
+        asked,
         flush_cpus,
         noncoherent_tgids,
         detector: Detector::default(),
@@ -248,7 +264,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let reader = unsafe { AsyncFd::register(ring) }
         .map_err(|e| e.into_parts().1)
         .context("polling the ring buffer")?;
-    tokio::spawn(read_events(reader, ev_tx, metrics.clone()));
+    tokio::spawn(read_events(reader, ev_tx, metrics.clone(), cfg.test_drop_events));
 
     // Classify VMMs that were running before the agent started, from the counters they have.
     state.sweep();
@@ -320,7 +336,12 @@ pub fn mechanism_name(enforce: bool, lsm: bool) -> &'static str {
 }
 
 /// Ring buffer -> decode -> bounded queue. A full queue drops the event and counts it.
-async fn read_events(mut fd: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Event>, metrics: Metrics) {
+async fn read_events(
+    mut fd: AsyncFd<RingBuf<MapData>>,
+    tx: mpsc::Sender<Event>,
+    metrics: Metrics,
+    drop_all: bool,
+) {
     loop {
         let mut guard = match fd.readable_mut().await {
             Ok(g) => g,
@@ -333,7 +354,7 @@ async fn read_events(mut fd: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Event>,
         while let Some(item) = ring.next() {
             match events::decode(&item) {
                 Ok(ev) => {
-                    if tx.try_send(ev).is_err() {
+                    if drop_all || tx.try_send(ev).is_err() {
                         metrics.events_dropped.inc();
                     }
                 }
@@ -437,6 +458,16 @@ impl State {
             }
             return;
         }
+        self.decide(ev, None);
+    }
+
+    /// Judges one incoherent-DMA enable, carries out what is left to do, audits it.
+    fn decide(&mut self, ev: &IoctlEvent, note: Option<&str>) {
+        let tgid = ev.header.tgid;
+        let comm = events::comm(&ev.header.comm);
+        if ev.decision == common::DECISION_ASK {
+            let _ = self.asked.remove(&tgid);
+        }
         let info = if ev.decision == common::DECISION_ASK {
             // The kernel stopped the process: judge it on what it is now.
             match self.procfs.info(tgid) {
@@ -465,6 +496,9 @@ impl State {
             Followup::Kill => Some(libc::SIGKILL),
         };
         let mut record = j.record;
+        if let Some(note) = note {
+            record.reason = Some(note.to_string());
+        }
         if let Some(sig) = sig {
             if let Err(e) = signal_process(tgid, sig) {
                 record.outcome = "gone".into();
@@ -556,6 +590,7 @@ impl State {
         if full {
             self.acct.expire(self.retention, now);
         }
+        self.recover_lost_asks();
         self.acct.export(&self.metrics);
         // Live VMMs known to have non-coherent DMA: from the kernel's own transitions where the
         // fentry hooks load, or from a successful FILE_ADD of a device the IOMMU does not keep
@@ -572,6 +607,39 @@ impl State {
         self.export_flush_cpus();
         self.export_stats();
         self.export_program_stats();
+    }
+
+    /// Decides for processes the kernel stopped to ask whose event never arrived (ring buffer
+    /// full, or dropped): no VMM stays stopped. The kernel's ask record carries the fds.
+    fn recover_lost_asks(&mut self) {
+        let now = monotonic_ns();
+        let stale: Vec<(u32, common::Asked)> = self
+            .asked
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, a)| now.saturating_sub(a.ktime_ns) > LOST_ASK_NS)
+            .collect();
+        for (tgid, a) in stale {
+            // SAFETY: all-zero is valid for this plain-integer type.
+            let mut ev: IoctlEvent = unsafe { std::mem::zeroed() };
+            ev.header.kind = common::EVENT_IOCTL;
+            ev.header.ktime_ns = a.ktime_ns;
+            ev.header.tgid = tgid;
+            ev.header.tid = tgid;
+            ev.cmd = common::KVM_SET_DEVICE_ATTR;
+            ev.fd = a.fd;
+            ev.file_fd = a.file_fd;
+            ev.rule = u32::MAX;
+            ev.decision = common::DECISION_ASK;
+            ev.mechanism = common::MECH_STOP_ASK;
+            ev.flags =
+                common::IOCTL_F_SIGNAL_SENT | if a.file_fd >= 0 { common::IOCTL_F_FILE_FD_READ } else { 0 };
+            tracing::warn!(
+                pid = tgid,
+                "a stopped VMM's FILE_ADD event never arrived: deciding from the kernel's ask record"
+            );
+            self.decide(&ev, Some("event lost; decided from the kernel's ask record"));
+        }
     }
 
     /// Kernel WBINVD/INVD counts summed over CPUs and vCPUs, per tgid, and the keys per tgid.

@@ -81,6 +81,9 @@ pub struct RunArgs {
     /// time (ioasid_program_runs_total, ioasid_program_run_seconds_total). Costs a little per run.
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Tests only: discard every kernel event, as if the ring buffer were always full.
+    #[arg(long, hide = true)]
+    pub test_drop_events: bool,
     /// Host-wide lock: only one agent may run (two would both judge the same VMMs).
     #[arg(long, value_name = "PATH", default_value = "/run/ioasid-agent.lock")]
     pub lock_file: PathBuf,

@@ -65,6 +65,7 @@ fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
         lock_file: args.lock_file.clone(),
         bpf_stats: args.bpf_stats,
         ioctl_hooks: args.ioctl_hooks,
+        test_drop_events: args.test_drop_events,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

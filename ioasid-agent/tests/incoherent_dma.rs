@@ -323,3 +323,28 @@ fn every_watched_vfio_and_iommufd_request_is_observed() {
     // Unwatched requests are not counted as watched ones.
     assert_eq!(sample(&seen.unwrap(), "ioasid_ioctls_total", &[("request", "other")]), None);
 }
+
+#[test]
+fn a_stopped_vmm_is_decided_even_if_its_event_is_lost() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("lost");
+    // The agent discards every kernel event, as if its ring buffer were always full.
+    let (agent, _policy) = agent_with_policy(&prefix, &["--test-drop-events"]);
+    let started = std::time::Instant::now();
+    let (status, _, _) = file_add(&format!("{prefix}-tenant-1"), "0");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    let (status, summary, err) = file_add(&format!("{prefix}-gpu-1"), "0");
+    assert!(status.success(), "the allowed VMM must be resumed: {err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    for (vm, decision, outcome) in [("tenant-1", "denied", "killed"), ("gpu-1", "allowed", "resumed")] {
+        let r = agent.wait_audit(&format!("{prefix}-{vm}"));
+        assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some(decision), Some(outcome)), "{r}");
+        assert!(r["reason"].as_str().unwrap_or("").contains("event lost"), "{r}");
+        assert_eq!(r["request"]["file_fd"], 6, "the fds come from the kernel's ask record: {r}");
+    }
+    assert!(sample(&agent.scrape(), "ioasid_events_dropped_total", &[]).unwrap() > 0.0);
+}

@@ -24,6 +24,10 @@ pub const MAP_VM_POLICY: &str = "IOASID_VM_POLICY";
 pub const MAP_KVM_DEVICES: &str = "IOASID_KVM_DEVICES";
 /// Hash: thread id -> [`IoctlEvent`], ioctls between sys_enter and sys_exit.
 pub const MAP_INFLIGHT: &str = "IOASID_INFLIGHT";
+/// Hash: tgid -> [`Asked`], processes the kernel stopped to ask the agent. The agent removes
+/// an entry when it has decided; one whose event never arrived (ring full) is found here and
+/// decided all the same, so no VMM stays stopped.
+pub const MAP_ASKED: &str = "IOASID_ASKED";
 /// Array of one [`Control`].
 pub const MAP_CONTROL: &str = "IOASID_CONTROL";
 /// Per-CPU hash: [`CostKey`] -> u64. WBINVD handler time histogram and ns sum, per VM.
@@ -62,7 +66,8 @@ pub const PROG_FENTRY_UNREGISTER_NONCOHERENT: &str = "ioasid_fentry_unregister_n
 pub const PROG_FEXIT_VFIO_FILE_ENFORCED_COHERENT: &str = "ioasid_fexit_vfio_file_enforced_coherent";
 
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
+    MAP_ASKED,
     MAP_COST,
     MAP_PENDING,
     MAP_PENDING_COUNT,
@@ -353,6 +358,18 @@ pub struct VmVerdict {
 const _: () = assert!(size_of::<VmVerdict>() == 16);
 pub const RULE_DEFAULT: u32 = u32::MAX;
 
+/// Value of [`MAP_ASKED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Asked {
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the process was stopped.
+    pub ktime_ns: u64,
+    /// The kvm device fd and the VFIO file fd of the FILE_ADD.
+    pub fd: i32,
+    pub file_fd: i32,
+}
+const _: () = assert!(size_of::<Asked>() == 16);
+
 /// Key of [`MAP_KVM_DEVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -612,6 +629,8 @@ mod pod {
     unsafe impl aya::Pod for super::CostKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Pending {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Asked {}
 }
 
 #[cfg(test)]

@@ -32,6 +32,11 @@ pub static IOASID_VM_POLICY: HashMap<u32, VmVerdict> = HashMap::with_max_entries
 #[map]
 pub static IOASID_KVM_DEVICES: HashMap<FdKey, u32> = HashMap::with_max_entries(KVM_DEVICES_MAX_ENTRIES, 0);
 
+/// tgid -> when and why the kernel stopped it to ask the agent.
+#[map]
+pub static IOASID_ASKED: HashMap<u32, ioasid_common::Asked> =
+    HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+
 /// Thread id -> the watched ioctl it is in, between sys_enter and sys_exit.
 #[map]
 pub static IOASID_INFLIGHT: HashMap<u32, IoctlEvent> = HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);

@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use ioasid_common::{
-    is_watched_ioctl, EventHeader, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK,
+    is_watched_ioctl, Asked, EventHeader, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK,
     DECISION_DENY, DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
     IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO,
     KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR,
@@ -38,8 +38,8 @@ use ioasid_common::{
 use super::current_ids;
 use crate::{
     maps::{
-        config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_EVENTS, IOASID_INFLIGHT,
-        IOASID_KVM_DEVICES, IOASID_VM_POLICY,
+        config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_EVENTS,
+        IOASID_INFLIGHT, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
     },
     read::field_u64,
 };
@@ -260,6 +260,11 @@ fn judge_device_attr<C: EbpfContext>(
     let rc = unsafe { bpf_send_signal(sig) };
     if rc == 0 {
         ev.flags |= IOCTL_F_SIGNAL_SENT;
+        if sig == SIGSTOP {
+            // Remember the ask, so the agent decides even if the event never reaches it.
+            let asked = Asked { ktime_ns: ev.header.ktime_ns, fd: ev.fd, file_fd: ev.file_fd };
+            let _ = IOASID_ASKED.insert(&tgid, &asked, BPF_ANY as u64);
+        }
         // Rare (one per judged FILE_ADD that is denied or asked about): worth a kernel log line.
         info!(
             ctx,
