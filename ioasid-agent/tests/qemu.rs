@@ -7,29 +7,6 @@ use std::{process::Command, time::Duration};
 
 use support::*;
 
-/// `mov ecx, n; test ecx, ecx; jz skip; L: insn; dec ecx; jnz L; skip:` (16-bit real mode).
-fn counted_loop(code: &mut Vec<u8>, n: u32, insn: [u8; 2]) {
-    code.extend_from_slice(&[0x66, 0xb9]);
-    code.extend_from_slice(&n.to_le_bytes());
-    code.extend_from_slice(&[0x66, 0x85, 0xc9, 0x74, 0x06]);
-    code.extend_from_slice(&insn);
-    code.extend_from_slice(&[0x66, 0x49, 0x75, 0xfa]);
-}
-
-/// A 64 KiB BIOS image: QEMU maps it at 0xF0000 and the CPU starts at its last 16 bytes.
-fn rom(wbinvd: u32, invd: u32) -> Vec<u8> {
-    let mut code = Vec::new();
-    counted_loop(&mut code, wbinvd, [0x0f, 0x09]);
-    counted_loop(&mut code, invd, [0x0f, 0x08]);
-    // out 0xf4, al (isa-debug-exit: QEMU exits with status (al << 1) | 1); then hlt forever.
-    code.extend_from_slice(&[0x30, 0xc0, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
-    let mut image = vec![0xf4u8; 0x10000];
-    image[..code.len()].copy_from_slice(&code);
-    // Reset vector: jmp far F000:0000.
-    image[0xfff0..0xfff5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
-    image
-}
-
 #[test]
 fn qemu_guests_are_named_and_counted_exactly() {
     if !kernel_available() {
@@ -41,7 +18,11 @@ fn qemu_guests_are_named_and_counted_exactly() {
     let mut vms = Vec::new();
     for (i, (wb, inv)) in [(7_777u32, 33u32), (1_234, 5)].into_iter().enumerate() {
         let path = dir.path(&format!("rom{i}.bin"));
-        std::fs::write(&path, rom(wb, inv)).unwrap();
+        std::fs::write(
+            &path,
+            ioasid_guest::bios_rom(&ioasid_guest::counted(wb, inv, &ioasid_guest::QEMU_EXIT)),
+        )
+        .unwrap();
         // libvirt's form, with a comma in the name escaped QEMU's way.
         let name = unique(&format!("qemu,vm{i}"));
         let escaped = name.replace(',', ",,");

@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use ioasid_guest as code;
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_regs,
     kvm_userspace_memory_region, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD,
@@ -27,8 +28,6 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 /// Guest physical address of the code.
 const CODE_GPA: u64 = 0x1000;
 const MEM_SIZE: usize = 0x10000;
-/// Port the storm code writes to after each batch, so the host can pace it.
-const PACE_PORT: u16 = 0x10;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -92,8 +91,8 @@ fn main() -> Result<()> {
     }
     if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
         let code = match args.rate {
-            Some(_) => storm_code(batch_size(args.rate)),
-            None => counted_code(args.wbinvd, args.invd),
+            Some(_) => code::storm(batch_size(args.rate)),
+            None => code::counted(args.wbinvd, args.invd, &code::HALT),
         };
         let (_mem, mut vcpu) = setup_guest(&vm, &code)?;
         let start = Instant::now();
@@ -170,37 +169,6 @@ fn vfio_probe() -> Result<u32> {
     Ok(REQUESTS.len() as u32)
 }
 
-/// Real-mode code: `mov ecx, N; test ecx, ecx; jz skip; L: <insn>; dec ecx; jnz L; skip:`.
-fn counted_loop(code: &mut Vec<u8>, n: u32, insn: [u8; 2]) {
-    code.extend_from_slice(&[0x66, 0xb9]);
-    code.extend_from_slice(&n.to_le_bytes());
-    code.extend_from_slice(&[0x66, 0x85, 0xc9, 0x74, 0x06]);
-    code.extend_from_slice(&insn);
-    code.extend_from_slice(&[0x66, 0x49, 0x75, 0xfa]);
-}
-
-const WBINVD: [u8; 2] = [0x0f, 0x09];
-const INVD: [u8; 2] = [0x0f, 0x08];
-
-fn counted_code(wbinvd: u32, invd: u32) -> Vec<u8> {
-    let mut code = Vec::new();
-    counted_loop(&mut code, wbinvd, WBINVD);
-    counted_loop(&mut code, invd, INVD);
-    code.push(0xf4); // hlt
-    code
-}
-
-/// `top: <batch WBINVDs>; out PACE_PORT, al; jmp top`.
-fn storm_code(batch: u32) -> Vec<u8> {
-    let mut code = Vec::new();
-    counted_loop(&mut code, batch, WBINVD);
-    code.extend_from_slice(&[0xe6, PACE_PORT as u8]);
-    let back = -(code.len() as i32 + 2);
-    code.push(0xeb);
-    code.push(back as i8 as u8);
-    code
-}
-
 /// Maps guest memory, copies the code and makes a vCPU in real mode at CODE_GPA.
 fn setup_guest(vm: &VmFd, code: &[u8]) -> Result<(GuestMem, VcpuFd)> {
     let mem = GuestMem::new(MEM_SIZE)?;
@@ -247,7 +215,7 @@ fn run_storm(vcpu: &mut VcpuFd, rate: u32, duration: Duration) -> Result<u64> {
     let mut done = 0u64;
     loop {
         match vcpu.run().context("KVM_RUN")? {
-            VcpuExit::IoOut(PACE_PORT, _) => {
+            VcpuExit::IoOut(port, _) if port == u16::from(code::PACE_PORT) => {
                 done += batch;
                 let elapsed = start.elapsed();
                 if elapsed >= duration {

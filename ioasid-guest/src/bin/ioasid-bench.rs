@@ -127,9 +127,7 @@ fn main() -> Result<()> {
 
     // `top: mov ecx, 20000; L: wbinvd; dec ecx; jnz L; out 0x10, al; jmp top`
     let n: u32 = 20_000;
-    let mut code = vec![0x66, 0xb9];
-    code.extend_from_slice(&n.to_le_bytes());
-    code.extend_from_slice(&[0x0f, 0x09, 0x66, 0x49, 0x75, 0xfa, 0xe6, 0x10, 0xeb, 0xf0]);
+    let code = ioasid_guest::storm(n);
     let mut w = guest(&code)?;
     let wb = median(rounds, || run_once(&mut w, n));
     out.push(("emulated_wbinvd_ns", wb));
@@ -137,9 +135,7 @@ fn main() -> Result<()> {
     // `top: mov ecx, 20000; L: dec ecx; jnz L; out 0x10, al; jmp top`: ordinary emulated
     // instructions with no WBINVD pending. Every one passes kvm_emulate_insn, whose program
     // runs the pending-WBINVD check first: on this kernel that is the per-entry path.
-    let mut code = vec![0x66, 0xb9];
-    code.extend_from_slice(&n.to_le_bytes());
-    code.extend_from_slice(&[0x66, 0x49, 0x75, 0xfc, 0xe6, 0x10, 0xeb, 0xf2]);
+    let code = ioasid_guest::spin(n);
     let mut e = guest(&code)?;
     let insn = median(rounds, || run_once(&mut e, 2 * n));
     out.push(("emulated_insn_ns", insn));
