@@ -294,6 +294,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             _ = int.recv() => break,
         }
     }
+    // Queued events first, then any ask still open: no VMM stays stopped behind a restart.
+    while let Ok(ev) = ev_rx.try_recv() {
+        state.on_event(ev);
+    }
+    state.recover_asks(0);
     tracing::info!("shutting down: detaching every hook");
     Ok(())
 }
@@ -590,7 +595,7 @@ impl State {
         if full {
             self.acct.expire(self.retention, now);
         }
-        self.recover_lost_asks();
+        self.recover_asks(LOST_ASK_NS);
         self.acct.export(&self.metrics);
         // Live VMMs known to have non-coherent DMA: from the kernel's own transitions where the
         // fentry hooks load, or from a successful FILE_ADD of a device the IOMMU does not keep
@@ -611,13 +616,13 @@ impl State {
 
     /// Decides for processes the kernel stopped to ask whose event never arrived (ring buffer
     /// full, or dropped): no VMM stays stopped. The kernel's ask record carries the fds.
-    fn recover_lost_asks(&mut self) {
+    fn recover_asks(&mut self, older_than_ns: u64) {
         let now = monotonic_ns();
         let stale: Vec<(u32, common::Asked)> = self
             .asked
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, a)| now.saturating_sub(a.ktime_ns) > LOST_ASK_NS)
+            .filter(|(_, a)| now.saturating_sub(a.ktime_ns) >= older_than_ns)
             .collect();
         for (tgid, a) in stale {
             // SAFETY: all-zero is valid for this plain-integer type.

@@ -348,3 +348,30 @@ fn a_stopped_vmm_is_decided_even_if_its_event_is_lost() {
     }
     assert!(sample(&agent.scrape(), "ioasid_events_dropped_total", &[]).unwrap() > 0.0);
 }
+
+#[test]
+fn a_graceful_shutdown_decides_every_stopped_vmm() {
+    if !kernel_available() {
+        return;
+    }
+    let _g = serial();
+    let prefix = unique("bye");
+    let (mut agent, _policy) = agent_with_policy(&prefix, &["--test-drop-events"]);
+    let vm = format!("{prefix}-gpu-1");
+    let g = guest(&["--name", &vm, "--file-add", "--hold", "0.2"]);
+    let pid = g.id();
+    // The kernel stops it at FILE_ADD; its event is lost, and the agent stops before its
+    // half-second recovery would have decided.
+    let stopped = eventually(Duration::from_secs(2), || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        (stat.rsplit_once(')')?.1.split_whitespace().next()? == "T").then_some(())
+    });
+    assert!(stopped.is_some(), "the VMM was not stopped for a decision");
+    let status = agent.stop();
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    let (status, summary, err) = finish(g);
+    assert!(status.success(), "the allowed VMM must have been resumed: {err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    let r = agent.audit().into_iter().find(|r| r["vm"] == vm.as_str()).expect("audited before exit");
+    assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some("allowed"), Some("resumed")), "{r}");
+}

@@ -144,6 +144,19 @@ impl Agent {
         http_get(&self.addr, "/metrics")
     }
 
+    /// SIGTERM and wait for a clean exit (the agent's files stay readable).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };
