@@ -18,7 +18,7 @@ use ioasid_common::{
 
 use super::{cost, current_ids};
 use crate::{
-    maps::{config, stat_inc, IOASID_COUNTERS, IOASID_NONCOHERENT},
+    maps::{config, pending_none, stat_inc, IOASID_COUNTERS, IOASID_NONCOHERENT},
     read::field_u64,
 };
 
@@ -91,9 +91,11 @@ pub fn ioasid_kvm_emulate_insn(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
-    let (tgid, tid) = current_ids();
-    // The previous instruction of this vCPU thread is done: if it was a WBINVD, time it.
-    cost::close_pending(tid);
+    // The previous instruction of this vCPU thread is done: if it was a WBINVD, time it. Nothing
+    // else runs here for an ordinary instruction while no WBINVD is pending anywhere.
+    if !pending_none() {
+        cost::close_pending(current_ids().1);
+    }
     let cfg = config();
     let (insn, len, flags) = if cfg.emul_packed != 0 {
         // One read of `len, insn[15], flags, failed` (the layout the agent checked).
@@ -123,6 +125,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     if op == 0 {
         return Ok(());
     }
+    let (tgid, tid) = current_ids();
     count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op, path: PATH_EMULATED });
     if op == OP_WBINVD {
         count_flush(tgid, VCPU_UNKNOWN);
