@@ -16,8 +16,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use ioasid_common::{
-    self as common, CostKey, CounterKey, FdKey, IoctlEvent, TransitionEvent, VmVerdict, DECISION_NONE,
-    KVM_CREATE_DEVICE, KVM_CREATE_VM, STATS_LEN,
+    self as common, CostKey, CounterKey, FdKey, IoctlEvent, TransitionEvent, VmVerdict, KVM_CREATE_DEVICE,
+    KVM_CREATE_VM, STATS_LEN,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -41,6 +41,15 @@ use crate::{
 };
 
 const EVENT_QUEUE: usize = 4096;
+
+/// Per-VM gauges, summed over the VM's live processes each sweep.
+#[derive(Default)]
+struct VmGauges {
+    rate: f64,
+    cost_ratio: f64,
+    storm: bool,
+    noncoherent: bool,
+}
 /// An ask older than this without its event is taken as lost (events arrive in microseconds).
 const LOST_ASK_NS: u64 = 500_000_000;
 
@@ -406,10 +415,26 @@ impl State {
         let known = self.acct.procs.contains_key(&tgid);
         let info = self.acct.ensure(tgid, comm, &self.procfs, Instant::now()).info.clone();
         if !known {
-            self.write_verdict(&info);
-            self.discover_noncoherent(tgid);
+            self.on_new_process(&info);
         }
         info
+    }
+
+    /// Once per VMM process: its verdict into the kernel, and its non-coherent state if it
+    /// already holds VFIO devices.
+    fn on_new_process(&mut self, info: &ProcessInfo) {
+        self.write_verdict(info);
+        self.discover_noncoherent(info.pid);
+    }
+
+    /// Marks a VMM non-coherent, in the kernel (so its WBINVD count as flushes) and here.
+    fn mark_noncoherent(&mut self, tgid: u32) {
+        if let Err(e) = self.noncoherent_tgids.insert(tgid, 1, 0) {
+            tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
+        }
+        if let Some(p) = self.acct.procs.get_mut(&tgid) {
+            p.noncoherent = true;
+        }
     }
 
     /// A VMM first seen already holding a VFIO device its IOMMU does not keep coherent (added
@@ -417,13 +442,8 @@ impl State {
     fn discover_noncoherent(&mut self, tgid: u32) {
         let files = vfio::held(&self.procfs, &self.sysfs, tgid);
         let Some(f) = files.iter().find(|f| vfio::makes_noncoherent(f)) else { return };
-        if let Err(e) = self.noncoherent_tgids.insert(tgid, 1, 0) {
-            tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
-        }
-        if let Some(p) = self.acct.procs.get_mut(&tgid) {
-            p.noncoherent = true;
-            tracing::info!(vm = %p.info.vm, pid = tgid, device = %f.path, coherency = ?f.coherency, "VM already holds a non-coherent VFIO device");
-        }
+        tracing::info!(pid = tgid, device = %f.path, coherency = ?f.coherency, "VM already holds a non-coherent VFIO device");
+        self.mark_noncoherent(tgid);
     }
 
     fn write_verdict(&mut self, info: &ProcessInfo) {
@@ -457,10 +477,8 @@ impl State {
             let info = self.classify(tgid, Some(&comm));
             tracing::debug!(pid = tgid, vm = %info.vm, request = events::request_name(ev.cmd), ret = ev.ret, "VMM ioctl");
         }
-        if ev.decision == DECISION_NONE || !enforce::is_enable(ev.decision) {
-            if ev.decision == DECISION_NONE {
-                tracing::debug!(pid = tgid, comm = %comm, request = events::request_name(ev.cmd), group = ev.attr_group, attr = ev.attr_attr, ret = ev.ret, "watched ioctl");
-            }
+        if !enforce::is_enable(ev.decision) {
+            tracing::debug!(pid = tgid, comm = %comm, request = events::request_name(ev.cmd), group = ev.attr_group, attr = ev.attr_attr, ret = ev.ret, "watched ioctl");
             return;
         }
         self.decide(ev, None);
@@ -470,10 +488,9 @@ impl State {
     fn decide(&mut self, ev: &IoctlEvent, note: Option<&str>) {
         let tgid = ev.header.tgid;
         let comm = events::comm(&ev.header.comm);
-        if ev.decision == common::DECISION_ASK {
-            let _ = self.asked.remove(&tgid);
-        }
         let info = if ev.decision == common::DECISION_ASK {
+            // Decided now, from any source: the kernel's ask record is done with.
+            let _ = self.asked.remove(&tgid);
             // The kernel stopped the process: judge it on what it is now.
             match self.procfs.info(tgid) {
                 Ok(info) => {
@@ -519,12 +536,7 @@ impl State {
             record.vfio.as_ref().is_some_and(|v| v.coherency == vfio::Coherency::Enforced)
         });
         if added && !coherent {
-            if let Err(e) = self.noncoherent_tgids.insert(tgid, 1, 0) {
-                tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
-            }
-            if let Some(p) = self.acct.procs.get_mut(&tgid) {
-                p.noncoherent = true;
-            }
+            self.mark_noncoherent(tgid);
         }
         if let Some(r) = &self.record {
             r.record_quiet(record.clone());
@@ -574,8 +586,7 @@ impl State {
             .map(|(_, p)| p.info.clone())
             .collect();
         for info in new {
-            self.write_verdict(&info);
-            self.discover_noncoherent(info.pid);
+            self.on_new_process(&info);
         }
         for tgid in self.acct.take_newly_dead() {
             for k in keys.remove(&tgid).unwrap_or_default() {
@@ -597,17 +608,6 @@ impl State {
         }
         self.recover_asks(LOST_ASK_NS);
         self.acct.export(&self.metrics);
-        // Live VMMs known to have non-coherent DMA: from the kernel's own transitions where the
-        // fentry hooks load, or from a successful FILE_ADD of a device the IOMMU does not keep
-        // coherent.
-        let mut per_vm: HashMap<&str, bool> = HashMap::new();
-        for p in self.acct.procs.values().filter(|p| p.alive()) {
-            *per_vm.entry(p.info.vm.as_str()).or_default() |= p.noncoherent;
-        }
-        for (vm, nc) in &per_vm {
-            self.metrics.vm_noncoherent.with_label_values(&[vm]).set(i64::from(*nc));
-        }
-        self.metrics.noncoherent_vms.set(per_vm.values().filter(|nc| **nc).count() as i64);
         self.detect_storms(now);
         self.export_flush_cpus();
         self.export_stats();
@@ -700,12 +700,13 @@ impl State {
         self.metrics.cost.lock().unwrap_or_else(|e| e.into_inner()).flush_cpus = snap;
     }
 
-    /// Feeds each live VMM's totals to the detector and acts on alerts raised or cleared.
+    /// Feeds each live VMM's totals to the detector, acts on alerts raised or cleared, and sets
+    /// the per-VM gauges (rate, cost share, storm, non-coherent) in the same pass.
     fn detect_storms(&mut self, now: Instant) {
         let first = self.sweeps == 1;
         // Every tracked VM gets its gauges set; a VM whose processes all exited reads 0.
-        let mut per_vm: HashMap<String, (f64, f64, bool)> =
-            self.acct.procs.values().map(|p| (p.info.vm.clone(), (0.0, 0.0, false))).collect();
+        let mut per_vm: HashMap<String, VmGauges> =
+            self.acct.procs.values().map(|p| (p.info.vm.clone(), VmGauges::default())).collect();
         let mut changes = Vec::new();
         for (tgid, p) in self.acct.procs.iter().filter(|(_, p)| p.alive()) {
             let wbinvd = p.total(common::OP_WBINVD, &[common::PATH_EXIT, common::PATH_EMULATED]);
@@ -721,18 +722,23 @@ impl State {
             if let Some(t) = self.detector.observe(*tgid, now, wbinvd, p.cost.sum_ns, &p.budget) {
                 changes.push((*tgid, t));
             }
+            let g = per_vm.entry(p.info.vm.clone()).or_default();
+            // Live VMMs known to have non-coherent DMA: from the kernel's own transitions, a
+            // successful FILE_ADD of a non-coherent device, or devices held when first seen.
+            g.noncoherent |= p.noncoherent;
             if let Some(w) = self.detector.window(*tgid) {
-                let e = per_vm.entry(p.info.vm.clone()).or_default();
-                e.0 += w.rate;
-                e.1 += w.cost_ratio;
-                e.2 |= w.storm;
+                g.rate += w.rate;
+                g.cost_ratio += w.cost_ratio;
+                g.storm |= w.storm;
             }
         }
-        for (vm, (rate, ratio, storm)) in &per_vm {
-            self.metrics.wbinvd_rate.with_label_values(&[vm]).set(*rate);
-            self.metrics.wbinvd_cost_ratio.with_label_values(&[vm]).set(*ratio);
-            self.metrics.wbinvd_storm.with_label_values(&[vm]).set(i64::from(*storm));
+        for (vm, g) in &per_vm {
+            self.metrics.wbinvd_rate.with_label_values(&[vm]).set(g.rate);
+            self.metrics.wbinvd_cost_ratio.with_label_values(&[vm]).set(g.cost_ratio);
+            self.metrics.wbinvd_storm.with_label_values(&[vm]).set(i64::from(g.storm));
+            self.metrics.vm_noncoherent.with_label_values(&[vm]).set(i64::from(g.noncoherent));
         }
+        self.metrics.noncoherent_vms.set(per_vm.values().filter(|g| g.noncoherent).count() as i64);
         for (tgid, t) in changes {
             self.on_storm(tgid, t);
         }

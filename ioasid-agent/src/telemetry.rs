@@ -42,6 +42,7 @@ pub struct CostSnapshot {
 
 /// Exports `ioasid_wbinvd_handler_seconds{vm}` and `ioasid_wbinvd_flush_cpus` from kernel counts
 /// (the prometheus crate's own histograms only take observations one by one).
+#[derive(Clone)]
 struct HistCollector {
     descs: Vec<Desc>,
     snap: Arc<Mutex<CostSnapshot>>,
@@ -169,25 +170,16 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
-            m
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
-            m
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
-        let counter = |name: &str, help: &str| {
-            let m = IntCounter::new(name, help).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
-            m
+        let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, GaugeVec::new(Opts::new(name, help), labels))
         };
-        let gauge = |name: &str, help: &str| {
-            let m = IntGauge::new(name, help).expect("valid metric definition");
-            registry.register(Box::new(m.clone())).expect("unique metric");
-            m
-        };
+        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help));
+        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help));
         let m = Self {
             wbinvd_exits: counter_vec(
                 "ioasid_wbinvd_exits_total",
@@ -258,18 +250,16 @@ impl Metrics {
                 "Runs of each attached kernel program (with --bpf-stats).",
                 &["hook"],
             ),
-            program_run_seconds: {
-                let m = prometheus::CounterVec::new(
+            program_run_seconds: register(
+                &registry,
+                prometheus::CounterVec::new(
                     Opts::new(
                         "ioasid_program_run_seconds_total",
                         "In-kernel run time of each attached kernel program (with --bpf-stats; the measuring itself adds a little).",
                     ),
                     &["hook"],
-                )
-                .expect("valid metric definition");
-                registry.register(Box::new(m.clone())).expect("unique metric");
-                m
-            },
+                ),
+            ),
             cost: {
                 let snap = Arc::new(Mutex::new(CostSnapshot::default()));
                 let descs = vec![
@@ -278,9 +268,7 @@ impl Metrics {
                     Desc::new("ioasid_wbinvd_flush_cpus".into(), FLUSH_CPUS_HELP.into(), vec![], Default::default())
                         .expect("valid metric definition"),
                 ];
-                registry
-                    .register(Box::new(HistCollector { descs, snap: snap.clone() }))
-                    .expect("unique metric");
+                register(&registry, Ok(HistCollector { descs, snap: snap.clone() }));
                 snap
             },
             wbinvd_flushes: counter_vec(
@@ -288,27 +276,16 @@ impl Metrics {
                 "Guest WBINVD that really flushed caches: the VM had non-coherent DMA.",
                 &["vm"],
             ),
-            wbinvd_cost_ratio: {
-                let m = GaugeVec::new(
-                    Opts::new(
-                        "ioasid_wbinvd_cost_ratio",
-                        "Time KVM spent handling the VM's WBINVD over wall time, last budget window (can exceed 1 with several vCPUs).",
-                    ),
-                    &["vm"],
-                )
-                .expect("valid metric definition");
-                registry.register(Box::new(m.clone())).expect("unique metric");
-                m
-            },
-            wbinvd_rate: {
-                let m = GaugeVec::new(
-                    Opts::new("ioasid_wbinvd_rate", "Guest WBINVD per second, last budget window."),
-                    &["vm"],
-                )
-                .expect("valid metric definition");
-                registry.register(Box::new(m.clone())).expect("unique metric");
-                m
-            },
+            wbinvd_cost_ratio: float_gauge_vec(
+                "ioasid_wbinvd_cost_ratio",
+                "Time KVM spent handling the VM's WBINVD over wall time, last budget window (can exceed 1 with several vCPUs).",
+                &["vm"],
+            ),
+            wbinvd_rate: float_gauge_vec(
+                "ioasid_wbinvd_rate",
+                "Guest WBINVD per second, last budget window.",
+                &["vm"],
+            ),
             wbinvd_storm: gauge_vec("ioasid_wbinvd_storm", "1 while the VM is over its WBINVD budget.", &["vm"]),
             dos_alerts: counter_vec("ioasid_dos_alerts_total", "WBINVD storm alerts raised, by VM.", &["vm"]),
             wbinvd_cost_source: gauge_vec(
@@ -336,6 +313,14 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Registers a metric defined from constants: a failure is a programming error, which the unit
+/// tests (every one builds a `Metrics`) catch.
+fn register<M: Collector + Clone + 'static>(registry: &Registry, m: Result<M, prometheus::Error>) -> M {
+    let m = m.expect("valid metric definition");
+    registry.register(Box::new(m.clone())).expect("unique metric");
+    m
 }
 
 impl Default for Metrics {

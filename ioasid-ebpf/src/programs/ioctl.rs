@@ -17,25 +17,22 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_send_signal,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_send_signal},
     macros::{btf_tracepoint, fexit, lsm, tracepoint},
     programs::{BtfTracePointContext, FExitContext, LsmContext, TracePointContext},
     EbpfContext,
 };
 use aya_log_ebpf::{info, warn};
 use ioasid_common::{
-    is_watched_ioctl, Asked, EventHeader, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK,
-    DECISION_DENY, DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
-    IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO,
-    KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR,
-    KVM_SET_DEVICE_ATTR, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK, NR_IOCTL, PT_REGS_DI, PT_REGS_DX, PT_REGS_SI,
-    SIGKILL, SIGSTOP, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
+    is_watched_ioctl, Asked, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK, DECISION_DENY,
+    DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
+    IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE,
+    KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, MECH_LSM,
+    MECH_SIGKILL, MECH_STOP_ASK, NR_IOCTL, PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
+    VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
 };
 
-use super::current_ids;
+use super::{current_ids, header};
 use crate::{
     maps::{
         config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_EVENTS,
@@ -123,16 +120,22 @@ pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
 /// flight anywhere (nearly always) it returns after one array read.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn ioasid_tp_btf_sys_exit(ctx: BtfTracePointContext) -> i32 {
-    // A WBINVD that was the last thing a vCPU did before returning to userspace ends here.
+    let _ = on_sys_exit(|| Ok(ctx.arg::<i64>(1) as u64));
+    0
+}
+
+/// Both sys_exit programs: a WBINVD that was the last thing a vCPU did before returning to
+/// userspace ends here, and this thread's in-flight ioctl completes. One array read each while
+/// nothing is pending or in flight (nearly always); `ret` is read only when needed.
+#[inline(always)]
+fn on_sys_exit(ret: impl FnOnce() -> Result<u64, i64>) -> Result<(), i64> {
     if !pending_none() {
         super::cost::close_pending(current_ids().1);
     }
     if inflight_none() {
-        return 0;
+        return Ok(());
     }
-    let ret: i64 = ctx.arg(1);
-    on_sys_exit_ioctl(Ok(ret as u64));
-    0
+    on_sys_exit_ioctl(ret())
 }
 
 /// A watched ioctl entered: judge it if it is an incoherent-DMA enable, and keep it in flight
@@ -146,7 +149,7 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) {
 
     // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
     let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
-    fill_header(&mut ev.header, tgid, tid);
+    ev.header = header(EVENT_IOCTL, core::mem::size_of::<IoctlEvent>(), tgid, tid);
     ev.cmd = cmd;
     ev.fd = fd;
     ev.arg = arg;
@@ -170,22 +173,6 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) {
         return;
     }
     inflight_add(1);
-}
-
-#[inline(always)]
-fn fill_header(h: &mut EventHeader, tgid: u32, tid: u32) {
-    let uid_gid = bpf_get_current_uid_gid();
-    h.kind = EVENT_IOCTL;
-    h.size = core::mem::size_of::<IoctlEvent>() as u32;
-    // SAFETY: helper calls without pointer arguments.
-    h.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    h.tgid = tgid;
-    h.tid = tid;
-    h.uid = uid_gid as u32;
-    h.gid = (uid_gid >> 32) as u32;
-    // SAFETY: as above.
-    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 
 #[inline(always)]
@@ -288,14 +275,7 @@ pub fn ioasid_sys_exit_ioctl(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_sys_exit_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
-    if !pending_none() {
-        super::cost::close_pending(current_ids().1);
-    }
-    if inflight_none() {
-        return Ok(());
-    }
-    let ret = field_u64(ctx, config().ioctl_ret);
-    on_sys_exit_ioctl(ret)
+    on_sys_exit(|| field_u64(ctx, config().ioctl_ret))
 }
 
 /// Completes this thread's in-flight ioctl, if it has one, and submits it.

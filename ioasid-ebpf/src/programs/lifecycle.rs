@@ -1,13 +1,12 @@
 //! Process and VM lifecycle.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_ktime_get_ns},
     macros::{fentry, tracepoint},
     programs::{FEntryContext, TracePointContext},
 };
 use ioasid_common::{TransitionEvent, EVENT_NONCOHERENT};
 
-use super::current_ids;
+use super::{current_ids, header};
 use crate::maps::{IOASID_EVENTS, IOASID_NONCOHERENT, IOASID_VM_POLICY};
 
 /// sched:sched_process_exec. After exec a process is someone else (new command line, new exe):
@@ -59,21 +58,8 @@ fn transition(ctx: &FEntryContext, register: u32) {
         return;
     };
     let (tgid, tid) = current_ids();
-    let uid_gid = bpf_get_current_uid_gid();
-    // SAFETY: helper calls without pointer arguments.
-    let (now, cgroup_id) = unsafe { (bpf_ktime_get_ns(), bpf_get_current_cgroup_id()) };
     entry.write(TransitionEvent {
-        header: ioasid_common::EventHeader {
-            kind: EVENT_NONCOHERENT,
-            size: core::mem::size_of::<TransitionEvent>() as u32,
-            ktime_ns: now,
-            tgid,
-            tid,
-            uid: uid_gid as u32,
-            gid: (uid_gid >> 32) as u32,
-            cgroup_id,
-            comm: aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]),
-        },
+        header: header(EVENT_NONCOHERENT, core::mem::size_of::<TransitionEvent>(), tgid, tid),
         kvm,
         register,
         _pad: 0,
