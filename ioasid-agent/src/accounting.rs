@@ -7,7 +7,7 @@
 //! 3. names new tgids from procfs (VM name, exe, cgroup, uid);
 //! 4. deletes a dead process's keys from the kernel map (after the final read), so a reused pid
 //!    starts from zero;
-//! 5. exports per-VM totals as Prometheus counters, by increments, so they only ever go up.
+//! 5. hands per-VM totals to the per-VM series (`telemetry::vm`), which export them.
 //!
 //! A dead VMM stays reported for the retention period, then its series are removed. While any
 //! process of the same VM name lives, the totals of its retired processes are kept in the VM's
@@ -19,17 +19,36 @@ use std::{
 };
 
 use ioasid_common::{
-    OP_INVD, OP_WBINVD, PATH_EMULATED, PATH_EXIT, PATH_FLUSHED, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT,
+    cost::COST_BUCKETS_NS,
+    counters::{Op, Path},
 };
 
 use crate::{
     policy::Budget,
     procfs::{ProcError, ProcFs, ProcessInfo},
-    telemetry::{CostHist, Metrics},
 };
 
+/// WBINVD handler-time histogram of one VM: the kernel's exact bucket counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CostHist {
+    /// Per bucket (not cumulative); the last is +Inf.
+    pub buckets: [u64; COST_BUCKETS_NS.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl CostHist {
+    pub fn add(&mut self, o: &CostHist) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+    }
+}
+
 /// (op, path) -> count.
-pub type Totals = BTreeMap<(u32, u32), u64>;
+pub type Totals = BTreeMap<(Op, Path), u64>;
+/// VM name -> its counts and handler-time histogram.
+pub type VmTotals = BTreeMap<String, (Totals, CostHist)>;
 
 #[derive(Debug)]
 pub struct Proc {
@@ -65,7 +84,7 @@ impl Proc {
         self.dead_since.is_none()
     }
 
-    pub fn total(&self, op: u32, paths: &[u32]) -> u64 {
+    pub fn total(&self, op: Op, paths: &[Path]) -> u64 {
         paths.iter().map(|p| self.totals.get(&(op, *p)).copied().unwrap_or(0)).sum()
     }
 }
@@ -75,44 +94,6 @@ pub struct Accounting {
     pub procs: HashMap<u32, Proc>,
     /// Totals of retired processes of VMs that still have a live process.
     retired: HashMap<String, (Totals, CostHist)>,
-    /// What has been exported per (vm, op, path), to increment by the difference.
-    exported: HashMap<(String, u32, u32), u64>,
-    /// VM names with series out, to remove their per-VM gauges when they are forgotten.
-    exported_vms: std::collections::BTreeSet<String>,
-}
-
-fn counter(metrics: &Metrics, fam: &str, vm: &str, path: &str) -> prometheus::IntCounter {
-    match fam {
-        "wbinvd" => metrics.wbinvd_exits.with_label_values(&[vm, path]),
-        "invd" => metrics.invd_exits.with_label_values(&[vm, path]),
-        "flushes" => metrics.wbinvd_flushes.with_label_values(&[vm]),
-        _ => metrics.wbinvd_handled.with_label_values(&[vm, path]),
-    }
-}
-
-fn remove(metrics: &Metrics, fam: &str, vm: &str, path: &str) {
-    let _ = match fam {
-        "wbinvd" => metrics.wbinvd_exits.remove_label_values(&[vm, path]),
-        "invd" => metrics.invd_exits.remove_label_values(&[vm, path]),
-        "flushes" => metrics.wbinvd_flushes.remove_label_values(&[vm]),
-        _ => metrics.wbinvd_handled.remove_label_values(&[vm, path]),
-    };
-}
-
-/// Prometheus family and path label of a (op, path) key.
-fn series(op: u32, path: u32) -> Option<(&'static str, &'static str)> {
-    let fam = match (op, path) {
-        (OP_WBINVD, PATH_EXIT | PATH_EMULATED) => "wbinvd",
-        (OP_INVD, PATH_EXIT | PATH_EMULATED) => "invd",
-        (OP_WBINVD, PATH_HANDLER_EXIT | PATH_HANDLER_EMULATED) => "handled",
-        (OP_WBINVD, PATH_FLUSHED) => "flushes",
-        _ => return None,
-    };
-    let label = match path {
-        PATH_EXIT | PATH_HANDLER_EXIT => "exit",
-        _ => "emulated",
-    };
-    Some((fam, label))
 }
 
 impl Accounting {
@@ -232,8 +213,8 @@ impl Accounting {
     }
 
     /// Per-VM totals: live and retained processes plus retired ones.
-    pub fn vm_totals(&self) -> BTreeMap<String, (Totals, CostHist)> {
-        let mut out: BTreeMap<String, (Totals, CostHist)> = BTreeMap::new();
+    pub fn vm_totals(&self) -> VmTotals {
+        let mut out = VmTotals::new();
         let parts = self.retired.iter().map(|(vm, (t, c))| (vm, t, c));
         let live = self.procs.values().map(|p| (&p.info.vm, &p.totals, &p.cost));
         for (vm, t, c) in parts.chain(live) {
@@ -246,50 +227,9 @@ impl Accounting {
         out
     }
 
-    /// Brings the Prometheus counters up to the current totals and removes forgotten VMs.
-    pub fn export(&mut self, metrics: &Metrics) {
-        let totals = self.vm_totals();
-        for (vm, (t, _)) in &totals {
-            for ((op, path), v) in t {
-                let Some((fam, label)) = series(*op, *path) else { continue };
-                let key = (vm.clone(), *op, *path);
-                let before = self.exported.get(&key).copied().unwrap_or(0);
-                if *v > before {
-                    counter(metrics, fam, vm, label).inc_by(*v - before);
-                    self.exported.insert(key, *v);
-                }
-            }
-        }
-        // Series of VMs no longer tracked at all.
-        let gone: Vec<(String, u32, u32)> =
-            self.exported.keys().filter(|(vm, _, _)| !totals.contains_key(vm)).cloned().collect();
-        for key in gone {
-            self.exported.remove(&key);
-            if let Some((fam, label)) = series(key.1, key.2) {
-                remove(metrics, fam, &key.0, label);
-            }
-        }
-        let forgotten: Vec<String> =
-            self.exported_vms.iter().filter(|vm| !totals.contains_key(*vm)).cloned().collect();
-        for vm in forgotten {
-            let _ = metrics.wbinvd_cost_ratio.remove_label_values(&[&vm]);
-            let _ = metrics.wbinvd_rate.remove_label_values(&[&vm]);
-            let _ = metrics.wbinvd_storm.remove_label_values(&[&vm]);
-            let _ = metrics.vm_noncoherent.remove_label_values(&[&vm]);
-            let _ = metrics.dos_alerts.remove_label_values(&[&vm]);
-            for d in ["allowed", "audited", "denied"] {
-                let _ = metrics.incoherent_dma_requests.remove_label_values(&[&vm, d]);
-            }
-            self.exported_vms.remove(&vm);
-        }
-        self.exported_vms.extend(totals.keys().cloned());
-        let per_vm = totals
-            .into_iter()
-            .filter(|(_, (_, c))| c.buckets.iter().any(|n| *n > 0))
-            .map(|(vm, (_, c))| (vm, c))
-            .collect();
-        metrics.cost.lock().unwrap_or_else(|e| e.into_inner()).per_vm = per_vm;
-        metrics.vms.set(self.procs.values().filter(|p| p.alive()).count() as i64);
+    /// Live VMM processes.
+    pub fn live(&self) -> impl Iterator<Item = (&u32, &Proc)> {
+        self.procs.iter().filter(|(_, p)| p.alive())
     }
 }
 
@@ -311,37 +251,26 @@ mod tests {
 
     fn kernel(tgid: u32, wb_exit: u64, wb_emul: u64) -> HashMap<u32, Totals> {
         let mut t = Totals::new();
-        t.insert((OP_WBINVD, PATH_EXIT), wb_exit);
-        t.insert((OP_WBINVD, PATH_EMULATED), wb_emul);
+        t.insert((Op::Wbinvd, Path::Exit), wb_exit);
+        t.insert((Op::Wbinvd, Path::Emulated), wb_emul);
         HashMap::from([(tgid, t)])
     }
 
-    fn value(m: &Metrics, vm: &str, path: &str) -> Option<u64> {
-        let fams = m.registry.gather();
-        let fam = fams.iter().find(|f| f.name() == "ioasid_wbinvd_exits_total")?;
-        fam.get_metric()
-            .iter()
-            .find(|x| {
-                x.get_label().iter().any(|l| l.name() == "vm" && l.value() == vm)
-                    && x.get_label().iter().any(|l| l.name() == "path" && l.value() == path)
-            })
-            .map(|x| x.get_counter().get_value() as u64)
+    fn value(a: &Accounting, vm: &str, path: Path) -> Option<u64> {
+        a.vm_totals().get(vm).map(|(t, _)| t.get(&(Op::Wbinvd, path)).copied().unwrap_or(0))
     }
 
     #[test]
     fn totals_go_up_and_survive_a_process_restart_of_the_same_vm() {
         let procfs = ProcFs::at("/nonexistent-procfs");
-        let m = Metrics::new();
         let mut a = Accounting::default();
         let now = Instant::now();
         a.replace(info(10, "gpu-1", 1));
         a.apply(kernel(10, 5, 7), &procfs, now);
-        a.export(&m);
-        assert_eq!(value(&m, "gpu-1", "exit"), Some(5));
-        assert_eq!(value(&m, "gpu-1", "emulated"), Some(7));
+        assert_eq!(value(&a, "gpu-1", Path::Exit), Some(5));
+        assert_eq!(value(&a, "gpu-1", Path::Emulated), Some(7));
         a.apply(kernel(10, 9, 7), &procfs, now);
-        a.export(&m);
-        assert_eq!(value(&m, "gpu-1", "exit"), Some(9));
+        assert_eq!(value(&a, "gpu-1", Path::Exit), Some(9));
 
         // The process dies (procfs says gone); a new process of the same VM starts.
         assert_eq!(a.check_liveness(&procfs, now), vec![10]);
@@ -349,32 +278,26 @@ mod tests {
         assert!(a.take_newly_dead().is_empty());
         a.replace(info(11, "gpu-1", 2));
         a.apply(kernel(11, 1, 0), &procfs, now);
-        a.export(&m);
-        assert_eq!(value(&m, "gpu-1", "exit"), Some(10));
+        assert_eq!(value(&a, "gpu-1", Path::Exit), Some(10));
         // Retention over: the dead process's totals fold into the VM's, no reset.
         assert_eq!(a.expire(Duration::from_secs(1), now + Duration::from_secs(2)), vec![10]);
-        a.export(&m);
-        assert_eq!(value(&m, "gpu-1", "exit"), Some(10));
-        assert_eq!(value(&m, "gpu-1", "emulated"), Some(7));
+        assert_eq!(value(&a, "gpu-1", Path::Exit), Some(10));
+        assert_eq!(value(&a, "gpu-1", Path::Emulated), Some(7));
     }
 
     #[test]
     fn a_vm_with_no_process_left_is_forgotten_after_retention() {
         let procfs = ProcFs::at("/nonexistent-procfs");
-        let m = Metrics::new();
         let mut a = Accounting::default();
         let now = Instant::now();
         a.replace(info(20, "web", 1));
         a.apply(kernel(20, 3, 0), &procfs, now);
-        a.export(&m);
-        assert_eq!(value(&m, "web", "exit"), Some(3));
+        assert_eq!(value(&a, "web", Path::Exit), Some(3));
         a.check_liveness(&procfs, now);
         assert!(a.expire(Duration::from_secs(60), now + Duration::from_secs(30)).is_empty());
-        a.export(&m);
-        assert_eq!(value(&m, "web", "exit"), Some(3), "still reported during retention");
+        assert_eq!(value(&a, "web", Path::Exit), Some(3), "still reported during retention");
         assert_eq!(a.expire(Duration::from_secs(60), now + Duration::from_secs(61)), vec![20]);
-        a.export(&m);
-        assert_eq!(value(&m, "web", "exit"), None);
+        assert_eq!(value(&a, "web", Path::Exit), None);
     }
 
     #[test]

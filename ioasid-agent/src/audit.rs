@@ -14,7 +14,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::{procfs::ProcessInfo, telemetry::Metrics, vfio::VfioFile};
+use prometheus::IntCounter;
+
+use crate::{policy::Action, procfs::ProcessInfo, vfio::VfioFile};
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/ioasid/audit.jsonl";
 const QUEUE: usize = 4096;
@@ -35,11 +37,107 @@ pub struct Request {
     pub device_fd_known: bool,
 }
 
-pub const EVENT_INCOHERENT_DMA: &str = "incoherent-dma";
-pub const EVENT_WBINVD_STORM: &str = "wbinvd-storm";
+/// An enumeration written in audit records (serde) and used as a metric label or log field
+/// (`label()`), from one list.
+macro_rules! text_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $var:ident => $label:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $label)] $var,)+
+        }
+        impl $name {
+            #[allow(dead_code, reason = "not every enumeration is listed outside the tests")]
+            pub const ALL: &'static [$name] = &[$($name::$var),+];
+            pub const fn label(self) -> &'static str {
+                match self { $($name::$var => $label,)+ }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.label())
+            }
+        }
+    };
+}
 
-fn incoherent_dma() -> String {
-    EVENT_INCOHERENT_DMA.into()
+text_enum! {
+    /// The kind of an audit record (`event`).
+    pub enum RecordKind {
+        IncoherentDma => "incoherent-dma",
+        WbinvdStorm => "wbinvd-storm",
+    }
+}
+
+text_enum! {
+    /// An incoherent-DMA decision: the `decision` label of `ioasid_incoherent_dma_requests_total`.
+    pub enum Decision {
+        Allowed => "allowed",
+        Audited => "audited",
+        Denied => "denied",
+    }
+}
+
+impl From<Action> for Decision {
+    fn from(a: Action) -> Self {
+        match a {
+            Action::Allow => Decision::Allowed,
+            Action::Audit => Decision::Audited,
+            Action::Deny => Decision::Denied,
+        }
+    }
+}
+
+text_enum! {
+    /// How a decision was carried out.
+    pub enum Mechanism {
+        /// BPF LSM returned -EPERM: the ioctl never ran.
+        Lsm => "lsm",
+        /// The kernel program sent SIGKILL at sys_enter.
+        Sigkill => "sigkill",
+        /// The kernel stopped the VMM and the agent decided.
+        StopAsk => "stop-ask",
+        /// Nothing was enforced (allowed, audited, or a dry run).
+        None => "none",
+    }
+}
+
+text_enum! {
+    /// What happened to the request.
+    pub enum Outcome {
+        Completed => "completed",
+        Killed => "killed",
+        Blocked => "blocked",
+        Resumed => "resumed",
+        NotEnforced => "not-enforced",
+        SignalFailed => "signal-failed",
+        /// The process was gone when the agent's signal was sent.
+        Gone => "gone",
+    }
+}
+
+text_enum! {
+    /// A storm alert's state change.
+    pub enum StormState {
+        Raised => "raised",
+        Cleared => "cleared",
+    }
+}
+
+text_enum! {
+    /// What a storm alert did.
+    pub enum StormOutcome {
+        Alerted => "alerted",
+        Stopped => "stopped",
+        Killed => "killed",
+        Cleared => "cleared",
+        VmmExited => "vmm-exited",
+        SignalFailed => "signal-failed",
+    }
+}
+
+fn incoherent_dma() -> RecordKind {
+    RecordKind::IncoherentDma
 }
 
 /// An incoherent-DMA decision.
@@ -47,7 +145,7 @@ fn incoherent_dma() -> String {
 pub struct AuditRecord {
     /// `incoherent-dma`.
     #[serde(default = "incoherent_dma")]
-    pub event: String,
+    pub event: RecordKind,
     /// RFC 3339, UTC.
     pub time: String,
     pub host: String,
@@ -64,12 +162,9 @@ pub struct AuditRecord {
     pub kernel_coherent: Option<bool>,
     /// Matched rule name, or `default`.
     pub rule: String,
-    /// allowed | audited | denied
-    pub decision: String,
-    /// lsm | sigkill | stop-ask | none
-    pub mechanism: String,
-    /// What happened: completed | killed | blocked | resumed | not-enforced | gone | signal-failed
-    pub outcome: String,
+    pub decision: Decision,
+    pub mechanism: Mechanism,
+    pub outcome: Outcome,
     /// The ioctl's return value, when it ran.
     pub ret: Option<i64>,
     pub reason: Option<String>,
@@ -81,14 +176,13 @@ pub struct AuditRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StormRecord {
     /// `wbinvd-storm`.
-    pub event: String,
+    pub event: RecordKind,
     pub time: String,
     pub host: String,
     pub vm: String,
     pub pid: u32,
     pub rule: String,
-    /// raised | cleared
-    pub state: String,
+    pub state: StormState,
     /// WBINVD per second over the window.
     pub rate: f64,
     /// Handler time over wall time over the window.
@@ -96,10 +190,11 @@ pub struct StormRecord {
     pub budget_rate: f64,
     pub budget_cost_ratio: f64,
     pub window_seconds: f64,
-    /// alert | stop | kill
-    pub action: String,
-    /// alerted | stopped | killed | cleared | signal-failed
-    pub outcome: String,
+    pub action: crate::policy::StormAction,
+    pub outcome: StormOutcome,
+    /// Why a signal failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub policy: String,
 }
 
@@ -121,7 +216,8 @@ impl AuditRecord {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Vec<u8>>,
-    metrics: Metrics,
+    /// `ioasid_audit_records_dropped_total`.
+    dropped: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +233,7 @@ pub enum AuditError {
 impl AuditLog {
     /// Opens (creating directories) and starts the writer task. Fails now if the file cannot be
     /// opened, rather than losing records later.
-    pub fn start(path: &Path, metrics: Metrics) -> Result<Self, AuditError> {
+    pub fn start(path: &Path, dropped: IntCounter) -> Result<Self, AuditError> {
         let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_err)?;
@@ -145,21 +241,35 @@ impl AuditLog {
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(open_err)?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let path = path.to_path_buf();
+        let lost = dropped.clone();
         tokio::task::spawn_blocking(move || {
+            let mut failing = false;
             while let Some(mut line) = rx.blocking_recv() {
                 line.push(b'\n');
-                if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
-                    tracing::error!(path = %path.display(), error = %e, "writing the audit log");
+                match append(&mut file, &line) {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!(path = %path.display(), "audit log writable again");
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        // Counted every time, logged once per episode (a full disk fails them all).
+                        lost.inc();
+                        if !failing {
+                            failing = true;
+                            tracing::error!(path = %path.display(), error = %e, "writing the audit log: records are being dropped (ioasid_audit_records_dropped_total)");
+                        }
+                    }
                 }
             }
         });
-        Ok(Self { tx, metrics })
+        Ok(Self { tx, dropped })
     }
 
     /// Logs the decision and queues the record.
     pub fn record(&self, rec: AuditRecord) {
         tracing::info!(
-            vm = %rec.vm, pid = rec.pid, rule = %rec.rule, decision = %rec.decision,
+            vm = %crate::text::escape(&rec.vm), pid = rec.pid, rule = %rec.rule, decision = %rec.decision,
             mechanism = %rec.mechanism, outcome = %rec.outcome, "incoherent-DMA enable"
         );
         self.record_quiet(rec);
@@ -180,13 +290,24 @@ impl AuditLog {
             }
         };
         if let Err(e) = self.tx.try_send(line) {
-            let n = self.metrics.audit_dropped.get();
-            self.metrics.audit_dropped.inc();
+            let n = self.dropped.get();
+            self.dropped.inc();
             if n.is_power_of_two() || n == 0 {
                 tracing::error!(dropped_total = n + 1, error = %e, "audit queue full: record dropped");
             }
         }
     }
+}
+
+/// Appends one whole line and syncs it. A failed write is cut back off the file, so a partial
+/// line never glues itself to the next record.
+fn append(file: &mut std::fs::File, line: &[u8]) -> std::io::Result<()> {
+    let before = file.metadata()?.len();
+    let r = file.write_all(line).and_then(|()| file.sync_data());
+    if r.is_err() {
+        let _ = file.set_len(before);
+    }
+    r
 }
 
 /// RFC 3339 UTC with microseconds, without a date library.
@@ -217,12 +338,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,14 +352,29 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
     }
 
+    #[test]
+    fn labels_are_the_serialized_forms() {
+        fn check<T: Serialize + std::fmt::Display>(all: &[T]) {
+            for v in all {
+                assert_eq!(serde_json::to_string(v).unwrap(), format!("\"{v}\""));
+            }
+        }
+        check(RecordKind::ALL);
+        check(Decision::ALL);
+        check(Mechanism::ALL);
+        check(Outcome::ALL);
+        check(StormState::ALL);
+        check(StormOutcome::ALL);
+    }
+
     #[tokio::test]
     async fn writes_lines_and_counts_drops() {
         let dir = std::env::temp_dir().join(format!("ioasid-audit-{}", std::process::id()));
         let path = dir.join("sub/audit.jsonl");
-        let metrics = Metrics::new();
-        let log = AuditLog::start(&path, metrics.clone()).unwrap();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let log = AuditLog::start(&path, dropped.clone()).unwrap();
         let rec = AuditRecord {
-            event: EVENT_INCOHERENT_DMA.into(),
+            event: RecordKind::IncoherentDma,
             time: rfc3339(SystemTime::now()),
             host: "h".into(),
             vm: "gpu-1".into(),
@@ -263,9 +393,9 @@ mod tests {
             vfio: None,
             kernel_coherent: None,
             rule: "default".into(),
-            decision: "audited".into(),
-            mechanism: "none".into(),
-            outcome: "completed".into(),
+            decision: Decision::Audited,
+            mechanism: Mechanism::None,
+            outcome: Outcome::Completed,
             ret: Some(-22),
             reason: None,
             policy: "<embedded default>".into(),
@@ -281,7 +411,21 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(back, rec);
-        assert!(AuditLog::start(Path::new("/proc/nope/audit.jsonl"), metrics).is_err());
+        assert!(AuditLog::start(Path::new("/proc/nope/audit.jsonl"), dropped.clone()).is_err());
+        assert_eq!(dropped.get(), 0);
+        // A device that is always full: every record is counted as dropped, none is lost silently.
+        let full = AuditLog::start(Path::new("/dev/full"), dropped.clone()).unwrap();
+        for _ in 0..3 {
+            full.record(rec.clone());
+        }
+        drop(full);
+        for _ in 0..100 {
+            if dropped.get() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(dropped.get(), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

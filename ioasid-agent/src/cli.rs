@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{audit::DEFAULT_AUDIT_PATH, loader::IoctlHooks};
+use crate::{audit::DEFAULT_AUDIT_PATH, loader::IoctlHooks, units::parse_duration};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -75,8 +75,8 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub vm_retention: Duration,
     /// Program family for the ioctl path.
-    #[arg(long, value_enum, default_value_t = IoctlHooks::Auto)]
-    pub ioctl_hooks: IoctlHooks,
+    #[arg(long, value_enum, default_value_t = IoctlHooksArg::Auto)]
+    pub ioctl_hooks: IoctlHooksArg,
     /// Turn on kernel BPF run-time statistics and export each program's runs and in-kernel
     /// time (ioasid_program_runs_total, ioasid_program_run_seconds_total). Costs a little per run.
     #[arg(long)]
@@ -95,11 +95,32 @@ pub struct RunArgs {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Program family for the ioctl path (as for `run`).
-    #[arg(long, value_enum, default_value_t = IoctlHooks::Auto)]
-    pub ioctl_hooks: IoctlHooks,
+    #[arg(long, value_enum, default_value_t = IoctlHooksArg::Auto)]
+    pub ioctl_hooks: IoctlHooksArg,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--ioctl-hooks`: which program family serves the ioctl path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoctlHooksArg {
+    /// tp_btf where the kernel allows it (cheapest), else classic tracepoints.
+    Auto,
+    /// Only tp_btf sys_enter/sys_exit.
+    TpBtf,
+    /// Only the classic syscalls:sys_enter_ioctl/sys_exit_ioctl tracepoints.
+    Tracepoint,
+}
+
+impl From<IoctlHooksArg> for IoctlHooks {
+    fn from(a: IoctlHooksArg) -> Self {
+        match a {
+            IoctlHooksArg::Auto => IoctlHooks::Auto,
+            IoctlHooksArg::TpBtf => IoctlHooks::TpBtf,
+            IoctlHooksArg::Tracepoint => IoctlHooks::Tracepoint,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,25 +157,6 @@ pub struct ReplayArgs {
     pub json: bool,
 }
 
-/// `250ms`, `5s`, `2m`, `1h`, or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 250ms, 5s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    if !(secs > 0.0 && secs < 1e9) {
-        return Err(format!("{s:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,17 +165,6 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        for bad in ["", "ms", "5x", "-1s", "0", "1e99", "nan"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

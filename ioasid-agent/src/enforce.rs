@@ -1,41 +1,26 @@
-//! From a kernel event to a decision, an action and an audit record.
+//! From an incoherent-DMA enable to a decision, what is left to carry out, and its audit record.
 //!
-//! The kernel already decided (and signalled) for processes with a verdict. For `ASK` events
+//! The kernel already decided (and signalled) for processes with a verdict. For `Ask` requests
 //! (no verdict yet, or a device-limited rule) the process is stopped and the decision is made
-//! here from a fresh read of /proc and the VFIO device, then carried out with SIGKILL or SIGCONT.
+//! here from a fresh read of /proc and the VFIO device, then carried out with SIGKILL or
+//! SIGCONT. Pure functions: the event loop applies the result.
 
-use ioasid_common::{
-    IoctlEvent, VmVerdict, DECISION_ALLOW, DECISION_ASK, DECISION_AUDIT, DECISION_DENY, IOCTL_F_DEVICE_KNOWN,
-    IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, MECH_LSM, MECH_SIGKILL, MECH_STOP_ASK,
-    RULE_DEFAULT,
-};
+use ioasid_common::verdict::Mechanism as KernelMechanism;
 
 use crate::{
-    audit::{AuditRecord, Request},
-    policy::{Action, Policy, Verdict},
+    audit::{AuditRecord, Decision, Mechanism, Outcome, RecordKind, Request},
+    events::{EnableRequest, KernelJudged, RuleRef},
+    policy::{Action, Policy},
     procfs::ProcessInfo,
+    sys::Signal,
     vfio::VfioFile,
 };
-
-/// The kernel verdict for a classified process.
-pub fn kernel_verdict(v: &Verdict, generation: u32) -> VmVerdict {
-    VmVerdict { decision: v.kernel_decision(), rule: v.kernel_rule(), generation, _pad: 0 }
-}
-
-/// What the agent must do after judging an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Followup {
-    None,
-    /// Resume a process stopped for the decision.
-    Continue,
-    /// Kill the process (a stopped process that was denied).
-    Kill,
-}
 
 #[derive(Debug)]
 pub struct Judgement {
     pub action: Action,
-    pub followup: Followup,
+    /// What the agent must still send: SIGCONT to resume a stopped VMM, SIGKILL to end one.
+    pub followup: Option<Signal>,
     pub record: AuditRecord,
 }
 
@@ -46,53 +31,47 @@ pub struct Context<'a> {
     pub time: String,
 }
 
-/// Judges one FILE_ADD event from the process `p` (as read now, or as known) and VFIO file.
-pub fn judge(ev: &IoctlEvent, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Context<'_>) -> Judgement {
-    let sent = ev.flags & IOCTL_F_SIGNAL_SENT != 0;
-    let ret = (ev.flags & IOCTL_F_RETURNED != 0).then_some(ev.ret);
-    let (action, rule, mechanism, outcome, followup, reason) = match ev.decision {
-        DECISION_ASK => {
+/// Judges one enable from the process `p` (as read now, or as known) and its VFIO file.
+pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Context<'_>) -> Judgement {
+    let sent = req.signal_sent;
+    let (action, rule, mechanism, outcome, followup, reason) = match req.judged {
+        KernelJudged::Ask => {
             let verdict = cx.policy.evaluate(p);
             let devices = vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
             let (action, reason) = cx.policy.decide_device(&verdict, &devices);
-            let stopped = ev.mechanism == MECH_STOP_ASK && sent;
+            let stopped = req.mechanism == KernelMechanism::StopAsk && sent;
             let (mechanism, outcome, followup) = match (stopped, action) {
-                (true, Action::Deny) => ("stop-ask", "killed", Followup::Kill),
-                (true, _) => ("stop-ask", "resumed", Followup::Continue),
-                (false, Action::Deny) => ("none", "not-enforced", Followup::None),
-                (false, _) => ("none", "completed", Followup::None),
+                (true, Action::Deny) => (Mechanism::StopAsk, Outcome::Killed, Some(Signal::Kill)),
+                (true, _) => (Mechanism::StopAsk, Outcome::Resumed, Some(Signal::Cont)),
+                (false, Action::Deny) => (Mechanism::None, Outcome::NotEnforced, None),
+                (false, _) => (Mechanism::None, Outcome::Completed, None),
             };
             (action, verdict.rule_name, mechanism, outcome, followup, reason)
         }
-        d => {
-            let action = match d {
-                DECISION_ALLOW => Action::Allow,
-                DECISION_AUDIT => Action::Audit,
-                _ => Action::Deny,
+        KernelJudged::Verdict { action, rule, generation } => {
+            let rule = match rule {
+                RuleRef::Default => "default".to_string(),
+                RuleRef::Index(i) if generation == cx.generation => {
+                    cx.policy.rule_name(i).unwrap_or("?").to_string()
+                }
+                RuleRef::Index(i) => format!("rule#{} (policy generation {generation})", i + 1),
             };
-            let rule = if ev.rule == RULE_DEFAULT {
-                "default".to_string()
-            } else if ev.generation == cx.generation {
-                cx.policy.rule_name(ev.rule).unwrap_or("?").to_string()
-            } else {
-                format!("rule#{} (policy generation {})", ev.rule + 1, ev.generation)
+            let (mechanism, outcome) = match (action, req.mechanism) {
+                (Action::Deny, KernelMechanism::Lsm) => (Mechanism::Lsm, Outcome::Blocked),
+                (Action::Deny, KernelMechanism::Sigkill) if sent => (Mechanism::Sigkill, Outcome::Killed),
+                (Action::Deny, KernelMechanism::Sigkill) => (Mechanism::Sigkill, Outcome::SignalFailed),
+                (Action::Deny, _) => (Mechanism::None, Outcome::NotEnforced),
+                _ => (Mechanism::None, Outcome::Completed),
             };
-            let (mechanism, outcome) = match (d, ev.mechanism) {
-                (DECISION_DENY, MECH_LSM) => ("lsm", "blocked"),
-                (DECISION_DENY, MECH_SIGKILL) if sent => ("sigkill", "killed"),
-                (DECISION_DENY, MECH_SIGKILL) => ("sigkill", "signal-failed"),
-                (DECISION_DENY, _) => ("none", "not-enforced"),
-                _ => ("none", "completed"),
-            };
-            (action, rule, mechanism, outcome, Followup::None, None)
+            (action, rule, mechanism, outcome, None, None)
         }
     };
     let record = AuditRecord {
-        event: crate::audit::EVENT_INCOHERENT_DMA.into(),
+        event: RecordKind::IncoherentDma,
         time: cx.time.clone(),
         host: cx.host.to_string(),
         vm: p.vm.clone(),
-        pid: ev.header.tgid,
+        pid: req.origin.tgid,
         comm: p.comm.clone(),
         exe: p.exe.clone(),
         cgroup: p.cgroup.clone(),
@@ -100,21 +79,17 @@ pub fn judge(ev: &IoctlEvent, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Cont
         request: Request {
             ioctl: "KVM_SET_DEVICE_ATTR".into(),
             attr: "KVM_DEV_VFIO_FILE_ADD".into(),
-            fd: ev.fd,
-            file_fd: (ev.flags & IOCTL_F_FILE_FD_READ != 0).then_some(ev.file_fd),
-            device_fd_known: ev.flags & IOCTL_F_DEVICE_KNOWN != 0,
+            fd: req.fd,
+            file_fd: req.file_fd,
+            device_fd_known: req.device_fd_known,
         },
         vfio,
-        kernel_coherent: match ev.kernel_coherent {
-            ioasid_common::COHERENT_YES => Some(true),
-            ioasid_common::COHERENT_NO => Some(false),
-            _ => None,
-        },
+        kernel_coherent: req.kernel_coherent,
         rule,
-        decision: action.decision().into(),
-        mechanism: mechanism.into(),
-        outcome: outcome.into(),
-        ret,
+        decision: action.into(),
+        mechanism,
+        outcome,
+        ret: req.ret,
         reason,
         policy: cx.policy.source.clone(),
     };
@@ -122,38 +97,34 @@ pub fn judge(ev: &IoctlEvent, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Cont
 }
 
 /// Replays a recorded decision against `policy`: what it would decide now.
-pub fn replay(rec: &AuditRecord, policy: &Policy) -> (Action, String, Option<String>) {
+pub fn replay(rec: &AuditRecord, policy: &Policy) -> (Decision, String, Option<String>) {
     let verdict = policy.evaluate(&rec.process());
     let devices = rec.vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
     let (action, reason) = policy.decide_device(&verdict, &devices);
-    (action, verdict.rule_name, reason)
-}
-
-/// True for the kernel decision values that mean an incoherent-DMA enable was judged.
-pub fn is_enable(decision: u32) -> bool {
-    matches!(decision, DECISION_ALLOW | DECISION_AUDIT | DECISION_DENY | DECISION_ASK)
+    (action.into(), verdict.rule_name, reason)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ioasid_common::{EVENT_IOCTL, KVM_SET_DEVICE_ATTR};
+    use crate::events::Origin;
 
-    fn ev(decision: u32, mechanism: u32, flags: u32, rule: u32, generation: u32) -> IoctlEvent {
-        // SAFETY: all-zero is valid for this plain-integer type.
-        let mut e: IoctlEvent = unsafe { std::mem::zeroed() };
-        e.header.kind = EVENT_IOCTL;
-        e.header.tgid = 99;
-        e.cmd = KVM_SET_DEVICE_ATTR;
-        e.fd = 12;
-        e.file_fd = 13;
-        e.ret = -22;
-        e.decision = decision;
-        e.mechanism = mechanism;
-        e.flags = flags | IOCTL_F_RETURNED | IOCTL_F_FILE_FD_READ;
-        e.rule = rule;
-        e.generation = generation;
-        e
+    fn req(judged: KernelJudged, mechanism: KernelMechanism, sent: bool) -> EnableRequest {
+        EnableRequest {
+            origin: Origin { tgid: 99, comm: "qemu".into(), ktime_ns: 1 },
+            fd: 12,
+            file_fd: Some(13),
+            device_fd_known: false,
+            judged,
+            mechanism,
+            signal_sent: sent,
+            ret: Some(-22),
+            kernel_coherent: None,
+        }
+    }
+
+    fn verdict(action: Action, rule: RuleRef, generation: u32) -> KernelJudged {
+        KernelJudged::Verdict { action, rule, generation }
     }
 
     fn proc(vm: &str) -> ProcessInfo {
@@ -170,32 +141,35 @@ mod tests {
 
     const POLICY: &str = "default: { incoherent_dma: audit }\nrules:\n  - name: gpu\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n  - name: tenants\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n";
 
+    fn summary(j: &Judgement) -> (Decision, Mechanism, Outcome, &str) {
+        (j.record.decision, j.record.mechanism, j.record.outcome, j.record.rule.as_str())
+    }
+
     #[test]
     fn kernel_decisions_become_records() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 3, host: "h", time: "t".into() };
-        let j =
-            judge(&ev(DECISION_DENY, MECH_SIGKILL, IOCTL_F_SIGNAL_SENT, 1, 3), &proc("tenant-1"), None, &cx);
+        let deny = verdict(Action::Deny, RuleRef::Index(1), 3);
+        let j = judge(&req(deny, KernelMechanism::Sigkill, true), &proc("tenant-1"), None, &cx);
+        assert_eq!(summary(&j), (Decision::Denied, Mechanism::Sigkill, Outcome::Killed, "tenants"));
         let r = &j.record;
-        assert_eq!(
-            (r.decision.as_str(), r.mechanism.as_str(), r.outcome.as_str(), r.rule.as_str()),
-            ("denied", "sigkill", "killed", "tenants")
-        );
         assert_eq!((r.ret, r.request.file_fd, r.request.device_fd_known), (Some(-22), Some(13), false));
-        assert_eq!(j.followup, Followup::None);
-        let j = judge(&ev(DECISION_DENY, MECH_LSM, 0, 1, 3), &proc("tenant-1"), None, &cx);
-        assert_eq!((j.record.mechanism.as_str(), j.record.outcome.as_str()), ("lsm", "blocked"));
-        let j = judge(&ev(DECISION_DENY, 0, 0, 1, 3), &proc("tenant-1"), None, &cx);
-        assert_eq!(j.record.outcome, "not-enforced");
-        let j = judge(&ev(DECISION_ALLOW, 0, 0, 0, 3), &proc("gpu-1"), None, &cx);
-        assert_eq!(
-            (j.record.decision.as_str(), j.record.outcome.as_str(), j.record.rule.as_str()),
-            ("allowed", "completed", "gpu")
-        );
-        let j = judge(&ev(DECISION_AUDIT, 0, 0, RULE_DEFAULT, 3), &proc("web"), None, &cx);
-        assert_eq!((j.record.decision.as_str(), j.record.rule.as_str()), ("audited", "default"));
+        assert_eq!(j.followup, None);
+        let j = judge(&req(deny, KernelMechanism::Sigkill, false), &proc("tenant-1"), None, &cx);
+        assert_eq!(j.record.outcome, Outcome::SignalFailed);
+        let j = judge(&req(deny, KernelMechanism::Lsm, false), &proc("tenant-1"), None, &cx);
+        assert_eq!((j.record.mechanism, j.record.outcome), (Mechanism::Lsm, Outcome::Blocked));
+        let j = judge(&req(deny, KernelMechanism::None, false), &proc("tenant-1"), None, &cx);
+        assert_eq!(j.record.outcome, Outcome::NotEnforced);
+        let allow = verdict(Action::Allow, RuleRef::Index(0), 3);
+        let j = judge(&req(allow, KernelMechanism::None, false), &proc("gpu-1"), None, &cx);
+        assert_eq!(summary(&j), (Decision::Allowed, Mechanism::None, Outcome::Completed, "gpu"));
+        let audit = verdict(Action::Audit, RuleRef::Default, 3);
+        let j = judge(&req(audit, KernelMechanism::None, false), &proc("web"), None, &cx);
+        assert_eq!((j.record.decision, j.record.rule.as_str()), (Decision::Audited, "default"));
         // A verdict from an older policy generation names the rule by number.
-        let j = judge(&ev(DECISION_ALLOW, 0, 0, 0, 2), &proc("gpu-1"), None, &cx);
+        let old = verdict(Action::Allow, RuleRef::Index(0), 2);
+        let j = judge(&req(old, KernelMechanism::None, false), &proc("gpu-1"), None, &cx);
         assert!(j.record.rule.contains("generation 2"), "{}", j.record.rule);
     }
 
@@ -203,38 +177,30 @@ mod tests {
     fn ask_is_decided_here() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
-        let j = judge(
-            &ev(DECISION_ASK, MECH_STOP_ASK, IOCTL_F_SIGNAL_SENT, u32::MAX, 0),
-            &proc("tenant-9"),
-            None,
-            &cx,
-        );
+        let ask = req(KernelJudged::Ask, KernelMechanism::StopAsk, true);
+        let j = judge(&ask, &proc("tenant-9"), None, &cx);
         assert_eq!(
-            (j.action, j.followup, j.record.outcome.as_str()),
-            (Action::Deny, Followup::Kill, "killed")
+            (j.action, j.followup, j.record.outcome),
+            (Action::Deny, Some(Signal::Kill), Outcome::Killed)
         );
-        let j = judge(
-            &ev(DECISION_ASK, MECH_STOP_ASK, IOCTL_F_SIGNAL_SENT, u32::MAX, 0),
-            &proc("gpu-2"),
-            None,
-            &cx,
-        );
+        let j = judge(&ask, &proc("gpu-2"), None, &cx);
         assert_eq!(
-            (j.action, j.followup, j.record.outcome.as_str()),
-            (Action::Allow, Followup::Continue, "resumed")
+            (j.action, j.followup, j.record.outcome),
+            (Action::Allow, Some(Signal::Cont), Outcome::Resumed)
         );
         // Not stopped (dry run): nothing to carry out.
-        let j = judge(&ev(DECISION_ASK, 0, 0, u32::MAX, 0), &proc("tenant-9"), None, &cx);
-        assert_eq!((j.followup, j.record.outcome.as_str()), (Followup::None, "not-enforced"));
+        let j = judge(&req(KernelJudged::Ask, KernelMechanism::None, false), &proc("tenant-9"), None, &cx);
+        assert_eq!((j.followup, j.record.outcome), (None, Outcome::NotEnforced));
     }
 
     #[test]
     fn replay_uses_the_new_policy() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
-        let rec = judge(&ev(DECISION_AUDIT, 0, 0, RULE_DEFAULT, 1), &proc("tenant-5"), None, &cx).record;
-        let (a, rule, _) = replay(&rec, &policy);
-        assert_eq!((a, rule.as_str()), (Action::Deny, "tenants"));
-        assert_eq!(replay(&rec, &Policy::embedded()).0, Action::Audit);
+        let audit = verdict(Action::Audit, RuleRef::Default, 1);
+        let rec = judge(&req(audit, KernelMechanism::None, false), &proc("tenant-5"), None, &cx).record;
+        let (d, rule, _) = replay(&rec, &policy);
+        assert_eq!((d, rule.as_str()), (Decision::Denied, "tenants"));
+        assert_eq!(replay(&rec, &Policy::embedded()).0, Decision::Audited);
     }
 }

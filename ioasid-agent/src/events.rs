@@ -1,24 +1,110 @@
-//! Decoding ring buffer records. Bytes from the kernel are checked, never trusted: a short,
-//! unknown or inconsistent record is an error (counted and logged by the caller), not a panic.
+//! Ring buffer records in, domain events out. Bytes from the kernel are checked, never
+//! trusted: a short, unknown or inconsistent record, or an enumeration value out of range, is
+//! an error (counted and logged by the caller), never a panic. Nothing past this module sees a
+//! wire struct or a raw wire integer.
 
 use std::mem::size_of;
 
-use ioasid_common::{EventHeader, IoctlEvent, TransitionEvent, EVENT_IOCTL, EVENT_NONCOHERENT};
+use ioasid_common::{
+    events::{
+        EventHeader, EventKind, IoctlEvent, KernelCoherent, TransitionEvent, IOCTL_F_DEVICE_KNOWN,
+        IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+    },
+    ioctl::{ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM},
+    verdict::{Decision, Mechanism, RULE_DEFAULT, RULE_NONE},
+    UnknownValue,
+};
 
-#[derive(Debug, Clone, Copy)]
+use crate::policy::Action;
+
+/// Who did it, as the kernel saw it at the time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub tgid: u32,
+    pub comm: String,
+    /// CLOCK_MONOTONIC ns.
+    pub ktime_ns: u64,
+}
+
+/// Which rule a kernel verdict came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleRef {
+    Default,
+    Index(u32),
+}
+
+/// What the kernel did with an enable when it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelJudged {
+    /// The process had a verdict: the kernel applied it.
+    Verdict { action: Action, rule: RuleRef, generation: u32 },
+    /// No verdict it could apply alone: the agent decides.
+    Ask,
+}
+
+/// An incoherent-DMA enable: KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_ADD).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnableRequest {
+    pub origin: Origin,
+    /// The kvm device fd.
+    pub fd: i32,
+    /// The VFIO group/device fd, when it could be read from user memory.
+    pub file_fd: Option<i32>,
+    /// The device fd was seen being created as a kvm-vfio device.
+    pub device_fd_known: bool,
+    pub judged: KernelJudged,
+    pub mechanism: Mechanism,
+    /// The mechanism's signal was delivered.
+    pub signal_sent: bool,
+    /// The ioctl's return value, when its exit was seen.
+    pub ret: Option<i64>,
+    /// The kernel's own coherency verdict for the file (fexit vfio_file_enforced_coherent).
+    pub kernel_coherent: Option<bool>,
+}
+
+/// Any other watched ioctl.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoctlSeen {
+    pub origin: Origin,
+    /// The request's name (from the one list in ioasid-common).
+    pub request: &'static str,
+    /// KVM_CREATE_VM or KVM_CREATE_DEVICE: the process is a VMM.
+    pub creates_vm_or_device: bool,
+    pub ret: Option<i64>,
+    pub group: u32,
+    pub attr: u64,
+}
+
+/// KVM registered (or unregistered) non-coherent DMA for a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub origin: Origin,
+    /// The `struct kvm *`, an opaque identity.
+    pub kvm: u64,
+    pub register: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Ioctl(IoctlEvent),
-    Noncoherent(TransitionEvent),
+    Enable(EnableRequest),
+    Ioctl(IoctlSeen),
+    Transition(Transition),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its header ({need})")]
     Short { len: usize, need: usize },
-    #[error("record kind {kind} is unknown")]
-    UnknownKind { kind: u32 },
-    #[error("record kind {kind} says {said} bytes; {len} arrived, {need} expected")]
-    Size { kind: u32, said: u32, len: usize, need: usize },
+    #[error("record kind: {0}")]
+    Kind(UnknownValue),
+    #[error("record kind {kind:?} says {said} bytes; {len} arrived, {need} expected")]
+    Size { kind: EventKind, said: u32, len: usize, need: usize },
+    #[error("ioctl record: {0}")]
+    Value(UnknownValue),
+    #[error("ioctl record: request {cmd:#x} is not a watched ioctl")]
+    Request { cmd: u32 },
+    #[error("ioctl record: decision {decision:?} has rule {rule:#x}")]
+    Rule { decision: Decision, rule: u32 },
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> T {
@@ -34,24 +120,77 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         return Err(DecodeError::Short { len: bytes.len(), need });
     }
     let header: EventHeader = read(bytes);
+    let kind = EventKind::try_from(header.kind).map_err(DecodeError::Kind)?;
     let check = |need: usize| {
         if bytes.len() < need || header.size as usize != need {
-            Err(DecodeError::Size { kind: header.kind, said: header.size, len: bytes.len(), need })
+            Err(DecodeError::Size { kind, said: header.size, len: bytes.len(), need })
         } else {
             Ok(())
         }
     };
-    match header.kind {
-        EVENT_IOCTL => {
+    match kind {
+        EventKind::Ioctl => {
             check(size_of::<IoctlEvent>())?;
-            Ok(Event::Ioctl(read(bytes)))
+            ioctl(&read(bytes))
         }
-        EVENT_NONCOHERENT => {
+        EventKind::Noncoherent => {
             check(size_of::<TransitionEvent>())?;
-            Ok(Event::Noncoherent(read(bytes)))
+            let ev: TransitionEvent = read(bytes);
+            Ok(Event::Transition(Transition {
+                origin: origin(&ev.header),
+                kvm: ev.kvm,
+                register: ev.register != 0,
+            }))
         }
-        kind => Err(DecodeError::UnknownKind { kind }),
     }
+}
+
+fn origin(h: &EventHeader) -> Origin {
+    Origin { tgid: h.tgid, comm: comm(&h.comm), ktime_ns: h.ktime_ns }
+}
+
+fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
+    let request = ioctl_name(ev.cmd).ok_or(DecodeError::Request { cmd: ev.cmd })?;
+    let decision = Decision::try_from(ev.decision).map_err(DecodeError::Value)?;
+    let ret = (ev.flags & IOCTL_F_RETURNED != 0).then_some(ev.ret);
+    let judged = match decision {
+        Decision::None => {
+            return Ok(Event::Ioctl(IoctlSeen {
+                origin: origin(&ev.header),
+                request,
+                creates_vm_or_device: matches!(ev.cmd, KVM_CREATE_VM | KVM_CREATE_DEVICE),
+                ret,
+                group: ev.attr_group,
+                attr: ev.attr_attr,
+            }));
+        }
+        Decision::Ask => KernelJudged::Ask,
+        d => {
+            let rule = match ev.rule {
+                RULE_DEFAULT => RuleRef::Default,
+                RULE_NONE => return Err(DecodeError::Rule { decision: d, rule: ev.rule }),
+                i => RuleRef::Index(i),
+            };
+            let action = Action::from_kernel(d).ok_or(DecodeError::Rule { decision: d, rule: ev.rule })?;
+            KernelJudged::Verdict { action, rule, generation: ev.generation }
+        }
+    };
+    let kernel_coherent = match KernelCoherent::try_from(ev.kernel_coherent).map_err(DecodeError::Value)? {
+        KernelCoherent::Unknown => None,
+        KernelCoherent::Yes => Some(true),
+        KernelCoherent::No => Some(false),
+    };
+    Ok(Event::Enable(EnableRequest {
+        origin: origin(&ev.header),
+        fd: ev.fd,
+        file_fd: (ev.flags & IOCTL_F_FILE_FD_READ != 0).then_some(ev.file_fd),
+        device_fd_known: ev.flags & IOCTL_F_DEVICE_KNOWN != 0,
+        judged,
+        mechanism: Mechanism::try_from(ev.mechanism).map_err(DecodeError::Value)?,
+        signal_sent: ev.flags & IOCTL_F_SIGNAL_SENT != 0,
+        ret,
+        kernel_coherent,
+    }))
 }
 
 /// The comm as text (NUL-terminated in the kernel).
@@ -60,31 +199,10 @@ pub fn comm(raw: &[u8; 16]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// Human name of a watched ioctl request (the `request` label of `ioasid_ioctls_total`).
-pub fn request_name(cmd: u32) -> &'static str {
-    use ioasid_common::*;
-    match cmd {
-        KVM_CREATE_VM => "KVM_CREATE_VM",
-        KVM_CREATE_DEVICE => "KVM_CREATE_DEVICE",
-        KVM_SET_DEVICE_ATTR => "KVM_SET_DEVICE_ATTR",
-        KVM_HAS_DEVICE_ATTR => "KVM_HAS_DEVICE_ATTR",
-        VFIO_CHECK_EXTENSION => "VFIO_CHECK_EXTENSION",
-        VFIO_SET_IOMMU => "VFIO_SET_IOMMU",
-        VFIO_GROUP_SET_CONTAINER => "VFIO_GROUP_SET_CONTAINER",
-        VFIO_GROUP_GET_DEVICE_FD => "VFIO_GROUP_GET_DEVICE_FD",
-        VFIO_DEVICE_BIND_IOMMUFD => "VFIO_DEVICE_BIND_IOMMUFD",
-        VFIO_DEVICE_ATTACH_IOMMUFD_PT => "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
-        VFIO_DEVICE_DETACH_IOMMUFD_PT => "VFIO_DEVICE_DETACH_IOMMUFD_PT",
-        IOMMU_IOAS_ALLOC => "IOMMU_IOAS_ALLOC",
-        IOMMU_HWPT_ALLOC => "IOMMU_HWPT_ALLOC",
-        IOMMU_GET_HW_INFO => "IOMMU_GET_HW_INFO",
-        IOMMU_DESTROY => "IOMMU_DESTROY",
-        _ => "other",
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use ioasid_common::ioctl::KVM_SET_DEVICE_ATTR;
+
     use super::*;
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
@@ -95,20 +213,46 @@ mod tests {
     fn ioctl_event() -> IoctlEvent {
         // SAFETY: all-zero is valid for this plain-integer type.
         let mut ev: IoctlEvent = unsafe { std::mem::zeroed() };
-        ev.header.kind = EVENT_IOCTL;
+        ev.header.kind = EventKind::Ioctl.wire();
         ev.header.size = size_of::<IoctlEvent>() as u32;
         ev.header.tgid = 77;
         ev.header.comm[..4].copy_from_slice(b"qemu");
-        ev.cmd = ioasid_common::KVM_SET_DEVICE_ATTR;
+        ev.cmd = KVM_SET_DEVICE_ATTR;
         ev.ret = -22;
+        ev.rule = RULE_NONE;
         ev
     }
 
     #[test]
-    fn decodes_ioctl() {
-        let Event::Ioctl(ev) = decode(&bytes_of(&ioctl_event())).unwrap() else { panic!("kind") };
-        assert_eq!((ev.header.tgid, ev.ret, comm(&ev.header.comm).as_str()), (77, -22, "qemu"));
-        assert_eq!(request_name(ev.cmd), "KVM_SET_DEVICE_ATTR");
+    fn decodes_an_ioctl_and_an_enable() {
+        let mut raw = ioctl_event();
+        raw.cmd = KVM_CREATE_VM;
+        raw.flags = IOCTL_F_RETURNED;
+        let Event::Ioctl(ev) = decode(&bytes_of(&raw)).unwrap() else { panic!("kind") };
+        assert_eq!((ev.origin.tgid, ev.ret, ev.origin.comm.as_str()), (77, Some(-22), "qemu"));
+        assert_eq!((ev.request, ev.creates_vm_or_device), ("KVM_CREATE_VM", true));
+
+        let mut raw = ioctl_event();
+        raw.decision = Decision::Deny.wire();
+        raw.mechanism = Mechanism::Sigkill.wire();
+        raw.rule = 2;
+        raw.generation = 5;
+        raw.file_fd = 9;
+        raw.kernel_coherent = KernelCoherent::No.wire();
+        raw.flags = IOCTL_F_FILE_FD_READ | IOCTL_F_SIGNAL_SENT;
+        let Event::Enable(ev) = decode(&bytes_of(&raw)).unwrap() else { panic!("kind") };
+        assert_eq!(
+            ev.judged,
+            KernelJudged::Verdict { action: Action::Deny, rule: RuleRef::Index(2), generation: 5 }
+        );
+        assert_eq!(
+            (ev.file_fd, ev.ret, ev.kernel_coherent, ev.signal_sent),
+            (Some(9), None, Some(false), true)
+        );
+        raw.decision = Decision::Ask.wire();
+        raw.rule = RULE_NONE;
+        let Event::Enable(ev) = decode(&bytes_of(&raw)).unwrap() else { panic!("kind") };
+        assert_eq!(ev.judged, KernelJudged::Ask);
     }
 
     #[test]
@@ -121,7 +265,19 @@ mod tests {
         assert!(matches!(decode(&bytes_of(&wrong_size)), Err(DecodeError::Size { said: 8, .. })));
         let mut unknown = ioctl_event();
         unknown.header.kind = 99;
-        assert_eq!(decode(&bytes_of(&unknown)).unwrap_err(), DecodeError::UnknownKind { kind: 99 });
+        assert!(matches!(
+            decode(&bytes_of(&unknown)),
+            Err(DecodeError::Kind(UnknownValue { value: 99, .. }))
+        ));
+        let mut bad = ioctl_event();
+        bad.decision = 42;
+        assert!(matches!(decode(&bytes_of(&bad)), Err(DecodeError::Value(_))));
+        let mut bad = ioctl_event();
+        bad.decision = Decision::Allow.wire();
+        assert!(matches!(decode(&bytes_of(&bad)), Err(DecodeError::Rule { .. })), "a verdict needs a rule");
+        let mut bad = ioctl_event();
+        bad.cmd = 0x5401;
+        assert_eq!(decode(&bytes_of(&bad)), Err(DecodeError::Request { cmd: 0x5401 }));
         // Arbitrary bytes never panic.
         for len in 0..200 {
             let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();

@@ -9,13 +9,16 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{agent::Cmd, telemetry::Metrics};
+use crate::telemetry::Metrics;
+
+/// A scrape's request to the actor: sweep the kernel counters now, then answer.
+pub struct Refresh(pub oneshot::Sender<()>);
 
 const MAX_REQUEST: usize = 8192;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn serve(listener: TcpListener, actor: mpsc::Sender<Cmd>, metrics: Metrics) {
+pub async fn serve(listener: TcpListener, actor: mpsc::Sender<Refresh>, metrics: Metrics) {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
@@ -47,7 +50,7 @@ pub fn parse_request(head: &[u8]) -> Option<(&str, &str)> {
     Some((method, target.split('?').next().unwrap_or(target)))
 }
 
-async fn handle(mut sock: TcpStream, actor: mpsc::Sender<Cmd>, metrics: Metrics) -> std::io::Result<()> {
+async fn handle(mut sock: TcpStream, actor: mpsc::Sender<Refresh>, metrics: Metrics) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -73,7 +76,7 @@ async fn handle(mut sock: TcpStream, actor: mpsc::Sender<Cmd>, metrics: Metrics)
         None => ("400 Bad Request", "text/plain", b"bad request\n".to_vec()),
         Some(("GET", "/metrics")) => {
             let (tx, rx) = oneshot::channel();
-            if actor.send(Cmd::Refresh(tx)).await.is_ok() {
+            if actor.send(Refresh(tx)).await.is_ok() {
                 let _ = tokio::time::timeout(REFRESH_TIMEOUT, rx).await;
             }
             ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode())

@@ -1,4 +1,5 @@
-//! Loading the kernel object and attaching every hook the kernel allows.
+//! Loading the kernel object and attaching every hook the kernel allows, from the one hook table
+//! (`ioasid_common::hooks::HOOKS`).
 //!
 //! Required hooks (tracepoints) must attach or start-up fails with the reason. Optional hooks
 //! (fentry/fexit/LSM: BPF trampolines) are attached where the kernel allows them; a refusal is
@@ -11,183 +12,23 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use ioasid_common as common;
-use ioasid_common::{Control, ProgConfig};
+use ioasid_common::{
+    config::{emul_is_packed, Control, ProgConfig},
+    cost::CostSource,
+    hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS},
+    names::{GLOBAL_CONFIG, MAP_CONTROL},
+};
 
 use crate::tracefs::{TraceFs, TraceFsError};
 
-/// The compiled kernel object.
+/// The compiled kernel object (empty when the agent was built without the eBPF toolchain).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ioasid.bpf.o"));
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookKind {
-    TracePoint { category: &'static str, name: &'static str },
-    BtfTracePoint { name: &'static str },
-    FEntry { function: &'static str },
-    FExit { function: &'static str },
-    Lsm { hook: &'static str },
+/// True when this binary carries the real kernel object. Without it (built where the eBPF
+/// toolchain is missing: `cargo check`, clippy, unit tests anywhere) nothing can be loaded.
+pub fn object_built() -> bool {
+    !OBJECT.is_empty()
 }
-
-/// One hook the agent knows.
-#[derive(Debug, Clone, Copy)]
-pub struct HookSpec {
-    /// Stable label: the `hook` label of `ioasid_hook_attached`.
-    pub hook: &'static str,
-    pub program: &'static str,
-    pub kind: HookKind,
-    pub optional: bool,
-    pub purpose: &'static str,
-    /// Hooks sharing a group are alternatives, tried in table order: the first that attaches
-    /// serves, the others stand by. A required group needs one of them.
-    pub group: Option<&'static str>,
-}
-
-pub const HOOKS: &[HookSpec] = &[
-    HookSpec {
-        hook: "tracepoint/kvm/kvm_exit",
-        program: common::PROG_KVM_EXIT,
-        kind: HookKind::TracePoint { category: "kvm", name: "kvm_exit" },
-        optional: false,
-        purpose: "WBINVD/INVD hardware exits",
-        group: None,
-    },
-    HookSpec {
-        hook: "tracepoint/kvm/kvm_emulate_insn",
-        program: common::PROG_KVM_EMULATE_INSN,
-        kind: HookKind::TracePoint { category: "kvm", name: "kvm_emulate_insn" },
-        optional: false,
-        purpose: "WBINVD/INVD run by KVM's emulator",
-        group: None,
-    },
-    HookSpec {
-        hook: "tp_btf/kvm_entry",
-        program: common::PROG_TP_BTF_KVM_ENTRY,
-        kind: HookKind::BtfTracePoint { name: "kvm_entry" },
-        optional: true,
-        purpose: "ends a WBINVD's handling time at the next VM entry (cheapest)",
-        group: Some("vm-entry"),
-    },
-    HookSpec {
-        hook: "tracepoint/kvm/kvm_entry",
-        program: common::PROG_KVM_ENTRY,
-        kind: HookKind::TracePoint { category: "kvm", name: "kvm_entry" },
-        optional: true,
-        purpose: "ends a WBINVD's handling time at the next VM entry",
-        group: Some("vm-entry"),
-    },
-    HookSpec {
-        hook: "tp_btf/sys_enter",
-        program: common::PROG_TP_BTF_SYS_ENTER,
-        kind: HookKind::BtfTracePoint { name: "sys_enter" },
-        optional: false,
-        purpose: "KVM/VFIO/iommufd ioctls; judges and enforces FILE_ADD (cheapest)",
-        group: Some("ioctl-enter"),
-    },
-    HookSpec {
-        hook: "tp_btf/sys_exit",
-        program: common::PROG_TP_BTF_SYS_EXIT,
-        kind: HookKind::BtfTracePoint { name: "sys_exit" },
-        optional: false,
-        purpose: "ioctl results; kvm-vfio device fds (cheapest)",
-        group: Some("ioctl-exit"),
-    },
-    HookSpec {
-        hook: "tracepoint/syscalls/sys_enter_ioctl",
-        program: common::PROG_SYS_ENTER_IOCTL,
-        kind: HookKind::TracePoint { category: "syscalls", name: "sys_enter_ioctl" },
-        optional: false,
-        purpose: "KVM/VFIO/iommufd ioctls; judges and enforces FILE_ADD",
-        group: Some("ioctl-enter"),
-    },
-    HookSpec {
-        hook: "tracepoint/syscalls/sys_exit_ioctl",
-        program: common::PROG_SYS_EXIT_IOCTL,
-        kind: HookKind::TracePoint { category: "syscalls", name: "sys_exit_ioctl" },
-        optional: false,
-        purpose: "ioctl results; kvm-vfio device fds",
-        group: Some("ioctl-exit"),
-    },
-    HookSpec {
-        hook: "tracepoint/sched/sched_process_exec",
-        program: common::PROG_SCHED_EXEC,
-        kind: HookKind::TracePoint { category: "sched", name: "sched_process_exec" },
-        optional: false,
-        purpose: "drops a process's verdict when it execs",
-        group: None,
-    },
-    HookSpec {
-        hook: "fentry/kvm_emulate_wbinvd",
-        program: common::PROG_FENTRY_KVM_EMULATE_WBINVD,
-        kind: HookKind::FEntry { function: "kvm_emulate_wbinvd" },
-        optional: true,
-        purpose: "WBINVD exit handler start (exact handler time)",
-        group: None,
-    },
-    HookSpec {
-        hook: "fentry/emulator_wbinvd",
-        program: common::PROG_FENTRY_EMULATOR_WBINVD,
-        kind: HookKind::FEntry { function: "emulator_wbinvd" },
-        optional: true,
-        purpose: "WBINVD emulator handler start (exact handler time)",
-        group: None,
-    },
-    HookSpec {
-        hook: "fentry/wbinvd_on_cpus_mask",
-        program: common::PROG_FENTRY_WBINVD_ON_CPUS_MASK,
-        kind: HookKind::FEntry { function: "wbinvd_on_cpus_mask" },
-        optional: true,
-        purpose: "CPUs each WBINVD flush reaches",
-        group: None,
-    },
-    HookSpec {
-        hook: "fexit/kvm_emulate_wbinvd",
-        program: common::PROG_FEXIT_KVM_EMULATE_WBINVD,
-        kind: HookKind::FExit { function: "kvm_emulate_wbinvd" },
-        optional: true,
-        purpose: "WBINVD exit handler calls",
-        group: None,
-    },
-    HookSpec {
-        hook: "fexit/emulator_wbinvd",
-        program: common::PROG_FEXIT_EMULATOR_WBINVD,
-        kind: HookKind::FExit { function: "emulator_wbinvd" },
-        optional: true,
-        purpose: "WBINVD emulator handler calls",
-        group: None,
-    },
-    HookSpec {
-        hook: "lsm/file_ioctl",
-        program: common::PROG_LSM_FILE_IOCTL,
-        kind: HookKind::Lsm { hook: "file_ioctl" },
-        optional: true,
-        purpose: "denies FILE_ADD with -EPERM before it runs",
-        group: None,
-    },
-    HookSpec {
-        hook: "fexit/vfio_file_enforced_coherent",
-        program: common::PROG_FEXIT_VFIO_FILE_ENFORCED_COHERENT,
-        kind: HookKind::FExit { function: "vfio_file_enforced_coherent" },
-        optional: true,
-        purpose: "the kernel's own coherency verdict for each FILE_ADD",
-        group: None,
-    },
-    HookSpec {
-        hook: "fentry/kvm_arch_register_noncoherent_dma",
-        program: common::PROG_FENTRY_REGISTER_NONCOHERENT,
-        kind: HookKind::FEntry { function: "kvm_arch_register_noncoherent_dma" },
-        optional: true,
-        purpose: "a VM becomes non-coherent",
-        group: None,
-    },
-    HookSpec {
-        hook: "fentry/kvm_arch_unregister_noncoherent_dma",
-        program: common::PROG_FENTRY_UNREGISTER_NONCOHERENT,
-        kind: HookKind::FEntry { function: "kvm_arch_unregister_noncoherent_dma" },
-        optional: true,
-        purpose: "a VM is coherent again",
-        group: None,
-    },
-];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookState {
@@ -231,6 +72,11 @@ impl fmt::Display for HookReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error(
+        "this ioasid-agent was built without the eBPF toolchain (a stub object): it cannot load \
+         its kernel programs. Build it with `cargo xtask build` (installs the toolchain)"
+    )]
+    NoObject,
     #[error(transparent)]
     TraceFs(#[from] TraceFsError),
     #[error("loading the ioasid eBPF object")]
@@ -250,7 +96,7 @@ pub enum LoadError {
 }
 
 /// Which program family serves the ioctl path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoctlHooks {
     /// tp_btf where the kernel allows it (cheapest), else classic tracepoints.
     #[default]
@@ -260,6 +106,9 @@ pub enum IoctlHooks {
     /// Only the classic syscalls:sys_enter_ioctl/sys_exit_ioctl tracepoints.
     Tracepoint,
 }
+
+/// The `mechanism` label values of `ioasid_enforcement_mechanism`.
+pub const ENFORCEMENT_MECHANISMS: [&str; 3] = ["lsm", "sigkill", "none"];
 
 /// How the agent wants the programs set up.
 #[derive(Debug, Clone, Copy)]
@@ -284,29 +133,33 @@ impl Loaded {
     }
 
     /// Which programs time WBINVD handling: the handlers' fentry/fexit where all four attach,
-    /// else tracepoint pairs. Returns the `Control::cost_source` value and its name.
-    pub fn cost_source(&self) -> (u32, &'static str) {
-        let handlers = [
-            "fentry/kvm_emulate_wbinvd",
-            "fexit/kvm_emulate_wbinvd",
-            "fentry/emulator_wbinvd",
-            "fexit/emulator_wbinvd",
-        ];
-        if handlers.iter().all(|h| self.attached(h)) {
-            (common::COST_SOURCE_HANDLERS, "handlers")
+    /// else tracepoint pairs.
+    pub fn cost_source(&self) -> CostSource {
+        if HANDLER_COST_HOOKS.iter().all(|h| self.attached(h)) {
+            CostSource::Handlers
         } else {
-            (common::COST_SOURCE_TRACEPOINTS, "tracepoint-pairs")
+            CostSource::Tracepoints
         }
     }
 
     pub fn lsm_attached(&self) -> bool {
         self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
     }
+
+    /// The enforcement mechanism for denials on this host: `lsm` where the LSM program is
+    /// attached, else `sigkill`; `none` when not enforcing (dry run).
+    pub fn mechanism(&self, enforce: bool) -> &'static str {
+        match (enforce, self.lsm_attached()) {
+            (false, _) => "none",
+            (true, true) => "lsm",
+            (true, false) => "sigkill",
+        }
+    }
 }
 
 /// Whether `--ioctl-hooks` rules this hook out; the flag value if so.
 fn excluded(spec: &HookSpec, mode: IoctlHooks) -> Option<&'static str> {
-    let ioctl = matches!(spec.group, Some("ioctl-enter" | "ioctl-exit"));
+    let ioctl = spec.is_ioctl_path();
     match (mode, spec.kind) {
         (IoctlHooks::Tracepoint, HookKind::BtfTracePoint { .. }) if ioctl => Some("tracepoint"),
         (IoctlHooks::TpBtf, HookKind::TracePoint { .. }) if ioctl => Some("tp-btf"),
@@ -333,7 +186,7 @@ pub fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError> {
         ioctl_arg: enter.field("arg")?,
         ioctl_ret: leave.field("ret")?,
         agent_tgid: std::process::id(),
-        emul_packed: u32::from(common::emul_is_packed(
+        emul_packed: u32::from(emul_is_packed(
             emul.field("len")?,
             emul.field("insn")?,
             emul.field("flags")?,
@@ -344,12 +197,15 @@ pub fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError> {
 
 /// Loads the object and attaches every hook the kernel allows.
 pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
+    if !object_built() {
+        return Err(LoadError::NoObject);
+    }
     let tracefs = TraceFs::locate_or_mount()?;
     let config = prog_config(&tracefs)?;
     let btf = Btf::from_sys_fs().ok();
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
-        .override_global(common::GLOBAL_CONFIG, &config, true)
+        .override_global(GLOBAL_CONFIG, &config, true)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
@@ -388,7 +244,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
     let control = Control {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
-        cost_source: loaded.cost_source().0,
+        cost_source: loaded.cost_source().wire(),
         _pad: 0,
     };
     set_control(&mut loaded.ebpf, control)?;
@@ -396,10 +252,10 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
 }
 
 pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {
-    let map = ebpf.map_mut(common::MAP_CONTROL).ok_or(LoadError::MissingMap(common::MAP_CONTROL))?;
+    let map = ebpf.map_mut(MAP_CONTROL).ok_or(LoadError::MissingMap(MAP_CONTROL))?;
     let mut array: Array<&mut MapData, Control> =
-        Array::try_from(map).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })?;
-    array.set(0, control, 0).map_err(|source| LoadError::Map { name: common::MAP_CONTROL, source })
+        Array::try_from(map).map_err(|source| LoadError::Map { name: MAP_CONTROL, source })?;
+    array.set(0, control, 0).map_err(|source| LoadError::Map { name: MAP_CONTROL, source })
 }
 
 fn attach(
@@ -467,26 +323,45 @@ fn describe(e: ProgramError) -> String {
 
 #[cfg(test)]
 mod tests {
+    use ioasid_common::names::ALL_MAPS;
+
     use super::*;
 
-    /// Every map and program named in ioasid-common exists in the built object, and every
-    /// program is in the hook table.
+    /// The object and the hook table agree: every map named in ioasid-common and every program
+    /// of the table exists in the built object, and every program in the object is in the
+    /// table (so no program is loaded that nothing attaches, and none is forgotten).
     #[test]
-    fn object_has_every_name() {
-        let obj = aya_obj_names(OBJECT);
-        for name in common::ALL_MAPS.iter().chain(common::ALL_PROGRAMS.iter()) {
-            assert!(obj.iter().any(|s| s == name), "{name} missing from the object");
+    #[cfg_attr(ioasid_stub_object, ignore = "built without the eBPF toolchain: no object to check")]
+    fn object_and_hook_table_agree() {
+        use object::{Object, ObjectSection, ObjectSymbol, SymbolSection};
+        let file = object::File::parse(OBJECT).expect("the built object is ELF");
+        let names: Vec<String> = file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect();
+        for name in ALL_MAPS.iter().chain([&GLOBAL_CONFIG]) {
+            assert!(names.iter().any(|s| s == name), "{name} missing from the object");
         }
-        for prog in common::ALL_PROGRAMS {
-            assert!(HOOKS.iter().any(|h| h.program == prog), "{prog} not in HOOKS");
+        // Programs: function symbols in executable sections.
+        let programs: Vec<String> = file
+            .symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text && s.is_global())
+            .filter(|s| match s.section() {
+                SymbolSection::Section(i) => file
+                    .section_by_index(i)
+                    .ok()
+                    .and_then(|sec| sec.name().ok().map(|n| n != ".text"))
+                    .unwrap_or(false),
+                _ => false,
+            })
+            .filter_map(|s| s.name().ok().map(str::to_string))
+            .collect();
+        for h in HOOKS {
+            assert!(programs.iter().any(|p| p == h.program), "{} ({}) not in the object", h.program, h.hook);
         }
-        assert!(obj.iter().any(|s| s == common::GLOBAL_CONFIG));
-    }
-
-    /// Symbol names of the ELF object (no kernel needed).
-    fn aya_obj_names(data: &[u8]) -> Vec<String> {
-        use object::{Object, ObjectSymbol};
-        let file = object::File::parse(data).expect("the built object is ELF");
-        file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect()
+        for p in &programs {
+            assert!(
+                HOOKS.iter().any(|h| h.program == p),
+                "program {p} of the object is not in the hook table"
+            );
+        }
+        assert_eq!(programs.len(), HOOKS.len(), "{programs:?}");
     }
 }

@@ -1,20 +1,26 @@
 //! ioasid-agent: the daemon and CLI. See README.md.
 
 mod accounting;
-mod agent;
+mod actor;
 mod audit;
 mod cli;
 mod cmd;
+mod daemon;
 mod enforce;
 mod events;
 mod http;
+mod kernel;
 mod loader;
 mod policy;
 mod procfs;
 mod promtext;
+mod ring;
 mod storm;
+mod sys;
 mod telemetry;
+mod text;
 mod tracefs;
+mod units;
 mod vfio;
 
 use clap::Parser;
@@ -52,24 +58,27 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
-    let cfg = agent::RunConfig {
+    let cfg = daemon::RunConfig {
         listen: args.listen,
         policy: args.policy.clone(),
         audit_log: args.audit_log.clone(),
         record: args.record.clone(),
-        enforce: !args.dry_run,
-        optional_hooks: !args.no_optional_hooks,
+        load: loader::LoadOptions {
+            enforce: !args.dry_run,
+            optional_hooks: !args.no_optional_hooks,
+            ioctl_hooks: args.ioctl_hooks.into(),
+            strict: true,
+        },
         sweep: args.sweep_interval,
         retention: args.vm_retention,
         ready_file: args.ready_file.clone(),
         lock_file: args.lock_file.clone(),
         bpf_stats: args.bpf_stats,
-        ioctl_hooks: args.ioctl_hooks,
         test_drop_events: args.test_drop_events,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(agent::run(cfg))
+        .block_on(daemon::run(cfg))
 }

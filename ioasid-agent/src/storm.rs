@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::policy::Budget;
+use crate::{
+    audit::{RecordKind, StormOutcome, StormRecord, StormState},
+    policy::{Budget, StormAction},
+    sys::Signal,
+    text::escape,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transition {
@@ -110,6 +115,83 @@ impl Detector {
         };
         t.last = Window { rate, cost_ratio, storm: t.storm };
         transition
+    }
+}
+
+/// A storm alert raised or cleared for one VMM, with what the policy says about it.
+pub struct StormChange<'a> {
+    pub pid: u32,
+    pub vm: &'a str,
+    pub rule: &'a str,
+    pub budget: Budget,
+    pub window: Window,
+    pub transition: Transition,
+}
+
+/// Carries out a storm change (the budget's action, through `signal`), logs it and returns
+/// its audit record (the caller adds time, host and policy).
+pub fn respond(
+    c: &StormChange<'_>,
+    signal: impl FnOnce(Signal) -> std::io::Result<()>,
+) -> (StormState, StormOutcome, Option<String>) {
+    let (w, b, vm) = (c.window, c.budget, escape(c.vm));
+    match c.transition {
+        Transition::Raised => {
+            let sig = match b.action {
+                StormAction::Alert => None,
+                StormAction::Stop => Some((Signal::Stop, StormOutcome::Stopped)),
+                StormAction::Kill => Some((Signal::Kill, StormOutcome::Killed)),
+            };
+            let (outcome, reason) = match sig.map(|(s, done)| (signal(s), done)) {
+                None => (StormOutcome::Alerted, None),
+                Some((Ok(()), done)) => (done, None),
+                Some((Err(e), _)) => (StormOutcome::SignalFailed, Some(e.to_string())),
+            };
+            tracing::warn!(
+                vm = %vm, pid = c.pid, rate = w.rate, cost_ratio = w.cost_ratio, budget_rate = b.rate,
+                budget_cost_ratio = b.cost_ratio, action = b.action.as_str(), outcome = %outcome, "WBINVD storm"
+            );
+            (StormState::Raised, outcome, reason)
+        }
+        Transition::Cleared => {
+            tracing::info!(vm = %vm, pid = c.pid, rate = w.rate, cost_ratio = w.cost_ratio, "WBINVD storm cleared");
+            (StormState::Cleared, StormOutcome::Cleared, None)
+        }
+        Transition::Exited => {
+            tracing::info!(vm = %vm, pid = c.pid, "WBINVD storm over: the VMM exited");
+            (StormState::Cleared, StormOutcome::VmmExited, None)
+        }
+    }
+}
+
+impl StormChange<'_> {
+    /// The audit record of this change.
+    pub fn record(
+        &self,
+        result: (StormState, StormOutcome, Option<String>),
+        time: String,
+        host: &str,
+        policy: &str,
+    ) -> StormRecord {
+        let (state, outcome, reason) = result;
+        StormRecord {
+            event: RecordKind::WbinvdStorm,
+            time,
+            host: host.to_string(),
+            vm: self.vm.to_string(),
+            pid: self.pid,
+            rule: self.rule.to_string(),
+            state,
+            rate: self.window.rate,
+            cost_ratio: self.window.cost_ratio,
+            budget_rate: self.budget.rate,
+            budget_cost_ratio: self.budget.cost_ratio,
+            window_seconds: self.budget.window.as_secs_f64(),
+            action: self.budget.action,
+            outcome,
+            reason,
+            policy: policy.to_string(),
+        }
     }
 }
 

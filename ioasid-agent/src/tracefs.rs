@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ioasid_common::Field;
+use ioasid_common::config::Field;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceFsError {

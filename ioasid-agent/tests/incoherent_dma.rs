@@ -39,19 +39,19 @@ fn file_add(name: &str, delay: &str) -> (std::process::ExitStatus, serde_json::V
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn allow_audit_and_deny_right_after_exec_tp_btf() {
     allow_audit_and_deny_right_after_exec("tp-btf");
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn allow_audit_and_deny_right_after_exec_classic_tracepoints() {
     allow_audit_and_deny_right_after_exec("tracepoint");
 }
 
 fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("t");
     let (agent, _policy) = agent_with_policy(&prefix, &["--ioctl-hooks", ioctl_hooks]);
@@ -124,19 +124,19 @@ fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn deny_with_the_verdict_already_in_the_kernel_tp_btf() {
     deny_with_the_verdict_already_in_the_kernel("tp-btf");
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn deny_with_the_verdict_already_in_the_kernel_classic_tracepoints() {
     deny_with_the_verdict_already_in_the_kernel("tracepoint");
 }
 
 fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("k");
     let (agent, _policy) = agent_with_policy(&prefix, &["--ioctl-hooks", ioctl_hooks]);
@@ -177,10 +177,9 @@ fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn dry_run_audits_denials_without_enforcing() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("d");
     let (agent, _policy) = agent_with_policy(&prefix, &["--dry-run"]);
@@ -199,10 +198,9 @@ fn dry_run_audits_denials_without_enforcing() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn reload_is_atomic_and_keeps_the_last_good_policy() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("r");
     let dir = TempDir::new("policy");
@@ -251,10 +249,9 @@ fn reload_is_atomic_and_keeps_the_last_good_policy() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn recorded_requests_replay_against_another_policy() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("p");
     let dir = TempDir::new("replay");
@@ -288,25 +285,18 @@ fn recorded_requests_replay_against_another_policy() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn every_watched_vfio_and_iommufd_request_is_observed() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let agent = Agent::start(&[]);
-    let requests = [
-        "VFIO_CHECK_EXTENSION",
-        "VFIO_SET_IOMMU",
-        "VFIO_GROUP_SET_CONTAINER",
-        "VFIO_GROUP_GET_DEVICE_FD",
-        "VFIO_DEVICE_BIND_IOMMUFD",
-        "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
-        "VFIO_DEVICE_DETACH_IOMMUFD_PT",
-        "IOMMU_IOAS_ALLOC",
-        "IOMMU_HWPT_ALLOC",
-        "IOMMU_GET_HW_INFO",
-        "IOMMU_DESTROY",
-    ];
+    // Every watched VFIO/iommufd request, from the one list.
+    let requests: Vec<&str> = ioasid_common::ioctl::WATCHED_IOCTLS
+        .iter()
+        .filter(|r| (r.cmd >> 8) & 0xff == 0x3b)
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(requests.len(), 11);
     let before = agent.scrape();
     let (status, summary, err) = finish(guest(&["--name", &unique("probe"), "--vfio-probe"]));
     assert!(status.success(), "{err}");
@@ -325,10 +315,9 @@ fn every_watched_vfio_and_iommufd_request_is_observed() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn a_stopped_vmm_is_decided_even_if_its_event_is_lost() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("lost");
     // The agent discards every kernel event, as if its ring buffer were always full.
@@ -350,10 +339,9 @@ fn a_stopped_vmm_is_decided_even_if_its_event_is_lost() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn a_graceful_shutdown_decides_every_stopped_vmm() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let prefix = unique("bye");
     let (mut agent, _policy) = agent_with_policy(&prefix, &["--test-drop-events"]);

@@ -8,10 +8,9 @@ use std::{process::Command, time::Duration};
 use support::*;
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn qemu_guests_are_named_and_counted_exactly() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let agent = Agent::start(&[]);
     let dir = TempDir::new("qemu");

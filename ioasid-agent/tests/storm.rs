@@ -38,10 +38,9 @@ fn storm_record(agent: &Agent, vm: &str) -> serde_json::Value {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let dir = TempDir::new("storm");
     let policy = budget_policy(&dir, "  []\n");
@@ -121,10 +120,9 @@ fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet()
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn the_kill_action_ends_the_storming_vmm_and_is_audited() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let name = unique("storm-kill");
     let (agent, _dir) = agent_with_action(&name, "kill");
@@ -152,10 +150,9 @@ fn the_kill_action_ends_the_storming_vmm_and_is_audited() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn the_stop_action_pauses_the_storming_vmm() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let name = unique("storm-stop");
     let (agent, _dir) = agent_with_action(&name, "stop");
@@ -174,10 +171,9 @@ fn the_stop_action_pauses_the_storming_vmm() {
 }
 
 #[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn top_shows_the_storming_vm_in_a_real_terminal() {
-    if !kernel_available() {
-        return;
-    }
+    require_kernel();
     let _g = serial();
     let dir = TempDir::new("top");
     let policy = budget_policy(&dir, "  []\n");
@@ -201,7 +197,9 @@ fn top_shows_the_storming_vm_in_a_real_terminal() {
         (!tmux(&["has-session", "-t", &session]).status.success()).then_some(())
     });
     let _ = tmux(&["kill-session", "-t", &session]);
-    let _ = finish(g);
+    let (status, summary, err) = finish(g);
+    assert!(status.success(), "the storm guest (alert budget) must live: {err}");
+    assert!(summary["wbinvd"].as_u64().unwrap_or(0) > 0, "{summary}");
     let screen = screen.expect("top never showed the storming VM");
     assert!(screen.contains("WBINVD/s") && screen.contains("enforcement"), "{screen}");
     assert!(gone.is_some(), "top did not exit on q");

@@ -3,14 +3,21 @@
 //! Names are the `MAP_*` constants of ioasid-common (the symbol name is the map name).
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     Global,
 };
 use ioasid_common::{
-    Control, CostKey, CounterKey, FdKey, IoctlEvent, Pending, ProgConfig, Stat, VmVerdict, COST_MAX_ENTRIES,
-    COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES, FLUSH_CPUS_LEN, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES,
-    STATS_LEN, VM_POLICY_MAX_ENTRIES,
+    config::{Control, ProgConfig},
+    cost::{CostKey, Pending, FLUSH_CPUS_LEN},
+    counters::{CounterKey, Stat, STATS_LEN},
+    events::IoctlEvent,
+    names::{
+        COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES,
+        KVM_DEVICES_MAX_ENTRIES, VM_POLICY_MAX_ENTRIES,
+    },
+    verdict::{Asked, FdKey, VmVerdict},
 };
 
 /// Exact counts. Per-CPU so the hot path never contends; the agent sums the CPUs.
@@ -34,8 +41,7 @@ pub static IOASID_KVM_DEVICES: HashMap<FdKey, u32> = HashMap::with_max_entries(K
 
 /// tgid -> when and why the kernel stopped it to ask the agent.
 #[map]
-pub static IOASID_ASKED: HashMap<u32, ioasid_common::Asked> =
-    HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+pub static IOASID_ASKED: HashMap<u32, Asked> = HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
 
 /// Thread id -> the watched ioctl it is in, between sys_enter and sys_exit.
 #[map]
@@ -95,9 +101,41 @@ pub static IOASID_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(INF
 #[map]
 pub static IOASID_PENDING_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
-/// tgid -> 1 for VMMs with non-coherent DMA.
+/// tgid -> 1 for VMMs the agent found non-coherent. Written by the agent only.
 #[map]
 pub static IOASID_NONCOHERENT: HashMap<u32, u32> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+
+/// tgid -> KVM's non-coherent DMA registrations minus unregistrations (fentry). Written by the
+/// kernel programs only, so the count is never overwritten by the agent's flag.
+#[map]
+pub static IOASID_NONCOHERENT_KVM: HashMap<u32, u64> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+
+/// True if the VMM has non-coherent DMA, by KVM's own count or the agent's finding.
+#[inline(always)]
+pub fn is_noncoherent(tgid: u32) -> bool {
+    IOASID_NONCOHERENT_KVM.get_ptr(&tgid).is_some() || IOASID_NONCOHERENT.get_ptr(&tgid).is_some()
+}
+
+/// Adds `delta` to a registration count, atomically (creating it at 0 first). A count that
+/// reaches zero is removed, so presence means "registered".
+#[inline(always)]
+pub fn noncoherent_kvm_add(tgid: u32, delta: i64) {
+    if IOASID_NONCOHERENT_KVM.get_ptr(&tgid).is_none() {
+        if delta < 0 {
+            return;
+        }
+        let _ = IOASID_NONCOHERENT_KVM.insert(&tgid, &0, BPF_NOEXIST as u64);
+    }
+    let Some(p) = IOASID_NONCOHERENT_KVM.get_ptr_mut(&tgid) else {
+        stat_inc(Stat::CounterMapFull);
+        return;
+    };
+    atomic_add(p, delta);
+    // SAFETY: live map value, read after our own atomic add.
+    if unsafe { *p } == 0 {
+        let _ = IOASID_NONCOHERENT_KVM.remove(&tgid);
+    }
+}
 
 #[map]
 pub static IOASID_FLUSH_CPUS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLUSH_CPUS_LEN, 0);
@@ -118,26 +156,12 @@ pub static IOASID_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn control() -> Control {
-    IOASID_CONTROL.get(0).copied().unwrap_or(Control { enforce: 0, lsm_enforces: 0, cost_source: 0, _pad: 0 })
+    IOASID_CONTROL.get(0).copied().unwrap_or(Control::OFF)
 }
 
 /// Tracepoint field offsets (from tracefs `format` files) and switches, set by the agent.
 #[unsafe(no_mangle)]
-pub static IOASID_CONFIG: Global<ProgConfig> = Global::new(ProgConfig {
-    exit_reason: ioasid_common::Field { offset: 0, size: 0 },
-    exit_isa: ioasid_common::Field { offset: 0, size: 0 },
-    exit_vcpu_id: ioasid_common::Field { offset: 0, size: 0 },
-    emul_len: ioasid_common::Field { offset: 0, size: 0 },
-    emul_insn: ioasid_common::Field { offset: 0, size: 0 },
-    emul_flags: ioasid_common::Field { offset: 0, size: 0 },
-    emul_failed: ioasid_common::Field { offset: 0, size: 0 },
-    ioctl_fd: ioasid_common::Field { offset: 0, size: 0 },
-    ioctl_cmd: ioasid_common::Field { offset: 0, size: 0 },
-    ioctl_arg: ioasid_common::Field { offset: 0, size: 0 },
-    ioctl_ret: ioasid_common::Field { offset: 0, size: 0 },
-    agent_tgid: 0,
-    emul_packed: 0,
-});
+pub static IOASID_CONFIG: Global<ProgConfig> = Global::new(ProgConfig::ZERO);
 
 #[inline(always)]
 pub fn config() -> ProgConfig {
@@ -151,5 +175,27 @@ pub fn stat_inc(stat: Stat) {
         // SAFETY: the pointer is this CPU's slot of an array map element, valid for the
         // program's run; tracing programs do not nest on one CPU, so nothing else writes it.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Adds `v` to `key` in a per-CPU counter map, on this CPU, creating the key if needed. A
+/// full map is counted (`Stat::CounterMapFull`): a count is never dropped silently.
+#[inline(always)]
+pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
+    if let Some(slot) = map.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest on a
+        // CPU, so the read-modify-write is not interleaved with another writer.
+        unsafe { *slot += v };
+        return;
+    }
+    // First event for this key: create it with `v` on this CPU (0 on the others). A concurrent
+    // insert of the same key on another CPU makes ours fail with EEXIST: add to it instead.
+    if map.insert(key, v, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match map.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(slot) => unsafe { *slot += v },
+        None => stat_inc(Stat::CounterMapFull),
     }
 }

@@ -1,7 +1,7 @@
 //! Small accessors for what the programs read from the kernel.
 
 use aya_ebpf::programs::TracePointContext;
-use ioasid_common::Field;
+use ioasid_common::config::Field;
 
 /// Reads an unsigned tracepoint field of 1, 2, 4 or 8 bytes at the offset tracefs gave.
 /// Fields whose format changes width between kernels (e.g. SVM exit codes becoming u64)

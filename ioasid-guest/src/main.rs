@@ -141,32 +141,30 @@ fn file_add(vm: &VmFd) -> Result<(i32, (kvm_ioctls::DeviceFd, std::fs::File))> {
     Ok((errno, (dev, file)))
 }
 
-/// The VFIO/iommufd requests (include/uapi/linux/vfio.h, iommufd.h), issued on /dev/null.
+/// Every watched VFIO/iommufd request (the one list in ioasid-common), issued on /dev/null.
 /// Returns how many were issued.
 fn vfio_probe() -> Result<u32> {
-    const REQUESTS: [(u64, u64); 11] = [
-        (0x3b65, 4), // VFIO_CHECK_EXTENSION(VFIO_DMA_CC_IOMMU)
-        (0x3b66, 3), // VFIO_SET_IOMMU(VFIO_TYPE1v2_IOMMU)
-        (0x3b68, 0), // VFIO_GROUP_SET_CONTAINER
-        (0x3b6a, 0), // VFIO_GROUP_GET_DEVICE_FD
-        (0x3b76, 0), // VFIO_DEVICE_BIND_IOMMUFD
-        (0x3b77, 0), // VFIO_DEVICE_ATTACH_IOMMUFD_PT
-        (0x3b78, 0), // VFIO_DEVICE_DETACH_IOMMUFD_PT
-        (0x3b81, 0), // IOMMU_IOAS_ALLOC
-        (0x3b89, 0), // IOMMU_HWPT_ALLOC
-        (0x3b8a, 0), // IOMMU_GET_HW_INFO
-        (0x3b80, 0), // IOMMU_DESTROY
-    ];
+    use ioasid_common::{
+        abi::{VFIO_DMA_CC_IOMMU, VFIO_TYPE1V2_IOMMU},
+        ioctl::{VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, WATCHED_IOCTLS},
+    };
     let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     let mut zeroes = [0u8; 64];
-    for (req, arg) in REQUESTS {
-        let arg = if arg == 0 { zeroes.as_mut_ptr() as u64 } else { arg };
+    let mut n = 0;
+    // VFIO and iommufd requests are of type ';' (0x3b); the KVM ones need a VM.
+    for req in WATCHED_IOCTLS.iter().filter(|r| (r.cmd >> 8) & 0xff == 0x3b) {
+        let arg = match req.cmd {
+            VFIO_CHECK_EXTENSION => VFIO_DMA_CC_IOMMU,
+            VFIO_SET_IOMMU => VFIO_TYPE1V2_IOMMU,
+            _ => zeroes.as_mut_ptr() as u64,
+        };
         // SAFETY: ioctl on /dev/null, which rejects every one of these requests (ENOTTY) without
         // touching `arg`; pointer arguments point at a zeroed local buffer all the same.
-        unsafe { libc::ioctl(fd, req as libc::c_ulong, arg) };
+        unsafe { libc::ioctl(fd, libc::c_ulong::from(req.cmd), arg) };
+        n += 1;
     }
-    Ok(REQUESTS.len() as u32)
+    Ok(n)
 }
 
 /// Maps guest memory, copies the code and makes a vCPU in real mode at CODE_GPA.

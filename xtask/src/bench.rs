@@ -6,8 +6,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -55,11 +53,8 @@ impl Agent {
     }
 
     fn metrics(&self) -> Result<String> {
-        let mut s = TcpStream::connect(&self.addr)?;
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+        let url = format!("http://{}/metrics", self.addr);
+        Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
     }
 }
 

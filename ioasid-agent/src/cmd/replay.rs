@@ -6,7 +6,7 @@ use std::io::BufRead;
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    audit::{AuditRecord, EVENT_INCOHERENT_DMA},
+    audit::{AuditRecord, RecordKind},
     cli::ReplayArgs,
     enforce,
     policy::Policy,
@@ -34,7 +34,8 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
                 continue;
             }
         };
-        if value.get("event").and_then(|e| e.as_str()).is_some_and(|e| e != EVENT_INCOHERENT_DMA) {
+        if value.get("event").and_then(|e| e.as_str()).is_some_and(|e| e != RecordKind::IncoherentDma.label())
+        {
             skipped += 1;
             continue;
         }
@@ -47,8 +48,7 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
             }
         };
         total += 1;
-        let (action, rule, reason) = enforce::replay(&rec, &policy);
-        let decision = action.decision();
+        let (decision, rule, reason) = enforce::replay(&rec, &policy);
         if decision != rec.decision {
             changed += 1;
         }

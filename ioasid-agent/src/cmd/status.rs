@@ -3,7 +3,6 @@
 use anyhow::Result;
 
 use crate::{
-    agent::mechanism_name,
     cli::StatusArgs,
     loader::{self, HookState, LoadOptions},
 };
@@ -13,10 +12,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     let loaded = loader::load(LoadOptions {
         enforce: false,
         optional_hooks: true,
-        ioctl_hooks: args.ioctl_hooks,
+        ioctl_hooks: args.ioctl_hooks.into(),
         strict: false,
     })?;
-    let mechanism = mechanism_name(true, loaded.lsm_attached());
+    let mechanism = loaded.mechanism(true);
     if args.json {
         let hooks: Vec<serde_json::Value> = loaded
             .hooks

@@ -5,13 +5,12 @@
 
 use std::{
     collections::BTreeMap,
-    io::{IsTerminal, Read, Write},
-    net::TcpStream,
+    io::{IsTerminal, Write},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::{cli::TopArgs, promtext};
 
@@ -159,16 +158,12 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
 }
 
 fn scrape(addr: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to the agent at {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let Some((head, body)) = out.split_once("\r\n\r\n") else { bail!("no HTTP response from {addr}") };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{addr}: {}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_string())
+    let url = format!("http://{addr}/metrics");
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder().timeout_global(Some(Duration::from_secs(5))).build(),
+    );
+    let mut resp = agent.get(&url).call().with_context(|| format!("reading {url}"))?;
+    resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
 }
 
 /// Restores the terminal when dropped (also on error paths).

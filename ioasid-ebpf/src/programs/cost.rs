@@ -16,48 +16,35 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, TracePointContext},
 };
 use ioasid_common::{
-    cost_bucket, flush_cpus_bucket, CostKey, Pending, COST_SOURCE_HANDLERS, COST_SUM, PATH_EMULATED,
-    PATH_EXIT,
+    cost::{cost_bucket, flush_cpus_bucket, CostKey, CostSource, Pending, COST_SUM},
+    counters::Path,
 };
 
 use super::current_ids;
-use crate::maps::{control, pending_add, pending_none, IOASID_COST, IOASID_FLUSH_CPUS, IOASID_PENDING};
-
-#[inline(always)]
-fn add(key: &CostKey, v: u64) {
-    if let Some(slot) = IOASID_COST.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest.
-        unsafe { *slot += v };
-        return;
-    }
-    if IOASID_COST.insert(key, v, BPF_NOEXIST as u64).is_err() {
-        if let Some(slot) = IOASID_COST.get_ptr_mut(key) {
-            // SAFETY: as above.
-            unsafe { *slot += v };
-        }
-    }
-}
+use crate::maps::{
+    control, pending_add, pending_none, percpu_add, IOASID_COST, IOASID_FLUSH_CPUS, IOASID_PENDING,
+};
 
 /// Records one handled WBINVD of `tgid` that took `ns`.
 #[inline(always)]
 fn record(tgid: u32, ns: u64) {
-    add(&CostKey { tgid, bucket: cost_bucket(ns) }, 1);
-    add(&CostKey { tgid, bucket: COST_SUM }, ns);
+    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: cost_bucket(ns) }, 1);
+    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: COST_SUM }, ns);
 }
 
 /// A WBINVD started on this thread (tracepoint source).
 #[inline(always)]
-pub fn start_from_tracepoint(tgid: u32, tid: u32, path: u32) {
-    if control().cost_source == COST_SOURCE_HANDLERS {
+pub fn start_from_tracepoint(tgid: u32, tid: u32, path: Path) {
+    if control().cost_source == CostSource::Handlers.wire() {
         return;
     }
     start(tgid, tid, path);
 }
 
 #[inline(always)]
-fn start(tgid: u32, tid: u32, path: u32) {
+fn start(tgid: u32, tid: u32, path: Path) {
     // SAFETY: helper without pointer arguments.
-    let p = Pending { start_ns: unsafe { bpf_ktime_get_ns() }, tgid, path };
+    let p = Pending { start_ns: unsafe { bpf_ktime_get_ns() }, tgid, path: path.wire() };
     if IOASID_PENDING.insert(&tid, &p, BPF_NOEXIST as u64).is_ok() {
         pending_add(1);
     } else {
@@ -108,7 +95,7 @@ pub fn ioasid_kvm_entry(_ctx: TracePointContext) -> u32 {
 #[fentry(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fentry_kvm_emulate_wbinvd(_ctx: FEntryContext) -> i32 {
     let (tgid, tid) = current_ids();
-    start(tgid, tid, PATH_EXIT);
+    start(tgid, tid, Path::Exit);
     0
 }
 
@@ -116,7 +103,7 @@ pub fn ioasid_fentry_kvm_emulate_wbinvd(_ctx: FEntryContext) -> i32 {
 #[fentry(function = "emulator_wbinvd")]
 pub fn ioasid_fentry_emulator_wbinvd(_ctx: FEntryContext) -> i32 {
     let (tgid, tid) = current_ids();
-    start(tgid, tid, PATH_EMULATED);
+    start(tgid, tid, Path::Emulated);
     0
 }
 

@@ -24,12 +24,20 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use ioasid_common::{
-    is_watched_ioctl, Asked, FdKey, IoctlEvent, Stat, COHERENT_NO, COHERENT_YES, DECISION_ASK, DECISION_DENY,
-    DECISION_NONE, EPERM, EVENT_IOCTL, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
-    IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT, KVM_CREATE_DEVICE, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE,
-    KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, MECH_LSM,
-    MECH_SIGKILL, MECH_STOP_ASK, NR_IOCTL, PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
-    VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
+    abi::{
+        EPERM, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
+        PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
+    },
+    counters::Stat,
+    events::{
+        EventKind, IoctlEvent, KernelCoherent, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
+        IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+    },
+    ioctl::{
+        is_watched_ioctl, KVM_CREATE_DEVICE, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, VFIO_CHECK_EXTENSION,
+        VFIO_SET_IOMMU,
+    },
+    verdict::{Asked, Decision, FdKey, Mechanism, RULE_NONE},
 };
 
 use super::{current_ids, header};
@@ -149,12 +157,12 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) {
 
     // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
     let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
-    ev.header = header(EVENT_IOCTL, core::mem::size_of::<IoctlEvent>(), tgid, tid);
+    ev.header = header(EventKind::Ioctl, core::mem::size_of::<IoctlEvent>(), tgid, tid);
     ev.cmd = cmd;
     ev.fd = fd;
     ev.arg = arg;
     ev.file_fd = -1;
-    ev.rule = u32::MAX;
+    ev.rule = RULE_NONE;
 
     match cmd {
         KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => {
@@ -210,7 +218,7 @@ fn judge_device_attr<C: EbpfContext>(
         }
     }
     if ev.cmd != KVM_SET_DEVICE_ATTR || !is_file_add(&attr) {
-        ev.decision = DECISION_NONE;
+        ev.decision = Decision::None.wire();
         return;
     }
 
@@ -223,26 +231,21 @@ fn judge_device_attr<C: EbpfContext>(
             ev.rule = v.rule;
             ev.generation = v.generation;
         }
-        None => ev.decision = DECISION_ASK,
+        None => ev.decision = Decision::Ask.wire(),
     }
     if !enforce {
         return;
     }
-    let sig = match ev.decision {
-        DECISION_DENY if lsm_enforces => {
-            ev.mechanism = MECH_LSM;
+    let (mechanism, sig) = match Decision::try_from(ev.decision) {
+        Ok(Decision::Deny) if lsm_enforces => {
+            ev.mechanism = Mechanism::Lsm.wire();
             return;
         }
-        DECISION_DENY => {
-            ev.mechanism = MECH_SIGKILL;
-            SIGKILL
-        }
-        DECISION_ASK => {
-            ev.mechanism = MECH_STOP_ASK;
-            SIGSTOP
-        }
+        Ok(Decision::Deny) => (Mechanism::Sigkill, SIGKILL),
+        Ok(Decision::Ask) => (Mechanism::StopAsk, SIGSTOP),
         _ => return,
     };
+    ev.mechanism = mechanism.wire();
     // SAFETY: helper call; signals the current process (the whole thread group).
     let rc = unsafe { bpf_send_signal(sig) };
     if rc == 0 {
@@ -343,7 +346,7 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
     let (tgid, _) = current_ids();
     match IOASID_VM_POLICY.get_ptr(&tgid) {
         // SAFETY: pointer to a live map value, read once.
-        Some(v) if unsafe { (*v).decision } == DECISION_DENY => -EPERM,
+        Some(v) if unsafe { (*v).decision } == Decision::Deny.wire() => -EPERM,
         _ => 0,
     }
 }
@@ -357,8 +360,9 @@ pub fn ioasid_fexit_vfio_file_enforced_coherent(ctx: FExitContext) -> i32 {
     let Ok(ret) = ctx.ret::<u64>() else { return 0 };
     let (_, tid) = current_ids();
     if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) {
+        let verdict = if ret & 0xff != 0 { KernelCoherent::Yes } else { KernelCoherent::No };
         // SAFETY: this thread's own in-flight event; sys_exit for it has not run yet.
-        unsafe { (*ev).kernel_coherent = if ret & 0xff != 0 { COHERENT_YES } else { COHERENT_NO } };
+        unsafe { (*ev).kernel_coherent = verdict.wire() };
     }
     0
 }

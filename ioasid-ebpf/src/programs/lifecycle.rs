@@ -4,10 +4,13 @@ use aya_ebpf::{
     macros::{fentry, tracepoint},
     programs::{FEntryContext, TracePointContext},
 };
-use ioasid_common::{TransitionEvent, EVENT_NONCOHERENT};
+use ioasid_common::{
+    counters::Stat,
+    events::{EventKind, TransitionEvent},
+};
 
 use super::{current_ids, header};
-use crate::maps::{IOASID_EVENTS, IOASID_NONCOHERENT, IOASID_VM_POLICY};
+use crate::maps::{noncoherent_kvm_add, stat_inc, IOASID_EVENTS, IOASID_VM_POLICY};
 
 /// sched:sched_process_exec. After exec a process is someone else (new command line, new exe):
 /// the verdict compiled from what it was no longer applies, so it is dropped and the next
@@ -24,12 +27,7 @@ pub fn ioasid_sched_exec(_ctx: TracePointContext) -> u32 {
 #[fentry(function = "kvm_arch_register_noncoherent_dma")]
 pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
     transition(&ctx, 1);
-    let (tgid, _) = current_ids();
-    let n = IOASID_NONCOHERENT.get_ptr(&tgid).map_or(0, |p| {
-        // SAFETY: live map value, read once.
-        unsafe { *p }
-    });
-    let _ = IOASID_NONCOHERENT.insert(&tgid, n.saturating_add(1), 0);
+    noncoherent_kvm_add(current_ids().0, 1);
     0
 }
 
@@ -37,16 +35,7 @@ pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
 #[fentry(function = "kvm_arch_unregister_noncoherent_dma")]
 pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
     transition(&ctx, 0);
-    let (tgid, _) = current_ids();
-    if let Some(p) = IOASID_NONCOHERENT.get_ptr(&tgid) {
-        // SAFETY: live map value, read once.
-        let n = unsafe { *p };
-        if n <= 1 {
-            let _ = IOASID_NONCOHERENT.remove(&tgid);
-        } else {
-            let _ = IOASID_NONCOHERENT.insert(&tgid, n - 1, 0);
-        }
-    }
+    noncoherent_kvm_add(current_ids().0, -1);
     0
 }
 
@@ -54,12 +43,12 @@ pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
 fn transition(ctx: &FEntryContext, register: u32) {
     let kvm: u64 = ctx.arg(0);
     let Some(mut entry) = IOASID_EVENTS.reserve::<TransitionEvent>(0) else {
-        crate::maps::stat_inc(ioasid_common::Stat::EventsDropped);
+        stat_inc(Stat::EventsDropped);
         return;
     };
     let (tgid, tid) = current_ids();
     entry.write(TransitionEvent {
-        header: header(EVENT_NONCOHERENT, core::mem::size_of::<TransitionEvent>(), tgid, tid),
+        header: header(EventKind::Noncoherent, core::mem::size_of::<TransitionEvent>(), tgid, tid),
         kvm,
         register,
         _pad: 0,

@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     bpf_ktime_get_ns,
 };
-use ioasid_common::EventHeader;
+use ioasid_common::events::{EventHeader, EventKind};
 
 /// (tgid, tid) of the current task.
 #[inline(always)]
@@ -18,10 +18,10 @@ pub fn current_ids() -> (u32, u32) {
 
 /// The header of a ring record of `kind` and `size` bytes, about the current task, now.
 #[inline(always)]
-pub fn header(kind: u32, size: usize, tgid: u32, tid: u32) -> EventHeader {
+pub fn header(kind: EventKind, size: usize, tgid: u32, tid: u32) -> EventHeader {
     let uid_gid = bpf_get_current_uid_gid();
     EventHeader {
-        kind,
+        kind: kind.wire(),
         size: size as u32,
         // SAFETY: helper calls without pointer arguments.
         ktime_ns: unsafe { bpf_ktime_get_ns() },

@@ -5,42 +5,28 @@
 //! counted in `Stat::ReadErrors` and never affects the guest.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::bpf_probe_read_kernel_buf,
     macros::{fexit, tracepoint},
     programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
 use ioasid_common::{
-    classify_exit, classify_insn, CounterKey, EmulTail, Stat, KVM_EMUL_INSN_F_CS_L, OP_WBINVD, PATH_EMULATED,
-    PATH_EXIT, PATH_FLUSHED, PATH_HANDLER_EMULATED, PATH_HANDLER_EXIT, VCPU_UNKNOWN,
+    abi::KVM_EMUL_INSN_F_CS_L,
+    config::EmulTail,
+    counters::{CounterKey, Op, Path, Stat, VCPU_UNKNOWN},
+    decode::{classify_exit, classify_insn},
 };
 
 use super::{cost, current_ids};
 use crate::{
-    maps::{config, pending_none, stat_inc, IOASID_COUNTERS, IOASID_NONCOHERENT},
+    maps::{config, is_noncoherent, pending_none, percpu_add, stat_inc, IOASID_COUNTERS},
     read::field_u64,
 };
 
-/// Adds one to `key`'s counter on this CPU.
+/// Adds one to a counter on this CPU.
 #[inline(always)]
-fn count(key: &CounterKey) {
-    if let Some(slot) = IOASID_COUNTERS.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest on a
-        // CPU, so the read-modify-write is not interleaved with another writer.
-        unsafe { *slot += 1 };
-        return;
-    }
-    // First event for this key: create it with 1 on this CPU (0 on the others). A concurrent
-    // insert of the same key on another CPU makes ours fail with EEXIST: add to it instead.
-    if IOASID_COUNTERS.insert(key, 1u64, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    match IOASID_COUNTERS.get_ptr_mut(key) {
-        // SAFETY: as above.
-        Some(slot) => unsafe { *slot += 1 },
-        None => stat_inc(Stat::CounterMapFull),
-    }
+fn count(tgid: u32, vcpu: u32, op: Op, path: Path) {
+    percpu_add(&IOASID_COUNTERS, &CounterKey { tgid, vcpu, op: op.wire(), path: path.wire() }, 1);
 }
 
 /// kvm:kvm_exit, fired on every VM exit.
@@ -62,16 +48,15 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let cfg = config();
     let reason = field_u64(ctx, cfg.exit_reason)?;
     let isa = field_u64(ctx, cfg.exit_isa)? as u32;
-    let op = classify_exit(isa, reason);
-    if op == 0 {
+    let Some(op) = classify_exit(isa, reason) else {
         return Ok(());
-    }
+    };
     let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
     let (tgid, tid) = current_ids();
-    count(&CounterKey { tgid, vcpu, op, path: PATH_EXIT });
-    if op == OP_WBINVD {
+    count(tgid, vcpu, op, Path::Exit);
+    if op == Op::Wbinvd {
         count_flush(tgid, vcpu);
-        cost::start_from_tracepoint(tgid, tid, PATH_EXIT);
+        cost::start_from_tracepoint(tgid, tid, Path::Exit);
     }
     Ok(())
 }
@@ -121,15 +106,14 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
         (insn, field_u64(ctx, cfg.emul_len)? as u8, field_u64(ctx, cfg.emul_flags)? as u8)
     };
     let long_mode = flags & KVM_EMUL_INSN_F_CS_L != 0;
-    let op = classify_insn(&insn, len, long_mode);
-    if op == 0 {
+    let Some(op) = classify_insn(&insn, len, long_mode) else {
         return Ok(());
-    }
+    };
     let (tgid, tid) = current_ids();
-    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op, path: PATH_EMULATED });
-    if op == OP_WBINVD {
+    count(tgid, VCPU_UNKNOWN, op, Path::Emulated);
+    if op == Op::Wbinvd {
         count_flush(tgid, VCPU_UNKNOWN);
-        cost::start_from_tracepoint(tgid, tid, PATH_EMULATED);
+        cost::start_from_tracepoint(tgid, tid, Path::Emulated);
     }
     Ok(())
 }
@@ -139,7 +123,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
 #[fexit(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
     let (tgid, _) = current_ids();
-    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EXIT });
+    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerExit);
     cost::handler_done();
     0
 }
@@ -149,16 +133,16 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
 #[fexit(function = "emulator_wbinvd")]
 pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
     let (tgid, _) = current_ids();
-    count(&CounterKey { tgid, vcpu: VCPU_UNKNOWN, op: OP_WBINVD, path: PATH_HANDLER_EMULATED });
+    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerEmulated);
     cost::handler_done();
     0
 }
 
 /// A WBINVD of a VM known to be non-coherent really flushed the caches of every CPU its vCPU
-/// ran on: count it. One hash lookup per WBINVD (not per exit).
+/// ran on: count it. At most two hash lookups per WBINVD (not per exit).
 #[inline(always)]
 fn count_flush(tgid: u32, vcpu: u32) {
-    if IOASID_NONCOHERENT.get_ptr(&tgid).is_some() {
-        count(&CounterKey { tgid, vcpu, op: OP_WBINVD, path: PATH_FLUSHED });
+    if is_noncoherent(tgid) {
+        count(tgid, vcpu, Op::Wbinvd, Path::Flushed);
     }
 }

@@ -2,120 +2,22 @@
 //!
 //! Names and labels marked "contract" are promised in the README and used by the dashboards
 //! and alert rules: never rename them. Labels are bounded: `vm` is one value per VM on the
-//! host, everything else is a fixed set. No pid or path labels.
+//! host, everything else is a fixed set. No pid or path labels. Per-VM series are created,
+//! set and forgotten by [`vm::VmSeries`] alone; the histograms are in [`hist`].
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
-};
+mod hist;
+pub mod vm;
 
-use ioasid_common::{COST_BUCKETS_NS, FLUSH_CPUS_LEN, FLUSH_CPU_BUCKETS};
+use std::sync::{Arc, Mutex};
+
+use ioasid_common::counters::Stat;
 use prometheus::{
-    core::{Collector, Desc},
-    proto::{self, MetricFamily, MetricType},
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector, Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
-/// WBINVD handler-time histogram of one VM: the kernel's exact bucket counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CostHist {
-    /// Per bucket (not cumulative); the last is +Inf.
-    pub buckets: [u64; COST_BUCKETS_NS.len() + 1],
-    pub sum_ns: u64,
-}
-
-impl CostHist {
-    pub fn add(&mut self, o: &CostHist) {
-        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
-            *a += b;
-        }
-        self.sum_ns += o.sum_ns;
-    }
-}
-
-/// What the histogram collector exports, replaced by each sweep.
-#[derive(Debug, Default)]
-pub struct CostSnapshot {
-    pub per_vm: BTreeMap<String, CostHist>,
-    pub flush_cpus: [u64; FLUSH_CPUS_LEN as usize],
-}
-
-/// Exports `ioasid_wbinvd_handler_seconds{vm}` and `ioasid_wbinvd_flush_cpus` from kernel counts
-/// (the prometheus crate's own histograms only take observations one by one).
-#[derive(Clone)]
-struct HistCollector {
-    descs: Vec<Desc>,
-    snap: Arc<Mutex<CostSnapshot>>,
-}
-
-/// A histogram from per-bucket counts; `per_bucket` has one more entry than `bounds` (+Inf),
-/// which only enters the total count.
-fn histogram(bounds: impl Iterator<Item = f64>, per_bucket: &[u64], sum: f64) -> proto::Histogram {
-    let mut h = proto::Histogram::default();
-    let mut cumulative = 0;
-    let buckets = bounds
-        .zip(per_bucket.iter())
-        .map(|(upper, n)| {
-            cumulative += n;
-            let mut b = proto::Bucket::default();
-            b.set_upper_bound(upper);
-            b.set_cumulative_count(cumulative);
-            b
-        })
-        .collect();
-    h.set_bucket(buckets);
-    h.set_sample_count(per_bucket.iter().sum());
-    h.set_sample_sum(sum);
-    h
-}
-
-fn family(name: &str, help: &str, metrics: Vec<proto::Metric>) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.into());
-    f.set_help(help.into());
-    f.set_field_type(MetricType::HISTOGRAM);
-    f.set_metric(metrics);
-    f
-}
-
-const HANDLER_HELP: &str =
-    "Time KVM spent handling each guest WBINVD, by VM (source: see ioasid_wbinvd_cost_source).";
-const FLUSH_CPUS_HELP: &str =
-    "Physical CPUs reached by each WBINVD flush (needs fentry on wbinvd_on_cpus_mask).";
-
-impl Collector for HistCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let snap = self.snap.lock().unwrap_or_else(|e| e.into_inner());
-        let bounds = || COST_BUCKETS_NS.iter().map(|ns| *ns as f64 / 1e9);
-        let per_vm = snap
-            .per_vm
-            .iter()
-            .map(|(vm, h)| {
-                let mut m = proto::Metric::default();
-                let mut l = proto::LabelPair::default();
-                l.set_name("vm".into());
-                l.set_value(vm.clone());
-                m.set_label(vec![l]);
-                m.set_histogram(histogram(bounds(), &h.buckets, h.sum_ns as f64 / 1e9));
-                m
-            })
-            .collect();
-        let mut flush = proto::Metric::default();
-        flush.set_histogram(histogram(
-            FLUSH_CPU_BUCKETS.iter().map(|b| f64::from(*b)),
-            &snap.flush_cpus,
-            0.0,
-        ));
-        vec![
-            family("ioasid_wbinvd_handler_seconds", HANDLER_HELP, per_vm),
-            family("ioasid_wbinvd_flush_cpus", FLUSH_CPUS_HELP, vec![flush]),
-        ]
-    }
-}
+pub use self::hist::CostSnapshot;
+use self::hist::HistCollector;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -243,7 +145,7 @@ impl Metrics {
             ),
             audit_dropped: counter(
                 "ioasid_audit_records_dropped_total",
-                "Audit records lost because the audit queue was full.",
+                "Audit records lost: the audit queue was full or the log could not be written.",
             ),
             program_runs: counter_vec(
                 "ioasid_program_runs_total",
@@ -261,14 +163,8 @@ impl Metrics {
                 ),
             ),
             cost: {
-                let snap = Arc::new(Mutex::new(CostSnapshot::default()));
-                let descs = vec![
-                    Desc::new("ioasid_wbinvd_handler_seconds".into(), HANDLER_HELP.into(), vec!["vm".into()], Default::default())
-                        .expect("valid metric definition"),
-                    Desc::new("ioasid_wbinvd_flush_cpus".into(), FLUSH_CPUS_HELP.into(), vec![], Default::default())
-                        .expect("valid metric definition"),
-                ];
-                register(&registry, Ok(HistCollector { descs, snap: snap.clone() }));
+                let (collector, snap) = HistCollector::new();
+                register(&registry, Ok(collector));
                 snap
             },
             wbinvd_flushes: counter_vec(
@@ -299,8 +195,8 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
         }
-        for kind in KERNEL_ERROR_KINDS {
-            m.kernel_errors.with_label_values(&[kind]);
+        for stat in Stat::ALL.iter().filter(|s| **s != Stat::EventsDropped) {
+            m.kernel_errors.with_label_values(&[stat.label()]);
         }
         m
     }
@@ -328,6 +224,3 @@ impl Default for Metrics {
         Self::new()
     }
 }
-
-/// `kind` label values of `ioasid_kernel_errors_total`, in `Stat` order after EventsDropped.
-pub const KERNEL_ERROR_KINDS: [&str; 4] = ["counter_map_full", "read_error", "inflight_full", "signal_error"];

@@ -1,0 +1,405 @@
+//! The event loop's state and decisions. One actor owns the kernel boundary and takes, one at a
+//! time, kernel events, periodic sweeps, scrape refreshes and policy reloads, so no map or
+//! state is shared between tasks. It dispatches: enforcement decides (`enforce`), storms act
+//! (`storm`), per-VM series live in `telemetry::vm`, the kernel is behind [`Kernel`].
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant, SystemTime},
+};
+
+use ioasid_common::{
+    counters::{Op, Path, Stat},
+    verdict::Mechanism as KernelMechanism,
+};
+
+use crate::{
+    accounting::Accounting,
+    audit::{rfc3339, AuditLog, Outcome},
+    enforce,
+    events::{EnableRequest, Event, KernelJudged, Origin},
+    kernel::{Kernel, Stats},
+    policy::{Action, PolicyStore},
+    procfs::{ProcFs, ProcessInfo},
+    storm::{self, Detector, StormChange, Transition},
+    sys::monotonic_ns,
+    telemetry::{
+        vm::{VmGauges, VmSeries},
+        Metrics,
+    },
+    text::escape,
+    vfio::{self, Coherency, SysFs},
+};
+
+/// An ask older than this without its event is taken as lost (events arrive in microseconds).
+pub const LOST_ASK_NS: u64 = 500_000_000;
+
+/// Where the actor looks and how it keeps time.
+pub struct Settings {
+    pub procfs: ProcFs,
+    pub sysfs: SysFs,
+    pub host: String,
+    /// How long an exited VM stays reported.
+    pub retention: Duration,
+    pub sweep_interval: Duration,
+}
+
+pub struct Actor<K: Kernel> {
+    kernel: K,
+    set: Settings,
+    policy: PolicyStore,
+    acct: Accounting,
+    series: VmSeries,
+    metrics: Metrics,
+    detector: Detector,
+    audit: AuditLog,
+    /// `run --record`: every decision again, for `replay`.
+    record: Option<AuditLog>,
+    sweeps: u64,
+    stats_seen: Stats,
+}
+
+impl<K: Kernel> Actor<K> {
+    pub fn new(
+        kernel: K,
+        set: Settings,
+        policy: PolicyStore,
+        metrics: Metrics,
+        audit: AuditLog,
+        record: Option<AuditLog>,
+    ) -> Self {
+        Self {
+            kernel,
+            set,
+            policy,
+            acct: Accounting::default(),
+            series: VmSeries::new(metrics.clone()),
+            metrics,
+            detector: Detector::default(),
+            audit,
+            record,
+            sweeps: 0,
+            stats_seen: Stats::default(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn kernel(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
+    pub fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Ioctl(io) => {
+                self.metrics.ioctls.with_label_values(&[io.request]).inc();
+                if io.creates_vm_or_device {
+                    let info = self.classify(io.origin.tgid, &io.origin.comm);
+                    tracing::debug!(pid = info.pid, vm = %escape(&info.vm), request = io.request, ret = ?io.ret, "VMM ioctl");
+                } else {
+                    tracing::debug!(pid = io.origin.tgid, comm = %escape(&io.origin.comm), request = io.request, group = io.group, attr = io.attr, ret = ?io.ret, "watched ioctl");
+                }
+            }
+            Event::Enable(req) => {
+                self.metrics.ioctls.with_label_values(&["KVM_SET_DEVICE_ATTR"]).inc();
+                self.decide(&req, None);
+            }
+            Event::Transition(t) => {
+                let info = self.classify(t.origin.tgid, &t.origin.comm);
+                tracing::info!(vm = %escape(&info.vm), pid = info.pid, register = t.register, kvm = t.kvm, "KVM non-coherent DMA transition");
+            }
+        }
+    }
+
+    /// Names the process and writes its verdict into the kernel, once per process.
+    fn classify(&mut self, tgid: u32, comm: &str) -> ProcessInfo {
+        let known = self.acct.procs.contains_key(&tgid);
+        let info = self.acct.ensure(tgid, Some(comm), &self.set.procfs, Instant::now()).info.clone();
+        if !known {
+            self.on_new_process(&info);
+        }
+        info
+    }
+
+    /// Once per VMM process: its verdict into the kernel, and its non-coherent state if it
+    /// already holds VFIO devices (added before the agent started).
+    fn on_new_process(&mut self, info: &ProcessInfo) {
+        self.write_verdict(info);
+        let files = vfio::held(&self.set.procfs, &self.set.sysfs, info.pid);
+        if let Some(f) = files.iter().find(|f| vfio::makes_noncoherent(f)) {
+            tracing::info!(pid = info.pid, device = %escape(&f.path), coherency = ?f.coherency, "VM already holds a non-coherent VFIO device");
+            self.mark_noncoherent(info.pid);
+        }
+    }
+
+    /// Marks a VMM non-coherent in the kernel (its WBINVD count as flushes); the kernel's maps
+    /// are the one record of it, read back each sweep.
+    fn mark_noncoherent(&mut self, tgid: u32) {
+        if let Err(e) = self.kernel.mark_noncoherent(tgid) {
+            tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
+        }
+        if let Some(p) = self.acct.procs.get_mut(&tgid) {
+            p.noncoherent = true;
+        }
+    }
+
+    fn write_verdict(&mut self, info: &ProcessInfo) {
+        if info.start_time == 0 {
+            return; // gone before it was named: nothing to judge
+        }
+        let verdict = self.policy.policy.evaluate(info);
+        self.series.create(&info.vm);
+        if let Some(p) = self.acct.procs.get_mut(&info.pid) {
+            p.budget = verdict.budget;
+            p.rule = verdict.rule_name.clone();
+        }
+        match self.kernel.set_verdict(info.pid, verdict.to_kernel(self.policy.generation)) {
+            Err(e) => {
+                tracing::error!(pid = info.pid, vm = %escape(&info.vm), error = %e, "writing the verdict map; FILE_ADD from this VM will be stopped and asked")
+            }
+            Ok(()) => {
+                tracing::debug!(pid = info.pid, vm = %escape(&info.vm), rule = %verdict.rule_name, action = ?verdict.action, "verdict compiled into the kernel")
+            }
+        }
+    }
+
+    /// Judges one incoherent-DMA enable, carries out what is left to do, audits it.
+    fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
+        let tgid = req.origin.tgid;
+        let info = match req.judged {
+            KernelJudged::Ask => {
+                // Decided now, from any source: the kernel's ask record is done with.
+                self.kernel.remove_ask(tgid);
+                // The kernel stopped the process: judge it on what it is now.
+                match self.set.procfs.info(tgid) {
+                    Ok(info) => {
+                        self.acct.replace(info.clone());
+                        self.write_verdict(&info);
+                        info
+                    }
+                    Err(_) => self.classify(tgid, &req.origin.comm),
+                }
+            }
+            KernelJudged::Verdict { .. } => self.classify(tgid, &req.origin.comm),
+        };
+        let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
+        let cx = enforce::Context {
+            policy: &self.policy.policy,
+            generation: self.policy.generation,
+            host: &self.set.host,
+            time: rfc3339(SystemTime::now()),
+        };
+        let j = enforce::judge(req, &info, vfio, &cx);
+        let mut record = j.record;
+        if let Some(note) = note {
+            record.reason = Some(note.to_string());
+        }
+        if let Some(sig) = j.followup {
+            if let Err(e) = self.kernel.signal(tgid, sig) {
+                record.outcome = Outcome::Gone;
+                record.reason = Some(format!("{sig:?}: {e}"));
+            }
+        }
+        self.series.request(&info.vm, record.decision);
+        // A device the IOMMU does not keep coherent was really added: from now on KVM really
+        // executes this VM's WBINVD. The kernel's own verdict where fexit
+        // vfio_file_enforced_coherent loads, else sysfs's. (Where the registration fentry hooks
+        // load, the kernel also says so itself.)
+        let added = record.ret == Some(0) && j.action != Action::Deny;
+        let coherent = record
+            .kernel_coherent
+            .unwrap_or_else(|| record.vfio.as_ref().is_some_and(|v| v.coherency == Coherency::Enforced));
+        if added && !coherent {
+            self.mark_noncoherent(tgid);
+        }
+        if let Some(r) = &self.record {
+            r.record_quiet(record.clone());
+        }
+        self.audit.record(record);
+    }
+
+    /// Decides for processes the kernel stopped to ask whose event never arrived (ring buffer
+    /// full, or dropped): no VMM stays stopped. The kernel's ask record carries the fds.
+    pub fn recover_asks(&mut self, older_than_ns: u64) {
+        let now = monotonic_ns();
+        let stale =
+            self.kernel.asks().into_iter().filter(|(_, a)| now.saturating_sub(a.ktime_ns) >= older_than_ns);
+        for (tgid, a) in stale.collect::<Vec<_>>() {
+            tracing::warn!(
+                pid = tgid,
+                "a stopped VMM's FILE_ADD event never arrived: deciding from the kernel's ask record"
+            );
+            let req = EnableRequest {
+                origin: Origin { tgid, comm: String::new(), ktime_ns: a.ktime_ns },
+                fd: a.fd,
+                file_fd: (a.file_fd >= 0).then_some(a.file_fd),
+                device_fd_known: false,
+                judged: KernelJudged::Ask,
+                mechanism: KernelMechanism::StopAsk,
+                signal_sent: true,
+                ret: None,
+                kernel_coherent: None,
+            };
+            self.decide(&req, Some("event lost; decided from the kernel's ask record"));
+        }
+    }
+
+    /// Reads the kernel's counters and brings every view up to date: lifecycle, accounting,
+    /// lost asks, per-VM series, storms, host-wide statistics.
+    pub fn sweep(&mut self) {
+        let now = Instant::now();
+        // Liveness costs a procfs read per VMM: about once a second is enough for lifecycle.
+        let every = (1000 / self.set.sweep_interval.as_millis().max(1)).max(1) as u64;
+        let full = self.sweeps.is_multiple_of(every);
+        self.sweeps += 1;
+        if full {
+            for tgid in self.acct.check_liveness(&self.set.procfs, now) {
+                // A VMM that exits ends its storm: say so, so raised/cleared records pair up.
+                if self.detector.window(tgid).is_some_and(|w| w.storm) {
+                    self.on_storm(tgid, Transition::Exited);
+                }
+                self.detector.forget(tgid);
+            }
+        }
+        let before: HashSet<u32> = self.acct.procs.keys().copied().collect();
+        self.acct.apply(self.kernel.counters(), &self.set.procfs, now);
+        self.acct.apply_cost(self.kernel.cost(), &self.set.procfs, now);
+        let new: Vec<ProcessInfo> =
+            self.acct.live().filter(|(t, _)| !before.contains(t)).map(|(_, p)| p.info.clone()).collect();
+        for info in new {
+            self.on_new_process(&info);
+        }
+        // A dead process's counts were read above for the last time.
+        for tgid in self.acct.take_newly_dead() {
+            self.kernel.forget(tgid);
+        }
+        if full {
+            self.acct.expire(self.set.retention, now);
+        }
+        let noncoherent = self.kernel.noncoherent();
+        for (tgid, p) in self.acct.procs.iter_mut().filter(|(_, p)| p.alive()) {
+            p.noncoherent = noncoherent.contains(tgid);
+        }
+        self.recover_asks(LOST_ASK_NS);
+        self.series.set_totals(&self.acct.vm_totals());
+        self.detect_storms(now);
+        self.export_host_stats();
+    }
+
+    /// Feeds each live VMM's totals to the detector, acts on alerts raised or cleared, and sets
+    /// the per-VM gauges (rate, cost share, storm, non-coherent) in the same pass.
+    fn detect_storms(&mut self, now: Instant) {
+        let first = self.sweeps == 1;
+        // Every tracked VM gets its gauges set; a VM whose processes all exited reads 0.
+        let mut per_vm: std::collections::HashMap<String, VmGauges> =
+            self.acct.procs.values().map(|p| (p.info.vm.clone(), VmGauges::default())).collect();
+        let mut changes = Vec::new();
+        for (tgid, p) in self.acct.live() {
+            let wbinvd = p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]);
+            if !self.detector.is_tracked(*tgid) {
+                // A VMM that ran before the agent starts from what it has; one that appeared
+                // since started from zero one sweep ago.
+                if first {
+                    self.detector.baseline(*tgid, now, wbinvd, p.cost.sum_ns);
+                } else {
+                    self.detector.baseline(*tgid, now - self.set.sweep_interval, 0, 0);
+                }
+            }
+            if let Some(t) = self.detector.observe(*tgid, now, wbinvd, p.cost.sum_ns, &p.budget) {
+                changes.push((*tgid, t));
+            }
+            let g = per_vm.entry(p.info.vm.clone()).or_default();
+            g.noncoherent |= p.noncoherent;
+            if let Some(w) = self.detector.window(*tgid) {
+                g.rate += w.rate;
+                g.cost_ratio += w.cost_ratio;
+                g.storm |= w.storm;
+            }
+        }
+        for (vm, g) in &per_vm {
+            self.series.set_gauges(vm, g);
+        }
+        self.metrics.noncoherent_vms.set(per_vm.values().filter(|g| g.noncoherent).count() as i64);
+        self.metrics.vms.set(self.acct.live().count() as i64);
+        for (tgid, t) in changes {
+            self.on_storm(tgid, t);
+        }
+    }
+
+    fn on_storm(&mut self, tgid: u32, transition: Transition) {
+        let Some(p) = self.acct.procs.get(&tgid) else { return };
+        let window = self.detector.window(tgid).unwrap_or_default();
+        let c =
+            StormChange { pid: tgid, vm: &p.info.vm, rule: &p.rule, budget: p.budget, window, transition };
+        if transition == Transition::Raised {
+            self.series.alert(c.vm);
+        }
+        let kernel = &mut self.kernel;
+        let result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
+        let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
+        self.audit.write(&rec);
+    }
+
+    /// Kernel statistics (drops, errors), CPUs per flush and, when on, each program's cost.
+    fn export_host_stats(&mut self) {
+        self.metrics.cost.lock().unwrap_or_else(|e| e.into_inner()).flush_cpus = self.kernel.flush_cpus();
+        let stats = self.kernel.stats();
+        for stat in Stat::ALL {
+            let (total, seen) = (stats[*stat as usize], &mut self.stats_seen[*stat as usize]);
+            if total <= *seen {
+                continue;
+            }
+            let delta = total - std::mem::replace(seen, total);
+            if *stat == Stat::EventsDropped {
+                self.metrics.events_dropped.inc_by(delta);
+                tracing::warn!(
+                    dropped = delta,
+                    "kernel ring buffer full: events dropped (counters stay exact)"
+                );
+            } else {
+                self.metrics.kernel_errors.with_label_values(&[stat.label()]).inc_by(delta);
+            }
+        }
+        for ps in self.kernel.program_stats() {
+            let runs = self.metrics.program_runs.with_label_values(&[ps.hook]);
+            runs.inc_by(ps.runs.saturating_sub(runs.get()));
+            let time = self.metrics.program_run_seconds.with_label_values(&[ps.hook]);
+            if ps.run_seconds > time.get() {
+                time.inc_by(ps.run_seconds - time.get());
+            }
+        }
+    }
+
+    /// Reloads the policy if its file changed.
+    pub fn watch_policy_file(&mut self) {
+        if self.policy.changed() {
+            self.reload("file changed");
+        }
+    }
+
+    /// Reloads the policy file; a good one re-judges every running VM, a bad one is rejected
+    /// and the last good policy stays in force.
+    pub fn reload(&mut self, why: &str) {
+        match self.policy.reload() {
+            Ok(false) => tracing::info!(
+                trigger = why,
+                "reload requested; running the embedded default policy, nothing to reload"
+            ),
+            Ok(true) => {
+                let live: Vec<ProcessInfo> = self.acct.live().map(|(_, p)| p.info.clone()).collect();
+                for info in &live {
+                    self.write_verdict(info);
+                }
+                self.metrics.policy_reloads.with_label_values(&["success"]).inc();
+                let path = self.policy.path().map(|p| p.display().to_string()).unwrap_or_default();
+                tracing::info!(trigger = why, policy = %path, generation = self.policy.generation, rules = self.policy.policy.rule_count(), vms = live.len(), "policy reloaded");
+            }
+            Err(e) => {
+                self.metrics.policy_reloads.with_label_values(&["failure"]).inc();
+                tracing::error!(trigger = why, error = %e, "policy reload rejected; the last good policy stays in force");
+            }
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The event loop's decisions against a fake kernel boundary: real policy, real procfs and
+//! sysfs fixture trees, real metrics and audit files; only the kernel's maps and signals are
+//! stood in for.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    time::Duration,
+};
+
+use ioasid_common::{
+    counters::{Op, Path, Stat, STATS_LEN},
+    verdict::{Asked, Decision, Mechanism as KernelMechanism, VmVerdict, RULE_DEFAULT},
+};
+
+use super::*;
+use crate::{
+    accounting::{CostHist, Totals},
+    events::RuleRef,
+    kernel::{FlushCpus, MapError, ProgramStats},
+    sys::Signal,
+};
+
+#[derive(Default)]
+struct FakeKernel {
+    counters: HashMap<u32, Totals>,
+    noncoherent: HashSet<u32>,
+    marked: HashSet<u32>,
+    verdicts: HashMap<u32, VmVerdict>,
+    asks: HashMap<u32, Asked>,
+    stats: Stats,
+    forgotten: Vec<u32>,
+    signals: Vec<(u32, Signal)>,
+}
+
+impl Kernel for FakeKernel {
+    fn counters(&mut self) -> HashMap<u32, Totals> {
+        self.counters.clone()
+    }
+    fn cost(&mut self) -> HashMap<u32, CostHist> {
+        HashMap::new()
+    }
+    fn flush_cpus(&mut self) -> FlushCpus {
+        FlushCpus::default()
+    }
+    fn stats(&mut self) -> Stats {
+        self.stats
+    }
+    fn noncoherent(&mut self) -> HashSet<u32> {
+        self.noncoherent.union(&self.marked).copied().collect()
+    }
+    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError> {
+        self.marked.insert(tgid);
+        Ok(())
+    }
+    fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
+        self.verdicts.insert(tgid, verdict);
+        Ok(())
+    }
+    fn asks(&mut self) -> Vec<(u32, Asked)> {
+        self.asks.iter().map(|(t, a)| (*t, *a)).collect()
+    }
+    fn remove_ask(&mut self, tgid: u32) {
+        self.asks.remove(&tgid);
+    }
+    fn forget(&mut self, tgid: u32) {
+        self.forgotten.push(tgid);
+    }
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        Vec::new()
+    }
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
+        self.signals.push((pid, sig));
+        Ok(())
+    }
+}
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ioasid-actor-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("proc")).unwrap();
+        std::fs::create_dir_all(dir.join("sys")).unwrap();
+        Self { dir }
+    }
+
+    /// A VMM process in the procfs tree, named by `-name guest=VM`.
+    fn vmm(&self, pid: u32, vm: &str) {
+        let p = self.dir.join("proc").join(pid.to_string());
+        std::fs::create_dir_all(p.join("fd")).unwrap();
+        let stat = format!("{pid} (qemu) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0");
+        std::fs::write(p.join("stat"), stat).unwrap();
+        std::fs::write(p.join("comm"), "qemu\n").unwrap();
+        std::fs::write(p.join("cmdline"), format!("qemu\0-name\0guest={vm},debug-threads=on\0")).unwrap();
+        std::fs::write(p.join("status"), "Name:\tqemu\nUid:\t107\t107\t107\t107\n").unwrap();
+    }
+
+    fn actor(&self, policy: &str) -> Actor<FakeKernel> {
+        let path = self.dir.join("policy.yaml");
+        std::fs::write(&path, policy).unwrap();
+        let metrics = Metrics::new();
+        let audit = AuditLog::start(&self.dir.join("audit.jsonl"), metrics.audit_dropped.clone()).unwrap();
+        let settings = Settings {
+            procfs: ProcFs::at(self.dir.join("proc")),
+            sysfs: SysFs::at(self.dir.join("sys")),
+            host: "h".into(),
+            retention: Duration::from_secs(60),
+            sweep_interval: Duration::from_millis(100),
+        };
+        let store = PolicyStore::open(Some(&path)).unwrap();
+        Actor::new(FakeKernel::default(), settings, store, metrics, audit, None)
+    }
+
+    /// The audit records written so far (waits for the writer up to a second for `n`).
+    async fn audit(&self, n: usize) -> Vec<serde_json::Value> {
+        for _ in 0..100 {
+            let text = std::fs::read_to_string(self.dir.join("audit.jsonl")).unwrap_or_default();
+            let recs: Vec<serde_json::Value> =
+                text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            if recs.len() >= n {
+                return recs;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} audit records");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const POLICY: &str = "default: { incoherent_dma: audit }\nrules:\n  - name: gpu\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n  - name: tenants\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n    wbinvd: { rate: 100, action: kill }\n";
+
+fn ask(tgid: u32) -> EnableRequest {
+    EnableRequest {
+        origin: Origin { tgid, comm: "qemu".into(), ktime_ns: 1 },
+        fd: 5,
+        file_fd: Some(6),
+        device_fd_known: true,
+        judged: KernelJudged::Ask,
+        mechanism: KernelMechanism::StopAsk,
+        signal_sent: true,
+        ret: None,
+        kernel_coherent: None,
+    }
+}
+
+fn sample(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = String::from_utf8(m.encode()).unwrap();
+    crate::promtext::parse(&text)
+        .into_iter()
+        .find(|s| {
+            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+#[tokio::test]
+async fn an_asked_enable_is_decided_once_by_the_policy() {
+    let f = Fixture::new("ask");
+    f.vmm(4242, "tenant-1");
+    f.vmm(4243, "gpu-1");
+    let mut a = f.actor(POLICY);
+    a.kernel().asks.insert(4242, Asked { ktime_ns: 1, fd: 5, file_fd: 6 });
+    a.on_event(Event::Enable(ask(4242)));
+    a.on_event(Event::Enable(ask(4243)));
+    assert_eq!(a.kernel().signals, vec![(4242, Signal::Kill), (4243, Signal::Cont)]);
+    assert!(a.kernel().asks.is_empty(), "the kernel's ask record is done with");
+    // The verdicts are now in the kernel, so the next FILE_ADD is decided there.
+    let v = a.kernel().verdicts[&4242];
+    assert_eq!((Decision::try_from(v.decision), v.rule, v.generation), (Ok(Decision::Deny), 1, 1));
+    assert_eq!(Decision::try_from(a.kernel().verdicts[&4243].decision), Ok(Decision::Allow));
+    let recs = f.audit(2).await;
+    assert_eq!((recs[0]["vm"].as_str(), recs[0]["outcome"].as_str()), (Some("tenant-1"), Some("killed")));
+    assert_eq!(
+        (recs[1]["decision"].as_str(), recs[1]["outcome"].as_str()),
+        (Some("allowed"), Some("resumed"))
+    );
+    let m = &a.metrics;
+    let requests = "ioasid_incoherent_dma_requests_total";
+    assert_eq!(sample(m, requests, &[("vm", "tenant-1"), ("decision", "denied")]), Some(1.0));
+    assert_eq!(sample(m, requests, &[("vm", "tenant-1"), ("decision", "allowed")]), Some(0.0));
+    // Nothing is left to recover: no second decision for the same request.
+    a.recover_asks(0);
+    assert_eq!(a.kernel().signals.len(), 2);
+}
+
+#[tokio::test]
+async fn a_lost_ask_is_decided_from_the_kernel_record() {
+    let f = Fixture::new("lost");
+    f.vmm(4300, "tenant-7");
+    let mut a = f.actor(POLICY);
+    a.kernel().asks.insert(4300, Asked { ktime_ns: 0, fd: 9, file_fd: -1 });
+    a.sweep();
+    assert_eq!(a.kernel().signals, vec![(4300, Signal::Kill)]);
+    let recs = f.audit(1).await;
+    assert_eq!(recs[0]["reason"].as_str(), Some("event lost; decided from the kernel's ask record"));
+    assert_eq!(recs[0]["request"]["file_fd"], serde_json::Value::Null);
+    assert_eq!(recs[0]["request"]["fd"], 9);
+}
+
+#[tokio::test]
+async fn a_kernel_verdict_is_audited_without_a_signal() {
+    let f = Fixture::new("verdict");
+    f.vmm(4400, "web-1");
+    let mut a = f.actor(POLICY);
+    let mut req = ask(4400);
+    req.judged = KernelJudged::Verdict { action: Action::Audit, rule: RuleRef::Default, generation: 1 };
+    req.mechanism = KernelMechanism::None;
+    req.signal_sent = false;
+    req.ret = Some(0);
+    req.kernel_coherent = Some(false);
+    a.on_event(Event::Enable(req));
+    assert!(a.kernel().signals.is_empty());
+    assert_eq!(a.kernel().verdicts[&4400].rule, RULE_DEFAULT);
+    // It succeeded with a device the kernel says is not coherent: the VM's WBINVD now flush.
+    assert!(a.kernel().marked.contains(&4400));
+    a.sweep();
+    assert_eq!(sample(&a.metrics, "ioasid_vm_noncoherent", &[("vm", "web-1")]), Some(1.0));
+    assert_eq!(sample(&a.metrics, "ioasid_noncoherent_vms", &[]), Some(1.0));
+    let recs = f.audit(1).await;
+    assert_eq!(
+        (recs[0]["decision"].as_str(), recs[0]["kernel_coherent"].as_bool()),
+        (Some("audited"), Some(false))
+    );
+}
+
+#[tokio::test]
+async fn a_sweep_names_vms_counts_and_detects_a_storm() {
+    let f = Fixture::new("sweep");
+    f.vmm(4500, "tenant-9");
+    let mut a = f.actor(POLICY);
+    let totals = |n: u64| Totals::from([((Op::Wbinvd, Path::Exit), n), ((Op::Wbinvd, Path::Flushed), n)]);
+    a.kernel().counters.insert(4500, totals(10));
+    a.kernel().noncoherent.insert(4500);
+    a.sweep();
+    assert!(a.kernel().verdicts.contains_key(&4500), "a VMM first seen by its counters gets its verdict");
+    let m = a.metrics.clone();
+    let exits = &[("vm", "tenant-9"), ("path", "exit")];
+    assert_eq!(sample(&m, "ioasid_wbinvd_exits_total", exits), Some(10.0));
+    assert_eq!(sample(&m, "ioasid_wbinvd_flushes_total", &[("vm", "tenant-9")]), Some(10.0));
+    assert_eq!(sample(&m, "ioasid_vm_noncoherent", &[("vm", "tenant-9")]), Some(1.0));
+    // 10,000 more within the window against a 100/s kill budget.
+    a.kernel().counters.insert(4500, totals(10_010));
+    a.sweep();
+    assert_eq!(a.kernel().signals, vec![(4500, Signal::Kill)]);
+    assert_eq!(sample(&m, "ioasid_wbinvd_storm", &[("vm", "tenant-9")]), Some(1.0));
+    assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", "tenant-9")]), Some(1.0));
+    let recs = f.audit(1).await;
+    assert_eq!(
+        (recs[0]["event"].as_str(), recs[0]["outcome"].as_str()),
+        (Some("wbinvd-storm"), Some("killed"))
+    );
+    // The process is gone: its final counts stay, its kernel entries go.
+    std::fs::remove_dir_all(f.dir.join("proc/4500")).unwrap();
+    for _ in 0..10 {
+        a.sweep();
+    }
+    assert_eq!(a.kernel().forgotten, vec![4500]);
+    assert_eq!(sample(&m, "ioasid_wbinvd_exits_total", exits), Some(10_010.0));
+    assert_eq!(sample(&m, "ioasid_vms", &[]), Some(0.0));
+}
+
+#[tokio::test]
+async fn kernel_statistics_become_counters() {
+    let f = Fixture::new("stats");
+    let mut a = f.actor(POLICY);
+    let mut stats = [0u64; STATS_LEN as usize];
+    stats[Stat::EventsDropped as usize] = 3;
+    stats[Stat::SignalErrors as usize] = 2;
+    a.kernel().stats = stats;
+    a.sweep();
+    a.sweep();
+    assert_eq!(sample(&a.metrics, "ioasid_events_dropped_total", &[]), Some(3.0));
+    assert_eq!(sample(&a.metrics, "ioasid_kernel_errors_total", &[("kind", "signal_error")]), Some(2.0));
+    assert_eq!(sample(&a.metrics, "ioasid_kernel_errors_total", &[("kind", "read_error")]), Some(0.0));
+}
+
+#[tokio::test]
+async fn a_reload_rejudges_running_vms_and_a_bad_file_changes_nothing() {
+    let f = Fixture::new("reload");
+    f.vmm(4600, "gpu-3");
+    let mut a = f.actor(POLICY);
+    a.on_event(Event::Enable(ask(4600)));
+    assert_eq!(Decision::try_from(a.kernel().verdicts[&4600].decision), Ok(Decision::Allow));
+    std::fs::write(f.dir.join("policy.yaml"), "default: { incoherent_dma: deny }\n").unwrap();
+    a.watch_policy_file();
+    let v = a.kernel().verdicts[&4600];
+    assert_eq!((Decision::try_from(v.decision), v.generation), (Ok(Decision::Deny), 2));
+    std::fs::write(f.dir.join("policy.yaml"), "default: { incoherent_dma: maybe }\n").unwrap();
+    a.watch_policy_file();
+    assert_eq!(a.kernel().verdicts[&4600].generation, 2, "the last good policy stays");
+    assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "failure")]), Some(1.0));
+    assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "success")]), Some(1.0));
+}

@@ -1,0 +1,160 @@
+//! `ioasid-agent run`: start-up and the event loop's plumbing.
+//!
+//! Tasks: the ring buffer reader (`ring`), the HTTP endpoint (`http`), the audit writers
+//! (`audit`), and one actor (`actor`) that owns the kernel boundary and takes events, sweeps,
+//! scrape refreshes, SIGHUP and policy-file changes one at a time.
+
+use std::{net::SocketAddr, os::fd::OwnedFd, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use crate::{
+    actor::{Actor, Settings},
+    audit::AuditLog,
+    http,
+    kernel::BpfKernel,
+    loader::{self, HookState, LoadOptions, Loaded},
+    policy::PolicyStore,
+    procfs::ProcFs,
+    ring,
+    sys::{hostname, HostLock},
+    telemetry::Metrics,
+    vfio::SysFs,
+};
+
+const EVENT_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub listen: SocketAddr,
+    pub policy: Option<PathBuf>,
+    pub audit_log: PathBuf,
+    pub record: Option<PathBuf>,
+    pub load: LoadOptions,
+    pub sweep: Duration,
+    pub retention: Duration,
+    pub ready_file: Option<PathBuf>,
+    pub lock_file: PathBuf,
+    pub bpf_stats: bool,
+    /// Tests only: discard every ring buffer event (as a full queue would), to exercise the
+    /// paths that must not depend on events.
+    pub test_drop_events: bool,
+}
+
+pub async fn run(cfg: RunConfig) -> Result<()> {
+    let _lock = HostLock::acquire(&cfg.lock_file)?;
+    let metrics = Metrics::new();
+    let policy = open_policy(&cfg)?;
+    let audit = AuditLog::start(&cfg.audit_log, metrics.audit_dropped.clone())?;
+    let record =
+        cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.audit_dropped.clone())).transpose()?;
+    let loaded = loader::load(cfg.load)?;
+    report_hooks(&loaded, &metrics, cfg.load.enforce);
+    let bpf_stats = cfg.bpf_stats.then(enable_bpf_stats).flatten();
+    let (mut kernel, events) = BpfKernel::new(loaded, bpf_stats.is_some())?;
+    ring::forward_kernel_log(kernel.ebpf_mut());
+
+    let listener =
+        TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    let (refresh_tx, mut refresh_rx) = mpsc::channel::<http::Refresh>(64);
+    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone()));
+    tracing::info!(listen = %local, "serving /metrics");
+    let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE);
+    ring::spawn_reader(events, ev_tx, metrics.clone(), cfg.test_drop_events)
+        .context("polling the ring buffer")?;
+
+    let settings = Settings {
+        procfs: ProcFs::default(),
+        sysfs: SysFs::default(),
+        host: hostname(),
+        retention: cfg.retention,
+        sweep_interval: cfg.sweep,
+    };
+    let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
+    // Classify VMMs that were running before the agent started, from the counters they have.
+    actor.sweep();
+    if let Some(path) = &cfg.ready_file {
+        std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut tick = tokio::time::interval(cfg.sweep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let (mut hup, mut term, mut int) =
+        (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    loop {
+        tokio::select! {
+            Some(ev) = ev_rx.recv() => actor.on_event(ev),
+            Some(http::Refresh(done)) = refresh_rx.recv() => {
+                actor.sweep();
+                let _ = done.send(());
+            }
+            _ = tick.tick() => actor.sweep(),
+            _ = watch.tick() => actor.watch_policy_file(),
+            _ = hup.recv() => actor.reload("SIGHUP"),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    // Queued events first, then any ask still open: no VMM stays stopped behind a restart.
+    while let Ok(ev) = ev_rx.try_recv() {
+        actor.on_event(ev);
+    }
+    actor.recover_asks(0);
+    tracing::info!("shutting down: detaching every hook");
+    Ok(())
+}
+
+fn open_policy(cfg: &RunConfig) -> Result<PolicyStore> {
+    let store = PolicyStore::open(cfg.policy.as_deref())?;
+    match cfg.policy.as_deref() {
+        Some(path) => {
+            let p = &store.policy;
+            tracing::info!(policy = %path.display(), rules = p.rule_count(), default = ?p.default, "policy loaded");
+        }
+        None => tracing::info!(
+            "no --policy given: running the embedded default policy (audit every incoherent-DMA enable, deny nothing)"
+        ),
+    }
+    Ok(store)
+}
+
+/// One log line per hook, and the hook, mechanism and cost-source gauges.
+fn report_hooks(loaded: &Loaded, metrics: &Metrics, enforce: bool) {
+    for h in &loaded.hooks {
+        match &h.state {
+            HookState::Attached => {
+                tracing::info!(hook = h.spec.hook, optional = h.spec.optional, "hook attached")
+            }
+            HookState::Refused(why) => {
+                tracing::warn!(hook = h.spec.hook, optional = h.spec.optional, reason = %why, "hook refused by the kernel")
+            }
+            HookState::Standby(by) => {
+                tracing::info!(hook = h.spec.hook, serving = by, "hook on standby: an alternative serves")
+            }
+        }
+        metrics.hook_attached.with_label_values(&[h.spec.hook]).set(i64::from(h.attached()));
+    }
+    let mechanism = loaded.mechanism(enforce);
+    for m in loader::ENFORCEMENT_MECHANISMS {
+        metrics.enforcement_mechanism.with_label_values(&[m]).set(i64::from(m == mechanism));
+    }
+    tracing::info!(mechanism, "incoherent-DMA enforcement");
+    let source = loaded.cost_source();
+    for s in ioasid_common::cost::CostSource::ALL {
+        metrics.wbinvd_cost_source.with_label_values(&[s.label()]).set(i64::from(*s == source));
+    }
+    tracing::info!(source = source.label(), "WBINVD handler time source");
+}
+
+/// Keeps kernel BPF run-time statistics on while the returned fd lives.
+fn enable_bpf_stats() -> Option<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .inspect_err(|e| tracing::warn!(error = %e, "could not enable BPF run-time statistics"))
+        .ok()
+}

@@ -1,0 +1,236 @@
+//! The kernel boundary: the one module that touches aya maps. [`BpfKernel`] owns the loaded
+//! object (dropping it detaches every program) and every map handle, and offers typed reads
+//! and writes through the [`Kernel`] trait; the event loop sees nothing else of the kernel, so
+//! its decisions are unit-tested against a fake (`actor::tests`).
+
+use std::collections::{HashMap, HashSet};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use ioasid_common::{
+    cost::{CostKey, COST_BUCKETS_NS, COST_SUM, FLUSH_CPUS_LEN},
+    counters::{CounterKey, Op, Path, STATS_LEN},
+    names::*,
+    verdict::{Asked, FdKey, VmVerdict},
+};
+
+use crate::{
+    accounting::{CostHist, Totals},
+    loader::{LoadError, Loaded},
+    sys::{signal_process, Signal},
+};
+
+/// Host-wide counters kept by the kernel programs, indexed by `Stat`.
+pub type Stats = [u64; STATS_LEN as usize];
+/// CPUs-per-flush histogram buckets.
+pub type FlushCpus = [u64; FLUSH_CPUS_LEN as usize];
+
+/// One attached program's in-kernel cost (with BPF run-time statistics on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgramStats {
+    pub hook: &'static str,
+    pub runs: u64,
+    pub run_seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}")]
+pub struct MapError {
+    pub map: &'static str,
+    #[source]
+    pub source: aya::maps::MapError,
+}
+
+/// What the event loop reads from and writes to the kernel.
+pub trait Kernel {
+    /// Exact WBINVD/INVD counts summed over CPUs and vCPUs, per tgid.
+    fn counters(&mut self) -> HashMap<u32, Totals>;
+    /// Handler-time histograms summed over CPUs, per tgid.
+    fn cost(&mut self) -> HashMap<u32, CostHist>;
+    fn flush_cpus(&mut self) -> FlushCpus;
+    fn stats(&mut self) -> Stats;
+    /// VMMs with non-coherent DMA: KVM's own registrations, and those the agent marked.
+    fn noncoherent(&mut self) -> HashSet<u32>;
+    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError>;
+    fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError>;
+    /// Processes the kernel stopped to ask the agent, with its record of the request.
+    fn asks(&mut self) -> Vec<(u32, Asked)>;
+    fn remove_ask(&mut self, tgid: u32);
+    /// Removes everything kept for a process that exited (after its final counts were read).
+    fn forget(&mut self, tgid: u32);
+    fn program_stats(&self) -> Vec<ProgramStats>;
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()>;
+}
+
+pub struct BpfKernel {
+    counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    cost: PerCpuHashMap<MapData, CostKey, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    flush_cpus: PerCpuArray<MapData, u64>,
+    verdicts: BpfHashMap<MapData, u32, VmVerdict>,
+    kvm_devices: BpfHashMap<MapData, FdKey, u32>,
+    asked: BpfHashMap<MapData, u32, Asked>,
+    noncoherent: BpfHashMap<MapData, u32, u32>,
+    noncoherent_kvm: BpfHashMap<MapData, u32, u64>,
+    /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
+    stats_hooks: Vec<(&'static str, &'static str)>,
+    // Dropping the object detaches every program: it lives as long as this value.
+    ebpf: aya::Ebpf,
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// Sums a per-CPU map's values, logging (not failing) a read error once per sweep.
+fn per_cpu<K, I>(map: &'static str, iter: I) -> impl Iterator<Item = (K, u64)>
+where
+    I: Iterator<Item = Result<(K, aya::maps::PerCpuValues<u64>), aya::maps::MapError>>,
+{
+    iter.map_while(move |item| match item {
+        Ok((k, values)) => Some((k, values.iter().sum())),
+        Err(e) => {
+            tracing::warn!(map, error = %e, "reading a kernel map");
+            None
+        }
+    })
+}
+
+impl BpfKernel {
+    /// Takes the maps out of a loaded object. Returns the ring buffer separately: its reader
+    /// runs in its own task.
+    pub fn new(mut loaded: Loaded, stats_on: bool) -> Result<(Self, RingBuf<MapData>), LoadError> {
+        let e = &mut loaded.ebpf;
+        let ring = take(e, MAP_EVENTS)?;
+        let stats_hooks = if stats_on {
+            loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.spec.program)).collect()
+        } else {
+            Vec::new()
+        };
+        let k = Self {
+            counters: take(e, MAP_COUNTERS)?,
+            cost: take(e, MAP_COST)?,
+            stats: take(e, MAP_STATS)?,
+            flush_cpus: take(e, MAP_FLUSH_CPUS)?,
+            verdicts: take(e, MAP_VM_POLICY)?,
+            kvm_devices: take(e, MAP_KVM_DEVICES)?,
+            asked: take(e, MAP_ASKED)?,
+            noncoherent: take(e, MAP_NONCOHERENT)?,
+            noncoherent_kvm: take(e, MAP_NONCOHERENT_KVM)?,
+            stats_hooks,
+            ebpf: loaded.ebpf,
+        };
+        Ok((k, ring))
+    }
+
+    /// The object, for the aya-log reader.
+    pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
+    }
+}
+
+impl Kernel for BpfKernel {
+    fn counters(&mut self) -> HashMap<u32, Totals> {
+        let mut out: HashMap<u32, Totals> = HashMap::new();
+        for (k, sum) in per_cpu(MAP_COUNTERS, self.counters.iter()) {
+            // Only the programs write this map, from typed values: anything else is skipped.
+            let (Ok(op), Ok(path)) = (Op::try_from(k.op), Path::try_from(k.path)) else { continue };
+            *out.entry(k.tgid).or_default().entry((op, path)).or_insert(0) += sum;
+        }
+        out
+    }
+
+    fn cost(&mut self) -> HashMap<u32, CostHist> {
+        let mut out: HashMap<u32, CostHist> = HashMap::new();
+        for (k, sum) in per_cpu(MAP_COST, self.cost.iter()) {
+            let h = out.entry(k.tgid).or_default();
+            match h.buckets.get_mut(k.bucket as usize) {
+                Some(b) => *b += sum,
+                None if k.bucket == COST_SUM => h.sum_ns += sum,
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn flush_cpus(&mut self) -> FlushCpus {
+        let mut snap = [0u64; FLUSH_CPUS_LEN as usize];
+        for (i, slot) in snap.iter_mut().enumerate() {
+            if let Ok(v) = self.flush_cpus.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        snap
+    }
+
+    fn stats(&mut self) -> Stats {
+        let mut out = [0u64; STATS_LEN as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.stats.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    fn noncoherent(&mut self) -> HashSet<u32> {
+        let kvm = self.noncoherent_kvm.keys().map_while(Result::ok);
+        kvm.chain(self.noncoherent.keys().map_while(Result::ok)).collect()
+    }
+
+    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError> {
+        self.noncoherent.insert(tgid, 1, 0).map_err(|source| MapError { map: MAP_NONCOHERENT, source })
+    }
+
+    fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
+        self.verdicts.insert(tgid, verdict, 0).map_err(|source| MapError { map: MAP_VM_POLICY, source })
+    }
+
+    fn asks(&mut self) -> Vec<(u32, Asked)> {
+        self.asked.iter().map_while(Result::ok).collect()
+    }
+
+    fn remove_ask(&mut self, tgid: u32) {
+        let _ = self.asked.remove(&tgid);
+    }
+
+    fn forget(&mut self, tgid: u32) {
+        let keys: Vec<CounterKey> =
+            self.counters.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
+        for k in keys {
+            let _ = self.counters.remove(&k);
+        }
+        for bucket in (0..=COST_BUCKETS_NS.len() as u32).chain([COST_SUM]) {
+            let _ = self.cost.remove(&CostKey { tgid, bucket });
+        }
+        let _ = self.verdicts.remove(&tgid);
+        let _ = self.noncoherent.remove(&tgid);
+        let _ = self.noncoherent_kvm.remove(&tgid);
+        let fds: Vec<FdKey> =
+            self.kvm_devices.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
+        for k in fds {
+            let _ = self.kvm_devices.remove(&k);
+        }
+    }
+
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        self.stats_hooks
+            .iter()
+            .filter_map(|(hook, program)| {
+                let info = self.ebpf.program(program)?.info().ok()?;
+                Some(ProgramStats {
+                    hook,
+                    runs: info.run_count(),
+                    run_seconds: info.run_time().as_secs_f64(),
+                })
+            })
+            .collect()
+    }
+
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
+        signal_process(pid, sig)
+    }
+}

@@ -1,0 +1,131 @@
+use super::*;
+
+const ISSUE_EXAMPLE: &str = "default:\n  incoherent_dma: audit\nrules:\n  - name: gpu-tenants\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n  - name: everyone-else-untrusted\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n";
+
+fn proc(vm: &str) -> ProcessInfo {
+    ProcessInfo {
+        pid: 1,
+        comm: "qemu".into(),
+        vm: vm.into(),
+        exe: Some("/usr/bin/qemu-system-x86_64".into()),
+        cgroup: Some("/machine.slice/machine-qemu-1.scope".into()),
+        uid: 107,
+        start_time: 1,
+    }
+}
+
+#[test]
+fn the_issue_example_means_what_it_says() {
+    let p = Policy::parse(ISSUE_EXAMPLE, "example.yaml").unwrap();
+    let v = p.evaluate(&proc("gpu-a100-1"));
+    assert_eq!(
+        (v.action, v.rule_name.as_str(), v.kernel_decision()),
+        (Action::Allow, "gpu-tenants", Decision::Allow)
+    );
+    let v = p.evaluate(&proc("tenant-42"));
+    assert_eq!((v.action, v.rule, v.kernel_decision()), (Action::Deny, Some(1), Decision::Deny));
+    let v = p.evaluate(&proc("web"));
+    assert_eq!((v.action, v.rule, v.rule_name.as_str()), (Action::Audit, None, "default"));
+    assert_eq!(v.to_kernel(1).rule, RULE_DEFAULT);
+}
+
+#[test]
+fn embedded_default_audits_everything() {
+    let p = Policy::embedded();
+    assert_eq!(p.rule_count(), 0);
+    assert_eq!(p.evaluate(&proc("anything")).action, Action::Audit);
+}
+
+#[test]
+fn all_keys_must_match_and_first_rule_wins() {
+    let text = "rules:\n  - name: strict\n    match: { vm: \"gpu-*\", uid: [0, 107], exe: \"/usr/bin/qemu-*\", cgroup: \"/machine.slice/*\" }\n    incoherent_dma: allow\n  - name: later\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: deny\n";
+    let p = Policy::parse(text, "t").unwrap();
+    assert_eq!(p.evaluate(&proc("gpu-1")).rule_name, "strict");
+    let mut other_uid = proc("gpu-1");
+    other_uid.uid = 1000;
+    assert_eq!(p.evaluate(&other_uid).rule_name, "later");
+    let mut no_cgroup = proc("gpu-1");
+    no_cgroup.cgroup = None;
+    assert_eq!(p.evaluate(&no_cgroup).action, Action::Deny);
+    // Default for a file without `default`: audit.
+    assert_eq!(p.evaluate(&proc("x")).action, Action::Audit);
+}
+
+#[test]
+fn device_limited_rules() {
+    let text = "default: { incoherent_dma: deny }\nrules:\n  - name: gpus\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n    devices: [\"0000:65:00.*\", \"0000:ca:00.0\"]\n";
+    let p = Policy::parse(text, "t").unwrap();
+    let v = p.evaluate(&proc("gpu-1"));
+    assert_eq!(v.kernel_decision(), Decision::Ask);
+    assert_eq!(p.decide_device(&v, &["0000:65:00.1".into()]).0, Action::Allow);
+    assert_eq!(p.decide_device(&v, &["0000:65:00.0".into(), "0000:ca:00.0".into()]).0, Action::Allow);
+    let (a, why) = p.decide_device(&v, &["0000:17:00.0".into()]);
+    assert_eq!(a, Action::Deny);
+    assert!(why.unwrap().contains("0000:17:00.0"));
+    assert_eq!(p.decide_device(&v, &[]).0, Action::Deny);
+    // Rules without devices ignore the device.
+    let d = p.evaluate(&proc("web"));
+    assert_eq!(p.decide_device(&d, &[]).0, Action::Deny);
+}
+
+#[test]
+fn wbinvd_budgets_inherit_from_the_default() {
+    let text = "default:\n  incoherent_dma: audit\n  wbinvd: { rate: 500, window: 2s }\nrules:\n  - name: tenants\n    match: { vm: \"tenant-*\" }\n    wbinvd: { cost_ratio: 0.01, action: kill }\n  - name: gpu\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n";
+    let p = Policy::parse(text, "t").unwrap();
+    let t = p.evaluate(&proc("tenant-1")).budget;
+    assert_eq!(
+        (t.rate, t.cost_ratio, t.window, t.action),
+        (500.0, 0.01, Duration::from_secs(2), StormAction::Kill)
+    );
+    let g = p.evaluate(&proc("gpu-1")).budget;
+    assert_eq!((g.rate, g.cost_ratio, g.action), (500.0, Budget::DEFAULT.cost_ratio, StormAction::Alert));
+    // The tenant rule set only a budget: its incoherent_dma is the default's.
+    assert_eq!(p.evaluate(&proc("tenant-1")).action, Action::Audit);
+    assert_eq!(Policy::embedded().evaluate(&proc("x")).budget, Budget::DEFAULT);
+    for (bad, want) in [
+        ("default: { wbinvd: { rate: 0 } }\n", "wbinvd.rate must be a positive"),
+        ("default: { wbinvd: { rate: -3 } }\n", "wbinvd.rate"),
+        ("default: { wbinvd: { cost_ratio: 0 } }\n", "cost_ratio"),
+        ("default: { wbinvd: { window: 10ms } }\n", "between 100ms and 1h"),
+        ("default: { wbinvd: { window: soon } }\n", "wbinvd.window"),
+        ("default: { wbinvd: { action: reboot } }\n", "unknown variant `reboot`"),
+        ("default: { wbinvd: { burst: 3 } }\n", "unknown field `burst`"),
+        ("rules:\n  - name: a\n    match: {}\n    wbinvd: { rate: .nan }\n", "rule 1 (\"a\")"),
+    ] {
+        let err = Policy::parse(bad, "b.yaml").expect_err(bad).to_string();
+        assert!(err.contains(want), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn bad_files_give_clear_errors() {
+    let cases: &[(&str, &str)] = &[
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("default:\n  incoherent_dma: maybe\n", "unknown variant `maybe`"),
+        ("default:\n  incoherent_dma: audit\n  budget: 3\n", "unknown field `budget`"),
+        ("defaults:\n  incoherent_dma: audit\n", "unknown field `defaults`"),
+        ("rules:\n  - name: a\n    match: { vmname: x }\n", "unknown field `vmname`"),
+        ("rules:\n  - name: a\n", "missing field `match`"),
+        ("rules:\n  - match: { vm: x }\n", "missing field `name`"),
+        ("rules:\n  - name: \"\"\n    match: {}\n", "must not be empty"),
+        ("rules:\n  - name: a\n    match: {}\n  - name: a\n    match: {}\n", "already exists"),
+        ("rules:\n  - name: a\n    match: { vm: \"[\" }\n", "bad glob"),
+        ("rules:\n  - name: a\n    match: { vm: \"\" }\n", "must not be empty"),
+        ("rules:\n  - name: a\n    match: { uid: -1 }\n", "did not match any variant"),
+        ("rules:\n  - name: a\n    match: { uid: [] }\n", "at least one uid"),
+        ("rules:\n  - name: a\n    match: {}\n    devices: []\n", "`devices` is empty"),
+        ("rules: 7\n", "invalid type"),
+        ("- just\n- a list\n", "invalid type"),
+        ("default: {incoherent_dma: audit\n", "line"),
+        ("default:\n  incoherent_dma: audit\ndefault:\n  incoherent_dma: deny\n", "duplicate"),
+    ];
+    for (text, want) in cases {
+        let err = Policy::parse(text, "bad.yaml").expect_err(text).to_string();
+        assert!(err.contains(want), "{text:?}: {err}");
+        assert!(err.starts_with("bad.yaml"), "{err}");
+    }
+    let err = Policy::parse("rules:\n  - name: a\n    match: { vmname: x }\n", "bad.yaml").unwrap_err();
+    assert!(matches!(err, PolicyError::Syntax { line: 3, .. }), "{err:?}");
+    assert!(Policy::load(Path::new("/nonexistent/p.yaml")).is_err());
+}

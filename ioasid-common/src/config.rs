@@ -1,0 +1,109 @@
+//! Load-time configuration: tracepoint field offsets read from tracefs, and the switches the
+//! agent sets after attaching.
+
+use core::mem::size_of;
+
+/// A field of a tracepoint record: where it is and how wide (from the `format` file).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+const _: () = assert!(size_of::<Field>() == 8);
+
+/// The read-only global [`crate::names::GLOBAL_CONFIG`], written by the agent before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgConfig {
+    pub exit_reason: Field,
+    pub exit_isa: Field,
+    pub exit_vcpu_id: Field,
+    pub emul_len: Field,
+    pub emul_insn: Field,
+    pub emul_flags: Field,
+    pub emul_failed: Field,
+    pub ioctl_fd: Field,
+    pub ioctl_cmd: Field,
+    pub ioctl_arg: Field,
+    pub ioctl_ret: Field,
+    /// The agent's own tgid, never stopped or killed.
+    pub agent_tgid: u32,
+    /// Non-zero when kvm_emulate_insn's `len, insn[15], flags, failed` are contiguous, as in
+    /// every kernel seen (then one 18-byte read replaces four; see [`EmulTail`]).
+    pub emul_packed: u32,
+}
+const _: () = assert!(size_of::<ProgConfig>() == 96);
+
+impl ProgConfig {
+    /// All zero: the object's compiled-in value, replaced at load.
+    pub const ZERO: ProgConfig = ProgConfig {
+        exit_reason: Field { offset: 0, size: 0 },
+        exit_isa: Field { offset: 0, size: 0 },
+        exit_vcpu_id: Field { offset: 0, size: 0 },
+        emul_len: Field { offset: 0, size: 0 },
+        emul_insn: Field { offset: 0, size: 0 },
+        emul_flags: Field { offset: 0, size: 0 },
+        emul_failed: Field { offset: 0, size: 0 },
+        ioctl_fd: Field { offset: 0, size: 0 },
+        ioctl_cmd: Field { offset: 0, size: 0 },
+        ioctl_arg: Field { offset: 0, size: 0 },
+        ioctl_ret: Field { offset: 0, size: 0 },
+        agent_tgid: 0,
+        emul_packed: 0,
+    };
+}
+
+/// The tail of the kvm:kvm_emulate_insn record, read at once when `ProgConfig::emul_packed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EmulTail {
+    pub len: u8,
+    pub insn: [u8; 15],
+    pub flags: u8,
+    pub failed: u8,
+}
+const _: () = assert!(size_of::<EmulTail>() == 18);
+
+/// Whether the format's fields lie as [`EmulTail`] does.
+pub fn emul_is_packed(len: Field, insn: Field, flags: Field, failed: Field) -> bool {
+    len.size == 1
+        && insn == Field { offset: len.offset + 1, size: 15 }
+        && flags == Field { offset: len.offset + 16, size: 1 }
+        && failed == Field { offset: len.offset + 17, size: 1 }
+}
+
+/// The one element of [`crate::names::MAP_CONTROL`]: switches the agent sets after attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// Non-zero to enforce verdicts (zero: observe and audit only).
+    pub enforce: u32,
+    /// Non-zero when the LSM program is attached: `deny` happens there (-EPERM) and the
+    /// tracepoint program sends no SIGKILL.
+    pub lsm_enforces: u32,
+    /// A [`crate::cost::CostSource`].
+    pub cost_source: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Control>() == 16);
+
+impl Control {
+    /// Everything off: what the programs assume before the agent has written the map.
+    pub const OFF: Control = Control { enforce: 0, lsm_enforces: 0, cost_source: 0, _pad: 0 };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulate_insn_layout() {
+        let f = |offset, size| Field { offset, size };
+        // The 6.18 format: len@20, insn[15]@21, flags@36, failed@37.
+        assert!(emul_is_packed(f(20, 1), f(21, 15), f(36, 1), f(37, 1)));
+        assert!(!emul_is_packed(f(20, 1), f(24, 15), f(39, 1), f(40, 1)));
+        assert!(!emul_is_packed(f(20, 2), f(21, 15), f(36, 1), f(37, 1)));
+        assert!(!emul_is_packed(f(20, 1), f(21, 16), f(37, 1), f(38, 1)));
+    }
+}

@@ -1,0 +1,105 @@
+//! WBINVD cost: handler-time histograms and the CPUs each flush reaches.
+
+use core::mem::size_of;
+
+/// Upper bounds (ns) of the handler-time histogram buckets: 1 us .. 100 ms. Index
+/// `COST_BUCKETS_NS.len()` is +Inf.
+pub const COST_BUCKETS_NS: [u64; 16] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+];
+/// `CostKey::bucket` of the ns sum.
+pub const COST_SUM: u32 = 0xffff;
+
+/// Index of the first bound `v` does not exceed, else `bounds.len()` (+Inf). Bounded for the
+/// verifier.
+#[inline(always)]
+pub fn bucket<T: Copy + PartialOrd, const N: usize>(v: T, bounds: &[T; N]) -> u32 {
+    let mut i = 0;
+    while i < N {
+        if v <= bounds[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    N as u32
+}
+
+/// Histogram bucket of a handler time in ns.
+#[inline(always)]
+pub fn cost_bucket(ns: u64) -> u32 {
+    bucket(ns, &COST_BUCKETS_NS)
+}
+
+/// Upper bounds of the flush-CPU-count buckets; index `FLUSH_CPU_BUCKETS.len()` is +Inf.
+pub const FLUSH_CPU_BUCKETS: [u32; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+pub const FLUSH_CPUS_LEN: u32 = FLUSH_CPU_BUCKETS.len() as u32 + 1;
+
+#[inline(always)]
+pub fn flush_cpus_bucket(cpus: u32) -> u32 {
+    bucket(cpus, &FLUSH_CPU_BUCKETS)
+}
+
+/// Key of [`crate::names::MAP_COST`]: a histogram bucket (or [`COST_SUM`]) of one VMM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CostKey {
+    pub tgid: u32,
+    pub bucket: u32,
+}
+const _: () = assert!(size_of::<CostKey>() == 8);
+
+/// Value of [`crate::names::MAP_PENDING`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    pub start_ns: u64,
+    pub tgid: u32,
+    /// [`crate::counters::Path::Exit`] or [`crate::counters::Path::Emulated`].
+    pub path: u32,
+}
+const _: () = assert!(size_of::<Pending>() == 16);
+
+wire_enum! {
+    /// `Control::cost_source`: which programs time WBINVD handling.
+    pub enum CostSource {
+        /// Tracepoint pairs: the WBINVD's record to the thread's next entry/instruction/exit.
+        Tracepoints = 0 => "tracepoint-pairs",
+        /// fentry/fexit on kvm_emulate_wbinvd and emulator_wbinvd: the exact handler time.
+        Handlers = 1 => "handlers",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_buckets() {
+        assert_eq!(cost_bucket(0), 0);
+        assert_eq!(cost_bucket(1_000), 0);
+        assert_eq!(cost_bucket(1_001), 1);
+        assert_eq!(cost_bucket(99_999_999), 15);
+        assert_eq!(cost_bucket(100_000_000), 15);
+        assert_eq!(cost_bucket(100_000_001), 16);
+        assert_eq!(cost_bucket(u64::MAX), 16);
+        assert_eq!(flush_cpus_bucket(0), 0);
+        assert_eq!(flush_cpus_bucket(3), 2);
+        assert_eq!(flush_cpus_bucket(256), 8);
+        assert_eq!(flush_cpus_bucket(257), 9);
+    }
+}

@@ -1,0 +1,60 @@
+//! Exact WBINVD/INVD counts and the kernel programs' own statistics.
+
+use core::mem::size_of;
+
+wire_enum! {
+    /// Which instruction a counter counts.
+    pub enum Op {
+        Wbinvd = 1 => "wbinvd",
+        Invd = 2 => "invd",
+    }
+}
+
+wire_enum! {
+    /// How KVM handled it, or what else the counter counts.
+    pub enum Path {
+        /// A hardware exit (kvm:kvm_exit).
+        Exit = 1 => "exit",
+        /// KVM's instruction emulator (kvm:kvm_emulate_insn).
+        Emulated = 2 => "emulated",
+        /// A handler invocation seen by fexit on kvm_emulate_wbinvd (optional hook).
+        HandlerExit = 3 => "handler-exit",
+        /// A handler invocation seen by fexit on emulator_wbinvd (optional hook).
+        HandlerEmulated = 4 => "handler-emulated",
+        /// A WBINVD of a VM known to be non-coherent: KVM really flushed caches.
+        Flushed = 5 => "flushed",
+    }
+}
+
+/// `vcpu` value when the source does not say which vCPU it was.
+pub const VCPU_UNKNOWN: u32 = u32::MAX;
+
+/// Key of [`crate::names::MAP_COUNTERS`]. The VMM's tgid names the VM; the agent maps it to a
+/// VM name. `op` is an [`Op`], `path` a [`Path`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub tgid: u32,
+    pub vcpu: u32,
+    pub op: u32,
+    pub path: u32,
+}
+const _: () = assert!(size_of::<CounterKey>() == 16);
+
+wire_enum! {
+    /// Indices of [`crate::names::MAP_STATS`]; the label is the `kind` of
+    /// `ioasid_kernel_errors_total` (events_dropped has a metric of its own).
+    pub enum Stat {
+        /// Ring buffer reservation failed: an event was lost (its counters were not).
+        EventsDropped = 0 => "events_dropped",
+        /// A per-CPU counter map was full: a count could not be recorded.
+        CounterMapFull = 1 => "counter_map_full",
+        /// A tracepoint record or user struct could not be read.
+        ReadErrors = 2 => "read_error",
+        /// The in-flight ioctl map was full: an ioctl was judged but its exit not audited.
+        InflightFull = 3 => "inflight_full",
+        /// bpf_send_signal failed: an enforcement action could not be delivered.
+        SignalErrors = 4 => "signal_error",
+    }
+}
+pub const STATS_LEN: u32 = Stat::ALL.len() as u32;

@@ -1,0 +1,73 @@
+//! Names and sizes of every map in the object. The agent looks maps up by these names, and a
+//! test checks that each one exists in the built object. Program names live in the hook table
+//! ([`crate::hooks::HOOKS`]).
+
+/// Per-CPU hash: [`crate::counters::CounterKey`] -> u64. Exact WBINVD/INVD counts.
+pub const MAP_COUNTERS: &str = "IOASID_COUNTERS";
+/// Per-CPU array of u64 indexed by [`crate::counters::Stat`]: drops, read errors, map-full events.
+pub const MAP_STATS: &str = "IOASID_STATS";
+/// The one ring buffer of [`crate::events::IoctlEvent`] / [`crate::events::TransitionEvent`].
+pub const MAP_EVENTS: &str = "IOASID_EVENTS";
+/// Hash: tgid -> [`crate::verdict::VmVerdict`], the compiled policy for each classified VMM.
+/// Written by the agent only.
+pub const MAP_VM_POLICY: &str = "IOASID_VM_POLICY";
+/// Hash: [`crate::verdict::FdKey`] -> u32 device type, kvm device fds from KVM_CREATE_DEVICE.
+pub const MAP_KVM_DEVICES: &str = "IOASID_KVM_DEVICES";
+/// Hash: thread id -> [`crate::events::IoctlEvent`], ioctls between sys_enter and sys_exit.
+pub const MAP_INFLIGHT: &str = "IOASID_INFLIGHT";
+/// Hash: tgid -> [`crate::verdict::Asked`], processes the kernel stopped to ask the agent. The
+/// agent removes an entry when it has decided; one whose event never arrived (ring full) is
+/// found here and decided all the same, so no VMM stays stopped.
+pub const MAP_ASKED: &str = "IOASID_ASKED";
+/// Array of one [`crate::config::Control`].
+pub const MAP_CONTROL: &str = "IOASID_CONTROL";
+/// Per-CPU hash: [`crate::cost::CostKey`] -> u64. WBINVD handler time histogram and ns sum.
+pub const MAP_COST: &str = "IOASID_COST";
+/// Hash: thread id -> [`crate::cost::Pending`], a WBINVD being handled.
+pub const MAP_PENDING: &str = "IOASID_PENDING";
+/// Array of one u64: pending WBINVDs host-wide. While 0 (nearly always) the closers on every
+/// VM entry, emulated instruction and syscall exit return after one array read.
+pub const MAP_PENDING_COUNT: &str = "IOASID_PENDING_COUNT";
+/// Hash: tgid -> u32 flag 1, VMMs the agent found non-coherent (a successful FILE_ADD of a
+/// device whose IOMMU does not enforce coherency, or such a device held when first seen).
+/// Written by the agent only.
+pub const MAP_NONCOHERENT: &str = "IOASID_NONCOHERENT";
+/// Hash: tgid -> u32 count of kvm_arch_register_noncoherent_dma minus unregister, by KVM itself
+/// (fentry, where trampolines load). Written by the kernel programs only.
+pub const MAP_NONCOHERENT_KVM: &str = "IOASID_NONCOHERENT_KVM";
+/// Per-CPU array of u64 indexed by [`crate::cost::flush_cpus_bucket`]: CPUs reached per flush.
+pub const MAP_FLUSH_CPUS: &str = "IOASID_FLUSH_CPUS";
+/// Array of one u64: watched ioctls between sys_enter and sys_exit, host-wide. While it is 0
+/// (nearly always) the sys_exit programs return without a hash lookup.
+pub const MAP_INFLIGHT_COUNT: &str = "IOASID_INFLIGHT_COUNT";
+
+/// Every map name, for the object test.
+pub const ALL_MAPS: [&str; 15] = [
+    MAP_COUNTERS,
+    MAP_STATS,
+    MAP_EVENTS,
+    MAP_VM_POLICY,
+    MAP_KVM_DEVICES,
+    MAP_INFLIGHT,
+    MAP_ASKED,
+    MAP_CONTROL,
+    MAP_COST,
+    MAP_PENDING,
+    MAP_PENDING_COUNT,
+    MAP_NONCOHERENT,
+    MAP_NONCOHERENT_KVM,
+    MAP_FLUSH_CPUS,
+    MAP_INFLIGHT_COUNT,
+];
+
+/// Name of the read-only global holding [`crate::config::ProgConfig`].
+pub const GLOBAL_CONFIG: &str = "IOASID_CONFIG";
+
+pub const COUNTERS_MAX_ENTRIES: u32 = 16384;
+pub const VM_POLICY_MAX_ENTRIES: u32 = 8192;
+pub const KVM_DEVICES_MAX_ENTRIES: u32 = 8192;
+pub const INFLIGHT_MAX_ENTRIES: u32 = 4096;
+/// 18 keys per VM (16 buckets, +Inf, sum).
+pub const COST_MAX_ENTRIES: u32 = 65536;
+/// 256 KiB: ioctl events are rare (a handful per VM start), so this is generous.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
