@@ -16,6 +16,7 @@ use tokio::{
 use crate::{
     actor::{Actor, Settings},
     audit::AuditLog,
+    events::Event,
     http,
     kernel::BpfKernel,
     loader::{self, HookState, LoadOptions, Loaded},
@@ -82,25 +83,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
-    let mut tick = tokio::time::interval(cfg.sweep);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watch = tokio::time::interval(Duration::from_secs(1));
-    let (mut hup, mut term, mut int) =
-        (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
-    loop {
-        tokio::select! {
-            Some(ev) = ev_rx.recv() => actor.on_event(ev),
-            Some(http::Refresh(done)) = refresh_rx.recv() => {
-                actor.sweep();
-                let _ = done.send(());
-            }
-            _ = tick.tick() => actor.sweep(),
-            _ = watch.tick() => actor.watch_policy_file(),
-            _ = hup.recv() => actor.reload("SIGHUP"),
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-    }
+    event_loop(&mut actor, &mut ev_rx, &mut refresh_rx, cfg.sweep).await?;
     // Queued events first, then any ask still open: no VMM stays stopped behind a restart.
     while let Ok(ev) = ev_rx.try_recv() {
         actor.on_event(ev);
@@ -108,6 +91,35 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     actor.recover_asks(0);
     tracing::info!("shutting down: detaching every hook");
     Ok(())
+}
+
+/// One message at a time until SIGTERM or SIGINT: events, scrape refreshes, sweeps, policy
+/// file checks, SIGHUP.
+async fn event_loop(
+    actor: &mut Actor<BpfKernel>,
+    events: &mut mpsc::Receiver<Event>,
+    refresh: &mut mpsc::Receiver<http::Refresh>,
+    sweep: Duration,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(sweep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let (mut hup, mut term, mut int) =
+        (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    loop {
+        tokio::select! {
+            Some(ev) = events.recv() => actor.on_event(ev),
+            Some(http::Refresh(done)) = refresh.recv() => {
+                actor.sweep();
+                let _ = done.send(());
+            }
+            _ = tick.tick() => actor.sweep(),
+            _ = watch.tick() => actor.watch_policy_file(),
+            _ = hup.recv() => actor.reload("SIGHUP"),
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
 }
 
 fn open_policy(cfg: &RunConfig) -> Result<PolicyStore> {

@@ -6,11 +6,12 @@
 use std::mem::size_of;
 
 use ioasid_common::{
+    abi::{KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL},
     events::{
-        EventHeader, EventKind, IoctlEvent, KernelCoherent, TransitionEvent, IOCTL_F_DEVICE_KNOWN,
-        IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        EventHeader, EventKind, IoctlEvent, KernelCoherent, TransitionEvent, IOCTL_F_ATTR_READ,
+        IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
-    ioctl::{ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM},
+    ioctl::{ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_SET_DEVICE_ATTR},
     verdict::{Decision, Mechanism, RULE_DEFAULT, RULE_NONE},
     UnknownValue,
 };
@@ -70,6 +71,8 @@ pub struct IoctlSeen {
     pub request: &'static str,
     /// KVM_CREATE_VM or KVM_CREATE_DEVICE: the process is a VMM.
     pub creates_vm_or_device: bool,
+    /// KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_DEL): a VFIO file leaves the VM.
+    pub file_del: bool,
     pub ret: Option<i64>,
     pub group: u32,
     pub attr: u64,
@@ -159,6 +162,10 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
                 origin: origin(&ev.header),
                 request,
                 creates_vm_or_device: matches!(ev.cmd, KVM_CREATE_VM | KVM_CREATE_DEVICE),
+                file_del: ev.cmd == KVM_SET_DEVICE_ATTR
+                    && ev.flags & IOCTL_F_ATTR_READ != 0
+                    && ev.attr_group == KVM_DEV_VFIO_FILE
+                    && ev.attr_attr == KVM_DEV_VFIO_FILE_DEL,
                 ret,
                 group: ev.attr_group,
                 attr: ev.attr_attr,
@@ -201,7 +208,6 @@ pub fn comm(raw: &[u8; 16]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use ioasid_common::ioctl::KVM_SET_DEVICE_ATTR;
 
     use super::*;
 

@@ -51,6 +51,8 @@ pub trait Kernel {
     /// VMMs with non-coherent DMA: KVM's own registrations, and those the agent marked.
     fn noncoherent(&mut self) -> HashSet<u32>;
     fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError>;
+    /// Takes back the agent's mark (a VFIO file left the VM); KVM's own count is untouched.
+    fn unmark_noncoherent(&mut self, tgid: u32);
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError>;
     /// Processes the kernel stopped to ask the agent, with its record of the request.
     fn asks(&mut self) -> Vec<(u32, Asked)>;
@@ -85,13 +87,14 @@ where
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
-/// Sums a per-CPU map's values, logging (not failing) a read error once per sweep.
+/// Sums a per-CPU map's values (wrapping: a correction may subtract on another CPU than the
+/// count it corrects), logging (not failing) a read error once per sweep.
 fn per_cpu<K, I>(map: &'static str, iter: I) -> impl Iterator<Item = (K, u64)>
 where
     I: Iterator<Item = Result<(K, aya::maps::PerCpuValues<u64>), aya::maps::MapError>>,
 {
     iter.map_while(move |item| match item {
-        Ok((k, values)) => Some((k, values.iter().sum())),
+        Ok((k, values)) => Some((k, values.iter().fold(0u64, |a, v| a.wrapping_add(*v)))),
         Err(e) => {
             tracing::warn!(map, error = %e, "reading a kernel map");
             None
@@ -183,6 +186,10 @@ impl Kernel for BpfKernel {
 
     fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError> {
         self.noncoherent.insert(tgid, 1, 0).map_err(|source| MapError { map: MAP_NONCOHERENT, source })
+    }
+
+    fn unmark_noncoherent(&mut self, tgid: u32) {
+        let _ = self.noncoherent.remove(&tgid);
     }
 
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {

@@ -3,6 +3,7 @@
 mod accounting;
 mod actor;
 mod audit;
+mod btf;
 mod cli;
 mod cmd;
 mod daemon;

@@ -94,6 +94,12 @@ impl ProcFs {
         let start_time = self.start_time(pid)?;
         let comm = String::from_utf8_lossy(&self.read(pid, "comm")?).trim_end().to_string();
         let cmdline = split_cmdline(&self.read(pid, "cmdline")?);
+        if cmdline.is_empty() {
+            // An exiting process has released its memory: its command line reads empty while
+            // stat and status are still there. It is not named from that (a VMM always has a
+            // command line); what was read of it while it lived stays in force.
+            return Err(ProcError::Gone { pid });
+        }
         let exe = std::fs::read_link(self.root.join(pid.to_string()).join("exe"))
             .ok()
             .map(|p| p.to_string_lossy().into_owned());

@@ -4,10 +4,10 @@ mod support;
 
 use std::process::Command;
 
-use support::{write, TempDir, AGENT};
+use support::{agent_path, write, TempDir};
 
 fn agent(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(AGENT).args(args).output().unwrap();
+    let out = Command::new(agent_path()).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)

@@ -32,8 +32,16 @@ pub struct ProgConfig {
     /// Non-zero when kvm_emulate_insn's `len, insn[15], flags, failed` are contiguous, as in
     /// every kernel seen (then one 18-byte read replaces four; see [`EmulTail`]).
     pub emul_packed: u32,
+    /// kvm:kvm_exit `guest_rip` and kvm:kvm_emulate_insn `rip`: pair an exit with KVM's
+    /// emulation of the same instruction (SVM without NRIP save).
+    pub exit_rip: Field,
+    pub emul_rip: Field,
+    /// Possible CPUs (`nr_cpu_ids`, from /sys/devices/system/cpu/possible): the bits of a
+    /// cpumask that are valid. An off-stack cpumask is allocated to this size only.
+    pub nr_cpus: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ProgConfig>() == 96);
+const _: () = assert!(size_of::<ProgConfig>() == 120);
 
 impl ProgConfig {
     /// All zero: the object's compiled-in value, replaced at load.
@@ -51,6 +59,10 @@ impl ProgConfig {
         ioctl_ret: Field { offset: 0, size: 0 },
         agent_tgid: 0,
         emul_packed: 0,
+        exit_rip: Field { offset: 0, size: 0 },
+        emul_rip: Field { offset: 0, size: 0 },
+        nr_cpus: 0,
+        _pad: 0,
     };
 }
 
@@ -84,13 +96,16 @@ pub struct Control {
     pub lsm_enforces: u32,
     /// A [`crate::cost::CostSource`].
     pub cost_source: u32,
-    pub _pad: u32,
+    /// Non-zero on SVM hosts without NRIP save (`kvm_amd nrips=0`): KVM skips every
+    /// intercepted instruction by emulating it, so a WBINVD/INVD exit is followed by a
+    /// kvm_emulate_insn of the same instruction, which must not count twice.
+    pub skip_emulation: u32,
 }
 const _: () = assert!(size_of::<Control>() == 16);
 
 impl Control {
     /// Everything off: what the programs assume before the agent has written the map.
-    pub const OFF: Control = Control { enforce: 0, lsm_enforces: 0, cost_source: 0, _pad: 0 };
+    pub const OFF: Control = Control { enforce: 0, lsm_enforces: 0, cost_source: 0, skip_emulation: 0 };
 }
 
 #[cfg(test)]

@@ -41,6 +41,19 @@ pub struct CounterKey {
 }
 const _: () = assert!(size_of::<CounterKey>() == 16);
 
+/// Value of [`crate::names::MAP_EXIT_MARKS`]: a WBINVD/INVD exit of this thread, which KVM
+/// (SVM without NRIP save) will emulate next to skip it. The emulation of the same `rip` is the
+/// same instruction: not counted again, and its bytes correct `op` if the exit code was wrong.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitMark {
+    pub rip: u64,
+    pub vcpu: u32,
+    /// An [`Op`].
+    pub op: u32,
+}
+const _: () = assert!(size_of::<ExitMark>() == 16);
+
 wire_enum! {
     /// Indices of [`crate::names::MAP_STATS`]; the label is the `kind` of
     /// `ioasid_kernel_errors_total` (events_dropped has a metric of its own).

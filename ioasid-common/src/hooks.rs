@@ -18,6 +18,7 @@ pub enum HookKind {
 pub const GROUP_VM_ENTRY: &str = "vm-entry";
 pub const GROUP_IOCTL_ENTER: &str = "ioctl-enter";
 pub const GROUP_IOCTL_EXIT: &str = "ioctl-exit";
+pub const GROUP_FLUSH_CPUS: &str = "flush-cpus";
 
 /// One hook.
 #[derive(Debug, Clone, Copy)]
@@ -153,8 +154,16 @@ pub const HOOKS: &[HookSpec] = &[
         "ioasid_fentry_wbinvd_on_cpus_mask",
         FEntry { function: "wbinvd_on_cpus_mask" },
         true,
-        None,
-        "CPUs each WBINVD flush reaches"
+        Some(GROUP_FLUSH_CPUS),
+        "CPUs each WBINVD flush reaches (kernels with wbinvd_on_cpus_mask, ~6.17+)"
+    ),
+    hook!(
+        "fentry/on_each_cpu_cond_mask",
+        "ioasid_fentry_on_each_cpu_cond_mask",
+        FEntry { function: "on_each_cpu_cond_mask" },
+        true,
+        Some(GROUP_FLUSH_CPUS),
+        "CPUs each WBINVD flush reaches (older kernels: KVM's on_each_cpu_mask(..., wbinvd_ipi))"
     ),
     hook!(
         "fexit/kvm_emulate_wbinvd",

@@ -41,8 +41,15 @@ pub const MAP_FLUSH_CPUS: &str = "IOASID_FLUSH_CPUS";
 /// (nearly always) the sys_exit programs return without a hash lookup.
 pub const MAP_INFLIGHT_COUNT: &str = "IOASID_INFLIGHT_COUNT";
 
+/// Hash: thread id -> [`crate::counters::ExitMark`], set only where `Control::skip_emulation`.
+pub const MAP_EXIT_MARKS: &str = "IOASID_EXIT_MARKS";
+/// Array of one u64: exit marks host-wide; while 0 the emulation program does no lookup.
+pub const MAP_MARKS_COUNT: &str = "IOASID_MARKS_COUNT";
+
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 17] = [
+    MAP_EXIT_MARKS,
+    MAP_MARKS_COUNT,
     MAP_COUNTERS,
     MAP_STATS,
     MAP_EVENTS,

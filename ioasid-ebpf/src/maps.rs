@@ -11,7 +11,7 @@ use aya_ebpf::{
 use ioasid_common::{
     config::{Control, ProgConfig},
     cost::{CostKey, Pending, FLUSH_CPUS_LEN},
-    counters::{CounterKey, Stat, STATS_LEN},
+    counters::{CounterKey, ExitMark, Stat, STATS_LEN},
     events::IoctlEvent,
     names::{
         COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES,
@@ -150,6 +150,38 @@ pub fn pending_none() -> bool {
     shared_zero(&IOASID_PENDING_COUNT)
 }
 
+/// Thread id -> its last WBINVD/INVD exit, where KVM emulates the instruction to skip it.
+#[map]
+pub static IOASID_EXIT_MARKS: HashMap<u32, ExitMark> = HashMap::with_max_entries(INFLIGHT_MAX_ENTRIES, 0);
+
+#[map]
+pub static IOASID_MARKS_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Remembers this thread's WBINVD/INVD exit for the emulation that follows it.
+#[inline(always)]
+pub fn mark_exit(tid: u32, mark: &ExitMark) {
+    if IOASID_EXIT_MARKS.insert(&tid, mark, BPF_NOEXIST as u64).is_ok() {
+        shared_add(&IOASID_MARKS_COUNT, 1);
+    } else {
+        let _ = IOASID_EXIT_MARKS.insert(&tid, mark, 0);
+    }
+}
+
+/// Takes the current thread's exit mark, if any. One array read while no thread has one.
+#[inline(always)]
+pub fn take_exit_mark() -> Option<ExitMark> {
+    if shared_zero(&IOASID_MARKS_COUNT) {
+        return None;
+    }
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    // SAFETY: live map value, copied once.
+    let mark = unsafe { *IOASID_EXIT_MARKS.get_ptr(&tid)? };
+    if IOASID_EXIT_MARKS.remove(&tid).is_ok() {
+        shared_add(&IOASID_MARKS_COUNT, -1);
+    }
+    Some(mark)
+}
+
 /// Enforcement switches, written by the agent after attaching.
 #[map]
 pub static IOASID_CONTROL: Array<Control> = Array::with_max_entries(1, 0);
@@ -184,8 +216,10 @@ pub fn stat_inc(stat: Stat) {
 pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
     if let Some(slot) = map.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest on a
-        // CPU, so the read-modify-write is not interleaved with another writer.
-        unsafe { *slot += v };
+        // CPU, so the read-modify-write is not interleaved with another writer. Wrapping: a
+        // correction subtracts by adding u64::MAX, possibly on another CPU than the count it
+        // corrects; the sum over CPUs (taken wrapping) is exact.
+        unsafe { *slot = (*slot).wrapping_add(v) };
         return;
     }
     // First event for this key: create it with `v` on this CPU (0 on the others). A concurrent
@@ -195,7 +229,7 @@ pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
     }
     match map.get_ptr_mut(key) {
         // SAFETY: as above.
-        Some(slot) => unsafe { *slot += v },
+        Some(slot) => unsafe { *slot = (*slot).wrapping_add(v) },
         None => stat_inc(Stat::CounterMapFull),
     }
 }

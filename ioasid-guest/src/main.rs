@@ -21,7 +21,7 @@ use clap::Parser;
 use ioasid_guest as code;
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_regs,
-    kvm_userspace_memory_region, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD,
+    kvm_userspace_memory_region, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -56,6 +56,20 @@ struct Args {
     /// With --file-add: wait this many seconds between KVM_CREATE_VM and KVM_CREATE_DEVICE.
     #[arg(long, default_value_t = 0.0, requires = "file_add")]
     file_add_delay: f64,
+    /// With --file-add: add this real VFIO group (`/dev/vfio/N`) instead of an ordinary fd,
+    /// set up as QEMU does (a type1v2 container first).
+    #[arg(long, value_name = "/dev/vfio/N", requires = "file_add")]
+    vfio_group: Option<std::path::PathBuf>,
+    /// With --file-add: after the WBINVD/INVD work, remove the file again (FILE_DEL).
+    #[arg(long, requires = "file_add")]
+    file_del: bool,
+    /// With --file-del: wait this many seconds before FILE_DEL (the VM stays non-coherent).
+    #[arg(long, default_value_t = 0.0, requires = "file_del")]
+    file_del_delay: f64,
+    /// Run the --wbinvd work in batches of 10, moving the vCPU thread between CPU 0 and CPU 1
+    /// after each batch (a vCPU that runs on both CPUs: its flushes reach both).
+    #[arg(long, requires = "wbinvd", conflicts_with = "invd")]
+    migrate: bool,
     /// Issue each VFIO container, VFIO cdev and iommufd request the agent watches once, on an
     /// ordinary fd (the kernel answers ENOTTY): what QEMU does on a real VFIO host.
     #[arg(long)]
@@ -67,9 +81,12 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    for (flag, v) in
-        [("--duration", args.duration), ("--hold", args.hold), ("--file-add-delay", args.file_add_delay)]
-    {
+    for (flag, v) in [
+        ("--duration", args.duration),
+        ("--hold", args.hold),
+        ("--file-add-delay", args.file_add_delay),
+        ("--file-del-delay", args.file_del_delay),
+    ] {
         if !v.is_finite() || v < 0.0 {
             bail!("{flag} takes a non-negative number of seconds");
         }
@@ -79,12 +96,23 @@ fn main() -> Result<()> {
 
     let mut summary = serde_like::Summary::default();
     // A VMM keeps its device and VFIO fds open for the VM's life: so does this one.
-    let mut _keep = None;
+    let mut keep = None;
     if args.file_add {
         thread::sleep(Duration::from_secs_f64(args.file_add_delay));
-        let (errno, fds) = file_add(&vm)?;
+        let file = match &args.vfio_group {
+            Some(group) => {
+                let (file, dma_cc) = vfio_group(group)?;
+                summary.dma_cc = Some(dma_cc);
+                file
+            }
+            None => VfioFile {
+                file: std::fs::File::open("/dev/null").context("opening /dev/null")?,
+                container: None,
+            },
+        };
+        let (errno, dev) = file_attr(&vm, None, &file.file, KVM_DEV_VFIO_FILE_ADD)?;
         summary.file_add_errno = Some(errno);
-        _keep = Some(fds);
+        keep = Some((dev, file));
     }
     if args.vfio_probe {
         summary.probed = Some(vfio_probe()?);
@@ -92,6 +120,12 @@ fn main() -> Result<()> {
     if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
         let code = match args.rate {
             Some(_) => code::storm(batch_size(args.rate)),
+            None if args.migrate => {
+                if args.wbinvd % MIGRATE_BATCH != 0 {
+                    bail!("--migrate runs WBINVD in batches of {MIGRATE_BATCH}: --wbinvd must be a multiple of it");
+                }
+                code::storm(MIGRATE_BATCH)
+            }
             None => code::counted(args.wbinvd, args.invd, &code::HALT),
         };
         let (_mem, mut vcpu) = setup_guest(&vm, &code)?;
@@ -100,6 +134,7 @@ fn main() -> Result<()> {
             Some(rate) => {
                 summary.wbinvd = run_storm(&mut vcpu, rate, Duration::from_secs_f64(args.duration))?;
             }
+            None if args.migrate => summary.wbinvd = run_migrating(&mut vcpu, args.wbinvd)?,
             None => {
                 run_to_halt(&mut vcpu)?;
                 summary.wbinvd = u64::from(args.wbinvd);
@@ -107,6 +142,11 @@ fn main() -> Result<()> {
             }
         }
         summary.seconds = start.elapsed().as_secs_f64();
+    }
+    if let (true, Some((Some(dev), file))) = (args.file_del, &keep) {
+        thread::sleep(Duration::from_secs_f64(args.file_del_delay));
+        let (errno, _) = file_attr(&vm, Some(dev), &file.file, KVM_DEV_VFIO_FILE_DEL)?;
+        summary.file_del_errno = Some(errno);
     }
     if args.hold > 0.0 {
         thread::sleep(Duration::from_secs_f64(args.hold));
@@ -120,25 +160,114 @@ fn batch_size(rate: Option<u32>) -> u32 {
     rate.map_or(1, |r| (r / 1000).max(1))
 }
 
-/// Issues KVM_CREATE_DEVICE(VFIO) and KVM_SET_DEVICE_ATTR(FILE, FILE_ADD, &fd of /dev/null).
-/// Returns the errno of FILE_ADD (0 on success, which an ordinary fd never gets) and the fds,
-/// which the caller keeps open.
-fn file_add(vm: &VmFd) -> Result<(i32, (kvm_ioctls::DeviceFd, std::fs::File))> {
-    let mut cd = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
-    let dev = vm.create_device(&mut cd).context("KVM_CREATE_DEVICE(VFIO)")?;
-    let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
-    let fd: i32 = std::os::fd::AsRawFd::as_raw_fd(&file);
-    let attr = kvm_device_attr {
+/// A file to add to the kvm-vfio device, and the VFIO container it needs.
+struct VfioFile {
+    file: std::fs::File,
+    /// Held open for the group's life: closing it would detach the group from its IOMMU.
+    #[expect(dead_code, reason = "held for its fd")]
+    container: Option<std::fs::File>,
+}
+
+/// Opens a VFIO group and sets it up as QEMU does: a container, the type1v2 IOMMU. Returns it
+/// and VFIO_CHECK_EXTENSION(VFIO_DMA_CC_IOMMU): 1 if the IOMMU enforces cache coherency.
+fn vfio_group(path: &std::path::Path) -> Result<(VfioFile, i32)> {
+    use std::os::fd::AsRawFd;
+
+    use ioasid_common::{
+        abi::{VFIO_DMA_CC_IOMMU, VFIO_TYPE1V2_IOMMU},
+        ioctl::{VFIO_CHECK_EXTENSION, VFIO_GROUP_SET_CONTAINER, VFIO_SET_IOMMU},
+    };
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))
+    };
+    let group = open(path)?;
+    let container = open(std::path::Path::new("/dev/vfio/vfio"))?;
+    let cfd: libc::c_int = container.as_raw_fd();
+    let ioctl = |fd: &std::fs::File, req: u32, arg: u64, what: &str| -> Result<i32> {
+        // SAFETY: VFIO ioctls on fds we own; pointer arguments point at a live local int.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::c_ulong::from(req), arg) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()).context(what.to_string());
+        }
+        Ok(r)
+    };
+    ioctl(&group, VFIO_GROUP_SET_CONTAINER, &cfd as *const libc::c_int as u64, "VFIO_GROUP_SET_CONTAINER")?;
+    ioctl(&container, VFIO_SET_IOMMU, VFIO_TYPE1V2_IOMMU, "VFIO_SET_IOMMU(TYPE1v2)")?;
+    let dma_cc = ioctl(&container, VFIO_CHECK_EXTENSION, VFIO_DMA_CC_IOMMU, "VFIO_CHECK_EXTENSION")?;
+    Ok((VfioFile { file: group, container: Some(container) }, dma_cc))
+}
+
+/// KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, `attr`, &fd) on the kvm-vfio device (created first
+/// when `dev` is None). Returns the errno (0 on success) and the device fd, which the caller
+/// keeps open.
+fn file_attr(
+    vm: &VmFd,
+    dev: Option<&kvm_ioctls::DeviceFd>,
+    file: &std::fs::File,
+    attr: u32,
+) -> Result<(i32, Option<kvm_ioctls::DeviceFd>)> {
+    let created = match dev {
+        Some(_) => None,
+        None => {
+            let mut cd = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+            Some(vm.create_device(&mut cd).context("KVM_CREATE_DEVICE(VFIO)")?)
+        }
+    };
+    let fd: i32 = std::os::fd::AsRawFd::as_raw_fd(file);
+    let kattr = kvm_device_attr {
         flags: 0,
         group: KVM_DEV_VFIO_FILE,
-        attr: u64::from(KVM_DEV_VFIO_FILE_ADD),
+        attr: u64::from(attr),
         addr: &fd as *const i32 as u64,
     };
-    let errno = match dev.set_device_attr(&attr) {
+    let target = dev.or(created.as_ref()).context("a kvm-vfio device")?;
+    let errno = match target.set_device_attr(&kattr) {
         Ok(()) => 0,
         Err(e) => e.errno(),
     };
-    Ok((errno, (dev, file)))
+    Ok((errno, created))
+}
+
+/// WBINVDs per batch in --migrate mode.
+const MIGRATE_BATCH: u32 = 10;
+
+/// Runs `n` WBINVD in batches, moving this (the vCPU's) thread to the other of CPUs 0 and 1
+/// after each: KVM adds each CPU the vCPU is loaded on to the set the next WBINVD flushes.
+fn run_migrating(vcpu: &mut VcpuFd, n: u32) -> Result<u64> {
+    let mut done = 0u64;
+    let mut cpu = 0;
+    pin(cpu)?;
+    while done < u64::from(n) {
+        match vcpu.run().context("KVM_RUN")? {
+            VcpuExit::IoOut(port, _) if port == u16::from(code::PACE_PORT) => {
+                done += u64::from(MIGRATE_BATCH);
+                cpu = 1 - cpu;
+                pin(cpu)?;
+            }
+            VcpuExit::Intr => {}
+            other => bail!("unexpected vCPU exit: {other:?}"),
+        }
+    }
+    Ok(done)
+}
+
+/// Pins the calling thread to one CPU.
+fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it; sched_setaffinity(0, ...)
+    // applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context(format!("moving the vCPU thread to CPU {cpu}"));
+        }
+    }
+    Ok(())
 }
 
 /// Every watched VFIO/iommufd request (the one list in ioasid-common), issued on /dev/null.
@@ -271,16 +400,23 @@ mod serde_like {
         pub invd: u64,
         pub seconds: f64,
         pub file_add_errno: Option<i32>,
+        pub file_del_errno: Option<i32>,
+        pub dma_cc: Option<i32>,
         pub probed: Option<u32>,
     }
 
     impl Summary {
         pub fn to_json(&self, pid: u32) -> String {
-            let errno = self.file_add_errno.map_or("null".to_string(), |e| e.to_string());
-            let probed = self.probed.map_or("null".to_string(), |e| e.to_string());
+            let opt = |v: Option<i64>| v.map_or("null".to_string(), |e| e.to_string());
             format!(
-                "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{errno},\"vfio_probed\":{probed}}}",
-                self.wbinvd, self.invd, self.seconds
+                "{{\"pid\":{pid},\"wbinvd\":{},\"invd\":{},\"seconds\":{:.6},\"file_add_errno\":{},\"file_del_errno\":{},\"dma_cc\":{},\"vfio_probed\":{}}}",
+                self.wbinvd,
+                self.invd,
+                self.seconds,
+                opt(self.file_add_errno.map(i64::from)),
+                opt(self.file_del_errno.map(i64::from)),
+                opt(self.dma_cc.map(i64::from)),
+                opt(self.probed.map(i64::from)),
             )
         }
     }

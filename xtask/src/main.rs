@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod docs;
+mod lab;
 
 #[derive(Parser)]
 #[command(about = "ioasid project tasks")]
@@ -62,8 +63,25 @@ enum Task {
     /// Without the eBPF toolchain (hidden through IOASID_BPF_RUSTC/IOASID_BPF_LINKER): the
     /// workspace checks and the pure unit tests still build and pass (stub object).
     CheckAnywhere,
-    /// Set up and run every test: unit tests and the kernel tests (real programs, real guests).
+    /// The kernel tests on stock Debian kernels (6.1, 6.12), each booted under QEMU with nested
+    /// KVM, an IOMMU without snoop control and a real VFIO device.
+    Lab {
+        /// Only these kernels (debian-6.1, debian-6.12); all by default.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Instead of the tests, run this shell script inside each kernel's VM (its output is
+        /// printed), e.g. to look around.
+        #[arg(long, value_name = "FILE")]
+        script: Option<PathBuf>,
+        /// Test name filter, as for `cargo test`.
+        filter: Vec<String>,
+    },
+    /// Set up and run every test: unit tests and the kernel tests (real programs, real guests),
+    /// here and in the lab's kernels.
     Test {
+        /// Skip the lab (the host's kernel only).
+        #[arg(long)]
+        no_lab: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -135,7 +153,12 @@ fn main() -> Result<()> {
         }
         Task::Docs => docs::write(&root),
         Task::CheckAnywhere => check_anywhere(&root),
-        Task::Test { args } => {
+        Task::Lab { kernels, script, filter } => {
+            setup()?;
+            cargo(&root, &["build", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
+            lab::run(&root, &lab::Options { kernels, filter, script })
+        }
+        Task::Test { no_lab, args } => {
             setup()?;
             require_kernel_tests()?;
             let start = Instant::now();
@@ -144,7 +167,15 @@ fn main() -> Result<()> {
             let mut test = vec!["test", "--workspace", "--exclude", "ioasid-ebpf"];
             test.extend(args.iter().map(String::as_str));
             let r = cargo(&root, &test);
-            eprintln!("xtask: tests took {:.1} s", start.elapsed().as_secs_f64());
+            eprintln!("xtask: host tests took {:.1} s", start.elapsed().as_secs_f64());
+            r?;
+            if no_lab || std::env::var("IOASID_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
+                eprintln!("xtask: the lab (Debian kernels under QEMU) was not run");
+                return Ok(());
+            }
+            let start = Instant::now();
+            let r = lab::run(&root, &lab::Options { kernels: Vec::new(), filter: Vec::new(), script: None });
+            eprintln!("xtask: lab took {:.1} s", start.elapsed().as_secs_f64());
             r
         }
     }

@@ -98,6 +98,11 @@ impl<K: Kernel> Actor<K> {
                 if io.creates_vm_or_device {
                     let info = self.classify(io.origin.tgid, &io.origin.comm);
                     tracing::debug!(pid = info.pid, vm = %escape(&info.vm), request = io.request, ret = ?io.ret, "VMM ioctl");
+                } else if io.file_del && io.ret == Some(0) {
+                    // The file the agent marked the VM non-coherent for has left it. (KVM's own
+                    // registration count, where its hooks load, says whether others remain.)
+                    self.kernel.unmark_noncoherent(io.origin.tgid);
+                    tracing::info!(pid = io.origin.tgid, "VFIO file removed from the VM (FILE_DEL)");
                 } else {
                     tracing::debug!(pid = io.origin.tgid, comm = %escape(&io.origin.comm), request = io.request, group = io.group, attr = io.attr, ret = ?io.ret, "watched ioctl");
                 }

@@ -53,6 +53,9 @@ impl Kernel for FakeKernel {
         self.marked.insert(tgid);
         Ok(())
     }
+    fn unmark_noncoherent(&mut self, tgid: u32) {
+        self.marked.remove(&tgid);
+    }
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
         self.verdicts.insert(tgid, verdict);
         Ok(())

@@ -35,12 +35,17 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism }));
+        let cost_source = loaded.cost_source().label();
+        println!(
+            "{}",
+            serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism, "cost_source": cost_source })
+        );
     } else {
         for h in &loaded.hooks {
             println!("{h}");
         }
         println!("enforcement mechanism for incoherent-DMA denials: {mechanism}");
+        println!("WBINVD handler time source: {}", loaded.cost_source().label());
     }
     Ok(())
 }

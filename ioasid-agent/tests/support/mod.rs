@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_ioasid-agent");
+/// The agent binary: this build's, or `IOASID_AGENT` (the lab runs a snapshot of the build).
+pub fn agent_path() -> PathBuf {
+    std::env::var_os("IOASID_AGENT")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ioasid-agent")), PathBuf::from)
+}
 
 /// Kernel tests share the host's hooks: an agent judges every process on the host, so two
 /// agents at once would both judge the same FILE_ADD. They run one at a time.
@@ -67,7 +71,7 @@ impl Agent {
         let ready = dir.path("ready");
         let stderr_path = dir.path("agent.log");
         let log = std::fs::File::create(&stderr_path).unwrap();
-        let child = Command::new(AGENT)
+        let child = Command::new(agent_path())
             .args([
                 "--log",
                 "info,ioasid_agent=debug",
@@ -87,7 +91,7 @@ impl Agent {
             .spawn()
             .expect("starting ioasid-agent");
         let mut agent = Self { child, addr: String::new(), dir, stderr_path };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30) * slow();
         loop {
             if let Ok(addr) = std::fs::read_to_string(&ready) {
                 if !addr.is_empty() {
@@ -121,7 +125,7 @@ impl Agent {
 
     /// Waits until an audit record for `vm` exists and returns it.
     pub fn wait_audit(&self, vm: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * slow();
         loop {
             if let Some(r) = self.audit().into_iter().find(|r| r["vm"] == vm) {
                 return r;
@@ -138,7 +142,7 @@ impl Agent {
     /// SIGTERM and wait for a clean exit (the agent's files stay readable).
     pub fn stop(&mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * slow();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
@@ -157,7 +161,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * slow();
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -172,7 +176,7 @@ impl Drop for Agent {
 /// GET `path` from `addr`; the status must be 200.
 pub fn http_get(addr: &str, path: &str) -> String {
     let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder().timeout_global(Some(Duration::from_secs(10))).build(),
+        ureq::config::Config::builder().timeout_global(Some(Duration::from_secs(10) * slow())).build(),
     );
     let url = format!("http://{addr}{path}");
     let mut resp = agent.get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
@@ -190,6 +194,16 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let ok = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
         ok.then(|| value.parse().ok()).flatten()
     })
+}
+
+/// A VM's guest WBINVD count over both paths KVM has: emulated on the development kernel,
+/// hardware exits on real hosts (the lab). Each instruction counts on one path only.
+pub fn wbinvd_total(text: &str, vm: &str) -> Option<f64> {
+    let path = |p| sample(text, "ioasid_wbinvd_exits_total", &[("vm", vm), ("path", p)]);
+    match (path("exit"), path("emulated")) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+    }
 }
 
 pub fn guest_path() -> PathBuf {
@@ -225,8 +239,25 @@ pub fn finish(child: Child) -> (ExitStatus, serde_json::Value, String) {
 }
 
 /// Polls `f` until it returns Some or the timeout passes.
+/// In the lab (`IOASID_LAB=1`) the kernel under test runs under QEMU's software emulation,
+/// some 10-50 times slower: waits for something to happen are scaled by this. Bounds that are
+/// promises (e.g. "a storm is detected within a second") are asserted as such on the host.
+pub fn slow() -> u32 {
+    if std::env::var_os("IOASID_LAB").is_some() {
+        8
+    } else {
+        1
+    }
+}
+
+/// True in the lab, where the kernel under test runs under software emulation.
+pub fn in_lab() -> bool {
+    slow() > 1
+}
+
+/// Polls `f` until it returns Some or the timeout (scaled in the lab) passes.
 pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout * slow();
     loop {
         if let Some(v) = f() {
             return Some(v);
@@ -242,4 +273,41 @@ pub fn write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Which mechanism enforces a denial the kernel can decide alone (a verdict already in the
+/// kernel): `lsm` where the BPF LSM program is attached, else `sigkill`.
+pub fn enforcement(agent: &Agent) -> String {
+    let m = agent.scrape();
+    let lsm = sample(&m, "ioasid_enforcement_mechanism", &[("mechanism", "lsm")]) == Some(1.0);
+    if lsm { "lsm" } else { "sigkill" }.to_string()
+}
+
+/// Asserts a FILE_ADD was denied as the mechanism in force does it: the LSM returns EPERM to a
+/// VMM that lives on; otherwise the kernel program's SIGKILL ends it.
+pub fn assert_denied(mechanism: &str, status: ExitStatus, summary: &serde_json::Value, err: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    match mechanism {
+        "lsm" => {
+            assert!(status.success(), "under the LSM the denied VMM lives on: {status:?} {err}");
+            assert_eq!(summary["file_add_errno"], libc::EPERM, "the LSM answers EPERM: {summary}");
+        }
+        _ => {
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "the denied VMM must die by SIGKILL: {status:?}")
+        }
+    }
+}
+
+/// Asserts a denied FILE_ADD ended as its audit record says it was enforced: `lsm` means EPERM
+/// to a VMM that lives on; `sigkill` and `stop-ask` mean the VMM died by SIGKILL.
+pub fn assert_denied_as_recorded(
+    r: &serde_json::Value,
+    status: ExitStatus,
+    summary: &serde_json::Value,
+    err: &str,
+) {
+    assert_eq!(r["decision"], "denied", "{r}");
+    let mechanism = r["mechanism"].as_str().unwrap_or_default();
+    assert!(["lsm", "sigkill", "stop-ask"].contains(&mechanism), "{r}");
+    assert_denied(if mechanism == "lsm" { "lsm" } else { "sigkill" }, status, summary, err);
 }

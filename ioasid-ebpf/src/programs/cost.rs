@@ -22,7 +22,7 @@ use ioasid_common::{
 
 use super::current_ids;
 use crate::maps::{
-    control, pending_add, pending_none, percpu_add, IOASID_COST, IOASID_FLUSH_CPUS, IOASID_PENDING,
+    config, control, pending_add, pending_none, percpu_add, IOASID_COST, IOASID_FLUSH_CPUS, IOASID_PENDING,
 };
 
 /// Records one handled WBINVD of `tgid` that took `ns`.
@@ -113,17 +113,21 @@ pub fn handler_done() {
     close_pending(current_ids().1);
 }
 
-/// fentry wbinvd_on_cpus_mask(struct cpumask *mask) (x86, since ~6.17; KVM's flush of every
-/// CPU the vCPU ran on): how many CPUs the flush reaches. Reads the first 512 CPUs' bits.
-#[fentry(function = "wbinvd_on_cpus_mask")]
-pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
-    let mask: *const u64 = ctx.arg(0);
+/// Counts the CPUs set in a cpumask (the first `nr_cpus` bits, at most 512: an off-stack
+/// cpumask is allocated to `nr_cpu_ids` bits only) into the CPUs-per-flush histogram.
+#[inline(always)]
+fn record_flush_cpus(mask: *const u64) {
+    let nr = config().nr_cpus;
     let mut cpus = 0u32;
-    let mut i = 0usize;
-    while i < 8 {
-        // SAFETY: bpf_probe_read_kernel faults safely past the end of a short mask.
-        match unsafe { bpf_probe_read_kernel(mask.wrapping_add(i)) } {
-            Ok(word) => cpus += word.count_ones(),
+    let mut i = 0u32;
+    while i < 8 && i * 64 < nr {
+        // SAFETY: bpf_probe_read_kernel faults safely; `i` stays within the mask's words.
+        match unsafe { bpf_probe_read_kernel(mask.wrapping_add(i as usize)) } {
+            Ok(word) => {
+                let valid = nr - i * 64;
+                let word = if valid < 64 { word & ((1u64 << valid) - 1) } else { word };
+                cpus += word.count_ones();
+            }
             Err(_) => break,
         }
         i += 1;
@@ -132,5 +136,28 @@ pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
         // SAFETY: this CPU's slot of a per-CPU array element.
         unsafe { *slot += 1 };
     }
+}
+
+/// fentry wbinvd_on_cpus_mask(struct cpumask *mask) (x86, since ~6.17; KVM's flush of every
+/// CPU the vCPU ran on): how many CPUs the flush reaches.
+#[fentry(function = "wbinvd_on_cpus_mask")]
+pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
+    record_flush_cpus(ctx.arg(0));
+    0
+}
+
+/// fentry on_each_cpu_cond_mask(smp_cond_func_t cond_func, smp_call_func_t func, void *info,
+/// bool wait, const struct cpumask *mask) (kernel/smp.c, all 6.x): before ~6.17 KVM flushes
+/// with on_each_cpu_mask(vcpu->arch.wbinvd_dirty_mask, wbinvd_ipi, NULL, 1), an inline wrapper
+/// of this function. The verifier of those kernels refuses reads of a function-pointer
+/// argument (`func`), so the call is recognised by where it runs instead: on a thread that is
+/// handling a WBINVD (it has a pending WBINVD, from its exit or handler entry). Every other
+/// caller (TLB shootdowns...) leaves after one array read while no WBINVD is pending anywhere.
+#[fentry(function = "on_each_cpu_cond_mask")]
+pub fn ioasid_fentry_on_each_cpu_cond_mask(ctx: FEntryContext) -> i32 {
+    if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
+        return 0;
+    }
+    record_flush_cpus(ctx.arg(4));
     0
 }

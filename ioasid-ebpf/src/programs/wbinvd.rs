@@ -11,22 +11,31 @@ use aya_ebpf::{
     EbpfContext,
 };
 use ioasid_common::{
-    abi::KVM_EMUL_INSN_F_CS_L,
+    abi::{KVM_EMUL_INSN_F_CS_L, KVM_ISA_SVM},
     config::EmulTail,
-    counters::{CounterKey, Op, Path, Stat, VCPU_UNKNOWN},
+    counters::{CounterKey, ExitMark, Op, Path, Stat, VCPU_UNKNOWN},
     decode::{classify_exit, classify_insn},
 };
 
 use super::{cost, current_ids};
 use crate::{
-    maps::{config, is_noncoherent, pending_none, percpu_add, stat_inc, IOASID_COUNTERS},
+    maps::{
+        config, control, is_noncoherent, mark_exit, pending_none, percpu_add, stat_inc, take_exit_mark,
+        IOASID_COUNTERS,
+    },
     read::field_u64,
 };
 
 /// Adds one to a counter on this CPU.
 #[inline(always)]
 fn count(tgid: u32, vcpu: u32, op: Op, path: Path) {
-    percpu_add(&IOASID_COUNTERS, &CounterKey { tgid, vcpu, op: op.wire(), path: path.wire() }, 1);
+    add(tgid, vcpu, op.wire(), path, 1);
+}
+
+/// Adds `delta` (wrapping: u64::MAX subtracts one) to a counter on this CPU.
+#[inline(always)]
+fn add(tgid: u32, vcpu: u32, op: u32, path: Path, delta: u64) {
+    percpu_add(&IOASID_COUNTERS, &CounterKey { tgid, vcpu, op, path: path.wire() }, delta);
 }
 
 /// kvm:kvm_exit, fired on every VM exit.
@@ -54,6 +63,12 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
     let (tgid, tid) = current_ids();
     count(tgid, vcpu, op, Path::Exit);
+    if isa == KVM_ISA_SVM && control().skip_emulation != 0 {
+        // KVM will emulate this very instruction to skip it (no NRIP save): remember it, so
+        // that emulation is not counted a second time.
+        let rip = field_u64(ctx, cfg.exit_rip)?;
+        mark_exit(tid, &ExitMark { rip, vcpu, op: op.wire() });
+    }
     if op == Op::Wbinvd {
         count_flush(tgid, vcpu);
         cost::start_from_tracepoint(tgid, tid, Path::Exit);
@@ -106,7 +121,21 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
         (insn, field_u64(ctx, cfg.emul_len)? as u8, field_u64(ctx, cfg.emul_flags)? as u8)
     };
     let long_mode = flags & KVM_EMUL_INSN_F_CS_L != 0;
-    let Some(op) = classify_insn(&insn, len, long_mode) else {
+    let op = classify_insn(&insn, len, long_mode);
+    if let Some(mark) = take_exit_mark() {
+        if field_u64(ctx, cfg.emul_rip)? == mark.rip {
+            let tgid = current_ids().0;
+            // KVM skipping the instruction this thread just exited on: the same instruction,
+            // counted at the exit. The bytes decide what it is (an emulator may report INVD as a
+            // WBINVD exit): move the count if the exit code was wrong.
+            if let Some(op) = op.filter(|op| op.wire() != mark.op) {
+                add(tgid, mark.vcpu, mark.op, Path::Exit, u64::MAX);
+                count(tgid, mark.vcpu, op, Path::Exit);
+            }
+            return Ok(());
+        }
+    }
+    let Some(op) = op else {
         return Ok(());
     };
     let (tgid, tid) = current_ids();

@@ -9,16 +9,22 @@ use std::fmt;
 
 use aya::{
     maps::{Array, MapData},
-    programs::{BtfTracePoint, FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use ioasid_common::{
-    config::{emul_is_packed, Control, ProgConfig},
+    config::Control,
     cost::CostSource,
     hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS},
     names::{GLOBAL_CONFIG, MAP_CONTROL},
 };
 
+mod attach;
+mod config;
+
+use self::{
+    attach::{attach, Target},
+    config::{prog_config, svm_without_nrips},
+};
 use crate::tracefs::{TraceFs, TraceFsError};
 
 /// The compiled kernel object (empty when the agent was built without the eBPF toolchain).
@@ -167,34 +173,6 @@ fn excluded(spec: &HookSpec, mode: IoctlHooks) -> Option<&'static str> {
     }
 }
 
-/// Reads the record layouts this kernel uses into the program configuration.
-pub fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError> {
-    let exit = tracefs.format("kvm", "kvm_exit")?;
-    let emul = tracefs.format("kvm", "kvm_emulate_insn")?;
-    let enter = tracefs.format("syscalls", "sys_enter_ioctl")?;
-    let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
-    Ok(ProgConfig {
-        exit_reason: exit.field("exit_reason")?,
-        exit_isa: exit.field("isa")?,
-        exit_vcpu_id: exit.field("vcpu_id")?,
-        emul_len: emul.field("len")?,
-        emul_insn: emul.field("insn")?,
-        emul_flags: emul.field("flags")?,
-        emul_failed: emul.field("failed")?,
-        ioctl_fd: enter.field("fd")?,
-        ioctl_cmd: enter.field("cmd")?,
-        ioctl_arg: enter.field("arg")?,
-        ioctl_ret: leave.field("ret")?,
-        agent_tgid: std::process::id(),
-        emul_packed: u32::from(emul_is_packed(
-            emul.field("len")?,
-            emul.field("insn")?,
-            emul.field("flags")?,
-            emul.field("failed")?,
-        )),
-    })
-}
-
 /// Loads the object and attaches every hook the kernel allows.
 pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
     if !object_built() {
@@ -208,6 +186,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         .override_global(GLOBAL_CONFIG, &config, true)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
+    let target = Target { vmlinux: btf.as_ref() };
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();
@@ -223,7 +202,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         } else if spec.optional && !opts.optional_hooks {
             HookState::Refused("not requested (--no-optional-hooks)".into())
         } else {
-            match attach(prog, spec.kind, btf.as_ref(), lsm_active) {
+            match attach(prog, spec, &target, lsm_active) {
                 Ok(()) => HookState::Attached,
                 Err(why) => HookState::Refused(why),
             }
@@ -245,7 +224,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
         cost_source: loaded.cost_source().wire(),
-        _pad: 0,
+        skip_emulation: u32::from(svm_without_nrips()),
     };
     set_control(&mut loaded.ebpf, control)?;
     Ok(loaded)
@@ -256,69 +235,6 @@ pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {
     let mut array: Array<&mut MapData, Control> =
         Array::try_from(map).map_err(|source| LoadError::Map { name: MAP_CONTROL, source })?;
     array.set(0, control, 0).map_err(|source| LoadError::Map { name: MAP_CONTROL, source })
-}
-
-fn attach(
-    prog: &mut Program,
-    kind: HookKind,
-    btf: Option<&Btf>,
-    lsm_active: Option<bool>,
-) -> Result<(), String> {
-    let need_btf = || btf.ok_or_else(|| "no kernel BTF at /sys/kernel/btf/vmlinux".to_string());
-    match kind {
-        HookKind::TracePoint { category, name } => {
-            let tp: &mut TracePoint = prog.try_into().map_err(describe)?;
-            tp.load().map_err(describe)?;
-            tp.attach(category, name).map_err(describe)?;
-        }
-        HookKind::BtfTracePoint { name } => {
-            let p: &mut BtfTracePoint = prog.try_into().map_err(describe)?;
-            p.load(name, need_btf()?).map_err(describe)?;
-            p.attach().map_err(describe)?;
-        }
-        HookKind::FEntry { function } => {
-            let p: &mut FEntry = prog.try_into().map_err(describe)?;
-            p.load(function, need_btf()?).map_err(describe)?;
-            p.attach().map_err(describe)?;
-        }
-        HookKind::FExit { function } => {
-            let p: &mut FExit = prog.try_into().map_err(describe)?;
-            p.load(function, need_btf()?).map_err(describe)?;
-            p.attach().map_err(describe)?;
-        }
-        HookKind::Lsm { hook } => {
-            if lsm_active == Some(false) {
-                return Err("the BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm; boot with lsm=...,bpf)".into());
-            }
-            let p: &mut Lsm = prog.try_into().map_err(describe)?;
-            p.load(hook, need_btf()?).map_err(describe)?;
-            p.attach().map_err(describe)?;
-        }
-    }
-    Ok(())
-}
-
-/// One line: the kernel's answer, with the verifier's last lines when it said something.
-fn describe(e: ProgramError) -> String {
-    if let ProgramError::LoadError { io_error, verifier_log } = &e {
-        let log = verifier_log.to_string();
-        let tail: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(3).collect();
-        let mut out = format!("BPF_PROG_LOAD: {io_error}");
-        if !tail.is_empty() {
-            out.push_str(" (verifier: ");
-            out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
-            out.push(')');
-        }
-        return out;
-    }
-    let mut out = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -16,7 +16,10 @@ use tokio::sync::mpsc;
 
 use prometheus::IntCounter;
 
-use crate::{policy::Action, procfs::ProcessInfo, vfio::VfioFile};
+mod kinds;
+
+pub use self::kinds::{Decision, Mechanism, Outcome, RecordKind, StormOutcome, StormState};
+use crate::{procfs::ProcessInfo, vfio::VfioFile};
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/ioasid/audit.jsonl";
 const QUEUE: usize = 4096;
@@ -35,105 +38,6 @@ pub struct Request {
     /// The fd was seen being created by KVM_CREATE_DEVICE(VFIO) (false: created before the
     /// agent started, or passed in; judged all the same).
     pub device_fd_known: bool,
-}
-
-/// An enumeration written in audit records (serde) and used as a metric label or log field
-/// (`label()`), from one list.
-macro_rules! text_enum {
-    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $var:ident => $label:literal,)+ }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vm])* #[serde(rename = $label)] $var,)+
-        }
-        impl $name {
-            #[allow(dead_code, reason = "not every enumeration is listed outside the tests")]
-            pub const ALL: &'static [$name] = &[$($name::$var),+];
-            pub const fn label(self) -> &'static str {
-                match self { $($name::$var => $label,)+ }
-            }
-        }
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.label())
-            }
-        }
-    };
-}
-
-text_enum! {
-    /// The kind of an audit record (`event`).
-    pub enum RecordKind {
-        IncoherentDma => "incoherent-dma",
-        WbinvdStorm => "wbinvd-storm",
-    }
-}
-
-text_enum! {
-    /// An incoherent-DMA decision: the `decision` label of `ioasid_incoherent_dma_requests_total`.
-    pub enum Decision {
-        Allowed => "allowed",
-        Audited => "audited",
-        Denied => "denied",
-    }
-}
-
-impl From<Action> for Decision {
-    fn from(a: Action) -> Self {
-        match a {
-            Action::Allow => Decision::Allowed,
-            Action::Audit => Decision::Audited,
-            Action::Deny => Decision::Denied,
-        }
-    }
-}
-
-text_enum! {
-    /// How a decision was carried out.
-    pub enum Mechanism {
-        /// BPF LSM returned -EPERM: the ioctl never ran.
-        Lsm => "lsm",
-        /// The kernel program sent SIGKILL at sys_enter.
-        Sigkill => "sigkill",
-        /// The kernel stopped the VMM and the agent decided.
-        StopAsk => "stop-ask",
-        /// Nothing was enforced (allowed, audited, or a dry run).
-        None => "none",
-    }
-}
-
-text_enum! {
-    /// What happened to the request.
-    pub enum Outcome {
-        Completed => "completed",
-        Killed => "killed",
-        Blocked => "blocked",
-        Resumed => "resumed",
-        NotEnforced => "not-enforced",
-        SignalFailed => "signal-failed",
-        /// The process was gone when the agent's signal was sent.
-        Gone => "gone",
-    }
-}
-
-text_enum! {
-    /// A storm alert's state change.
-    pub enum StormState {
-        Raised => "raised",
-        Cleared => "cleared",
-    }
-}
-
-text_enum! {
-    /// What a storm alert did.
-    pub enum StormOutcome {
-        Alerted => "alerted",
-        Stopped => "stopped",
-        Killed => "killed",
-        Cleared => "cleared",
-        VmmExited => "vmm-exited",
-        SignalFailed => "signal-failed",
-    }
 }
 
 fn incoherent_dma() -> RecordKind {
@@ -339,93 +243,4 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn time_format() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_730_951_123_456);
-        assert_eq!(rfc3339(t), "2026-11-26T22:09:11.123456Z");
-        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
-    }
-
-    #[test]
-    fn labels_are_the_serialized_forms() {
-        fn check<T: Serialize + std::fmt::Display>(all: &[T]) {
-            for v in all {
-                assert_eq!(serde_json::to_string(v).unwrap(), format!("\"{v}\""));
-            }
-        }
-        check(RecordKind::ALL);
-        check(Decision::ALL);
-        check(Mechanism::ALL);
-        check(Outcome::ALL);
-        check(StormState::ALL);
-        check(StormOutcome::ALL);
-    }
-
-    #[tokio::test]
-    async fn writes_lines_and_counts_drops() {
-        let dir = std::env::temp_dir().join(format!("ioasid-audit-{}", std::process::id()));
-        let path = dir.join("sub/audit.jsonl");
-        let dropped = IntCounter::new("dropped", "test").unwrap();
-        let log = AuditLog::start(&path, dropped.clone()).unwrap();
-        let rec = AuditRecord {
-            event: RecordKind::IncoherentDma,
-            time: rfc3339(SystemTime::now()),
-            host: "h".into(),
-            vm: "gpu-1".into(),
-            pid: 7,
-            comm: "qemu".into(),
-            exe: None,
-            cgroup: None,
-            uid: 0,
-            request: Request {
-                ioctl: "KVM_SET_DEVICE_ATTR".into(),
-                attr: "KVM_DEV_VFIO_FILE_ADD".into(),
-                fd: 5,
-                file_fd: Some(6),
-                device_fd_known: true,
-            },
-            vfio: None,
-            kernel_coherent: None,
-            rule: "default".into(),
-            decision: Decision::Audited,
-            mechanism: Mechanism::None,
-            outcome: Outcome::Completed,
-            ret: Some(-22),
-            reason: None,
-            policy: "<embedded default>".into(),
-        };
-        log.record(rec.clone());
-        drop(log);
-        for _ in 0..100 {
-            if std::fs::read_to_string(&path).map(|s| s.lines().count()).unwrap_or(0) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        assert_eq!(back, rec);
-        assert!(AuditLog::start(Path::new("/proc/nope/audit.jsonl"), dropped.clone()).is_err());
-        assert_eq!(dropped.get(), 0);
-        // A device that is always full: every record is counted as dropped, none is lost silently.
-        let full = AuditLog::start(Path::new("/dev/full"), dropped.clone()).unwrap();
-        for _ in 0..3 {
-            full.record(rec.clone());
-        }
-        drop(full);
-        for _ in 0..100 {
-            if dropped.get() == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(dropped.get(), 3);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

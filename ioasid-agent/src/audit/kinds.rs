@@ -1,0 +1,104 @@
+//! The enumerations of audit records: serde enums whose `label()` is also the metric label.
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Action;
+
+/// An enumeration written in audit records (serde) and used as a metric label or log field
+/// (`label()`), from one list.
+macro_rules! text_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $var:ident => $label:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $label)] $var,)+
+        }
+        impl $name {
+            #[allow(dead_code, reason = "not every enumeration is listed outside the tests")]
+            pub const ALL: &'static [$name] = &[$($name::$var),+];
+            pub const fn label(self) -> &'static str {
+                match self { $($name::$var => $label,)+ }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.label())
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// The kind of an audit record (`event`).
+    pub enum RecordKind {
+        IncoherentDma => "incoherent-dma",
+        WbinvdStorm => "wbinvd-storm",
+    }
+}
+
+text_enum! {
+    /// An incoherent-DMA decision: the `decision` label of `ioasid_incoherent_dma_requests_total`.
+    pub enum Decision {
+        Allowed => "allowed",
+        Audited => "audited",
+        Denied => "denied",
+    }
+}
+
+impl From<Action> for Decision {
+    fn from(a: Action) -> Self {
+        match a {
+            Action::Allow => Decision::Allowed,
+            Action::Audit => Decision::Audited,
+            Action::Deny => Decision::Denied,
+        }
+    }
+}
+
+text_enum! {
+    /// How a decision was carried out.
+    pub enum Mechanism {
+        /// BPF LSM returned -EPERM: the ioctl never ran.
+        Lsm => "lsm",
+        /// The kernel program sent SIGKILL at sys_enter.
+        Sigkill => "sigkill",
+        /// The kernel stopped the VMM and the agent decided.
+        StopAsk => "stop-ask",
+        /// Nothing was enforced (allowed, audited, or a dry run).
+        None => "none",
+    }
+}
+
+text_enum! {
+    /// What happened to the request.
+    pub enum Outcome {
+        Completed => "completed",
+        Killed => "killed",
+        Blocked => "blocked",
+        Resumed => "resumed",
+        NotEnforced => "not-enforced",
+        SignalFailed => "signal-failed",
+        /// The process was gone when the agent's signal was sent.
+        Gone => "gone",
+    }
+}
+
+text_enum! {
+    /// A storm alert's state change.
+    pub enum StormState {
+        Raised => "raised",
+        Cleared => "cleared",
+    }
+}
+
+text_enum! {
+    /// What a storm alert did.
+    pub enum StormOutcome {
+        Alerted => "alerted",
+        Stopped => "stopped",
+        Killed => "killed",
+        Cleared => "cleared",
+        VmmExited => "vmm-exited",
+        SignalFailed => "signal-failed",
+    }
+}
