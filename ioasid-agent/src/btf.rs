@@ -133,37 +133,54 @@ fn base(sysfs_btf: &Path) -> Result<Base, BtfError> {
     Ok(Base { types, str_len: blob.strings.len() })
 }
 
-/// Finds `name` of `kind` in the module BTF files under `sysfs_btf` (normally
-/// /sys/kernel/btf). Returns the module's name and the type's id in its split BTF.
-pub fn find_in_modules(sysfs_btf: &Path, name: &str, kind: u32) -> Result<Option<(String, u32)>, BtfError> {
-    let base = base(sysfs_btf)?;
-    let dir =
-        std::fs::read_dir(sysfs_btf).map_err(|source| BtfError::Read { path: sysfs_btf.into(), source })?;
-    let mut modules: Vec<String> = dir
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|m| m != "vmlinux")
-        .collect();
-    modules.sort();
-    for module in modules {
-        let path = sysfs_btf.join(&module);
-        let data = read(&path)?;
-        let blob = parse(&data, &path)?;
-        let found = walk(blob.types, base.types + 1, |k, name_off| {
-            // Split BTF: offsets below the base's string section are vmlinux's strings, which a
-            // module's own function names never are.
-            let off = name_off as usize;
-            k == kind
-                && off >= base.str_len
-                && cstr(blob.strings, off - base.str_len) == Some(name.as_bytes())
-        });
-        match found {
-            Some(Walk::Found(id)) => return Ok(Some((module, id))),
-            Some(Walk::Count(_)) => {}
-            None => return Err(BtfError::Malformed { path, what: "type section" }),
+/// Every kernel module's BTF, read once (the loader looks up several functions in it).
+pub struct ModuleBtf {
+    base: Base,
+    /// (module name, its BTF file), sorted by name.
+    modules: Vec<(String, PathBuf, Vec<u8>)>,
+}
+
+impl ModuleBtf {
+    /// Reads vmlinux's BTF header and counts, and every module's BTF file under `sysfs_btf`
+    /// (normally /sys/kernel/btf).
+    pub fn read(sysfs_btf: &Path) -> Result<Self, BtfError> {
+        let base = base(sysfs_btf)?;
+        let dir = std::fs::read_dir(sysfs_btf)
+            .map_err(|source| BtfError::Read { path: sysfs_btf.into(), source })?;
+        let mut modules: Vec<(String, PathBuf, Vec<u8>)> = Vec::new();
+        for e in dir.filter_map(Result::ok) {
+            let Ok(name) = e.file_name().into_string() else { continue };
+            if name != "vmlinux" {
+                let path = sysfs_btf.join(&name);
+                let data = read(&path)?;
+                modules.push((name, path, data));
+            }
         }
+        modules.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { base, modules })
     }
-    Ok(None)
+
+    /// The module that has `name` of `kind`, and the type's id in its split BTF.
+    pub fn find(&self, name: &str, kind: u32) -> Result<Option<(String, u32)>, BtfError> {
+        let base = &self.base;
+        for (module, path, data) in &self.modules {
+            let blob = parse(data, path)?;
+            let found = walk(blob.types, base.types + 1, |k, name_off| {
+                // Split BTF: offsets below the base's string section are vmlinux's strings,
+                // which a module's own function names never are.
+                let off = name_off as usize;
+                k == kind
+                    && off >= base.str_len
+                    && cstr(blob.strings, off - base.str_len) == Some(name.as_bytes())
+            });
+            match found {
+                Some(Walk::Found(id)) => return Ok(Some((module.clone(), id))),
+                Some(Walk::Count(_)) => {}
+                None => return Err(BtfError::Malformed { path: path.clone(), what: "type section" }),
+            }
+        }
+        Ok(None)
+    }
 }
 
 fn bpf(cmd: libc::c_long, name: &'static str, attr: &mut [u8]) -> Result<i64, BtfError> {
@@ -256,18 +273,16 @@ mod tests {
         let kvm = blob(&[(o + 1, 4, 1, &[0; 12]), (o + 10, 12, 0, &[]), (o + 29, 8, 0, &[])], strs);
         std::fs::write(dir.join("kvm"), kvm).unwrap();
         std::fs::write(dir.join("junk"), b"\x9f\xeb\x01\x00\xff\xff").unwrap();
-        let found = find_in_modules(&dir, "kvm_emulate_wbinvd", KIND_FUNC);
+        let found = ModuleBtf::read(&dir).and_then(|b| b.find("kvm_emulate_wbinvd", KIND_FUNC));
         // A malformed file is an error naming it, not a panic.
         assert!(matches!(found, Err(BtfError::Malformed { .. })), "{found:?}");
         std::fs::remove_file(dir.join("junk")).unwrap();
+        let btf = ModuleBtf::read(&dir).unwrap();
         // Split ids continue after vmlinux's three types.
-        assert_eq!(find_in_modules(&dir, "kvm_emulate_wbinvd", KIND_FUNC).unwrap(), Some(("kvm".into(), 5)));
-        assert_eq!(
-            find_in_modules(&dir, "btf_trace_kvm_entry", KIND_TYPEDEF).unwrap(),
-            Some(("kvm".into(), 6))
-        );
-        assert_eq!(find_in_modules(&dir, "kvm_emulate_wbinvd", KIND_TYPEDEF).unwrap(), None);
-        assert_eq!(find_in_modules(&dir, "vfs_read", KIND_FUNC).unwrap(), None, "vmlinux's are not modules'");
+        assert_eq!(btf.find("kvm_emulate_wbinvd", KIND_FUNC).unwrap(), Some(("kvm".into(), 5)));
+        assert_eq!(btf.find("btf_trace_kvm_entry", KIND_TYPEDEF).unwrap(), Some(("kvm".into(), 6)));
+        assert_eq!(btf.find("kvm_emulate_wbinvd", KIND_TYPEDEF).unwrap(), None);
+        assert_eq!(btf.find("vfs_read", KIND_FUNC).unwrap(), None, "vmlinux's are not modules'");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

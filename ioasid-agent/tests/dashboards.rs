@@ -3,6 +3,9 @@
 //! - a real Prometheus server scrapes a real agent while a real guest storms and a real enable
 //!   is denied; every Grafana panel query must run, the key ones must return data, and the
 //!   storm alert must fire.
+//!
+//! The live test runs on this machine only: it is about the rules and dashboards, and under
+//! the lab's emulation Prometheus itself is too slow to be timed.
 
 mod support;
 

@@ -1,5 +1,9 @@
 //! Kernel tests: incoherent-DMA enables judged against a policy and enforced in the kernel.
 //!
+//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian 6.1 and 6.12
+//! (`cargo xtask lab`); each test asks the kernel what it provides (hooks, enforcement
+//! mechanism, the path KVM takes for WBINVD) and asserts the outcome for it.
+//!
 //! The guest walks QEMU's path: KVM_CREATE_VM, KVM_CREATE_DEVICE(VFIO), then
 //! KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_ADD) with an ordinary fd, which the kernel
 //! answers with EINVAL. With no delay it does so microseconds after exec, before the agent can
@@ -76,19 +80,27 @@ fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
     let r = agent.wait_audit(&web);
     assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("audited"), Some("default")), "{r}");
 
-    // deny, issued microseconds after exec: stopped in the kernel, then killed by the agent
-    // before the ioctl ever returns to it.
+    // deny, issued microseconds after exec: judged by its own rule, never by a default. Before
+    // the agent has named it, the kernel stops it and the agent kills it before the ioctl ever
+    // returns to it (stop-ask: always on this machine); if the agent named it first (possible
+    // under the lab's emulation), the kernel's verdict denies it.
     let tenant = format!("{prefix}-tenant-1");
-    let (status, summary, _) = file_add(&tenant, "0");
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the denied VMM must die by SIGKILL: {status:?}");
-    assert_eq!(summary, serde_json::Value::Null, "it must not get to print anything");
+    let (status, summary, err) = file_add(&tenant, "0");
     let r = agent.wait_audit(&tenant);
     assert_eq!(
         (r["decision"].as_str(), r["rule"].as_str()),
         (Some("denied"), Some("everyone-else-untrusted")),
         "{r}"
     );
-    assert_eq!((r["mechanism"].as_str(), r["outcome"].as_str()), (Some("stop-ask"), Some("killed")), "{r}");
+    assert_denied_as_recorded(&r, status, &summary, &err);
+    if !in_lab() {
+        assert_eq!(
+            (r["mechanism"].as_str(), r["outcome"].as_str()),
+            (Some("stop-ask"), Some("killed")),
+            "{r}"
+        );
+        assert_eq!(summary, serde_json::Value::Null, "it must not get to print anything");
+    }
     for key in [
         "time",
         "host",
@@ -199,7 +211,10 @@ fn dry_run_audits_denials_without_enforcing() {
     let prefix = unique("d");
     let (agent, _policy) = agent_with_policy(&prefix, &["--dry-run"]);
     let tenant = format!("{prefix}-tenant-3");
-    let (status, summary, err) = file_add(&tenant, "0");
+    // Not stopped (dry run), it lives a moment as a VMM does, so the agent reads who it is.
+    let hold = format!("{}", 0.5 * f64::from(slow()));
+    let (status, summary, err) =
+        finish(guest(&["--name", &format!("guest={tenant}"), "--file-add", "--hold", &hold]));
     assert!(status.success(), "dry run must not kill: {err}");
     assert_eq!(summary["file_add_errno"], 22);
     let r = agent.wait_audit(&tenant);
@@ -346,12 +361,14 @@ fn a_stopped_vmm_is_decided_even_if_its_event_is_lost() {
     let (status, summary, err) = file_add(&format!("{prefix}-gpu-1"), "0");
     assert!(status.success(), "the allowed VMM must be resumed: {err}");
     assert_eq!(summary["file_add_errno"], 22);
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5) * slow(), "took {:?}", started.elapsed());
     for (vm, decision, outcome) in [("tenant-1", "denied", "killed"), ("gpu-1", "allowed", "resumed")] {
         let r = agent.wait_audit(&format!("{prefix}-{vm}"));
         assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some(decision), Some(outcome)), "{r}");
         assert!(r["reason"].as_str().unwrap_or("").contains("event lost"), "{r}");
-        assert_eq!(r["request"]["file_fd"], 6, "the fds come from the kernel's ask record: {r}");
+        // The fds come from the kernel's ask record: the device's and the file's.
+        let (fd, file_fd) = (r["request"]["fd"].as_i64(), r["request"]["file_fd"].as_i64());
+        assert!(fd.is_some_and(|d| d > 2) && file_fd.is_some_and(|f| f > 2) && fd != file_fd, "{r}");
     }
     assert!(sample(&agent.scrape(), "ioasid_events_dropped_total", &[]).unwrap() > 0.0);
 }

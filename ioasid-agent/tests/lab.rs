@@ -113,7 +113,7 @@ fn a_real_noncoherent_enable_makes_every_wbinvd_flush() {
     let group = vfio_group();
     let name = unique("nc");
     let hold = format!("{}", 3 * slow());
-    let g = guest(&[
+    let g = GuestGuard::spawn(&[
         "--name",
         &name,
         "--file-add",
@@ -155,7 +155,7 @@ fn a_real_noncoherent_enable_makes_every_wbinvd_flush() {
         (sample(&m, "ioasid_vm_noncoherent", &[("vm", &name)]) == Some(0.0)).then_some(())
     });
     assert!(coherent.is_some(), "still non-coherent after FILE_DEL:\n{}", agent.scrape());
-    let (status, summary, err) = finish(g);
+    let (status, summary, err) = g.finish();
     assert!(status.success(), "{err}");
     assert_eq!((summary["file_add_errno"].as_i64(), summary["file_del_errno"].as_i64()), (Some(0), Some(0)));
     assert_eq!(summary["dma_cc"], 0, "the lab's IOMMU has no snoop control: {summary}");
@@ -177,7 +177,7 @@ fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
     assert_eq!(enforcement(&agent), "lsm", "the lab's kernels load BPF LSM programs");
     let name = format!("{prefix}-tenant");
     let delay = format!("{}", 2 * slow());
-    let (status, summary, err) = finish(guest(&[
+    let (status, summary, err) = GuestGuard::spawn(&[
         "--name",
         &name,
         "--file-add",
@@ -187,7 +187,8 @@ fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
         vfio_group().to_str().unwrap(),
         "--wbinvd",
         "20",
-    ]));
+    ])
+    .finish();
     assert_denied("lsm", status, &summary, &err);
     assert_eq!(summary["wbinvd"], 20, "the VMM lives on and runs its guest: {summary}");
     let r = agent.wait_audit(&name);

@@ -1,4 +1,8 @@
 //! Kernel tests: WBINVD cost, budgets and storm detection with real storming guests.
+//!
+//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian 6.1 and 6.12
+//! (`cargo xtask lab`); each test asks the kernel what it provides (hooks, enforcement
+//! mechanism, the path KVM takes for WBINVD) and asserts the outcome for it.
 
 mod support;
 

@@ -157,14 +157,20 @@ pub static IOASID_EXIT_MARKS: HashMap<u32, ExitMark> = HashMap::with_max_entries
 #[map]
 pub static IOASID_MARKS_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Remembers this thread's WBINVD/INVD exit for the emulation that follows it.
+/// Remembers this thread's WBINVD/INVD exit for the emulation that follows it. Returns the
+/// mark it replaces, if the previous exit's emulation never came.
 #[inline(always)]
-pub fn mark_exit(tid: u32, mark: &ExitMark) {
+pub fn mark_exit(tid: u32, mark: &ExitMark) -> Option<ExitMark> {
     if IOASID_EXIT_MARKS.insert(&tid, mark, BPF_NOEXIST as u64).is_ok() {
         shared_add(&IOASID_MARKS_COUNT, 1);
-    } else {
-        let _ = IOASID_EXIT_MARKS.insert(&tid, mark, 0);
+        return None;
     }
+    // SAFETY: live map value, copied once.
+    let stale = IOASID_EXIT_MARKS.get_ptr(&tid).map(|p| unsafe { *p });
+    if IOASID_EXIT_MARKS.insert(&tid, mark, 0).is_err() {
+        stat_inc(Stat::CounterMapFull);
+    }
+    stale
 }
 
 /// Takes the current thread's exit mark, if any. One array read while no thread has one.
@@ -216,9 +222,8 @@ pub fn stat_inc(stat: Stat) {
 pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
     if let Some(slot) = map.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest on a
-        // CPU, so the read-modify-write is not interleaved with another writer. Wrapping: a
-        // correction subtracts by adding u64::MAX, possibly on another CPU than the count it
-        // corrects; the sum over CPUs (taken wrapping) is exact.
+        // CPU, so the read-modify-write is not interleaved with another writer. Wrapping, and
+        // summed wrapping by the agent: a counter never panics or saturates.
         unsafe { *slot = (*slot).wrapping_add(v) };
         return;
     }

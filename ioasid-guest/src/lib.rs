@@ -44,6 +44,18 @@ pub fn storm(batch: u32) -> Vec<u8> {
     paced(&body)
 }
 
+/// Port the migrating code writes to between rounds: an exit with no WBINVD.
+pub const VISIT_PORT: u8 = 0x11;
+
+/// A WBINVD storm that also exits once between rounds without executing WBINVD (`out
+/// VISIT_PORT`), so the host can load the vCPU on another CPU in between.
+pub fn migrating(batch: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    counted_loop(&mut body, batch, WBINVD);
+    body.extend_from_slice(&[0xe6, VISIT_PORT]);
+    paced(&body)
+}
+
 /// `n` rounds of `dec ecx; jnz` (2 ordinary instructions each), per KVM_RUN.
 pub fn spin(n: u32) -> Vec<u8> {
     let mut body = vec![0x66, 0xb9];

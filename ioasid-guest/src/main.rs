@@ -124,7 +124,7 @@ fn main() -> Result<()> {
                 if args.wbinvd % MIGRATE_BATCH != 0 {
                     bail!("--migrate runs WBINVD in batches of {MIGRATE_BATCH}: --wbinvd must be a multiple of it");
                 }
-                code::storm(MIGRATE_BATCH)
+                code::migrating(MIGRATE_BATCH)
             }
             None => code::counted(args.wbinvd, args.invd, &code::HALT),
         };
@@ -195,6 +195,9 @@ fn vfio_group(path: &std::path::Path) -> Result<(VfioFile, i32)> {
         }
         Ok(r)
     };
+    if ioctl(&container, VFIO_CHECK_EXTENSION, VFIO_TYPE1V2_IOMMU, "VFIO_CHECK_EXTENSION")? != 1 {
+        bail!("the VFIO container does not offer the type1v2 IOMMU (is vfio_iommu_type1 loaded?)");
+    }
     ioctl(&group, VFIO_GROUP_SET_CONTAINER, &cfd as *const libc::c_int as u64, "VFIO_GROUP_SET_CONTAINER")?;
     ioctl(&container, VFIO_SET_IOMMU, VFIO_TYPE1V2_IOMMU, "VFIO_SET_IOMMU(TYPE1v2)")?;
     let dma_cc = ioctl(&container, VFIO_CHECK_EXTENSION, VFIO_DMA_CC_IOMMU, "VFIO_CHECK_EXTENSION")?;
@@ -235,24 +238,29 @@ fn file_attr(
 /// WBINVDs per batch in --migrate mode.
 const MIGRATE_BATCH: u32 = 10;
 
-/// Runs `n` WBINVD in batches, moving this (the vCPU's) thread to the other of CPUs 0 and 1
-/// after each: KVM adds each CPU the vCPU is loaded on to the set the next WBINVD flushes.
+/// Runs `n` WBINVD in batches on CPU 0, with an exit-only visit of the vCPU to CPU 1 between
+/// batches. KVM adds each CPU the vCPU is loaded on to the set its next WBINVD flushes, and
+/// clears the set after each flush: so the first WBINVD of each batch flushes both CPUs.
 fn run_migrating(vcpu: &mut VcpuFd, n: u32) -> Result<u64> {
     let mut done = 0u64;
-    let mut cpu = 0;
-    pin(cpu)?;
-    while done < u64::from(n) {
+    pin(0)?;
+    loop {
         match vcpu.run().context("KVM_RUN")? {
-            VcpuExit::IoOut(port, _) if port == u16::from(code::PACE_PORT) => {
+            // A batch ran on CPU 0; the guest's next instruction is `out PACE_PORT`: run that
+            // one on CPU 1 (the visit).
+            VcpuExit::IoOut(port, _) if port == u16::from(code::VISIT_PORT) => {
                 done += u64::from(MIGRATE_BATCH);
-                cpu = 1 - cpu;
-                pin(cpu)?;
+                if done >= u64::from(n) {
+                    return Ok(done);
+                }
+                pin(1)?;
             }
+            // The visit is over: back to CPU 0 for the next batch.
+            VcpuExit::IoOut(port, _) if port == u16::from(code::PACE_PORT) => pin(0)?,
             VcpuExit::Intr => {}
             other => bail!("unexpected vCPU exit: {other:?}"),
         }
     }
-    Ok(done)
 }
 
 /// Pins the calling thread to one CPU.

@@ -43,8 +43,11 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("debian-6.12", r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64$"),
 ];
 
-/// How long one kernel's whole run may take under TCG before it counts as hung.
-const RUN_TIMEOUT: Duration = Duration::from_secs(480);
+/// A VM that writes nothing to its test log for this long counts as hung (one test under
+/// emulation takes well under a minute; a kernel's whole run about five).
+const QUIET_TIMEOUT: Duration = Duration::from_secs(240);
+/// And no kernel's run may take longer than this in all.
+const RUN_TIMEOUT: Duration = Duration::from_secs(1200);
 
 pub struct Options {
     /// Kernel names (`debian-6.1`...) to run; all when empty.
@@ -251,6 +254,7 @@ mkdir -p /lib/modules/{rel}; mount --bind {root}/lib/modules/{rel} /lib/modules/
 {bb} ip link set lo up
 {bb} modprobe kvm_amd 2>&1 | head -3
 {bb} modprobe vfio-pci 2>&1 | head -3
+{bb} modprobe vfio_iommu_type1 2>&1 | head -3
 echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id 2>/dev/null
 echo "LAB-UP kernel {rel} uptime $(cut -d' ' -f1 /proc/uptime)"
 sh {script} > {out}/log 2>&1
@@ -285,7 +289,13 @@ fn tests_script(bin: &Path, binaries: &[(String, PathBuf)], filter: &[String], o
         let _ = writeln!(s, "echo \"LAB-TEST-BEGIN {name}\" > {}/current", out.display());
         let _ = writeln!(s, "echo \"LAB-TEST-BEGIN {name}\"");
         // --include-ignored: the tests that need a real hypervisor kernel are ignored elsewhere.
-        let _ = writeln!(s, "'{}' --test-threads=1 --include-ignored {filter}", bin.display());
+        // The live Prometheus test is about the rules and dashboards, not the kernel: it runs
+        // on the host only (under emulation Prometheus itself is too slow to be timed).
+        let _ = writeln!(
+            s,
+            "'{}' --test-threads=1 --include-ignored --skip dashboard_queries_and_alerts_work_on_a_live_prometheus {filter}",
+            bin.display()
+        );
         let _ = writeln!(s, "echo \"LAB-TEST-END {name} rc=$?\"");
     }
     s.push_str("echo LAB-ALL-DONE\n");
@@ -340,11 +350,16 @@ fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str) -> Resul
         .spawn()
         .context("starting qemu-system-x86_64 (cargo xtask setup installs it)")?;
     let mut timed_out = false;
+    let (mut last_len, mut last_change) = (0u64, Instant::now());
     loop {
         if child.try_wait()?.is_some() {
             break;
         }
-        if start.elapsed() > RUN_TIMEOUT {
+        let len = std::fs::metadata(out.join("log")).map_or(0, |m| m.len());
+        if len != last_len {
+            (last_len, last_change) = (len, Instant::now());
+        }
+        if last_change.elapsed() > QUIET_TIMEOUT || start.elapsed() > RUN_TIMEOUT {
             timed_out = true;
             let _ = child.kill();
             let _ = child.wait();
@@ -368,7 +383,11 @@ fn crash(b: &Boot) -> Option<String> {
         return Some(format!("guest kernel crashed: {}", l.trim()));
     }
     if b.timed_out {
-        return Some(format!("guest hung: no result after {} s", RUN_TIMEOUT.as_secs()));
+        return Some(format!(
+            "guest hung: no test output for {} s (or over {} s in all)",
+            QUIET_TIMEOUT.as_secs(),
+            RUN_TIMEOUT.as_secs()
+        ));
     }
     if !b.log.contains("LAB-ALL-DONE") {
         return Some("the VM stopped before the tests finished".into());
@@ -461,9 +480,10 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
 fn snapshot(root: &Path, binaries: &[(String, PathBuf)], bin: &Path) -> Result<Vec<(String, PathBuf)>> {
     let _ = std::fs::remove_dir_all(bin);
     std::fs::create_dir_all(bin)?;
+    // Release builds: under emulation a debug agent spends seconds parsing BTF at each start.
     for exe in ["ioasid-agent", "ioasid-guest"] {
-        std::fs::copy(root.join("target/debug").join(exe), bin.join(exe))
-            .with_context(|| format!("copying target/debug/{exe} (built by `cargo xtask lab`)"))?;
+        std::fs::copy(root.join("target/release").join(exe), bin.join(exe))
+            .with_context(|| format!("copying target/release/{exe} (built by `cargo xtask lab`)"))?;
     }
     binaries
         .iter()

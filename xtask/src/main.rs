@@ -155,7 +155,7 @@ fn main() -> Result<()> {
         Task::CheckAnywhere => check_anywhere(&root),
         Task::Lab { kernels, script, filter } => {
             setup()?;
-            cargo(&root, &["build", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
+            cargo(&root, &["build", "--release", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
             lab::run(&root, &lab::Options { kernels, filter, script })
         }
         Task::Test { no_lab, args } => {
@@ -174,6 +174,7 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             let start = Instant::now();
+            cargo(&root, &["build", "--release", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
             let r = lab::run(&root, &lab::Options { kernels: Vec::new(), filter: Vec::new(), script: None });
             eprintln!("xtask: lab took {:.1} s", start.elapsed().as_secs_f64());
             r

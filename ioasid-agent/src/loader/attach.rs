@@ -15,6 +15,8 @@ use crate::btf;
 /// What attaching needs to know of the running kernel.
 pub(super) struct Target<'a> {
     pub vmlinux: Option<&'a Btf>,
+    /// The modules' BTF, read at the first lookup that needs it.
+    pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, String>>,
 }
 
 /// Where a BTF-typed attach point lives: vmlinux, or a module (the type's id in its split BTF,
@@ -32,7 +34,11 @@ fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, String> {
     if vmlinux.id_by_type_name_kind(name, aya_kind).is_ok() {
         return Ok(Place::Vmlinux);
     }
-    match btf::find_in_modules(Path::new("/sys/kernel/btf"), name, kind) {
+    let modules = target
+        .modules
+        .get_or_init(|| btf::ModuleBtf::read(Path::new("/sys/kernel/btf")).map_err(|e| e.to_string()));
+    let modules = modules.as_ref().map_err(|e| format!("reading module BTF: {e}"))?;
+    match modules.find(name, kind) {
         Ok(Some((module, id))) => {
             let fd =
                 btf::module_fd(&module).map_err(|e| format!("{name} is in module {module}'s BTF: {e}"))?;

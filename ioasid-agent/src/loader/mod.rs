@@ -186,7 +186,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         .override_global(GLOBAL_CONFIG, &config, true)
         .load(OBJECT)
         .map_err(LoadError::Object)?;
-    let target = Target { vmlinux: btf.as_ref() };
+    let target = Target { vmlinux: btf.as_ref(), modules: std::cell::OnceCell::new() };
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();

@@ -311,3 +311,26 @@ pub fn assert_denied_as_recorded(
     assert!(["lsm", "sigkill", "stop-ask"].contains(&mechanism), "{r}");
     assert_denied(if mechanism == "lsm" { "lsm" } else { "sigkill" }, status, summary, err);
 }
+
+/// A guest that is killed if the test ends (or fails) before it is finished: a VFIO group is
+/// held by one process at a time, so a failed test must not keep it from the next one.
+pub struct GuestGuard(Option<Child>);
+
+impl GuestGuard {
+    pub fn spawn(args: &[&str]) -> Self {
+        Self(Some(guest(args)))
+    }
+
+    pub fn finish(mut self) -> (ExitStatus, serde_json::Value, String) {
+        finish(self.0.take().expect("finished once"))
+    }
+}
+
+impl Drop for GuestGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -32,7 +32,7 @@ fn count(tgid: u32, vcpu: u32, op: Op, path: Path) {
     add(tgid, vcpu, op.wire(), path, 1);
 }
 
-/// Adds `delta` (wrapping: u64::MAX subtracts one) to a counter on this CPU.
+/// Adds `delta` to a counter (`op` as on the wire) on this CPU.
 #[inline(always)]
 fn add(tgid: u32, vcpu: u32, op: u32, path: Path, delta: u64) {
     percpu_add(&IOASID_COUNTERS, &CounterKey { tgid, vcpu, op, path: path.wire() }, delta);
@@ -62,12 +62,17 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
     let (tgid, tid) = current_ids();
-    count(tgid, vcpu, op, Path::Exit);
     if isa == KVM_ISA_SVM && control().skip_emulation != 0 {
-        // KVM will emulate this very instruction to skip it (no NRIP save): remember it, so
-        // that emulation is not counted a second time.
+        // KVM will emulate this very instruction to skip it (no NRIP save): the count waits
+        // for that emulation, whose bytes say what the instruction is, so it is counted once
+        // and never corrected after a reader saw it.
         let rip = field_u64(ctx, cfg.exit_rip)?;
-        mark_exit(tid, &ExitMark { rip, vcpu, op: op.wire() });
+        if let Some(stale) = mark_exit(tid, &ExitMark { rip, vcpu, op: op.wire() }) {
+            // The previous exit's emulation never came: count it as reported.
+            add(tgid, stale.vcpu, stale.op, Path::Exit, 1);
+        }
+    } else {
+        count(tgid, vcpu, op, Path::Exit);
     }
     if op == Op::Wbinvd {
         count_flush(tgid, vcpu);
@@ -97,18 +102,12 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
         cost::close_pending(current_ids().1);
     }
     let cfg = config();
-    let (insn, len, flags) = if cfg.emul_packed != 0 {
+    let (insn, len, flags, failed) = if cfg.emul_packed != 0 {
         // One read of `len, insn[15], flags, failed` (the layout the agent checked).
         // SAFETY: bpf_probe_read_kernel faults safely.
         let t: EmulTail = unsafe { ctx.read_at(cfg.emul_len.offset as usize) }.map_err(i64::from)?;
-        if t.failed != 0 {
-            return Ok(());
-        }
-        (t.insn, t.len, t.flags)
+        (t.insn, t.len, t.flags, t.failed != 0)
     } else {
-        if field_u64(ctx, cfg.emul_failed)? != 0 {
-            return Ok(());
-        }
         let mut insn = [0u8; 15];
         // SAFETY: bpf_probe_read_kernel_buf faults safely; the destination is a stack buffer.
         unsafe {
@@ -118,22 +117,22 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
             )
         }
         .map_err(i64::from)?;
-        (insn, field_u64(ctx, cfg.emul_len)? as u8, field_u64(ctx, cfg.emul_flags)? as u8)
+        let failed = field_u64(ctx, cfg.emul_failed)? != 0;
+        (insn, field_u64(ctx, cfg.emul_len)? as u8, field_u64(ctx, cfg.emul_flags)? as u8, failed)
     };
     let long_mode = flags & KVM_EMUL_INSN_F_CS_L != 0;
-    let op = classify_insn(&insn, len, long_mode);
+    let op = if failed { None } else { classify_insn(&insn, len, long_mode) };
     if let Some(mark) = take_exit_mark() {
+        let tgid = current_ids().0;
         if field_u64(ctx, cfg.emul_rip)? == mark.rip {
-            let tgid = current_ids().0;
-            // KVM skipping the instruction this thread just exited on: the same instruction,
-            // counted at the exit. The bytes decide what it is (an emulator may report INVD as a
-            // WBINVD exit): move the count if the exit code was wrong.
-            if let Some(op) = op.filter(|op| op.wire() != mark.op) {
-                add(tgid, mark.vcpu, mark.op, Path::Exit, u64::MAX);
-                count(tgid, mark.vcpu, op, Path::Exit);
-            }
+            // KVM skipping the instruction this thread exited on (no NRIP save): the same
+            // instruction, counted once, here, as the hardware exit it was. The bytes decide what
+            // it is (an emulator may report INVD with the WBINVD exit code).
+            add(tgid, mark.vcpu, op.map_or(mark.op, Op::wire), Path::Exit, 1);
             return Ok(());
         }
+        // The exit's emulation never came: count the exit as it was reported.
+        add(tgid, mark.vcpu, mark.op, Path::Exit, 1);
     }
     let Some(op) = op else {
         return Ok(());
