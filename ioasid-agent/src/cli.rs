@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{audit::DEFAULT_AUDIT_PATH, loader::IoctlHooks, units::parse_duration};
+use crate::{audit::DEFAULT_AUDIT_PATH, loader::IoctlHooks, units};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,11 +68,11 @@ pub struct RunArgs {
     /// Attach only the tracepoint hooks (no fentry/fexit/LSM), e.g. to compare overheads.
     #[arg(long)]
     pub no_optional_hooks: bool,
-    /// How often the kernel counters are read (scrapes also read them).
-    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    /// How often the kernel counters are read (scrapes also read them); 10ms to 10s.
+    #[arg(long, value_parser = units::sweep_interval, default_value = "100ms")]
     pub sweep_interval: Duration,
-    /// How long a VM whose process exited is still reported.
-    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    /// How long a VM whose process exited is still reported; 1s to 7 days.
+    #[arg(long, value_parser = units::retention, default_value = "5m")]
     pub vm_retention: Duration,
     /// Program family for the ioctl path.
     #[arg(long, value_enum, default_value_t = IoctlHooksArg::Auto)]
@@ -138,7 +138,7 @@ pub struct TopArgs {
     #[arg(long, default_value = "127.0.0.1:9477")]
     pub url: String,
     /// Refresh interval.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = units::refresh_interval, default_value = "1s")]
     pub interval: Duration,
     /// Print one frame and exit.
     #[arg(long)]

@@ -1,24 +1,34 @@
-//! From an incoherent-DMA enable to a decision, what is left to carry out, and its audit record.
+//! From a FILE_ADD to a decision, what is left to carry out, and its audit record.
 //!
-//! The kernel already decided (and signalled) for processes with a verdict. For `Ask` requests
-//! (no verdict yet, or a device-limited rule) the process is stopped and the decision is made
-//! here from a fresh read of /proc and the VFIO device, then carried out with SIGKILL or
-//! SIGCONT. Pure functions: the event loop applies the result.
+//! Only an incoherent-DMA enable is judged: a file whose IOMMU keeps DMA coherent is observed
+//! and audited (`vfio-file-add`), never judged, stopped or counted as an enable; one of unknown
+//! coherency is judged as non-coherent unless the policy says `unknown_coherency: allow`. The
+//! kernel already decided (and signalled) for processes with a verdict and a file it knew. For
+//! `Ask` requests (no verdict yet, a device-limited rule, or a deny for a file of unknown
+//! coherency) the process is stopped and the decision is made here from a fresh read of /proc
+//! and the VFIO device, then carried out with SIGKILL or SIGCONT. Pure functions: the event
+//! loop applies the result.
 
-use ioasid_common::verdict::Mechanism as KernelMechanism;
+use ioasid_common::{events::Coherency, verdict::Mechanism as KernelMechanism};
 
 use crate::{
     audit::{AuditRecord, Decision, Mechanism, Outcome, RecordKind, Request},
     events::{EnableRequest, KernelJudged, RuleRef},
-    policy::{Action, Policy},
+    policy::{Action, Policy, UnknownCoherency},
     procfs::ProcessInfo,
     sys::Signal,
-    vfio::VfioFile,
+    vfio::{Coherency as VfioCoherency, VfioFile},
 };
 
 #[derive(Debug)]
 pub struct Judgement {
-    pub action: Action,
+    /// The policy's action, or None when the FILE_ADD was not an incoherent-DMA enable (a
+    /// coherent file, or one of unknown coherency the policy lets through): not judged.
+    pub action: Option<Action>,
+    /// The coherency it was judged by.
+    pub coherency: Coherency,
+    /// The kernel's own verdict disagreed with what the agent resolved.
+    pub disagreement: bool,
     /// What the agent must still send: SIGCONT to resume a stopped VMM, SIGKILL to end one.
     pub followup: Option<Signal>,
     pub record: AuditRecord,
@@ -31,24 +41,37 @@ pub struct Context<'a> {
     pub time: String,
 }
 
-/// Judges one enable from the process `p` (as read now, or as known) and its VFIO file.
+/// The coherency a FILE_ADD is judged by: the kernel's own verdict where its hook loads, else
+/// what the agent resolves now (sysfs), else what it had resolved for the fd (the kernel's
+/// map). Also whether the kernel's verdict disagreed with the agent's.
+pub fn coherency(req: &EnableRequest, vfio: Option<&VfioFile>) -> (Coherency, bool) {
+    let resolved = match vfio.map(|v| v.coherency) {
+        Some(VfioCoherency::Enforced) => Coherency::Coherent,
+        Some(VfioCoherency::NotEnforced) => Coherency::Noncoherent,
+        _ => req.file_coherency,
+    };
+    match req.kernel_coherent {
+        None => (resolved, false),
+        Some(k) => {
+            let kernel = if k { Coherency::Coherent } else { Coherency::Noncoherent };
+            (kernel, resolved != Coherency::Unknown && resolved != kernel)
+        }
+    }
+}
+
+/// Judges one FILE_ADD from the process `p` (as read now, or as known) and its VFIO file.
 pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Context<'_>) -> Judgement {
     let sent = req.signal_sent;
+    let (coherency, disagreement) = coherency(req, vfio.as_ref());
+    let verdict = cx.policy.evaluate(p);
+    let judged = coherency == Coherency::Noncoherent
+        || (coherency == Coherency::Unknown && verdict.unknown == UnknownCoherency::Judge);
+    let stopped = req.mechanism == KernelMechanism::StopAsk && sent;
     let (action, rule, mechanism, outcome, followup, reason) = match req.judged {
-        KernelJudged::Ask => {
-            let verdict = cx.policy.evaluate(p);
-            let devices = vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
-            let (action, reason) = cx.policy.decide_device(&verdict, &devices);
-            let stopped = req.mechanism == KernelMechanism::StopAsk && sent;
-            let (mechanism, outcome, followup) = match (stopped, action) {
-                (true, Action::Deny) => (Mechanism::StopAsk, Outcome::Killed, Some(Signal::Kill)),
-                (true, _) => (Mechanism::StopAsk, Outcome::Resumed, Some(Signal::Cont)),
-                (false, Action::Deny) => (Mechanism::None, Outcome::NotEnforced, None),
-                (false, _) => (Mechanism::None, Outcome::Completed, None),
-            };
-            (action, verdict.rule_name, mechanism, outcome, followup, reason)
-        }
-        KernelJudged::Verdict { action, rule, generation } => {
+        // What the kernel did for a file it knew to be non-coherent stands (it judged right).
+        KernelJudged::Verdict { action, rule, generation }
+            if judged || req.file_coherency == Coherency::Noncoherent =>
+        {
             let rule = match rule {
                 RuleRef::Default => "default".to_string(),
                 RuleRef::Index(i) if generation == cx.generation => {
@@ -63,11 +86,35 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
                 (Action::Deny, _) => (Mechanism::None, Outcome::NotEnforced),
                 _ => (Mechanism::None, Outcome::Completed),
             };
-            (action, rule, mechanism, outcome, None, None)
+            (judged.then_some(action), rule, mechanism, outcome, None, None)
+        }
+        // Not an incoherent-DMA enable: observed; a VMM stopped to ask goes on.
+        _ if !judged => {
+            let (mechanism, outcome, followup) = if stopped {
+                (Mechanism::StopAsk, Outcome::Resumed, Some(Signal::Cont))
+            } else {
+                (Mechanism::None, Outcome::Completed, None)
+            };
+            (None, verdict.rule_name, mechanism, outcome, followup, None)
+        }
+        // An enable the kernel asked about, or let through not knowing what it was: decided
+        // here. (Let through: the kernel's map said coherent or unknown-and-allowed, the
+        // kernel's own verdict says non-coherent. If the policy denies it, it is killed now.)
+        _ => {
+            let devices = vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
+            let (action, reason) = cx.policy.decide_device(&verdict, &devices);
+            let (mechanism, outcome, followup) = match (stopped, action, req.judged) {
+                (true, Action::Deny, _) => (Mechanism::StopAsk, Outcome::Killed, Some(Signal::Kill)),
+                (true, _, _) => (Mechanism::StopAsk, Outcome::Resumed, Some(Signal::Cont)),
+                (false, Action::Deny, KernelJudged::Ask) => (Mechanism::None, Outcome::NotEnforced, None),
+                (false, Action::Deny, _) => (Mechanism::Sigkill, Outcome::Killed, Some(Signal::Kill)),
+                (false, _, _) => (Mechanism::None, Outcome::Completed, None),
+            };
+            (Some(action), verdict.rule_name, mechanism, outcome, followup, reason)
         }
     };
     let record = AuditRecord {
-        event: RecordKind::IncoherentDma,
+        event: if action.is_some() { RecordKind::IncoherentDma } else { RecordKind::VfioFileAdd },
         time: cx.time.clone(),
         host: cx.host.to_string(),
         vm: p.vm.clone(),
@@ -85,20 +132,34 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
         },
         vfio,
         kernel_coherent: req.kernel_coherent,
+        coherency: Some(coherency.into()),
         rule,
-        decision: action.into(),
+        decision: action.map_or(Decision::Allowed, Decision::from),
         mechanism,
         outcome,
         ret: req.ret,
-        reason,
+        reason: reason.or_else(|| {
+            disagreement
+                .then(|| "the kernel's own coherency verdict disagreed with sysfs; the kernel's wins".into())
+        }),
         policy: cx.policy.source.clone(),
     };
-    Judgement { action, followup, record }
+    Judgement { action, coherency, disagreement, followup, record }
 }
 
 /// Replays a recorded decision against `policy`: what it would decide now.
 pub fn replay(rec: &AuditRecord, policy: &Policy) -> (Decision, String, Option<String>) {
     let verdict = policy.evaluate(&rec.process());
+    let coherency = rec.coherency.map_or(Coherency::Unknown, Coherency::from);
+    if coherency == Coherency::Coherent
+        || (coherency == Coherency::Unknown && verdict.unknown == UnknownCoherency::Allow)
+    {
+        return (
+            Decision::Allowed,
+            verdict.rule_name,
+            Some(format!("not judged: coherency {}", coherency.label())),
+        );
+    }
     let devices = rec.vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
     let (action, reason) = policy.decide_device(&verdict, &devices);
     (action.into(), verdict.rule_name, reason)
@@ -120,6 +181,7 @@ mod tests {
             signal_sent: sent,
             ret: Some(-22),
             kernel_coherent: None,
+            file_coherency: Coherency::Noncoherent,
         }
     }
 
@@ -181,16 +243,61 @@ mod tests {
         let j = judge(&ask, &proc("tenant-9"), None, &cx);
         assert_eq!(
             (j.action, j.followup, j.record.outcome),
-            (Action::Deny, Some(Signal::Kill), Outcome::Killed)
+            (Some(Action::Deny), Some(Signal::Kill), Outcome::Killed)
         );
         let j = judge(&ask, &proc("gpu-2"), None, &cx);
         assert_eq!(
             (j.action, j.followup, j.record.outcome),
-            (Action::Allow, Some(Signal::Cont), Outcome::Resumed)
+            (Some(Action::Allow), Some(Signal::Cont), Outcome::Resumed)
         );
         // Not stopped (dry run): nothing to carry out.
         let j = judge(&req(KernelJudged::Ask, KernelMechanism::None, false), &proc("tenant-9"), None, &cx);
         assert_eq!((j.followup, j.record.outcome), (None, Outcome::NotEnforced));
+    }
+
+    #[test]
+    fn only_incoherent_enables_are_judged() {
+        let policy = Policy::parse(POLICY, "p.yaml").unwrap();
+        let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
+        // The kernel knew the file coherent: observed, never judged.
+        let mut r = req(KernelJudged::Observed, KernelMechanism::None, false);
+        r.file_coherency = Coherency::Coherent;
+        let j = judge(&r, &proc("tenant-1"), None, &cx);
+        assert_eq!((j.action, j.followup, j.record.event), (None, None, RecordKind::VfioFileAdd));
+        // Stopped to ask (unknown to the kernel), then the kernel's own verdict says coherent:
+        // resumed, not judged.
+        let mut r = req(KernelJudged::Ask, KernelMechanism::StopAsk, true);
+        r.file_coherency = Coherency::Unknown;
+        r.kernel_coherent = Some(true);
+        let j = judge(&r, &proc("tenant-1"), None, &cx);
+        assert_eq!((j.action, j.followup, j.record.outcome), (None, Some(Signal::Cont), Outcome::Resumed));
+        // Unknown coherency is judged as non-coherent by default...
+        r.kernel_coherent = None;
+        let j = judge(&r, &proc("tenant-1"), None, &cx);
+        assert_eq!((j.action, j.followup), (Some(Action::Deny), Some(Signal::Kill)));
+        // ...unless the policy lets it through.
+        let allow = Policy::parse("default: { unknown_coherency: allow }\nrules:\n  - name: t\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n", "p.yaml").unwrap();
+        let cx = Context { policy: &allow, generation: 1, host: "h", time: "t".into() };
+        let j = judge(&r, &proc("tenant-1"), None, &cx);
+        assert_eq!(
+            (j.action, j.followup, j.record.coherency),
+            (None, Some(Signal::Cont), Some(Coherency::Unknown.into()))
+        );
+        // The kernel's verdict wins a disagreement with sysfs, and it is said.
+        let mut r = req(KernelJudged::Observed, KernelMechanism::None, false);
+        r.file_coherency = Coherency::Coherent;
+        r.kernel_coherent = Some(false);
+        let j = judge(
+            &r,
+            &proc("tenant-1"),
+            None,
+            &Context { policy: &policy, generation: 1, host: "h", time: "t".into() },
+        );
+        assert!(j.disagreement);
+        assert_eq!(
+            (j.action, j.followup, j.record.mechanism),
+            (Some(Action::Deny), Some(Signal::Kill), Mechanism::Sigkill)
+        );
     }
 
     #[test]

@@ -8,10 +8,13 @@ use std::mem::size_of;
 use ioasid_common::{
     abi::{KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL},
     events::{
-        EventHeader, EventKind, IoctlEvent, KernelCoherent, TransitionEvent, IOCTL_F_ATTR_READ,
+        Coherency, EventHeader, EventKind, IoctlEvent, TransitionEvent, IOCTL_F_ATTR_READ,
         IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
-    ioctl::{ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_SET_DEVICE_ATTR},
+    ioctl::{
+        ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_SET_DEVICE_ATTR, VFIO_DEVICE_BIND_IOMMUFD,
+        VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER,
+    },
     verdict::{Decision, Mechanism, RULE_DEFAULT, RULE_NONE},
     UnknownValue,
 };
@@ -41,6 +44,9 @@ pub enum KernelJudged {
     Verdict { action: Action, rule: RuleRef, generation: u32 },
     /// No verdict it could apply alone: the agent decides.
     Ask,
+    /// Not an incoherent-DMA enable by what the kernel knew of the file (coherent, or unknown
+    /// and let through by the policy): observed, not judged.
+    Observed,
 }
 
 /// An incoherent-DMA enable: KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_ADD).
@@ -61,6 +67,8 @@ pub struct EnableRequest {
     pub ret: Option<i64>,
     /// The kernel's own coherency verdict for the file (fexit vfio_file_enforced_coherent).
     pub kernel_coherent: Option<bool>,
+    /// The coherency the kernel judged the file by (what the agent had resolved for its fd).
+    pub file_coherency: Coherency,
 }
 
 /// Any other watched ioctl.
@@ -69,10 +77,14 @@ pub struct IoctlSeen {
     pub origin: Origin,
     /// The request's name (from the one list in ioasid-common).
     pub request: &'static str,
+    /// The fd it was issued on.
+    pub fd: i32,
     /// KVM_CREATE_VM or KVM_CREATE_DEVICE: the process is a VMM.
     pub creates_vm_or_device: bool,
     /// KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_DEL): a VFIO file leaves the VM.
     pub file_del: bool,
+    /// A request on a VFIO group or device fd (its IOMMU coherency can be resolved now).
+    pub vfio_file: bool,
     pub ret: Option<i64>,
     pub group: u32,
     pub attr: u64,
@@ -161,7 +173,12 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
             return Ok(Event::Ioctl(IoctlSeen {
                 origin: origin(&ev.header),
                 request,
+                fd: ev.fd,
                 creates_vm_or_device: matches!(ev.cmd, KVM_CREATE_VM | KVM_CREATE_DEVICE),
+                vfio_file: matches!(
+                    ev.cmd,
+                    VFIO_GROUP_SET_CONTAINER | VFIO_GROUP_GET_DEVICE_FD | VFIO_DEVICE_BIND_IOMMUFD
+                ),
                 file_del: ev.cmd == KVM_SET_DEVICE_ATTR
                     && ev.flags & IOCTL_F_ATTR_READ != 0
                     && ev.attr_group == KVM_DEV_VFIO_FILE
@@ -172,6 +189,7 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
             }));
         }
         Decision::Ask => KernelJudged::Ask,
+        Decision::Observed => KernelJudged::Observed,
         d => {
             let rule = match ev.rule {
                 RULE_DEFAULT => RuleRef::Default,
@@ -182,11 +200,12 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
             KernelJudged::Verdict { action, rule, generation: ev.generation }
         }
     };
-    let kernel_coherent = match KernelCoherent::try_from(ev.kernel_coherent).map_err(DecodeError::Value)? {
-        KernelCoherent::Unknown => None,
-        KernelCoherent::Yes => Some(true),
-        KernelCoherent::No => Some(false),
+    let kernel_coherent = match Coherency::try_from(ev.kernel_coherent).map_err(DecodeError::Value)? {
+        Coherency::Unknown => None,
+        Coherency::Coherent => Some(true),
+        Coherency::Noncoherent => Some(false),
     };
+    let file_coherency = Coherency::try_from(ev.file_coherency).map_err(DecodeError::Value)?;
     Ok(Event::Enable(EnableRequest {
         origin: origin(&ev.header),
         fd: ev.fd,
@@ -197,6 +216,7 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
         signal_sent: ev.flags & IOCTL_F_SIGNAL_SENT != 0,
         ret,
         kernel_coherent,
+        file_coherency,
     }))
 }
 
@@ -244,7 +264,7 @@ mod tests {
         raw.rule = 2;
         raw.generation = 5;
         raw.file_fd = 9;
-        raw.kernel_coherent = KernelCoherent::No.wire();
+        raw.kernel_coherent = Coherency::Noncoherent.wire();
         raw.flags = IOCTL_F_FILE_FD_READ | IOCTL_F_SIGNAL_SENT;
         let Event::Enable(ev) = decode(&bytes_of(&raw)).unwrap() else { panic!("kind") };
         assert_eq!(

@@ -9,6 +9,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, Ring
 use ioasid_common::{
     cost::{CostKey, COST_BUCKETS_NS, COST_SUM, FLUSH_CPUS_LEN},
     counters::{CounterKey, Op, Path, STATS_LEN},
+    events::Coherency,
     names::*,
     verdict::{Asked, FdKey, VmVerdict},
 };
@@ -54,6 +55,8 @@ pub trait Kernel {
     /// Takes back the agent's mark (a VFIO file left the VM); KVM's own count is untouched.
     fn unmark_noncoherent(&mut self, tgid: u32);
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError>;
+    /// What the agent resolved for a VFIO file fd, so a FILE_ADD of it is judged in the kernel.
+    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError>;
     /// Processes the kernel stopped to ask the agent, with its record of the request.
     fn asks(&mut self) -> Vec<(u32, Asked)>;
     fn remove_ask(&mut self, tgid: u32);
@@ -73,6 +76,7 @@ pub struct BpfKernel {
     asked: BpfHashMap<MapData, u32, Asked>,
     noncoherent: BpfHashMap<MapData, u32, u32>,
     noncoherent_kvm: BpfHashMap<MapData, u32, u64>,
+    file_coherency: BpfHashMap<MapData, FdKey, u32>,
     /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
     stats_hooks: Vec<(&'static str, &'static str)>,
     // Dropping the object detaches every program: it lives as long as this value.
@@ -123,6 +127,7 @@ impl BpfKernel {
             asked: take(e, MAP_ASKED)?,
             noncoherent: take(e, MAP_NONCOHERENT)?,
             noncoherent_kvm: take(e, MAP_NONCOHERENT_KVM)?,
+            file_coherency: take(e, MAP_FILE_COHERENCY)?,
             stats_hooks,
             ebpf: loaded.ebpf,
         };
@@ -194,6 +199,13 @@ impl Kernel for BpfKernel {
 
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
         self.verdicts.insert(tgid, verdict, 0).map_err(|source| MapError { map: MAP_VM_POLICY, source })
+    }
+
+    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError> {
+        let key = FdKey { tgid, fd: fd as u32 };
+        self.file_coherency
+            .insert(key, c.wire(), 0)
+            .map_err(|source| MapError { map: MAP_FILE_COHERENCY, source })
     }
 
     fn asks(&mut self) -> Vec<(u32, Asked)> {

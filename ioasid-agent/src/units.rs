@@ -21,9 +21,44 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A duration flag's parser that also bounds it (checked before anything is attached).
+fn bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!("{s:?} is out of range: between {min:?} and {max:?}"));
+    }
+    Ok(d)
+}
+
+/// `--sweep-interval`: 10 ms (the sweep reads every kernel map) to 10 s (storms are detected
+/// within a sweep).
+pub fn sweep_interval(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_millis(10), Duration::from_secs(10))
+}
+
+/// `--vm-retention`: 1 s to 7 days.
+pub fn retention(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_secs(1), Duration::from_secs(7 * 86_400))
+}
+
+/// `top --interval`: 100 ms to 1 h.
+pub fn refresh_interval(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_millis(100), Duration::from_secs(3600))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_are_bounded() {
+        assert!(sweep_interval("1e-10").is_err(), "not a panic: an error");
+        assert!(sweep_interval("0.000001").is_err(), "a microsecond sweep would burn a core");
+        assert_eq!(sweep_interval("100ms"), Ok(Duration::from_millis(100)));
+        assert!(sweep_interval("1h").is_err());
+        assert!(retention("10ms").is_err());
+        assert!(refresh_interval("1ms").is_err());
+    }
 
     #[test]
     fn durations() {

@@ -124,15 +124,25 @@ pub fn resolve(procfs: &ProcFs, sysfs: &SysFs, pid: u32, fd: i32) -> VfioFile {
 /// The VFIO groups and devices process `pid` holds open, resolved. QEMU adds every one it holds
 /// to its kvm-vfio device, so a VMM found holding one its IOMMU does not keep coherent runs with
 /// non-coherent DMA even if it added it before the agent started.
-pub fn held(procfs: &ProcFs, sysfs: &SysFs, pid: u32) -> Vec<VfioFile> {
+pub fn held(procfs: &ProcFs, sysfs: &SysFs, pid: u32) -> Vec<(i32, VfioFile)> {
     procfs
         .fds(pid)
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, t)| t.starts_with("/dev/vfio/") && t != Path::new("/dev/vfio/vfio"))
-        .map(|(_, t)| resolve_path(sysfs, &t))
-        .filter(|f| f.kind != "not-vfio")
+        .map(|(fd, t)| (fd, resolve_path(sysfs, &t)))
+        .filter(|(_, f)| f.kind != "not-vfio")
         .collect()
+}
+
+/// The coherency of a resolved VFIO file, as the kernel programs judge by it.
+pub fn coherency(f: &VfioFile) -> ioasid_common::events::Coherency {
+    use ioasid_common::events::Coherency as C;
+    match f.coherency {
+        Coherency::Enforced => C::Coherent,
+        Coherency::NotEnforced => C::Noncoherent,
+        Coherency::Unknown => C::Unknown,
+    }
 }
 
 /// Whether a held VFIO file makes the VM non-coherent: anything not known to be coherent.
@@ -274,10 +284,13 @@ mod tests {
         let procfs = ProcFs::at(t.0.join("proc"));
         let files = held(&procfs, &SysFs::at(&t.0), 77);
         assert_eq!(files.len(), 1, "{files:?}");
-        assert_eq!((files[0].kind.as_str(), files[0].coherency), ("group", Coherency::NotEnforced));
-        assert!(makes_noncoherent(&files[0]));
+        let (fd, file) = &files[0];
+        assert!(*fd >= 0);
+        assert_eq!((file.kind.as_str(), file.coherency), ("group", Coherency::NotEnforced));
+        assert!(makes_noncoherent(file));
+        assert_eq!(coherency(file), ioasid_common::events::Coherency::Noncoherent);
         t.file("class/iommu/dmar3/intel-iommu/ecap", "f020df\n"); // Snoop Control
-        assert!(!makes_noncoherent(&held(&procfs, &SysFs::at(&t.0), 77)[0]));
+        assert!(!makes_noncoherent(&held(&procfs, &SysFs::at(&t.0), 77)[0].1));
         assert!(held(&procfs, &SysFs::at(&t.0), 78).is_empty(), "a gone process holds nothing");
     }
 

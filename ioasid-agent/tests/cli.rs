@@ -63,6 +63,10 @@ fn bad_flags_are_usage_errors() {
         &["run", "--listen", "not-an-address"][..],
         &["run", "--sweep-interval", "fast"],
         &["run", "--vm-retention", "-5s"],
+        // Out of range: rejected before anything is attached, never a panic or a spinning core.
+        &["run", "--sweep-interval", "1e-10"],
+        &["run", "--sweep-interval", "0.000001"],
+        &["top", "--interval", "1ms"],
         &["replay"],
         &["nonsense"],
     ] {
@@ -84,10 +88,17 @@ fn replay_reports_bad_lines_and_still_evaluates_the_rest() {
     write(&pol, "default:\n  incoherent_dma: deny\n");
     let events = dir.path("events.jsonl");
     let good = r#"{"time":"t","host":"h","vm":"gpu-1","pid":5,"comm":"qemu","exe":null,"cgroup":null,"uid":0,"request":{"ioctl":"KVM_SET_DEVICE_ATTR","attr":"KVM_DEV_VFIO_FILE_ADD","fd":3,"file_fd":4,"device_fd_known":true},"vfio":null,"rule":"default","decision":"audited","mechanism":"none","outcome":"completed","ret":-22,"reason":null,"policy":"x"}"#;
-    std::fs::write(&events, format!("{good}\nnot json\n{{\"vm\": 1}}\n\n{good}\n")).unwrap();
+    // Lines 2 and 3 are not records, line 4 is not UTF-8, line 5 is far too long.
+    let mut bytes = format!("{good}\nnot json\n{{\"vm\": 1}}\n").into_bytes();
+    bytes.extend_from_slice(b"\xff\xfe{}\n");
+    bytes.extend(std::iter::repeat_n(b'x', 3 << 20));
+    bytes.extend_from_slice(format!("\n\n{good}\n").as_bytes());
+    std::fs::write(&events, bytes).unwrap();
     let (code, out, err) = agent(&["replay", events.to_str().unwrap(), "--policy", pol.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("events.jsonl:2:") && err.contains("events.jsonl:3:"), "{err}");
-    assert!(err.contains("2 line(s)"), "{err}");
+    for n in 2..=5 {
+        assert!(err.contains(&format!("events.jsonl:{n}:")), "line {n}: {err}");
+    }
+    assert!(err.contains("4 line(s)"), "{err}");
     assert_eq!(out.lines().filter(|l| l.contains("gpu-1") && l.contains("denied")).count(), 2, "{out}");
 }

@@ -132,9 +132,10 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
     let g = guest(&["--name", &storm, "--rate", "20000", "--duration", "8"]);
     // Like a real VMM, the tenant creates its VM a while before it adds a device.
     let delay = format!("{}", 2.5 * f64::from(slow()));
+    let tenant = format!("{prefix}-tenant-1");
     let (status, summary, err) =
-        finish(guest(&["--name", &format!("{prefix}-tenant-1"), "--file-add", "--file-add-delay", &delay]));
-    assert_denied(&enforcement(&agent), status, &summary, &err);
+        finish(guest(&["--name", &tenant, "--file-add", "--file-add-delay", &delay]));
+    assert_denied_as_recorded(&agent.wait_audit(&tenant), status, &summary, &err);
 
     let firing = eventually(Duration::from_secs(20), || {
         let q = format!("ALERTS{{alertname=\"IoasidWbinvdStorm\",alertstate=\"firing\",vm=\"{storm}\"}}");

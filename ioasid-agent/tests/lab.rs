@@ -202,3 +202,119 @@ fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
     assert_eq!(sample(&m, "ioasid_wbinvd_flushes_total", &[("vm", &name)]).unwrap_or(0.0), 0.0, "{m}");
     assert_eq!(sample(&m, "ioasid_vm_noncoherent", &[("vm", &name)]), Some(0.0), "{m}");
 }
+
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn a_noncoherent_enable_is_killed_in_the_kernel_without_the_lsm() {
+    require_kernel();
+    let _g = serial();
+    let dir = TempDir::new("sigkill");
+    let policy = dir.path("policy.yaml");
+    let prefix = unique("kill");
+    write(
+        &policy,
+        &format!("rules:\n  - name: no-dma\n    match: {{ vm: \"{prefix}-*\" }}\n    incoherent_dma: deny\n"),
+    );
+    // Without the optional hooks (no LSM), as on a host whose kernel refuses BPF LSM programs.
+    let agent = Agent::start(&["--policy", policy.to_str().unwrap(), "--no-optional-hooks"]);
+    assert_eq!(enforcement(&agent), "sigkill");
+    let name = format!("{prefix}-tenant");
+    let delay = format!("{}", 2 * slow());
+    let g = GuestGuard::spawn(&[
+        "--name",
+        &name,
+        "--file-add",
+        "--file-add-delay",
+        &delay,
+        "--vfio-group",
+        vfio_group().to_str().unwrap(),
+        "--wbinvd",
+        "20",
+    ]);
+    let (status, summary, err) = g.finish();
+    assert_denied("sigkill", status, &summary, &err);
+    let r = agent.wait_audit(&name);
+    assert_eq!(
+        (r["mechanism"].as_str(), r["outcome"].as_str(), r["coherency"].as_str()),
+        (Some("sigkill"), Some("killed"), Some("noncoherent")),
+        "the kernel knew the group non-coherent and killed the VMM alone: {r}"
+    );
+    let said = eventually(Duration::from_secs(3), || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("ioasid_ebpf") && l.contains("decision 3, signal 9 sent"))
+            .then_some(())
+    });
+    assert!(said.is_some(), "no kernel log line:\n{}", agent.log());
+    let m = agent.scrape();
+    assert_eq!(
+        sample(&m, "ioasid_vfio_file_adds_total", &[("vm", &name), ("coherency", "noncoherent")]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", &name), ("decision", "denied")]),
+        Some(1.0)
+    );
+}
+
+/// The lab boots each kernel a second time with an IOMMU that has snoop control (VT-d ECAP
+/// bit 7): its devices' DMA is always coherent. Only `snoop_control_*` tests run there.
+#[test]
+#[ignore = "needs an IOMMU with snoop control and a real VFIO device: runs in the lab's second boot"]
+fn snoop_control_a_coherent_device_is_never_judged() {
+    require_kernel();
+    let _g = serial();
+    let dir = TempDir::new("coherent");
+    let policy = dir.path("policy.yaml");
+    let prefix = unique("coh");
+    write(
+        &policy,
+        &format!("rules:\n  - name: no-dma\n    match: {{ vm: \"{prefix}-*\" }}\n    incoherent_dma: deny\n"),
+    );
+    let agent = Agent::start(&["--policy", policy.to_str().unwrap()]);
+    // A NIC-VF-like device behind an IOMMU that keeps it coherent, under a deny rule: added,
+    // never stopped or killed, not an incoherent-DMA enable; right after exec and later alike.
+    for (n, delay) in [(1, 0), (2, 2 * slow())] {
+        let name = format!("{prefix}-tenant-{n}");
+        let (status, summary, err) = GuestGuard::spawn(&[
+            "--name",
+            &name,
+            "--file-add",
+            "--file-add-delay",
+            &delay.to_string(),
+            "--vfio-group",
+            vfio_group().to_str().unwrap(),
+            "--wbinvd",
+            "10",
+        ])
+        .finish();
+        assert!(status.success(), "{name}: {err}");
+        assert_eq!(
+            (summary["file_add_errno"].as_i64(), summary["dma_cc"].as_i64()),
+            (Some(0), Some(1)),
+            "{summary}"
+        );
+        let r = agent.wait_audit(&name);
+        assert_eq!(
+            (r["event"].as_str(), r["coherency"].as_str(), r["decision"].as_str()),
+            (Some("vfio-file-add"), Some("coherent"), Some("allowed")),
+            "{r}"
+        );
+        assert_eq!(r["kernel_coherent"], true, "the kernel's own verdict: {r}");
+        let m = agent.scrape();
+        let adds = sample(&m, "ioasid_vfio_file_adds_total", &[("vm", &name), ("coherency", "coherent")]);
+        assert_eq!(adds, Some(1.0), "{m}");
+        for d in ["allowed", "audited", "denied"] {
+            let n = sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", &name), ("decision", d)]);
+            assert_eq!(n, Some(0.0), "not an incoherent-DMA enable ({d})");
+        }
+        assert_eq!(
+            sample(&m, "ioasid_wbinvd_flushes_total", &[("vm", &name)]).unwrap_or(0.0),
+            0.0,
+            "no real flush"
+        );
+        assert_eq!(sample(&m, "ioasid_vm_noncoherent", &[("vm", &name)]), Some(0.0));
+    }
+}

@@ -124,6 +124,6 @@ mod tests {
         let e = Mechanism::try_from(9).unwrap_err();
         assert_eq!((e.what, e.value), ("Mechanism", 9));
         assert!(EventKind::try_from(0).is_err());
-        assert_eq!(KernelCoherent::try_from(2), Ok(KernelCoherent::No));
+        assert_eq!(Coherency::try_from(2), Ok(Coherency::Noncoherent));
     }
 }

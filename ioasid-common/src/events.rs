@@ -72,19 +72,22 @@ pub struct IoctlEvent {
     pub flags: u32,
     /// sys_exit time, for latency.
     pub exit_ktime_ns: u64,
-    /// The kernel's own verdict during this ioctl, a [`KernelCoherent`] (fexit
+    /// The kernel's own verdict during this ioctl, a [`Coherency`] (fexit
     /// vfio_file_enforced_coherent, where trampolines load).
     pub kernel_coherent: u32,
-    pub _pad: u32,
+    /// The coherency the agent had resolved for the file (a [`Coherency`] from
+    /// [`crate::names::MAP_FILE_COHERENCY`]), which the kernel judged with.
+    pub file_coherency: u32,
 }
 const _: () = assert!(size_of::<IoctlEvent>() == 144);
 
 wire_enum! {
-    /// The kernel's coherency verdict for the file of a FILE_ADD.
-    pub enum KernelCoherent {
+    /// Whether the IOMMU keeps a VFIO file's DMA cache-coherent: its devices' no-snoop DMA is
+    /// then impossible, and adding it to a VM never makes KVM honour WBINVD.
+    pub enum Coherency {
         Unknown = 0 => "unknown",
-        Yes = 1 => "coherent",
-        No = 2 => "noncoherent",
+        Coherent = 1 => "coherent",
+        Noncoherent = 2 => "noncoherent",
     }
 }
 

@@ -28,6 +28,10 @@ pub const MAP_PENDING: &str = "IOASID_PENDING";
 /// Array of one u64: pending WBINVDs host-wide. While 0 (nearly always) the closers on every
 /// VM entry, emulated instruction and syscall exit return after one array read.
 pub const MAP_PENDING_COUNT: &str = "IOASID_PENDING_COUNT";
+/// Hash: [`crate::verdict::FdKey`] -> u32 [`crate::events::Coherency`]: the VFIO group and
+/// device fds the agent has resolved, so a FILE_ADD is judged by its coherency in the kernel,
+/// with no round trip. Written by the agent only.
+pub const MAP_FILE_COHERENCY: &str = "IOASID_FILE_COHERENCY";
 /// Hash: tgid -> u32 flag 1, VMMs the agent found non-coherent (a successful FILE_ADD of a
 /// device whose IOMMU does not enforce coherency, or such a device held when first seen).
 /// Written by the agent only.
@@ -47,7 +51,8 @@ pub const MAP_EXIT_MARKS: &str = "IOASID_EXIT_MARKS";
 pub const MAP_MARKS_COUNT: &str = "IOASID_MARKS_COUNT";
 
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
+    MAP_FILE_COHERENCY,
     MAP_EXIT_MARKS,
     MAP_MARKS_COUNT,
     MAP_COUNTERS,

@@ -11,9 +11,14 @@ wire_enum! {
         Allow = 1 => "allow",
         Audit = 2 => "audit",
         Deny = 3 => "deny",
-        /// The kernel had no verdict it could apply alone (process not classified yet, or the
-        /// rule depends on which device it is): the VMM is stopped and the agent decides.
+        /// The kernel had no verdict it could apply alone (process not classified yet, the rule
+        /// depends on which device it is, or a deny for a file of unknown coherency): the VMM is
+        /// stopped and the agent decides.
         Ask = 4 => "ask",
+        /// A FILE_ADD that is not an incoherent-DMA enable (the file's IOMMU keeps it
+        /// coherent, or its coherency is unknown and the policy lets that through): observed
+        /// and audited, never judged.
+        Observed = 5 => "observed",
     }
 }
 
@@ -45,7 +50,9 @@ pub struct VmVerdict {
     pub rule: u32,
     /// Policy generation this verdict was compiled from.
     pub generation: u32,
-    pub _pad: u32,
+    /// Non-zero when a file of unknown coherency is let through unjudged
+    /// (`unknown_coherency: allow`); zero: judged as non-coherent.
+    pub unknown_allowed: u32,
 }
 const _: () = assert!(size_of::<VmVerdict>() == 16);
 

@@ -35,6 +35,10 @@ pub static IOASID_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0
 #[map]
 pub static IOASID_VM_POLICY: HashMap<u32, VmVerdict> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
 
+/// (tgid, fd) -> the coherency of the VFIO file behind it, resolved by the agent.
+#[map]
+pub static IOASID_FILE_COHERENCY: HashMap<FdKey, u32> = HashMap::with_max_entries(KVM_DEVICES_MAX_ENTRIES, 0);
+
 /// (tgid, fd) -> KVM device type, from KVM_CREATE_DEVICE's sys_exit.
 #[map]
 pub static IOASID_KVM_DEVICES: HashMap<FdKey, u32> = HashMap::with_max_entries(KVM_DEVICES_MAX_ENTRIES, 0);

@@ -53,7 +53,8 @@ struct Args {
     /// Create a kvm-vfio device and issue KVM_DEV_VFIO_FILE_ADD with an ordinary fd.
     #[arg(long, conflicts_with_all = ["rate"])]
     file_add: bool,
-    /// With --file-add: wait this many seconds between KVM_CREATE_VM and KVM_CREATE_DEVICE.
+    /// With --file-add: wait this many seconds between KVM_CREATE_VM (and the VFIO group's
+    /// set-up) and KVM_CREATE_DEVICE.
     #[arg(long, default_value_t = 0.0, requires = "file_add")]
     file_add_delay: f64,
     /// With --file-add: add this real VFIO group (`/dev/vfio/N`) instead of an ordinary fd,
@@ -98,7 +99,7 @@ fn main() -> Result<()> {
     // A VMM keeps its device and VFIO fds open for the VM's life: so does this one.
     let mut keep = None;
     if args.file_add {
-        thread::sleep(Duration::from_secs_f64(args.file_add_delay));
+        // Like QEMU, the VFIO group is set up first; the kvm-vfio device comes later.
         let file = match &args.vfio_group {
             Some(group) => {
                 let (file, dma_cc) = vfio_group(group)?;
@@ -110,6 +111,7 @@ fn main() -> Result<()> {
                 container: None,
             },
         };
+        thread::sleep(Duration::from_secs_f64(args.file_add_delay));
         let (errno, dev) = file_attr(&vm, None, &file.file, KVM_DEV_VFIO_FILE_ADD)?;
         summary.file_add_errno = Some(errno);
         keep = Some((dev, file));

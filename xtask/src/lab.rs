@@ -271,13 +271,27 @@ sync
 }
 
 /// The script run inside: every test binary in turn, with its output, then a marker line.
-fn tests_script(bin: &Path, binaries: &[(String, PathBuf)], filter: &[String], out: &Path) -> String {
+/// The tests that need the IOMMU with snoop control run in a boot of their own.
+const SNOOP_PREFIX: &str = "snoop_control_";
+
+fn tests_script(
+    bin: &Path,
+    binaries: &[(String, PathBuf)],
+    filter: &[String],
+    out: &Path,
+    snoop: bool,
+) -> String {
     let mut s = format!(
         "set +e\ncd /tmp\nexport IOASID_LAB=1 RUST_BACKTRACE=1 IOASID_AGENT={} IOASID_GUEST={}\n",
         bin.join("ioasid-agent").display(),
         bin.join("ioasid-guest").display()
     );
-    let filter = filter.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(" ");
+    let mut filter = filter.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(" ");
+    if snoop {
+        filter = SNOOP_PREFIX.to_string();
+    } else {
+        filter.push_str(&format!(" --skip {SNOOP_PREFIX}"));
+    }
     // The hook table of this kernel, for the README's kernel matrix.
     let _ = writeln!(
         s,
@@ -310,7 +324,7 @@ struct Boot {
     timed_out: bool,
 }
 
-fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str) -> Result<Boot> {
+fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str, snoop: bool) -> Result<Boot> {
     let out = dir.join("out");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
@@ -343,7 +357,9 @@ fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str) -> Resul
         .args(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"])
         .arg("-virtfs")
         .arg(format!("local,path={},mount_tag=out,security_model=none", out.display()))
-        .args(["-device", "intel-iommu,snoop-control=false,intremap=on", "-device", "edu"])
+        .arg("-device")
+        .arg(format!("intel-iommu,snoop-control={snoop},intremap=on"))
+        .args(["-device", "edu"])
         .stdin(Stdio::null())
         .stdout(serial)
         .stderr(Stdio::inherit())
@@ -502,12 +518,17 @@ fn run_kernel(
     busybox: &Path,
     dir: &Path,
     script: &str,
+    snoop: bool,
 ) -> Result<(Boot, u32), String> {
     let mut attempt = 0;
+    let iommu = if snoop { "an IOMMU with snoop control" } else { "an IOMMU without snoop control" };
     loop {
         attempt += 1;
-        eprintln!("lab: {name} ({}, {}): booting, attempt {attempt}", kernel.package, kernel.release);
-        let b = boot(kernel, busybox, dir, script).map_err(|e| format!("{e:#}"))?;
+        eprintln!(
+            "lab: {name} ({}, {}, {iommu}): booting, attempt {attempt}",
+            kernel.package, kernel.release
+        );
+        let b = boot(kernel, busybox, dir, script, snoop).map_err(|e| format!("{e:#}"))?;
         let _ = std::fs::write(dir.join(format!("serial-{attempt}.log")), &b.serial);
         let _ = std::fs::write(dir.join(format!("tests-{attempt}.log")), &b.log);
         match crash(&b) {
@@ -537,45 +558,61 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         .iter()
         .filter(|(n, _)| opts.kernels.is_empty() || opts.kernels.iter().any(|k| k == n))
         .collect();
+    // Per kernel, one boot with an IOMMU that does not enforce coherency (every test but the
+    // snoop-control ones), then one with snoop control (only those).
     let mut prepared = Vec::new();
     for (name, pattern) in chosen {
         let kernel = prepare(&cache, pattern, &busybox)?;
-        let dir = run_dir.join(name);
-        std::fs::create_dir_all(&dir)?;
-        let script = match &opts.script {
-            Some(path) => {
-                // The VM has its own /tmp: run a copy from the lab's directory.
-                let copy = dir.join("user-script.sh");
-                std::fs::copy(path, &copy).with_context(|| format!("reading {}", path.display()))?;
-                format!("set +e\nsh {}\necho LAB-ALL-DONE\n", copy.display())
+        let mut boots = Vec::new();
+        for snoop in [false, true] {
+            if snoop && opts.script.is_some() {
+                continue;
             }
-            None => tests_script(&bin, &binaries, &opts.filter, &dir.join("out")),
-        };
-        prepared.push((name.to_string(), kernel, dir, script));
+            let label = if snoop { format!("{name}+snoop") } else { name.to_string() };
+            let dir = run_dir.join(&label);
+            std::fs::create_dir_all(&dir)?;
+            let script = match &opts.script {
+                Some(path) => {
+                    // The VM has its own /tmp: run a copy from the lab's directory.
+                    let copy = dir.join("user-script.sh");
+                    std::fs::copy(path, &copy).with_context(|| format!("reading {}", path.display()))?;
+                    format!("set +e\nsh {}\necho LAB-ALL-DONE\n", copy.display())
+                }
+                None => tests_script(&bin, &binaries, &opts.filter, &dir.join("out"), snoop),
+            };
+            boots.push((label, dir, script, snoop));
+        }
+        prepared.push((kernel, boots));
     }
     // Every kernel at once: each VM runs on one host core (single-threaded TCG).
     let outcomes: Vec<(String, String, Result<(Boot, u32), String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = prepared
             .iter()
-            .map(|(name, kernel, dir, script)| {
+            .map(|(kernel, boots)| {
                 let busybox = &busybox;
                 s.spawn(move || {
-                    (name.clone(), kernel.release.clone(), run_kernel(name, kernel, busybox, dir, script))
+                    boots
+                        .iter()
+                        .map(|(label, dir, script, snoop)| {
+                            let r = run_kernel(label, kernel, busybox, dir, script, *snoop);
+                            (label.clone(), kernel.release.clone(), r)
+                        })
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("a lab thread panicked")).collect()
+        handles.into_iter().flat_map(|h| h.join().expect("a lab thread panicked")).collect()
     });
     let mut report = Vec::new();
     let mut failed = false;
     let mut matrix = vec![host_status(root)];
-    for (name, release, _) in &outcomes {
+    for (name, release, _) in outcomes.iter().filter(|(n, _, _)| !n.ends_with("+snoop")) {
         let json = std::fs::read_to_string(run_dir.join(name).join("out/status.json")).unwrap_or_default();
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) {
             matrix.push((name.clone(), release.clone(), v));
         }
     }
-    if opts.script.is_none() && matrix.len() == outcomes.len() + 1 {
+    if opts.script.is_none() && matrix.len() == prepared.len() + 1 {
         write_matrix(root, &matrix)?;
     }
     for (name, release, outcome) in outcomes {
@@ -595,7 +632,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 for f in &s.failures {
                     eprintln!("lab: {name}: FAILED {f}");
                 }
-                if s.failed > 0 || s.passed == 0 {
+                // A filter may leave a boot with nothing to run; a full run always has tests.
+                if s.failed > 0 || (s.passed == 0 && opts.filter.is_empty()) {
                     failed = true;
                     eprintln!(
                         "lab: {name}: full output in {}",

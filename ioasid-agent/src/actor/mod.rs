@@ -13,6 +13,7 @@ use std::{
 
 use ioasid_common::{
     counters::{Op, Path, Stat},
+    events::Coherency,
     verdict::Mechanism as KernelMechanism,
 };
 
@@ -31,7 +32,7 @@ use crate::{
         Metrics,
     },
     text::escape,
-    vfio::{self, Coherency, SysFs},
+    vfio::{self, SysFs},
 };
 
 /// An ask older than this without its event is taken as lost (events arrive in microseconds).
@@ -98,6 +99,10 @@ impl<K: Kernel> Actor<K> {
                 if io.creates_vm_or_device {
                     let info = self.classify(io.origin.tgid, &io.origin.comm);
                     tracing::debug!(pid = info.pid, vm = %escape(&info.vm), request = io.request, ret = ?io.ret, "VMM ioctl");
+                } else if io.vfio_file {
+                    // A VFIO group or device fd in use: resolve it before the VMM adds it.
+                    let f = vfio::resolve(&self.set.procfs, &self.set.sysfs, io.origin.tgid, io.fd);
+                    self.learn_file(io.origin.tgid, io.fd, &f);
                 } else if io.file_del && io.ret == Some(0) {
                     // The file the agent marked the VM non-coherent for has left it. (KVM's own
                     // registration count, where its hooks load, says whether others remain.)
@@ -123,19 +128,44 @@ impl<K: Kernel> Actor<K> {
         let known = self.acct.procs.contains_key(&tgid);
         let info = self.acct.ensure(tgid, Some(comm), &self.set.procfs, Instant::now()).info.clone();
         if !known {
-            self.on_new_process(&info);
+            self.on_new_process(&info, false);
         }
         info
     }
 
-    /// Once per VMM process: its verdict into the kernel, and its non-coherent state if it
-    /// already holds VFIO devices (added before the agent started).
-    fn on_new_process(&mut self, info: &ProcessInfo) {
+    /// Once per VMM process: its verdict into the kernel, the coherency of the VFIO files it
+    /// holds, and, for a VMM that ran before the agent started (`preexisting`), its
+    /// non-coherent state: QEMU adds every VFIO file it holds to its VM, and those FILE_ADDs
+    /// happened unseen. (A VMM that starts later is seen adding them.)
+    fn on_new_process(&mut self, info: &ProcessInfo, preexisting: bool) {
         self.write_verdict(info);
         let files = vfio::held(&self.set.procfs, &self.set.sysfs, info.pid);
-        if let Some(f) = files.iter().find(|f| vfio::makes_noncoherent(f)) {
+        for (fd, f) in &files {
+            self.learn_file(info.pid, *fd, f);
+        }
+        if !preexisting {
+            return;
+        }
+        if let Some((_, f)) = files.iter().find(|(_, f)| vfio::makes_noncoherent(f)) {
             tracing::info!(pid = info.pid, device = %escape(&f.path), coherency = ?f.coherency, "VM already holds a non-coherent VFIO device");
             self.mark_noncoherent(info.pid);
+        }
+    }
+
+    /// Hands a VFIO file's coherency to the kernel, keyed by the fd the VMM holds it by, so a
+    /// FILE_ADD of it is judged there with no round trip.
+    fn learn_file(&mut self, tgid: u32, fd: i32, f: &vfio::VfioFile) {
+        if !matches!(f.kind.as_str(), "group" | "cdev" | "noiommu") {
+            return;
+        }
+        let c = vfio::coherency(f);
+        match self.kernel.set_file_coherency(tgid, fd, c) {
+            Ok(()) => {
+                tracing::debug!(pid = tgid, fd, path = %escape(&f.path), coherency = c.label(), "VFIO file resolved")
+            }
+            Err(e) => {
+                tracing::warn!(pid = tgid, fd, error = %e, "handing a VFIO file's coherency to the kernel")
+            }
         }
     }
 
@@ -187,7 +217,7 @@ impl<K: Kernel> Actor<K> {
                     Err(_) => self.classify(tgid, &req.origin.comm),
                 }
             }
-            KernelJudged::Verdict { .. } => self.classify(tgid, &req.origin.comm),
+            KernelJudged::Verdict { .. } | KernelJudged::Observed => self.classify(tgid, &req.origin.comm),
         };
         let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
         let cx = enforce::Context {
@@ -207,16 +237,19 @@ impl<K: Kernel> Actor<K> {
                 record.reason = Some(format!("{sig:?}: {e}"));
             }
         }
-        self.series.request(&info.vm, record.decision);
+        self.series.file_add(&info.vm, j.coherency.into());
+        if let Some(action) = j.action {
+            self.series.request(&info.vm, action.into());
+        }
+        if j.disagreement {
+            self.metrics.coherency_disagreements.inc();
+            tracing::warn!(pid = tgid, vm = %escape(&info.vm), "the kernel's own coherency verdict disagrees with sysfs; the kernel's wins");
+        }
         // A device the IOMMU does not keep coherent was really added: from now on KVM really
-        // executes this VM's WBINVD. The kernel's own verdict where fexit
-        // vfio_file_enforced_coherent loads, else sysfs's. (Where the registration fentry hooks
-        // load, the kernel also says so itself.)
-        let added = record.ret == Some(0) && j.action != Action::Deny;
-        let coherent = record
-            .kernel_coherent
-            .unwrap_or_else(|| record.vfio.as_ref().is_some_and(|v| v.coherency == Coherency::Enforced));
-        if added && !coherent {
+        // executes this VM's WBINVD. (Where the registration fentry hooks load, the kernel
+        // also says so itself.)
+        let added = record.ret == Some(0) && j.action != Some(Action::Deny);
+        if added && j.coherency == Coherency::Noncoherent {
             self.mark_noncoherent(tgid);
         }
         if let Some(r) = &self.record {
@@ -246,6 +279,7 @@ impl<K: Kernel> Actor<K> {
                 signal_sent: true,
                 ret: None,
                 kernel_coherent: None,
+                file_coherency: Coherency::Unknown,
             };
             self.decide(&req, Some("event lost; decided from the kernel's ask record"));
         }
@@ -273,8 +307,10 @@ impl<K: Kernel> Actor<K> {
         self.acct.apply_cost(self.kernel.cost(), &self.set.procfs, now);
         let new: Vec<ProcessInfo> =
             self.acct.live().filter(|(t, _)| !before.contains(t)).map(|(_, p)| p.info.clone()).collect();
+        // The first sweep finds the VMMs that ran before the agent started.
+        let preexisting = self.sweeps == 1;
         for info in new {
-            self.on_new_process(&info);
+            self.on_new_process(&info, preexisting);
         }
         // A dead process's counts were read above for the last time.
         for tgid in self.acct.take_newly_dead() {

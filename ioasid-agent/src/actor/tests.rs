@@ -10,6 +10,7 @@ use std::{
 
 use ioasid_common::{
     counters::{Op, Path, Stat, STATS_LEN},
+    events::Coherency,
     verdict::{Asked, Decision, Mechanism as KernelMechanism, VmVerdict, RULE_DEFAULT},
 };
 
@@ -31,6 +32,7 @@ struct FakeKernel {
     stats: Stats,
     forgotten: Vec<u32>,
     signals: Vec<(u32, Signal)>,
+    files: HashMap<(u32, i32), Coherency>,
 }
 
 impl Kernel for FakeKernel {
@@ -58,6 +60,10 @@ impl Kernel for FakeKernel {
     }
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
         self.verdicts.insert(tgid, verdict);
+        Ok(())
+    }
+    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError> {
+        self.files.insert((tgid, fd), c);
         Ok(())
     }
     fn asks(&mut self) -> Vec<(u32, Asked)> {
@@ -152,6 +158,7 @@ fn ask(tgid: u32) -> EnableRequest {
         signal_sent: true,
         ret: None,
         kernel_coherent: None,
+        file_coherency: Coherency::Unknown,
     }
 }
 
@@ -302,4 +309,29 @@ async fn a_reload_rejudges_running_vms_and_a_bad_file_changes_nothing() {
     assert_eq!(a.kernel().verdicts[&4600].generation, 2, "the last good policy stays");
     assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "failure")]), Some(1.0));
     assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "success")]), Some(1.0));
+}
+
+#[tokio::test]
+async fn a_coherent_file_is_observed_never_judged() {
+    let f = Fixture::new("coherent");
+    f.vmm(4700, "tenant-coh");
+    let mut a = f.actor(POLICY);
+    // Stopped to ask (the kernel did not know the file); the kernel's own verdict: coherent.
+    let mut req = ask(4700);
+    req.kernel_coherent = Some(true);
+    req.ret = Some(0);
+    a.on_event(Event::Enable(req));
+    assert_eq!(a.kernel().signals, vec![(4700, Signal::Cont)], "resumed, not killed");
+    assert!(a.kernel().marked.is_empty(), "a coherent file never makes the VM non-coherent");
+    let m = &a.metrics;
+    let adds = sample(m, "ioasid_vfio_file_adds_total", &[("vm", "tenant-coh"), ("coherency", "coherent")]);
+    assert_eq!(adds, Some(1.0));
+    let denied =
+        sample(m, "ioasid_incoherent_dma_requests_total", &[("vm", "tenant-coh"), ("decision", "denied")]);
+    assert_eq!(denied, Some(0.0), "not an incoherent-DMA enable");
+    let recs = f.audit(1).await;
+    assert_eq!(
+        (recs[0]["event"].as_str(), recs[0]["coherency"].as_str()),
+        (Some("vfio-file-add"), Some("coherent"))
+    );
 }

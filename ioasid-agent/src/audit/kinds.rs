@@ -32,6 +32,8 @@ text_enum! {
     /// The kind of an audit record (`event`).
     pub enum RecordKind {
         IncoherentDma => "incoherent-dma",
+        /// A FILE_ADD that was not an incoherent-DMA enable: observed, not judged.
+        VfioFileAdd => "vfio-file-add",
         WbinvdStorm => "wbinvd-storm",
     }
 }
@@ -100,5 +102,37 @@ text_enum! {
         Cleared => "cleared",
         VmmExited => "vmm-exited",
         SignalFailed => "signal-failed",
+    }
+}
+
+text_enum! {
+    /// The coherency a FILE_ADD was judged by; also the `coherency` label of
+    /// `ioasid_vfio_file_adds_total`.
+    pub enum FileCoherency {
+        Coherent => "coherent",
+        Noncoherent => "noncoherent",
+        Unknown => "unknown",
+    }
+}
+
+impl From<ioasid_common::events::Coherency> for FileCoherency {
+    fn from(c: ioasid_common::events::Coherency) -> Self {
+        use ioasid_common::events::Coherency as C;
+        match c {
+            C::Coherent => FileCoherency::Coherent,
+            C::Noncoherent => FileCoherency::Noncoherent,
+            C::Unknown => FileCoherency::Unknown,
+        }
+    }
+}
+
+impl From<FileCoherency> for ioasid_common::events::Coherency {
+    fn from(c: FileCoherency) -> Self {
+        use ioasid_common::events::Coherency as C;
+        match c {
+            FileCoherency::Coherent => C::Coherent,
+            FileCoherency::Noncoherent => C::Noncoherent,
+            FileCoherency::Unknown => C::Unknown,
+        }
     }
 }

@@ -18,7 +18,7 @@ use prometheus::IntCounter;
 
 mod kinds;
 
-pub use self::kinds::{Decision, Mechanism, Outcome, RecordKind, StormOutcome, StormState};
+pub use self::kinds::{Decision, FileCoherency, Mechanism, Outcome, RecordKind, StormOutcome, StormState};
 use crate::{procfs::ProcessInfo, vfio::VfioFile};
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/ioasid/audit.jsonl";
@@ -44,7 +44,8 @@ fn incoherent_dma() -> RecordKind {
     RecordKind::IncoherentDma
 }
 
-/// An incoherent-DMA decision.
+/// A FILE_ADD: an incoherent-DMA decision (`incoherent-dma`), or a file that was not an
+/// incoherent-DMA enable (`vfio-file-add`: coherent, or unknown and let through).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// `incoherent-dma`.
@@ -64,6 +65,9 @@ pub struct AuditRecord {
     /// The kernel's own verdict (fexit vfio_file_enforced_coherent), where that hook loads.
     #[serde(default)]
     pub kernel_coherent: Option<bool>,
+    /// The coherency the request was judged by (the kernel's own verdict, else sysfs's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coherency: Option<FileCoherency>,
     /// Matched rule name, or `default`.
     pub rule: String,
     pub decision: Decision,

@@ -23,6 +23,7 @@ fn labels_are_the_serialized_forms() {
     check(Outcome::ALL);
     check(StormState::ALL);
     check(StormOutcome::ALL);
+    check(FileCoherency::ALL);
 }
 
 #[tokio::test]
@@ -50,6 +51,7 @@ async fn writes_lines_and_counts_drops() {
         },
         vfio: None,
         kernel_coherent: None,
+        coherency: None,
         rule: "default".into(),
         decision: Decision::Audited,
         mechanism: Mechanism::None,

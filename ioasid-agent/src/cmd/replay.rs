@@ -1,7 +1,10 @@
 //! `ioasid-agent replay EVENTS.jsonl --policy PATH`: what a policy would decide for recorded
 //! requests. Bad lines are reported with their line numbers; the others are still evaluated.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
+
+/// The longest line `replay` reads (an audit record is a few hundred bytes).
+const MAX_LINE: usize = 1 << 20;
 
 use anyhow::{bail, Context, Result};
 
@@ -20,13 +23,45 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
     if !args.json {
         println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
     }
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", args.events.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut raw = Vec::new();
+    for i in 0.. {
+        raw.clear();
+        // Bounded: a line longer than any record is reported, not read whole into memory.
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut raw)
+            .with_context(|| format!("reading {}", args.events.display()))?;
+        if n == 0 {
+            break;
+        }
+        if raw.len() > MAX_LINE && !raw.ends_with(b"\n") {
+            bad += 1;
+            eprintln!("{}:{}: line longer than {MAX_LINE} bytes: skipped", args.events.display(), i + 1);
+            // Skip the rest of the line.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                let m = (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut rest)?;
+                if m == 0 || rest.ends_with(b"\n") {
+                    break;
+                }
+            }
+            continue;
+        }
+        let line = match std::str::from_utf8(&raw) {
+            Ok(l) => l,
+            Err(e) => {
+                bad += 1;
+                eprintln!("{}:{}: not UTF-8 ({e}): skipped", args.events.display(), i + 1);
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
         // Audit logs also hold other events (WBINVD storms): only decisions are replayed.
-        let value: serde_json::Value = match serde_json::from_str(&line) {
+        let value: serde_json::Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
                 bad += 1;

@@ -127,7 +127,9 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
     ));
     for r in &f.rows {
         let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
-        let mut vm = r.vm.clone();
+        // A VM name is chosen by whoever starts the VMM: no control character or escape
+        // sequence reaches the operator's terminal.
+        let mut vm = crate::text::escape(&r.vm).into_owned();
         if vm.chars().count() > 24 {
             vm = vm.chars().take(23).collect::<String>() + "~";
         }

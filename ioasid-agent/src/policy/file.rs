@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use globset::{Glob, GlobMatcher, GlobSetBuilder};
 use serde::Deserialize;
 
-use super::{Action, Budget, Policy, Rule, StormAction};
+use super::{Action, Budget, Policy, Rule, StormAction, UnknownCoherency};
 use crate::units::parse_duration;
 
 #[derive(Debug, Deserialize)]
@@ -22,13 +22,20 @@ struct PolicyFile {
 struct DefaultSection {
     #[serde(default = "default_action")]
     incoherent_dma: Action,
+    /// What a FILE_ADD of a file whose coherency is unknown gets.
+    #[serde(default)]
+    unknown_coherency: UnknownCoherency,
     #[serde(default)]
     wbinvd: BudgetFile,
 }
 
 impl Default for DefaultSection {
     fn default() -> Self {
-        Self { incoherent_dma: default_action(), wbinvd: BudgetFile::default() }
+        Self {
+            incoherent_dma: default_action(),
+            unknown_coherency: UnknownCoherency::default(),
+            wbinvd: BudgetFile::default(),
+        }
     }
 }
 
@@ -76,6 +83,7 @@ struct RuleFile {
     #[serde(rename = "match")]
     matcher: MatchFile,
     incoherent_dma: Option<Action>,
+    unknown_coherency: Option<UnknownCoherency>,
     devices: Option<Vec<String>>,
     wbinvd: Option<BudgetFile>,
 }
@@ -189,9 +197,16 @@ pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
             exe: glob("exe", &r.matcher.exe)?,
             uids,
             incoherent_dma: r.incoherent_dma.unwrap_or(file.default.incoherent_dma),
+            unknown_coherency: r.unknown_coherency.unwrap_or(file.default.unknown_coherency),
             devices,
             name: r.name,
         });
     }
-    Ok(Policy { source: source.to_string(), default: file.default.incoherent_dma, default_budget, rules })
+    Ok(Policy {
+        source: source.to_string(),
+        default: file.default.incoherent_dma,
+        default_unknown: file.default.unknown_coherency,
+        default_budget,
+        rules,
+    })
 }

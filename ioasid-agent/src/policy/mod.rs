@@ -53,11 +53,24 @@ impl Action {
             Decision::Allow => Some(Action::Allow),
             Decision::Audit => Some(Action::Audit),
             Decision::Deny => Some(Action::Deny),
-            Decision::Ask | Decision::None => None,
+            Decision::Ask | Decision::None | Decision::Observed => None,
         }
     }
 }
 
+/// What a FILE_ADD of a file whose coherency is unknown gets (a device the agent could not
+/// resolve, an IOMMU type it does not understand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownCoherency {
+    /// Judged as non-coherent, by the rule (the default: fail closed).
+    #[default]
+    Judge,
+    /// Let through, observed and audited, not judged.
+    Allow,
+}
+
+/// What to do when a VM goes over its WBINVD budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StormAction {
@@ -104,6 +117,7 @@ struct Rule {
     exe: Option<GlobMatcher>,
     uids: Option<Vec<u32>>,
     incoherent_dma: Action,
+    unknown_coherency: UnknownCoherency,
     devices: Option<(Vec<String>, GlobSet)>,
     budget: Budget,
 }
@@ -114,6 +128,7 @@ pub struct Policy {
     /// Where it came from: a path, or `<embedded default>`.
     pub source: String,
     pub default: Action,
+    pub default_unknown: UnknownCoherency,
     pub default_budget: Budget,
     rules: Vec<Rule>,
 }
@@ -130,6 +145,8 @@ pub struct Verdict {
     pub devices: Option<Vec<String>>,
     /// The VM's WBINVD budget.
     pub budget: Budget,
+    /// What a file of unknown coherency gets.
+    pub unknown: UnknownCoherency,
 }
 
 impl Verdict {
@@ -148,7 +165,7 @@ impl Verdict {
             decision: self.kernel_decision().wire(),
             rule: self.rule.map_or(RULE_DEFAULT, |r| r as u32),
             generation,
-            _pad: 0,
+            unknown_allowed: u32::from(self.unknown == UnknownCoherency::Allow),
         }
     }
 }
@@ -190,6 +207,7 @@ impl Policy {
                     action: r.incoherent_dma,
                     devices: r.devices.as_ref().map(|(l, _)| l.clone()),
                     budget: r.budget,
+                    unknown: r.unknown_coherency,
                 };
             }
         }
@@ -199,6 +217,7 @@ impl Policy {
             action: self.default,
             devices: None,
             budget: self.default_budget,
+            unknown: self.default_unknown,
         }
     }
 

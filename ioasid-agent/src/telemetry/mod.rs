@@ -39,6 +39,10 @@ pub struct Metrics {
     pub vms: IntGauge,
     /// contract: incoherent-DMA enables by decision = allowed | audited | denied.
     pub incoherent_dma_requests: IntCounterVec,
+    /// contract: every FILE_ADD by VM and coherency = coherent | noncoherent | unknown.
+    pub vfio_file_adds: IntCounterVec,
+    /// The kernel's own coherency verdict disagreed with sysfs's (the kernel's wins).
+    pub coherency_disagreements: IntCounter,
     /// contract: VMs with non-coherent DMA registered (where the kernel transition is observable).
     pub noncoherent_vms: IntGauge,
     /// 1 while the VM has non-coherent DMA (its WBINVD really flush).
@@ -122,6 +126,15 @@ impl Metrics {
                 "ioasid_incoherent_dma_requests_total",
                 "Incoherent-DMA enables (KVM_DEV_VFIO_FILE_ADD) by VM and decision.",
                 &["vm", "decision"],
+            ),
+            vfio_file_adds: counter_vec(
+                "ioasid_vfio_file_adds_total",
+                "VFIO files added to VMs (KVM_DEV_VFIO_FILE_ADD), by VM and the coherency they were judged by; only noncoherent (and unknown, unless the policy lets it through) ones are incoherent-DMA enables.",
+                &["vm", "coherency"],
+            ),
+            coherency_disagreements: counter(
+                "ioasid_coherency_disagreements_total",
+                "FILE_ADDs where the kernel's own coherency verdict (fexit vfio_file_enforced_coherent) disagreed with the IOMMU's as read from sysfs; the kernel's wins.",
             ),
             noncoherent_vms: gauge(
                 "ioasid_noncoherent_vms",

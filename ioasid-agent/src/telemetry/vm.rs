@@ -10,7 +10,7 @@ use prometheus::IntCounter;
 use super::Metrics;
 use crate::{
     accounting::{Totals, VmTotals},
-    audit::Decision,
+    audit::{Decision, FileCoherency},
 };
 
 /// The per-VM gauges, set each sweep.
@@ -80,7 +80,16 @@ impl VmSeries {
         for d in Decision::ALL {
             self.metrics.incoherent_dma_requests.with_label_values(&[vm, d.label()]);
         }
+        for c in FileCoherency::ALL {
+            self.metrics.vfio_file_adds.with_label_values(&[vm, c.label()]);
+        }
         self.metrics.dos_alerts.with_label_values(&[vm]);
+    }
+
+    /// One VFIO file added to the VM, judged or not.
+    pub fn file_add(&mut self, vm: &str, c: FileCoherency) {
+        self.create(vm);
+        self.metrics.vfio_file_adds.with_label_values(&[vm, c.label()]).inc();
     }
 
     /// One judged incoherent-DMA enable.
@@ -157,6 +166,9 @@ impl VmSeries {
         let _ = m.dos_alerts.remove_label_values(&[vm]);
         for d in Decision::ALL {
             let _ = m.incoherent_dma_requests.remove_label_values(&[vm, d.label()]);
+        }
+        for c in FileCoherency::ALL {
+            let _ = m.vfio_file_adds.remove_label_values(&[vm, c.label()]);
         }
         self.vms.remove(vm);
     }

@@ -30,7 +30,7 @@ use ioasid_common::{
     },
     counters::Stat,
     events::{
-        EventKind, IoctlEvent, KernelCoherent, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
+        Coherency, EventKind, IoctlEvent, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
         IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
@@ -44,7 +44,7 @@ use super::{current_ids, header};
 use crate::{
     maps::{
         config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_EVENTS,
-        IOASID_INFLIGHT, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
+        IOASID_FILE_COHERENCY, IOASID_INFLIGHT, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
     },
     read::field_u64,
 };
@@ -66,6 +66,20 @@ struct KvmCreateDevice {
     ty: u32,
     fd: u32,
     flags: u32,
+}
+
+/// The coherency the agent resolved for the FILE_ADD's file fd, if it has.
+#[inline(always)]
+fn file_coherency(tgid: u32, ev: &IoctlEvent) -> Coherency {
+    if ev.flags & IOCTL_F_FILE_FD_READ == 0 || ev.file_fd < 0 {
+        return Coherency::Unknown;
+    }
+    let key = FdKey { tgid, fd: ev.file_fd as u32 };
+    match IOASID_FILE_COHERENCY.get_ptr(&key) {
+        // SAFETY: pointer to a live map value, read once.
+        Some(c) => Coherency::try_from(unsafe { *c }).unwrap_or(Coherency::Unknown),
+        None => Coherency::Unknown,
+    }
 }
 
 #[inline(always)]
@@ -222,14 +236,25 @@ fn judge_device_attr<C: EbpfContext>(
         return;
     }
 
-    // An incoherent-DMA enable: judge it.
+    // A FILE_ADD: an incoherent-DMA enable unless the file's IOMMU keeps it coherent.
+    let coherency = file_coherency(tgid, ev);
+    ev.file_coherency = coherency.wire();
+    if coherency == Coherency::Coherent {
+        ev.decision = Decision::Observed.wire();
+        return;
+    }
     match IOASID_VM_POLICY.get_ptr(&tgid) {
         Some(v) => {
             // SAFETY: pointer to a live map value, copied once.
             let v = unsafe { *v };
-            ev.decision = v.decision;
             ev.rule = v.rule;
             ev.generation = v.generation;
+            ev.decision = match coherency {
+                Coherency::Unknown if v.unknown_allowed != 0 => Decision::Observed.wire(),
+                // Never kill a device the agent could not resolve yet: it may be coherent.
+                Coherency::Unknown if v.decision == Decision::Deny.wire() => Decision::Ask.wire(),
+                _ => v.decision,
+            };
         }
         None => ev.decision = Decision::Ask.wire(),
     }
@@ -344,9 +369,19 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         return 0;
     }
     let (tgid, _) = current_ids();
+    // Only a file the agent resolved as non-coherent is refused here: a coherent one is not an
+    // incoherent-DMA enable, and one of unknown coherency is stopped and asked at sys_enter.
+    // SAFETY: bpf_probe_read_user faults safely.
+    let Ok(file_fd) = (unsafe { bpf_probe_read_user(attr.addr as *const i32) }) else {
+        return 0;
+    };
+    let key = FdKey { tgid, fd: file_fd as u32 };
+    // SAFETY: pointer to a live map value, read once.
+    let noncoherent =
+        IOASID_FILE_COHERENCY.get_ptr(&key).is_some_and(|c| unsafe { *c } == Coherency::Noncoherent.wire());
     match IOASID_VM_POLICY.get_ptr(&tgid) {
         // SAFETY: pointer to a live map value, read once.
-        Some(v) if unsafe { (*v).decision } == Decision::Deny.wire() => -EPERM,
+        Some(v) if noncoherent && unsafe { (*v).decision } == Decision::Deny.wire() => -EPERM,
         _ => 0,
     }
 }
@@ -360,7 +395,7 @@ pub fn ioasid_fexit_vfio_file_enforced_coherent(ctx: FExitContext) -> i32 {
     let Ok(ret) = ctx.ret::<u64>() else { return 0 };
     let (_, tid) = current_ids();
     if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) {
-        let verdict = if ret & 0xff != 0 { KernelCoherent::Yes } else { KernelCoherent::No };
+        let verdict = if ret & 0xff != 0 { Coherency::Coherent } else { Coherency::Noncoherent };
         // SAFETY: this thread's own in-flight event; sys_exit for it has not run yet.
         unsafe { (*ev).kernel_coherent = verdict.wire() };
     }
