@@ -36,6 +36,29 @@ fn vfio_group() -> PathBuf {
     panic!("no device is bound to vfio-pci");
 }
 
+/// An agent whose policy denies incoherent DMA to every VM named `{prefix}-*`.
+fn deny_agent(prefix: &str, extra: &[&str]) -> (Agent, TempDir) {
+    let dir = TempDir::new("deny");
+    let policy = dir.path("policy.yaml");
+    write(
+        &policy,
+        &format!("rules:\n  - name: no-dma\n    match: {{ vm: \"{prefix}-*\" }}\n    incoherent_dma: deny\n"),
+    );
+    let mut args = vec!["--policy", policy.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Agent::start(&args), dir)
+}
+
+/// A guest that adds the lab's real VFIO group to its VM `delay` seconds after start, then
+/// does `extra` (its WBINVD work, FILE_DEL...).
+fn vfio_guest(name: &str, delay: u32, extra: &[&str]) -> GuestGuard {
+    let (delay, group) = (delay.to_string(), vfio_group());
+    let mut args = vec!["--name", name, "--file-add", "--file-add-delay", &delay, "--vfio-group"];
+    args.push(group.to_str().unwrap());
+    args.extend_from_slice(extra);
+    GuestGuard::spawn(&args)
+}
+
 fn nrips() -> Option<bool> {
     let v = std::fs::read_to_string("/sys/module/kvm_amd/parameters/nrips").ok()?;
     Some(matches!(v.trim(), "1" | "Y"))
@@ -110,24 +133,10 @@ fn a_real_noncoherent_enable_makes_every_wbinvd_flush() {
     require_kernel();
     let _g = serial();
     let agent = Agent::start(&[]);
-    let group = vfio_group();
     let name = unique("nc");
     let hold = format!("{}", 3 * slow());
-    let g = GuestGuard::spawn(&[
-        "--name",
-        &name,
-        "--file-add",
-        "--vfio-group",
-        group.to_str().unwrap(),
-        "--wbinvd",
-        "100",
-        "--migrate",
-        "--file-del",
-        "--file-del-delay",
-        &hold,
-        "--hold",
-        &hold,
-    ]);
+    let extra = ["--wbinvd", "100", "--migrate", "--file-del", "--file-del-delay", &hold, "--hold", &hold];
+    let g = vfio_guest(&name, 0, &extra);
     // While the device is in: non-coherent, every WBINVD a real flush, some reaching both CPUs.
     let m = eventually(Duration::from_secs(10), || {
         let m = agent.scrape();
@@ -166,29 +175,11 @@ fn a_real_noncoherent_enable_makes_every_wbinvd_flush() {
 fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
     require_kernel();
     let _g = serial();
-    let dir = TempDir::new("lsm");
-    let policy = dir.path("policy.yaml");
     let prefix = unique("lsm");
-    write(
-        &policy,
-        &format!("rules:\n  - name: no-dma\n    match: {{ vm: \"{prefix}-*\" }}\n    incoherent_dma: deny\n"),
-    );
-    let agent = Agent::start(&["--policy", policy.to_str().unwrap()]);
+    let (agent, _dir) = deny_agent(&prefix, &[]);
     assert_eq!(enforcement(&agent), "lsm", "the lab's kernels load BPF LSM programs");
     let name = format!("{prefix}-tenant");
-    let delay = format!("{}", 2 * slow());
-    let (status, summary, err) = GuestGuard::spawn(&[
-        "--name",
-        &name,
-        "--file-add",
-        "--file-add-delay",
-        &delay,
-        "--vfio-group",
-        vfio_group().to_str().unwrap(),
-        "--wbinvd",
-        "20",
-    ])
-    .finish();
+    let (status, summary, err) = vfio_guest(&name, 2 * slow(), &["--wbinvd", "20"]).finish();
     assert_denied("lsm", status, &summary, &err);
     assert_eq!(summary["wbinvd"], 20, "the VMM lives on and runs its guest: {summary}");
     let r = agent.wait_audit(&name);
@@ -208,30 +199,12 @@ fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
 fn a_noncoherent_enable_is_killed_in_the_kernel_without_the_lsm() {
     require_kernel();
     let _g = serial();
-    let dir = TempDir::new("sigkill");
-    let policy = dir.path("policy.yaml");
     let prefix = unique("kill");
-    write(
-        &policy,
-        &format!("rules:\n  - name: no-dma\n    match: {{ vm: \"{prefix}-*\" }}\n    incoherent_dma: deny\n"),
-    );
     // Without the optional hooks (no LSM), as on a host whose kernel refuses BPF LSM programs.
-    let agent = Agent::start(&["--policy", policy.to_str().unwrap(), "--no-optional-hooks"]);
+    let (agent, _dir) = deny_agent(&prefix, &["--no-optional-hooks"]);
     assert_eq!(enforcement(&agent), "sigkill");
     let name = format!("{prefix}-tenant");
-    let delay = format!("{}", 2 * slow());
-    let g = GuestGuard::spawn(&[
-        "--name",
-        &name,
-        "--file-add",
-        "--file-add-delay",
-        &delay,
-        "--vfio-group",
-        vfio_group().to_str().unwrap(),
-        "--wbinvd",
-        "20",
-    ]);
-    let (status, summary, err) = g.finish();
+    let (status, summary, err) = vfio_guest(&name, 2 * slow(), &["--wbinvd", "20"]).finish();
     assert_denied("sigkill", status, &summary, &err);
     let r = agent.wait_audit(&name);
     assert_eq!(
@@ -266,30 +239,13 @@ fn a_noncoherent_enable_is_killed_in_the_kernel_without_the_lsm() {
 fn snoop_control_a_coherent_device_is_never_judged() {
     require_kernel();
     let _g = serial();
-    let dir = TempDir::new("coherent");
-    let policy = dir.path("policy.yaml");
     let prefix = unique("coh");
-    write(
-        &policy,
-        &format!("rules:\n  - name: no-dma\n    match: {{ vm: \"{prefix}-*\" }}\n    incoherent_dma: deny\n"),
-    );
-    let agent = Agent::start(&["--policy", policy.to_str().unwrap()]);
+    let (agent, _dir) = deny_agent(&prefix, &[]);
     // A NIC-VF-like device behind an IOMMU that keeps it coherent, under a deny rule: added,
     // never stopped or killed, not an incoherent-DMA enable; right after exec and later alike.
     for (n, delay) in [(1, 0), (2, 2 * slow())] {
         let name = format!("{prefix}-tenant-{n}");
-        let (status, summary, err) = GuestGuard::spawn(&[
-            "--name",
-            &name,
-            "--file-add",
-            "--file-add-delay",
-            &delay.to_string(),
-            "--vfio-group",
-            vfio_group().to_str().unwrap(),
-            "--wbinvd",
-            "10",
-        ])
-        .finish();
+        let (status, summary, err) = vfio_guest(&name, delay, &["--wbinvd", "10"]).finish();
         assert!(status.success(), "{name}: {err}");
         assert_eq!(
             (summary["file_add_errno"].as_i64(), summary["dma_cc"].as_i64()),

@@ -511,6 +511,9 @@ fn snapshot(root: &Path, binaries: &[(String, PathBuf)], bin: &Path) -> Result<V
         .collect()
 }
 
+/// A boot's label, its kernel release, and what came of it (the boot and how many attempts).
+type BootOutcome = (String, String, Result<(Boot, u32), String>);
+
 /// One kernel's runs: boot, and boot once more after a crash or hang.
 fn run_kernel(
     name: &str,
@@ -585,7 +588,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         prepared.push((kernel, boots));
     }
     // Every kernel at once: each VM runs on one host core (single-threaded TCG).
-    let outcomes: Vec<(String, String, Result<(Boot, u32), String>)> = std::thread::scope(|s| {
+    let outcomes: Vec<BootOutcome> = std::thread::scope(|s| {
         let handles: Vec<_> = prepared
             .iter()
             .map(|(kernel, boots)| {

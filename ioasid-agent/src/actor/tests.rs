@@ -17,8 +17,9 @@ use ioasid_common::{
 use super::*;
 use crate::{
     accounting::{CostHist, Totals},
-    events::RuleRef,
+    events::{EnableRequest, KernelJudged, Origin, RuleRef},
     kernel::{FlushCpus, MapError, ProgramStats},
+    policy::Action,
     sys::Signal,
 };
 

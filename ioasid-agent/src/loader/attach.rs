@@ -49,6 +49,20 @@ fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, String> {
     }
 }
 
+/// Loads and attaches a BTF-typed program (tp_btf, fentry, fexit): against vmlinux, or against
+/// the module whose BTF has `$btf_name`.
+macro_rules! btf_typed {
+    ($prog:expr, $ty:ty, $name:expr, $btf_name:expr, $kind:expr, $target:expr) => {{
+        let p: &mut $ty = $prog.try_into().map_err(describe)?;
+        match place($target, $btf_name, $kind)? {
+            Place::Vmlinux => p.load($name, $target.vmlinux.ok_or("no vmlinux BTF")?),
+            Place::Module(id, fd) => p.load_in_module(id, fd),
+        }
+        .map_err(describe)?;
+        p.attach().map_err(describe)?;
+    }};
+}
+
 pub(super) fn attach(
     prog: &mut Program,
     spec: &HookSpec,
@@ -62,32 +76,10 @@ pub(super) fn attach(
             tp.attach(category, name).map_err(describe)?;
         }
         HookKind::BtfTracePoint { name } => {
-            let p: &mut BtfTracePoint = prog.try_into().map_err(describe)?;
-            match place(target, &format!("btf_trace_{name}"), btf::KIND_TYPEDEF)? {
-                Place::Vmlinux => p.load(name, target.vmlinux.ok_or("no vmlinux BTF")?),
-                Place::Module(id, fd) => p.load_in_module(id, fd),
-            }
-            .map_err(describe)?;
-            p.attach().map_err(describe)?;
+            btf_typed!(prog, BtfTracePoint, name, &format!("btf_trace_{name}"), btf::KIND_TYPEDEF, target)
         }
-        HookKind::FEntry { function } => {
-            let p: &mut FEntry = prog.try_into().map_err(describe)?;
-            match place(target, function, btf::KIND_FUNC)? {
-                Place::Vmlinux => p.load(function, target.vmlinux.ok_or("no vmlinux BTF")?),
-                Place::Module(id, fd) => p.load_in_module(id, fd),
-            }
-            .map_err(describe)?;
-            p.attach().map_err(describe)?;
-        }
-        HookKind::FExit { function } => {
-            let p: &mut FExit = prog.try_into().map_err(describe)?;
-            match place(target, function, btf::KIND_FUNC)? {
-                Place::Vmlinux => p.load(function, target.vmlinux.ok_or("no vmlinux BTF")?),
-                Place::Module(id, fd) => p.load_in_module(id, fd),
-            }
-            .map_err(describe)?;
-            p.attach().map_err(describe)?;
-        }
+        HookKind::FEntry { function } => btf_typed!(prog, FEntry, function, function, btf::KIND_FUNC, target),
+        HookKind::FExit { function } => btf_typed!(prog, FExit, function, function, btf::KIND_FUNC, target),
         HookKind::Lsm { hook } => {
             if lsm_active == Some(false) {
                 return Err("the BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm; boot with lsm=...,bpf)".into());

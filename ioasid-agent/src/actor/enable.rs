@@ -1,0 +1,105 @@
+//! The actor's FILE_ADD path: judging each one (`enforce`), carrying out what is left, counting
+//! and auditing it; and the asks whose events never arrived.
+
+use std::time::SystemTime;
+
+use ioasid_common::{events::Coherency, verdict::Mechanism as KernelMechanism};
+
+use super::Actor;
+use crate::{
+    audit::{rfc3339, Outcome},
+    enforce,
+    events::{EnableRequest, KernelJudged, Origin},
+    kernel::Kernel,
+    policy::Action,
+    sys::monotonic_ns,
+    text::escape,
+    vfio,
+};
+
+impl<K: Kernel> Actor<K> {
+    /// Judges one incoherent-DMA enable, carries out what is left to do, audits it.
+    pub(super) fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
+        let tgid = req.origin.tgid;
+        let info = match req.judged {
+            KernelJudged::Ask => {
+                // Decided now, from any source: the kernel's ask record is done with.
+                self.kernel.remove_ask(tgid);
+                // The kernel stopped the process: judge it on what it is now.
+                match self.set.procfs.info(tgid) {
+                    Ok(info) => {
+                        self.acct.replace(info.clone());
+                        self.write_verdict(&info);
+                        info
+                    }
+                    Err(_) => self.classify(tgid, &req.origin.comm),
+                }
+            }
+            KernelJudged::Verdict { .. } | KernelJudged::Observed => self.classify(tgid, &req.origin.comm),
+        };
+        let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
+        let cx = enforce::Context {
+            policy: &self.policy.policy,
+            generation: self.policy.generation,
+            host: &self.set.host,
+            time: rfc3339(SystemTime::now()),
+        };
+        let j = enforce::judge(req, &info, vfio, &cx);
+        let mut record = j.record;
+        if let Some(note) = note {
+            record.reason = Some(note.to_string());
+        }
+        if let Some(sig) = j.followup {
+            if let Err(e) = self.kernel.signal(tgid, sig) {
+                record.outcome = Outcome::Gone;
+                record.reason = Some(format!("{sig:?}: {e}"));
+            }
+        }
+        self.series.file_add(&info.vm, j.coherency.into());
+        if let Some(action) = j.action {
+            self.series.request(&info.vm, action.into());
+        }
+        if j.disagreement {
+            self.metrics.coherency_disagreements.inc();
+            tracing::warn!(pid = tgid, vm = %escape(&info.vm), "the kernel's own coherency verdict disagrees with sysfs; the kernel's wins");
+        }
+        // A device the IOMMU does not keep coherent was really added: from now on KVM really
+        // executes this VM's WBINVD. (Where the registration fentry hooks load, the kernel
+        // also says so itself.)
+        let added = record.ret == Some(0) && j.action != Some(Action::Deny);
+        if added && j.coherency == Coherency::Noncoherent {
+            self.mark_noncoherent(tgid);
+        }
+        if let Some(r) = &self.record {
+            r.record_quiet(record.clone());
+        }
+        self.audit.record(record);
+    }
+
+    /// Decides for processes the kernel stopped to ask whose event never arrived (ring buffer
+    /// full, or dropped): no VMM stays stopped. The kernel's ask record carries the fds.
+    pub fn recover_asks(&mut self, older_than_ns: u64) {
+        let now = monotonic_ns();
+        let stale =
+            self.kernel.asks().into_iter().filter(|(_, a)| now.saturating_sub(a.ktime_ns) >= older_than_ns);
+        for (tgid, a) in stale.collect::<Vec<_>>() {
+            tracing::warn!(
+                pid = tgid,
+                "a stopped VMM's FILE_ADD event never arrived: deciding from the kernel's ask record"
+            );
+            let req = EnableRequest {
+                origin: Origin { tgid, comm: String::new(), ktime_ns: a.ktime_ns },
+                fd: a.fd,
+                file_fd: (a.file_fd >= 0).then_some(a.file_fd),
+                device_fd_known: false,
+                judged: KernelJudged::Ask,
+                mechanism: KernelMechanism::StopAsk,
+                signal_sent: true,
+                ret: None,
+                kernel_coherent: None,
+                file_coherency: Coherency::Unknown,
+            };
+            self.decide(&req, Some("event lost; decided from the kernel's ask record"));
+        }
+    }
+}
