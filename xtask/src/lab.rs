@@ -120,7 +120,12 @@ fn unpack(cache: &Path, pkg: &str) -> Result<PathBuf> {
         Some(d) => d,
         None => {
             eprintln!("lab: downloading {pkg}");
-            sh(Command::new("apt-get").current_dir(&debs).args(["download", "-qq", pkg]))?;
+            let download = || sh(Command::new("apt-get").current_dir(&debs).args(["download", "-qq", pkg]));
+            if download().is_err() {
+                // Stale package lists name a build the mirror no longer has: refresh, once.
+                sh(Command::new("apt-get").args(["update", "-qq"]))?;
+                download()?;
+            }
             have(&debs).with_context(|| format!("apt-get download {pkg} left no .deb"))?
         }
     };

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 pub use self::{file::PolicyError, store::PolicyStore};
 use crate::procfs::ProcessInfo;
 
+/// The largest policy file the agent reads (a policy of thousands of rules is a few hundred KiB).
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
 /// The policy the agent runs with when no `--policy` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-policy.yaml");
 
@@ -176,9 +179,29 @@ impl Policy {
     }
 
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| PolicyError::Read { path: path.into(), source })?;
-        Self::parse(&text, &path.display().to_string())
+        Ok(Self::load_bytes(path)?.0)
+    }
+
+    /// Loads and also returns the bytes it parsed (a reload records their hash, not a second
+    /// read's). Only a regular file of at most [`MAX_POLICY_BYTES`] is read: a FIFO would block
+    /// the agent, /dev/zero would fill its memory.
+    pub fn load_bytes(path: &Path) -> Result<(Self, Vec<u8>), PolicyError> {
+        use std::io::Read;
+        let read_err = |source| PolicyError::Read { path: path.into(), source };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        let invalid = |message: String| PolicyError::Invalid { path: path.into(), message };
+        if !meta.is_file() {
+            return Err(invalid("not a regular file".into()));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_POLICY_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+        if bytes.len() as u64 > MAX_POLICY_BYTES {
+            return Err(invalid(format!("larger than {MAX_POLICY_BYTES} bytes")));
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
+        let policy = Self::parse(text, &path.display().to_string())?;
+        Ok((policy, bytes))
     }
 
     pub fn parse(text: &str, source: &str) -> Result<Self, PolicyError> {

@@ -17,18 +17,32 @@ pub struct PolicyStore {
     hash: Option<u64>,
 }
 
-fn file_hash(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
+fn hash(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
-    Some(h.finish())
+    h.finish()
+}
+
+/// The hash of a regular file's content (bounded like a policy load), if it can be read.
+fn file_hash(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(super::MAX_POLICY_BYTES + 1).read_to_end(&mut bytes).ok()?;
+    Some(hash(&bytes))
 }
 
 impl PolicyStore {
     /// The policy at `path`, or the embedded default without one.
     pub fn open(path: Option<&Path>) -> Result<Self, PolicyError> {
         let (policy, hash) = match path {
-            Some(p) => (Policy::load(p)?, file_hash(p)),
+            Some(p) => {
+                let (policy, bytes) = Policy::load_bytes(p)?;
+                (policy, Some(hash(&bytes)))
+            }
             None => (Policy::embedded(), None),
         };
         Ok(Self { policy, generation: 1, path: path.map(Path::to_path_buf), hash })
@@ -52,8 +66,10 @@ impl PolicyStore {
     /// Loads the file again. `Ok(false)`: there is no file (the embedded default runs).
     pub fn reload(&mut self) -> Result<bool, PolicyError> {
         let Some(path) = self.path.clone() else { return Ok(false) };
-        let policy = Policy::load(&path)?;
-        self.hash = file_hash(&path);
+        // The hash of the bytes parsed: a file rewritten during a slow reload differs from it,
+        // and is loaded at the next check.
+        let (policy, bytes) = Policy::load_bytes(&path)?;
+        self.hash = Some(hash(&bytes));
         self.policy = policy;
         self.generation += 1;
         Ok(true)

@@ -129,3 +129,18 @@ fn bad_files_give_clear_errors() {
     assert!(matches!(err, PolicyError::Syntax { line: 3, .. }), "{err:?}");
     assert!(Policy::load(Path::new("/nonexistent/p.yaml")).is_err());
 }
+
+#[test]
+fn only_bounded_regular_files_are_read() {
+    let dir = std::env::temp_dir().join(format!("ioasid-policy-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = Policy::load(&dir).unwrap_err().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    let big = dir.join("big.yaml");
+    std::fs::write(&big, vec![b'#'; (MAX_POLICY_BYTES + 10) as usize]).unwrap();
+    let err = Policy::load(&big).unwrap_err().to_string();
+    assert!(err.contains("larger than"), "{err}");
+    let err = Policy::load(std::path::Path::new("/dev/zero")).unwrap_err().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
