@@ -179,6 +179,7 @@ mod tests {
             judged,
             mechanism,
             signal_sent: sent,
+            ask_recorded: sent,
             ret: Some(-22),
             kernel_coherent: None,
             file_coherency: Coherency::Noncoherent,

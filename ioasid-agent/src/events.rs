@@ -8,8 +8,8 @@ use std::mem::size_of;
 use ioasid_common::{
     abi::{KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL},
     events::{
-        Coherency, EventHeader, EventKind, IoctlEvent, TransitionEvent, IOCTL_F_ATTR_READ,
-        IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        Coherency, EventHeader, EventKind, IoctlEvent, TransitionEvent, IOCTL_F_ASK_RECORDED,
+        IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
         ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_SET_DEVICE_ATTR, VFIO_DEVICE_BIND_IOMMUFD,
@@ -63,6 +63,9 @@ pub struct EnableRequest {
     pub mechanism: Mechanism,
     /// The mechanism's signal was delivered.
     pub signal_sent: bool,
+    /// The kernel recorded the ask (a stopped VMM): the request is decided by whoever takes
+    /// that record.
+    pub ask_recorded: bool,
     /// The ioctl's return value, when its exit was seen.
     pub ret: Option<i64>,
     /// The kernel's own coherency verdict for the file (fexit vfio_file_enforced_coherent).
@@ -214,6 +217,7 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
         judged,
         mechanism: Mechanism::try_from(ev.mechanism).map_err(DecodeError::Value)?,
         signal_sent: ev.flags & IOCTL_F_SIGNAL_SENT != 0,
+        ask_recorded: ev.flags & IOCTL_F_ASK_RECORDED != 0,
         ret,
         kernel_coherent,
         file_coherency,

@@ -59,7 +59,9 @@ pub trait Kernel {
     fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError>;
     /// Processes the kernel stopped to ask the agent, with its record of the request.
     fn asks(&mut self) -> Vec<(u32, Asked)>;
-    fn remove_ask(&mut self, tgid: u32);
+    /// Takes the kernel's record of the ask made at `ktime_ns` by `tgid`, if it is still open:
+    /// whoever takes it decides that request; anyone else must not decide it again.
+    fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool;
     /// Removes everything kept for a process that exited (after its final counts were read).
     fn forget(&mut self, tgid: u32);
     fn program_stats(&self) -> Vec<ProgramStats>;
@@ -212,8 +214,11 @@ impl Kernel for BpfKernel {
         self.asked.iter().map_while(Result::ok).collect()
     }
 
-    fn remove_ask(&mut self, tgid: u32) {
-        let _ = self.asked.remove(&tgid);
+    fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool {
+        match self.asked.get(&tgid, 0) {
+            Ok(a) if a.ktime_ns == ktime_ns => self.asked.remove(&tgid).is_ok(),
+            _ => false,
+        }
     }
 
     fn forget(&mut self, tgid: u32) {

@@ -41,6 +41,9 @@ pub const IOCTL_F_FILE_FD_READ: u32 = 1 << 2;
 pub const IOCTL_F_RETURNED: u32 = 1 << 3;
 /// The signal of the mechanism was sent successfully.
 pub const IOCTL_F_SIGNAL_SENT: u32 = 1 << 4;
+/// The kernel recorded this ask in [`crate::names::MAP_ASKED`]: whoever takes that record
+/// decides the request (the event, or the agent's recovery of a lost event), once.
+pub const IOCTL_F_ASK_RECORDED: u32 = 1 << 5;
 
 /// One watched ioctl, with what the kernel programs read and decided.
 #[repr(C)]

@@ -18,13 +18,20 @@ use crate::{
 };
 
 impl<K: Kernel> Actor<K> {
-    /// Judges one incoherent-DMA enable, carries out what is left to do, audits it.
+    /// Judges one incoherent-DMA enable, carries out what is left to do, audits it. Each
+    /// request is decided once: a stopped VMM's request by whoever takes the kernel's ask
+    /// record first (its event, or the recovery of a lost one); the other finds it taken.
     pub(super) fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
         let tgid = req.origin.tgid;
         let info = match req.judged {
             KernelJudged::Ask => {
-                // Decided now, from any source: the kernel's ask record is done with.
-                self.kernel.remove_ask(tgid);
+                if req.ask_recorded && !self.kernel.take_ask(tgid, req.origin.ktime_ns) {
+                    tracing::debug!(
+                        pid = tgid,
+                        "a stopped VMM's request was already decided: its late event is ignored"
+                    );
+                    return;
+                }
                 // The kernel stopped the process: judge it on what it is now.
                 match self.set.procfs.info(tgid) {
                     Ok(info) => {
@@ -95,6 +102,7 @@ impl<K: Kernel> Actor<K> {
                 judged: KernelJudged::Ask,
                 mechanism: KernelMechanism::StopAsk,
                 signal_sent: true,
+                ask_recorded: true,
                 ret: None,
                 kernel_coherent: None,
                 file_coherency: Coherency::Unknown,

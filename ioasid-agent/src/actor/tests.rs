@@ -70,8 +70,11 @@ impl Kernel for FakeKernel {
     fn asks(&mut self) -> Vec<(u32, Asked)> {
         self.asks.iter().map(|(t, a)| (*t, *a)).collect()
     }
-    fn remove_ask(&mut self, tgid: u32) {
-        self.asks.remove(&tgid);
+    fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool {
+        match self.asks.get(&tgid) {
+            Some(a) if a.ktime_ns == ktime_ns => self.asks.remove(&tgid).is_some(),
+            _ => false,
+        }
     }
     fn forget(&mut self, tgid: u32) {
         self.forgotten.push(tgid);
@@ -157,10 +160,17 @@ fn ask(tgid: u32) -> EnableRequest {
         judged: KernelJudged::Ask,
         mechanism: KernelMechanism::StopAsk,
         signal_sent: true,
+        ask_recorded: true,
         ret: None,
         kernel_coherent: None,
         file_coherency: Coherency::Unknown,
     }
+}
+
+/// A stopped VMM's ask, recorded in the (fake) kernel as the real one records it.
+fn open_ask(a: &mut Actor<FakeKernel>, tgid: u32) -> EnableRequest {
+    a.kernel().asks.insert(tgid, Asked { ktime_ns: 1, fd: 5, file_fd: 6 });
+    ask(tgid)
 }
 
 fn sample(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -179,9 +189,9 @@ async fn an_asked_enable_is_decided_once_by_the_policy() {
     f.vmm(4242, "tenant-1");
     f.vmm(4243, "gpu-1");
     let mut a = f.actor(POLICY);
-    a.kernel().asks.insert(4242, Asked { ktime_ns: 1, fd: 5, file_fd: 6 });
-    a.on_event(Event::Enable(ask(4242)));
-    a.on_event(Event::Enable(ask(4243)));
+    let (r1, r2) = (open_ask(&mut a, 4242), open_ask(&mut a, 4243));
+    a.on_event(Event::Enable(r1));
+    a.on_event(Event::Enable(r2));
     assert_eq!(a.kernel().signals, vec![(4242, Signal::Kill), (4243, Signal::Cont)]);
     assert!(a.kernel().asks.is_empty(), "the kernel's ask record is done with");
     // The verdicts are now in the kernel, so the next FILE_ADD is decided there.
@@ -299,7 +309,8 @@ async fn a_reload_rejudges_running_vms_and_a_bad_file_changes_nothing() {
     let f = Fixture::new("reload");
     f.vmm(4600, "gpu-3");
     let mut a = f.actor(POLICY);
-    a.on_event(Event::Enable(ask(4600)));
+    let r = open_ask(&mut a, 4600);
+    a.on_event(Event::Enable(r));
     assert_eq!(Decision::try_from(a.kernel().verdicts[&4600].decision), Ok(Decision::Allow));
     std::fs::write(f.dir.join("policy.yaml"), "default: { incoherent_dma: deny }\n").unwrap();
     a.watch_policy_file();
@@ -318,7 +329,7 @@ async fn a_coherent_file_is_observed_never_judged() {
     f.vmm(4700, "tenant-coh");
     let mut a = f.actor(POLICY);
     // Stopped to ask (the kernel did not know the file); the kernel's own verdict: coherent.
-    let mut req = ask(4700);
+    let mut req = open_ask(&mut a, 4700);
     req.kernel_coherent = Some(true);
     req.ret = Some(0);
     a.on_event(Event::Enable(req));
@@ -335,4 +346,35 @@ async fn a_coherent_file_is_observed_never_judged() {
         (recs[0]["event"].as_str(), recs[0]["coherency"].as_str()),
         (Some("vfio-file-add"), Some("coherent"))
     );
+}
+
+#[tokio::test]
+async fn a_late_event_never_decides_a_request_twice() {
+    let f = Fixture::new("late");
+    f.vmm(4800, "tenant-8");
+    f.vmm(4801, "gpu-8");
+    let mut a = f.actor(POLICY);
+    // The agent stalled: both asks are recovered from the kernel's records first...
+    a.kernel().asks.insert(4800, Asked { ktime_ns: 0, fd: 5, file_fd: 6 });
+    a.kernel().asks.insert(4801, Asked { ktime_ns: 0, fd: 5, file_fd: 6 });
+    a.recover_asks(0);
+    assert_eq!(a.kernel().signals.len(), 2);
+    // ...then their late events arrive: nothing more is sent, counted or written.
+    for tgid in [4800, 4801] {
+        let mut late = ask(tgid);
+        late.origin.ktime_ns = 0;
+        a.on_event(Event::Enable(late));
+    }
+    assert_eq!(a.kernel().signals.len(), 2, "a stale event decides nothing");
+    // A stale event of an older request never takes a newer request's record either.
+    a.kernel().asks.insert(4801, Asked { ktime_ns: 50, fd: 5, file_fd: 6 });
+    let mut stale = ask(4801);
+    stale.origin.ktime_ns = 10;
+    a.on_event(Event::Enable(stale));
+    assert!(a.kernel().asks.contains_key(&4801), "the newer ask stays open for its own decision");
+    let m = &a.metrics;
+    let denied =
+        sample(m, "ioasid_incoherent_dma_requests_total", &[("vm", "tenant-8"), ("decision", "denied")]);
+    assert_eq!(denied, Some(1.0), "one count per request");
+    assert_eq!(f.audit(2).await.len(), 2, "one record per request");
 }

@@ -146,7 +146,7 @@ impl AuditLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(open_err)?;
+        let mut file = open_append(path).map_err(open_err)?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let path = path.to_path_buf();
         let lost = dropped.clone();
@@ -154,6 +154,18 @@ impl AuditLog {
             let mut failing = false;
             while let Some(mut line) = rx.blocking_recv() {
                 line.push(b'\n');
+                // Rotated (renamed) or deleted: records go to the file the path names now.
+                if !names_same_file(&path, &file) {
+                    match open_append(&path) {
+                        Ok(f) => {
+                            file = f;
+                            tracing::info!(path = %path.display(), "audit log reopened (rotated or removed)");
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "reopening the audit log")
+                        }
+                    }
+                }
                 match append(&mut file, &line) {
                     Ok(()) if failing => {
                         failing = false;
@@ -204,6 +216,19 @@ impl AuditLog {
                 tracing::error!(dropped_total = n + 1, error = %e, "audit queue full: record dropped");
             }
         }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Whether `path` still names the open `file` (same device and inode).
+fn names_same_file(path: &Path, file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(p), Ok(f)) => p.dev() == f.dev() && p.ino() == f.ino(),
+        _ => false,
     }
 }
 

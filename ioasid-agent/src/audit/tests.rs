@@ -1,5 +1,5 @@
 use super::*;
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 #[test]
 fn time_format() {
@@ -86,5 +86,34 @@ async fn writes_lines_and_counts_drops() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(dropped.get(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_or_removed_log_is_reopened() {
+    let dir = std::env::temp_dir().join(format!("ioasid-audit-rotate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("audit.jsonl");
+    let log = AuditLog::start(&path, IntCounter::new("dropped", "test").unwrap()).unwrap();
+    let lines = |p: &Path| std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0);
+    let wait = |p: PathBuf, n: usize| async move {
+        for _ in 0..200 {
+            if lines(&p) == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    log.write(&serde_json::json!({"n": 1}));
+    assert!(wait(path.clone(), 1).await);
+    // logrotate's default: rename, then the writer makes a new file at the path.
+    std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
+    log.write(&serde_json::json!({"n": 2}));
+    assert!(wait(path.clone(), 1).await, "the record went to the renamed file");
+    assert_eq!(lines(&dir.join("audit.jsonl.1")), 1);
+    std::fs::remove_file(&path).unwrap();
+    log.write(&serde_json::json!({"n": 3}));
+    assert!(wait(path.clone(), 1).await, "a removed log is recreated");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -30,8 +30,8 @@ use ioasid_common::{
     },
     counters::Stat,
     events::{
-        Coherency, EventKind, IoctlEvent, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ,
-        IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        Coherency, EventKind, IoctlEvent, IOCTL_F_ASK_RECORDED, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
+        IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
         is_watched_ioctl, KVM_CREATE_DEVICE, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, VFIO_CHECK_EXTENSION,
@@ -278,7 +278,9 @@ fn judge_device_attr<C: EbpfContext>(
         if sig == SIGSTOP {
             // Remember the ask, so the agent decides even if the event never reaches it.
             let asked = Asked { ktime_ns: ev.header.ktime_ns, fd: ev.fd, file_fd: ev.file_fd };
-            let _ = IOASID_ASKED.insert(&tgid, &asked, BPF_ANY as u64);
+            if IOASID_ASKED.insert(&tgid, &asked, BPF_ANY as u64).is_ok() {
+                ev.flags |= IOCTL_F_ASK_RECORDED;
+            }
         }
         // Rare (one per judged FILE_ADD that is denied or asked about): worth a kernel log line.
         info!(
