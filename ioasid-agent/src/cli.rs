@@ -105,8 +105,11 @@ pub struct StatusArgs {
 /// `--ioctl-hooks`: which program family serves the ioctl path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IoctlHooksArg {
-    /// tp_btf where the kernel allows it (cheapest), else classic tracepoints.
+    /// The LSM (no syscall tracepoint) where BPF LSM and trampolines load, else tp_btf where the
+    /// kernel allows it, else classic tracepoints.
     Auto,
+    /// Only lsm/file_ioctl + fexit/kvm_vfio_set_attr: unrelated syscalls pay nothing.
+    Lsm,
     /// Only tp_btf sys_enter/sys_exit.
     TpBtf,
     /// Only the classic syscalls:sys_enter_ioctl/sys_exit_ioctl tracepoints.
@@ -117,6 +120,7 @@ impl From<IoctlHooksArg> for IoctlHooks {
     fn from(a: IoctlHooksArg) -> Self {
         match a {
             IoctlHooksArg::Auto => IoctlHooks::Auto,
+            IoctlHooksArg::Lsm => IoctlHooks::Lsm,
             IoctlHooksArg::TpBtf => IoctlHooks::TpBtf,
             IoctlHooksArg::Tracepoint => IoctlHooks::Tracepoint,
         }

@@ -162,6 +162,11 @@ fn report_hooks(loaded: &Loaded, metrics: &Metrics, enforce: bool) {
         metrics.wbinvd_cost_source.with_label_values(&[s.label()]).set(i64::from(*s == source));
     }
     tracing::info!(source = source.label(), "WBINVD handler time source");
+    let family = loaded.ioctl_family();
+    for f in ["lsm", "tp-btf", "tracepoint"] {
+        metrics.ioctl_path.with_label_values(&[f]).set(i64::from(f == family));
+    }
+    tracing::info!(family, "ioctl path");
 }
 
 /// Keeps kernel BPF run-time statistics on while the returned fd lives.

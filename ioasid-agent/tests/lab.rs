@@ -85,6 +85,7 @@ fn hooks_on_module_functions_attach() {
         assert!(serving.is_some(), "nothing serves instead of {h}");
     }
     assert_eq!(v["enforcement_mechanism"], "lsm");
+    assert_eq!(v["ioctl_hooks"], "lsm", "no syscall tracepoint where BPF LSM and trampolines load");
     assert_eq!(v["cost_source"], "handlers");
     for hook in
         ["fexit/vfio_file_enforced_coherent", "fentry/kvm_arch_register_noncoherent_dma", "tp_btf/kvm_entry"]

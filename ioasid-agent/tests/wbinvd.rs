@@ -33,14 +33,24 @@ fn status_reports_every_hook() {
             assert!(h["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
         }
     }
-    // Exactly one program of each ioctl pair serves; tp_btf is preferred where it loads.
-    for pair in [
-        ["tp_btf/sys_enter", "tracepoint/syscalls/sys_enter_ioctl"],
-        ["tp_btf/sys_exit", "tracepoint/syscalls/sys_exit_ioctl"],
-    ] {
-        let serving: Vec<_> =
-            pair.iter().filter(|n| hooks.iter().any(|h| h["hook"] == **n && h["attached"] == true)).collect();
-        assert_eq!(serving.len(), 1, "{pair:?}: {hooks:?}");
+    // Exactly one program family serves the ioctl path: the LSM where BPF LSM and trampolines
+    // load (then no syscall tracepoint at all), else one program of each syscall pair (tp_btf
+    // preferred where it loads).
+    let attached = |n: &str| hooks.iter().any(|h| h["hook"] == n && h["attached"] == true);
+    let syscall = [
+        "tp_btf/sys_enter",
+        "tp_btf/sys_exit",
+        "tracepoint/syscalls/sys_enter_ioctl",
+        "tracepoint/syscalls/sys_exit_ioctl",
+    ];
+    if v["ioctl_hooks"] == "lsm" {
+        assert!(attached("lsm/file_ioctl") && attached("fexit/kvm_vfio_set_attr"), "{v}");
+        assert!(syscall.iter().all(|n| !attached(n)), "no syscall tracepoint on the LSM path: {v}");
+    } else {
+        for pair in [[syscall[0], syscall[2]], [syscall[1], syscall[3]]] {
+            let serving = pair.iter().filter(|n| attached(n)).count();
+            assert_eq!(serving, 1, "{pair:?}: {hooks:?}");
+        }
     }
     for (h, spec) in hooks.iter().zip(table) {
         assert_eq!(

@@ -100,12 +100,17 @@ pub struct Control {
     /// intercepted instruction by emulating it, so a WBINVD/INVD exit is followed by a
     /// kvm_emulate_insn of the same instruction, which must not count twice.
     pub skip_emulation: u32,
+    /// Non-zero when the LSM program observes, judges and enforces the ioctl path itself (with
+    /// fexit kvm_vfio_set_attr for FILE_ADD's result) and no syscall tracepoint is attached.
+    pub lsm_observes: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Control>() == 16);
+const _: () = assert!(size_of::<Control>() == 24);
 
 impl Control {
     /// Everything off: what the programs assume before the agent has written the map.
-    pub const OFF: Control = Control { enforce: 0, lsm_enforces: 0, cost_source: 0, skip_emulation: 0 };
+    pub const OFF: Control =
+        Control { enforce: 0, lsm_enforces: 0, cost_source: 0, skip_emulation: 0, lsm_observes: 0, _pad: 0 };
 }
 
 #[cfg(test)]

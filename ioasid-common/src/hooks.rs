@@ -187,7 +187,15 @@ pub const HOOKS: &[HookSpec] = &[
         Lsm { hook: "file_ioctl" },
         true,
         None,
-        "denies FILE_ADD with -EPERM before it runs"
+        "observes, judges and enforces the ioctl path with fexit/kvm_vfio_set_attr (no syscall tracepoint); else denies FILE_ADD with -EPERM"
+    ),
+    hook!(
+        "fexit/kvm_vfio_set_attr",
+        "ioasid_fexit_kvm_vfio_set_attr",
+        FExit { function: "kvm_vfio_set_attr" },
+        true,
+        None,
+        "FILE_ADD/DEL results where the LSM observes the ioctl path (no syscall tracepoint)"
     ),
     hook!(
         "fexit/vfio_file_enforced_coherent",
@@ -222,6 +230,9 @@ pub const HANDLER_COST_HOOKS: [&str; 4] = [
     "fentry/emulator_wbinvd",
     "fexit/emulator_wbinvd",
 ];
+
+/// The hooks that, both attached, serve the whole ioctl path without any syscall tracepoint.
+pub const LSM_IOCTL_HOOKS: [&str; 2] = ["lsm/file_ioctl", "fexit/kvm_vfio_set_attr"];
 
 /// The hook of `label`.
 pub fn hook(label: &str) -> Option<&'static HookSpec> {

@@ -99,12 +99,20 @@ fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
 pub fn run(root: &Path, rounds: usize) -> Result<()> {
     let rounds = rounds.max(1);
     // Configurations measured in each round, in this order: no agent, then the agent with each
-    // ioctl program family.
-    let configs: [(&str, Option<&[&str]>); 3] = [
+    // ioctl program family this kernel allows (the LSM family needs BPF LSM and trampolines).
+    let candidates: [(&str, Option<&[&str]>); 4] = [
         ("without", None),
+        ("lsm", Some(&["--ioctl-hooks", "lsm"])),
         ("tp_btf", Some(&["--ioctl-hooks", "tp-btf"])),
         ("tracepoint", Some(&["--ioctl-hooks", "tracepoint"])),
     ];
+    let mut configs = Vec::new();
+    for (name, args) in candidates {
+        match args.map(|a| Agent::start(root, a)).transpose() {
+            Ok(_) => configs.push((name, args)),
+            Err(e) => eprintln!("xtask: bench: no `{name}` configuration on this kernel: {e:#}"),
+        }
+    }
     let mut results: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("xtask: bench round {}/{rounds}", round + 1);
@@ -117,28 +125,24 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
         }
     }
     println!("\nagent overhead ({rounds} interleaved rounds, medians; each value is itself a median of 7):");
-    println!(
-        "{:<30} {:>11} {:>13} {:>7} {:>16} {:>7}",
-        "benchmark", "without", "agent tp_btf", "ratio", "agent tracepoint", "ratio"
-    );
+    let mut head = format!("{:<30} {:>11}", "benchmark", "without");
+    for (name, _) in &configs[1..] {
+        head.push_str(&format!(" {:>14} {:>7}", format!("agent {name}"), "ratio"));
+    }
+    println!("{head}");
     let mut report = serde_json::Map::new();
     for k in results[0].keys() {
-        let m: Vec<f64> = results.iter().map(|r| median(r[k].clone())).collect();
-        println!(
-            "{k:<30} {:>9.1}ns {:>11.1}ns {:>7.3} {:>14.1}ns {:>7.3}",
-            m[0],
-            m[1],
-            m[1] / m[0],
-            m[2],
-            m[2] / m[0]
-        );
-        report.insert(
-            k.clone(),
-            serde_json::json!({
-                "without_ns": m[0], "tp_btf_ns": m[1], "tp_btf_ratio": m[1] / m[0],
-                "tracepoint_ns": m[2], "tracepoint_ratio": m[2] / m[0],
-            }),
-        );
+        let m: Vec<f64> = results.iter().map(|r| r.get(k).map_or(f64::NAN, |v| median(v.clone()))).collect();
+        let mut line = format!("{k:<30} {:>9.1}ns", m[0]);
+        let mut entry = serde_json::Map::new();
+        entry.insert("without_ns".into(), serde_json::json!(m[0]));
+        for (i, (name, _)) in configs.iter().enumerate().skip(1) {
+            line.push_str(&format!(" {:>12.1}ns {:>7.3}", m[i], m[i] / m[0]));
+            entry.insert(format!("{name}_ns"), serde_json::json!(m[i]));
+            entry.insert(format!("{name}_ratio"), serde_json::json!(m[i] / m[0]));
+        }
+        println!("{line}");
+        report.insert(k.clone(), serde_json::Value::Object(entry));
     }
 
     // In-kernel cost per program run, from the agent's own BPF run-time statistics.

@@ -43,6 +43,9 @@ enum Task {
         /// Without/with alternations.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Use the binaries already built (e.g. inside the lab's VMs: `cargo xtask lab --script`).
+        #[arg(long)]
+        no_build: bool,
     },
     /// A WBINVD storm from a real KVM guest named like a VM: for demos, alert tests and load.
     Storm {
@@ -118,9 +121,11 @@ fn main() -> Result<()> {
             let status = cmd.status().with_context(|| format!("running {}", agent.display()))?;
             exit_with(status)
         }
-        Task::Bench { rounds } => {
-            setup()?;
-            cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])?;
+        Task::Bench { rounds, no_build } => {
+            if !no_build {
+                setup()?;
+                cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])?;
+            }
             bench::run(&root, rounds)
         }
         Task::Storm { name, rate, duration } => {

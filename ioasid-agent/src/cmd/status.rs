@@ -38,7 +38,12 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         let cost_source = loaded.cost_source().label();
         println!(
             "{}",
-            serde_json::json!({ "hooks": hooks, "enforcement_mechanism": mechanism, "cost_source": cost_source })
+            serde_json::json!({
+                "hooks": hooks,
+                "enforcement_mechanism": mechanism,
+                "cost_source": cost_source,
+                "ioctl_hooks": loaded.ioctl_family(),
+            })
         );
     } else {
         for h in &loaded.hooks {
@@ -46,6 +51,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         }
         println!("enforcement mechanism for incoherent-DMA denials: {mechanism}");
         println!("WBINVD handler time source: {}", loaded.cost_source().label());
+        println!("ioctl path: {}", loaded.ioctl_family());
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use aya::{
 use ioasid_common::{
     config::Control,
     cost::CostSource,
-    hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS},
+    hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS, LSM_IOCTL_HOOKS},
     names::{GLOBAL_CONFIG, MAP_CONTROL},
 };
 
@@ -104,9 +104,12 @@ pub enum LoadError {
 /// Which program family serves the ioctl path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoctlHooks {
-    /// tp_btf where the kernel allows it (cheapest), else classic tracepoints.
+    /// The LSM family where BPF LSM and trampolines load (no syscall tracepoint at all), else
+    /// tp_btf where the kernel allows it, else classic tracepoints.
     #[default]
     Auto,
+    /// Only the LSM family (lsm/file_ioctl + fexit/kvm_vfio_set_attr).
+    Lsm,
     /// Only tp_btf sys_enter/sys_exit.
     TpBtf,
     /// Only the classic syscalls:sys_enter_ioctl/sys_exit_ioctl tracepoints.
@@ -131,6 +134,8 @@ pub struct LoadOptions {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub hooks: Vec<HookReport>,
+    /// The LSM program observes the ioctl path (no syscall tracepoint attached).
+    pub lsm_observes: bool,
 }
 
 impl Loaded {
@@ -145,6 +150,17 @@ impl Loaded {
             CostSource::Handlers
         } else {
             CostSource::Tracepoints
+        }
+    }
+
+    /// Which program family serves the ioctl path: `lsm`, `tp-btf` or `tracepoint`.
+    pub fn ioctl_family(&self) -> &'static str {
+        if self.lsm_observes {
+            "lsm"
+        } else if self.attached("tp_btf/sys_enter") {
+            "tp-btf"
+        } else {
+            "tracepoint"
         }
     }
 
@@ -191,11 +207,40 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();
 
+    // Where BPF LSM and trampolines load, the LSM program and fexit kvm_vfio_set_attr serve the
+    // whole ioctl path and no syscall tracepoint is attached (unrelated syscalls pay nothing).
+    let mut early: Vec<(&'static str, HookState)> = Vec::new();
+    if matches!(opts.ioctl_hooks, IoctlHooks::Auto | IoctlHooks::Lsm) && opts.optional_hooks {
+        for label in LSM_IOCTL_HOOKS {
+            let spec = ioasid_common::hooks::hook(label).expect("the LSM ioctl hooks are in the table");
+            let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
+            let state = match attach(prog, spec, &target, lsm_active) {
+                Ok(()) => HookState::Attached,
+                Err(why) => HookState::Refused(why),
+            };
+            early.push((label, state));
+        }
+    }
+    let lsm_observes =
+        early.len() == LSM_IOCTL_HOOKS.len() && early.iter().all(|(_, s)| *s == HookState::Attached);
+    if opts.ioctl_hooks == IoctlHooks::Lsm && !lsm_observes && opts.strict {
+        let reason = early.iter().find_map(|(_, s)| match s {
+            HookState::Refused(r) => Some(r.clone()),
+            _ => None,
+        });
+        let reason = reason.unwrap_or_else(|| "optional hooks not requested".into());
+        return Err(LoadError::Required { hook: "lsm/file_ioctl", reason });
+    }
+
     let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
     for spec in HOOKS {
         let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
         let serving = spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
-        let state = if let Some(by) = serving {
+        let state = if let Some((_, state)) = early.iter().find(|(l, _)| *l == spec.hook) {
+            state.clone()
+        } else if lsm_observes && spec.is_ioctl_path() {
+            HookState::Standby(LSM_IOCTL_HOOKS[0])
+        } else if let Some(by) = serving {
             HookState::Standby(by.spec.hook)
         } else if let Some(flag) = excluded(spec, opts.ioctl_hooks) {
             HookState::Refused(format!("not requested (--ioctl-hooks {flag})"))
@@ -212,6 +257,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
     // A required hook, or group of alternatives, that nothing serves is fatal.
     for h in hooks.iter().filter(|h| !h.spec.optional) {
         let served = match h.spec.group {
+            _ if lsm_observes && h.spec.is_ioctl_path() => true,
             Some(g) => hooks.iter().any(|o| o.spec.group == Some(g) && o.attached()),
             None => h.attached(),
         };
@@ -219,12 +265,14 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
             return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
         }
     }
-    let mut loaded = Loaded { ebpf, hooks };
+    let mut loaded = Loaded { ebpf, hooks, lsm_observes };
     let control = Control {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
         cost_source: loaded.cost_source().wire(),
         skip_emulation: u32::from(svm_without_nrips()),
+        lsm_observes: u32::from(lsm_observes),
+        _pad: 0,
     };
     set_control(&mut loaded.ebpf, control)?;
     Ok(loaded)

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub dos_alerts: IntCounterVec,
     /// 1 for the source timing WBINVD handling: handlers | tracepoint-pairs.
     pub wbinvd_cost_source: IntGaugeVec,
+    /// 1 for the program family serving the ioctl path: lsm | tp-btf | tracepoint.
+    pub ioctl_path: IntGaugeVec,
 }
 
 impl Metrics {
@@ -201,6 +203,11 @@ impl Metrics {
                 "ioasid_wbinvd_cost_source",
                 "1 for the source timing WBINVD handling: handlers (fentry/fexit) or tracepoint-pairs.",
                 &["source"],
+            ),
+            ioctl_path: gauge_vec(
+                "ioasid_ioctl_path",
+                "1 for the program family serving the ioctl path: lsm (no syscall tracepoint), tp-btf or tracepoint.",
+                &["family"],
             ),
             registry,
         };

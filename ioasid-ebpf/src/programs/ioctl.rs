@@ -17,7 +17,10 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_send_signal},
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_send_signal, bpf_task_pt_regs},
+    },
     macros::{btf_tracepoint, fexit, lsm, tracepoint},
     programs::{BtfTracePointContext, FExitContext, LsmContext, TracePointContext},
     EbpfContext,
@@ -107,7 +110,7 @@ fn try_sys_enter_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let fd = field_u64(ctx, cfg.ioctl_fd)? as u32 as i32;
     let arg = field_u64(ctx, cfg.ioctl_arg)?;
-    on_sys_enter_ioctl(ctx, fd, cmd, arg);
+    let _ = on_sys_enter_ioctl(ctx, fd, cmd, arg);
     Ok(())
 }
 
@@ -132,7 +135,9 @@ pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     match (read(PT_REGS_DI), read(PT_REGS_DX)) {
-        (Ok(fd), Ok(arg)) => on_sys_enter_ioctl(&ctx, fd as u32 as i32, cmd, arg),
+        (Ok(fd), Ok(arg)) => {
+            let _ = on_sys_enter_ioctl(&ctx, fd as u32 as i32, cmd, arg);
+        }
         _ => stat_inc(Stat::ReadErrors),
     }
     0
@@ -163,10 +168,10 @@ fn on_sys_exit(ret: impl FnOnce() -> Result<u64, i64>) -> Result<(), i64> {
 /// A watched ioctl entered: judge it if it is an incoherent-DMA enable, and keep it in flight
 /// for sys_exit.
 #[inline(always)]
-fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) {
+fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) -> Option<IoctlEvent> {
     let (tgid, tid) = current_ids();
     if tgid == config().agent_tgid {
-        return;
+        return None;
     }
 
     // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
@@ -188,13 +193,23 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) {
         _ => {}
     }
 
+    if control().lsm_observes != 0 {
+        // The LSM serves the ioctl path: only FILE_ADD/DEL gets a result (fexit
+        // kvm_vfio_set_attr); everything else is sent now.
+        let vfio_file = ev.cmd == KVM_SET_DEVICE_ATTR && ev.attr_group == KVM_DEV_VFIO_FILE;
+        if !vfio_file || IOASID_INFLIGHT.insert(&tid, &ev, BPF_ANY as u64).is_err() {
+            submit(&ev);
+        }
+        return Some(ev);
+    }
     if IOASID_INFLIGHT.insert(&tid, &ev, BPF_ANY as u64).is_err() {
         // Cannot pair with sys_exit: send what we have now, without the return value.
         stat_inc(Stat::InflightFull);
         submit(&ev);
-        return;
+        return Some(ev);
     }
     inflight_add(1);
+    Some(ev)
 }
 
 #[inline(always)]
@@ -359,6 +374,9 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         return prev;
     }
     let cmd: u32 = ctx.arg(1);
+    if control().lsm_observes != 0 {
+        return lsm_observe(&ctx, cmd);
+    }
     if cmd != KVM_SET_DEVICE_ATTR || control().enforce == 0 {
         return 0;
     }
@@ -386,6 +404,64 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         Some(v) if noncoherent && unsafe { (*v).decision } == Decision::Deny.wire() => -EPERM,
         _ => 0,
     }
+}
+
+/// The whole ioctl path from the LSM hook (no syscall tracepoint attached: unrelated syscalls
+/// pay nothing, unrelated ioctls one compare). The fd comes from the syscall's own registers
+/// (bpf_task_pt_regs), so the event is the one the sys_enter programs build; a deny for a file
+/// the agent resolved as non-coherent returns -EPERM, an ask stops the VMM as at sys_enter.
+#[inline(always)]
+fn lsm_observe(ctx: &LsmContext, cmd: u32) -> i32 {
+    if !is_watched_ioctl(cmd) {
+        return 0;
+    }
+    let arg: u64 = ctx.arg(2);
+    // SAFETY: the current task's BTF pointer, valid for this program's run.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    // SAFETY: bpf_probe_read_kernel faults safely; the offset is the x86-64 pt_regs ABI.
+    let Ok(fd) = (unsafe { bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_DI).cast::<u64>()) }) else {
+        stat_inc(Stat::ReadErrors);
+        return 0;
+    };
+    match on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg) {
+        Some(ev) if ev.mechanism == Mechanism::Lsm.wire() => {
+            // Refused here: kvm_vfio_set_attr never runs, so the result is ours to send.
+            complete_inflight(-i64::from(EPERM));
+            -EPERM
+        }
+        _ => 0,
+    }
+}
+
+/// Completes this thread's in-flight FILE_ADD/DEL event with its result and sends it.
+#[inline(always)]
+fn complete_inflight(ret: i64) {
+    let (_, tid) = current_ids();
+    if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) {
+        // SAFETY: this thread's own in-flight event.
+        let ev = unsafe { &mut *ev };
+        ev.ret = ret;
+        ev.flags |= IOCTL_F_RETURNED;
+        // SAFETY: helper without pointer arguments.
+        ev.exit_ktime_ns = unsafe { bpf_ktime_get_ns() };
+        submit(ev);
+        let _ = IOASID_INFLIGHT.remove(&tid);
+    }
+}
+
+/// fexit kvm_vfio_set_attr(struct kvm_device *dev, struct kvm_device_attr *attr) -> int
+/// (virt/kvm/vfio.c, static but address-taken: kvm_vfio_ops; 5.x-6.x): the result of a
+/// FILE_ADD/DEL where the LSM observes the ioctl path. Completes and sends this thread's
+/// in-flight event (the kernel's own coherency verdict is already in it).
+#[fexit(function = "kvm_vfio_set_attr")]
+pub fn ioasid_fexit_kvm_vfio_set_attr(ctx: FExitContext) -> i32 {
+    // Only while the LSM observes: otherwise sys_exit completes the event (and counts it).
+    if control().lsm_observes == 0 {
+        return 0;
+    }
+    let Ok(ret) = ctx.ret::<i32>() else { return 0 };
+    complete_inflight(i64::from(ret));
+    0
 }
 
 /// fexit vfio_file_enforced_coherent(struct file *file) -> bool (drivers/vfio, 6.2+; called by
