@@ -374,10 +374,15 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         return prev;
     }
     let cmd: u32 = ctx.arg(1);
-    if control().lsm_observes != 0 {
+    // Every ioctl on the host passes here: an unrelated one leaves after the type-byte test.
+    if !is_watched_ioctl(cmd) {
+        return 0;
+    }
+    let ctl = control();
+    if ctl.lsm_observes != 0 {
         return lsm_observe(&ctx, cmd);
     }
-    if cmd != KVM_SET_DEVICE_ATTR || control().enforce == 0 {
+    if cmd != KVM_SET_DEVICE_ATTR || ctl.enforce == 0 {
         return 0;
     }
     let arg: u64 = ctx.arg(2);
@@ -412,9 +417,6 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
 /// the agent resolved as non-coherent returns -EPERM, an ask stops the VMM as at sys_enter.
 #[inline(always)]
 fn lsm_observe(ctx: &LsmContext, cmd: u32) -> i32 {
-    if !is_watched_ioctl(cmd) {
-        return 0;
-    }
     let arg: u64 = ctx.arg(2);
     // SAFETY: the current task's BTF pointer, valid for this program's run.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
