@@ -690,11 +690,12 @@ const MATRIX_END: &str = "<!-- end generated: kernel matrix -->";
 /// The README's kernel matrix, from each kernel's `status --json` as the lab saw it.
 fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Result<()> {
     let mut t = String::from(
-        "| kernel | release | hooks attached | not attached (why) | enforcement | WBINVD cost source |\n|---|---|---|---|---|---|\n",
+        "| kernel | release | hooks attached | not attached (why) | ioctl path | enforcement | WBINVD cost source |\n|---|---|---|---|---|---|---|\n",
     );
     for (name, release, v) in rows {
         let hooks = v["hooks"].as_array().cloned().unwrap_or_default();
         let attached = hooks.iter().filter(|h| h["attached"] == true).count();
+        let standby = hooks.iter().filter(|h| h["standby"] == true).count();
         let missing: Vec<String> = hooks
             .iter()
             .filter(|h| h["attached"] != true && h["standby"] != true)
@@ -712,9 +713,10 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
             .collect();
         let _ = writeln!(
             t,
-            "| {name} | {release} | {attached} of {} | {} | {} | {} |",
+            "| {name} | {release} | {attached} of {} ({standby} alternatives on standby) | {} | {} | {} | {} |",
             hooks.len(),
             if missing.is_empty() { "-".to_string() } else { missing.join(", ") },
+            v["ioctl_hooks"].as_str().unwrap_or("?"),
             v["enforcement_mechanism"].as_str().unwrap_or("?"),
             v["cost_source"].as_str().unwrap_or("?"),
         );
