@@ -254,7 +254,8 @@ mount -t proc proc /proc; mount -t sysfs sysfs /sys
 mount -t tmpfs tmpfs /dev/shm; mkdir -p /dev/pts; mount -t devpts devpts /dev/pts
 mount -t tracefs tracefs /sys/kernel/tracing; mount -t debugfs debugfs /sys/kernel/debug
 mount -t securityfs securityfs /sys/kernel/security
-mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup
+{scratch}
 mkdir -p /lib/modules/{rel}; mount --bind {root}/lib/modules/{rel} /lib/modules/{rel}
 {bb} ip link set lo up
 {bb} modprobe kvm_amd 2>&1 | head -3
@@ -272,7 +273,19 @@ sync
         bb = busybox.display(),
         script = script.display(),
         out = out.display(),
+        scratch = scratch_mounts(&[out, script]),
     )
+}
+
+/// A fresh tmpfs on /run and /tmp, except over a directory the lab itself lives in (a checkout
+/// under /tmp): that one stays the overlay's, which is writable too.
+fn scratch_mounts(lab_paths: &[&Path]) -> String {
+    ["/run", "/tmp"]
+        .iter()
+        .filter(|dir| !lab_paths.iter().any(|p| p.starts_with(dir)))
+        .map(|dir| format!("mount -t tmpfs tmpfs {dir}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The script run inside: every test binary in turn, with its output, then a marker line.
@@ -581,7 +594,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             let script = match &opts.script {
                 Some(path) => {
-                    // The VM has its own /tmp: run a copy from the lab's directory.
+                    // The VM may have its own /tmp: run a copy from the lab's directory.
                     let copy = dir.join("user-script.sh");
                     std::fs::copy(path, &copy).with_context(|| format!("reading {}", path.display()))?;
                     format!("set +e\nsh {}\necho LAB-ALL-DONE\n", copy.display())
@@ -732,4 +745,19 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
         eprintln!("lab: README.md kernel matrix updated");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkout_under_tmp_stays_visible_in_the_vm() {
+        let tmp = Path::new("/tmp/ci/target/lab/k/out");
+        let work = Path::new("/work/main/target/lab/k/out");
+        assert_eq!(scratch_mounts(&[work]), "mount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp");
+        assert_eq!(scratch_mounts(&[work, tmp]), "mount -t tmpfs tmpfs /run");
+        // A sibling whose name merely starts with "/tmp" is not under it.
+        assert_eq!(scratch_mounts(&[Path::new("/tmpx/lab")]).lines().count(), 2);
+    }
 }
