@@ -1,12 +1,12 @@
 //! The Prometheus endpoint: a deliberately small HTTP/1.1 server (GET /metrics, /healthz).
 //! Each scrape first asks the actor to sweep the kernel counters, so values are fresh.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Semaphore},
 };
 
 use crate::telemetry::Metrics;
@@ -17,17 +17,35 @@ pub struct Refresh(pub oneshot::Sender<()>);
 const MAX_REQUEST: usize = 8192;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once; the next one is closed at once. Anyone who can reach the port
+/// may connect, so their number (each holds an fd) and their life are bounded.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection's whole life, writing included (a client that never reads is cut off).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, actor: mpsc::Sender<Refresh>, metrics: Metrics) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refusing = false;
     loop {
         match listener.accept().await {
-            Ok((sock, _)) => {
+            Ok((sock, peer)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    if !refusing {
+                        tracing::warn!(%peer, limit = MAX_CONNECTIONS, "HTTP connections at the limit: closing new ones");
+                    }
+                    refusing = true;
+                    continue;
+                };
+                refusing = false;
                 let actor = actor.clone();
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(sock, actor, metrics).await {
-                        tracing::debug!(error = %e, "HTTP connection");
+                    match tokio::time::timeout(CONNECTION_DEADLINE, handle(sock, actor, metrics)).await {
+                        Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
+                        Err(_) => tracing::debug!("HTTP connection cut off at its deadline"),
+                        Ok(Ok(())) => {}
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -112,5 +130,39 @@ mod tests {
         assert_eq!(parse_request(b"GET / SPDY/3\r\n\r\n"), None);
         assert_eq!(parse_request(b"\xff\xfe"), None);
         assert_eq!(parse_request(b""), None);
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut sock = TcpStream::connect(addr).await?;
+        sock.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).await?;
+        let mut out = String::new();
+        sock.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    /// Idle connections from anyone cannot pile up: past the limit new ones are closed, and a
+    /// slot frees as soon as one goes.
+    #[tokio::test]
+    async fn connections_are_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        tokio::spawn(serve(listener, tx, Metrics::new()));
+        assert!(get(addr, "/healthz").await.unwrap().ends_with("ok\n"));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept them all before the extra one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let extra = tokio::time::timeout(Duration::from_secs(2), get(addr, "/healthz")).await;
+        match extra {
+            Ok(Ok(answer)) => assert_eq!(answer, "", "served past the limit"),
+            Ok(Err(_)) => {} // reset by the server: refused
+            Err(_) => panic!("the extra connection was neither served nor closed"),
+        }
+        idle.pop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(get(addr, "/healthz").await.unwrap().ends_with("ok\n"));
     }
 }
