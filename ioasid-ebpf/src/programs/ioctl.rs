@@ -183,9 +183,9 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) -> O
     ev.file_fd = -1;
     ev.rule = RULE_NONE;
 
+    let ctl = control();
     match cmd {
         KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => {
-            let ctl = control();
             judge_device_attr(ctx, &mut ev, tgid, ctl.enforce != 0, ctl.lsm_enforces != 0)
         }
         // The extension or IOMMU type is the argument itself (VFIO_DMA_CC_IOMMU, TYPE1v2...).
@@ -193,7 +193,7 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) -> O
         _ => {}
     }
 
-    if control().lsm_observes != 0 {
+    if ctl.lsm_observes != 0 {
         // The LSM serves the ioctl path: only FILE_ADD/DEL gets a result (fexit
         // kvm_vfio_set_attr); everything else is sent now.
         let vfio_file = ev.cmd == KVM_SET_DEVICE_ATTR && ev.attr_group == KVM_DEV_VFIO_FILE;
@@ -333,10 +333,7 @@ fn on_sys_exit_ioctl(ret: Result<u64, i64>) -> Result<(), i64> {
     // SAFETY: pointer to this thread's map value; only this thread's sys_enter/sys_exit write it
     // and they cannot run at the same time.
     let ev = unsafe { &mut *ev };
-    ev.exit_ktime_ns = unsafe { bpf_ktime_get_ns() };
     if let Ok(ret) = ret {
-        ev.ret = ret as i64;
-        ev.flags |= IOCTL_F_RETURNED;
         if ev.cmd == KVM_CREATE_DEVICE && ret == 0 {
             // SAFETY: bpf_probe_read_user faults safely.
             if let Ok(cd) = unsafe { bpf_probe_read_user(ev.arg as *const KvmCreateDevice) } {
@@ -348,11 +345,24 @@ fn on_sys_exit_ioctl(ret: Result<u64, i64>) -> Result<(), i64> {
             }
         }
     }
-    submit(ev);
-    if IOASID_INFLIGHT.remove(&tid).is_ok() {
+    if send_inflight(tid, ev, ret.ok().map(|r| r as i64)) {
         inflight_add(-1);
     }
     ret.map(|_| ())
+}
+
+/// Stamps this thread's in-flight event with its end (and result, when known), sends it and
+/// drops it from the map; true if it was still there.
+#[inline(always)]
+fn send_inflight(tid: u32, ev: &mut IoctlEvent, ret: Option<i64>) -> bool {
+    // SAFETY: helper without pointer arguments.
+    ev.exit_ktime_ns = unsafe { bpf_ktime_get_ns() };
+    if let Some(ret) = ret {
+        ev.ret = ret;
+        ev.flags |= IOCTL_F_RETURNED;
+    }
+    submit(ev);
+    IOASID_INFLIGHT.remove(&tid).is_ok()
 }
 
 #[inline(always)]
@@ -441,13 +451,7 @@ fn complete_inflight(ret: i64) {
     let (_, tid) = current_ids();
     if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) {
         // SAFETY: this thread's own in-flight event.
-        let ev = unsafe { &mut *ev };
-        ev.ret = ret;
-        ev.flags |= IOCTL_F_RETURNED;
-        // SAFETY: helper without pointer arguments.
-        ev.exit_ktime_ns = unsafe { bpf_ktime_get_ns() };
-        submit(ev);
-        let _ = IOASID_INFLIGHT.remove(&tid);
+        send_inflight(tid, unsafe { &mut *ev }, Some(ret));
     }
 }
 
