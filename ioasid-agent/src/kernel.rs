@@ -115,7 +115,7 @@ impl BpfKernel {
         let e = &mut loaded.ebpf;
         let ring = take(e, MAP_EVENTS)?;
         let stats_hooks = if stats_on {
-            loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.spec.program)).collect()
+            loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.program)).collect()
         } else {
             Vec::new()
         };

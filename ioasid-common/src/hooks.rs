@@ -31,6 +31,9 @@ pub struct HookSpec {
     pub optional: bool,
     pub purpose: &'static str,
     pub group: Option<&'static str>,
+    /// An empty program of the same attach type at the same point (`ioasid-agent run
+    /// --empty-programs`): what the attachment itself costs, the baseline of `cargo xtask bench`.
+    pub empty: &'static str,
 }
 
 impl HookSpec {
@@ -53,6 +56,7 @@ macro_rules! hook {
             optional: $optional,
             group: $group,
             purpose: $purpose,
+            empty: concat!($program, "_empty"),
         }
     };
 }
@@ -247,7 +251,7 @@ mod tests {
     fn table_is_consistent() {
         for (i, h) in HOOKS.iter().enumerate() {
             assert!(
-                HOOKS[..i].iter().all(|o| o.hook != h.hook && o.program != h.program),
+                HOOKS[..i].iter().all(|o| o.hook != h.hook && o.program != h.program && o.empty != h.empty),
                 "{} twice",
                 h.hook
             );

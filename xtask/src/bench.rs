@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: the agent's overhead, measured side by side in one run.
 //!
 //! Alternates rounds without and with the agent (A B A B ...) so drift hits both, takes the
-//! median of each, and prints the ratio. Then runs once more with `--bpf-stats` and reports the
-//! in-kernel cost per run of every attached program from the agent's own metrics.
+//! median of each, and prints the ratio. Each program family is measured twice: with the real
+//! programs and with empty programs of the same attach type at the same hooks (`--empty-programs`),
+//! so what the attachment itself costs is separated from what the programs add. Then runs with
+//! `--bpf-stats` and reports the in-kernel cost per run of every program beside its empty twin.
 
 use std::{
     collections::BTreeMap,
@@ -25,14 +27,21 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let ready = dir.join("ready");
         let _ = std::fs::remove_file(&ready);
+        // The agent's log goes to a file (its warnings would interleave with the tables); it is
+        // shown when the agent does not start.
+        let log_path = dir.join("agent.log");
+        let log = std::fs::File::create(&log_path)?;
         let child = Command::new(root.join("target/release/ioasid-agent"))
             .args(["--log", "warn", "run", "--listen", "127.0.0.1:0", "--dry-run"])
             .arg("--ready-file")
             .arg(&ready)
             .arg("--audit-log")
             .arg(dir.join("audit.jsonl"))
+            .arg("--state-dir")
+            .arg(state_dir())
             .args(extra)
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("starting the agent")?;
         let mut agent = Self { child, addr: String::new(), dir };
@@ -42,7 +51,9 @@ impl Agent {
                 agent.addr = a;
             }
             if let Some(status) = agent.child.try_wait()? {
-                bail!("agent exited during start-up: {status}");
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let last = log.lines().rfind(|l| l.contains("error")).unwrap_or("").to_string();
+                bail!("agent exited during start-up ({status}): {last}");
             }
             if Instant::now() > deadline {
                 bail!("agent not ready after 30 s");
@@ -58,12 +69,18 @@ impl Agent {
     }
 }
 
+/// Each measured agent starts from fresh kernel state (its pinned maps are removed after it).
+fn state_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/sys/fs/bpf/ioasid-bench-{}", std::process::id()))
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(state_dir());
     }
 }
 
@@ -96,20 +113,24 @@ fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// The ioctl program families `--ioctl-hooks` can ask for (the LSM family needs BPF LSM and
+/// trampolines).
+const FAMILIES: [(&str, &str); 3] = [("lsm", "lsm"), ("tp_btf", "tp-btf"), ("tracepoint", "tracepoint")];
+
 pub fn run(root: &Path, rounds: usize) -> Result<()> {
     let rounds = rounds.max(1);
-    // Configurations measured in each round, in this order: no agent, then the agent with each
-    // ioctl program family this kernel allows (the LSM family needs BPF LSM and trampolines).
-    let candidates: [(&str, Option<&[&str]>); 4] = [
-        ("without", None),
-        ("lsm", Some(&["--ioctl-hooks", "lsm"])),
-        ("tp_btf", Some(&["--ioctl-hooks", "tp-btf"])),
-        ("tracepoint", Some(&["--ioctl-hooks", "tracepoint"])),
-    ];
-    let mut configs = Vec::new();
-    for (name, args) in candidates {
-        match args.map(|a| Agent::start(root, a)).transpose() {
-            Ok(_) => configs.push((name, args)),
+    // Configurations measured in each round: no agent, then per family this kernel allows the
+    // agent with its empty programs (what the attachments alone cost) and with the real ones.
+    let mut configs: Vec<(String, Option<Vec<&str>>)> = vec![("without".into(), None)];
+    let mut families = Vec::new();
+    for (name, flag) in FAMILIES {
+        match Agent::start(root, &["--ioctl-hooks", flag]) {
+            Ok(_) => {
+                families.push((name, flag));
+                configs
+                    .push((format!("{name}_empty"), Some(vec!["--ioctl-hooks", flag, "--empty-programs"])));
+                configs.push((name.to_string(), Some(vec!["--ioctl-hooks", flag])));
+            }
             Err(e) => eprintln!("xtask: bench: no `{name}` configuration on this kernel: {e:#}"),
         }
     }
@@ -117,48 +138,91 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
     for round in 0..rounds {
         eprintln!("xtask: bench round {}/{rounds}", round + 1);
         for (i, (_, args)) in configs.iter().enumerate() {
-            let agent = args.map(|a| Agent::start(root, a)).transpose()?;
+            let agent = args.as_ref().map(|a| Agent::start(root, a)).transpose()?;
             for (k, v) in bench_once(root)? {
                 results[i].entry(k).or_default().push(v);
             }
             drop(agent);
         }
     }
-    println!("\nagent overhead ({rounds} interleaved rounds, medians; each value is itself a median of 7):");
-    let mut head = format!("{:<30} {:>11}", "benchmark", "without");
-    for (name, _) in &configs[1..] {
-        head.push_str(&format!(" {:>14} {:>7}", format!("agent {name}"), "ratio"));
-    }
-    println!("{head}");
+    let medians = |k: &str| -> Vec<f64> {
+        results.iter().map(|r| r.get(k).map_or(f64::NAN, |v| median(v.clone()))).collect()
+    };
     let mut report = serde_json::Map::new();
     for k in results[0].keys() {
-        let m: Vec<f64> = results.iter().map(|r| r.get(k).map_or(f64::NAN, |v| median(v.clone()))).collect();
-        let mut line = format!("{k:<30} {:>9.1}ns", m[0]);
+        let m = medians(k);
         let mut entry = serde_json::Map::new();
         entry.insert("without_ns".into(), serde_json::json!(m[0]));
         for (i, (name, _)) in configs.iter().enumerate().skip(1) {
-            line.push_str(&format!(" {:>12.1}ns {:>7.3}", m[i], m[i] / m[0]));
             entry.insert(format!("{name}_ns"), serde_json::json!(m[i]));
             entry.insert(format!("{name}_ratio"), serde_json::json!(m[i] / m[0]));
         }
-        println!("{line}");
         report.insert(k.clone(), serde_json::Value::Object(entry));
     }
+    println!("\nagent overhead ({rounds} interleaved rounds, medians; each value is itself a median of 7).");
+    println!(
+        "`empty`: the same hooks with empty programs of the same attach type (the attachment's own cost)."
+    );
+    for (f, (family, _)) in families.iter().enumerate() {
+        let (empty, real) = (1 + 2 * f, 2 + 2 * f);
+        println!(
+            "\n{:<30} {:>11} {:>13} {:>7} {:>13} {:>7} {:>10}",
+            format!("ioctl path: {family}"),
+            "without",
+            "empty progs",
+            "ratio",
+            "agent",
+            "ratio",
+            "vs empty"
+        );
+        for k in results[0].keys() {
+            let m = medians(k);
+            println!(
+                "{k:<30} {:>9.1}ns {:>11.1}ns {:>7.3} {:>11.1}ns {:>7.3} {:>10.3}",
+                m[0],
+                m[empty],
+                m[empty] / m[0],
+                m[real],
+                m[real] / m[0],
+                m[real] / m[empty]
+            );
+        }
+    }
 
-    // In-kernel cost per program run, from the agent's own BPF run-time statistics.
-    let agent = Agent::start(root, &["--bpf-stats"])?;
-    bench_once(root)?;
-    let text = agent.metrics()?;
-    drop(agent);
-    let runs = samples(&text, "ioasid_program_runs_total");
-    let secs = samples(&text, "ioasid_program_run_seconds_total");
-    println!("\nin-kernel cost per program run (BPF run-time stats; includes the stats' own timing):");
+    // In-kernel cost per program run from BPF run-time statistics, each program beside an empty
+    // program of the same attach type at the same hook.
+    println!("\nin-kernel ns per program run (BPF run-time stats, which add their own timing):");
+    println!("{:<12} {:<46} {:>12} {:>10} {:>10}", "ioctl path", "hook", "runs", "program", "empty");
     let mut kernel = serde_json::Map::new();
-    for (hook, n) in &runs {
-        if *n > 0.0 {
-            let ns = secs.get(hook).copied().unwrap_or(0.0) * 1e9 / n;
-            println!("{hook:<46} {n:>12.0} runs {ns:>8.1} ns/run");
-            kernel.insert(hook.clone(), serde_json::json!({ "runs": n, "ns_per_run": ns }));
+    for (family, flag) in &families {
+        let per_run = |extra: &[&str]| -> Result<BTreeMap<String, (f64, f64)>> {
+            let mut args = vec!["--bpf-stats", "--ioctl-hooks", flag];
+            args.extend_from_slice(extra);
+            let agent = Agent::start(root, &args)?;
+            bench_once(root)?;
+            let text = agent.metrics()?;
+            drop(agent);
+            let runs = samples(&text, "ioasid_program_runs_total");
+            let secs = samples(&text, "ioasid_program_run_seconds_total");
+            Ok(runs
+                .into_iter()
+                .filter(|(_, n)| *n > 0.0)
+                .map(|(hook, n)| {
+                    let ns = secs.get(&hook).copied().unwrap_or(0.0) * 1e9 / n;
+                    (hook, (n, ns))
+                })
+                .collect())
+        };
+        let real = per_run(&[])?;
+        let empty = per_run(&["--empty-programs"])?;
+        for (hook, (n, ns)) in &real {
+            let base = empty.get(hook).map(|(_, ns)| *ns);
+            let base_text = base.map_or("-".to_string(), |b| format!("{b:.1}"));
+            println!("{family:<12} {hook:<46} {n:>12.0} {ns:>10.1} {base_text:>10}");
+            kernel.insert(
+                format!("{family}:{hook}"),
+                serde_json::json!({ "runs": n, "ns_per_run": ns, "empty_ns_per_run": base }),
+            );
         }
     }
     report.insert("in_kernel".into(), serde_json::Value::Object(kernel));

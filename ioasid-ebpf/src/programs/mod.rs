@@ -1,4 +1,5 @@
 pub mod cost;
+pub mod empty;
 pub mod ioctl;
 pub mod lifecycle;
 pub mod wbinvd;
