@@ -84,9 +84,18 @@ pub struct RunArgs {
     /// Tests only: discard every kernel event, as if the ring buffer were always full.
     #[arg(long, hide = true)]
     pub test_drop_events: bool,
-    /// Host-wide lock: only one agent may run (two would both judge the same VMMs).
+    /// Benchmarks only: attach an empty program of the same type at every hook instead of the
+    /// real ones (what the attachments alone cost). Observes nothing; implies --dry-run.
+    #[arg(long, hide = true)]
+    pub empty_programs: bool,
+    /// Lock file naming the running agent's pid. The single-instance guarantee does not rest on
+    /// it: a kernel-side marker also stops a second agent with any other lock file.
     #[arg(long, value_name = "PATH", default_value = "/run/ioasid-agent.lock")]
     pub lock_file: PathBuf,
+    /// Directory on a BPF filesystem where the kernel state that outlives the agent is pinned
+    /// (open asks, counters, non-coherent VMs): a restarted or upgraded agent adopts it.
+    #[arg(long, value_name = "PATH", default_value = crate::loader::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Write the bound listen address here once every hook is attached (readiness).
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,

@@ -18,12 +18,13 @@ use crate::{
     audit::AuditLog,
     events::Event,
     http,
+    instance::Instance,
     kernel::BpfKernel,
     loader::{self, HookState, LoadOptions, Loaded},
     policy::PolicyStore,
     procfs::ProcFs,
     ring,
-    sys::{hostname, HostLock},
+    sys::hostname,
     telemetry::Metrics,
     vfio::SysFs,
 };
@@ -48,13 +49,16 @@ pub struct RunConfig {
 }
 
 pub async fn run(cfg: RunConfig) -> Result<()> {
-    let _lock = HostLock::acquire(&cfg.lock_file)?;
+    let _instance = Instance::acquire(&cfg.lock_file)?;
     let metrics = Metrics::new();
     let policy = open_policy(&cfg)?;
     let audit = AuditLog::start(&cfg.audit_log, metrics.audit_dropped.clone())?;
     let record =
         cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.audit_dropped.clone())).transpose()?;
-    let loaded = loader::load(cfg.load)?;
+    let loaded = loader::load(&cfg.load)?;
+    if let Some(state) = loaded.state.as_ref().filter(|s| !s.adopted.is_empty()) {
+        tracing::info!(dir = %state.dir.display(), maps = ?state.adopted, "adopting the kernel state a previous agent left (open asks, counters, non-coherent VMs)");
+    }
     report_hooks(&loaded, &metrics, cfg.load.enforce);
     let bpf_stats = cfg.bpf_stats.then(enable_bpf_stats).flatten();
     let (mut kernel, events) = BpfKernel::new(loaded, bpf_stats.is_some())?;
@@ -78,8 +82,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         sweep_interval: cfg.sweep,
     };
     let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
-    // Classify VMMs that were running before the agent started, from the counters they have.
+    // Classify VMMs that were running before the agent started, from the counters they have,
+    // then decide every ask a previous agent left open (its VMM is stopped, waiting).
     actor.sweep();
+    actor.recover_asks(0);
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -106,6 +112,7 @@ async fn event_loop(
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let (mut hup, mut term, mut int) =
         (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let mut reloads = Reloads::new();
     loop {
         tokio::select! {
             Some(ev) = events.recv() => actor.on_event(ev),
@@ -114,10 +121,59 @@ async fn event_loop(
                 let _ = done.send(());
             }
             _ = tick.tick() => actor.sweep(),
-            _ = watch.tick() => actor.watch_policy_file(),
-            _ = hup.recv() => actor.reload("SIGHUP"),
+            _ = watch.tick() => if actor.policy_file_changed() {
+                reloads.start(actor, "file changed");
+            },
+            _ = hup.recv() => reloads.start(actor, "SIGHUP"),
+            Some((why, parsed)) = reloads.done.recv() => {
+                actor.apply_reload(why, parsed);
+                reloads.finished(actor);
+            }
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+        }
+    }
+}
+
+type Parsed = Result<(crate::policy::Policy, Vec<u8>), crate::policy::PolicyError>;
+
+/// Policy reloads parse on a thread of their own: decisions, scrapes and shutdown never wait
+/// for a parse. One at a time; a trigger during a parse runs one more once it is done.
+struct Reloads {
+    tx: mpsc::Sender<(&'static str, Parsed)>,
+    done: mpsc::Receiver<(&'static str, Parsed)>,
+    running: bool,
+    again: Option<&'static str>,
+}
+
+impl Reloads {
+    fn new() -> Self {
+        let (tx, done) = mpsc::channel(1);
+        Self { tx, done, running: false, again: None }
+    }
+
+    fn start(&mut self, actor: &Actor<BpfKernel>, why: &'static str) {
+        if self.running {
+            self.again = Some(why);
+            return;
+        }
+        let Some(path) = actor.reload_path(why) else { return };
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new().name("policy-parse".into()).spawn(move || {
+            let _ = tx.blocking_send((why, crate::policy::Policy::load_bytes(&path)));
+        });
+        match spawned {
+            Ok(_) => self.running = true,
+            Err(e) => {
+                tracing::error!(trigger = why, error = %e, "could not start a policy parse; the policy in force stays")
+            }
+        }
+    }
+
+    fn finished(&mut self, actor: &Actor<BpfKernel>) {
+        self.running = false;
+        if let Some(why) = self.again.take() {
+            self.start(actor, why);
         }
     }
 }

@@ -147,6 +147,21 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
     Judgement { action, coherency, disagreement, followup, record }
 }
 
+/// A stopped VMM that could not be classified (its /proc could not be read: fds, memory)
+/// within the hold limit is denied and killed, never judged by a fallback identity: the
+/// agent fails closed. `why` says what could not be read.
+pub fn fail_closed(mut j: Judgement, why: &str) -> Judgement {
+    j.action = Some(Action::Deny);
+    j.followup = Some(Signal::Kill);
+    j.record.event = RecordKind::IncoherentDma;
+    j.record.decision = Decision::Denied;
+    j.record.rule = "unclassified".into();
+    j.record.mechanism = Mechanism::StopAsk;
+    j.record.outcome = Outcome::Killed;
+    j.record.reason = Some(format!("could not be classified ({why}): denied, failing closed"));
+    j
+}
+
 /// Replays a recorded decision against `policy`: what it would decide now.
 pub fn replay(rec: &AuditRecord, policy: &Policy) -> (Decision, String, Option<String>) {
     let verdict = policy.evaluate(&rec.process());

@@ -9,7 +9,10 @@ mod cmd;
 mod daemon;
 mod enforce;
 mod events;
+#[cfg(test)]
+mod fuzz;
 mod http;
+mod instance;
 mod kernel;
 mod loader;
 mod policy;
@@ -59,16 +62,23 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
+    if args.empty_programs {
+        tracing::warn!(
+            "--empty-programs: benchmark baseline, empty programs attached; nothing is observed or enforced"
+        );
+    }
     let cfg = daemon::RunConfig {
         listen: args.listen,
         policy: args.policy.clone(),
         audit_log: args.audit_log.clone(),
         record: args.record.clone(),
         load: loader::LoadOptions {
-            enforce: !args.dry_run,
+            enforce: !args.dry_run && !args.empty_programs,
             optional_hooks: !args.no_optional_hooks,
             ioctl_hooks: args.ioctl_hooks.into(),
             strict: true,
+            empty_programs: args.empty_programs,
+            state_dir: (!args.empty_programs).then(|| args.state_dir.clone()),
         },
         sweep: args.sweep_interval,
         retention: args.vm_retention,

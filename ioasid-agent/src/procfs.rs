@@ -17,6 +17,19 @@ pub enum ProcError {
     Malformed { path: PathBuf, what: String },
 }
 
+impl ProcError {
+    /// The process no longer exists (as opposed to: it could not be read, e.g. for want of fds).
+    pub fn is_gone(&self) -> bool {
+        match self {
+            ProcError::Gone { .. } => true,
+            ProcError::Read { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
+            }
+            ProcError::Malformed { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,

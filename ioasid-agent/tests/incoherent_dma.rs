@@ -422,10 +422,7 @@ fn a_graceful_shutdown_decides_every_stopped_vmm() {
     let pid = g.id();
     // The kernel stops it at FILE_ADD; its event is lost, and the agent stops before its
     // half-second recovery would have decided.
-    let stopped = eventually(Duration::from_secs(2), || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        (stat.rsplit_once(')')?.1.split_whitespace().next()? == "T").then_some(())
-    });
+    let stopped = eventually(Duration::from_secs(2), || (proc_state(pid)? == 'T').then_some(()));
     assert!(stopped.is_some(), "the VMM was not stopped for a decision");
     let status = agent.stop();
     assert!(status.success(), "{status:?}\n{}", agent.log());
@@ -434,4 +431,119 @@ fn a_graceful_shutdown_decides_every_stopped_vmm() {
     assert_eq!(summary["file_add_errno"], 22);
     let r = agent.audit().into_iter().find(|r| r["vm"] == vm.as_str()).expect("audited before exit");
     assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some("allowed"), Some("resumed")), "{r}");
+}
+
+/// One agent per host whatever its lock file: a second agent with a lock file of its own
+/// refuses to start while the first runs and names it; once the first is SIGKILLed (no clean-up
+/// of its own) a new agent starts at once. `status` is not an agent and runs beside one.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn one_agent_per_host_whatever_its_lock_file() {
+    require_kernel();
+    let _g = serial();
+    let dir = TempDir::new("instance");
+    let lock = |name: &str| dir.path(name).to_str().unwrap().to_string();
+    let mut first = Agent::start(&["--dry-run", "--lock-file", &lock("a.lock")]);
+    let second = Command::new(agent_path())
+        .args(["run", "--dry-run", "--listen", "127.0.0.1:0", "--lock-file", &lock("b.lock")])
+        .arg("--audit-log")
+        .arg(dir.path("b.jsonl"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, err) = wait_output(second, Duration::from_secs(20) * slow());
+    assert_eq!(status.code(), Some(1), "a second agent must refuse to run: {err}");
+    assert!(
+        err.contains("another ioasid-agent is running") && err.contains(&format!("pid {}", first.pid())),
+        "{err}"
+    );
+    let status = Command::new(agent_path()).args(["status", "--json"]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    first.signal(libc::SIGKILL);
+    let killed = eventually(Duration::from_secs(5), || first.try_exit());
+    assert!(killed.is_some(), "the first agent did not die");
+    let mut third = Agent::start(&["--dry-run", "--lock-file", &lock("c.lock")]);
+    assert!(third.stop().success(), "{}", third.log());
+}
+
+/// Waits for `child` (stderr piped) with a deadline; kills it if it is still running.
+fn wait_output(mut child: std::process::Child, limit: Duration) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {limit:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// An agent killed during stop-and-ask (SIGKILL: no shutdown of its own) leaves its VMMs
+/// stopped and its open asks in the pinned kernel state; nothing decides while no agent runs.
+/// The next agent with the same state directory adopts the asks and decides each within 1 s of
+/// starting (allowed: resumed; denied: killed), audited as adopted; counters the kernel kept
+/// continue instead of restarting at 0.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_killed_agents_open_asks_are_decided_by_the_next() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("crash");
+    let state = StateDir::new();
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(&prefix));
+    let args = ["--policy", path.to_str().unwrap(), "--state-dir", state.arg()];
+    let mut first = Agent::start(&[&args[..], &["--test-drop-events"]].concat());
+    let counted = format!("{prefix}-wb");
+    let wb = GuestGuard::spawn(&["--name", &counted, "--wbinvd", "300", "--hold", "60"]);
+    let before = eventually(Duration::from_secs(10), || {
+        wbinvd_total(&first.scrape(), &counted).filter(|n| *n >= 300.0)
+    })
+    .expect("the WBINVD guest was not counted");
+    // Both VMMs are stopped at FILE_ADD, their events lost; the agent dies before its own
+    // recovery (0.5 s) would have decided.
+    let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
+    let ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
+    let gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
+    let (pa, pd) = (ga.id(), gd.id());
+    let stopped = eventually(Duration::from_secs(2), || {
+        (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
+    });
+    first.signal(libc::SIGKILL);
+    assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
+    assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
+    assert!(first.audit().iter().all(|r| r["vm"] != allowed.as_str() && r["vm"] != denied.as_str()));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        (proc_state(pa), proc_state(pd)),
+        (Some('T'), Some('T')),
+        "nothing decides while no agent runs"
+    );
+
+    let second = Agent::start(&args);
+    let ready = std::time::Instant::now();
+    let decided = eventually(Duration::from_secs(5), || {
+        (proc_state(pa) != Some('T') && proc_state(pd) != Some('T')).then_some(())
+    });
+    assert!(decided.is_some(), "the adopted asks were not decided:\n{}", second.log());
+    let took = ready.elapsed();
+    assert!(took < Duration::from_secs(1) * slow(), "decided {took:?} after the agent was ready");
+    let (status, summary, err) = finish(ga);
+    assert!(status.success(), "the allowed VMM must be resumed: {err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    let (status, _, _) = finish(gd);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    for (vm, decision, outcome) in [(&denied, "denied", "killed"), (&allowed, "allowed", "resumed")] {
+        let r = second.wait_audit(vm);
+        assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some(decision), Some(outcome)), "{r}");
+        assert!(r["reason"].as_str().unwrap_or("").contains("before this agent started"), "{r}");
+    }
+    let after = wbinvd_total(&second.scrape(), &counted);
+    assert!(after.is_some_and(|n| n >= before), "counted {before} before the restart, {after:?} after");
+    drop(wb);
 }

@@ -72,6 +72,22 @@ pub const ALL_MAPS: [&str; 18] = [
     MAP_INFLIGHT_COUNT,
 ];
 
+/// The maps that outlive the agent (pinned in bpffs, adopted by the next agent): open asks,
+/// counters, WBINVD cost, the kernel's statistics, which VMs are non-coherent, and the kvm-vfio
+/// device fds and VFIO file coherency learned so far. Everything else (verdicts, in-flight
+/// requests, pending timers, the ring buffer, the control word) starts afresh with each agent.
+pub const PERSISTENT_MAPS: [&str; 9] = [
+    MAP_ASKED,
+    MAP_COUNTERS,
+    MAP_COST,
+    MAP_STATS,
+    MAP_FLUSH_CPUS,
+    MAP_NONCOHERENT,
+    MAP_NONCOHERENT_KVM,
+    MAP_KVM_DEVICES,
+    MAP_FILE_COHERENCY,
+];
+
 /// Name of the read-only global holding [`crate::config::ProgConfig`].
 pub const GLOBAL_CONFIG: &str = "IOASID_CONFIG";
 

@@ -17,14 +17,41 @@ use crate::{
     vfio,
 };
 
+/// How long a stopped VMM whose /proc cannot be read is held unjudged before it is denied.
+pub const UNCLASSIFIED_LIMIT_NS: u64 = 5_000_000_000;
+
 impl<K: Kernel> Actor<K> {
     /// Judges one incoherent-DMA enable, carries out what is left to do, audits it. Each
     /// request is decided once: a stopped VMM's request by whoever takes the kernel's ask
     /// record first (its event, or the recovery of a lost one); the other finds it taken.
     pub(super) fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
         let tgid = req.origin.tgid;
+        let mut unclassified = None;
         let info = match req.judged {
             KernelJudged::Ask => {
+                // The kernel stopped the process: judge it on what it is now. When its /proc
+                // cannot be read (no fds or memory left), it is never judged by a fallback
+                // identity: its ask stays open in the kernel and is retried from the record
+                // each sweep; past UNCLASSIFIED_LIMIT_NS it is denied (fail closed).
+                let fresh = self.set.procfs.info(tgid);
+                let unreadable = match &fresh {
+                    Err(e) if req.ask_recorded && !e.is_gone() => Some(e.to_string()),
+                    _ => None,
+                };
+                if let Some(e) = unreadable {
+                    let age = monotonic_ns().saturating_sub(req.origin.ktime_ns);
+                    let open = self
+                        .kernel
+                        .asks()
+                        .iter()
+                        .any(|(t, a)| *t == tgid && a.ktime_ns == req.origin.ktime_ns);
+                    if open && age < UNCLASSIFIED_LIMIT_NS {
+                        tracing::warn!(pid = tgid, error = %e, "cannot read a stopped VMM's /proc: holding it unjudged, retried from the kernel's ask record");
+                        return;
+                    }
+                    unclassified =
+                        Some(format!("{e}; still after {} s", UNCLASSIFIED_LIMIT_NS / 1_000_000_000));
+                }
                 if req.ask_recorded && !self.kernel.take_ask(tgid, req.origin.ktime_ns) {
                     tracing::debug!(
                         pid = tgid,
@@ -32,8 +59,7 @@ impl<K: Kernel> Actor<K> {
                     );
                     return;
                 }
-                // The kernel stopped the process: judge it on what it is now.
-                match self.set.procfs.info(tgid) {
+                match fresh {
                     Ok(info) => {
                         self.acct.replace(info.clone());
                         self.write_verdict(&info);
@@ -51,9 +77,13 @@ impl<K: Kernel> Actor<K> {
             host: &self.set.host,
             time: rfc3339(SystemTime::now()),
         };
-        let j = enforce::judge(req, &info, vfio, &cx);
+        let mut j = enforce::judge(req, &info, vfio, &cx);
+        if let Some(why) = &unclassified {
+            tracing::error!(pid = tgid, error = %why, "a stopped VMM could not be classified: denied (fail closed)");
+            j = enforce::fail_closed(j, why);
+        }
         let mut record = j.record;
-        if let Some(note) = note {
+        if let Some(note) = note.filter(|_| unclassified.is_none()) {
             record.reason = Some(note.to_string());
         }
         if let Some(sig) = j.followup {
@@ -90,10 +120,16 @@ impl<K: Kernel> Actor<K> {
         let stale =
             self.kernel.asks().into_iter().filter(|(_, a)| now.saturating_sub(a.ktime_ns) >= older_than_ns);
         for (tgid, a) in stale.collect::<Vec<_>>() {
-            tracing::warn!(
-                pid = tgid,
-                "a stopped VMM's FILE_ADD event never arrived: deciding from the kernel's ask record"
-            );
+            let why = if a.ktime_ns < self.started_ns {
+                tracing::warn!(pid = tgid, "a previous agent left this VMM stopped for a decision: deciding from the kernel's ask record");
+                "asked before this agent started (adopted from the kernel's pinned state); decided from the kernel's ask record"
+            } else {
+                tracing::warn!(
+                    pid = tgid,
+                    "a stopped VMM's FILE_ADD event never arrived: deciding from the kernel's ask record"
+                );
+                "event lost; decided from the kernel's ask record"
+            };
             let req = EnableRequest {
                 origin: Origin { tgid, comm: String::new(), ktime_ns: a.ktime_ns },
                 fd: a.fd,
@@ -107,7 +143,7 @@ impl<K: Kernel> Actor<K> {
                 kernel_coherent: None,
                 file_coherency: Coherency::Unknown,
             };
-            self.decide(&req, Some("event lost; decided from the kernel's ask record"));
+            self.decide(&req, Some(why));
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct Actor<K: Kernel> {
     record: Option<AuditLog>,
     sweeps: u64,
     stats_seen: Stats,
+    /// CLOCK_MONOTONIC when this agent started: an ask older than that was left open by a
+    /// previous agent (adopted from the pinned maps).
+    started_ns: u64,
 }
 
 impl<K: Kernel> Actor<K> {
@@ -79,6 +82,7 @@ impl<K: Kernel> Actor<K> {
             record,
             sweeps: 0,
             stats_seen: Stats::default(),
+            started_ns: crate::sys::monotonic_ns(),
         }
     }
 
@@ -323,22 +327,44 @@ impl<K: Kernel> Actor<K> {
         }
     }
 
-    /// Reloads the policy if its file changed.
+    /// True once the policy file changed and then stayed the same for a check interval.
+    pub fn policy_file_changed(&mut self) -> bool {
+        self.policy.changed()
+    }
+
+    /// The file a reload parses, or None (the embedded default runs: nothing to reload).
+    pub fn reload_path(&self, why: &str) -> Option<std::path::PathBuf> {
+        let path = self.policy.path().map(std::path::Path::to_path_buf);
+        if path.is_none() {
+            tracing::info!(
+                trigger = why,
+                "reload requested; running the embedded default policy, nothing to reload"
+            );
+        }
+        path
+    }
+
+    /// Reloads the policy if its file changed, parsing here (tests; the daemon parses off the
+    /// event loop and calls `apply_reload`).
+    #[cfg(test)]
     pub fn watch_policy_file(&mut self) {
-        if self.policy.changed() {
-            self.reload("file changed");
+        if self.policy_file_changed() {
+            if let Some(path) = self.reload_path("file changed") {
+                self.apply_reload("file changed", crate::policy::Policy::load_bytes(&path));
+            }
         }
     }
 
-    /// Reloads the policy file; a good one re-judges every running VM, a bad one is rejected
-    /// and the last good policy stays in force.
-    pub fn reload(&mut self, why: &str) {
-        match self.policy.reload() {
-            Ok(false) => tracing::info!(
-                trigger = why,
-                "reload requested; running the embedded default policy, nothing to reload"
-            ),
-            Ok(true) => {
+    /// Puts a reloaded policy in force: a good one re-judges every running VM, a bad one is
+    /// rejected and the last good policy stays in force.
+    pub fn apply_reload(
+        &mut self,
+        why: &str,
+        parsed: Result<(crate::policy::Policy, Vec<u8>), crate::policy::PolicyError>,
+    ) {
+        match parsed {
+            Ok((policy, bytes)) => {
+                self.policy.install(policy, &bytes);
                 let live: Vec<ProcessInfo> = self.acct.live().map(|(_, p)| p.info.clone()).collect();
                 for info in &live {
                     self.write_verdict(info);

@@ -218,6 +218,7 @@ async fn a_lost_ask_is_decided_from_the_kernel_record() {
     let f = Fixture::new("lost");
     f.vmm(4300, "tenant-7");
     let mut a = f.actor(POLICY);
+    a.started_ns = 0; // the ask is this agent's own
     a.kernel().asks.insert(4300, Asked { ktime_ns: 0, fd: 9, file_fd: -1 });
     a.sweep();
     assert_eq!(a.kernel().signals, vec![(4300, Signal::Kill)]);
@@ -312,11 +313,17 @@ async fn a_reload_rejudges_running_vms_and_a_bad_file_changes_nothing() {
     let r = open_ask(&mut a, 4600);
     a.on_event(Event::Enable(r));
     assert_eq!(Decision::try_from(a.kernel().verdicts[&4600].decision), Ok(Decision::Allow));
+    // Caught mid-write: a file that changes between two checks is not applied.
+    std::fs::write(f.dir.join("policy.yaml"), "default: { incoherent_dma: d").unwrap();
+    a.watch_policy_file();
     std::fs::write(f.dir.join("policy.yaml"), "default: { incoherent_dma: deny }\n").unwrap();
+    a.watch_policy_file();
+    assert_eq!(a.kernel().verdicts[&4600].generation, 1, "applied only once stable");
     a.watch_policy_file();
     let v = a.kernel().verdicts[&4600];
     assert_eq!((Decision::try_from(v.decision), v.generation), (Ok(Decision::Deny), 2));
     std::fs::write(f.dir.join("policy.yaml"), "default: { incoherent_dma: maybe }\n").unwrap();
+    a.watch_policy_file();
     a.watch_policy_file();
     assert_eq!(a.kernel().verdicts[&4600].generation, 2, "the last good policy stays");
     assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "failure")]), Some(1.0));
@@ -377,4 +384,70 @@ async fn a_late_event_never_decides_a_request_twice() {
         sample(m, "ioasid_incoherent_dma_requests_total", &[("vm", "tenant-8"), ("decision", "denied")]);
     assert_eq!(denied, Some(1.0), "one count per request");
     assert_eq!(f.audit(2).await.len(), 2, "one record per request");
+}
+
+#[tokio::test]
+async fn an_ask_left_by_a_previous_agent_is_decided_at_start_and_says_so() {
+    let f = Fixture::new("adopted");
+    f.vmm(4310, "gpu-2");
+    let mut a = f.actor(POLICY);
+    // Asked before this agent started: found in the pinned map.
+    a.kernel().asks.insert(4310, Asked { ktime_ns: 1, fd: 9, file_fd: -1 });
+    a.recover_asks(0);
+    assert_eq!(a.kernel().signals, vec![(4310, Signal::Cont)]);
+    assert!(a.kernel().asks.is_empty());
+    let recs = f.audit(1).await;
+    assert_eq!(
+        (recs[0]["decision"].as_str(), recs[0]["outcome"].as_str()),
+        (Some("allowed"), Some("resumed"))
+    );
+    assert!(recs[0]["reason"].as_str().unwrap().contains("before this agent started"), "{}", recs[0]);
+}
+
+/// A stopped VMM whose /proc cannot be read (here a directory where its cmdline should be:
+/// EISDIR, as EMFILE would be, not "gone") is never judged by a fallback name: it is held, its
+/// ask left open in the kernel; once readable it is judged by its real name; if it stays
+/// unreadable past the limit it is denied and killed.
+#[tokio::test]
+async fn an_unreadable_vmm_is_held_then_denied_never_judged_by_a_fallback_name() {
+    let f = Fixture::new("unreadable");
+    let cmdline = |pid: u32| f.dir.join(format!("proc/{pid}/cmdline"));
+    let unreadable = |pid: u32| {
+        std::fs::remove_file(cmdline(pid)).unwrap();
+        std::fs::create_dir(cmdline(pid)).unwrap();
+    };
+    // The policy allows gpu-*, and its default only audits: a fallback name would be let through.
+    f.vmm(4400, "tenant-9");
+    f.vmm(4401, "tenant-10");
+    unreadable(4400);
+    unreadable(4401);
+    let mut a = f.actor(POLICY);
+    a.started_ns = 0;
+    let now = crate::sys::monotonic_ns();
+    a.kernel().asks.insert(4400, Asked { ktime_ns: now - 1_000_000_000, fd: 9, file_fd: -1 });
+    a.kernel().asks.insert(4401, Asked { ktime_ns: now - 1_000_000_000, fd: 9, file_fd: -1 });
+    a.sweep();
+    assert!(a.kernel().signals.is_empty(), "held, not judged: {:?}", a.kernel().signals);
+    assert_eq!(a.kernel().asks.len(), 2, "the asks stay open in the kernel");
+    // 4401 becomes readable: judged by its real name (denied by the tenants rule).
+    std::fs::remove_dir(cmdline(4401)).unwrap();
+    std::fs::write(cmdline(4401), "qemu\0-name\0guest=tenant-10\0").unwrap();
+    a.sweep();
+    assert_eq!(a.kernel().signals, vec![(4401, Signal::Kill)]);
+    // 4400 stays unreadable past the limit: denied, failing closed.
+    let old = now - enable::UNCLASSIFIED_LIMIT_NS - 1;
+    a.kernel().asks.insert(4400, Asked { ktime_ns: old, fd: 9, file_fd: -1 });
+    a.sweep();
+    assert_eq!(a.kernel().signals, vec![(4401, Signal::Kill), (4400, Signal::Kill)]);
+    assert!(a.kernel().asks.is_empty());
+    let recs = f.audit(2).await;
+    let r = recs.iter().find(|r| r["pid"] == 4400).unwrap();
+    assert_eq!(
+        (r["decision"].as_str(), r["outcome"].as_str(), r["rule"].as_str()),
+        (Some("denied"), Some("killed"), Some("unclassified")),
+        "{r}"
+    );
+    assert!(r["reason"].as_str().unwrap().contains("could not be classified"), "{r}");
+    let r = recs.iter().find(|r| r["pid"] == 4401).unwrap();
+    assert_eq!((r["vm"].as_str(), r["rule"].as_str()), (Some("tenant-10"), Some("tenants")), "{r}");
 }

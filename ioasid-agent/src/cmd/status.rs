@@ -9,11 +9,14 @@ use crate::{
 
 pub fn run(args: &StatusArgs) -> Result<()> {
     // Enforcement stays off: nothing is judged while status runs.
-    let loaded = loader::load(LoadOptions {
+    let loaded = loader::load(&LoadOptions {
         enforce: false,
         optional_hooks: true,
         ioctl_hooks: args.ioctl_hooks.into(),
         strict: false,
+        empty_programs: false,
+        // Never the agent's pinned maps: status's programs would count into its counters.
+        state_dir: None,
     })?;
     let mechanism = loaded.mechanism(true);
     if args.json {

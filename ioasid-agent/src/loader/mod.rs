@@ -15,11 +15,12 @@ use ioasid_common::{
     config::Control,
     cost::CostSource,
     hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS, LSM_IOCTL_HOOKS},
-    names::{GLOBAL_CONFIG, MAP_CONTROL},
+    names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
 };
 
 mod attach;
 mod config;
+pub mod state;
 
 use self::{
     attach::{attach, Target},
@@ -48,6 +49,8 @@ pub enum HookState {
 #[derive(Debug, Clone)]
 pub struct HookReport {
     pub spec: HookSpec,
+    /// The program attached there: `spec.program`, or `spec.empty` with `--empty-programs`.
+    pub program: &'static str,
     pub state: HookState,
 }
 
@@ -97,6 +100,8 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    State(#[from] state::StateError),
     #[error("required hook {hook} could not be attached: {reason}")]
     Required { hook: &'static str, reason: String },
 }
@@ -120,7 +125,7 @@ pub enum IoctlHooks {
 pub const ENFORCEMENT_MECHANISMS: [&str; 3] = ["lsm", "sigkill", "none"];
 
 /// How the agent wants the programs set up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Enforce verdicts (false: observe and audit only).
     pub enforce: bool,
@@ -129,6 +134,12 @@ pub struct LoadOptions {
     pub ioctl_hooks: IoctlHooks,
     /// Fail if a required hook cannot attach (false for `status`, which reports instead).
     pub strict: bool,
+    /// Attach each hook's empty program instead of the real one: the benchmarks' baseline of
+    /// what the attachment alone costs. Nothing is observed or enforced.
+    pub empty_programs: bool,
+    /// Pin the persistent maps under this bpffs directory and adopt what a previous agent left
+    /// there (`None`: every map starts afresh and dies with the agent, as for `status`).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 pub struct Loaded {
@@ -136,6 +147,8 @@ pub struct Loaded {
     pub hooks: Vec<HookReport>,
     /// The LSM program observes the ioctl path (no syscall tracepoint attached).
     pub lsm_observes: bool,
+    /// Where the persistent maps are pinned, and which a previous agent left.
+    pub state: Option<state::StateDir>,
 }
 
 impl Loaded {
@@ -190,18 +203,22 @@ fn excluded(spec: &HookSpec, mode: IoctlHooks) -> Option<&'static str> {
 }
 
 /// Loads the object and attaches every hook the kernel allows.
-pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
+pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     if !object_built() {
         return Err(LoadError::NoObject);
     }
     let tracefs = TraceFs::locate_or_mount()?;
     let config = prog_config(&tracefs)?;
     let btf = Btf::from_sys_fs().ok();
-    let mut ebpf = EbpfLoader::new()
-        .btf(btf.as_ref())
-        .override_global(GLOBAL_CONFIG, &config, true)
-        .load(OBJECT)
-        .map_err(LoadError::Object)?;
+    let state = opts.state_dir.as_deref().map(|base| state::prepare(base, OBJECT)).transpose()?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(btf.as_ref()).override_global(GLOBAL_CONFIG, &config, true);
+    if let Some(state) = &state {
+        for map in PERSISTENT_MAPS {
+            loader.map_pin_path(map, state.pin_path(map));
+        }
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
     let target = Target { vmlinux: btf.as_ref(), modules: std::cell::OnceCell::new() };
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
@@ -209,11 +226,13 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
 
     // Where BPF LSM and trampolines load, the LSM program and fexit kvm_vfio_set_attr serve the
     // whole ioctl path and no syscall tracepoint is attached (unrelated syscalls pay nothing).
+    let program_of = |spec: &HookSpec| if opts.empty_programs { spec.empty } else { spec.program };
     let mut early: Vec<(&'static str, HookState)> = Vec::new();
     if matches!(opts.ioctl_hooks, IoctlHooks::Auto | IoctlHooks::Lsm) && opts.optional_hooks {
         for label in LSM_IOCTL_HOOKS {
             let spec = ioasid_common::hooks::hook(label).expect("the LSM ioctl hooks are in the table");
-            let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
+            let program = program_of(spec);
+            let prog = ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
             let state = match attach(prog, spec, &target, lsm_active) {
                 Ok(()) => HookState::Attached,
                 Err(why) => HookState::Refused(why),
@@ -234,7 +253,8 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
 
     let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
     for spec in HOOKS {
-        let prog = ebpf.program_mut(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
+        let program = program_of(spec);
+        let prog = ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
         let serving = spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
         let state = if let Some((_, state)) = early.iter().find(|(l, _)| *l == spec.hook) {
             state.clone()
@@ -252,7 +272,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
                 Err(why) => HookState::Refused(why),
             }
         };
-        hooks.push(HookReport { spec: *spec, state });
+        hooks.push(HookReport { spec: *spec, program, state });
     }
     // A required hook, or group of alternatives, that nothing serves is fatal.
     for h in hooks.iter().filter(|h| !h.spec.optional) {
@@ -265,7 +285,7 @@ pub fn load(opts: LoadOptions) -> Result<Loaded, LoadError> {
             return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
         }
     }
-    let mut loaded = Loaded { ebpf, hooks, lsm_observes };
+    let mut loaded = Loaded { ebpf, hooks, lsm_observes, state };
     let control = Control {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
@@ -293,7 +313,8 @@ mod tests {
 
     /// The object and the hook table agree: every map named in ioasid-common and every program
     /// of the table exists in the built object, and every program in the object is in the
-    /// table (so no program is loaded that nothing attaches, and none is forgotten).
+    /// table, as a hook's program or its empty baseline (so no program is loaded that nothing
+    /// attaches, and none is forgotten).
     #[test]
     #[cfg_attr(ioasid_stub_object, ignore = "built without the eBPF toolchain: no object to check")]
     fn object_and_hook_table_agree() {
@@ -318,14 +339,16 @@ mod tests {
             .filter_map(|s| s.name().ok().map(str::to_string))
             .collect();
         for h in HOOKS {
-            assert!(programs.iter().any(|p| p == h.program), "{} ({}) not in the object", h.program, h.hook);
+            for program in [h.program, h.empty] {
+                assert!(programs.iter().any(|p| p == program), "{program} ({}) not in the object", h.hook);
+            }
         }
         for p in &programs {
             assert!(
-                HOOKS.iter().any(|h| h.program == p),
+                HOOKS.iter().any(|h| h.program == p || h.empty == p),
                 "program {p} of the object is not in the hook table"
             );
         }
-        assert_eq!(programs.len(), HOOKS.len(), "{programs:?}");
+        assert_eq!(programs.len(), 2 * HOOKS.len(), "{programs:?}");
     }
 }

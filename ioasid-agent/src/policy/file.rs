@@ -119,6 +119,62 @@ pub enum PolicyError {
 }
 
 /// Parses, validates and compiles a policy text; `source` names it in errors.
+/// How deep a policy may nest: flow collections (`[`, `{`) inside each other, and block
+/// structure (indentation, counting each `- ` or `? ` that opens a collection on a line). A
+/// real policy nests 4-5 levels; a hostile one nested thousands deep takes the YAML parser
+/// seconds per hundred kilobytes.
+pub const MAX_NESTING: usize = 16;
+pub const MAX_INDENT: usize = 64;
+/// Rules per policy: each compiles its patterns, and every VMM is matched against them in order.
+pub const MAX_RULES: usize = 1024;
+
+/// Rejects text nested beyond the limits before the YAML parser sees it: (line, message).
+fn check_shape(text: &str) -> Result<(), (usize, String)> {
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let line_no = n + 1;
+        let mut rest = line;
+        let mut indent = 0;
+        loop {
+            let trimmed = rest.trim_start_matches(' ');
+            indent += rest.len() - trimmed.len();
+            match trimmed.get(..2) {
+                Some("- " | "? ") => {
+                    indent += 2;
+                    rest = &trimmed[2..];
+                }
+                _ => break,
+            }
+        }
+        if indent > MAX_INDENT && !rest.trim().is_empty() && !rest.trim_start().starts_with('#') {
+            return Err((line_no, format!("nested too deep: indented more than {MAX_INDENT} columns")));
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if prev == ' ' || prev == '\t' => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err((
+                            line_no,
+                            format!("nested too deep: more than {MAX_NESTING} levels of [ ] or {{ }}"),
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
     let path = PathBuf::from(source);
     let invalid = |message: String| PolicyError::Invalid { path: path.clone(), message };
@@ -128,6 +184,12 @@ pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
             "the policy is empty (write at least `default: {incoherent_dma: audit}`)".into(),
         ));
     }
+    check_shape(text).map_err(|(line, message)| PolicyError::Syntax {
+        path: path.clone(),
+        line,
+        column: 1,
+        message,
+    })?;
     let file: PolicyFile = serde_norway::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         let mut message = e.to_string();
@@ -139,6 +201,12 @@ pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
     })?;
     let default_budget =
         compile_budget(&file.default.wbinvd, &Budget::DEFAULT, "default").map_err(&invalid)?;
+    if file.rules.len() > MAX_RULES {
+        return Err(invalid(format!(
+            "{} rules: at most {MAX_RULES} (group VMs with patterns)",
+            file.rules.len()
+        )));
+    }
     let mut rules = Vec::with_capacity(file.rules.len());
     for (i, r) in file.rules.into_iter().enumerate() {
         let what = format!("rule {} ({:?})", i + 1, r.name);

@@ -28,7 +28,7 @@ pub use self::{file::PolicyError, store::PolicyStore};
 use crate::procfs::ProcessInfo;
 
 /// The largest policy file the agent reads (a policy of thousands of rules is a few hundred KiB).
-pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+pub const MAX_POLICY_BYTES: u64 = 256 << 10;
 
 /// The policy the agent runs with when no `--policy` is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-policy.yaml");

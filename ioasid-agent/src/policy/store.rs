@@ -15,6 +15,9 @@ pub struct PolicyStore {
     pub generation: u32,
     path: Option<PathBuf>,
     hash: Option<u64>,
+    /// New content seen at the last check: applied only once the next check sees it unchanged
+    /// (a file caught mid-write, not renamed into place, is not applied until it is stable).
+    pending: Option<u64>,
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -45,33 +48,37 @@ impl PolicyStore {
             }
             None => (Policy::embedded(), None),
         };
-        Ok(Self { policy, generation: 1, path: path.map(Path::to_path_buf), hash })
+        Ok(Self { policy, generation: 1, path: path.map(Path::to_path_buf), hash, pending: None })
     }
 
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
-    /// True once each time the file's content changed since it was last loaded.
+    /// True once each time the file's content changed since it was last loaded and then stayed
+    /// the same for one check interval.
     pub fn changed(&mut self) -> bool {
         let Some(path) = &self.path else { return false };
         let h = file_hash(path);
-        if h.is_some() && h != self.hash {
+        if h.is_none() || h == self.hash {
+            self.pending = None;
+            return false;
+        }
+        if self.pending == h {
+            self.pending = None;
             self.hash = h;
             return true;
         }
+        self.pending = h;
         false
     }
 
-    /// Loads the file again. `Ok(false)`: there is no file (the embedded default runs).
-    pub fn reload(&mut self) -> Result<bool, PolicyError> {
-        let Some(path) = self.path.clone() else { return Ok(false) };
-        // The hash of the bytes parsed: a file rewritten during a slow reload differs from it,
-        // and is loaded at the next check.
-        let (policy, bytes) = Policy::load_bytes(&path)?;
-        self.hash = Some(hash(&bytes));
+    /// Puts a policy parsed from the file (off the event loop: `Policy::load_bytes`) in force.
+    /// Records the hash of the bytes parsed: a file rewritten during a slow reload differs from
+    /// it, and is loaded at the next check.
+    pub fn install(&mut self, policy: Policy, bytes: &[u8]) {
+        self.hash = Some(hash(bytes));
         self.policy = policy;
         self.generation += 1;
-        Ok(true)
     }
 }

@@ -144,3 +144,31 @@ fn only_bounded_regular_files_are_read() {
     assert!(err.contains("not a regular file"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn deep_nesting_is_refused_before_the_yaml_parser() {
+    use super::file::{MAX_INDENT, MAX_NESTING};
+    // Flow collections: 200 KB of `[`.
+    let deep = format!("rules: {}\n", "[".repeat(200_000));
+    match Policy::parse(&deep, "deep.yaml") {
+        Err(PolicyError::Syntax { line: 1, message, .. }) => {
+            assert!(message.contains("nested too deep"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Block structure: `- ` after `- ` on one line, and plain indentation.
+    let dashes = format!("rules:\n  {}x\n", "- ".repeat(MAX_INDENT));
+    assert!(matches!(Policy::parse(&dashes, "d.yaml"), Err(PolicyError::Syntax { line: 2, .. })));
+    let mut stairs = String::from("default:\n");
+    for i in 1..=40 {
+        stairs.push_str(&format!("{}k{i}:\n", "  ".repeat(i)));
+    }
+    assert!(matches!(Policy::parse(&stairs, "s.yaml"), Err(PolicyError::Syntax { line: 34, .. })));
+    // Within the limits, brackets in quotes and comments do not count.
+    let ok = format!(
+        "default: {{ incoherent_dma: audit }}  # {}\nrules:\n  - name: \"{}\"\n    match: {{ vm: \"a\" }}\n    incoherent_dma: allow\n",
+        "[".repeat(MAX_NESTING * 2),
+        "{".repeat(MAX_NESTING * 2)
+    );
+    Policy::parse(&ok, "ok.yaml").unwrap();
+}

@@ -63,6 +63,28 @@ pub struct Agent {
     pub addr: String,
     pub dir: TempDir,
     stderr_path: PathBuf,
+    /// The agent's pinned kernel state (`--state-dir`), removed with the harness's agent unless
+    /// a test passed its own.
+    state: Option<StateDir>,
+}
+
+/// A `--state-dir` of its own on bpffs, removed on drop: each test's agent starts from fresh
+/// kernel state unless the test hands the same one to a second agent (adoption).
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    pub fn new() -> Self {
+        Self(PathBuf::from("/sys/fs/bpf").join(unique("ioasid-test")))
+    }
+    pub fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Agent {
@@ -71,6 +93,8 @@ impl Agent {
         let ready = dir.path("ready");
         let stderr_path = dir.path("agent.log");
         let log = std::fs::File::create(&stderr_path).unwrap();
+        let own_state = !extra.contains(&"--state-dir");
+        let state = own_state.then(StateDir::new);
         let child = Command::new(agent_path())
             .args([
                 "--log",
@@ -86,11 +110,12 @@ impl Agent {
             .arg("--audit-log")
             .arg(dir.path("audit.jsonl"))
             .args(extra)
+            .args(state.iter().flat_map(|s| ["--state-dir".to_string(), s.arg().to_string()]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("starting ioasid-agent");
-        let mut agent = Self { child, addr: String::new(), dir, stderr_path };
+        let mut agent = Self { child, addr: String::new(), dir, stderr_path, state };
         let deadline = Instant::now() + Duration::from_secs(30) * slow();
         loop {
             if let Ok(addr) = std::fs::read_to_string(&ready) {
@@ -150,6 +175,11 @@ impl Agent {
             assert!(Instant::now() < deadline, "agent did not stop on SIGTERM:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The exit status once the agent has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -228,6 +258,12 @@ pub fn guest(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting ioasid-guest")
+}
+
+/// The state letter of /proc/PID/stat (R, S, T...), None once the process is gone.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
 }
 
 pub fn finish(child: Child) -> (ExitStatus, serde_json::Value, String) {
