@@ -89,9 +89,20 @@ impl Proc {
     }
 }
 
+/// Exited processes kept for the retention window, at most this many: past it the oldest are
+/// dropped first (counted), so VM churn cannot grow the agent or its scrape without bound.
+pub const MAX_EXITED: usize = 4096;
+
 #[derive(Debug, Default)]
 pub struct Accounting {
+    /// The current process of each pid.
     pub procs: HashMap<u32, Proc>,
+    /// Exited processes whose pid has since been taken by another process (pid reuse), or that
+    /// wait out their retention there: a process is its pid *and* its start time, so a new
+    /// process never inherits a dead one's name, counts or storm state. Oldest first.
+    exited: std::collections::VecDeque<Proc>,
+    /// Exited processes dropped past [`MAX_EXITED`] before their retention ended.
+    pub exited_dropped: u64,
     /// Totals of retired processes of VMs that still have a live process.
     retired: HashMap<String, (Totals, CostHist)>,
 }
@@ -118,6 +129,10 @@ impl Accounting {
     /// Returns the known process for `tgid`, naming it from procfs if new. A process that is
     /// already gone is named `unknown:<tgid>` (`comm` when an event told it).
     pub fn ensure(&mut self, tgid: u32, comm: Option<&str>, procfs: &ProcFs, now: Instant) -> &mut Proc {
+        // Counts for a pid whose process died and was purged belong to a new process.
+        if self.procs.get(&tgid).is_some_and(|p| p.purged) {
+            self.set_aside(tgid);
+        }
         self.procs.entry(tgid).or_insert_with(|| match procfs.info(tgid) {
             Ok(info) => Proc::new(info, None),
             Err(e) => {
@@ -137,14 +152,46 @@ impl Accounting {
         })
     }
 
-    /// Replaces a process's identity (it was re-read after an exec).
+    /// Replaces a process's identity (it was re-read after an exec). Another process on the
+    /// same pid (another start time) sets the old one aside instead of overwriting it.
     pub fn replace(&mut self, info: ProcessInfo) {
         let tgid = info.pid;
         match self.procs.get_mut(&tgid) {
             Some(p) if p.info.start_time == info.start_time => p.info = info,
-            _ => {
+            Some(_) => {
+                self.set_aside(tgid);
                 self.procs.insert(tgid, Proc::new(info, None));
             }
+            None => {
+                self.procs.insert(tgid, Proc::new(info, None));
+            }
+        }
+    }
+
+    /// Moves the process on `tgid` to the exited ones (dead from now if it was not yet known
+    /// dead), dropping the oldest exited past [`MAX_EXITED`].
+    fn set_aside(&mut self, tgid: u32) {
+        let Some(mut p) = self.procs.remove(&tgid) else { return };
+        p.dead_since.get_or_insert_with(Instant::now);
+        p.purged = true;
+        self.exited.push_back(p);
+        while self.exited.len() > MAX_EXITED {
+            if let Some(old) = self.exited.pop_front() {
+                self.exited_dropped += 1;
+                self.retire(old);
+            }
+        }
+    }
+
+    /// Folds an expired process's totals into its VM's while the VM has another process.
+    fn retire(&mut self, p: Proc) {
+        let vm_lives = self.procs.values().chain(self.exited.iter()).any(|o| o.info.vm == p.info.vm);
+        if vm_lives {
+            let (r, c) = self.retired.entry(p.info.vm.clone()).or_default();
+            for (k, v) in p.totals {
+                *r.entry(k).or_insert(0) += v;
+            }
+            c.add(&p.cost);
         }
     }
 
@@ -186,37 +233,34 @@ impl Accounting {
 
     /// Forgets processes dead for longer than `retention`; returns their tgids.
     pub fn expire(&mut self, retention: Duration, now: Instant) -> Vec<u32> {
-        let expired: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.dead_since.is_some_and(|d| now.duration_since(d) >= retention))
-            .map(|(t, _)| *t)
-            .collect();
-        for tgid in &expired {
-            let Some(p) = self.procs.remove(tgid) else {
-                continue;
-            };
-            let vm_lives = self.procs.values().any(|o| o.info.vm == p.info.vm);
-            if vm_lives {
-                let (r, c) = self.retired.entry(p.info.vm.clone()).or_default();
-                for (k, v) in p.totals {
-                    *r.entry(k).or_insert(0) += v;
-                }
-                c.add(&p.cost);
-            }
+        let over = |p: &Proc| p.dead_since.is_some_and(|d| now.duration_since(d) >= retention);
+        let expired: Vec<u32> = self.procs.iter().filter(|(_, p)| over(p)).map(|(t, _)| *t).collect();
+        let mut gone: Vec<Proc> = expired.iter().filter_map(|t| self.procs.remove(t)).collect();
+        let (old, keep): (Vec<Proc>, Vec<Proc>) = self.exited.drain(..).partition(|p| over(p));
+        self.exited = keep.into();
+        let mut tgids = expired;
+        tgids.extend(old.iter().map(|p| p.info.pid));
+        gone.extend(old);
+        for p in gone {
+            self.retire(p);
         }
         // A VM name with no process left at all is forgotten.
         let names: std::collections::HashSet<&str> =
-            self.procs.values().map(|p| p.info.vm.as_str()).collect();
+            self.procs.values().chain(self.exited.iter()).map(|p| p.info.vm.as_str()).collect();
         self.retired.retain(|vm, _| names.contains(vm.as_str()));
-        expired
+        tgids
+    }
+
+    /// Every VM name tracked: live processes, and exited ones within retention.
+    pub fn vm_names(&self) -> impl Iterator<Item = &str> {
+        self.procs.values().chain(self.exited.iter()).map(|p| p.info.vm.as_str())
     }
 
     /// Per-VM totals: live and retained processes plus retired ones.
     pub fn vm_totals(&self) -> VmTotals {
         let mut out = VmTotals::new();
         let parts = self.retired.iter().map(|(vm, (t, c))| (vm, t, c));
-        let live = self.procs.values().map(|p| (&p.info.vm, &p.totals, &p.cost));
+        let live = self.procs.values().chain(self.exited.iter()).map(|p| (&p.info.vm, &p.totals, &p.cost));
         for (vm, t, c) in parts.chain(live) {
             let (et, ec) = out.entry(vm.clone()).or_default();
             for (k, v) in t {
@@ -309,5 +353,43 @@ mod tests {
         assert_eq!(a.procs[&30].info.vm, "unknown:30");
         assert!(a.procs[&30].dead_since.is_some());
         assert_eq!(a.ensure(31, Some("qemu"), &procfs, now).info.vm, "qemu:31");
+    }
+
+    #[test]
+    fn a_new_process_on_a_reused_pid_is_its_own() {
+        let procfs = ProcFs::at("/nonexistent-procfs");
+        let mut a = Accounting::default();
+        let now = Instant::now();
+        a.replace(info(40, "old-vm", 1));
+        a.apply(kernel(40, 100, 0), &procfs, now);
+        assert_eq!(a.check_liveness(&procfs, now), vec![40]);
+        assert_eq!(a.take_newly_dead(), vec![40]);
+        // Another VMM gets pid 40 (another start time): its own name and counts.
+        a.replace(info(40, "new-vm", 2));
+        a.apply(kernel(40, 3, 0), &procfs, now);
+        assert_eq!(value(&a, "old-vm", Path::Exit), Some(100), "the exited VM is kept for retention");
+        assert_eq!(value(&a, "new-vm", Path::Exit), Some(3), "nothing inherited");
+        assert!(a.procs[&40].alive());
+        assert_eq!(a.expire(Duration::from_secs(1), now + Duration::from_secs(2)), vec![40]);
+        assert_eq!(value(&a, "old-vm", Path::Exit), None);
+        assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
+        // Counts for a purged pid with no name yet also start a new process.
+        a.check_liveness(&procfs, now);
+        a.take_newly_dead();
+        a.apply(kernel(40, 1, 0), &procfs, now);
+        assert_eq!(value(&a, "unknown:40", Path::Exit), Some(1));
+        assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
+    }
+
+    #[test]
+    fn exited_processes_are_capped_oldest_first() {
+        let mut a = Accounting::default();
+        for start in 1..=(MAX_EXITED as u64 + 2) {
+            a.replace(info(60, &format!("vm-{start}"), start));
+        }
+        assert_eq!(a.exited.len(), MAX_EXITED);
+        assert_eq!(a.exited_dropped, 1);
+        assert_eq!(a.exited.front().unwrap().info.vm, "vm-2", "the oldest went first");
+        assert!(a.vm_names().any(|v| v == format!("vm-{}", MAX_EXITED + 2)));
     }
 }

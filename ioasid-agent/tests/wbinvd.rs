@@ -200,3 +200,40 @@ fn exposition_passes_promtool() {
     assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
     assert!(text.contains("ioasid_incoherent_dma_requests_total"), "{text}");
 }
+
+/// Pid reuse: a VMM started on the pid of a VM that exited within the retention window is a
+/// VM of its own (a process is its pid and its start time): its own series, nothing merged into
+/// or inherited from the dead VM's. The pid is reused on purpose through ns_last_pid.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_vmm_on_a_reused_pid_is_a_vm_of_its_own() {
+    require_kernel();
+    let _g = serial();
+    let agent = Agent::start(&[]);
+    let (first, second) = (unique("pid-first"), unique("pid-second"));
+    let g = guest(&["--name", &first, "--wbinvd", "50", "--hold", "0.3"]);
+    let pid = g.id();
+    let (status, _, err) = finish(g);
+    assert!(status.success(), "{err}");
+    assert_eq!(wbinvd_total(&agent.scrape(), &first), Some(50.0));
+    // Let the agent see the exit (its liveness check runs about once a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut reused = None;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let g = guest(&["--name", &second, "--wbinvd", "70", "--hold", "1.0"]);
+        if g.id() == pid {
+            reused = Some(g);
+            break;
+        }
+        let mut g = g;
+        let _ = g.kill();
+        let _ = g.wait();
+    }
+    let g = reused.expect("could not start a guest on the exited guest's pid");
+    let (status, _, err) = finish(g);
+    assert!(status.success(), "{err}");
+    let m = agent.scrape();
+    assert_eq!(wbinvd_total(&m, &second), Some(70.0), "the new VM counts its own:\n{m}");
+    assert_eq!(wbinvd_total(&m, &first), Some(50.0), "the exited VM keeps its own:\n{m}");
+}

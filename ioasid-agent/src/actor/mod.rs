@@ -216,11 +216,17 @@ impl<K: Kernel> Actor<K> {
                 self.detector.forget(tgid);
             }
         }
-        let before: HashSet<u32> = self.acct.procs.keys().copied().collect();
+        // A process is its pid and its start time: one on a reused pid is new.
+        let before: HashSet<(u32, u64)> =
+            self.acct.procs.iter().map(|(t, p)| (*t, p.info.start_time)).collect();
         self.acct.apply(self.kernel.counters(), &self.set.procfs, now);
         self.acct.apply_cost(self.kernel.cost(), &self.set.procfs, now);
-        let new: Vec<ProcessInfo> =
-            self.acct.live().filter(|(t, _)| !before.contains(t)).map(|(_, p)| p.info.clone()).collect();
+        let new: Vec<ProcessInfo> = self
+            .acct
+            .live()
+            .filter(|(t, p)| !before.contains(&(**t, p.info.start_time)))
+            .map(|(_, p)| p.info.clone())
+            .collect();
         // The first sweep finds the VMMs that ran before the agent started.
         let preexisting = self.sweeps == 1;
         for info in new {
@@ -249,7 +255,7 @@ impl<K: Kernel> Actor<K> {
         let first = self.sweeps == 1;
         // Every tracked VM gets its gauges set; a VM whose processes all exited reads 0.
         let mut per_vm: std::collections::HashMap<String, VmGauges> =
-            self.acct.procs.values().map(|p| (p.info.vm.clone(), VmGauges::default())).collect();
+            self.acct.vm_names().map(|vm| (vm.to_string(), VmGauges::default())).collect();
         let mut changes = Vec::new();
         for (tgid, p) in self.acct.live() {
             let wbinvd = p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]);
@@ -299,6 +305,8 @@ impl<K: Kernel> Actor<K> {
 
     /// Kernel statistics (drops, errors), CPUs per flush and, when on, each program's cost.
     fn export_host_stats(&mut self) {
+        let dropped = self.acct.exited_dropped;
+        self.metrics.exited_dropped.inc_by(dropped.saturating_sub(self.metrics.exited_dropped.get()));
         self.metrics.cost.lock().unwrap_or_else(|e| e.into_inner()).flush_cpus = self.kernel.flush_cpus();
         let stats = self.kernel.stats();
         for stat in Stat::ALL {

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub enforcement_mechanism: IntGaugeVec,
     pub ioctls: IntCounterVec,
     pub audit_dropped: IntCounter,
+    pub exited_dropped: IntCounter,
     /// BPF program runs and in-kernel run time (only with --bpf-stats).
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
@@ -161,6 +162,10 @@ impl Metrics {
             audit_dropped: counter(
                 "ioasid_audit_records_dropped_total",
                 "Audit records lost: the audit queue was full or the log could not be written.",
+            ),
+            exited_dropped: counter(
+                "ioasid_exited_vms_dropped_total",
+                "Exited VMM processes forgotten before their retention ended: more than 4096 were kept.",
             ),
             program_runs: counter_vec(
                 "ioasid_program_runs_total",
