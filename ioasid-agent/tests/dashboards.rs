@@ -40,6 +40,40 @@ fn rules_pass_promtool_check_and_unit_tests() {
     }
 }
 
+/// Alerts people can act on: every alert has a severity of the common convention (critical or
+/// warning), a summary, a runbook_url naming a runbook in docs/runbooks/ that exists and has
+/// its sections, and at least one promtool unit test case.
+#[test]
+fn every_alert_has_a_severity_a_runbook_and_a_test() {
+    let dir = dashboards().join("prometheus");
+    let rules: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(dir.join("ioasid-rules.yaml")).unwrap()).unwrap();
+    let tests = std::fs::read_to_string(dir.join("ioasid-rules.test.yaml")).unwrap();
+    let root = dashboards().join("..");
+    let mut alerts = 0;
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let Some(name) = rule["alert"].as_str() else { continue };
+            alerts += 1;
+            let severity = rule["labels"]["severity"].as_str();
+            assert!(matches!(severity, Some("critical" | "warning")), "{name}: severity {severity:?}");
+            assert!(rule["annotations"]["summary"].is_string(), "{name}: no summary");
+            let url = rule["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no runbook_url"));
+            assert_eq!(url, format!("docs/runbooks/{name}.md"));
+            let book = std::fs::read_to_string(root.join(url)).unwrap_or_else(|e| panic!("{url}: {e}"));
+            for section in ["**Meaning.**", "**Impact.**", "**Diagnose.**", "**Act.**"] {
+                assert!(book.contains(section), "{url} has no {section} section");
+            }
+            assert!(tests.contains(&format!("alertname: {name}\n")), "{name} has no promtool test case");
+        }
+    }
+    assert!(alerts >= 6, "{alerts} alerts");
+    let books = std::fs::read_dir(root.join("docs/runbooks")).unwrap().count();
+    assert_eq!(books, alerts, "a runbook for every alert, and no runbook without one");
+}
+
 /// Every PromQL expression of the Grafana dashboard, with its template variables filled in.
 fn dashboard_queries() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(dashboards().join("grafana/ioasid-overview.json")).unwrap();
