@@ -68,10 +68,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let (refresh_tx, mut refresh_rx) = mpsc::channel::<http::Refresh>(64);
-    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone()));
+    let health = http::Health::new(cfg.sweep);
+    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), std::sync::Arc::clone(&health)));
     tracing::info!(listen = %local, "serving /metrics");
     let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE);
-    ring::spawn_reader(events, ev_tx, metrics.clone(), cfg.test_drop_events)
+    ring::spawn_reader(events, ev_tx, metrics.clone(), cfg.test_drop_events, std::sync::Arc::clone(&health))
         .context("polling the ring buffer")?;
 
     let settings = Settings {
@@ -89,7 +90,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     if let Some(path) = &cfg.ready_file {
         std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
-    event_loop(&mut actor, &mut ev_rx, &mut refresh_rx, cfg.sweep).await?;
+    health.set_ready(true);
+    event_loop(&mut actor, &mut ev_rx, &mut refresh_rx, cfg.sweep, &health).await?;
+    health.set_ready(false);
     // Queued events first, then any ask still open: no VMM stays stopped behind a restart.
     while let Ok(ev) = ev_rx.try_recv() {
         actor.on_event(ev);
@@ -106,6 +109,7 @@ async fn event_loop(
     events: &mut mpsc::Receiver<Event>,
     refresh: &mut mpsc::Receiver<http::Refresh>,
     sweep: Duration,
+    health: &http::Health,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(sweep);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -118,9 +122,13 @@ async fn event_loop(
             Some(ev) = events.recv() => actor.on_event(ev),
             Some(http::Refresh(done)) = refresh.recv() => {
                 actor.sweep();
+                health.beat();
                 let _ = done.send(());
             }
-            _ = tick.tick() => actor.sweep(),
+            _ = tick.tick() => {
+                actor.sweep();
+                health.beat();
+            }
             _ = watch.tick() => if actor.policy_file_changed() {
                 reloads.start(actor, "file changed");
             },

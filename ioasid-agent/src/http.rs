@@ -1,7 +1,13 @@
-//! The Prometheus endpoint: a deliberately small HTTP/1.1 server (GET /metrics, /healthz).
-//! Each scrape first asks the actor to sweep the kernel counters, so values are fresh.
+//! The Prometheus endpoint: a deliberately small HTTP/1.1 server (GET /metrics, /healthz,
+//! /readyz). Each scrape first asks the actor to sweep the kernel counters, so values are fresh.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -23,7 +29,62 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// A connection's whole life, writing included (a client that never reads is cut off).
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, actor: mpsc::Sender<Refresh>, metrics: Metrics) {
+/// What the probes answer from. Liveness (`/healthz`): the event loop has swept recently and
+/// the ring buffer reader runs. Readiness (`/readyz`): every required hook is attached, the
+/// VMMs that ran before are classified and open asks decided; false again while stopping.
+#[derive(Debug)]
+pub struct Health {
+    /// CLOCK_MONOTONIC ms of the event loop's last sweep.
+    beat_ms: AtomicU64,
+    ring_alive: AtomicBool,
+    ready: AtomicBool,
+    /// The event loop is stalled when it has not swept for this long.
+    stall_ms: u64,
+}
+
+impl Health {
+    pub fn new(sweep: Duration) -> Arc<Self> {
+        let stall_ms = (sweep.as_millis() as u64 * 20).max(5_000);
+        Arc::new(Self {
+            beat_ms: AtomicU64::new(now_ms()),
+            ring_alive: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            stall_ms,
+        })
+    }
+
+    pub fn beat(&self) {
+        self.beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn ring_stopped(&self) {
+        self.ring_alive.store(false, Ordering::Relaxed);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// None when alive, else why not.
+    pub fn liveness(&self) -> Option<String> {
+        if !self.ring_alive.load(Ordering::Relaxed) {
+            return Some("the ring buffer reader stopped: no kernel events are read".into());
+        }
+        let age = now_ms().saturating_sub(self.beat_ms.load(Ordering::Relaxed));
+        (age > self.stall_ms).then(|| format!("the event loop has not swept for {age} ms"))
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::sys::monotonic_ns() / 1_000_000
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    actor: mpsc::Sender<Refresh>,
+    metrics: Metrics,
+    health: Arc<Health>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut refusing = false;
     loop {
@@ -39,8 +100,11 @@ pub async fn serve(listener: TcpListener, actor: mpsc::Sender<Refresh>, metrics:
                 refusing = false;
                 let actor = actor.clone();
                 let metrics = metrics.clone();
+                let health = Arc::clone(&health);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(CONNECTION_DEADLINE, handle(sock, actor, metrics)).await {
+                    match tokio::time::timeout(CONNECTION_DEADLINE, handle(sock, actor, metrics, &health))
+                        .await
+                    {
                         Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection"),
                         Err(_) => tracing::debug!("HTTP connection cut off at its deadline"),
                         Ok(Ok(())) => {}
@@ -68,7 +132,12 @@ pub fn parse_request(head: &[u8]) -> Option<(&str, &str)> {
     Some((method, target.split('?').next().unwrap_or(target)))
 }
 
-async fn handle(mut sock: TcpStream, actor: mpsc::Sender<Refresh>, metrics: Metrics) -> std::io::Result<()> {
+async fn handle(
+    mut sock: TcpStream,
+    actor: mpsc::Sender<Refresh>,
+    metrics: Metrics,
+    health: &Health,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -99,7 +168,16 @@ async fn handle(mut sock: TcpStream, actor: mpsc::Sender<Refresh>, metrics: Metr
             }
             ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode())
         }
-        Some(("GET", "/healthz")) => ("200 OK", "text/plain", b"ok\n".to_vec()),
+        Some(("GET", "/healthz")) => match health.liveness() {
+            None => ("200 OK", "text/plain", b"ok\n".to_vec()),
+            Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n").into_bytes()),
+        },
+        Some(("GET", "/readyz")) if health.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", b"ready\n".to_vec())
+        }
+        Some(("GET", "/readyz")) => {
+            ("503 Service Unavailable", "text/plain", b"not ready: starting or stopping\n".to_vec())
+        }
         Some(("GET", "/")) => (
             "200 OK",
             "text/html",
@@ -147,7 +225,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, _rx) = mpsc::channel(1);
-        tokio::spawn(serve(listener, tx, Metrics::new()));
+        tokio::spawn(serve(listener, tx, Metrics::new(), Health::new(Duration::from_millis(100))));
         assert!(get(addr, "/healthz").await.unwrap().ends_with("ok\n"));
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
@@ -164,5 +242,29 @@ mod tests {
         idle.pop();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(get(addr, "/healthz").await.unwrap().ends_with("ok\n"));
+    }
+
+    /// The probes mean something: /healthz fails once the ring reader stopped or the event
+    /// loop stalled, /readyz only answers ready once the agent said so.
+    #[tokio::test]
+    async fn probes_report_the_agent_as_it_is() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let health = Health::new(Duration::from_millis(100));
+        tokio::spawn(serve(listener, tx, Metrics::new(), Arc::clone(&health)));
+        assert!(get(addr, "/healthz").await.unwrap().starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.unwrap().starts_with("HTTP/1.1 503"));
+        health.set_ready(true);
+        assert!(get(addr, "/readyz").await.unwrap().starts_with("HTTP/1.1 200"));
+        // A loop that has not swept for longer than the stall bound.
+        health.beat_ms.store(now_ms() - health.stall_ms - 1, Ordering::Relaxed);
+        let answer = get(addr, "/healthz").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("has not swept"), "{answer}");
+        health.beat();
+        assert!(get(addr, "/healthz").await.unwrap().starts_with("HTTP/1.1 200"));
+        health.ring_stopped();
+        let answer = get(addr, "/healthz").await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("ring buffer reader"), "{answer}");
     }
 }

@@ -16,11 +16,20 @@ pub fn spawn_reader(
     tx: mpsc::Sender<Event>,
     metrics: Metrics,
     drop_all: bool,
+    health: std::sync::Arc<crate::http::Health>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
     // always returns that same fd.
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
     tokio::spawn(async move {
+        // However the reader ends (an error, a panic), liveness says so.
+        struct Stopped(std::sync::Arc<crate::http::Health>);
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                self.0.ring_stopped();
+            }
+        }
+        let _stopped = Stopped(health);
         loop {
             let mut guard = match fd.readable_mut().await {
                 Ok(g) => g,

@@ -444,6 +444,9 @@ fn one_agent_per_host_whatever_its_lock_file() {
     let dir = TempDir::new("instance");
     let lock = |name: &str| dir.path(name).to_str().unwrap().to_string();
     let mut first = Agent::start(&["--dry-run", "--lock-file", &lock("a.lock")]);
+    // Its probes: ready (hooks attached, VMMs classified), alive (loop and ring reader).
+    assert_eq!(http_get(&first.addr, "/readyz"), "ready\n");
+    assert_eq!(http_get(&first.addr, "/healthz"), "ok\n");
     let second = Command::new(agent_path())
         .args(["run", "--dry-run", "--listen", "127.0.0.1:0", "--lock-file", &lock("b.lock")])
         .arg("--audit-log")
