@@ -70,7 +70,7 @@ impl<K: Kernel> Actor<K> {
         audit: AuditLog,
         record: Option<AuditLog>,
     ) -> Self {
-        Self {
+        let actor = Self {
             kernel,
             set,
             policy,
@@ -83,7 +83,17 @@ impl<K: Kernel> Actor<K> {
             sweeps: 0,
             stats_seen: Stats::default(),
             started_ns: crate::sys::monotonic_ns(),
-        }
+        };
+        actor.export_policy_info();
+        actor
+    }
+
+    /// `ioasid_policy_info{sha256, rules}`: exactly one series, the policy in force.
+    fn export_policy_info(&self) {
+        let info = &self.metrics.policy_info;
+        info.reset();
+        info.with_label_values(&[self.policy.sha256.as_str(), &self.policy.policy.rule_count().to_string()])
+            .set(1);
     }
 
     #[cfg(test)]
@@ -373,6 +383,7 @@ impl<K: Kernel> Actor<K> {
         match parsed {
             Ok((policy, bytes)) => {
                 self.policy.install(policy, &bytes);
+                self.export_policy_info();
                 let live: Vec<ProcessInfo> = self.acct.live().map(|(_, p)| p.info.clone()).collect();
                 for info in &live {
                     self.write_verdict(info);

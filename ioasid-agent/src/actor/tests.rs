@@ -77,6 +77,8 @@ impl Kernel for FakeKernel {
         }
     }
     fn forget(&mut self, tgid: u32) {
+        // As the real kernel's: the process's entries go (a new process on the pid starts anew).
+        self.counters.remove(&tgid);
         self.forgotten.push(tgid);
     }
     fn program_stats(&self) -> Vec<ProgramStats> {
@@ -328,6 +330,17 @@ async fn a_reload_rejudges_running_vms_and_a_bad_file_changes_nothing() {
     assert_eq!(a.kernel().verdicts[&4600].generation, 2, "the last good policy stays");
     assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "failure")]), Some(1.0));
     assert_eq!(sample(&a.metrics, "ioasid_policy_reloads_total", &[("result", "success")]), Some(1.0));
+    // The policy in force, by the SHA-256 of its bytes: one series, the good one.
+    let text = a.metrics.encode();
+    let text = String::from_utf8_lossy(&text);
+    let info: Vec<&str> = text.lines().filter(|l| l.starts_with("ioasid_policy_info{")).collect();
+    assert_eq!(info.len(), 1, "{info:?}");
+    let want = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(b"default: { incoherent_dma: deny }\n");
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert!(info[0].contains(&format!("sha256=\"{want}\"")) && info[0].contains("rules=\"0\""), "{info:?}");
 }
 
 #[tokio::test]

@@ -11,6 +11,9 @@ use super::{Policy, PolicyError};
 
 pub struct PolicyStore {
     pub policy: Policy,
+    /// SHA-256 (hex) of the bytes of the policy in force (`ioasid_policy_info`), so a fleet can
+    /// see which policy each host runs.
+    pub sha256: String,
     /// Bumped by every successful reload; kernel verdicts carry it.
     pub generation: u32,
     path: Option<PathBuf>,
@@ -18,6 +21,11 @@ pub struct PolicyStore {
     /// New content seen at the last check: applied only once the next check sees it unchanged
     /// (a file caught mid-write, not renamed into place, is not applied until it is stable).
     pending: Option<u64>,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -41,14 +49,14 @@ fn file_hash(path: &Path) -> Option<u64> {
 impl PolicyStore {
     /// The policy at `path`, or the embedded default without one.
     pub fn open(path: Option<&Path>) -> Result<Self, PolicyError> {
-        let (policy, hash) = match path {
+        let (policy, hash, sha256) = match path {
             Some(p) => {
                 let (policy, bytes) = Policy::load_bytes(p)?;
-                (policy, Some(hash(&bytes)))
+                (policy, Some(hash(&bytes)), sha256(&bytes))
             }
-            None => (Policy::embedded(), None),
+            None => (Policy::embedded(), None, sha256(super::EMBEDDED_DEFAULT.as_bytes())),
         };
-        Ok(Self { policy, generation: 1, path: path.map(Path::to_path_buf), hash, pending: None })
+        Ok(Self { policy, sha256, generation: 1, path: path.map(Path::to_path_buf), hash, pending: None })
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -78,6 +86,7 @@ impl PolicyStore {
     /// it, and is loaded at the next check.
     pub fn install(&mut self, policy: Policy, bytes: &[u8]) {
         self.hash = Some(hash(bytes));
+        self.sha256 = sha256(bytes);
         self.policy = policy;
         self.generation += 1;
     }

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub vm_noncoherent: IntGaugeVec,
     /// contract: policy reloads by result = success | failure.
     pub policy_reloads: IntCounterVec,
+    pub policy_info: IntGaugeVec,
     /// 1 for the enforcement mechanism in use: lsm | sigkill | none.
     pub enforcement_mechanism: IntGaugeVec,
     pub ioctls: IntCounterVec,
@@ -149,6 +150,11 @@ impl Metrics {
                 &["vm"],
             ),
             policy_reloads: counter_vec("ioasid_policy_reloads_total", "Policy reloads by result.", &["result"]),
+            policy_info: gauge_vec(
+                "ioasid_policy_info",
+                "The policy in force (value 1): SHA-256 of its file's bytes and its number of rules.",
+                &["sha256", "rules"],
+            ),
             enforcement_mechanism: gauge_vec(
                 "ioasid_enforcement_mechanism",
                 "1 for the in-kernel enforcement mechanism in use on this host.",
