@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod docs;
 mod lab;
+mod package;
 
 #[derive(Parser)]
 #[command(about = "ioasid project tasks")]
@@ -36,6 +37,12 @@ enum Task {
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// A Debian package (target/package/ioasid_VERSION_amd64.deb) of the release build.
+    Package {
+        /// Also install it on this machine, run it, verify the unit and remove it (root).
+        #[arg(long)]
+        check: bool,
     },
     /// Overhead of the agent: micro-benchmarks without and with it, interleaved in one run,
     /// reported as ratios; plus each program's in-kernel cost from BPF run-time statistics.
@@ -158,6 +165,15 @@ fn main() -> Result<()> {
         }
         Task::Docs => docs::write(&root),
         Task::CheckAnywhere => check_anywhere(&root),
+        Task::Package { check } => {
+            setup()?;
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent"])?;
+            let deb = package::build(&root)?;
+            if check {
+                package::check(&deb)?;
+            }
+            Ok(())
+        }
         Task::Lab { kernels, script, filter } => {
             setup()?;
             cargo(&root, &["build", "--release", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
@@ -174,6 +190,9 @@ fn main() -> Result<()> {
             let r = cargo(&root, &test);
             eprintln!("xtask: host tests took {:.1} s", start.elapsed().as_secs_f64());
             r?;
+            // The Debian package, installed, run and removed on this machine.
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent"])?;
+            package::check(&package::build(&root)?)?;
             if no_lab || std::env::var("IOASID_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
                 eprintln!("xtask: the lab (Debian kernels under QEMU) was not run");
                 return Ok(());
