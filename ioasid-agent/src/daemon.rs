@@ -78,7 +78,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let settings = Settings {
         procfs: ProcFs::default(),
         sysfs: SysFs::default(),
-        host: hostname(),
+        host: node_name(),
         retention: cfg.retention,
         sweep_interval: cfg.sweep,
     };
@@ -198,6 +198,19 @@ fn open_policy(cfg: &RunConfig) -> Result<PolicyStore> {
         ),
     }
     Ok(store)
+}
+
+/// The node audit records name: `NODE_NAME` (Kubernetes' downward API) where set and sane,
+/// else the host name. In a pod the host name is the pod's, not the node's.
+fn node_name() -> String {
+    match std::env::var("NODE_NAME") {
+        Ok(n) if !n.is_empty() && n.len() <= 253 && n.bytes().all(|b| b.is_ascii_graphic()) => n,
+        Ok(n) if !n.is_empty() => {
+            tracing::warn!(node = %crate::text::escape(&n), "NODE_NAME is not a node name: using the host name");
+            hostname()
+        }
+        _ => hostname(),
+    }
 }
 
 /// One log line per hook, and the hook, mechanism and cost-source gauges.

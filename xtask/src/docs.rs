@@ -40,11 +40,37 @@ pub fn render(readme: &str) -> Result<String> {
     Ok(format!("{}{BEGIN}\n{}{}", &readme[..start], hook_table(), &readme[end..]))
 }
 
+/// The Prometheus Operator's PrometheusRule, from the one rules file
+/// (dashboards/prometheus/ioasid-rules.yaml): its groups, indented under `spec`.
+pub fn prometheus_rule(rules: &str) -> String {
+    let mut out = String::from(
+        "# Generated from dashboards/prometheus/ioasid-rules.yaml by `cargo xtask docs`; do not edit.\n\
+         apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: ioasid\n  \
+         namespace: ioasid-system\n  labels: { app.kubernetes.io/name: ioasid }\nspec:\n",
+    );
+    for line in rules.lines().skip_while(|l| l.starts_with('#') || l.trim().is_empty()) {
+        if line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub const PROMETHEUS_RULE: &str = "deploy/kubernetes/prometheusrule.yaml";
+pub const RULES: &str = "dashboards/prometheus/ioasid-rules.yaml";
+
 pub fn write(root: &Path) -> Result<()> {
     let path = root.join("README.md");
     let readme = std::fs::read_to_string(&path)?;
     std::fs::write(&path, render(&readme)?)?;
     eprintln!("xtask: {} regenerated", path.display());
+    let rules = std::fs::read_to_string(root.join(RULES))?;
+    std::fs::write(root.join(PROMETHEUS_RULE), prometheus_rule(&rules))?;
+    eprintln!("xtask: {PROMETHEUS_RULE} regenerated");
     Ok(())
 }
 
@@ -62,5 +88,13 @@ mod tests {
             "the README's hook table is stale: run `cargo xtask docs`"
         );
         assert_eq!(hook_table().lines().count(), HOOKS.len() + 2);
+    }
+
+    #[test]
+    fn prometheus_rule_is_current() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let rules = std::fs::read_to_string(root.join(RULES)).unwrap();
+        let current = std::fs::read_to_string(root.join(PROMETHEUS_RULE)).unwrap_or_default();
+        assert_eq!(current, prometheus_rule(&rules), "{PROMETHEUS_RULE} is stale: run `cargo xtask docs`");
     }
 }

@@ -315,9 +315,24 @@ fn setup() -> Result<()> {
             bail!("bpf-linker {BPF_LINKER_VERSION} is still not runnable after installing it (is ~/.cargo/bin on PATH?)");
         }
     }
+    // The Kubernetes manifests' validator (PyPI), pinned; kubectl itself is preinstalled.
+    let validator_ok = |v: &str| {
+        Command::new("kubernetes-validate")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == v)
+    };
+    if !validator_ok(KUBERNETES_VALIDATE) {
+        eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE} (PyPI): validates the Kubernetes manifests");
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--root-user-action=ignore"])
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")))?;
+    }
     eprintln!("xtask: toolchain ready ({:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
 }
+
+const KUBERNETES_VALIDATE: &str = "1.37.0";
 
 fn bpf_linker_ok() -> bool {
     let candidates = [

@@ -53,16 +53,37 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let stage = out.join("root");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage)?;
-    let bin = std::fs::read(root.join("target/release/ioasid-agent")).context("the release agent (cargo xtask build)")?;
+    let bin = std::fs::read(root.join("target/release/ioasid-agent"))
+        .context("the release agent (cargo xtask build)")?;
     put(&stage, "/usr/bin/ioasid-agent", &bin, 0o755)?;
     // Debug info stays in target/release; the installed binary carries none.
     run(Command::new("strip").arg("--strip-debug").arg(stage.join("usr/bin/ioasid-agent")))?;
-    put(&stage, "/lib/systemd/system/ioasid-agent.service", &std::fs::read(root.join("deploy/ioasid-agent.service"))?, 0o644)?;
-    put(&stage, "/etc/logrotate.d/ioasid-agent", &std::fs::read(root.join("deploy/ioasid-agent.logrotate"))?, 0o644)?;
-    put(&stage, "/etc/ioasid/policy.yaml", &std::fs::read(root.join("ioasid-agent/src/default-policy.yaml"))?, 0o644)?;
+    put(
+        &stage,
+        "/lib/systemd/system/ioasid-agent.service",
+        &std::fs::read(root.join("deploy/ioasid-agent.service"))?,
+        0o644,
+    )?;
+    put(
+        &stage,
+        "/etc/logrotate.d/ioasid-agent",
+        &std::fs::read(root.join("deploy/ioasid-agent.logrotate"))?,
+        0o644,
+    )?;
+    put(
+        &stage,
+        "/etc/ioasid/policy.yaml",
+        &std::fs::read(root.join("ioasid-agent/src/default-policy.yaml"))?,
+        0o644,
+    )?;
     copy_dir(&stage, &root.join("dashboards"), "/usr/share/ioasid/dashboards")?;
     copy_dir(&stage, &root.join("docs/runbooks"), "/usr/share/ioasid/runbooks")?;
-    put(&stage, "/usr/share/ioasid/examples/policy.yaml", &std::fs::read(root.join("examples/policy.yaml"))?, 0o644)?;
+    put(
+        &stage,
+        "/usr/share/ioasid/examples/policy.yaml",
+        &std::fs::read(root.join("examples/policy.yaml"))?,
+        0o644,
+    )?;
     put(&stage, &format!("/usr/share/doc/{NAME}/README.md"), &std::fs::read(root.join("README.md"))?, 0o644)?;
     let installed_kb = dir_size(&stage)? / 1024;
     let control = format!(
@@ -161,12 +182,19 @@ pub fn check(deb: &Path) -> Result<()> {
         bail!("dpkg -r removed the conffile /etc/ioasid/policy.yaml (only --purge may)");
     }
     run(Command::new("dpkg").args(["--purge", NAME]))?;
-    for gone in ["/etc/ioasid/policy.yaml", "/etc/logrotate.d/ioasid-agent", "/lib/systemd/system/ioasid-agent.service"] {
+    for gone in [
+        "/etc/ioasid/policy.yaml",
+        "/etc/logrotate.d/ioasid-agent",
+        "/lib/systemd/system/ioasid-agent.service",
+    ] {
         if Path::new(gone).exists() {
             bail!("dpkg --purge left {gone}");
         }
     }
-    eprintln!("xtask: package installed, run, verified, removed and purged in {:.1} s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: package installed, run, verified, removed and purged in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -195,8 +223,10 @@ fn check_installed() -> Result<()> {
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .context("the unit has a CapabilityBoundingSet")?;
-    let bounding: Vec<String> =
-        caps.split_whitespace().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
+    let bounding: Vec<String> = caps
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
     let dir = std::env::temp_dir().join(format!("ioasid-package-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ready = dir.join("ready");
