@@ -83,8 +83,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         sweep_interval: cfg.sweep,
     };
     let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
-    // Classify VMMs that were running before the agent started, from the counters they have,
-    // then decide every ask a previous agent left open (its VMM is stopped, waiting).
+    // Classify VMMs that were running before the agent started (every process holding a KVM
+    // VM fd, and any other the counters name), then decide every ask a previous agent left
+    // open (its VMM is stopped, waiting).
+    actor.discover();
     actor.sweep();
     actor.recover_asks(0);
     if let Some(path) = &cfg.ready_file {

@@ -79,6 +79,32 @@ impl ProcFs {
         })
     }
 
+    /// The state letter of /proc/PID/stat (`R`, `S`, `T` for stopped...).
+    pub fn state(&self, pid: u32) -> Option<char> {
+        let stat = self.read(pid, "stat").ok()?;
+        let stat = String::from_utf8_lossy(&stat);
+        stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
+    }
+
+    /// Every process holding a KVM VM fd (`anon_inode:kvm-vm`): the host's VMMs, idle and
+    /// stopped ones included, whether or not they ever ran a counted instruction.
+    pub fn kvm_vmms(&self) -> Vec<u32> {
+        let Ok(procs) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut out = Vec::new();
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+            if fds
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:kvm-vm"))
+            {
+                out.push(pid);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
     /// Where fd `fd` of `pid` points (`readlink /proc/PID/fd/FD`).
     pub fn fd_target(&self, pid: u32, fd: i32) -> Result<PathBuf, ProcError> {
         let path = self.root.join(pid.to_string()).join("fd").join(fd.to_string());

@@ -237,3 +237,32 @@ fn a_vmm_on_a_reused_pid_is_a_vm_of_its_own() {
     assert_eq!(wbinvd_total(&m, &second), Some(70.0), "the new VM counts its own:\n{m}");
     assert_eq!(wbinvd_total(&m, &first), Some(50.0), "the exited VM keeps its own:\n{m}");
 }
+
+/// A starting agent finds every VMM (every process holding a KVM VM fd), idle and stopped
+/// ones included, before it reports ready: named, with series of their own, and a stopped one
+/// reported as such (nothing resumes it behind the operator's back).
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_starting_agent_finds_idle_and_stopped_vmms() {
+    require_kernel();
+    let _g = serial();
+    let (idle, stopped) = (unique("idle"), unique("stopped"));
+    let gi = GuestGuard::spawn(&["--name", &idle, "--hold", "30"]);
+    let gs = GuestGuard::spawn(&["--name", &stopped, "--hold", "30"]);
+    let ps = gs.pid();
+    // Both have created their VM (and run nothing counted) before the agent starts.
+    std::thread::sleep(Duration::from_millis(500) * slow());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(ps as i32, libc::SIGSTOP) };
+    assert!(eventually(Duration::from_secs(2), || (proc_state(ps)? == 'T').then_some(())).is_some());
+    let agent = Agent::start(&[]);
+    let m = agent.scrape();
+    for vm in [&idle, &stopped] {
+        let seen = sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", vm), ("decision", "allowed")]);
+        assert_eq!(seen, Some(0.0), "{vm} not found at start:\n{m}");
+    }
+    assert_eq!(proc_state(ps), Some('T'), "the agent must not resume a VMM it did not stop");
+    let log = agent.log();
+    assert!(log.contains("a VMM is stopped (not waiting for a decision)") && log.contains(&stopped), "{log}");
+    drop((gi, gs));
+}

@@ -209,6 +209,33 @@ impl<K: Kernel> Actor<K> {
         }
     }
 
+    /// At start: every process holding a KVM VM fd is a VMM, idle and stopped ones included
+    /// (they may have no counter yet): named, its verdict in the kernel, its VFIO files'
+    /// coherency handed over, its non-coherent state found. A stopped one with no open ask is
+    /// reported (a storm `stop` action or an operator stopped it; it stays as it is).
+    pub fn discover(&mut self) {
+        let asked: HashSet<u32> = self.kernel.asks().into_iter().map(|(t, _)| t).collect();
+        for pid in self.set.procfs.kvm_vmms() {
+            if self.acct.procs.contains_key(&pid) {
+                continue;
+            }
+            let info = match self.set.procfs.info(pid) {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::debug!(pid, error = %e, "a VMM could not be read at start; its first counts will name it");
+                    continue;
+                }
+            };
+            self.acct.replace(info.clone());
+            self.on_new_process(&info, true);
+            let stopped = self.set.procfs.state(pid) == Some('T');
+            if stopped && !asked.contains(&pid) {
+                tracing::warn!(pid, vm = %escape(&info.vm), "a VMM is stopped (not waiting for a decision): a storm `stop` action or an operator stopped it; resume it with kill -CONT");
+            }
+            tracing::info!(pid, vm = %escape(&info.vm), stopped, "VMM found at start");
+        }
+    }
+
     /// Reads the kernel's counters and brings every view up to date: lifecycle, accounting,
     /// lost asks, per-VM series, storms, host-wide statistics.
     pub fn sweep(&mut self) {

@@ -360,6 +360,10 @@ impl GuestGuard {
     pub fn finish(mut self) -> (ExitStatus, serde_json::Value, String) {
         finish(self.0.take().expect("finished once"))
     }
+
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
 }
 
 impl Drop for GuestGuard {
