@@ -263,8 +263,13 @@ fn check_installed() -> Result<()> {
     let probe = addr.and_then(|a| {
         let ready = ureq::get(&format!("http://{a}/readyz")).call()?.into_body().read_to_string()?;
         let metrics = ureq::get(&format!("http://{a}/metrics")).call()?.into_body().read_to_string()?;
-        if ready != "ready\n" || !metrics.contains("ioasid_policy_info{") {
+        if ready != "ready\n" {
             bail!("the installed agent answered /readyz {ready:?}");
+        }
+        for series in ["ioasid_policy_info{", "process_resident_memory_bytes ", "process_open_fds "] {
+            if !metrics.contains(series) {
+                bail!("the installed agent's /metrics has no {series}");
+            }
         }
         Ok(())
     });

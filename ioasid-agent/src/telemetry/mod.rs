@@ -222,6 +222,11 @@ impl Metrics {
             ),
             registry,
         };
+        // The agent's own health: CPU, resident memory, open fds against the limit, threads,
+        // start time (process_* series, the common names).
+        if let Err(e) = m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+            tracing::warn!(error = %e, "the process collector could not be registered");
+        }
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
