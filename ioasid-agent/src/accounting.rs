@@ -146,6 +146,7 @@ impl Accounting {
                     cgroup: None,
                     uid: u32::MAX,
                     start_time: 0,
+                    uuid: None,
                 };
                 Proc::new(info, Some(now))
             }
@@ -290,6 +291,7 @@ mod tests {
             cgroup: None,
             uid: 0,
             start_time: start,
+            uuid: None,
         }
     }
 

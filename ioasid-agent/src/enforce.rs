@@ -118,6 +118,9 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
         time: cx.time.clone(),
         host: cx.host.to_string(),
         vm: p.vm.clone(),
+        namespace: p.kubevirt().map(|(ns, _)| ns.to_string()),
+        name: p.kubevirt().map(|(_, n)| n.to_string()),
+        uuid: p.uuid.clone(),
         pid: req.origin.tgid,
         comm: p.comm.clone(),
         exe: p.exe.clone(),
@@ -214,6 +217,7 @@ mod tests {
             cgroup: None,
             uid: 0,
             start_time: 1,
+            uuid: None,
         }
     }
 

@@ -129,6 +129,13 @@ proptest! {
     }
 
     #[test]
+    fn uuid_parser_never_panics(args in proptest::collection::vec("(-uuid|--uuid|-uuid=|[0-9a-fA-F-]{0,40}|\\PC{0,40})", 0..6)) {
+        if let Some(u) = crate::procfs::uuid_from_cmdline(&args) {
+            prop_assert_eq!(u.len(), 36);
+        }
+    }
+
+    #[test]
     fn audit_lines_never_panic(line in "\\PC{0,300}") {
         let _ = serde_json::from_str::<crate::audit::AuditRecord>(&line);
     }

@@ -54,6 +54,41 @@ pub struct ProcessInfo {
     pub uid: u32,
     /// Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, the identity.
     pub start_time: u64,
+    /// The VM's UUID from the command line (`-uuid`: libvirt and KubeVirt set it).
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+impl ProcessInfo {
+    /// KubeVirt names a VM's domain `NAMESPACE_NAME` (a namespace cannot contain `_`): the
+    /// namespace and name, split at the first `_`; None for other names.
+    pub fn kubevirt(&self) -> Option<(&str, &str)> {
+        self.vm.split_once('_').filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+    }
+
+    /// The VMM program: the executable's file name, else the comm.
+    pub fn vmm(&self) -> &str {
+        self.exe.as_deref().and_then(|e| e.rsplit('/').next()).filter(|e| !e.is_empty()).unwrap_or(&self.comm)
+    }
+}
+
+/// The VM's UUID from a VMM command line: QEMU's last `-uuid`/`--uuid` (or `-uuid=...`), if it
+/// is a well-formed UUID (lowercased); anything else is ignored.
+pub fn uuid_from_cmdline(args: &[String]) -> Option<String> {
+    let mut value = None;
+    let mut it = args.iter().skip(1);
+    while let Some(arg) = it.next() {
+        if arg == "-uuid" || arg == "--uuid" {
+            value = it.next().map(String::as_str);
+        } else if let Some(v) = arg.strip_prefix("-uuid=").or_else(|| arg.strip_prefix("--uuid=")) {
+            value = Some(v);
+        }
+    }
+    let v = value?;
+    let ok = v.len() == 36
+        && v.char_indices()
+            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() });
+    ok.then(|| v.to_ascii_lowercase())
 }
 
 impl ProcFs {
@@ -149,7 +184,8 @@ impl ProcFs {
             what: "no Uid line".into(),
         })?;
         let vm = vm_name_from_cmdline(&cmdline).unwrap_or_else(|| format!("{comm}:{pid}"));
-        Ok(ProcessInfo { pid, comm, vm, exe, cgroup, uid, start_time })
+        let uuid = uuid_from_cmdline(&cmdline);
+        Ok(ProcessInfo { pid, comm, vm, exe, cgroup, uid, start_time, uuid })
     }
 }
 
@@ -350,5 +386,44 @@ mod tests {
         assert_eq!(fs.info(4242).unwrap().vm, "qemu-kvm:4242");
         assert!(matches!(fs.info(1), Err(ProcError::Gone { pid: 1 })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn uuid_kubevirt_and_vmm_from_what_the_vmm_said() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let u = "4C2A0000-1B2C-4D3E-8F40-0000DEADBEEF";
+        assert_eq!(uuid_from_cmdline(&args(&["qemu", "-uuid", u])), Some(u.to_ascii_lowercase()));
+        assert_eq!(
+            uuid_from_cmdline(&args(&["qemu", "--uuid=0", "-uuid", u])).as_deref(),
+            Some(&*u.to_ascii_lowercase())
+        );
+        for bad in [
+            "",
+            "x",
+            "4c2a0000-1b2c-4d3e-8f40-0000deadbeef-",
+            "4c2a0000x1b2c-4d3e-8f40-0000deadbeef",
+            "4c2a0000-1b2c-4d3e-8f40-0000deadbeeg",
+        ] {
+            assert_eq!(uuid_from_cmdline(&args(&["qemu", "-uuid", bad])), None, "{bad}");
+        }
+        assert_eq!(uuid_from_cmdline(&args(&["qemu", "-uuid"])), None);
+        let mut p = ProcessInfo {
+            pid: 1,
+            comm: "qemu-kvm".into(),
+            vm: "tenant-a_web-1".into(),
+            exe: Some("/usr/libexec/qemu-kvm".into()),
+            cgroup: None,
+            uid: 107,
+            start_time: 1,
+            uuid: None,
+        };
+        assert_eq!(p.kubevirt(), Some(("tenant-a", "web-1")));
+        assert_eq!(p.vmm(), "qemu-kvm");
+        for vm in ["plain", "_x", "x_", "qemu:12"] {
+            p.vm = vm.into();
+            assert_eq!(p.kubevirt(), None, "{vm}");
+        }
+        p.exe = None;
+        assert_eq!(p.vmm(), "qemu-kvm");
     }
 }

@@ -162,7 +162,8 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
     });
     assert!(up.is_some(), "Prometheus never scraped the agent");
 
-    let storm = format!("{prefix}-storm");
+    // Named as KubeVirt names a domain (NAMESPACE_NAME): the join below finds its namespace.
+    let storm = format!("{prefix}_storm");
     let g = guest(&["--name", &storm, "--rate", "20000", "--duration", "8"]);
     // Like a real VMM, the tenant creates its VM a while before it adds a device.
     let delay = format!("{}", 2.5 * f64::from(slow()));
@@ -208,6 +209,21 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
         prom.query(&q).ok().filter(|r| !r.is_empty())
     });
     assert!(denied.is_some(), "the denied-enable alert did not fire");
+    // The documented join: a VM's WBINVD rate beside its KubeVirt namespace, name and node.
+    let joined = eventually(Duration::from_secs(20), || {
+        let q =
+            "vm:ioasid_wbinvd:rate1m * on (instance, vm) group_left (namespace, name, node) ioasid_vm_info";
+        let r = prom.query(q).ok()?;
+        r.into_iter().find(|s| s["metric"]["vm"] == storm.as_str())
+    });
+    let joined =
+        joined.expect("the join of the WBINVD rate with ioasid_vm_info returned nothing for the storm VM");
+    assert_eq!(
+        (joined["metric"]["namespace"].as_str(), joined["metric"]["name"].as_str()),
+        (Some(prefix.as_str()), Some("storm")),
+        "{joined}"
+    );
+    assert!(joined["value"][1].as_str().unwrap().parse::<f64>().unwrap() > 100.0, "{joined}");
     let (status, summary, err) = finish(g);
     assert!(status.success(), "the storm guest (alert budget) must live: {err}");
     assert!(summary["wbinvd"].as_u64().unwrap_or(0) > 0, "{summary}");

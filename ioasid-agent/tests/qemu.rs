@@ -26,13 +26,16 @@ fn qemu_guests_are_named_and_counted_exactly() {
             ioasid_guest::bios_rom(&ioasid_guest::counted(wb, inv, &ioasid_guest::QEMU_EXIT)),
         )
         .unwrap();
-        // libvirt's form, with a comma in the name escaped QEMU's way.
-        let name = unique(&format!("qemu,vm{i}"));
+        // libvirt's form, with a comma in the name escaped QEMU's way; the second named as
+        // KubeVirt names domains (NAMESPACE_NAME) and given a UUID.
+        let name = if i == 0 { unique("qemu,vm0") } else { format!("{}_vm1", unique("ns")) };
         let escaped = name.replace(',', ",,");
+        let uuid = format!("4c2a{:04x}-1b2c-4d3e-8f40-{:012x}", i, std::process::id());
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "kvm", "-m", "16", "-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-serial", "none", "-monitor", "none"])
             .args(["-name", &format!("guest={escaped},debug-threads=on")])
+            .args(["-uuid", &uuid])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-bios")
             .arg(&path)
@@ -40,9 +43,22 @@ fn qemu_guests_are_named_and_counted_exactly() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("qemu-system-x86_64 (Debian package qemu-system-x86; `cargo xtask setup` installs it)");
-        vms.push((name, wb, inv, child));
+        vms.push((name, wb, inv, child, uuid));
     }
-    for (name, wb, inv, child) in vms {
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for (name, wb, inv, child, uuid) in vms {
+        // Its identity for joins with KubeVirt's and libvirt's series, while it runs.
+        let (namespace, short) = name.split_once('_').unwrap_or(("", &name));
+        let labels = [
+            ("vm", name.as_str()),
+            ("namespace", namespace),
+            ("name", short),
+            ("uuid", uuid.as_str()),
+            ("node", node.as_str()),
+            ("vmm", "qemu-system-x86_64"),
+        ];
+        let info = eventually(Duration::from_secs(5), || sample(&agent.scrape(), "ioasid_vm_info", &labels));
+        assert_eq!(info, Some(1.0), "{name}: no ioasid_vm_info{labels:?}:\n{}", agent.scrape());
         let out = child.wait_with_output().unwrap();
         // isa-debug-exit with al = 0 exits QEMU with status 1: the ROM ran to its end.
         assert_eq!(out.status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));

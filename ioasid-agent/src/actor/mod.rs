@@ -195,6 +195,7 @@ impl<K: Kernel> Actor<K> {
         }
         let verdict = self.policy.policy.evaluate(info);
         self.series.create(&info.vm);
+        self.series.info(info, &self.set.host);
         if let Some(p) = self.acct.procs.get_mut(&info.pid) {
             p.budget = verdict.budget;
             p.rule = verdict.rule_name.clone();
@@ -336,7 +337,11 @@ impl<K: Kernel> Actor<K> {
         }
         let kernel = &mut self.kernel;
         let result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
-        let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
+        let mut rec =
+            c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
+        rec.namespace = p.info.kubevirt().map(|(ns, _)| ns.to_string());
+        rec.name = p.info.kubevirt().map(|(_, n)| n.to_string());
+        rec.uuid = p.info.uuid.clone();
         self.audit.write(&rec);
     }
 

@@ -53,8 +53,17 @@ pub struct AuditRecord {
     pub event: RecordKind,
     /// RFC 3339, UTC.
     pub time: String,
+    /// The node (`NODE_NAME`, else the host name).
     pub host: String,
     pub vm: String,
+    /// KubeVirt namespace and name (domain `NAMESPACE_NAME`), the VM's UUID (`-uuid`): the
+    /// fields that join with KubeVirt's and libvirt's own records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     pub pid: u32,
     pub comm: String,
     pub exe: Option<String>,
@@ -88,6 +97,12 @@ pub struct StormRecord {
     pub time: String,
     pub host: String,
     pub vm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     pub pid: u32,
     pub rule: String,
     pub state: StormState,
@@ -117,6 +132,7 @@ impl AuditRecord {
             cgroup: self.cgroup.clone(),
             uid: self.uid,
             start_time: 0,
+            uuid: self.uuid.clone(),
         }
     }
 }

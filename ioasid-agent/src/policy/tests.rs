@@ -11,6 +11,7 @@ fn proc(vm: &str) -> ProcessInfo {
         cgroup: Some("/machine.slice/machine-qemu-1.scope".into()),
         uid: 107,
         start_time: 1,
+        uuid: None,
     }
 }
 

@@ -50,6 +50,7 @@ pub struct Metrics {
     /// contract: policy reloads by result = success | failure.
     pub policy_reloads: IntCounterVec,
     pub policy_info: IntGaugeVec,
+    pub vm_info: IntGaugeVec,
     /// 1 for the enforcement mechanism in use: lsm | sigkill | none.
     pub enforcement_mechanism: IntGaugeVec,
     pub ioctls: IntCounterVec,
@@ -150,6 +151,11 @@ impl Metrics {
                 &["vm"],
             ),
             policy_reloads: counter_vec("ioasid_policy_reloads_total", "Policy reloads by result.", &["result"]),
+            vm_info: gauge_vec(
+                "ioasid_vm_info",
+                "1 per VM: its KubeVirt namespace and name (domain NAMESPACE_NAME), libvirt UUID, node and VMM program, to join with kubevirt_vmi_* series.",
+                &["vm", "namespace", "name", "uuid", "node", "vmm"],
+            ),
             policy_info: gauge_vec(
                 "ioasid_policy_info",
                 "The policy in force (value 1): SHA-256 of its file's bytes and its number of rules.",
@@ -224,7 +230,9 @@ impl Metrics {
         };
         // The agent's own health: CPU, resident memory, open fds against the limit, threads,
         // start time (process_* series, the common names).
-        if let Err(e) = m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+        if let Err(e) =
+            m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        {
             tracing::warn!(error = %e, "the process collector could not be registered");
         }
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

@@ -55,11 +55,34 @@ pub struct VmSeries {
     exported: HashMap<(String, Op, Path), u64>,
     /// VM names with series out.
     vms: BTreeSet<String>,
+    /// The labels of each VM's `ioasid_vm_info` series.
+    infos: HashMap<String, [String; 6]>,
 }
 
 impl VmSeries {
     pub fn new(metrics: Metrics) -> Self {
-        Self { metrics, exported: HashMap::new(), vms: BTreeSet::new() }
+        Self { metrics, exported: HashMap::new(), vms: BTreeSet::new(), infos: HashMap::new() }
+    }
+
+    /// `ioasid_vm_info{vm, namespace, name, uuid, node, vmm}` = 1 for the VM's current process:
+    /// the labels to join with KubeVirt's `kubevirt_vmi_*` series (namespace, name, node).
+    pub fn info(&mut self, p: &crate::procfs::ProcessInfo, node: &str) {
+        let (namespace, name) = p.kubevirt().unwrap_or(("", p.vm.as_str()));
+        let labels = [
+            p.vm.clone(),
+            namespace.to_string(),
+            name.to_string(),
+            p.uuid.clone().unwrap_or_default(),
+            node.to_string(),
+            p.vmm().to_string(),
+        ];
+        if self.infos.get(&p.vm) == Some(&labels) {
+            return;
+        }
+        if let Some(old) = self.infos.insert(p.vm.clone(), labels.clone()) {
+            let _ = self.metrics.vm_info.remove_label_values(&old.each_ref().map(String::as_str));
+        }
+        self.metrics.vm_info.with_label_values(&labels.each_ref().map(String::as_str)).set(1);
     }
 
     fn counter(&self, fam: Family, vm: &str, path: &str) -> IntCounter {
@@ -164,6 +187,9 @@ impl VmSeries {
         let _ = m.wbinvd_storm.remove_label_values(&[vm]);
         let _ = m.vm_noncoherent.remove_label_values(&[vm]);
         let _ = m.dos_alerts.remove_label_values(&[vm]);
+        if let Some(old) = self.infos.remove(vm) {
+            let _ = m.vm_info.remove_label_values(&old.each_ref().map(String::as_str));
+        }
         for d in Decision::ALL {
             let _ = m.incoherent_dma_requests.remove_label_values(&[vm, d.label()]);
         }
