@@ -48,7 +48,21 @@ pub struct RunConfig {
     pub test_drop_events: bool,
 }
 
+/// SIGHUP, SIGTERM and SIGINT, taken over before anything is attached: a signal that arrives
+/// during start-up waits for the event loop instead of killing the agent mid-way (it would
+/// leave VMMs it stopped undecided).
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
 pub async fn run(cfg: RunConfig) -> Result<()> {
+    let signals = Signals {
+        hup: signal(SignalKind::hangup())?,
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    };
     let _instance = Instance::acquire(&cfg.lock_file)?;
     let metrics = Metrics::new();
     let policy = open_policy(&cfg)?;
@@ -93,7 +107,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
     health.set_ready(true);
-    event_loop(&mut actor, &mut ev_rx, &mut refresh_rx, cfg.sweep, &health).await?;
+    event_loop(&mut actor, &mut ev_rx, &mut refresh_rx, cfg.sweep, &health, signals).await?;
     health.set_ready(false);
     // Queued events first, then any ask still open: no VMM stays stopped behind a restart.
     while let Ok(ev) = ev_rx.try_recv() {
@@ -112,12 +126,12 @@ async fn event_loop(
     refresh: &mut mpsc::Receiver<http::Refresh>,
     sweep: Duration,
     health: &http::Health,
+    signals: Signals,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(sweep);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
-    let (mut hup, mut term, mut int) =
-        (signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let Signals { mut hup, mut term, mut int } = signals;
     let mut reloads = Reloads::new();
     loop {
         tokio::select! {
