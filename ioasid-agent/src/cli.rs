@@ -56,7 +56,7 @@ pub struct RunArgs {
     /// Policy file (YAML). Without it the embedded default policy runs: audit everything.
     #[arg(long, value_name = "PATH")]
     pub policy: Option<PathBuf>,
-    /// Audit log (JSON lines, appended).
+    /// Audit log (JSON lines, appended), reopened when rotated; `-` writes records to stdout.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_AUDIT_PATH)]
     pub audit_log: PathBuf,
     /// Also write every judged request to this file, for `replay`.

@@ -550,3 +550,45 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
     assert!(after.is_some_and(|n| n >= before), "counted {before} before the restart, {after:?} after");
     drop(wb);
 }
+
+/// `--audit-log -`: records go to stdout (container log pipelines), one JSON object per line
+/// with its schema and unique id; the agent's own log stays on stderr.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn audit_records_to_stdout() {
+    use std::io::BufRead;
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("stdout");
+    let dir = TempDir::new("stdout");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(&prefix));
+    let ready = dir.path("ready");
+    let state = StateDir::new();
+    let mut agent = Command::new(agent_path())
+        .args(["run", "--listen", "127.0.0.1:0", "--audit-log", "-", "--policy", path.to_str().unwrap()])
+        .args(["--state-dir", state.arg(), "--ready-file", ready.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(30), || std::fs::read_to_string(&ready)
+        .ok()
+        .filter(|a| !a.is_empty()))
+    .is_some());
+    let vm = format!("{prefix}-gpu-1");
+    let (status, _, err) = file_add(&vm, "0");
+    assert!(status.success(), "{err}");
+    let mut lines = std::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("a record on stdout").unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
+    let r: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(
+        (r["schema"].as_u64(), r["vm"].as_str(), r["decision"].as_str()),
+        (Some(1), Some(vm.as_str()), Some("allowed")),
+        "{r}"
+    );
+    assert!(r["id"].as_str().is_some_and(|id| id.ends_with("-1")), "{r}");
+}

@@ -137,11 +137,33 @@ impl AuditRecord {
     }
 }
 
+/// The record format's version, in every record (`schema`). Bumped when a field changes meaning
+/// or goes away; new fields may appear within a version.
+pub const SCHEMA: u32 = 1;
+
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Vec<u8>>,
     /// `ioasid_audit_records_dropped_total`.
     dropped: IntCounter,
+    /// This agent's id (random per start) and the next record's number: each record's `id` is
+    /// `INSTANCE-N`, unique across hosts and restarts; a gap in N is a record lost.
+    instance: std::sync::Arc<str>,
+    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Where records go: a file (reopened when rotated or removed), or stdout (`--audit-log -`,
+/// for container log pipelines).
+enum Sink {
+    File { path: PathBuf, file: std::fs::File },
+    Stdout,
+}
+
+/// A random id for this agent's records (the kernel's UUID generator; the clock as a fallback).
+fn instance_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|u| u.trim().to_string())
+        .unwrap_or_else(|_| format!("{:x}-{}", crate::sys::monotonic_ns(), std::process::id()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,33 +181,47 @@ impl AuditLog {
     /// opened, rather than losing records later.
     pub fn start(path: &Path, dropped: IntCounter) -> Result<Self, AuditError> {
         let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(open_err)?;
-        }
-        let mut file = open_append(path).map_err(open_err)?;
+        let mut sink = if path.as_os_str() == "-" {
+            Sink::Stdout
+        } else {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(open_err)?;
+            }
+            Sink::File { path: path.to_path_buf(), file: open_append(path).map_err(open_err)? }
+        };
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let path = path.to_path_buf();
+        let shown = path.display().to_string();
         let lost = dropped.clone();
         tokio::task::spawn_blocking(move || {
             let mut failing = false;
             while let Some(mut line) = rx.blocking_recv() {
                 line.push(b'\n');
-                // Rotated (renamed) or deleted: records go to the file the path names now.
-                if !names_same_file(&path, &file) {
-                    match open_append(&path) {
-                        Ok(f) => {
-                            file = f;
-                            tracing::info!(path = %path.display(), "audit log reopened (rotated or removed)");
-                        }
-                        Err(e) => {
-                            tracing::warn!(path = %path.display(), error = %e, "reopening the audit log")
-                        }
+                let written = match &mut sink {
+                    Sink::Stdout => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&line).and_then(|()| out.flush())
                     }
-                }
-                match append(&mut file, &line) {
+                    Sink::File { path, file } => {
+                        // Rotated (renamed) or deleted: records go to the file the path names now.
+                        if !names_same_file(path, file) {
+                            match open_append(path) {
+                                Ok(f) => {
+                                    *file = f;
+                                    tracing::info!(path = %path.display(), "audit log reopened (rotated or removed)");
+                                }
+                                Err(e) => {
+                                    tracing::warn!(path = %path.display(), error = %e, "reopening the audit log")
+                                }
+                            }
+                        }
+                        append(file, &line)
+                    }
+                };
+                let path = &shown;
+                match written {
                     Ok(()) if failing => {
                         failing = false;
-                        tracing::info!(path = %path.display(), "audit log writable again");
+                        tracing::info!(path = %path, "audit log writable again");
                     }
                     Ok(()) => {}
                     Err(e) => {
@@ -193,13 +229,18 @@ impl AuditLog {
                         lost.inc();
                         if !failing {
                             failing = true;
-                            tracing::error!(path = %path.display(), error = %e, "writing the audit log: records are being dropped (ioasid_audit_records_dropped_total)");
+                            tracing::error!(path = %path, error = %e, "writing the audit log: records are being dropped (ioasid_audit_records_dropped_total)");
                         }
                     }
                 }
             }
         });
-        Ok(Self { tx, dropped })
+        Ok(Self {
+            tx,
+            dropped,
+            instance: instance_id().into(),
+            seq: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        })
     }
 
     /// Logs the decision and queues the record.
@@ -216,15 +257,25 @@ impl AuditLog {
         self.write(&rec);
     }
 
-    /// Queues any record as one JSON line.
+    /// Queues any record as one JSON line, led by its `schema` and its unique `id`.
     pub fn write<T: Serialize>(&self, rec: &T) {
-        let line = match serde_json::to_vec(rec) {
-            Ok(l) => l,
+        let body = match serde_json::to_vec(rec) {
+            Ok(l) if l.first() == Some(&b'{') => l,
+            Ok(_) => {
+                tracing::error!("an audit record is not a JSON object");
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "serializing an audit record");
                 return;
             }
         };
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut line = format!("{{\"schema\":{SCHEMA},\"id\":\"{}-{n}\"", self.instance).into_bytes();
+        if body.len() > 2 {
+            line.push(b',');
+        }
+        line.extend_from_slice(&body[1..]);
         if let Err(e) = self.tx.try_send(line) {
             let n = self.dropped.get();
             self.dropped.inc();

@@ -26,6 +26,11 @@ fn labels_are_the_serialized_forms() {
     check(FileCoherency::ALL);
 }
 
+fn log_instance(text: &str) -> std::sync::Arc<str> {
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    v["id"].as_str().unwrap().rsplit_once('-').unwrap().0.into()
+}
+
 #[tokio::test]
 async fn writes_lines_and_counts_drops() {
     let dir = std::env::temp_dir().join(format!("ioasid-audit-{}", std::process::id()));
@@ -64,9 +69,10 @@ async fn writes_lines_and_counts_drops() {
         policy: "<embedded default>".into(),
     };
     log.record(rec.clone());
+    log.record(rec.clone());
     drop(log);
     for _ in 0..100 {
-        if std::fs::read_to_string(&path).map(|s| s.lines().count()).unwrap_or(0) == 1 {
+        if std::fs::read_to_string(&path).map(|s| s.lines().count()).unwrap_or(0) == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -74,6 +80,20 @@ async fn writes_lines_and_counts_drops() {
     let text = std::fs::read_to_string(&path).unwrap();
     let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(back, rec);
+    // Each record leads with its schema and a unique id: this agent's random instance and the
+    // record's number (consecutive: a gap would be a record lost).
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            assert!(l.starts_with(&format!("{{\"schema\":{SCHEMA},\"id\":\"")), "{l}");
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (a, b) = (ids[0].rsplit_once('-').unwrap(), ids[1].rsplit_once('-').unwrap());
+    assert_eq!((a.0.len(), a.0, a.1, b.1), (36, b.0, "1", "2"), "{ids:?}");
+    let other = AuditLog::start(&dir.join("other.jsonl"), dropped.clone()).unwrap();
+    assert_ne!(other.instance, log_instance(&text), "each agent start has its own instance id");
     assert!(AuditLog::start(Path::new("/proc/nope/audit.jsonl"), dropped.clone()).is_err());
     assert_eq!(dropped.get(), 0);
     // A device that is always full: every record is counted as dropped, none is lost silently.
