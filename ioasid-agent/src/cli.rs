@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// Audit log (JSON lines, appended), reopened when rotated; `-` writes records to stdout.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_AUDIT_PATH)]
     pub audit_log: PathBuf,
+    /// Also send every audit record to the local syslog daemon at this datagram socket (RFC
+    /// 5424, facility authpriv), e.g. /dev/log.
+    #[arg(long, value_name = "SOCKET")]
+    pub audit_syslog: Option<PathBuf>,
     /// Also write every judged request to this file, for `replay`.
     #[arg(long, value_name = "PATH")]
     pub record: Option<PathBuf>,

@@ -36,6 +36,7 @@ pub struct RunConfig {
     pub listen: SocketAddr,
     pub policy: Option<PathBuf>,
     pub audit_log: PathBuf,
+    pub audit_syslog: Option<PathBuf>,
     pub record: Option<PathBuf>,
     pub load: LoadOptions,
     pub sweep: Duration,
@@ -66,7 +67,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let _instance = Instance::acquire(&cfg.lock_file)?;
     let metrics = Metrics::new();
     let policy = open_policy(&cfg)?;
-    let audit = AuditLog::start(&cfg.audit_log, metrics.audit_dropped.clone())?;
+    let syslog = cfg.audit_syslog.clone().map(|socket| crate::audit::Syslog { socket, host: node_name() });
+    let audit = AuditLog::start_with(&cfg.audit_log, metrics.audit_dropped.clone(), syslog)?;
     let record =
         cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.audit_dropped.clone())).transpose()?;
     let loaded = loader::load(&cfg.load)?;

@@ -71,6 +71,7 @@ fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
         listen: args.listen,
         policy: args.policy.clone(),
         audit_log: args.audit_log.clone(),
+        audit_syslog: args.audit_syslog.clone(),
         record: args.record.clone(),
         load: loader::LoadOptions {
             enforce: !args.dry_run && !args.empty_programs,

@@ -592,3 +592,64 @@ fn audit_records_to_stdout() {
     );
     assert!(r["id"].as_str().is_some_and(|id| id.ends_with("-1")), "{r}");
 }
+
+/// `--audit-syslog SOCKET`: every record also reaches a real syslog daemon (rsyslog, from
+/// Debian: `cargo xtask setup` installs it) as an RFC 5424 message it parses as such: facility
+/// authpriv, warning for a denial, APP-NAME ioasid-agent, MSGID the record's event, the JSON
+/// record (schema, id) as the message.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn audit_records_reach_a_real_syslog_daemon() {
+    require_kernel();
+    let _g = serial();
+    let dir = TempDir::new("syslog");
+    let (sock, out, pid) = (dir.path("log.sock"), dir.path("out.log"), dir.path("rsyslogd.pid"));
+    let conf = dir.path("rsyslog.conf");
+    write(
+        &conf,
+        &format!(
+            "global(workDirectory=\"{d}\")\nmodule(load=\"imuxsock\" SysSock.Use=\"off\")\n\
+             input(type=\"imuxsock\" Socket=\"{s}\" UseSpecialParser=\"off\" ParseHostname=\"on\")\n\
+             *.* action(type=\"omfile\" file=\"{o}\" template=\"RSYSLOG_SyslogProtocol23Format\")\n",
+            d = dir.0.display(),
+            s = sock.display(),
+            o = out.display()
+        ),
+    );
+    let mut rsyslogd = Command::new("rsyslogd")
+        .args(["-n", "-f", conf.to_str().unwrap(), "-i", pid.to_str().unwrap()])
+        .spawn()
+        .expect("rsyslogd (Debian package rsyslog; `cargo xtask setup` installs it)");
+    assert!(
+        eventually(Duration::from_secs(10), || sock.exists().then_some(())).is_some(),
+        "rsyslogd made no socket"
+    );
+    let prefix = unique("syslog");
+    let (agent, _policy) = agent_with_policy(&prefix, &["--audit-syslog", sock.to_str().unwrap()]);
+    let vm = format!("{prefix}-tenant-1");
+    let (status, _, _) = file_add(&vm, "0");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    let ours = agent.wait_audit(&vm);
+    let line = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).ok()?.lines().find(|l| l.contains(&vm)).map(str::to_string)
+    });
+    let _ = rsyslogd.kill();
+    let _ = rsyslogd.wait();
+    let line = line.unwrap_or_else(|| {
+        panic!("rsyslog got no record for {vm}:\n{}", std::fs::read_to_string(&out).unwrap_or_default())
+    });
+    // <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG, as rsyslog parsed and re-wrote it.
+    let fields: Vec<&str> = line.splitn(8, ' ').collect();
+    assert_eq!(fields[0], "<84>1", "authpriv.warning for a denial: {line}");
+    assert_eq!(
+        (fields[3], fields[4], fields[5], fields[6]),
+        ("ioasid-agent", agent.pid().to_string().as_str(), "incoherent-dma", "-"),
+        "{line}"
+    );
+    let msg: serde_json::Value = serde_json::from_str(fields[7]).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(
+        (msg["schema"].as_u64(), msg["decision"].as_str(), msg["vm"].as_str()),
+        (Some(1), Some("denied"), Some(vm.as_str()))
+    );
+    assert_eq!(msg["id"], ours["id"], "the same record as the audit log's");
+}

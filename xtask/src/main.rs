@@ -107,6 +107,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tmux", "drives the terminal UI in tests"),
     ("qemu-system-x86", "a real VMM for the QEMU guest test"),
     ("bpftool", "inspecting loaded programs (optional)"),
+    ("rsyslog", "a real syslog daemon for the audit syslog sink's test"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

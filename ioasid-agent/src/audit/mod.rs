@@ -159,6 +159,46 @@ enum Sink {
     Stdout,
 }
 
+/// A copy of every record to the local syslog daemon (`--audit-syslog /dev/log`): RFC 5424
+/// messages over a datagram socket, facility authpriv, severity warning for denials and storms
+/// and notice otherwise, APP-NAME `ioasid-agent`, MSGID the record's `event`, the JSON record as
+/// MSG. Sent to the path each time, so a restarted syslog daemon is found again.
+pub struct Syslog {
+    pub socket: PathBuf,
+    /// HOSTNAME of the messages: the node.
+    pub host: String,
+}
+
+const FACILITY_AUTHPRIV: u8 = 10;
+
+impl Syslog {
+    fn message(&self, line: &[u8]) -> Vec<u8> {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+        let event = v["event"].as_str().unwrap_or("incoherent-dma");
+        let warning = v["decision"] == "denied" || event == "wbinvd-storm";
+        let pri = FACILITY_AUTHPRIV * 8 + if warning { 4 } else { 5 };
+        // RFC 5424 HOSTNAME, APP-NAME and MSGID are printable US-ASCII without spaces.
+        let field = |s: &str, max: usize| -> String {
+            let f: String = s.chars().filter(|c| c.is_ascii_graphic()).take(max).collect();
+            if f.is_empty() {
+                "-".into()
+            } else {
+                f
+            }
+        };
+        let head = format!(
+            "<{pri}>1 {} {} ioasid-agent {} {} - ",
+            rfc3339(SystemTime::now()),
+            field(&self.host, 255),
+            std::process::id(),
+            field(event, 32)
+        );
+        let mut msg = head.into_bytes();
+        msg.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+        msg
+    }
+}
+
 /// A random id for this agent's records (the kernel's UUID generator; the clock as a fallback).
 fn instance_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/uuid")
@@ -180,6 +220,11 @@ impl AuditLog {
     /// Opens (creating directories) and starts the writer task. Fails now if the file cannot be
     /// opened, rather than losing records later.
     pub fn start(path: &Path, dropped: IntCounter) -> Result<Self, AuditError> {
+        Self::start_with(path, dropped, None)
+    }
+
+    /// As `start`, also sending every record to syslog.
+    pub fn start_with(path: &Path, dropped: IntCounter, syslog: Option<Syslog>) -> Result<Self, AuditError> {
         let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
         let mut sink = if path.as_os_str() == "-" {
             Sink::Stdout
@@ -192,9 +237,30 @@ impl AuditLog {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let shown = path.display().to_string();
         let lost = dropped.clone();
+        let syslog_sock = match &syslog {
+            Some(_) => Some(std::os::unix::net::UnixDatagram::unbound().map_err(open_err)?),
+            None => None,
+        };
         tokio::task::spawn_blocking(move || {
             let mut failing = false;
+            let mut syslog_failing = false;
             while let Some(mut line) = rx.blocking_recv() {
+                if let (Some(target), Some(sock)) = (&syslog, &syslog_sock) {
+                    match sock.send_to(&target.message(&line), &target.socket) {
+                        Ok(_) if syslog_failing => {
+                            syslog_failing = false;
+                            tracing::info!(socket = %target.socket.display(), "syslog reachable again");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            lost.inc();
+                            if !syslog_failing {
+                                syslog_failing = true;
+                                tracing::error!(socket = %target.socket.display(), error = %e, "sending audit records to syslog: they are being dropped there (ioasid_audit_records_dropped_total)");
+                            }
+                        }
+                    }
+                }
                 line.push(b'\n');
                 let written = match &mut sink {
                     Sink::Stdout => {
