@@ -82,8 +82,11 @@ fn dashboard_queries() -> Vec<(String, String)> {
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap();
-            let expr =
-                expr.replace("$instance", ".*").replace("$__rate_interval", "15s").replace("$__range", "5m");
+            let expr = expr
+                .replace("$instance", ".*")
+                .replace("$job", "ioasid")
+                .replace("$__rate_interval", "15s")
+                .replace("$__range", "5m");
             assert!(!expr.contains('$'), "unknown template variable in {expr}");
             out.push((p["title"].as_str().unwrap().to_string(), expr));
         }
@@ -186,6 +189,7 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
         "Denied enables since VMM start, by VM",
         "Hooks attached",
         "Enforcement mechanism",
+        "WBINVD per second with the KubeVirt VM (namespace, name, node)",
     ];
     // Rate windows need a few scrapes: wait until every key panel has data.
     let mut empty = Vec::new();
