@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod docs;
+mod image;
 mod lab;
 mod package;
 
@@ -37,6 +38,12 @@ enum Task {
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The container image (ioasid-agent:VERSION, podman, FROM scratch) of the release build.
+    Image {
+        /// Also export its root filesystem and run the agent from it under chroot (root).
+        #[arg(long)]
+        check: bool,
     },
     /// A Debian package (target/package/ioasid_VERSION_amd64.deb) of the release build.
     Package {
@@ -108,6 +115,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "a real VMM for the QEMU guest test"),
     ("bpftool", "inspecting loaded programs (optional)"),
     ("rsyslog", "a real syslog daemon for the audit syslog sink's test"),
+    ("podman", "builds the container image (cargo xtask image)"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -166,6 +174,15 @@ fn main() -> Result<()> {
         }
         Task::Docs => docs::write(&root),
         Task::CheckAnywhere => check_anywhere(&root),
+        Task::Image { check } => {
+            setup()?;
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent"])?;
+            let tag = image::build(&root, &package::version(&root)?)?;
+            if check {
+                image::check(&root, &tag)?;
+            }
+            Ok(())
+        }
         Task::Package { check } => {
             setup()?;
             cargo(&root, &["build", "--release", "-p", "ioasid-agent"])?;
@@ -194,6 +211,8 @@ fn main() -> Result<()> {
             // The Debian package, installed, run and removed on this machine.
             cargo(&root, &["build", "--release", "-p", "ioasid-agent"])?;
             package::check(&package::build(&root)?)?;
+            // The container image, built and run from its exported root filesystem.
+            image::check(&root, &image::build(&root, &package::version(&root)?)?)?;
             if no_lab || std::env::var("IOASID_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
                 eprintln!("xtask: the lab (Debian kernels under QEMU) was not run");
                 return Ok(());

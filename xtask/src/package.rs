@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 
 pub const NAME: &str = "ioasid";
 
-fn version(root: &Path) -> Result<String> {
+pub fn version(root: &Path) -> Result<String> {
     let toml = std::fs::read_to_string(root.join("Cargo.toml"))?;
     let line = toml.lines().find(|l| l.starts_with("version = ")).context("workspace version")?;
     Ok(line.split('"').nth(1).context("quoted version")?.to_string())
