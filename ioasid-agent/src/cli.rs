@@ -160,6 +160,45 @@ pub struct TopArgs {
     /// Print one frame and exit.
     #[arg(long)]
     pub once: bool,
+    /// Sort order (`s` cycles it in the terminal).
+    #[arg(long, value_enum, default_value_t = TopSort::Rate)]
+    pub sort: TopSort,
+    /// Only VMs whose name contains this text, any case (`/` in the terminal).
+    #[arg(long, value_name = "TEXT")]
+    pub filter: Option<String>,
+}
+
+/// `top`'s sort orders.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopSort {
+    /// WBINVD per second (storming VMs first).
+    Rate,
+    /// Handler time over wall time (storming VMs first).
+    Cost,
+    /// WBINVD count.
+    Wbinvd,
+    /// VM name.
+    Name,
+}
+
+impl TopSort {
+    pub fn next(self) -> Self {
+        match self {
+            TopSort::Rate => TopSort::Cost,
+            TopSort::Cost => TopSort::Wbinvd,
+            TopSort::Wbinvd => TopSort::Name,
+            TopSort::Name => TopSort::Rate,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TopSort::Rate => "WBINVD/s",
+            TopSort::Cost => "cost",
+            TopSort::Wbinvd => "WBINVD",
+            TopSort::Name => "name",
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -198,6 +198,19 @@ fn top_shows_the_storming_vm_in_a_real_terminal() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.lines().any(|l| l.contains(&name[..20]) && l.contains("STORM")).then_some(text)
     });
+    let pane = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    // Filter: `/`, a name that matches nothing, Enter: no VM shown; Esc: all back.
+    let _ = tmux(&["send-keys", "-t", &session, "/", "zz-no-such-vm", "Enter"]);
+    let filtered = eventually(Duration::from_secs(3), || {
+        let t = pane();
+        (t.contains("filter: zz-no-such-vm") && t.contains("no VMs") && !t.contains(&name[..20]))
+            .then_some(())
+    });
+    let _ = tmux(&["send-keys", "-t", &session, "Escape"]);
+    let back = eventually(Duration::from_secs(3), || pane().contains(&name[..20]).then_some(()));
+    // Sort: `s` moves from the WBINVD rate to the cost share.
+    let _ = tmux(&["send-keys", "-t", &session, "s"]);
+    let sorted = eventually(Duration::from_secs(3), || pane().contains("sort: cost").then_some(()));
     let _ = tmux(&["send-keys", "-t", &session, "q"]);
     let gone = eventually(Duration::from_secs(3), || {
         (!tmux(&["has-session", "-t", &session]).status.success()).then_some(())
@@ -208,5 +221,8 @@ fn top_shows_the_storming_vm_in_a_real_terminal() {
     assert!(summary["wbinvd"].as_u64().unwrap_or(0) > 0, "{summary}");
     let screen = screen.expect("top never showed the storming VM");
     assert!(screen.contains("WBINVD/s") && screen.contains("enforcement"), "{screen}");
+    assert!(filtered.is_some(), "the filter did not hide the VM");
+    assert!(back.is_some(), "Esc did not clear the filter");
+    assert!(sorted.is_some(), "`s` did not change the sort");
     assert!(gone.is_some(), "top did not exit on q");
 }

@@ -1,24 +1,22 @@
 //! `ioasid-agent top`: a live per-VM view of a running agent, like kvm_stat.
 //!
-//! Reads the agent's /metrics (it loads nothing into the kernel), refreshes in place, and exits
-//! cleanly on `q` or Ctrl-C, restoring the terminal. `--once` prints one frame and exits.
+//! Reads the agent's /metrics (it loads nothing into the kernel). In a terminal it is a ratatui
+//! table refreshed in place: `s` cycles the sort (WBINVD rate, cost share, WBINVD count, name),
+//! `/` filters VMs by a substring of their name (Enter keeps it, Esc clears it), `q` or Ctrl-C
+//! quits and restores the terminal. `--once` (or no terminal) prints one plain frame and exits.
 
 use std::{
     collections::BTreeMap,
-    io::{IsTerminal, Write},
-    sync::atomic::{AtomicBool, Ordering},
+    io::IsTerminal,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 
-use crate::{cli::TopArgs, promtext};
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+use crate::{
+    cli::{TopArgs, TopSort},
+    promtext,
+};
 
 /// Per-VM figures of one frame.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -94,9 +92,24 @@ pub fn frame(text: &str) -> Frame {
         }
     }
     f.rows = rows.into_values().collect();
-    // Storming VMs first, then by rate.
-    f.rows.sort_by(|a, b| b.storm.cmp(&a.storm).then(b.rate.total_cmp(&a.rate)).then(a.vm.cmp(&b.vm)));
+    arrange(&mut f, TopSort::Rate, "");
     f
+}
+
+/// Keeps the VMs whose name contains `filter` (any case), sorted by `sort`: storming VMs first
+/// for the rate and cost orders, then the largest.
+pub fn arrange(f: &mut Frame, sort: TopSort, filter: &str) {
+    let filter = filter.to_lowercase();
+    f.rows.retain(|r| filter.is_empty() || r.vm.to_lowercase().contains(&filter));
+    f.rows.sort_by(|a, b| {
+        let by = match sort {
+            TopSort::Rate => b.storm.cmp(&a.storm).then(b.rate.total_cmp(&a.rate)),
+            TopSort::Cost => b.storm.cmp(&a.storm).then(b.cost_ratio.total_cmp(&a.cost_ratio)),
+            TopSort::Wbinvd => b.wbinvd.total_cmp(&a.wbinvd),
+            TopSort::Name => std::cmp::Ordering::Equal,
+        };
+        by.then(a.vm.cmp(&b.vm))
+    });
 }
 
 fn render(f: &Frame, url: &str, width: usize) -> String {
@@ -168,93 +181,178 @@ fn scrape(addr: &str) -> Result<String> {
     resp.body_mut().read_to_string().with_context(|| format!("reading {url}"))
 }
 
-/// Restores the terminal when dropped (also on error paths).
-struct RawTerminal {
-    saved: libc::termios,
-}
-
-impl RawTerminal {
-    fn enter() -> Option<Self> {
-        // SAFETY: tcgetattr/tcsetattr on stdin with a valid termios buffer.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return None;
-            }
-            let saved = t;
-            t.c_lflag &= !(libc::ICANON | libc::ECHO);
-            t.c_cc[libc::VMIN] = 0;
-            t.c_cc[libc::VTIME] = 0;
-            libc::tcsetattr(0, libc::TCSANOW, &t);
-            print!("\x1b[?1049h\x1b[?25l");
-            let _ = std::io::stdout().flush();
-            Some(Self { saved })
-        }
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        print!("\x1b[?25h\x1b[?1049l");
-        let _ = std::io::stdout().flush();
-        // SAFETY: restoring the attributes read in `enter`.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
-    }
-}
-
-/// Waits up to `timeout` for a key; true if it was `q`.
-fn quit_key(timeout: Duration) -> bool {
-    let mut fds = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
-    // SAFETY: poll on one valid pollfd.
-    let n = unsafe { libc::poll(&mut fds, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
-    if n > 0 && fds.revents & libc::POLLIN != 0 {
-        let mut b = [0u8; 16];
-        // SAFETY: read into a local buffer.
-        let r = unsafe { libc::read(0, b.as_mut_ptr().cast(), b.len()) };
-        return r > 0 && b[..r as usize].iter().any(|c| *c == b'q' || *c == b'Q' || *c == 3);
-    }
-    false
-}
-
 pub fn run(args: &TopArgs) -> Result<()> {
     let addr =
         args.url.trim_start_matches("http://").trim_end_matches('/').trim_end_matches("/metrics").to_string();
-    if args.once {
-        let f = frame(&scrape(&addr)?);
+    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    if args.once || !interactive {
+        let mut f = frame(&scrape(&addr)?);
+        arrange(&mut f, args.sort, args.filter.as_deref().unwrap_or(""));
         print!("{}", render(&f, &addr, usize::MAX));
         return Ok(());
     }
-    // SAFETY: installing async-signal-safe handlers that only store to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    let _term = if interactive { RawTerminal::enter() } else { None };
-    loop {
-        let started = Instant::now();
-        let body = match scrape(&addr) {
-            Ok(b) => render(&frame(&b), &addr, terminal_width()),
-            Err(e) => format!("ioasid top: {e:#}\n(retrying; q or Ctrl-C to quit)\n"),
-        };
-        print!("\x1b[H\x1b[2J{body}");
-        let _ = std::io::stdout().flush();
-        let wait = args.interval.saturating_sub(started.elapsed());
-        if INTERRUPTED.load(Ordering::SeqCst) || quit_key(wait) || INTERRUPTED.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-    }
+    let mut ui = Ui { sort: args.sort, filter: args.filter.clone().unwrap_or_default(), editing: false };
+    // ratatui::init: raw mode and the alternate screen, restored on exit and on panic.
+    let mut terminal = ratatui::init();
+    let result = ui.run(&mut terminal, &addr, args.interval);
+    ratatui::restore();
+    result
 }
 
-fn terminal_width() -> usize {
-    // SAFETY: TIOCGWINSZ fills a winsize.
-    unsafe {
-        let mut ws: libc::winsize = std::mem::zeroed();
-        if libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0 {
-            ws.ws_col as usize
-        } else {
-            160
+struct Ui {
+    sort: TopSort,
+    filter: String,
+    /// Typing a filter after `/`.
+    editing: bool,
+}
+
+impl Ui {
+    fn run(&mut self, terminal: &mut ratatui::DefaultTerminal, addr: &str, interval: Duration) -> Result<()> {
+        use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+        let mut last: Result<Frame, String> = Err("connecting".into());
+        let mut next_scrape = Instant::now();
+        loop {
+            if Instant::now() >= next_scrape {
+                last = scrape(addr).map(|b| frame(&b)).map_err(|e| format!("{e:#}"));
+                next_scrape = Instant::now() + interval;
+            }
+            terminal.draw(|fr| self.draw(fr, addr, &last))?;
+            let wait = next_scrape.saturating_duration_since(Instant::now());
+            if !event::poll(wait)? {
+                continue;
+            }
+            let Event::Key(key) = event::read()? else { continue };
+            if key.kind != KeyEventKind::Press {
+                continue;
+            }
+            let ctrl_c = key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c');
+            if ctrl_c {
+                return Ok(());
+            }
+            if self.editing {
+                match key.code {
+                    KeyCode::Enter => self.editing = false,
+                    KeyCode::Esc => {
+                        self.editing = false;
+                        self.filter.clear();
+                    }
+                    KeyCode::Backspace => {
+                        self.filter.pop();
+                    }
+                    KeyCode::Char(c) if !c.is_control() && self.filter.len() < 64 => self.filter.push(c),
+                    _ => {}
+                }
+                continue;
+            }
+            match key.code {
+                KeyCode::Char('q' | 'Q') => return Ok(()),
+                KeyCode::Char('s') => self.sort = self.sort.next(),
+                KeyCode::Char('/') => self.editing = true,
+                KeyCode::Esc => self.filter.clear(),
+                _ => {}
+            }
         }
+    }
+
+    fn draw(&self, fr: &mut ratatui::Frame, addr: &str, last: &Result<Frame, String>) {
+        use ratatui::{
+            layout::{Constraint, Layout},
+            style::{Modifier, Style, Stylize},
+            text::Line,
+            widgets::{Block, Cell, Paragraph, Row as TRow, Table},
+        };
+        let [head, body, foot] =
+            Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(1)])
+                .areas(fr.area());
+        let f = match last {
+            Ok(f) => f,
+            Err(e) => {
+                fr.render_widget(Paragraph::new(format!("ioasid top {addr}: {e} (retrying)")), head);
+                return;
+            }
+        };
+        let now = crate::audit::rfc3339(std::time::SystemTime::now());
+        fr.render_widget(
+            Paragraph::new(format!(
+                "ioasid top  {addr}  {}  hooks {}/{}  enforcement {}  cost source {}  dropped {}",
+                &now[..19],
+                f.hooks_attached,
+                f.hooks_total,
+                f.mechanism,
+                f.cost_source,
+                f.dropped
+            ))
+            .bold(),
+            head,
+        );
+        let mut shown = Frame { rows: f.rows.clone(), ..Frame::default() };
+        arrange(&mut shown, self.sort, &self.filter);
+        let sorted = |label: &'static str, key: TopSort| -> Cell<'static> {
+            if key == self.sort {
+                Cell::from(format!("{label}v")).add_modifier(Modifier::UNDERLINED)
+            } else {
+                Cell::from(label)
+            }
+        };
+        let header = TRow::new(vec![
+            sorted("VM", TopSort::Name),
+            sorted("WBINVD/s", TopSort::Rate),
+            sorted("WBINVD", TopSort::Wbinvd),
+            Cell::from("INVD"),
+            Cell::from("HANDLER"),
+            sorted("COST%", TopSort::Cost),
+            Cell::from("FLUSHES"),
+            Cell::from("ALERTS"),
+            Cell::from("STATE"),
+            Cell::from("DMA"),
+            Cell::from("ENABLES a/u/d"),
+        ])
+        .style(Style::new().reversed());
+        let rows = shown.rows.iter().map(|r| {
+            let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
+            // Names are chosen by whoever starts a VMM: escaped, no control sequence gets out.
+            let row = TRow::new(vec![
+                crate::text::escape(&r.vm).into_owned(),
+                format!("{:.0}", r.rate),
+                format!("{:.0}", r.wbinvd),
+                format!("{:.0}", r.invd),
+                format!("{avg_us:.1}us"),
+                format!("{:.2}%", r.cost_ratio * 100.0),
+                format!("{:.0}", r.flushes),
+                format!("{:.0}", r.alerts),
+                if r.storm { "STORM".into() } else { "ok".into() },
+                if r.noncoherent { "non-coherent".into() } else { "coherent".into() },
+                format!("{:.0}/{:.0}/{:.0}", r.dma_allowed, r.dma_audited, r.dma_denied),
+            ]);
+            if r.storm {
+                row.red().bold()
+            } else {
+                row
+            }
+        });
+        let widths = [
+            Constraint::Min(24),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Length(8),
+            Constraint::Length(10),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Length(6),
+            Constraint::Length(6),
+            Constraint::Length(12),
+            Constraint::Length(13),
+        ];
+        let title = if shown.rows.is_empty() { " no VMs " } else { " VMs " };
+        fr.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), body);
+        let filter = if self.editing {
+            format!("filter: {}_  (Enter keeps it, Esc clears it)", self.filter)
+        } else if self.filter.is_empty() {
+            "s: sort  /: filter  q or Ctrl-C: quit".to_string()
+        } else {
+            format!("filter: {}  s: sort  /: filter  Esc: clear  q: quit", self.filter)
+        };
+        fr.render_widget(Paragraph::new(Line::from(format!("sort: {}  {filter}", self.sort.label()))), foot);
     }
 }
 
@@ -280,5 +378,34 @@ mod tests {
         let out = render(&f, "x", 200);
         assert!(out.contains("STORM") && out.contains("100.0us") && out.contains("0/0/2"), "{out}");
         assert!(out.contains("non-coherent"), "{out}");
+    }
+
+    #[test]
+    fn sort_and_filter() {
+        let row = |vm: &str, rate: f64, cost: f64, wb: f64, storm: bool| Row {
+            vm: vm.into(),
+            rate,
+            cost_ratio: cost,
+            wbinvd: wb,
+            storm,
+            ..Row::default()
+        };
+        let rows = vec![
+            row("b-gpu", 10.0, 0.5, 900.0, false),
+            row("a-web", 500.0, 0.01, 5.0, false),
+            row("c-loop", 1.0, 0.02, 50.0, true),
+        ];
+        let order = |sort, filter: &str| {
+            let mut f = Frame { rows: rows.clone(), ..Frame::default() };
+            arrange(&mut f, sort, filter);
+            f.rows.iter().map(|r| r.vm.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(order(TopSort::Rate, ""), ["c-loop", "a-web", "b-gpu"], "storms first, then the rate");
+        assert_eq!(order(TopSort::Cost, ""), ["c-loop", "b-gpu", "a-web"]);
+        assert_eq!(order(TopSort::Wbinvd, ""), ["b-gpu", "c-loop", "a-web"]);
+        assert_eq!(order(TopSort::Name, ""), ["a-web", "b-gpu", "c-loop"]);
+        assert_eq!(order(TopSort::Name, "GPU"), ["b-gpu"], "any case");
+        assert!(order(TopSort::Rate, "nothing").is_empty());
+        assert_eq!(TopSort::Name.next(), TopSort::Rate);
     }
 }
