@@ -228,6 +228,7 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
         "{joined}"
     );
     assert!(joined["value"][1].as_str().unwrap().parse::<f64>().unwrap() > 100.0, "{joined}");
+    eprintln!("joined: {joined}");
     let (status, summary, err) = finish(g);
     assert!(status.success(), "the storm guest (alert budget) must live: {err}");
     assert!(summary["wbinvd"].as_u64().unwrap_or(0) > 0, "{summary}");

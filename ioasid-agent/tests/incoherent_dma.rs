@@ -638,6 +638,7 @@ fn audit_records_reach_a_real_syslog_daemon() {
     let line = line.unwrap_or_else(|| {
         panic!("rsyslog got no record for {vm}:\n{}", std::fs::read_to_string(&out).unwrap_or_default())
     });
+    eprintln!("rsyslog's copy: {line}");
     // <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG, as rsyslog parsed and re-wrote it.
     let fields: Vec<&str> = line.splitn(8, ' ').collect();
     assert_eq!(fields[0], "<84>1", "authpriv.warning for a denial: {line}");
