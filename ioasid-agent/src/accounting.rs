@@ -90,8 +90,9 @@ impl Proc {
 }
 
 /// Exited processes kept for the retention window, at most this many: past it the oldest are
-/// dropped first (counted), so VM churn cannot grow the agent or its scrape without bound.
-pub const MAX_EXITED: usize = 4096;
+/// dropped first (counted), so VM churn cannot grow the agent or its scrape without bound
+/// (each kept VM has some twenty series).
+pub const MAX_EXITED: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Accounting {
@@ -128,13 +129,24 @@ impl Accounting {
 
     /// Returns the known process for `tgid`, naming it from procfs if new. A process that is
     /// already gone is named `unknown:<tgid>` (`comm` when an event told it).
+    /// `comm` is given by the event path: an event of a process that exited moments ago keeps
+    /// the name it had. Kernel counts (no `comm`) on a purged pid are a new process's.
     pub fn ensure(&mut self, tgid: u32, comm: Option<&str>, procfs: &ProcFs, now: Instant) -> &mut Proc {
         // Counts for a pid whose process died and was purged belong to a new process.
         if self.procs.get(&tgid).is_some_and(|p| p.purged) {
             self.set_aside(tgid);
         }
+        let exited = &self.exited;
         self.procs.entry(tgid).or_insert_with(|| match procfs.info(tgid) {
             Ok(info) => Proc::new(info, None),
+            // An event, the process gone, and it exited recently: a late event of that process keeps its name (its
+            // counts were already read; this entry only names it).
+            Err(_) if comm.is_some() && exited.iter().any(|p| p.info.pid == tgid) => {
+                let last = exited.iter().rev().find(|p| p.info.pid == tgid).map(|p| p.info.clone());
+                let mut p = Proc::new(last.expect("found above"), Some(now));
+                p.purged = true;
+                p
+            }
             Err(e) => {
                 let name = comm.map_or_else(|| format!("unknown:{tgid}"), |c| format!("{c}:{tgid}"));
                 tracing::debug!(tgid, error = %e, vm = %name, "process gone before it could be named");
@@ -220,14 +232,16 @@ impl Accounting {
         }
     }
 
-    /// Processes that died and whose kernel entries should now be removed.
+    /// Processes that died and whose kernel entries should now be removed. They move to the
+    /// exited ones (kept for the retention, at most [`MAX_EXITED`]).
     pub fn take_newly_dead(&mut self) -> Vec<u32> {
         let v: Vec<u32> =
             self.procs.iter().filter(|(_, p)| p.dead_since.is_some() && !p.purged).map(|(t, _)| *t).collect();
-        for t in &v {
-            if let Some(p) = self.procs.get_mut(t) {
-                p.purged = true;
-            }
+        // Every dead process moves: also a late event's placeholder of one already purged.
+        let dead: Vec<u32> =
+            self.procs.iter().filter(|(_, p)| p.dead_since.is_some()).map(|(t, _)| *t).collect();
+        for t in dead {
+            self.set_aside(t);
         }
         v
     }
@@ -393,5 +407,21 @@ mod tests {
         assert_eq!(a.exited_dropped, 1);
         assert_eq!(a.exited.front().unwrap().info.vm, "vm-2", "the oldest went first");
         assert!(a.vm_names().any(|v| v == format!("vm-{}", MAX_EXITED + 2)));
+    }
+
+    #[test]
+    fn an_exited_process_waits_out_its_retention_in_the_capped_queue() {
+        let procfs = ProcFs::at("/nonexistent-procfs");
+        let mut a = Accounting::default();
+        let now = Instant::now();
+        a.replace(info(70, "vm-late", 1));
+        a.apply(kernel(70, 4, 0), &procfs, now);
+        a.check_liveness(&procfs, now);
+        assert_eq!(a.take_newly_dead(), vec![70]);
+        assert!(!a.procs.contains_key(&70) && a.exited.len() == 1, "moved to the capped queue");
+        assert_eq!(value(&a, "vm-late", Path::Exit), Some(4), "still reported");
+        // A late event of it keeps its name; kernel counts on the pid would be a new process's.
+        assert_eq!(a.ensure(70, Some("qemu"), &procfs, now).info.vm, "vm-late");
+        assert_eq!(value(&a, "vm-late", Path::Exit), Some(4), "nothing counted twice");
     }
 }

@@ -177,7 +177,7 @@ impl Metrics {
             ),
             exited_dropped: counter(
                 "ioasid_exited_vms_dropped_total",
-                "Exited VMM processes forgotten before their retention ended: more than 4096 were kept.",
+                "Exited VMM processes forgotten before their retention ended: more than 1024 were kept.",
             ),
             program_runs: counter_vec(
                 "ioasid_program_runs_total",
