@@ -232,3 +232,77 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
     eprintln!("xtask: results in target/bench/results.json");
     Ok(())
 }
+
+/// `cargo xtask churn`: `vms` short-lived guests of one WBINVD each (`parallel` at a time)
+/// against a running agent; then the agent's peak and current RSS, its scrape size, how the kept
+/// VMs are named and whether each is counted exactly.
+pub fn churn(root: &Path, vms: usize, parallel: usize) -> Result<()> {
+    let agent = Agent::start(root, &[])?;
+    let pid = agent.child.id();
+    let guest = root.join("target/release/ioasid-guest");
+    let started = Instant::now();
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for w in 0..parallel.max(1) {
+            let (guest, failed) = (&guest, &failed);
+            s.spawn(move || {
+                for i in (w..vms).step_by(parallel.max(1)) {
+                    let ok = Command::new(guest)
+                        .args(["--name", &format!("churn-{i}"), "--wbinvd", "1"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if !ok {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(10));
+    let text = agent.metrics()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let series: Vec<&str> = text.lines().filter(|l| l.starts_with("ioasid_wbinvd_exits_total{")).collect();
+    let named = series.iter().filter(|l| l.contains("vm=\"churn-")).count();
+    let inexact = series.iter().filter(|l| !l.ends_with(" 1")).count();
+    let value = |name: &str| samples_plain(&text, name);
+    println!(
+        "{vms} guests ({} failed to run) in {:.1} s, {parallel} at a time",
+        failed.into_inner(),
+        took.as_secs_f64()
+    );
+    println!(
+        "agent RSS: peak {} kB, now {} kB; scrape {} bytes 10 s later",
+        kb("VmHWM:"),
+        kb("VmRSS:"),
+        text.len()
+    );
+    println!(
+        "VMs kept: {} ({named} named from their command line, {} pid-derived); counted other than exactly 1: {inexact}",
+        series.len(),
+        series.len() - named
+    );
+    println!(
+        "events dropped: {}; exited VMs dropped past the cap: {}",
+        value("ioasid_events_dropped_total"),
+        value("ioasid_exited_vms_dropped_total")
+    );
+    Ok(())
+}
+
+fn samples_plain(text: &str, name: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or("?")
+        .to_string()
+}

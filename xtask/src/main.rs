@@ -73,6 +73,14 @@ enum Task {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// VM churn against a running agent: many short-lived guests of one WBINVD each; reports
+    /// the agent's memory, scrape size and naming.
+    Churn {
+        #[arg(long, default_value_t = 24000)]
+        vms: usize,
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+    },
     /// rustfmt check and clippy (warnings are errors) on the host crates.
     Lint,
     /// Regenerate the README's generated sections (the hook table) from the code.
@@ -155,6 +163,11 @@ fn main() -> Result<()> {
                 "--duration",
                 &duration.to_string(),
             ]))
+        }
+        Task::Churn { vms, parallel } => {
+            setup()?;
+            cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])?;
+            bench::churn(&root, vms, parallel)
         }
         Task::Lint => {
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
