@@ -147,6 +147,19 @@ pub enum PolicyCommand {
         /// The policy file.
         path: PathBuf,
     },
+    /// Write a policy learned from audit logs: what ran is let through again (same decision),
+    /// grouped by VMM executable and uid, with its devices and WBINVD budgets; the rest denied.
+    Learn {
+        /// Audit logs (JSON lines), e.g. /var/log/ioasid/audit.jsonl and its rotations.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// WBINVD budgets: the highest recorded storm rate plus this share (0.5 = 50 %).
+        #[arg(long, default_value_t = 0.5)]
+        margin: f64,
+        /// Write the policy here instead of to stdout.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -49,6 +49,9 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::Policy(PolicyCommand::Check { path }) => cmd::policy::check(path),
+        Command::Policy(PolicyCommand::Learn { logs, margin, out }) => {
+            cmd::learn::run(logs, *margin, out.as_deref())
+        }
         Command::Replay(args) => cmd::replay::run(args),
         Command::Top(args) => cmd::top::run(args),
     };

@@ -654,3 +654,50 @@ fn audit_records_reach_a_real_syslog_daemon() {
     );
     assert_eq!(msg["id"], ours["id"], "the same record as the audit log's");
 }
+
+/// Audit -> learn -> review -> enforce, on a real audit log: an agent with the embedded default
+/// policy audits two VMMs' enables; `policy learn` writes a policy from that log which `policy
+/// check` accepts and under which `replay` of the same log decides nothing differently, while a
+/// VM it never saw is denied.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_learned_policy_replays_what_ran_and_denies_the_rest() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("learn");
+    let mut agent = Agent::start(&[]);
+    for vm in ["gpu-1", "gpu-2"] {
+        let (status, _, err) = file_add(&format!("{prefix}-{vm}"), "0");
+        assert!(status.success(), "{err}");
+        let r = agent.wait_audit(&format!("{prefix}-{vm}"));
+        assert_eq!(r["decision"], "audited", "{r}");
+    }
+    assert!(agent.stop().success());
+    let log = agent.dir.path("audit.jsonl");
+    let learned = agent.dir.path("learned.yaml");
+    let run = |args: &[&str]| {
+        let out = Command::new(agent_path()).args(args).output().unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    run(&["policy", "learn", log.to_str().unwrap(), "--out", learned.to_str().unwrap()]);
+    let yaml = std::fs::read_to_string(&learned).unwrap();
+    assert!(
+        yaml.contains(&format!("vm: \"{prefix}-gpu-*\"")) && yaml.contains("incoherent_dma: deny"),
+        "{yaml}"
+    );
+    assert!(run(&["policy", "check", learned.to_str().unwrap()]).contains("valid: 1 rule(s)"));
+    let replay = run(&["replay", log.to_str().unwrap(), "--policy", learned.to_str().unwrap()]);
+    assert!(
+        replay.contains("2 request(s) evaluated") && replay.contains("0 decided differently"),
+        "{replay}"
+    );
+    // A VM it never saw, under the learned policy: denied.
+    let agent2 = Agent::start(&["--policy", learned.to_str().unwrap()]);
+    let stranger = format!("{prefix}-tenant-1");
+    let (status, _, _) = file_add(&stranger, "0");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert_eq!(agent2.wait_audit(&stranger)["decision"], "denied");
+}

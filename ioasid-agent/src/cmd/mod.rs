@@ -1,3 +1,4 @@
+pub mod learn;
 pub mod policy;
 pub mod replay;
 pub mod status;

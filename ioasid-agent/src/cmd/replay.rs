@@ -15,30 +15,31 @@ use crate::{
     policy::Policy,
 };
 
-pub fn run(args: &ReplayArgs) -> Result<()> {
-    let policy = Policy::load(&args.policy)?;
-    let file =
-        std::fs::File::open(&args.events).with_context(|| format!("opening {}", args.events.display()))?;
-    let (mut total, mut changed, mut bad, mut skipped) = (0usize, 0usize, 0usize, 0usize);
-    if !args.json {
-        println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
-    }
+/// One line of a recorded file: its number and the JSON object on it.
+pub struct Line {
+    pub number: usize,
+    pub value: serde_json::Value,
+}
+
+/// Reads JSON lines (an audit log, a `--record` file) with every line bounded: a line longer
+/// than MAX_LINE, not UTF-8 or not JSON is reported by number on stderr and skipped. Returns
+/// the readable lines and how many were not.
+pub fn read_lines(path: &std::path::Path) -> Result<(Vec<Line>, usize)> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
-    let mut raw = Vec::new();
+    let (mut lines, mut bad, mut raw) = (Vec::new(), 0usize, Vec::new());
     for i in 0.. {
         raw.clear();
-        // Bounded: a line longer than any record is reported, not read whole into memory.
         let n = (&mut reader)
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut raw)
-            .with_context(|| format!("reading {}", args.events.display()))?;
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         if raw.len() > MAX_LINE && !raw.ends_with(b"\n") {
             bad += 1;
-            eprintln!("{}:{}: line longer than {MAX_LINE} bytes: skipped", args.events.display(), i + 1);
-            // Skip the rest of the line.
+            eprintln!("{}:{}: line longer than {MAX_LINE} bytes: skipped", path.display(), i + 1);
             let mut rest = Vec::new();
             loop {
                 rest.clear();
@@ -53,35 +54,54 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
             Ok(l) => l,
             Err(e) => {
                 bad += 1;
-                eprintln!("{}:{}: not UTF-8 ({e}): skipped", args.events.display(), i + 1);
+                eprintln!("{}:{}: not UTF-8 ({e}): skipped", path.display(), i + 1);
                 continue;
             }
         };
         if line.trim().is_empty() {
             continue;
         }
-        // Audit logs also hold other events (WBINVD storms): only decisions are replayed.
-        let value: serde_json::Value = match serde_json::from_str(line) {
-            Ok(v) => v,
+        match serde_json::from_str(line) {
+            Ok(value) => lines.push(Line { number: i + 1, value }),
             Err(e) => {
                 bad += 1;
-                eprintln!("{}:{}: not JSON: {e}", args.events.display(), i + 1);
-                continue;
+                eprintln!("{}:{}: not JSON: {e}", path.display(), i + 1);
             }
-        };
-        if value.get("event").and_then(|e| e.as_str()).is_some_and(|e| e != RecordKind::IncoherentDma.label())
-        {
-            skipped += 1;
-            continue;
         }
-        let rec: AuditRecord = match serde_json::from_value(value) {
-            Ok(r) => r,
+    }
+    Ok((lines, bad))
+}
+
+/// The line as a recorded incoherent-DMA decision: Ok(None) for another kind of record.
+pub fn decision(line: &Line) -> std::result::Result<Option<AuditRecord>, serde_json::Error> {
+    let kind = line.value.get("event").and_then(|e| e.as_str());
+    if kind.is_some_and(|e| e != RecordKind::IncoherentDma.label()) {
+        return Ok(None);
+    }
+    serde_json::from_value(line.value.clone()).map(Some)
+}
+
+pub fn run(args: &ReplayArgs) -> Result<()> {
+    let policy = Policy::load(&args.policy)?;
+    let (lines, mut bad) = read_lines(&args.events)?;
+    let (mut total, mut changed, mut skipped) = (0usize, 0usize, 0usize);
+    if !args.json {
+        println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
+    }
+    for line in &lines {
+        let rec = match decision(line) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                skipped += 1;
+                continue;
+            }
             Err(e) => {
                 bad += 1;
-                eprintln!("{}:{}: not a recorded request: {e}", args.events.display(), i + 1);
+                eprintln!("{}:{}: not a recorded request: {e}", args.events.display(), line.number);
                 continue;
             }
         };
+        let i = line.number - 1;
         total += 1;
         let (decision, rule, reason) = enforce::replay(&rec, &policy);
         if decision != rec.decision {

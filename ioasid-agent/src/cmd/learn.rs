@@ -1,0 +1,318 @@
+//! `ioasid-agent policy learn AUDIT.jsonl... [--margin 0.5] [--out FILE]`: a policy learned from
+//! what ran, for the rollout audit -> learn -> review -> enforce.
+//!
+//! Every incoherent-DMA enable the logs show let through (allowed or audited) gets a rule that
+//! lets it through again with the same decision; anything else is denied (`default: deny`). The
+//! enables are grouped by VMM executable and uid; each group's rule matches the VM names and
+//! cgroups it saw (exactly when one, else their common prefix and `*`), lists the PCI devices it
+//! added, and has a WBINVD budget at the highest storm rate the logs recorded for its VMs plus
+//! the margin. The result is checked before it is written: it parses, and every learned request
+//! replays to its recorded decision.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::replay::{decision, read_lines};
+use crate::{
+    audit::{AuditRecord, Decision, StormRecord},
+    enforce,
+    policy::Policy,
+};
+
+#[derive(Default)]
+struct Group {
+    vms: Vec<String>,
+    cgroups: Vec<String>,
+    devices: Vec<String>,
+    /// A request with no device list (not a resolved VFIO file): the rule allows any device.
+    any_device: bool,
+    audited: usize,
+    allowed: usize,
+    peak_rate: Option<f64>,
+}
+
+/// The exact text as a glob (metacharacters escaped) when all values agree, else their common
+/// prefix and `*`; None when they share nothing (the key is left out: anything matches).
+fn pattern(values: &[String]) -> Option<String> {
+    let first = values.first()?;
+    if values.iter().all(|v| v == first) {
+        return Some(globset::escape(first));
+    }
+    let mut prefix: &str = first;
+    for v in values {
+        while !v.starts_with(prefix) {
+            let mut end = prefix.len() - 1;
+            while !prefix.is_char_boundary(end) {
+                end -= 1;
+            }
+            prefix = &prefix[..end];
+        }
+    }
+    (!prefix.is_empty()).then(|| format!("{}*", globset::escape(prefix)))
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+pub struct Learned {
+    pub yaml: String,
+    pub learned: usize,
+    pub denied: usize,
+}
+
+pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
+    if !(margin.is_finite() && (0.0..=10.0).contains(&margin)) {
+        bail!("--margin must be between 0 and 10 (0.5 = 50 % above the observed peak)");
+    }
+    let mut groups: BTreeMap<(String, u32), Group> = BTreeMap::new();
+    let mut records: Vec<AuditRecord> = Vec::new();
+    let mut storms: Vec<StormRecord> = Vec::new();
+    let (mut denied, mut bad) = (0usize, 0usize);
+    for path in logs {
+        let (lines, unreadable) = read_lines(path)?;
+        bad += unreadable;
+        for line in &lines {
+            if line.value.get("event").and_then(|e| e.as_str()) == Some("wbinvd-storm") {
+                if let Ok(s) = serde_json::from_value::<StormRecord>(line.value.clone()) {
+                    storms.push(s);
+                }
+                continue;
+            }
+            match decision(line) {
+                Ok(Some(r)) if r.decision == Decision::Denied => denied += 1,
+                Ok(Some(r)) => records.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    bad += 1;
+                    eprintln!("{}:{}: not a recorded request: {e}", path.display(), line.number);
+                }
+            }
+        }
+    }
+    if records.is_empty() {
+        bail!("no incoherent-DMA enable that was let through in {logs:?}: nothing to learn");
+    }
+    for r in &records {
+        let g = groups.entry((r.exe.clone().unwrap_or_default(), r.uid)).or_default();
+        g.vms.push(r.vm.clone());
+        if let Some(c) = &r.cgroup {
+            g.cgroups.push(c.clone());
+        }
+        match r.vfio.as_ref().map(|v| &v.devices).filter(|d| !d.is_empty()) {
+            Some(d) => g.devices.extend(d.iter().cloned()),
+            None => g.any_device = true,
+        }
+        match r.decision {
+            Decision::Audited => g.audited += 1,
+            _ => g.allowed += 1,
+        }
+    }
+    for s in &storms {
+        if let Some(g) = groups.values_mut().find(|g| g.vms.contains(&s.vm)) {
+            g.peak_rate = Some(g.peak_rate.map_or(s.rate, |p: f64| p.max(s.rate)));
+        }
+    }
+    let mut y = String::new();
+    let _ = writeln!(
+        y,
+        "# Learned by `ioasid-agent policy learn` from {} ({} enables let through, {} denied ones not \
+         learned{}).\n# Review before enforcing: every rule lets through what it saw; anything else is denied.",
+        logs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        records.len(),
+        denied,
+        if bad > 0 { format!(", {bad} unreadable line(s) skipped") } else { String::new() }
+    );
+    y.push_str("default:\n  incoherent_dma: deny\n  unknown_coherency: judge\nrules:\n");
+    for (i, ((exe, uid), g)) in groups.iter_mut().enumerate() {
+        g.devices.sort();
+        g.devices.dedup();
+        let mut vms = g.vms.clone();
+        vms.sort();
+        vms.dedup();
+        let action = if g.audited > 0 { "audit" } else { "allow" };
+        let _ = writeln!(
+            y,
+            "  # {} enable(s) ({} allowed, {} audited) by {} VM(s): {}",
+            g.allowed + g.audited,
+            g.allowed,
+            g.audited,
+            vms.len(),
+            vms.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                + if vms.len() > 8 { ", ..." } else { "" }
+        );
+        let mut keys = Vec::new();
+        if let Some(p) = pattern(&vms) {
+            keys.push(format!("vm: {}", quoted(&p)));
+        }
+        if !exe.is_empty() {
+            keys.push(format!("exe: {}", quoted(&globset::escape(exe))));
+        }
+        if let Some(p) = pattern(&g.cgroups) {
+            keys.push(format!("cgroup: {}", quoted(&p)));
+        }
+        keys.push(format!("uid: {uid}"));
+        let _ = writeln!(
+            y,
+            "  - name: learned-{}\n    match: {{ {} }}\n    incoherent_dma: {action}",
+            i + 1,
+            keys.join(", ")
+        );
+        if g.any_device {
+            y.push_str("    # some enables named no PCI device (not a resolved VFIO file): any device\n");
+        } else {
+            let devices: Vec<String> = g.devices.iter().map(|d| quoted(&globset::escape(d))).collect();
+            let _ = writeln!(y, "    devices: [{}]", devices.join(", "));
+        }
+        match g.peak_rate {
+            Some(peak) => {
+                let _ = writeln!(
+                    y,
+                    "    # the highest WBINVD storm rate recorded for these VMs: {peak:.0}/s, plus {:.0} %\n    wbinvd: {{ rate: {:.0} }}",
+                    margin * 100.0,
+                    (peak * (1.0 + margin)).ceil()
+                );
+            }
+            None => y.push_str("    # no WBINVD storm recorded for these VMs: the default budget applies\n"),
+        }
+    }
+    // Checked before it is written: it parses, and each learned request replays unchanged.
+    let policy = Policy::parse(&y, "<learned>").context("the learned policy does not parse (a bug)")?;
+    for r in &records {
+        let (d, rule, _) = enforce::replay(r, &policy);
+        if d != r.decision {
+            bail!(
+                "the learned policy decides {d} for {} (recorded {}; rule {rule}): a bug",
+                r.vm,
+                r.decision
+            );
+        }
+    }
+    Ok(Learned { yaml: y, learned: records.len(), denied })
+}
+
+pub fn run(logs: &[PathBuf], margin: f64, out: Option<&std::path::Path>) -> Result<()> {
+    let l = learn(logs, margin)?;
+    match out {
+        Some(path) => {
+            std::fs::write(path, &l.yaml).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "{}: learned from {} enables ({} denied ones not learned); review it, then `policy check` and enforce",
+                path.display(),
+                l.learned,
+                l.denied
+            );
+        }
+        None => print!("{}", l.yaml),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(vm: &str, exe: &str, uid: u32, cgroup: &str, devices: &[&str], decision: &str) -> String {
+        serde_json::json!({
+            "schema": 1, "id": "x-1", "event": "incoherent-dma", "time": "2026-11-28T00:00:00Z", "host": "h",
+            "vm": vm, "pid": 7, "comm": "qemu", "exe": exe, "cgroup": cgroup, "uid": uid,
+            "request": {"ioctl": "KVM_SET_DEVICE_ATTR", "attr": "KVM_DEV_VFIO_FILE_ADD", "fd": 5, "file_fd": 6, "device_fd_known": true},
+            "vfio": {"path": "/dev/vfio/12", "kind": "group", "devices": devices, "iommu": "intel-vtd", "coherency": "not-enforced"},
+            "coherency": "noncoherent", "rule": "default", "decision": decision, "mechanism": "none",
+            "outcome": "completed", "ret": 0, "reason": null, "policy": "p"
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn learns_groups_patterns_devices_and_budgets() {
+        let dir = std::env::temp_dir().join(format!("ioasid-learn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.jsonl");
+        let storm = serde_json::json!({
+            "event": "wbinvd-storm", "time": "t", "host": "h", "vm": "gpu-b", "pid": 8, "rule": "default",
+            "state": "raised", "rate": 2000.0, "cost_ratio": 0.1, "budget_rate": 1000.0, "budget_cost_ratio": 0.05,
+            "window_seconds": 1.0, "action": "alert", "outcome": "alerted", "policy": "p"
+        });
+        let lines = [
+            line(
+                "gpu-a",
+                "/usr/bin/qemu-system-x86_64",
+                107,
+                "/machine.slice/machine-qemu-1.scope",
+                &["0000:65:00.0"],
+                "audited",
+            ),
+            line(
+                "gpu-b",
+                "/usr/bin/qemu-system-x86_64",
+                107,
+                "/machine.slice/machine-qemu-2.scope",
+                &["0000:ca:00.0"],
+                "audited",
+            ),
+            line("ml_job[1]", "/usr/libexec/qemu-kvm", 0, "/kubepods.slice/pod1", &[], "allowed"),
+            line(
+                "tenant-x",
+                "/usr/bin/qemu-system-x86_64",
+                107,
+                "/machine.slice/x.scope",
+                &["0000:01:00.0"],
+                "denied",
+            ),
+            storm.to_string(),
+            "not json".to_string(),
+        ];
+        std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+        let l = learn(std::slice::from_ref(&log), 0.5).unwrap();
+        let y = &l.yaml;
+        assert_eq!((l.learned, l.denied), (3, 1), "{y}");
+        assert!(y.contains("default:\n  incoherent_dma: deny"), "{y}");
+        assert!(
+            y.contains(r#"vm: "gpu-*""#) && y.contains(r#"cgroup: "/machine.slice/machine-qemu-*""#),
+            "{y}"
+        );
+        assert!(y.contains(r#"devices: ["0000:65:00.0", "0000:ca:00.0"]"#), "{y}");
+        assert!(y.contains("wbinvd: { rate: 3000 }"), "peak 2000/s + 50 %: {y}");
+        // Glob metacharacters in a name are matched literally.
+        assert!(y.contains(r#"vm: "ml_job[[]1[]]""#), "{y}");
+        assert!(y.contains("1 unreadable line(s) skipped"), "{y}");
+        let p = Policy::parse(y, "learned").unwrap();
+        let rec = |vm: &str, exe: &str, uid: u32, cgroup: &str, dev: &str| -> AuditRecord {
+            serde_json::from_str(&line(vm, exe, uid, cgroup, &[dev], "audited")).unwrap()
+        };
+        // Seen: decided as recorded; anything else: denied.
+        let seen = rec(
+            "gpu-a",
+            "/usr/bin/qemu-system-x86_64",
+            107,
+            "/machine.slice/machine-qemu-1.scope",
+            "0000:65:00.0",
+        );
+        assert_eq!(enforce::replay(&seen, &p).0, Decision::Audited);
+        let other_device = rec(
+            "gpu-a",
+            "/usr/bin/qemu-system-x86_64",
+            107,
+            "/machine.slice/machine-qemu-1.scope",
+            "0000:99:00.0",
+        );
+        assert_eq!(enforce::replay(&other_device, &p).0, Decision::Denied);
+        let tenant =
+            rec("tenant-x", "/usr/bin/qemu-system-x86_64", 107, "/machine.slice/x.scope", "0000:01:00.0");
+        assert_eq!(enforce::replay(&tenant, &p).0, Decision::Denied);
+        assert!(learn(std::slice::from_ref(&log), -1.0).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn patterns() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(pattern(&v(&["a"])), Some("a".into()));
+        assert_eq!(pattern(&v(&["gpu-1", "gpu-22"])), Some("gpu-*".into()));
+        assert_eq!(pattern(&v(&["x", "y"])), None);
+        assert_eq!(pattern(&v(&["é1", "é2"])), Some("é*".into()));
+        assert_eq!(pattern(&[]), None);
+    }
+}
