@@ -131,37 +131,57 @@ impl Accounting {
     /// already gone is named `unknown:<tgid>` (`comm` when an event told it).
     /// `comm` is given by the event path: an event of a process that exited moments ago keeps
     /// the name it had. Kernel counts (no `comm`) on a purged pid are a new process's.
+    #[cfg(test)]
     pub fn ensure(&mut self, tgid: u32, comm: Option<&str>, procfs: &ProcFs, now: Instant) -> &mut Proc {
+        self.ensure_with(tgid, comm, procfs, now, &|_| None)
+    }
+
+    /// As `ensure`; a process gone before /proc was read is named by `captured` (what the
+    /// kernel captured of it at VM creation) before any pid-derived name.
+    pub fn ensure_with(
+        &mut self,
+        tgid: u32,
+        comm: Option<&str>,
+        procfs: &ProcFs,
+        now: Instant,
+        captured: &dyn Fn(u32) -> Option<ProcessInfo>,
+    ) -> &mut Proc {
         // Counts for a pid whose process died and was purged belong to a new process.
         if self.procs.get(&tgid).is_some_and(|p| p.purged) {
             self.set_aside(tgid);
         }
         let exited = &self.exited;
-        self.procs.entry(tgid).or_insert_with(|| match procfs.info(tgid) {
-            Ok(info) => Proc::new(info, None),
-            // An event, the process gone, and it exited recently: a late event of that process keeps its name (its
-            // counts were already read; this entry only names it).
-            Err(_) if comm.is_some() && exited.iter().any(|p| p.info.pid == tgid) => {
-                let last = exited.iter().rev().find(|p| p.info.pid == tgid).map(|p| p.info.clone());
-                let mut p = Proc::new(last.expect("found above"), Some(now));
-                p.purged = true;
-                p
+        self.procs.entry(tgid).or_insert_with(|| {
+            let e = match procfs.info(tgid) {
+                Ok(info) => return Proc::new(info, None),
+                Err(e) => e,
+            };
+            // An event, the process gone, and it exited recently: a late event of that process
+            // keeps its name (its counts were already read; this entry only names it).
+            if comm.is_some() {
+                if let Some(last) = exited.iter().rev().find(|p| p.info.pid == tgid) {
+                    let mut p = Proc::new(last.info.clone(), Some(now));
+                    p.purged = true;
+                    return p;
+                }
             }
-            Err(e) => {
-                let name = comm.map_or_else(|| format!("unknown:{tgid}"), |c| format!("{c}:{tgid}"));
-                tracing::debug!(tgid, error = %e, vm = %name, "process gone before it could be named");
-                let info = ProcessInfo {
-                    pid: tgid,
-                    comm: comm.unwrap_or("unknown").to_string(),
-                    vm: name,
-                    exe: None,
-                    cgroup: None,
-                    uid: u32::MAX,
-                    start_time: 0,
-                    uuid: None,
-                };
-                Proc::new(info, Some(now))
+            if let Some(info) = captured(tgid) {
+                tracing::debug!(tgid, vm = %crate::text::escape(&info.vm), "process gone before /proc was read: named from the command line the kernel captured");
+                return Proc::new(info, Some(now));
             }
+            let name = comm.map_or_else(|| format!("unknown:{tgid}"), |c| format!("{c}:{tgid}"));
+            tracing::debug!(tgid, error = %e, vm = %name, "process gone before it could be named");
+            let info = ProcessInfo {
+                pid: tgid,
+                comm: comm.unwrap_or("unknown").to_string(),
+                vm: name,
+                exe: None,
+                cgroup: None,
+                uid: u32::MAX,
+                start_time: 0,
+                uuid: None,
+            };
+            Proc::new(info, Some(now))
         })
     }
 
@@ -209,9 +229,15 @@ impl Accounting {
     }
 
     /// Applies the kernel totals read this sweep.
-    pub fn apply(&mut self, kernel: HashMap<u32, Totals>, procfs: &ProcFs, now: Instant) {
+    pub fn apply(
+        &mut self,
+        kernel: HashMap<u32, Totals>,
+        procfs: &ProcFs,
+        now: Instant,
+        captured: &dyn Fn(u32) -> Option<ProcessInfo>,
+    ) {
         for (tgid, totals) in kernel {
-            let p = self.ensure(tgid, None, procfs, now);
+            let p = self.ensure_with(tgid, None, procfs, now, captured);
             for (k, v) in totals {
                 let e = p.totals.entry(k).or_insert(0);
                 // Kernel counts only grow while the process lives; never go backwards.
@@ -221,9 +247,15 @@ impl Accounting {
     }
 
     /// Applies the kernel's handler-time histograms read this sweep.
-    pub fn apply_cost(&mut self, kernel: HashMap<u32, CostHist>, procfs: &ProcFs, now: Instant) {
+    pub fn apply_cost(
+        &mut self,
+        kernel: HashMap<u32, CostHist>,
+        procfs: &ProcFs,
+        now: Instant,
+        captured: &dyn Fn(u32) -> Option<ProcessInfo>,
+    ) {
         for (tgid, hist) in kernel {
-            let p = self.ensure(tgid, None, procfs, now);
+            let p = self.ensure_with(tgid, None, procfs, now, captured);
             // Kernel counts only grow while the process lives; never go backwards.
             for (a, b) in p.cost.buckets.iter_mut().zip(hist.buckets.iter()) {
                 *a = (*a).max(*b);
@@ -326,10 +358,10 @@ mod tests {
         let mut a = Accounting::default();
         let now = Instant::now();
         a.replace(info(10, "gpu-1", 1));
-        a.apply(kernel(10, 5, 7), &procfs, now);
+        a.apply(kernel(10, 5, 7), &procfs, now, &|_| None);
         assert_eq!(value(&a, "gpu-1", Path::Exit), Some(5));
         assert_eq!(value(&a, "gpu-1", Path::Emulated), Some(7));
-        a.apply(kernel(10, 9, 7), &procfs, now);
+        a.apply(kernel(10, 9, 7), &procfs, now, &|_| None);
         assert_eq!(value(&a, "gpu-1", Path::Exit), Some(9));
 
         // The process dies (procfs says gone); a new process of the same VM starts.
@@ -337,7 +369,7 @@ mod tests {
         assert_eq!(a.take_newly_dead(), vec![10]);
         assert!(a.take_newly_dead().is_empty());
         a.replace(info(11, "gpu-1", 2));
-        a.apply(kernel(11, 1, 0), &procfs, now);
+        a.apply(kernel(11, 1, 0), &procfs, now, &|_| None);
         assert_eq!(value(&a, "gpu-1", Path::Exit), Some(10));
         // Retention over: the dead process's totals fold into the VM's, no reset.
         assert_eq!(a.expire(Duration::from_secs(1), now + Duration::from_secs(2)), vec![10]);
@@ -351,7 +383,7 @@ mod tests {
         let mut a = Accounting::default();
         let now = Instant::now();
         a.replace(info(20, "web", 1));
-        a.apply(kernel(20, 3, 0), &procfs, now);
+        a.apply(kernel(20, 3, 0), &procfs, now, &|_| None);
         assert_eq!(value(&a, "web", Path::Exit), Some(3));
         a.check_liveness(&procfs, now);
         assert!(a.expire(Duration::from_secs(60), now + Duration::from_secs(30)).is_empty());
@@ -365,7 +397,7 @@ mod tests {
         let procfs = ProcFs::at("/nonexistent-procfs");
         let mut a = Accounting::default();
         let now = Instant::now();
-        a.apply(kernel(30, 1, 0), &procfs, now);
+        a.apply(kernel(30, 1, 0), &procfs, now, &|_| None);
         assert_eq!(a.procs[&30].info.vm, "unknown:30");
         assert!(a.procs[&30].dead_since.is_some());
         assert_eq!(a.ensure(31, Some("qemu"), &procfs, now).info.vm, "qemu:31");
@@ -377,12 +409,12 @@ mod tests {
         let mut a = Accounting::default();
         let now = Instant::now();
         a.replace(info(40, "old-vm", 1));
-        a.apply(kernel(40, 100, 0), &procfs, now);
+        a.apply(kernel(40, 100, 0), &procfs, now, &|_| None);
         assert_eq!(a.check_liveness(&procfs, now), vec![40]);
         assert_eq!(a.take_newly_dead(), vec![40]);
         // Another VMM gets pid 40 (another start time): its own name and counts.
         a.replace(info(40, "new-vm", 2));
-        a.apply(kernel(40, 3, 0), &procfs, now);
+        a.apply(kernel(40, 3, 0), &procfs, now, &|_| None);
         assert_eq!(value(&a, "old-vm", Path::Exit), Some(100), "the exited VM is kept for retention");
         assert_eq!(value(&a, "new-vm", Path::Exit), Some(3), "nothing inherited");
         assert!(a.procs[&40].alive());
@@ -392,7 +424,7 @@ mod tests {
         // Counts for a purged pid with no name yet also start a new process.
         a.check_liveness(&procfs, now);
         a.take_newly_dead();
-        a.apply(kernel(40, 1, 0), &procfs, now);
+        a.apply(kernel(40, 1, 0), &procfs, now, &|_| None);
         assert_eq!(value(&a, "unknown:40", Path::Exit), Some(1));
         assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
     }
@@ -415,7 +447,7 @@ mod tests {
         let mut a = Accounting::default();
         let now = Instant::now();
         a.replace(info(70, "vm-late", 1));
-        a.apply(kernel(70, 4, 0), &procfs, now);
+        a.apply(kernel(70, 4, 0), &procfs, now, &|_| None);
         a.check_liveness(&procfs, now);
         assert_eq!(a.take_newly_dead(), vec![70]);
         assert!(!a.procs.contains_key(&70) && a.exited.len() == 1, "moved to the capped queue");

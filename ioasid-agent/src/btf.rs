@@ -112,6 +112,112 @@ fn cstr(strings: &[u8], off: usize) -> Option<&[u8]> {
     Some(&s[..s.iter().position(|b| *b == 0)?])
 }
 
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// The byte offsets of `(struct, member)` pairs in vmlinux's BTF (`/sys/kernel/btf/vmlinux`),
+/// looking through anonymous struct/union members as C does (`mm_struct`'s fields sit in an
+/// anonymous struct). A member is found only if it is a pointer or an 8-byte integer (what
+/// the programs read there); None for a pair that is not found so.
+pub fn member_offsets(vmlinux: &Path, pairs: &[(&str, &str)]) -> Result<Vec<Option<u32>>, BtfError> {
+    let data = read(vmlinux)?;
+    let blob = parse(&data, vmlinux)?;
+    // Type id -> offset of its header in the type section (id 0 is void).
+    let mut at = vec![usize::MAX];
+    let (mut off, types) = (0usize, blob.types);
+    while off < types.len() {
+        at.push(off);
+        let info =
+            u32_at(types, off + 4).ok_or(BtfError::Malformed { path: vmlinux.into(), what: "type" })?;
+        let more = trailing((info >> 24) & 0x1f, (info & 0xffff) as usize)
+            .ok_or(BtfError::Malformed { path: vmlinux.into(), what: "type kind" })?;
+        off += 12 + more;
+    }
+    let t = Types { types, strings: blob.strings, at };
+    Ok(pairs
+        .iter()
+        .map(|(st, member)| {
+            let id = t.named(KIND_STRUCT, st)?;
+            t.member(id, member, 0, 0)
+        })
+        .collect())
+}
+
+struct Types<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    at: Vec<usize>,
+}
+
+impl Types<'_> {
+    fn header(&self, id: u32) -> Option<(u32, u32, u32, u32)> {
+        let off = *self.at.get(id as usize)?;
+        let name = u32_at(self.types, off)?;
+        let info = u32_at(self.types, off + 4)?;
+        let size_or_type = u32_at(self.types, off + 8)?;
+        Some((name, (info >> 24) & 0x1f, info, size_or_type))
+    }
+
+    fn named(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..self.at.len() as u32).find(|id| {
+            self.header(*id).is_some_and(|(n, k, _, _)| {
+                k == kind && cstr(self.strings, n as usize) == Some(name.as_bytes())
+            })
+        })
+    }
+
+    /// Through typedefs and qualifiers to the type they name.
+    fn resolve(&self, mut id: u32) -> Option<(u32, u32, u32)> {
+        for _ in 0..16 {
+            let (_, kind, _, next) = self.header(id)?;
+            match kind {
+                8 | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => id = next,
+                _ => return Some((id, kind, next)),
+            }
+        }
+        None
+    }
+
+    /// `member`'s byte offset in struct/union `id` (plus `base`), searching anonymous members.
+    fn member(&self, id: u32, member: &str, base: u32, depth: u32) -> Option<u32> {
+        if depth > 8 {
+            return None;
+        }
+        let (_, kind, info, _) = self.header(id)?;
+        if kind != KIND_STRUCT && kind != KIND_UNION {
+            return None;
+        }
+        let kind_flag = info >> 31 != 0;
+        let start = self.at[id as usize] + 12;
+        for i in 0..(info & 0xffff) as usize {
+            let m = start + 12 * i;
+            let (name, ty, raw) =
+                (u32_at(self.types, m)?, u32_at(self.types, m + 4)?, u32_at(self.types, m + 8)?);
+            let bits = if kind_flag { raw & 0x00ff_ffff } else { raw };
+            if bits % 8 != 0 {
+                continue; // a bitfield: never what the programs read
+            }
+            let off = base + bits / 8;
+            if name == 0 {
+                if let Some(found) = self.member(self.resolve(ty)?.0, member, off, depth + 1) {
+                    return Some(found);
+                }
+            } else if cstr(self.strings, name as usize) == Some(member.as_bytes()) {
+                let (_, k, size) = self.resolve(ty)?;
+                let readable = k == KIND_PTR || (k == KIND_INT && size == 8);
+                return readable.then_some(off);
+            }
+        }
+        None
+    }
+}
+
 /// vmlinux's type count and string section length: where a module's split ids and string
 /// offsets start.
 struct Base {
@@ -236,6 +342,31 @@ pub fn module_fd(module: &str) -> Result<OwnedFd, BtfError> {
 
 #[cfg(test)]
 mod tests {
+    /// On this machine's own kernel: task_struct.mm and mm_struct's arg_start/arg_end (inside
+    /// an anonymous struct) are found, 8-byte aligned, arg_end right after arg_start.
+    #[test]
+    fn finds_members_in_this_kernels_btf() {
+        let vmlinux = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        if !vmlinux.exists() {
+            eprintln!("no /sys/kernel/btf/vmlinux on this machine: nothing to check");
+            return;
+        }
+        let found = super::member_offsets(
+            vmlinux,
+            &[
+                ("task_struct", "mm"),
+                ("mm_struct", "arg_start"),
+                ("mm_struct", "arg_end"),
+                ("task_struct", "nope"),
+            ],
+        )
+        .unwrap();
+        let (mm, start, end) = (found[0].unwrap(), found[1].unwrap(), found[2].unwrap());
+        assert!(mm > 0 && mm % 8 == 0 && start % 8 == 0, "{found:?}");
+        assert_eq!(end, start + 8, "{found:?}");
+        assert_eq!(found[3], None);
+    }
+
     use super::*;
 
     /// A BTF blob with the given types (header, type section, string section).

@@ -64,6 +64,9 @@ pub trait Kernel {
     fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool;
     /// Removes everything kept for a process that exited (after its final counts were read).
     fn forget(&mut self, tgid: u32);
+    /// The command line `tgid` had when it created its VM (NUL-separated), if the kernel
+    /// captured it.
+    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>>;
     fn program_stats(&self) -> Vec<ProgramStats>;
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()>;
 }
@@ -79,6 +82,7 @@ pub struct BpfKernel {
     noncoherent: BpfHashMap<MapData, u32, u32>,
     noncoherent_kvm: BpfHashMap<MapData, u32, u64>,
     file_coherency: BpfHashMap<MapData, FdKey, u32>,
+    cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
     /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
     stats_hooks: Vec<(&'static str, &'static str)>,
     // Dropping the object detaches every program: it lives as long as this value.
@@ -130,6 +134,7 @@ impl BpfKernel {
             noncoherent: take(e, MAP_NONCOHERENT)?,
             noncoherent_kvm: take(e, MAP_NONCOHERENT_KVM)?,
             file_coherency: take(e, MAP_FILE_COHERENCY)?,
+            cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
             stats_hooks,
             ebpf: loaded.ebpf,
         };
@@ -231,6 +236,7 @@ impl Kernel for BpfKernel {
             let _ = self.cost.remove(&CostKey { tgid, bucket });
         }
         let _ = self.verdicts.remove(&tgid);
+        let _ = self.cmdlines.remove(&tgid);
         let _ = self.noncoherent.remove(&tgid);
         let _ = self.noncoherent_kvm.remove(&tgid);
         let fds: Vec<FdKey> =
@@ -238,6 +244,12 @@ impl Kernel for BpfKernel {
         for k in fds {
             let _ = self.kvm_devices.remove(&k);
         }
+    }
+
+    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>> {
+        let c = self.cmdlines.get(&tgid, 0).ok()?;
+        let len = (c.len as usize).min(c.bytes.len());
+        Some(c.bytes[..len].to_vec())
     }
 
     fn program_stats(&self) -> Vec<ProgramStats> {

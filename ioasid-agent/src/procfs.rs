@@ -72,6 +72,24 @@ impl ProcessInfo {
     }
 }
 
+/// What a VMM's command line captured by the kernel at VM creation says (the process may be
+/// gone): its VM name (`<argv0>:<pid>` without `-name`) and UUID; nothing else is known of it.
+pub fn info_from_cmdline(pid: u32, raw: &[u8]) -> Option<ProcessInfo> {
+    let args = split_cmdline(raw);
+    let argv0 = args.first()?.rsplit('/').next().unwrap_or_default().chars().take(15).collect::<String>();
+    let vm = vm_name_from_cmdline(&args).unwrap_or_else(|| format!("{argv0}:{pid}"));
+    Some(ProcessInfo {
+        pid,
+        comm: argv0,
+        vm,
+        exe: None,
+        cgroup: None,
+        uid: u32::MAX,
+        start_time: 0,
+        uuid: uuid_from_cmdline(&args),
+    })
+}
+
 /// The VM's UUID from a VMM command line: QEMU's last `-uuid`/`--uuid` (or `-uuid=...`), if it
 /// is a well-formed UUID (lowercased); anything else is ignored.
 pub fn uuid_from_cmdline(args: &[String]) -> Option<String> {

@@ -266,3 +266,23 @@ fn a_starting_agent_finds_idle_and_stopped_vmms() {
     assert!(log.contains("a VMM is stopped (not waiting for a decision)") && log.contains(&stopped), "{log}");
     drop((gi, gs));
 }
+
+/// A VMM gone before the agent could read its /proc is still named from its command line: the
+/// kernel captured it when the VMM created its VM. Here the agent never sees an event (as under
+/// a flood) and the guest has exited before the first sweep that counts it.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_vmm_gone_before_it_was_read_is_named_from_its_captured_command_line() {
+    require_kernel();
+    let _g = serial();
+    let agent = Agent::start(&["--test-drop-events", "--sweep-interval", "10s"]);
+    let name = unique("short-lived");
+    let g = guest(&["--name", &format!("guest={name},debug-threads=on"), "--wbinvd", "5"]);
+    let pid = g.id();
+    let (status, _, err) = finish(g);
+    assert!(status.success(), "{err}");
+    let m = agent.scrape();
+    assert_eq!(wbinvd_total(&m, &name), Some(5.0), "not named from the captured command line:\n{m}");
+    assert_eq!(wbinvd_total(&m, &format!("unknown:{pid}")), None, "{m}");
+    assert!(agent.log().contains("named from the command line the kernel captured"), "{}", agent.log());
+}

@@ -40,8 +40,15 @@ pub struct ProgConfig {
     /// cpumask that are valid. An off-stack cpumask is allocated to this size only.
     pub nr_cpus: u32,
     pub _pad: u32,
+    /// Byte offsets (from the kernel's BTF) of `task_struct.mm`, `mm_struct.arg_start` and
+    /// `mm_struct.arg_end`: where a VMM's command line is, to capture it when it creates its VM.
+    /// 0: not known (nothing is captured).
+    pub task_mm: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<ProgConfig>() == 120);
+const _: () = assert!(size_of::<ProgConfig>() == 136);
 
 impl ProgConfig {
     /// All zero: the object's compiled-in value, replaced at load.
@@ -63,6 +70,10 @@ impl ProgConfig {
         emul_rip: Field { offset: 0, size: 0 },
         nr_cpus: 0,
         _pad: 0,
+        task_mm: 0,
+        mm_arg_start: 0,
+        mm_arg_end: 0,
+        _pad2: 0,
     };
 }
 

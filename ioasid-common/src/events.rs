@@ -106,3 +106,20 @@ pub struct TransitionEvent {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<TransitionEvent>() == 72);
+
+/// Bytes of a VMM's command line captured when it creates its VM (NUL-separated, as in
+/// /proc/PID/cmdline; longer ones are cut).
+pub const CMDLINE_MAX: usize = 256;
+
+/// Value of [`crate::names::MAP_CMDLINES`] (LRU, by tgid): the command line a process had when
+/// it issued KVM_CREATE_VM, so a VMM that is gone before the agent reads /proc is still named.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Cmdline {
+    /// bpf_ktime_get_ns at capture.
+    pub ktime_ns: u64,
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; CMDLINE_MAX],
+}
+const _: () = assert!(core::mem::size_of::<Cmdline>() == 16 + CMDLINE_MAX);

@@ -50,6 +50,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for events::IoctlEvent {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for events::Cmdline {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for cost::CostKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for cost::Pending {}

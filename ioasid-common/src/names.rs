@@ -50,8 +50,16 @@ pub const MAP_EXIT_MARKS: &str = "IOASID_EXIT_MARKS";
 /// Array of one u64: exit marks host-wide; while 0 the emulation program does no lookup.
 pub const MAP_MARKS_COUNT: &str = "IOASID_MARKS_COUNT";
 
+/// LRU hash tgid -> [`crate::events::Cmdline`]: command lines captured at KVM_CREATE_VM.
+pub const MAP_CMDLINES: &str = "IOASID_CMDLINES";
+pub const CMDLINES_MAX_ENTRIES: u32 = 4096;
+/// Per-CPU array of one [`crate::events::Cmdline`]: the capture's scratch (too big for the stack).
+pub const MAP_CMDLINE_SCRATCH: &str = "IOASID_CMDLINE_SCRATCH";
+
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 20] = [
+    MAP_CMDLINES,
+    MAP_CMDLINE_SCRATCH,
     MAP_FILE_COHERENCY,
     MAP_EXIT_MARKS,
     MAP_MARKS_COUNT,

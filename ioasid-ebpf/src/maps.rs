@@ -5,17 +5,17 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     Global,
 };
 use ioasid_common::{
     config::{Control, ProgConfig},
     cost::{CostKey, Pending, FLUSH_CPUS_LEN},
     counters::{CounterKey, ExitMark, Stat, STATS_LEN},
-    events::IoctlEvent,
+    events::{Cmdline, IoctlEvent},
     names::{
-        COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES,
-        KVM_DEVICES_MAX_ENTRIES, VM_POLICY_MAX_ENTRIES,
+        CMDLINES_MAX_ENTRIES, COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES,
+        INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, VM_POLICY_MAX_ENTRIES,
     },
     verdict::{Asked, FdKey, VmVerdict},
 };
@@ -93,6 +93,14 @@ pub fn inflight_add(delta: i64) {
 pub fn inflight_none() -> bool {
     shared_zero(&IOASID_INFLIGHT_COUNT)
 }
+
+/// tgid -> the command line it had at KVM_CREATE_VM (LRU: bounded whatever the churn).
+#[map]
+pub static IOASID_CMDLINES: LruHashMap<u32, Cmdline> = LruHashMap::with_max_entries(CMDLINES_MAX_ENTRIES, 0);
+
+/// The capture's per-CPU scratch (a Cmdline is too big for the BPF stack).
+#[map]
+pub static IOASID_CMDLINE_SCRATCH: PerCpuArray<Cmdline> = PerCpuArray::with_max_entries(1, 0);
 
 /// WBINVD handler time histogram and sum per VM.
 #[map]

@@ -135,7 +135,10 @@ impl<K: Kernel> Actor<K> {
     /// Names the process and writes its verdict into the kernel, once per process.
     fn classify(&mut self, tgid: u32, comm: &str) -> ProcessInfo {
         let known = self.acct.procs.contains_key(&tgid);
-        let info = self.acct.ensure(tgid, Some(comm), &self.set.procfs, Instant::now()).info.clone();
+        let kernel = &self.kernel;
+        let captured = |t: u32| kernel.cmdline(t).and_then(|raw| crate::procfs::info_from_cmdline(t, &raw));
+        let info =
+            self.acct.ensure_with(tgid, Some(comm), &self.set.procfs, Instant::now(), &captured).info.clone();
         if !known {
             self.on_new_process(&info, false);
         }
@@ -257,8 +260,11 @@ impl<K: Kernel> Actor<K> {
         // A process is its pid and its start time: one on a reused pid is new.
         let before: HashSet<(u32, u64)> =
             self.acct.procs.iter().map(|(t, p)| (*t, p.info.start_time)).collect();
-        self.acct.apply(self.kernel.counters(), &self.set.procfs, now);
-        self.acct.apply_cost(self.kernel.cost(), &self.set.procfs, now);
+        let (counters, cost) = (self.kernel.counters(), self.kernel.cost());
+        let kernel = &self.kernel;
+        let captured = |t: u32| kernel.cmdline(t).and_then(|raw| crate::procfs::info_from_cmdline(t, &raw));
+        self.acct.apply(counters, &self.set.procfs, now, &captured);
+        self.acct.apply_cost(cost, &self.set.procfs, now, &captured);
         let new: Vec<ProcessInfo> = self
             .acct
             .live()

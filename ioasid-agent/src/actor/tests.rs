@@ -34,6 +34,7 @@ struct FakeKernel {
     forgotten: Vec<u32>,
     signals: Vec<(u32, Signal)>,
     files: HashMap<(u32, i32), Coherency>,
+    cmdlines: HashMap<u32, Vec<u8>>,
 }
 
 impl Kernel for FakeKernel {
@@ -75,6 +76,9 @@ impl Kernel for FakeKernel {
             Some(a) if a.ktime_ns == ktime_ns => self.asks.remove(&tgid).is_some(),
             _ => false,
         }
+    }
+    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>> {
+        self.cmdlines.get(&tgid).cloned()
     }
     fn forget(&mut self, tgid: u32) {
         // As the real kernel's: the process's entries go (a new process on the pid starts anew).

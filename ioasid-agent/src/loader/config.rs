@@ -11,6 +11,7 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError>
     let emul = tracefs.format("kvm", "kvm_emulate_insn")?;
     let enter = tracefs.format("syscalls", "sys_enter_ioctl")?;
     let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
+    let mm = command_line_offsets();
     Ok(ProgConfig {
         exit_reason: exit.field("exit_reason")?,
         exit_isa: exit.field("isa")?,
@@ -34,7 +35,28 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<ProgConfig, TraceFsError>
         emul_rip: emul.field("rip")?,
         nr_cpus: possible_cpus(),
         _pad: 0,
+        task_mm: mm.0,
+        mm_arg_start: mm.1,
+        mm_arg_end: mm.2,
+        _pad2: 0,
     })
+}
+
+/// Where a task's command line is (task_struct.mm, mm_struct.arg_start/arg_end), from the
+/// kernel's BTF; all 0 (the programs capture nothing) where it cannot be told.
+fn command_line_offsets() -> (u32, u32, u32) {
+    let pairs = [("task_struct", "mm"), ("mm_struct", "arg_start"), ("mm_struct", "arg_end")];
+    match crate::btf::member_offsets(std::path::Path::new("/sys/kernel/btf/vmlinux"), &pairs) {
+        Ok(v) if v.iter().all(Option::is_some) => (v[0].unwrap_or(0), v[1].unwrap_or(0), v[2].unwrap_or(0)),
+        Ok(v) => {
+            tracing::warn!(found = ?v, "task_struct.mm / mm_struct.arg_start/arg_end not in the kernel's BTF: VMM command lines are not captured at VM creation");
+            (0, 0, 0)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the kernel's BTF: VMM command lines are not captured at VM creation");
+            (0, 0, 0)
+        }
+    }
 }
 
 /// `nr_cpu_ids`: one more than the highest possible CPU (/sys/devices/system/cpu/possible,

@@ -96,15 +96,12 @@ impl Agent {
         let own_state = !extra.contains(&"--state-dir");
         let state = own_state.then(StateDir::new);
         let child = Command::new(agent_path())
-            .args([
-                "--log",
-                "info,ioasid_agent=debug",
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--sweep-interval",
-                "100ms",
-            ])
+            .args(["--log", "info,ioasid_agent=debug", "run", "--listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--sweep-interval") {
+                &[][..]
+            } else {
+                &["--sweep-interval", "100ms"][..]
+            })
             .arg("--ready-file")
             .arg(&ready)
             .arg("--audit-log")

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_send_signal, bpf_task_pt_regs},
+        generated::{bpf_get_current_task, bpf_get_current_task_btf, bpf_send_signal, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, fexit, lsm, tracepoint},
     programs::{BtfTracePointContext, FExitContext, LsmContext, TracePointContext},
@@ -33,12 +33,12 @@ use ioasid_common::{
     },
     counters::Stat,
     events::{
-        Coherency, EventKind, IoctlEvent, IOCTL_F_ASK_RECORDED, IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN,
-        IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        Coherency, EventKind, IoctlEvent, CMDLINE_MAX, IOCTL_F_ASK_RECORDED, IOCTL_F_ATTR_READ,
+        IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
-        is_watched_ioctl, KVM_CREATE_DEVICE, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR, VFIO_CHECK_EXTENSION,
-        VFIO_SET_IOMMU,
+        is_watched_ioctl, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR,
+        VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
     },
     verdict::{Asked, Decision, FdKey, Mechanism, RULE_NONE},
 };
@@ -46,8 +46,9 @@ use ioasid_common::{
 use super::{current_ids, header};
 use crate::{
     maps::{
-        config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_EVENTS,
-        IOASID_FILE_COHERENCY, IOASID_INFLIGHT, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
+        config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_CMDLINES,
+        IOASID_CMDLINE_SCRATCH, IOASID_EVENTS, IOASID_FILE_COHERENCY, IOASID_INFLIGHT, IOASID_KVM_DEVICES,
+        IOASID_VM_POLICY,
     },
     read::field_u64,
 };
@@ -83,6 +84,55 @@ fn file_coherency(tgid: u32, ev: &IoctlEvent) -> Coherency {
         Some(c) => Coherency::try_from(unsafe { *c }).unwrap_or(Coherency::Unknown),
         None => Coherency::Unknown,
     }
+}
+
+/// Captures the calling process's command line (current->mm->arg_start..arg_end, at most
+/// CMDLINE_MAX - 1 bytes) into IOASID_CMDLINES, so the VMM is named from what it said even if it
+/// is gone before the agent reads /proc. Offsets come from the kernel's BTF (0: not known, skip).
+#[inline(always)]
+fn capture_cmdline(tgid: u32) {
+    let cfg = config();
+    if cfg.task_mm == 0 {
+        return;
+    }
+    let Some(buf) = IOASID_CMDLINE_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: the current task, read only through bpf_probe_read_kernel (faults safely).
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let read = |p: *const u8| unsafe { bpf_probe_read_kernel(p.cast::<u64>()) };
+    let Ok(mm) = read(task.wrapping_add(cfg.task_mm as usize)) else {
+        stat_inc(Stat::ReadErrors);
+        return;
+    };
+    if mm == 0 {
+        return;
+    }
+    let mm = mm as *const u8;
+    let (Ok(start), Ok(end)) =
+        (read(mm.wrapping_add(cfg.mm_arg_start as usize)), read(mm.wrapping_add(cfg.mm_arg_end as usize)))
+    else {
+        stat_inc(Stat::ReadErrors);
+        return;
+    };
+    // Bounded for the verifier: 0..=CMDLINE_MAX-1.
+    let len = (end.saturating_sub(start).min(CMDLINE_MAX as u64 - 1) as u32) & (CMDLINE_MAX as u32 - 1);
+    // SAFETY: this CPU's scratch value, used only here and copied out below.
+    let b = unsafe { &mut *buf };
+    // SAFETY: bpf_probe_read_user faults safely; `len` fits `bytes`.
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            b.bytes.as_mut_ptr().cast(),
+            len,
+            start as *const core::ffi::c_void,
+        )
+    };
+    if r != 0 {
+        stat_inc(Stat::ReadErrors);
+        return;
+    }
+    b.len = len;
+    // SAFETY: a helper without pointer arguments.
+    b.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    let _ = IOASID_CMDLINES.insert(&tgid, b, 0);
 }
 
 #[inline(always)]
@@ -185,6 +235,7 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) -> O
 
     let ctl = control();
     match cmd {
+        KVM_CREATE_VM => capture_cmdline(tgid),
         KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => {
             judge_device_attr(ctx, &mut ev, tgid, ctl.enforce != 0, ctl.lsm_enforces != 0)
         }
