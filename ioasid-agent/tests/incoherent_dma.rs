@@ -276,9 +276,10 @@ fn reload_is_atomic_and_keeps_the_last_good_policy() {
     write(&path, "default:\n  incoherent_dma: audit\n");
     let agent = Agent::start(&["--policy", path.to_str().unwrap()]);
 
-    // A VM that is already running when the policy changes is judged by the new policy.
+    // A VM that is already running when the policy changes is judged by the new policy. (A
+    // changed file applies once two checks a second apart agree: within about 2 s.)
     let vm = format!("{prefix}-tenant-live");
-    let delay = format!("{}", 2 * slow());
+    let delay = format!("{}", 2 * slow() + 3);
     let live = guest(&["--name", &vm, "--file-add", "--file-add-delay", &delay]);
     std::thread::sleep(Duration::from_millis(300) * slow());
 
