@@ -267,15 +267,14 @@ impl Accounting {
     /// Processes that died and whose kernel entries should now be removed. They move to the
     /// exited ones (kept for the retention, at most [`MAX_EXITED`]).
     pub fn take_newly_dead(&mut self) -> Vec<u32> {
-        let v: Vec<u32> =
-            self.procs.iter().filter(|(_, p)| p.dead_since.is_some() && !p.purged).map(|(t, _)| *t).collect();
-        // Every dead process moves: also a late event's placeholder of one already purged.
-        let dead: Vec<u32> =
-            self.procs.iter().filter(|(_, p)| p.dead_since.is_some()).map(|(t, _)| *t).collect();
-        for t in dead {
-            self.set_aside(t);
+        // Every dead process moves, also a late event's placeholder of one already purged;
+        // only the not yet purged are newly dead.
+        let dead: Vec<(u32, bool)> =
+            self.procs.iter().filter(|(_, p)| p.dead_since.is_some()).map(|(t, p)| (*t, p.purged)).collect();
+        for (t, _) in &dead {
+            self.set_aside(*t);
         }
-        v
+        dead.into_iter().filter(|(_, purged)| !purged).map(|(t, _)| t).collect()
     }
 
     /// Forgets processes dead for longer than `retention`; returns their tgids.

@@ -290,14 +290,7 @@ impl ModuleBtf {
 }
 
 fn bpf(cmd: libc::c_long, name: &'static str, attr: &mut [u8]) -> Result<i64, BtfError> {
-    // SAFETY: bpf(2) with an attribute buffer of the size passed; the kernel reads and writes
-    // within it (and, for OBJ_GET_INFO_BY_FD, within the info buffer it points to).
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
-    if r < 0 {
-        Err(BtfError::Syscall { cmd: name, source: std::io::Error::last_os_error() })
-    } else {
-        Ok(r)
-    }
+    crate::sys::bpf(cmd, attr).map_err(|source| BtfError::Syscall { cmd: name, source })
 }
 
 /// An fd of the loaded BTF object named `module` (BPF_BTF_GET_NEXT_ID, BPF_BTF_GET_FD_BY_ID,

@@ -67,7 +67,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let _instance = Instance::acquire(&cfg.lock_file)?;
     let metrics = Metrics::new();
     let policy = open_policy(&cfg)?;
-    let syslog = cfg.audit_syslog.clone().map(|socket| crate::audit::Syslog { socket, host: node_name() });
+    let node = node_name();
+    let syslog = cfg.audit_syslog.clone().map(|socket| crate::audit::Syslog { socket, host: node.clone() });
     let audit = AuditLog::start_with(&cfg.audit_log, metrics.audit_dropped.clone(), syslog)?;
     let record =
         cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.audit_dropped.clone())).transpose()?;
@@ -94,7 +95,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let settings = Settings {
         procfs: ProcFs::default(),
         sysfs: SysFs::default(),
-        host: node_name(),
+        host: node,
         retention: cfg.retention,
         sweep_interval: cfg.sweep,
     };

@@ -12,7 +12,7 @@
 use ioasid_common::{events::Coherency, verdict::Mechanism as KernelMechanism};
 
 use crate::{
-    audit::{AuditRecord, Decision, Mechanism, Outcome, RecordKind, Request},
+    audit::{AuditRecord, Decision, Mechanism, Outcome, RecordKind, Request, VmIdentity},
     events::{EnableRequest, KernelJudged, RuleRef},
     policy::{Action, Policy, UnknownCoherency},
     procfs::ProcessInfo,
@@ -118,9 +118,7 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
         time: cx.time.clone(),
         host: cx.host.to_string(),
         vm: p.vm.clone(),
-        namespace: p.kubevirt().map(|(ns, _)| ns.to_string()),
-        name: p.kubevirt().map(|(_, n)| n.to_string()),
-        uuid: p.uuid.clone(),
+        identity: VmIdentity::of(p),
         pid: req.origin.tgid,
         comm: p.comm.clone(),
         exe: p.exe.clone(),

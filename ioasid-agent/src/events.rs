@@ -15,7 +15,7 @@ use ioasid_common::{
         ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_SET_DEVICE_ATTR, VFIO_DEVICE_BIND_IOMMUFD,
         VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER,
     },
-    verdict::{Decision, Mechanism, RULE_DEFAULT, RULE_NONE},
+    verdict::{Asked, Decision, Mechanism, RULE_DEFAULT, RULE_NONE},
     UnknownValue,
 };
 
@@ -72,6 +72,26 @@ pub struct EnableRequest {
     pub kernel_coherent: Option<bool>,
     /// The coherency the kernel judged the file by (what the agent had resolved for its fd).
     pub file_coherency: Coherency,
+}
+
+impl EnableRequest {
+    /// The request behind the kernel's record of a stopped VMM's ask (its event may be lost):
+    /// all the kernel kept is the fds and when it asked.
+    pub fn from_ask(tgid: u32, a: &Asked) -> Self {
+        EnableRequest {
+            origin: Origin { tgid, comm: String::new(), ktime_ns: a.ktime_ns },
+            fd: a.fd,
+            file_fd: (a.file_fd >= 0).then_some(a.file_fd),
+            device_fd_known: false,
+            judged: KernelJudged::Ask,
+            mechanism: Mechanism::StopAsk,
+            signal_sent: true,
+            ask_recorded: true,
+            ret: None,
+            kernel_coherent: None,
+            file_coherency: Coherency::Unknown,
+        }
+    }
 }
 
 /// Any other watched ioctl.

@@ -230,16 +230,10 @@ async fn answer(
 /// with `# EOF`. Everything else (gauges, histograms, labels, values) reads the same.
 pub fn to_openmetrics(text: &[u8]) -> Vec<u8> {
     let text = String::from_utf8_lossy(text);
-    let mut counters: Vec<String> = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            if let Some((name, "counter")) = rest.split_once(' ') {
-                counters.push(name.to_string());
-            }
-        }
-    }
+    let counters: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
     let family = |name: &str| -> String {
-        if counters.iter().any(|c| c == name) {
+        if counters.contains(name) {
             name.strip_suffix("_total").unwrap_or(name).to_string()
         } else {
             name.to_string()
@@ -260,7 +254,7 @@ pub fn to_openmetrics(text: &[u8]) -> Vec<u8> {
             // A counter sample without the suffix gets it (all of ioasid's have it already).
             let name_end = line.find(['{', ' ']).unwrap_or(line.len());
             let name = &line[..name_end];
-            if counters.iter().any(|c| c == name) && !name.ends_with("_total") {
+            if counters.contains(name) && !name.ends_with("_total") {
                 out.push_str(name);
                 out.push_str("_total");
                 out.push_str(&line[name_end..]);

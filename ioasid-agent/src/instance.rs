@@ -18,6 +18,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::sys::bpf;
+
 /// The marker program's name (at most 15 bytes: BPF_OBJ_NAME_LEN).
 pub const MARKER_NAME: &str = "ioasid_agent";
 
@@ -101,17 +103,6 @@ fn flock(path: &Path) -> Result<std::fs::File, InstanceError> {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-
-/// bpf(2) with a zeroed attribute block of the given words.
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
-    // SAFETY: attr is a valid, writable, 128-byte bpf_attr (unused fields zero).
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
 
 /// Loads `r0 = 0; exit` as a socket filter named MARKER_NAME. Never attached.
 fn load_marker() -> std::io::Result<OwnedFd> {

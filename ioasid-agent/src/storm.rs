@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    audit::{RecordKind, StormOutcome, StormRecord, StormState},
+    audit::{RecordKind, StormOutcome, StormRecord, StormState, VmIdentity},
     policy::{Budget, StormAction},
     sys::Signal,
     text::escape,
@@ -122,6 +122,7 @@ impl Detector {
 pub struct StormChange<'a> {
     pub pid: u32,
     pub vm: &'a str,
+    pub identity: VmIdentity,
     pub rule: &'a str,
     pub budget: Budget,
     pub window: Window,
@@ -179,9 +180,7 @@ impl StormChange<'_> {
             time,
             host: host.to_string(),
             vm: self.vm.to_string(),
-            namespace: None,
-            name: None,
-            uuid: None,
+            identity: self.identity.clone(),
             pid: self.pid,
             rule: self.rule.to_string(),
             state,

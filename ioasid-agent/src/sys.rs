@@ -1,5 +1,8 @@
-//! Thin wrappers over the system calls the agent makes outside aya: clocks, signals and the host
-//! name (the single-instance guard is `instance`).
+//! Thin wrappers over the system calls the agent makes outside aya: clocks, signals, the host
+//! name, bpf(2) for what aya does not expose, mount(2) for tracefs and bpffs (the
+//! single-instance guard is `instance`).
+
+use std::{ffi::CStr, path::Path};
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.
 pub fn monotonic_ns() -> u64 {
@@ -42,4 +45,31 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// bpf(2) on an attribute block of plain integers (`attr`'s size is what the kernel is told);
+/// Ok is the syscall's return value (an fd, for the commands that make one).
+pub fn bpf<T: Copy>(cmd: libc::c_long, attr: &mut [T]) -> std::io::Result<i64> {
+    let size = std::mem::size_of_val(attr) as u32;
+    // SAFETY: `attr` is a valid, writable block of `size` bytes of plain data; the kernel reads
+    // and writes within it (and within any buffer the caller made it point to).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// mount(2) of a pseudo-filesystem (`fstype`, e.g. tracefs, bpf) at `target`.
+pub fn mount(fstype: &CStr, source: &CStr, target: &Path) -> std::io::Result<()> {
+    let target =
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

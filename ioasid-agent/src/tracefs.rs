@@ -3,10 +3,7 @@
 //! The kernel programs read tracepoint fields at the offsets found here (passed in as a global),
 //! so a field that moves or widens between kernels (SVM exit codes becoming u64) is read right.
 
-use std::{
-    ffi::CString,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use ioasid_common::config::Field;
 
@@ -69,16 +66,8 @@ impl TraceFs {
 }
 
 fn mount_tracefs(path: &Path) -> Result<(), TraceFsError> {
-    let err = |source| TraceFsError::Mount { path: path.to_path_buf(), source };
-    let target =
-        CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(std::io::Error::other(e)))?;
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc =
-        unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    crate::sys::mount(c"tracefs", c"nodev", path)
+        .map_err(|source| TraceFsError::Mount { path: path.to_path_buf(), source })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

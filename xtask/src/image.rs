@@ -11,25 +11,14 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{bail, Context, Result};
 
-const STORAGE: &str = "--storage-driver=vfs";
+use crate::output;
 
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+const STORAGE: &str = "--storage-driver=vfs";
 
 fn copy(from: &Path, ctx: &Path, to: &str, mode: u32) -> Result<()> {
     let dest = ctx.join(to.trim_start_matches('/'));
@@ -47,9 +36,9 @@ pub fn build(root: &Path, version: &str) -> Result<String> {
     std::fs::create_dir_all(&ctx)?;
     let agent = root.join("target/release/ioasid-agent");
     copy(&agent, &ctx, "/usr/bin/ioasid-agent", 0o755)?;
-    run(Command::new("strip").arg("--strip-debug").arg(ctx.join("usr/bin/ioasid-agent")))?;
+    output(Command::new("strip").arg("--strip-debug").arg(ctx.join("usr/bin/ioasid-agent")))?;
     // The libraries it links, at the paths the loader looks for them.
-    for line in run(Command::new("ldd").arg(&agent))?.lines() {
+    for line in output(Command::new("ldd").arg(&agent))?.lines() {
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
             None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
@@ -63,12 +52,14 @@ pub fn build(root: &Path, version: &str) -> Result<String> {
         std::fs::create_dir_all(ctx.join(dir))?;
     }
     let tag = format!("ioasid-agent:{version}");
-    run(Command::new("podman")
-        .args([STORAGE, "build", "-q", "-t", &tag, "-f"])
-        .arg(root.join("deploy/Containerfile"))
-        .arg(&ctx))?;
+    output(
+        Command::new("podman")
+            .args([STORAGE, "build", "-q", "-t", &tag, "-f"])
+            .arg(root.join("deploy/Containerfile"))
+            .arg(&ctx),
+    )?;
     let size =
-        run(Command::new("podman").args([STORAGE, "image", "inspect", "--format", "{{.Size}}", &tag]))?;
+        output(Command::new("podman").args([STORAGE, "image", "inspect", "--format", "{{.Size}}", &tag]))?;
     eprintln!("xtask: image {tag} ({} KiB)", size.trim().parse::<u64>().unwrap_or(0) / 1024);
     Ok(tag)
 }
@@ -90,12 +81,12 @@ pub fn check(root: &Path, tag: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(&rootfs);
     std::fs::create_dir_all(&rootfs)?;
     let name = format!("ioasid-image-check-{}", std::process::id());
-    run(Command::new("podman").args([STORAGE, "create", "--name", &name, tag]))?;
+    output(Command::new("podman").args([STORAGE, "create", "--name", &name, tag]))?;
     let exported = Command::new("sh")
         .arg("-c")
         .arg(format!("podman {STORAGE} export {name} | tar -x -C '{}'", rootfs.display()))
         .status();
-    let _ = run(Command::new("podman").args([STORAGE, "rm", &name]));
+    let _ = output(Command::new("podman").args([STORAGE, "rm", &name]));
     if !exported?.success() {
         bail!("exporting the image's root filesystem failed");
     }
@@ -104,7 +95,7 @@ pub fn check(root: &Path, tag: &str) -> Result<()> {
     let result = {
         let mut mounted = Mounted(Vec::new());
         for fs in ["proc", "sys"] {
-            run(Command::new("mount").arg("--rbind").arg(format!("/{fs}")).arg(rootfs.join(fs)))?;
+            output(Command::new("mount").arg("--rbind").arg(format!("/{fs}")).arg(rootfs.join(fs)))?;
             mounted.0.push(rootfs.join(fs));
         }
         run_inside(&rootfs)
@@ -139,13 +130,13 @@ fn run_inside(rootfs: &Path) -> Result<()> {
         c.arg(rootfs).arg("/usr/bin/ioasid-agent").args(args);
         c
     };
-    let status = run(&mut chroot(&["status", "--json"]))?;
+    let status = output(&mut chroot(&["status", "--json"]))?;
     let v: serde_json::Value = serde_json::from_str(&status).context("status --json from the image")?;
     if v["hooks"].as_array().is_none_or(|h| h.is_empty()) {
         bail!("status from the image lists no hooks: {status}");
     }
     let state = format!("/sys/fs/bpf/ioasid-image-{}", std::process::id());
-    let mut child = chroot(&[
+    let child = chroot(&[
         "run",
         "--policy",
         "/etc/ioasid/policy.yaml",
@@ -161,40 +152,21 @@ fn run_inside(rootfs: &Path) -> Result<()> {
         "/tmp/ready",
     ])
     .stdout(Stdio::null())
-    .stderr(Stdio::piped())
+    .stderr(std::fs::File::create(rootfs.join("tmp/agent.log"))?)
     .spawn()?;
-    let ready = rootfs.join("tmp/ready");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        if let Some(a) = std::fs::read_to_string(&ready).ok().filter(|a| !a.is_empty()) {
-            break Ok(a);
-        }
-        if let Some(s) = child.try_wait()? {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    let result = crate::short_run(
+        child,
+        &rootfs.join("tmp/ready"),
+        &rootfs.join("tmp/agent.log"),
+        "the agent from the image",
+        |a| {
+            let r = ureq::get(&format!("http://{a}/readyz")).call()?.into_body().read_to_string()?;
+            if r != "ready\n" {
+                bail!("the agent from the image answered /readyz {r:?}");
             }
-            break Err(anyhow::anyhow!("the agent from the image exited during start-up ({s}):\n{err}"));
-        }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!("the agent from the image was not ready after 30 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let probe = addr.and_then(|a| {
-        let r = ureq::get(&format!("http://{a}/readyz")).call()?.into_body().read_to_string()?;
-        if r != "ready\n" {
-            bail!("the agent from the image answered /readyz {r:?}");
-        }
-        Ok(())
-    });
-    // SAFETY: kill(2) on our own child (chroot execs the agent in place).
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait()?;
+            Ok(())
+        },
+    );
     let _ = std::fs::remove_dir_all(&state);
-    probe?;
-    if !status.success() {
-        bail!("the agent from the image did not stop cleanly: {status}");
-    }
-    Ok(())
+    result
 }

@@ -302,6 +302,55 @@ fn check_anywhere(root: &Path) -> Result<()> {
     run_hidden(&["test", "-p", "ioasid-common", "-p", "ioasid-agent", "--lib", "--bins"])
 }
 
+/// Runs `cmd` to completion: its stdout, or an error carrying its output.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A short run of an agent started as `child` (`what` names it in errors, its stderr goes to
+/// `log`): waits for its ready file, hands the address to `probe`, then stops it with SIGTERM.
+/// Ok only if it got ready, the probe passed and it stopped cleanly.
+pub fn short_run(
+    mut child: std::process::Child,
+    ready: &Path,
+    log: &Path,
+    what: &str,
+    probe: impl FnOnce(&str) -> Result<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let addr = loop {
+        if let Some(a) = std::fs::read_to_string(ready).ok().filter(|a| !a.is_empty()) {
+            break Ok(a);
+        }
+        if let Some(s) = child.try_wait()? {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            break Err(anyhow::anyhow!("{what} exited during start-up ({s}):\n{log}"));
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!("{what} was not ready after 30 s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let probed = addr.and_then(|a| probe(&a));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait()?;
+    probed?;
+    if !status.success() {
+        bail!("{what} did not stop cleanly: {status}");
+    }
+    Ok(())
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;

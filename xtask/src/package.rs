@@ -12,10 +12,12 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{bail, Context, Result};
+
+use crate::output;
 
 pub const NAME: &str = "ioasid";
 
@@ -57,7 +59,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         .context("the release agent (cargo xtask build)")?;
     put(&stage, "/usr/bin/ioasid-agent", &bin, 0o755)?;
     // Debug info stays in target/release; the installed binary carries none.
-    run(Command::new("strip").arg("--strip-debug").arg(stage.join("usr/bin/ioasid-agent")))?;
+    output(Command::new("strip").arg("--strip-debug").arg(stage.join("usr/bin/ioasid-agent")))?;
     put(
         &stage,
         "/lib/systemd/system/ioasid-agent.service",
@@ -143,19 +145,6 @@ fn dir_size(dir: &Path) -> Result<u64> {
     Ok(n)
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn installed() -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", NAME])
@@ -169,10 +158,10 @@ pub fn check(deb: &Path) -> Result<()> {
         bail!("{NAME} is already installed on this machine: the install test would replace it");
     }
     let start = Instant::now();
-    run(Command::new("dpkg").arg("-i").arg(deb))?;
+    output(Command::new("dpkg").arg("-i").arg(deb))?;
     let result = check_installed();
     // Removed whatever the checks said.
-    let removed = run(Command::new("dpkg").args(["-r", NAME]));
+    let removed = output(Command::new("dpkg").args(["-r", NAME]));
     result?;
     removed?;
     if Path::new("/usr/bin/ioasid-agent").exists() {
@@ -181,7 +170,7 @@ pub fn check(deb: &Path) -> Result<()> {
     if !Path::new("/etc/ioasid/policy.yaml").exists() {
         bail!("dpkg -r removed the conffile /etc/ioasid/policy.yaml (only --purge may)");
     }
-    run(Command::new("dpkg").args(["--purge", NAME]))?;
+    output(Command::new("dpkg").args(["--purge", NAME]))?;
     for gone in [
         "/etc/ioasid/policy.yaml",
         "/etc/logrotate.d/ioasid-agent",
@@ -200,12 +189,12 @@ pub fn check(deb: &Path) -> Result<()> {
 
 fn check_installed() -> Result<()> {
     let agent = "/usr/bin/ioasid-agent";
-    let status = run(Command::new(agent).args(["status", "--json"]))?;
+    let status = output(Command::new(agent).args(["status", "--json"]))?;
     let v: serde_json::Value = serde_json::from_str(&status).context("status --json")?;
     if v["hooks"].as_array().is_none_or(|h| h.is_empty()) {
         bail!("the installed agent's status lists no hooks: {status}");
     }
-    run(Command::new(agent).args(["policy", "check", "/etc/ioasid/policy.yaml"]))?;
+    output(Command::new(agent).args(["policy", "check", "/etc/ioasid/policy.yaml"]))?;
     // The unit as installed: systemd-analyze verify must be clean (it checks the binary exists).
     let verify = Command::new("systemd-analyze")
         .args(["verify", "/lib/systemd/system/ioasid-agent.service"])
@@ -230,7 +219,7 @@ fn check_installed() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("ioasid-package-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ready = dir.join("ready");
-    let mut child = Command::new("setpriv")
+    let child = Command::new("setpriv")
         .arg("--no-new-privs")
         .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
         .arg(agent)
@@ -246,21 +235,8 @@ fn check_installed() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log"))?)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        if let Some(a) = std::fs::read_to_string(&ready).ok().filter(|a| !a.is_empty()) {
-            break Ok(a);
-        }
-        if let Some(s) = child.try_wait()? {
-            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-            break Err(anyhow::anyhow!("the installed agent exited during start-up ({s}):\n{log}"));
-        }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!("the installed agent was not ready after 30 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let probe = addr.and_then(|a| {
+    let state = format!("/sys/fs/bpf/ioasid-package-{}", std::process::id());
+    let result = crate::short_run(child, &ready, &dir.join("agent.log"), "the installed agent", |a| {
         let ready = ureq::get(&format!("http://{a}/readyz")).call()?.into_body().read_to_string()?;
         let metrics = ureq::get(&format!("http://{a}/metrics")).call()?.into_body().read_to_string()?;
         if ready != "ready\n" {
@@ -273,14 +249,7 @@ fn check_installed() -> Result<()> {
         }
         Ok(())
     });
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait()?;
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/ioasid-package-{}", std::process::id()));
-    probe?;
-    if !status.success() {
-        bail!("the installed agent did not stop cleanly: {status}");
-    }
-    Ok(())
+    let _ = std::fs::remove_dir_all(&state);
+    result
 }

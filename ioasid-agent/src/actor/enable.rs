@@ -3,13 +3,13 @@
 
 use std::time::SystemTime;
 
-use ioasid_common::{events::Coherency, verdict::Mechanism as KernelMechanism};
+use ioasid_common::events::Coherency;
 
 use super::Actor;
 use crate::{
     audit::{rfc3339, Outcome},
     enforce,
-    events::{EnableRequest, KernelJudged, Origin},
+    events::{EnableRequest, KernelJudged},
     kernel::Kernel,
     policy::Action,
     sys::monotonic_ns,
@@ -130,20 +130,7 @@ impl<K: Kernel> Actor<K> {
                 );
                 "event lost; decided from the kernel's ask record"
             };
-            let req = EnableRequest {
-                origin: Origin { tgid, comm: String::new(), ktime_ns: a.ktime_ns },
-                fd: a.fd,
-                file_fd: (a.file_fd >= 0).then_some(a.file_fd),
-                device_fd_known: false,
-                judged: KernelJudged::Ask,
-                mechanism: KernelMechanism::StopAsk,
-                signal_sent: true,
-                ask_recorded: true,
-                ret: None,
-                kernel_coherent: None,
-                file_coherency: Coherency::Unknown,
-            };
-            self.decide(&req, Some(why));
+            self.decide(&EnableRequest::from_ask(tgid, &a), Some(why));
         }
     }
 }

@@ -61,6 +61,12 @@ pub struct Actor<K: Kernel> {
     started_ns: u64,
 }
 
+/// What the kernel captured of a process at VM creation, as the agent knows processes (for one
+/// gone before /proc was read).
+fn captured<K: Kernel>(kernel: &K) -> impl Fn(u32) -> Option<ProcessInfo> + '_ {
+    |tgid| kernel.cmdline(tgid).and_then(|raw| crate::procfs::info_from_cmdline(tgid, &raw))
+}
+
 impl<K: Kernel> Actor<K> {
     pub fn new(
         kernel: K,
@@ -261,10 +267,11 @@ impl<K: Kernel> Actor<K> {
         let before: HashSet<(u32, u64)> =
             self.acct.procs.iter().map(|(t, p)| (*t, p.info.start_time)).collect();
         let (counters, cost) = (self.kernel.counters(), self.kernel.cost());
-        let kernel = &self.kernel;
-        let captured = |t: u32| kernel.cmdline(t).and_then(|raw| crate::procfs::info_from_cmdline(t, &raw));
-        self.acct.apply(counters, &self.set.procfs, now, &captured);
-        self.acct.apply_cost(cost, &self.set.procfs, now, &captured);
+        {
+            let captured = captured(&self.kernel);
+            self.acct.apply(counters, &self.set.procfs, now, &captured);
+            self.acct.apply_cost(cost, &self.set.procfs, now, &captured);
+        }
         let new: Vec<ProcessInfo> = self
             .acct
             .live()
@@ -336,18 +343,21 @@ impl<K: Kernel> Actor<K> {
     fn on_storm(&mut self, tgid: u32, transition: Transition) {
         let Some(p) = self.acct.procs.get(&tgid) else { return };
         let window = self.detector.window(tgid).unwrap_or_default();
-        let c =
-            StormChange { pid: tgid, vm: &p.info.vm, rule: &p.rule, budget: p.budget, window, transition };
+        let c = StormChange {
+            pid: tgid,
+            vm: &p.info.vm,
+            identity: crate::audit::VmIdentity::of(&p.info),
+            rule: &p.rule,
+            budget: p.budget,
+            window,
+            transition,
+        };
         if transition == Transition::Raised {
             self.series.alert(c.vm);
         }
         let kernel = &mut self.kernel;
         let result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
-        let mut rec =
-            c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
-        rec.namespace = p.info.kubevirt().map(|(ns, _)| ns.to_string());
-        rec.name = p.info.kubevirt().map(|(_, n)| n.to_string());
-        rec.uuid = p.info.uuid.clone();
+        let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
         self.audit.write(&rec);
     }
 

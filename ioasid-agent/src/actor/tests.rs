@@ -17,7 +17,7 @@ use ioasid_common::{
 use super::*;
 use crate::{
     accounting::{CostHist, Totals},
-    events::{EnableRequest, KernelJudged, Origin, RuleRef},
+    events::{EnableRequest, KernelJudged, RuleRef},
     kernel::{FlushCpus, MapError, ProgramStats},
     policy::Action,
     sys::Signal,
@@ -158,19 +158,10 @@ impl Drop for Fixture {
 const POLICY: &str = "default: { incoherent_dma: audit }\nrules:\n  - name: gpu\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n  - name: tenants\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n    wbinvd: { rate: 100, action: kill }\n";
 
 fn ask(tgid: u32) -> EnableRequest {
-    EnableRequest {
-        origin: Origin { tgid, comm: "qemu".into(), ktime_ns: 1 },
-        fd: 5,
-        file_fd: Some(6),
-        device_fd_known: true,
-        judged: KernelJudged::Ask,
-        mechanism: KernelMechanism::StopAsk,
-        signal_sent: true,
-        ask_recorded: true,
-        ret: None,
-        kernel_coherent: None,
-        file_coherency: Coherency::Unknown,
-    }
+    let mut r = EnableRequest::from_ask(tgid, &Asked { ktime_ns: 1, fd: 5, file_fd: 6 });
+    r.origin.comm = "qemu".into();
+    r.device_fd_known = true;
+    r
 }
 
 /// A stopped VMM's ask, recorded in the (fake) kernel as the real one records it.

@@ -44,6 +44,29 @@ fn incoherent_dma() -> RecordKind {
     RecordKind::IncoherentDma
 }
 
+/// KubeVirt namespace and name (domain `NAMESPACE_NAME`) and the VM's UUID (`-uuid`): the fields
+/// of a record that join with KubeVirt's and libvirt's own (flattened into the record).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+impl VmIdentity {
+    pub fn of(p: &ProcessInfo) -> Self {
+        let kubevirt = p.kubevirt();
+        Self {
+            namespace: kubevirt.map(|(ns, _)| ns.to_string()),
+            name: kubevirt.map(|(_, n)| n.to_string()),
+            uuid: p.uuid.clone(),
+        }
+    }
+}
+
 /// A FILE_ADD: an incoherent-DMA decision (`incoherent-dma`), or a file that was not an
 /// incoherent-DMA enable (`vfio-file-add`: coherent, or unknown and let through).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,14 +79,8 @@ pub struct AuditRecord {
     /// The node (`NODE_NAME`, else the host name).
     pub host: String,
     pub vm: String,
-    /// KubeVirt namespace and name (domain `NAMESPACE_NAME`), the VM's UUID (`-uuid`): the
-    /// fields that join with KubeVirt's and libvirt's own records.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
+    #[serde(flatten)]
+    pub identity: VmIdentity,
     pub pid: u32,
     pub comm: String,
     pub exe: Option<String>,
@@ -97,12 +114,8 @@ pub struct StormRecord {
     pub time: String,
     pub host: String,
     pub vm: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
+    #[serde(flatten)]
+    pub identity: VmIdentity,
     pub pid: u32,
     pub rule: String,
     pub state: StormState,
@@ -132,7 +145,7 @@ impl AuditRecord {
             cgroup: self.cgroup.clone(),
             uid: self.uid,
             start_time: 0,
-            uuid: self.uuid.clone(),
+            uuid: self.identity.uuid.clone(),
         }
     }
 }

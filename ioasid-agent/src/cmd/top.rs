@@ -112,6 +112,26 @@ pub fn arrange(f: &mut Frame, sort: TopSort, filter: &str) {
     });
 }
 
+/// One VM's columns, as text: VM, WBINVD/s, WBINVD, INVD, HANDLER, COST%, FLUSHES, ALERTS,
+/// STATE, DMA, ENABLES a/u/d. A VM name is chosen by whoever starts the VMM: escaped, so no
+/// control character or escape sequence reaches the operator's terminal.
+fn cells(r: &Row) -> [String; 11] {
+    let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
+    [
+        crate::text::escape(&r.vm).into_owned(),
+        format!("{:.0}", r.rate),
+        format!("{:.0}", r.wbinvd),
+        format!("{:.0}", r.invd),
+        format!("{avg_us:.1}us"),
+        format!("{:.2}%", r.cost_ratio * 100.0),
+        format!("{:.0}", r.flushes),
+        format!("{:.0}", r.alerts),
+        if r.storm { "STORM".into() } else { "ok".into() },
+        if r.noncoherent { "non-coherent".into() } else { "coherent".into() },
+        format!("{:.0}/{:.0}/{:.0}", r.dma_allowed, r.dma_audited, r.dma_denied),
+    ]
+}
+
 fn render(f: &Frame, url: &str, width: usize) -> String {
     let mut out = String::new();
     let now = crate::audit::rfc3339(std::time::SystemTime::now());
@@ -139,28 +159,12 @@ fn render(f: &Frame, url: &str, width: usize) -> String {
         "ENABLES a/u/d"
     ));
     for r in &f.rows {
-        let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
-        // A VM name is chosen by whoever starts the VMM: no control character or escape
-        // sequence reaches the operator's terminal.
-        let mut vm = crate::text::escape(&r.vm).into_owned();
+        let [mut vm, rate, wbinvd, invd, handler, cost, flushes, alerts, state, dma, enables] = cells(r);
         if vm.chars().count() > 24 {
             vm = vm.chars().take(23).collect::<String>() + "~";
         }
         let line = format!(
-            "{:<24} {:>10.0} {:>12.0} {:>8.0} {:>8.1}us {:>7.2}% {:>9.0} {:>6.0} {:<7} {:<13} {:.0}/{:.0}/{:.0}",
-            vm,
-            r.rate,
-            r.wbinvd,
-            r.invd,
-            avg_us,
-            r.cost_ratio * 100.0,
-            r.flushes,
-            r.alerts,
-            if r.storm { "STORM" } else { "ok" },
-            if r.noncoherent { "non-coherent" } else { "coherent" },
-            r.dma_allowed,
-            r.dma_audited,
-            r.dma_denied
+            "{vm:<24} {rate:>10} {wbinvd:>12} {invd:>8} {handler:>10} {cost:>8} {flushes:>9} {alerts:>6} {state:<7} {dma:<13} {enables}"
         );
         out.push_str(&line.chars().take(width.max(40)).collect::<String>());
         out.push('\n');
@@ -309,21 +313,7 @@ impl Ui {
         ])
         .style(Style::new().reversed());
         let rows = shown.rows.iter().map(|r| {
-            let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
-            // Names are chosen by whoever starts a VMM: escaped, no control sequence gets out.
-            let row = TRow::new(vec![
-                crate::text::escape(&r.vm).into_owned(),
-                format!("{:.0}", r.rate),
-                format!("{:.0}", r.wbinvd),
-                format!("{:.0}", r.invd),
-                format!("{avg_us:.1}us"),
-                format!("{:.2}%", r.cost_ratio * 100.0),
-                format!("{:.0}", r.flushes),
-                format!("{:.0}", r.alerts),
-                if r.storm { "STORM".into() } else { "ok".into() },
-                if r.noncoherent { "non-coherent".into() } else { "coherent".into() },
-                format!("{:.0}/{:.0}/{:.0}", r.dma_allowed, r.dma_audited, r.dma_denied),
-            ]);
+            let row = TRow::new(cells(r));
             if r.storm {
                 row.red().bold()
             } else {
