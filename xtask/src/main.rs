@@ -124,6 +124,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting loaded programs (optional)"),
     ("rsyslog", "a real syslog daemon for the audit syslog sink's test"),
     ("podman", "builds the container image (cargo xtask image)"),
+    ("systemd", "systemd-analyze, to verify the unit the package installs"),
+    ("binutils", "strip, for the packaged and imaged agent"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
