@@ -114,6 +114,7 @@ fn cstr(strings: &[u8], off: usize) -> Option<&[u8]> {
 
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_VOLATILE: u32 = 9;
@@ -123,8 +124,9 @@ const KIND_TYPE_TAG: u32 = 18;
 
 /// The byte offsets of `(struct, member)` pairs in vmlinux's BTF (`/sys/kernel/btf/vmlinux`),
 /// looking through anonymous struct/union members as C does (`mm_struct`'s fields sit in an
-/// anonymous struct). A member is found only if it is a pointer or an 8-byte integer (what
-/// the programs read there); None for a pair that is not found so.
+/// anonymous struct). A member is found only if it is a pointer, an integer of at most 8 bytes
+/// (the programs read a word there and keep its low bytes, little-endian) or an array (a
+/// module's name); None for a pair that is not found so.
 pub fn member_offsets(vmlinux: &Path, pairs: &[(&str, &str)]) -> Result<Vec<Option<u32>>, BtfError> {
     let data = read(vmlinux)?;
     let blob = parse(&data, vmlinux)?;
@@ -210,7 +212,7 @@ impl Types<'_> {
                 }
             } else if cstr(self.strings, name as usize) == Some(member.as_bytes()) {
                 let (_, k, size) = self.resolve(ty)?;
-                let readable = k == KIND_PTR || (k == KIND_INT && size == 8);
+                let readable = k == KIND_PTR || k == KIND_ARRAY || (k == KIND_INT && size <= 8);
                 return readable.then_some(off);
             }
         }

@@ -88,6 +88,13 @@ pub struct RunArgs {
     /// Tests only: discard every kernel event, as if the ring buffer were always full.
     #[arg(long, hide = true)]
     pub test_drop_events: bool,
+    /// Where `action: throttle` records each CPU limit it changed, with the exact previous
+    /// setting, before changing it: a restarted agent puts them all back.
+    #[arg(long, value_name = "PATH", default_value = "/run/ioasid/throttle.json")]
+    pub throttle_state: PathBuf,
+    /// Tests only: never read the decisions ring (the kernel's own fallback is exercised).
+    #[arg(long, hide = true)]
+    pub test_stall_decisions: bool,
     /// Benchmarks only: attach an empty program of the same type at every hook instead of the
     /// real ones (what the attachments alone cost). Observes nothing; implies --dry-run.
     #[arg(long, hide = true)]

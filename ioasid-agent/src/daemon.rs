@@ -4,7 +4,7 @@
 //! (`audit`), and one actor (`actor`) that owns the kernel boundary and takes events, sweeps,
 //! scrape refreshes, SIGHUP and policy-file changes one at a time.
 
-use std::{net::SocketAddr, os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -47,6 +47,10 @@ pub struct RunConfig {
     /// Tests only: discard every ring buffer event (as a full queue would), to exercise the
     /// paths that must not depend on events.
     pub test_drop_events: bool,
+    /// Tests only: never read the decisions ring.
+    pub test_stall_decisions: bool,
+    /// Where `action: throttle` keeps what it changed (so a next agent can put it back).
+    pub throttle_state: PathBuf,
 }
 
 /// SIGHUP, SIGTERM and SIGINT, taken over before anything is attached: a signal that arrives
@@ -86,11 +90,30 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let local = listener.local_addr()?;
     let (refresh_tx, mut refresh_rx) = mpsc::channel::<http::Refresh>(64);
     let health = http::Health::new(cfg.sweep);
-    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), std::sync::Arc::clone(&health)));
+    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), Arc::clone(&health)));
     tracing::info!(listen = %local, "serving /metrics");
     let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE);
-    ring::spawn_reader(events, ev_tx, metrics.clone(), cfg.test_drop_events, std::sync::Arc::clone(&health))
-        .context("polling the ring buffer")?;
+    let stall = cfg.test_stall_decisions;
+    ring::spawn_reader(
+        events.events,
+        ev_tx.clone(),
+        metrics.clone(),
+        cfg.test_drop_events,
+        false,
+        Arc::clone(&health),
+    )
+    .context("polling the events ring buffer")?;
+    if !stall {
+        ring::spawn_reader(
+            events.decisions,
+            ev_tx,
+            metrics.clone(),
+            cfg.test_drop_events,
+            true,
+            Arc::clone(&health),
+        )
+        .context("polling the decisions ring buffer")?;
+    }
 
     let settings = Settings {
         procfs: ProcFs::default(),
@@ -99,7 +122,20 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         retention: cfg.retention,
         sweep_interval: cfg.sweep,
     };
+    let gate: Option<Arc<dyn crate::throttle::AskGate>> = match kernel.ask_gate() {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no second fd on the asks map: a duty cycle could continue a VMM stopped to ask, so duty-cycle throttling is off");
+            None
+        }
+    };
     let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
+    // Put back whatever a previous agent left throttled, before anything else can change.
+    actor.set_throttler(crate::throttle::Throttler::recover(
+        crate::throttle::StateFile::new(cfg.throttle_state.clone()),
+        crate::throttle::Cgroups::discover(),
+        gate,
+    ));
     // Classify VMMs that were running before the agent started (every process holding a KVM
     // VM fd, and any other the counters name), then decide every ask a previous agent left
     // open (its VMM is stopped, waiting).
@@ -117,6 +153,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         actor.on_event(ev);
     }
     actor.recover_asks(0);
+    actor.release_throttles();
     tracing::info!("shutting down: detaching every hook");
     Ok(())
 }

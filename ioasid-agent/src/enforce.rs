@@ -70,9 +70,13 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
     let (action, rule, mechanism, outcome, followup, reason) = match req.judged {
         // What the kernel did for a file it knew to be non-coherent stands (it judged right).
         KernelJudged::Verdict { action, rule, generation }
-            if judged || req.file_coherency == Coherency::Noncoherent =>
+            if judged || req.file_coherency == Coherency::Noncoherent || rule == RuleRef::FdSwapped =>
         {
+            let swapped = (rule == RuleRef::FdSwapped).then(|| {
+                "a kvm-vfio device was put on the fd while FILE_ADD ran (another file when the request began): never judged, treated as a denial".to_string()
+            });
             let rule = match rule {
+                RuleRef::FdSwapped => "fd-swapped".to_string(),
                 RuleRef::Default => "default".to_string(),
                 RuleRef::Index(i) if generation == cx.generation => {
                     cx.policy.rule_name(i).unwrap_or("?").to_string()
@@ -86,7 +90,8 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
                 (Action::Deny, _) => (Mechanism::None, Outcome::NotEnforced),
                 _ => (Mechanism::None, Outcome::Completed),
             };
-            (judged.then_some(action), rule, mechanism, outcome, None, None)
+            let action = (judged || swapped.is_some()).then_some(action);
+            (action, rule, mechanism, outcome, None, swapped)
         }
         // Not an incoherent-DMA enable: observed; a VMM stopped to ask goes on.
         _ if !judged => {

@@ -9,7 +9,8 @@ use ioasid_common::{
     abi::{KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL},
     events::{
         Coherency, EventHeader, EventKind, IoctlEvent, TransitionEvent, IOCTL_F_ASK_RECORDED,
-        IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        IOCTL_F_ATTR_READ, IOCTL_F_DEVICE_KNOWN, IOCTL_F_FD_SWAPPED, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED,
+        IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
         ioctl_name, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_SET_DEVICE_ATTR, VFIO_DEVICE_BIND_IOMMUFD,
@@ -35,6 +36,9 @@ pub struct Origin {
 pub enum RuleRef {
     Default,
     Index(u32),
+    /// No rule: a kvm-vfio device was swapped onto the fd while FILE_ADD ran (it was another
+    /// file at sys_enter), so the request was never judged; the kernel treats it as a denial.
+    FdSwapped,
 }
 
 /// What the kernel did with an enable when it ran.
@@ -216,6 +220,7 @@ fn ioctl(ev: &IoctlEvent) -> Result<Event, DecodeError> {
         d => {
             let rule = match ev.rule {
                 RULE_DEFAULT => RuleRef::Default,
+                RULE_NONE if ev.flags & IOCTL_F_FD_SWAPPED != 0 && d == Decision::Deny => RuleRef::FdSwapped,
                 RULE_NONE => return Err(DecodeError::Rule { decision: d, rule: ev.rule }),
                 i => RuleRef::Index(i),
             };

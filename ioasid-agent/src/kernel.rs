@@ -69,6 +69,9 @@ pub trait Kernel {
     fn cmdline(&self, tgid: u32) -> Option<Vec<u8>>;
     fn program_stats(&self) -> Vec<ProgramStats>;
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()>;
+    /// Keeps the file filter's function addresses current as modules load and unload (at most
+    /// once a second; kallsyms is read only when /proc/modules changed).
+    fn refresh_file_filter(&mut self) {}
 }
 
 pub struct BpfKernel {
@@ -85,8 +88,20 @@ pub struct BpfKernel {
     cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
     /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
     stats_hooks: Vec<(&'static str, &'static str)>,
+    /// The file filter's view of the loaded modules (None: the filter is off).
+    modules: Option<ModulesSeen>,
     // Dropping the object detaches every program: it lives as long as this value.
     ebpf: aya::Ebpf,
+}
+
+/// When the loaded modules were last looked at, and what they were.
+struct ModulesSeen {
+    fingerprint: u64,
+    at: std::time::Instant,
+}
+
+fn modules_fingerprint() -> u64 {
+    crate::loader::modules_fingerprint(&std::fs::read_to_string("/proc/modules").unwrap_or_default())
 }
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -112,12 +127,39 @@ where
     })
 }
 
+/// Whether the kernel holds an open ask for a process: a second fd of the asks map, for the
+/// duty-cycle threads (which must never continue a VMM stopped to ask).
+pub struct AskMapGate(std::os::fd::OwnedFd);
+
+impl crate::throttle::AskGate for AskMapGate {
+    fn asked(&self, pid: u32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut value = [0u8; std::mem::size_of::<Asked>()];
+        // union bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
+        let mut attr: [u64; 4] =
+            [self.0.as_raw_fd() as u64, &pid as *const u32 as u64, value.as_mut_ptr() as u64, 0];
+        // An error other than "no such key" counts as asked: never continue on a doubt.
+        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+        match crate::sys::bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+        }
+    }
+}
+
+/// The kernel's two event rings: everything, and FILE_ADD/DEL only (decisions).
+pub struct Rings {
+    pub events: RingBuf<MapData>,
+    pub decisions: RingBuf<MapData>,
+}
+
 impl BpfKernel {
-    /// Takes the maps out of a loaded object. Returns the ring buffer separately: its reader
+    /// Takes the maps out of a loaded object. Returns the ring buffers separately: their readers
     /// runs in its own task.
-    pub fn new(mut loaded: Loaded, stats_on: bool) -> Result<(Self, RingBuf<MapData>), LoadError> {
+    pub fn new(mut loaded: Loaded, stats_on: bool) -> Result<(Self, Rings), LoadError> {
         let e = &mut loaded.ebpf;
-        let ring = take(e, MAP_EVENTS)?;
+        let rings =
+            Rings { events: take(e, MAP_EVENTS)?, decisions: take(e, ioasid_common::names::MAP_DECISIONS)? };
         let stats_hooks = if stats_on {
             loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.program)).collect()
         } else {
@@ -136,9 +178,11 @@ impl BpfKernel {
             file_coherency: take(e, MAP_FILE_COHERENCY)?,
             cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
             stats_hooks,
+            modules: (loaded.file_filter == crate::loader::FileFilter::On)
+                .then(|| ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() }),
             ebpf: loaded.ebpf,
         };
-        Ok((k, ring))
+        Ok((k, rings))
     }
 
     /// The object, for the aya-log reader.
@@ -268,5 +312,40 @@ impl Kernel for BpfKernel {
 
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
         signal_process(pid, sig)
+    }
+
+    fn refresh_file_filter(&mut self) {
+        let Some(seen) = self.modules.as_mut() else { return };
+        if seen.at.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        seen.at = std::time::Instant::now();
+        let now = modules_fingerprint();
+        if now == seen.fingerprint {
+            return;
+        }
+        let fns = std::fs::read_to_string("/proc/kallsyms")
+            .map_err(|e| e.to_string())
+            .and_then(|t| crate::loader::ioctl_fns(&t));
+        match fns.map(|f| crate::loader::write_ioctl_fns(&mut self.ebpf, &f).map_err(|e| e.to_string())) {
+            Ok(Ok(())) => {
+                seen.fingerprint = now;
+                tracing::info!(
+                    "modules changed: the KVM/VFIO/iommufd ioctl functions' addresses are updated"
+                );
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, "modules changed, but the ioctl functions' addresses could not be updated (retried)")
+            }
+        }
+    }
+}
+
+impl BpfKernel {
+    /// A gate on the asks map for other threads.
+    pub fn ask_gate(&self) -> std::io::Result<AskMapGate> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd;
+        Ok(AskMapGate(self.asked.map().fd().as_fd().try_clone_to_owned()?))
     }
 }

@@ -23,6 +23,7 @@ mod storm;
 mod sys;
 mod telemetry;
 mod text;
+mod throttle;
 mod tracefs;
 mod units;
 mod vfio;
@@ -90,6 +91,8 @@ fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
         lock_file: args.lock_file.clone(),
         bpf_stats: args.bpf_stats,
         test_drop_events: args.test_drop_events,
+        test_stall_decisions: args.test_stall_decisions,
+        throttle_state: args.throttle_state.clone(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

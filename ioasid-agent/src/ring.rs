@@ -1,5 +1,6 @@
-//! The kernel's two ring buffers: events (decoded, then queued for the actor; drops counted)
-//! and the programs' aya-log records (forwarded into the agent's log).
+//! The kernel's ring buffers: events and decisions (decoded, then queued for the actor; event
+//! drops counted, decisions never dropped here) and the programs' aya-log records (forwarded
+//! into the agent's log).
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -9,13 +10,16 @@ use crate::{
     telemetry::Metrics,
 };
 
-/// Starts the reader: ring buffer -> decode -> bounded queue. A full queue drops the event and
-/// counts it; an undecodable record is counted and logged (at powers of two), never a panic.
+/// Starts a reader: ring buffer -> decode -> bounded queue. An undecodable record is counted
+/// and logged (at powers of two), never a panic. Where the queue is full, an event is dropped
+/// and counted, but a decision (`lossless`) waits for room: the kernel's ring holds the rest,
+/// and the kernel asks rather than allows while that ring runs short.
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<Event>,
     metrics: Metrics,
     drop_all: bool,
+    lossless: bool,
     health: std::sync::Arc<crate::http::Health>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
@@ -41,6 +45,13 @@ pub fn spawn_reader(
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 match events::decode(&item) {
+                    Ok(ev) if lossless && !drop_all => {
+                        drop(item);
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) if lossless => metrics.events_dropped.inc(),
                     Ok(ev) => {
                         if drop_all || tx.try_send(ev).is_err() {
                             metrics.events_dropped.inc();

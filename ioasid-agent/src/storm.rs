@@ -72,7 +72,8 @@ impl Detector {
         self.tracks.get(&pid).map(|t| t.last)
     }
 
-    /// Adds the totals seen at `now` and says whether the alert state changed.
+    /// Adds the totals seen at `now` and says whether the alert state changed. `hold`: the
+    /// alert may not clear yet (a throttle still limits the rate: calm says nothing of demand).
     pub fn observe(
         &mut self,
         pid: u32,
@@ -80,6 +81,7 @@ impl Detector {
         wbinvd: u64,
         cost_ns: u64,
         budget: &Budget,
+        hold: bool,
     ) -> Option<Transition> {
         let t = self.tracks.entry(pid).or_default();
         t.samples.push_back((now, wbinvd, cost_ns));
@@ -98,7 +100,7 @@ impl Detector {
             t.storm = true;
             t.calm_since = None;
             Some(Transition::Raised)
-        } else if t.storm && calm {
+        } else if t.storm && calm && !hold {
             let since = *t.calm_since.get_or_insert(now);
             if now.duration_since(since) >= budget.window.max(Duration::from_secs(1)) {
                 t.storm = false;
@@ -139,7 +141,8 @@ pub fn respond(
     match c.transition {
         Transition::Raised => {
             let sig = match b.action {
-                StormAction::Alert => None,
+                // Carried out by the caller (the throttler), not by a signal.
+                StormAction::Alert | StormAction::Throttle => None,
                 StormAction::Stop => Some((Signal::Stop, StormOutcome::Stopped)),
                 StormAction::Kill => Some((Signal::Kill, StormOutcome::Killed)),
             };
@@ -221,7 +224,7 @@ mod tests {
             *t += Duration::from_millis(100);
             *n += rate / 10;
             *c += rate / 10 * ns;
-            if let Some(tr) = d.observe(1, *t, *n, *c, &B) {
+            if let Some(tr) = d.observe(1, *t, *n, *c, &B, false) {
                 out.push((t.duration_since(start).as_secs_f64(), tr));
             }
         }
@@ -278,7 +281,7 @@ mod tests {
         // 800 WBINVD at once (boot), then nothing.
         t += Duration::from_millis(100);
         n += 800;
-        assert_eq!(d.observe(1, t, n, c, &B), None);
+        assert_eq!(d.observe(1, t, n, c, &B, false), None);
         assert!(feed(&mut d, &mut t, &mut n, &mut c, 0, 0, 2.0).is_empty());
     }
 }

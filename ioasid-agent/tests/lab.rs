@@ -275,3 +275,63 @@ fn snoop_control_a_coherent_device_is_never_judged() {
         assert_eq!(sample(&m, "ioasid_vm_noncoherent", &[("vm", &name)]), Some(0.0));
     }
 }
+
+/// The kernel tells a real VFIO file from any other: every watched VFIO/iommufd request on the
+/// lab's VFIO group is reported, the same requests on /dev/null are only counted as ignored.
+/// On both ioctl paths: the LSM (given the file) and tp_btf (the fd looked up in the task's
+/// file table); KVM's files are recognised by their module (kvm_amd), as every other lab test
+/// that sees a FILE_ADD shows.
+fn requests_on_real_vfio_files_only(family: &str) {
+    require_kernel();
+    let _g = serial();
+    let st = status();
+    assert_eq!(st["file_filter"]["on"], true, "{st}");
+    let agent = Agent::start(&["--ioctl-hooks", family]);
+    let requests: Vec<&str> = ioasid_common::ioctl::WATCHED_IOCTLS
+        .iter()
+        .filter(|r| (r.cmd >> 8) & 0xff == 0x3b)
+        .map(|r| r.name)
+        .collect();
+    let before = agent.scrape();
+    let was = |m: &str, r: &str| sample(m, "ioasid_ioctls_total", &[("request", r)]).unwrap_or(0.0);
+    let ignored = |m: &str| sample(m, "ioasid_ioctls_ignored_total", &[]).unwrap_or(0.0);
+    let group = vfio_group();
+    let (status, summary, err) = finish(guest(&[
+        "--name",
+        &unique("probe"),
+        "--vfio-probe",
+        "--vfio-probe-file",
+        group.to_str().unwrap(),
+    ]));
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["vfio_probed"], requests.len());
+    let seen = eventually(Duration::from_secs(5) * slow(), || {
+        let m = agent.scrape();
+        requests.iter().all(|r| was(&m, r) >= was(&before, r) + 1.0).then_some(m)
+    });
+    let seen = seen
+        .unwrap_or_else(|| panic!("not every request on the VFIO group was reported:\n{}", agent.scrape()));
+    assert_eq!(ignored(&seen), ignored(&before), "nothing on the VFIO group is ignored");
+    let (status, _, err) = finish(guest(&["--name", &unique("noise"), "--vfio-probe"]));
+    assert!(status.success(), "{err}");
+    let m = eventually(Duration::from_secs(5) * slow(), || {
+        let m = agent.scrape();
+        (ignored(&m) >= ignored(&seen) + requests.len() as f64).then_some(m)
+    });
+    let m = m.unwrap_or_else(|| panic!("the requests on /dev/null were not ignored:\n{}", agent.scrape()));
+    for r in &requests {
+        assert_eq!(was(&m, r), was(&seen, r), "{r} on /dev/null was reported");
+    }
+}
+
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn requests_on_real_vfio_files_only_lsm() {
+    requests_on_real_vfio_files_only("lsm");
+}
+
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn requests_on_real_vfio_files_only_tp_btf() {
+    requests_on_real_vfio_files_only("tp-btf");
+}

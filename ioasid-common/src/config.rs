@@ -46,9 +46,26 @@ pub struct ProgConfig {
     pub task_mm: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
-    pub _pad2: u32,
+    /// Non-zero: only requests on KVM, VFIO and iommufd files are reported (see
+    /// [`crate::ioctl::WATCHED_MODULES`] and [`crate::names::MAP_IOCTL_FNS`]); the offsets
+    /// below are then all known.
+    pub file_filter: u32,
+    /// Byte offsets (BTF) from the current task to the file behind an fd:
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    /// `file.f_op`, `file_operations.owner`, `file_operations.unlocked_ioctl`, `module.name`.
+    pub file_f_op: u32,
+    pub fops_owner: u32,
+    pub fops_unlocked_ioctl: u32,
+    pub module_name: u32,
 }
-const _: () = assert!(size_of::<ProgConfig>() == 136);
+const _: () = assert!(size_of::<ProgConfig>() == 168);
+
+/// The length of [`crate::ioctl::WATCHED_IOCTL_FNS`].
+pub const WATCHED_IOCTL_FNS_LEN: usize = 8;
 
 impl ProgConfig {
     /// All zero: the object's compiled-in value, replaced at load.
@@ -73,7 +90,15 @@ impl ProgConfig {
         task_mm: 0,
         mm_arg_start: 0,
         mm_arg_end: 0,
-        _pad2: 0,
+        file_filter: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_f_op: 0,
+        fops_owner: 0,
+        fops_unlocked_ioctl: 0,
+        module_name: 0,
     };
 }
 

@@ -103,3 +103,46 @@ mod tests {
         assert_eq!(flush_cpus_bucket(257), 9);
     }
 }
+
+/// Most CPUs a flush's targets are recorded for (the flusher marks each target CPU).
+pub const BLAST_MAX_CPUS: u32 = 512;
+
+/// Value of [`crate::names::MAP_FLUSH_TARGETS`] (indexed by target CPU): the flush that last
+/// aimed at this CPU. Written by the flusher before its IPIs go out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushMark {
+    pub flusher_tgid: u32,
+    /// The flusher's own CPU (its flush runs there inline: not a victim's).
+    pub flusher_cpu: u32,
+    pub ktime_ns: u64,
+}
+const _: () = assert!(size_of::<FlushMark>() == 16);
+
+/// Value of [`crate::names::MAP_IPI_START`] (per-CPU, one element): the flush IPI running on
+/// this CPU, from fentry to fexit of wbinvd_ipi.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpiStart {
+    pub start_ns: u64,
+    pub flusher_tgid: u32,
+    /// The task the IPI interrupted (0: the CPU was idle).
+    pub victim_tgid: u32,
+}
+const _: () = assert!(size_of::<IpiStart>() == 16);
+
+/// `BlastKey::kind`: flush IPIs counted, or the ns they took.
+pub const BLAST_IPIS: u32 = 0;
+pub const BLAST_NS: u32 = 1;
+
+/// Key of [`crate::names::MAP_BLAST`]: who flushed whose CPU (victim 0: an idle CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlastKey {
+    pub flusher_tgid: u32,
+    pub victim_tgid: u32,
+    /// [`BLAST_IPIS`] or [`BLAST_NS`].
+    pub kind: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<BlastKey>() == 16);

@@ -68,6 +68,14 @@ wire_enum! {
         InflightFull = 3 => "inflight_full",
         /// bpf_send_signal failed: an enforcement action could not be delivered.
         SignalErrors = 4 => "signal_error",
+        /// The decisions ring was full: an incoherent-DMA enable's event was lost. Not counted
+        /// for an ask (its kernel-side record stands in for the event); while enforcing, the
+        /// kernel asks rather than allows when the ring runs short, so only a denial's event
+        /// (the kernel carried it out) or an unenforced enable's can be lost.
+        DecisionsDropped = 5 => "decision_dropped",
+        /// A watched request number on a file that is not KVM's, VFIO's or iommufd's: not
+        /// reported (exported as `ioasid_ioctls_ignored_total`, not as an error).
+        IgnoredRequests = 6 => "ignored_request",
     }
 }
 pub const STATS_LEN: u32 = Stat::ALL.len() as u32;

@@ -44,6 +44,12 @@ pub const IOCTL_F_SIGNAL_SENT: u32 = 1 << 4;
 /// The kernel recorded this ask in [`crate::names::MAP_ASKED`]: whoever takes that record
 /// decides the request (the event, or the agent's recovery of a lost event), once.
 pub const IOCTL_F_ASK_RECORDED: u32 = 1 << 5;
+/// At sys_enter the fd was not a KVM/VFIO/iommufd file, yet the FILE_ADD succeeded: another
+/// thread swapped a kvm-vfio device onto the fd in between (only a hostile VMM does that). The
+/// kernel kills it where it enforces; the agent audits it as a denial.
+pub const IOCTL_F_FD_SWAPPED: u32 = 1 << 6;
+/// Not a KVM/VFIO/iommufd file at sys_enter: kept in flight only to catch a swap (above).
+pub const IOCTL_F_FOREIGN_FILE: u32 = 1 << 7;
 
 /// One watched ioctl, with what the kernel programs read and decided.
 #[repr(C)]

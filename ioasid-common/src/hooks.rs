@@ -170,6 +170,22 @@ pub const HOOKS: &[HookSpec] = &[
         "CPUs each WBINVD flush reaches (older kernels: KVM's on_each_cpu_mask(..., wbinvd_ipi))"
     ),
     hook!(
+        "fentry/wbinvd_ipi",
+        "ioasid_fentry_wbinvd_ipi",
+        FEntry { function: "wbinvd_ipi" },
+        true,
+        None,
+        "blast radius: a flush IPI interrupts a task on another CPU (kernels before ~6.17)"
+    ),
+    hook!(
+        "fexit/wbinvd_ipi",
+        "ioasid_fexit_wbinvd_ipi",
+        FExit { function: "wbinvd_ipi" },
+        true,
+        None,
+        "blast radius: the time a flush IPI took from the task it interrupted"
+    ),
+    hook!(
         "fexit/kvm_emulate_wbinvd",
         "ioasid_fexit_kvm_emulate_wbinvd",
         FExit { function: "kvm_emulate_wbinvd" },

@@ -38,6 +38,63 @@ ioctls! {
     IOMMU_GET_HW_INFO = 0x3b8a,
 }
 
+/// Modules whose files carry the watched requests (the owner of their file_operations): KVM's
+/// file_operations are owned by the vendor module that registered KVM. A watched request on any
+/// other file cannot reach KVM or VFIO, and is not reported (unprivileged noise).
+pub const WATCHED_MODULES: [&str; 5] = ["kvm", "kvm_amd", "kvm_intel", "vfio", "iommufd"];
+
+/// The first 16 bytes of `struct module.name` for each of [`WATCHED_MODULES`], as two
+/// little-endian words: what the kernel programs compare.
+pub const WATCHED_MODULE_KEYS: [[u64; 2]; 5] = {
+    let mut keys = [[0u64; 2]; 5];
+    let mut i = 0;
+    while i < WATCHED_MODULES.len() {
+        keys[i] = module_key(WATCHED_MODULES[i].as_bytes());
+        i += 1;
+    }
+    keys
+};
+
+/// A module name (at most 15 bytes) as the kernel stores it, NUL-padded, in two words.
+pub const fn module_key(name: &[u8]) -> [u64; 2] {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < name.len() && i < 15 {
+        b[i] = name[i];
+        i += 1;
+    }
+    let (mut lo, mut hi) = (0u64, 0u64);
+    let mut j = 0;
+    while j < 8 {
+        lo |= (b[j] as u64) << (8 * j);
+        hi |= (b[8 + j] as u64) << (8 * j);
+        j += 1;
+    }
+    [lo, hi]
+}
+
+/// The `unlocked_ioctl` of every file the watched requests go to, where KVM, VFIO or iommufd is
+/// built into the kernel (no owning module): /dev/kvm, VM, vCPU and device fds; the VFIO
+/// container, group and device; /dev/iommu. Addresses from /proc/kallsyms.
+pub const WATCHED_IOCTL_FNS: [&str; crate::config::WATCHED_IOCTL_FNS_LEN] = [
+    "kvm_dev_ioctl",
+    "kvm_vm_ioctl",
+    "kvm_vcpu_ioctl",
+    "kvm_device_ioctl",
+    "vfio_fops_unl_ioctl",
+    "vfio_group_fops_unl_ioctl",
+    "vfio_device_fops_unl_ioctl",
+    "iommufd_fops_ioctl",
+];
+
+/// True for an incoherent-DMA enable's shape: KVM_SET_DEVICE_ATTR, group 1, attr 1.
+#[inline(always)]
+pub fn is_file_add_shape(cmd: u32, group: u32, attr: u64) -> bool {
+    cmd == KVM_SET_DEVICE_ATTR
+        && group == crate::abi::KVM_DEV_VFIO_FILE
+        && attr == crate::abi::KVM_DEV_VFIO_FILE_ADD
+}
+
 /// Not watched (a read of an attribute), named for tests that check it is ignored.
 pub const KVM_GET_DEVICE_ATTR: u32 = 0x4018_aee2;
 
@@ -78,6 +135,13 @@ mod tests {
         assert_eq!(ioctl_name(KVM_SET_DEVICE_ATTR), Some("KVM_SET_DEVICE_ATTR"));
         assert!(!is_watched_ioctl(0xae80)); // KVM_RUN
         assert!(!is_watched_ioctl(KVM_GET_DEVICE_ATTR));
+        // struct module.name as the kernel stores it: NUL-padded bytes, read as two LE words.
+        assert_eq!(module_key(b"kvm"), [u64::from_le_bytes(*b"kvm\0\0\0\0\0"), 0]);
+        assert_eq!(
+            WATCHED_MODULE_KEYS[2],
+            [u64::from_le_bytes(*b"kvm_inte"), u64::from_le_bytes(*b"l\0\0\0\0\0\0\0")]
+        );
+        assert_eq!(module_key(b"0123456789abcdefXYZ")[1] >> 56, 0, "a name keeps its NUL");
         assert!(!is_watched_ioctl(0x5401)); // TCGETS
         assert!(!is_watched_ioctl(0));
         assert_eq!(ioctl_name(0x5401), None);

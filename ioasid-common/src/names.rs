@@ -8,6 +8,22 @@ pub const MAP_COUNTERS: &str = "IOASID_COUNTERS";
 pub const MAP_STATS: &str = "IOASID_STATS";
 /// The one ring buffer of [`crate::events::IoctlEvent`] / [`crate::events::TransitionEvent`].
 pub const MAP_EVENTS: &str = "IOASID_EVENTS";
+/// The ring buffer of incoherent-DMA enables (FILE_ADD/DEL events) only: only a process holding
+/// a real KVM device fd can write to it, so nothing a user floods shares it with decisions.
+pub const MAP_DECISIONS: &str = "IOASID_DECISIONS";
+/// Array of u64, one per [`crate::ioctl::WATCHED_IOCTL_FNS`]: the function's address (0: not
+/// loaded). A file whose file_operations have no owning module (built in; and KVM's device
+/// fds on kernels that leave their owner unset) is watched if its unlocked_ioctl is one. The
+/// agent keeps it current as modules load and unload.
+pub const MAP_IOCTL_FNS: &str = "IOASID_IOCTL_FNS";
+/// Array of [`crate::cost::FlushMark`] by target CPU: the WBINVD flush that last aimed there.
+pub const MAP_FLUSH_TARGETS: &str = "IOASID_FLUSH_TARGETS";
+/// Per-CPU array of one [`crate::cost::IpiStart`]: the flush IPI running on this CPU.
+pub const MAP_IPI_START: &str = "IOASID_IPI_START";
+/// Per-CPU hash [`crate::cost::BlastKey`] -> u64: flush IPIs and their time, by flusher and
+/// victim (the process the IPI interrupted on another CPU).
+pub const MAP_BLAST: &str = "IOASID_BLAST";
+pub const BLAST_MAX_ENTRIES: u32 = 16384;
 /// Hash: tgid -> [`crate::verdict::VmVerdict`], the compiled policy for each classified VMM.
 /// Written by the agent only.
 pub const MAP_VM_POLICY: &str = "IOASID_VM_POLICY";
@@ -57,7 +73,12 @@ pub const CMDLINES_MAX_ENTRIES: u32 = 4096;
 pub const MAP_CMDLINE_SCRATCH: &str = "IOASID_CMDLINE_SCRATCH";
 
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 25] = [
+    MAP_FLUSH_TARGETS,
+    MAP_IPI_START,
+    MAP_BLAST,
+    MAP_IOCTL_FNS,
+    MAP_DECISIONS,
     MAP_CMDLINES,
     MAP_CMDLINE_SCRATCH,
     MAP_FILE_COHERENCY,
@@ -84,7 +105,8 @@ pub const ALL_MAPS: [&str; 20] = [
 /// counters, WBINVD cost, the kernel's statistics, which VMs are non-coherent, and the kvm-vfio
 /// device fds and VFIO file coherency learned so far. Everything else (verdicts, in-flight
 /// requests, pending timers, the ring buffer, the control word) starts afresh with each agent.
-pub const PERSISTENT_MAPS: [&str; 9] = [
+pub const PERSISTENT_MAPS: [&str; 10] = [
+    MAP_BLAST,
     MAP_ASKED,
     MAP_COUNTERS,
     MAP_COST,
@@ -107,3 +129,8 @@ pub const INFLIGHT_MAX_ENTRIES: u32 = 4096;
 pub const COST_MAX_ENTRIES: u32 = 65536;
 /// 256 KiB: ioctl events are rare (a handful per VM start), so this is generous.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// 64 KiB: about 430 enable events. In enforcing mode the kernel stops and asks (a kernel-side
+/// record) instead of allowing an enable while fewer than [`DECISIONS_RESERVE`] bytes are free.
+pub const DECISIONS_RING_BYTES: u32 = 64 * 1024;
+/// Free space under which an enable is asked about rather than allowed: 8 records.
+pub const DECISIONS_RESERVE: u32 = 8 * 160;

@@ -14,8 +14,8 @@ use ioasid_common::{
     counters::{CounterKey, ExitMark, Stat, STATS_LEN},
     events::{Cmdline, IoctlEvent},
     names::{
-        CMDLINES_MAX_ENTRIES, COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_RING_BYTES,
-        INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, VM_POLICY_MAX_ENTRIES,
+        CMDLINES_MAX_ENTRIES, COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, DECISIONS_RING_BYTES,
+        EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, VM_POLICY_MAX_ENTRIES,
     },
     verdict::{Asked, FdKey, VmVerdict},
 };
@@ -30,6 +30,29 @@ pub static IOASID_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_
 
 #[map]
 pub static IOASID_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// See `MAP_FLUSH_TARGETS`.
+#[map]
+pub static IOASID_FLUSH_TARGETS: Array<ioasid_common::cost::FlushMark> =
+    Array::with_max_entries(ioasid_common::cost::BLAST_MAX_CPUS, 0);
+
+/// See `MAP_IPI_START`.
+#[map]
+pub static IOASID_IPI_START: PerCpuArray<ioasid_common::cost::IpiStart> = PerCpuArray::with_max_entries(1, 0);
+
+/// See `MAP_BLAST`.
+#[map]
+pub static IOASID_BLAST: PerCpuHashMap<ioasid_common::cost::BlastKey, u64> =
+    PerCpuHashMap::with_max_entries(ioasid_common::names::BLAST_MAX_ENTRIES, 0);
+
+/// Addresses of the watched ioctl functions (see `MAP_IOCTL_FNS`). Written by the agent only.
+#[map]
+pub static IOASID_IOCTL_FNS: Array<u64> =
+    Array::with_max_entries(ioasid_common::config::WATCHED_IOCTL_FNS_LEN as u32, 0);
+
+/// FILE_ADD/DEL events only (see `MAP_DECISIONS`).
+#[map]
+pub static IOASID_DECISIONS: RingBuf = RingBuf::with_byte_size(DECISIONS_RING_BYTES, 0);
 
 /// Written by the agent only.
 #[map]

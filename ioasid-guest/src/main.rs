@@ -61,6 +61,10 @@ struct Args {
     /// set up as QEMU does (a type1v2 container first).
     #[arg(long, value_name = "/dev/vfio/N", requires = "file_add")]
     vfio_group: Option<std::path::PathBuf>,
+    /// With --file-add: issue FILE_ADD this many times on the same device (the last errno is
+    /// reported).
+    #[arg(long, default_value_t = 1, requires = "file_add", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    file_add_repeat: u32,
     /// With --file-add: after the WBINVD/INVD work, remove the file again (FILE_DEL).
     #[arg(long, requires = "file_add")]
     file_del: bool,
@@ -75,6 +79,12 @@ struct Args {
     /// ordinary fd (the kernel answers ENOTTY): what QEMU does on a real VFIO host.
     #[arg(long)]
     vfio_probe: bool,
+    /// With --vfio-probe: issue them on this file instead of /dev/null (e.g. a real VFIO group).
+    #[arg(long, value_name = "PATH", requires = "vfio_probe")]
+    vfio_probe_file: Option<std::path::PathBuf>,
+    /// With --vfio-probe: issue them this many rounds.
+    #[arg(long, default_value_t = 1, requires = "vfio_probe", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    vfio_probe_repeat: u32,
     /// Stay alive this many seconds after the work is done (so a watcher sees the VM live).
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
@@ -112,12 +122,16 @@ fn main() -> Result<()> {
             },
         };
         thread::sleep(Duration::from_secs_f64(args.file_add_delay));
-        let (errno, dev) = file_attr(&vm, None, &file.file, KVM_DEV_VFIO_FILE_ADD)?;
+        let (mut errno, dev) = file_attr(&vm, None, &file.file, KVM_DEV_VFIO_FILE_ADD)?;
+        for _ in 1..args.file_add_repeat {
+            errno = file_attr(&vm, dev.as_ref(), &file.file, KVM_DEV_VFIO_FILE_ADD)?.0;
+        }
         summary.file_add_errno = Some(errno);
         keep = Some((dev, file));
     }
     if args.vfio_probe {
-        summary.probed = Some(vfio_probe()?);
+        let path = args.vfio_probe_file.as_deref().unwrap_or(std::path::Path::new("/dev/null"));
+        summary.probed = Some(vfio_probe(path, args.vfio_probe_repeat)?);
     }
     if args.wbinvd > 0 || args.invd > 0 || args.rate.is_some() {
         let code = match args.rate {
@@ -247,7 +261,13 @@ fn run_migrating(vcpu: &mut VcpuFd, n: u32) -> Result<u64> {
     let mut done = 0u64;
     pin(0)?;
     loop {
-        match vcpu.run().context("KVM_RUN")? {
+        // A signal (a stop and continue, as a duty-cycle throttle does) interrupts KVM_RUN with
+        // EINTR: run again, as every VMM does.
+        let exit = match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => r.context("KVM_RUN")?,
+        };
+        match exit {
             // A batch ran on CPU 0; the guest's next instruction is `out PACE_PORT`: run that
             // one on CPU 1 (the visit).
             VcpuExit::IoOut(port, _) if port == u16::from(code::VISIT_PORT) => {
@@ -280,26 +300,33 @@ fn pin(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// Every watched VFIO/iommufd request (the one list in ioasid-common), issued on /dev/null.
-/// Returns how many were issued.
-fn vfio_probe() -> Result<u32> {
+/// Every watched VFIO/iommufd request (the one list in ioasid-common), issued `rounds` times on
+/// `path` (/dev/null: unprivileged noise; a VFIO group: requests the agent must see). Returns
+/// how many were issued.
+fn vfio_probe(path: &std::path::Path, rounds: u32) -> Result<u32> {
     use ioasid_common::{
         abi::{VFIO_DMA_CC_IOMMU, VFIO_TYPE1V2_IOMMU},
         ioctl::{VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, WATCHED_IOCTLS},
     };
-    let file = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     let mut zeroes = [0u8; 64];
     let mut n = 0;
     // VFIO and iommufd requests are of type ';' (0x3b); the KVM ones need a VM.
-    for req in WATCHED_IOCTLS.iter().filter(|r| (r.cmd >> 8) & 0xff == 0x3b) {
+    let requests = WATCHED_IOCTLS.iter().filter(|r| (r.cmd >> 8) & 0xff == 0x3b);
+    for req in (0..rounds).flat_map(|_| requests.clone()) {
         let arg = match req.cmd {
             VFIO_CHECK_EXTENSION => VFIO_DMA_CC_IOMMU,
             VFIO_SET_IOMMU => VFIO_TYPE1V2_IOMMU,
             _ => zeroes.as_mut_ptr() as u64,
         };
-        // SAFETY: ioctl on /dev/null, which rejects every one of these requests (ENOTTY) without
-        // touching `arg`; pointer arguments point at a zeroed local buffer all the same.
+        // SAFETY: /dev/null rejects every one of these requests (ENOTTY) without touching `arg`;
+        // a VFIO group rejects them or reads at most a zeroed int or an empty string from the
+        // zeroed local buffer (a bad fd, no such device): nothing changes.
         unsafe { libc::ioctl(fd, libc::c_ulong::from(req.cmd), arg) };
         n += 1;
     }
@@ -336,7 +363,13 @@ fn setup_guest(vm: &VmFd, code: &[u8]) -> Result<(GuestMem, VcpuFd)> {
 
 fn run_to_halt(vcpu: &mut VcpuFd) -> Result<()> {
     loop {
-        match vcpu.run().context("KVM_RUN")? {
+        // A signal (a stop and continue, as a duty-cycle throttle does) interrupts KVM_RUN with
+        // EINTR: run again, as every VMM does.
+        let exit = match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => r.context("KVM_RUN")?,
+        };
+        match exit {
             VcpuExit::Hlt => return Ok(()),
             VcpuExit::IoOut(..) | VcpuExit::Intr => {}
             other => bail!("unexpected vCPU exit: {other:?}"),
@@ -351,7 +384,13 @@ fn run_storm(vcpu: &mut VcpuFd, rate: u32, duration: Duration) -> Result<u64> {
     let start = Instant::now();
     let mut done = 0u64;
     loop {
-        match vcpu.run().context("KVM_RUN")? {
+        // A signal (a stop and continue, as a duty-cycle throttle does) interrupts KVM_RUN with
+        // EINTR: run again, as every VMM does.
+        let exit = match vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => r.context("KVM_RUN")?,
+        };
+        match exit {
             VcpuExit::IoOut(port, _) if port == u16::from(code::PACE_PORT) => {
                 done += batch;
                 let elapsed = start.elapsed();

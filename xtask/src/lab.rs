@@ -255,6 +255,8 @@ mount -t tmpfs tmpfs /dev/shm; mkdir -p /dev/pts; mount -t devpts devpts /dev/pt
 mount -t tracefs tracefs /sys/kernel/tracing; mount -t debugfs debugfs /sys/kernel/debug
 mount -t securityfs securityfs /sys/kernel/security
 mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# As systemd does: child cgroups get the cpu controller (cpu.max), for the throttle tests.
+echo +cpu > /sys/fs/cgroup/cgroup.subtree_control
 {scratch}
 mkdir -p /lib/modules/{rel}; mount --bind {root}/lib/modules/{rel} /lib/modules/{rel}
 {bb} ip link set lo up

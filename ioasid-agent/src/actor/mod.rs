@@ -16,10 +16,10 @@ use ioasid_common::counters::{Op, Path, Stat};
 
 use crate::{
     accounting::Accounting,
-    audit::{rfc3339, AuditLog},
+    audit::{rfc3339, AuditLog, StormOutcome},
     events::Event,
     kernel::{Kernel, Stats},
-    policy::PolicyStore,
+    policy::{PolicyStore, StormAction},
     procfs::{ProcFs, ProcessInfo},
     storm::{self, Detector, StormChange, Transition},
     telemetry::{
@@ -59,6 +59,8 @@ pub struct Actor<K: Kernel> {
     /// CLOCK_MONOTONIC when this agent started: an ask older than that was left open by a
     /// previous agent (adopted from the pinned maps).
     started_ns: u64,
+    /// `action: throttle` (None: throttling is not available; the action then only alerts).
+    throttler: Option<crate::throttle::Throttler>,
 }
 
 /// What the kernel captured of a process at VM creation, as the agent knows processes (for one
@@ -89,6 +91,7 @@ impl<K: Kernel> Actor<K> {
             sweeps: 0,
             stats_seen: Stats::default(),
             started_ns: crate::sys::monotonic_ns(),
+            throttler: None,
         };
         actor.export_policy_info();
         actor
@@ -100,6 +103,18 @@ impl<K: Kernel> Actor<K> {
         info.reset();
         info.with_label_values(&[self.policy.sha256.as_str(), &self.policy.policy.rule_count().to_string()])
             .set(1);
+    }
+
+    /// Enables `action: throttle`.
+    pub fn set_throttler(&mut self, t: crate::throttle::Throttler) {
+        self.throttler = Some(t);
+    }
+
+    /// Puts back every throttle in force (agent exit).
+    pub fn release_throttles(&mut self) {
+        if let Some(t) = self.throttler.as_mut() {
+            t.stop_all();
+        }
     }
 
     #[cfg(test)]
@@ -295,6 +310,7 @@ impl<K: Kernel> Actor<K> {
             p.noncoherent = noncoherent.contains(tgid);
         }
         self.recover_asks(LOST_ASK_NS);
+        self.kernel.refresh_file_filter();
         self.series.set_totals(&self.acct.vm_totals());
         self.detect_storms(now);
         self.export_host_stats();
@@ -319,7 +335,14 @@ impl<K: Kernel> Actor<K> {
                     self.detector.baseline(*tgid, now - self.set.sweep_interval, 0, 0);
                 }
             }
-            if let Some(t) = self.detector.observe(*tgid, now, wbinvd, p.cost.sum_ns, &p.budget) {
+            let hold = match self.throttler.as_mut() {
+                Some(th) => {
+                    th.adjust(*tgid, now, wbinvd, p.budget.rate);
+                    th.holds(*tgid)
+                }
+                None => false,
+            };
+            if let Some(t) = self.detector.observe(*tgid, now, wbinvd, p.cost.sum_ns, &p.budget, hold) {
                 changes.push((*tgid, t));
             }
             let g = per_vm.entry(p.info.vm.clone()).or_default();
@@ -356,7 +379,39 @@ impl<K: Kernel> Actor<K> {
             self.series.alert(c.vm);
         }
         let kernel = &mut self.kernel;
-        let result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
+        let mut result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
+        if let Some(th) = self.throttler.as_mut() {
+            let (_, outcome, reason) = &mut result;
+            match transition {
+                Transition::Raised if c.budget.action == StormAction::Throttle => {
+                    let wbinvd = p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]);
+                    let started = th.start(
+                        tgid,
+                        p.info.start_time,
+                        &p.info.vm,
+                        (window.rate, c.budget.rate),
+                        (Instant::now(), wbinvd),
+                    );
+                    (*outcome, *reason) = match started {
+                        Ok(s) => {
+                            (StormOutcome::Throttled, Some(format!("{}: {:.3} CPU", s.mechanism, s.share)))
+                        }
+                        Err(e) => {
+                            tracing::error!(pid = tgid, error = %e, "throttling a storming VMM");
+                            (StormOutcome::ThrottleFailed, Some(e.to_string()))
+                        }
+                    };
+                }
+                Transition::Cleared | Transition::Exited => match th.stop(tgid) {
+                    Some(Ok(e)) => *reason = Some(format!("throttle ended: {} put back", e.mechanism())),
+                    Some(Err(e)) => *reason = Some(format!("throttle could not be put back: {e}")),
+                    None => {}
+                },
+                Transition::Raised => {}
+            }
+        } else if transition == Transition::Raised && c.budget.action == StormAction::Throttle {
+            result.2 = Some("throttling is not available in this agent: alerted only".into());
+        }
         let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
         self.audit.write(&rec);
     }
@@ -379,7 +434,15 @@ impl<K: Kernel> Actor<K> {
                     dropped = delta,
                     "kernel ring buffer full: events dropped (counters stay exact)"
                 );
+            } else if *stat == Stat::IgnoredRequests {
+                self.metrics.ioctls_ignored.inc_by(delta);
             } else {
+                if *stat == Stat::DecisionsDropped {
+                    tracing::error!(
+                        dropped = delta,
+                        "decisions ring full: incoherent-DMA enable events lost (the kernel asks instead while enforcing)"
+                    );
+                }
                 self.metrics.kernel_errors.with_label_values(&[stat.label()]).inc_by(delta);
             }
         }

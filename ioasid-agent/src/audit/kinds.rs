@@ -102,6 +102,10 @@ text_enum! {
         Cleared => "cleared",
         VmmExited => "vmm-exited",
         SignalFailed => "signal-failed",
+        /// `action: throttle`: its CPU is limited (`reason` says how and how much).
+        Throttled => "throttled",
+        /// `action: throttle` could not be applied (`reason` says why): alerted only.
+        ThrottleFailed => "throttle-failed",
     }
 }
 

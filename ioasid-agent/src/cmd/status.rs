@@ -39,6 +39,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             })
             .collect();
         let cost_source = loaded.cost_source().label();
+        let (filter_on, filter_reason) = match &loaded.file_filter {
+            loader::FileFilter::On => (true, None),
+            loader::FileFilter::Off(why) => (false, Some(why.clone())),
+        };
         println!(
             "{}",
             serde_json::json!({
@@ -46,6 +50,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 "enforcement_mechanism": mechanism,
                 "cost_source": cost_source,
                 "ioctl_hooks": loaded.ioctl_family(),
+                "file_filter": { "on": filter_on, "reason": filter_reason },
             })
         );
     } else {
@@ -55,6 +60,12 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         println!("enforcement mechanism for incoherent-DMA denials: {mechanism}");
         println!("WBINVD handler time source: {}", loaded.cost_source().label());
         println!("ioctl path: {}", loaded.ioctl_family());
+        match &loaded.file_filter {
+            loader::FileFilter::On => {
+                println!("reported: watched requests on KVM, VFIO and iommufd files only")
+            }
+            loader::FileFilter::Off(why) => println!("reported: watched requests on any file ({why})"),
+        }
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ mod attach;
 mod config;
 pub mod state;
 
+pub use self::config::{ioctl_fns, modules_fingerprint, FileFilter};
 use self::{
     attach::{attach, Target},
     config::{prog_config, svm_without_nrips},
@@ -149,6 +150,8 @@ pub struct Loaded {
     pub lsm_observes: bool,
     /// Where the persistent maps are pinned, and which a previous agent left.
     pub state: Option<state::StateDir>,
+    /// Whether only requests on KVM/VFIO/iommufd files are reported.
+    pub file_filter: FileFilter,
 }
 
 impl Loaded {
@@ -208,7 +211,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         return Err(LoadError::NoObject);
     }
     let tracefs = TraceFs::locate_or_mount()?;
-    let config = prog_config(&tracefs)?;
+    let (config, file_filter, ioctl_fns) = prog_config(&tracefs)?;
     let btf = Btf::from_sys_fs().ok();
     let state = opts.state_dir.as_deref().map(|base| state::prepare(base, OBJECT)).transpose()?;
     let mut loader = EbpfLoader::new();
@@ -285,7 +288,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
         }
     }
-    let mut loaded = Loaded { ebpf, hooks, lsm_observes, state };
+    let mut loaded = Loaded { ebpf, hooks, lsm_observes, state, file_filter };
     let control = Control {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
@@ -295,7 +298,22 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         _pad: 0,
     };
     set_control(&mut loaded.ebpf, control)?;
+    if loaded.file_filter == FileFilter::On {
+        write_ioctl_fns(&mut loaded.ebpf, &ioctl_fns)?;
+    }
     Ok(loaded)
+}
+
+/// Writes the watched ioctl functions' addresses (see `MAP_IOCTL_FNS`).
+pub fn write_ioctl_fns(ebpf: &mut Ebpf, fns: &[u64]) -> Result<(), LoadError> {
+    let name = ioasid_common::names::MAP_IOCTL_FNS;
+    let map = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+    let mut array: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+    for (i, a) in fns.iter().enumerate() {
+        array.set(i as u32, *a, 0).map_err(|source| LoadError::Map { name, source })?;
+    }
+    Ok(())
 }
 
 pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {

@@ -83,6 +83,10 @@ pub enum StormAction {
     Stop,
     /// Also SIGKILL the VMM.
     Kill,
+    /// Also limit the VMM's CPU while over budget, so its WBINVD rate falls to the budget
+    /// (cgroup cpu.max / cfs quota of its own cgroup, else a stop/continue duty cycle); the
+    /// exact previous limit comes back when the storm clears.
+    Throttle,
 }
 
 impl StormAction {
@@ -91,6 +95,7 @@ impl StormAction {
             StormAction::Alert => "alert",
             StormAction::Stop => "stop",
             StormAction::Kill => "kill",
+            StormAction::Throttle => "throttle",
         }
     }
 }

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub hook_attached: IntGaugeVec,
     /// contract: events lost (kernel ring buffer full, or the agent's queue full).
     pub events_dropped: IntCounter,
+    pub ioctls_ignored: IntCounter,
     pub kernel_errors: IntCounterVec,
     pub event_decode_errors: IntCounter,
     /// contract: constant 1 with the version.
@@ -115,6 +116,10 @@ impl Metrics {
             events_dropped: counter(
                 "ioasid_events_dropped_total",
                 "Events lost because the kernel ring buffer or the agent's event queue was full (counters stay exact).",
+            ),
+            ioctls_ignored: counter(
+                "ioasid_ioctls_ignored_total",
+                "Watched ioctl request numbers issued on files that are not KVM, VFIO or iommufd files (anyone can; not reported further).",
             ),
             kernel_errors: counter_vec(
                 "ioasid_kernel_errors_total",
@@ -239,7 +244,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
         }
-        for stat in Stat::ALL.iter().filter(|s| **s != Stat::EventsDropped) {
+        for stat in Stat::ALL.iter().filter(|s| !matches!(s, Stat::EventsDropped | Stat::IgnoredRequests)) {
             m.kernel_errors.with_label_values(&[stat.label()]);
         }
         m

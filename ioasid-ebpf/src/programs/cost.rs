@@ -11,18 +11,22 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, fentry, tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, TracePointContext},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, fentry, fexit, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
 };
 use ioasid_common::{
-    cost::{cost_bucket, flush_cpus_bucket, CostKey, CostSource, Pending, COST_SUM},
+    cost::{
+        cost_bucket, flush_cpus_bucket, BlastKey, CostKey, CostSource, FlushMark, IpiStart, Pending, BLAST_IPIS,
+        BLAST_MAX_CPUS, BLAST_NS, COST_SUM,
+    },
     counters::Path,
 };
 
 use super::current_ids;
 use crate::maps::{
-    config, control, pending_add, pending_none, percpu_add, IOASID_COST, IOASID_FLUSH_CPUS, IOASID_PENDING,
+    config, control, pending_add, pending_none, percpu_add, IOASID_BLAST, IOASID_COST, IOASID_FLUSH_CPUS,
+    IOASID_FLUSH_TARGETS, IOASID_IPI_START, IOASID_PENDING,
 };
 
 /// Records one handled WBINVD of `tgid` that took `ns`.
@@ -115,8 +119,40 @@ pub fn handler_done() {
 
 /// Counts the CPUs set in a cpumask (the first `nr_cpus` bits, at most 512: an off-stack
 /// cpumask is allocated to `nr_cpu_ids` bits only) into the CPUs-per-flush histogram.
+/// Marks each CPU of a flush's mask (up to BLAST_MAX_CPUS) with the flusher, for its
+/// wbinvd_ipi there to find (blast radius). Concurrent flushes aimed at one CPU: the later mark
+/// wins.
+#[inline(always)]
+fn mark_flush_targets(mask: *const u64) {
+    let nr = config().nr_cpus.min(BLAST_MAX_CPUS);
+    // SAFETY: helpers without pointer arguments.
+    let mark = FlushMark {
+        flusher_tgid: current_ids().0,
+        flusher_cpu: unsafe { bpf_get_smp_processor_id() },
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let mut w = 0u32;
+    while w < BLAST_MAX_CPUS / 64 && w * 64 < nr {
+        // SAFETY: bpf_probe_read_kernel faults safely.
+        let Ok(mut word) = (unsafe { bpf_probe_read_kernel(mask.wrapping_add(w as usize)) }) else { break };
+        let mut n = 0;
+        while word != 0 && n < 64 {
+            let cpu = w * 64 + word.trailing_zeros();
+            if let Some(slot) = IOASID_FLUSH_TARGETS.get_ptr_mut(cpu) {
+                // SAFETY: a live array element; a racing writer leaves one whole mark or the other
+                // (each field is written whole).
+                unsafe { *slot = mark };
+            }
+            word &= word - 1;
+            n += 1;
+        }
+        w += 1;
+    }
+}
+
 #[inline(always)]
 fn record_flush_cpus(mask: *const u64) {
+    mark_flush_targets(mask);
     let nr = config().nr_cpus;
     let mut cpus = 0u32;
     let mut i = 0u32;
@@ -159,5 +195,47 @@ pub fn ioasid_fentry_on_each_cpu_cond_mask(ctx: FEntryContext) -> i32 {
         return 0;
     }
     record_flush_cpus(ctx.arg(4));
+    0
+}
+
+/// fentry wbinvd_ipi(void *garbage) (arch/x86/kvm/x86.c, 6.1-6.16; static, address-taken): one
+/// CPU of a non-coherent VM's flush, in the IPI (or inline on the flusher's own CPU). The task
+/// running here was interrupted: the victim. Only flushes whose flusher marked this CPU count,
+/// and never on the flusher's own CPU.
+#[fentry(function = "wbinvd_ipi")]
+pub fn ioasid_fentry_wbinvd_ipi(_ctx: FEntryContext) -> i32 {
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(start) = IOASID_IPI_START.get_ptr_mut(0) else { return 0 };
+    let mark = match IOASID_FLUSH_TARGETS.get(cpu) {
+        Some(m) if m.flusher_tgid != 0 && m.flusher_cpu != cpu => *m,
+        _ => {
+            // SAFETY: this CPU's own element.
+            unsafe { (*start).start_ns = 0 };
+            return 0;
+        }
+    };
+    // SAFETY: this CPU's own element; IPIs do not nest on a CPU.
+    unsafe {
+        *start = IpiStart { start_ns: bpf_ktime_get_ns(), flusher_tgid: mark.flusher_tgid, victim_tgid: current_ids().0 }
+    };
+    0
+}
+
+/// fexit wbinvd_ipi: the flush's time on this CPU, stolen from the victim.
+#[fexit(function = "wbinvd_ipi")]
+pub fn ioasid_fexit_wbinvd_ipi(_ctx: FExitContext) -> i32 {
+    let Some(start) = IOASID_IPI_START.get_ptr_mut(0) else { return 0 };
+    // SAFETY: this CPU's own element.
+    let s = unsafe { *start };
+    if s.start_ns == 0 {
+        return 0;
+    }
+    // SAFETY: as above; a helper without arguments.
+    unsafe { (*start).start_ns = 0 };
+    let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(s.start_ns);
+    let key = |kind| BlastKey { flusher_tgid: s.flusher_tgid, victim_tgid: s.victim_tgid, kind, _pad: 0 };
+    percpu_add(&IOASID_BLAST, &key(BLAST_IPIS), 1);
+    percpu_add(&IOASID_BLAST, &key(BLAST_NS), ns);
     0
 }

@@ -32,6 +32,8 @@ empty! {
     fentry(function = "emulator_wbinvd") => ioasid_fentry_emulator_wbinvd_empty(FEntryContext) -> i32;
     fentry(function = "wbinvd_on_cpus_mask") => ioasid_fentry_wbinvd_on_cpus_mask_empty(FEntryContext) -> i32;
     fentry(function = "on_each_cpu_cond_mask") => ioasid_fentry_on_each_cpu_cond_mask_empty(FEntryContext) -> i32;
+    fentry(function = "wbinvd_ipi") => ioasid_fentry_wbinvd_ipi_empty(FEntryContext) -> i32;
+    fexit(function = "wbinvd_ipi") => ioasid_fexit_wbinvd_ipi_empty(FExitContext) -> i32;
     fexit(function = "kvm_emulate_wbinvd") => ioasid_fexit_kvm_emulate_wbinvd_empty(FExitContext) -> i32;
     fexit(function = "emulator_wbinvd") => ioasid_fexit_emulator_wbinvd_empty(FExitContext) -> i32;
     lsm(hook = "file_ioctl") => ioasid_lsm_file_ioctl_empty(LsmContext) -> i32;

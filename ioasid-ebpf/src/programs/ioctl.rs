@@ -14,6 +14,11 @@
 //! created (device created before the agent started, or passed in) is still judged; on x86 only
 //! the kvm-vfio device accepts it. Fail-open for everything else: a read error is counted in
 //! `Stat::ReadErrors` and the ioctl proceeds.
+//!
+//! Only requests on KVM, VFIO and iommufd files are reported (`is_watched_file`): the same
+//! request numbers on any other file (anyone can issue them, on /dev/null, in a loop) are counted
+//! in `Stat::IgnoredRequests` and nothing else. FILE_ADD/DEL events go to their own ring
+//! (IOASID_DECISIONS), which only holders of a kvm-vfio device fd can write to.
 
 use aya_ebpf::{
     bindings::BPF_ANY,
@@ -31,15 +36,18 @@ use ioasid_common::{
         EPERM, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
         PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
     },
+    config::WATCHED_IOCTL_FNS_LEN,
     counters::Stat,
     events::{
         Coherency, EventKind, IoctlEvent, CMDLINE_MAX, IOCTL_F_ASK_RECORDED, IOCTL_F_ATTR_READ,
-        IOCTL_F_DEVICE_KNOWN, IOCTL_F_FILE_FD_READ, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        IOCTL_F_DEVICE_KNOWN, IOCTL_F_FD_SWAPPED, IOCTL_F_FILE_FD_READ, IOCTL_F_FOREIGN_FILE,
+        IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
-        is_watched_ioctl, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_HAS_DEVICE_ATTR, KVM_SET_DEVICE_ATTR,
-        VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
+        is_file_add_shape, is_watched_ioctl, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_HAS_DEVICE_ATTR,
+        KVM_SET_DEVICE_ATTR, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, WATCHED_MODULE_KEYS,
     },
+    names::{DECISIONS_RESERVE, DECISIONS_RING_BYTES},
     verdict::{Asked, Decision, FdKey, Mechanism, RULE_NONE},
 };
 
@@ -47,8 +55,8 @@ use super::{current_ids, header};
 use crate::{
     maps::{
         config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_CMDLINES,
-        IOASID_CMDLINE_SCRATCH, IOASID_EVENTS, IOASID_FILE_COHERENCY, IOASID_INFLIGHT, IOASID_KVM_DEVICES,
-        IOASID_VM_POLICY,
+        IOASID_CMDLINE_SCRATCH, IOASID_DECISIONS, IOASID_EVENTS, IOASID_FILE_COHERENCY, IOASID_INFLIGHT,
+        IOASID_IOCTL_FNS, IOASID_KVM_DEVICES, IOASID_VM_POLICY,
     },
     read::field_u64,
 };
@@ -140,6 +148,86 @@ fn is_file_add(attr: &KvmDeviceAttr) -> bool {
     attr.group == KVM_DEV_VFIO_FILE && attr.attr == KVM_DEV_VFIO_FILE_ADD
 }
 
+/// Reads a kernel word at `base + off` (faults safely).
+#[inline(always)]
+fn kword(base: u64, off: u32) -> Result<u64, i32> {
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    unsafe { bpf_probe_read_kernel((base as *const u8).wrapping_add(off as usize).cast::<u64>()) }
+}
+
+/// The current task's file behind `fd` (current->files->fdt->fd[fd]); 0 if there is none.
+/// Read errors are `Err`: the caller cannot tell, and reports the request.
+#[inline(always)]
+fn fd_file(fd: i32) -> Result<u64, i32> {
+    let cfg = config();
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files = kword(task, cfg.task_files)?;
+    if files == 0 {
+        return Ok(0);
+    }
+    let fdt = kword(files, cfg.files_fdt)?;
+    let max_fds = kword(fdt, cfg.fdt_max_fds)? as u32;
+    if fd < 0 || fd as u32 >= max_fds {
+        return Ok(0);
+    }
+    let fds = kword(fdt, cfg.fdt_fd)?;
+    kword(fds, (fd as u32) * 8)
+}
+
+/// True if `file` is a KVM, VFIO or iommufd file: its file_operations are owned by one of their
+/// modules, or (built into the kernel) its unlocked_ioctl is one of theirs. Only such a file
+/// leads to KVM or VFIO. True as well when the filter is off or a read fails: what cannot be told
+/// apart from a real request is reported.
+#[inline(always)]
+fn is_watched_file(file: Result<u64, i32>) -> bool {
+    let cfg = config();
+    if cfg.file_filter == 0 {
+        return true;
+    }
+    let Ok(file) = file else {
+        stat_inc(Stat::ReadErrors);
+        return true;
+    };
+    if file == 0 {
+        return false;
+    }
+    let Ok(fop) = kword(file, cfg.file_f_op) else { return true };
+    if fop == 0 {
+        return false;
+    }
+    let Ok(owner) = kword(fop, cfg.fops_owner) else { return true };
+    if owner != 0 {
+        // SAFETY: bpf_probe_read_kernel faults safely.
+        let name = unsafe {
+            bpf_probe_read_kernel(
+                (owner as *const u8).wrapping_add(cfg.module_name as usize).cast::<[u64; 2]>(),
+            )
+        };
+        let Ok(name) = name else { return true };
+        return WATCHED_MODULE_KEYS.iter().any(|k| *k == name);
+    }
+    let Ok(ioctl) = kword(fop, cfg.fops_unlocked_ioctl) else { return true };
+    if ioctl == 0 {
+        return false;
+    }
+    let mut i = 0;
+    while i < WATCHED_IOCTL_FNS_LEN as u32 {
+        if IOASID_IOCTL_FNS.get(i).is_some_and(|a| *a == ioctl) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Free bytes in the decisions ring.
+#[inline(always)]
+fn decisions_room() -> u64 {
+    // BPF_RB_AVAIL_DATA (0): bytes written and not yet consumed.
+    u64::from(DECISIONS_RING_BYTES).saturating_sub(IOASID_DECISIONS.query(0))
+}
+
 /// syscalls:sys_enter_ioctl. Record: `fd`, `cmd`, `arg` (each 8 bytes wide; offsets from the
 /// format file). Every ioctl on the host passes here: unrelated requests leave after one
 /// type-byte test (`is_watched_ioctl`).
@@ -160,7 +248,7 @@ fn try_sys_enter_ioctl(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let fd = field_u64(ctx, cfg.ioctl_fd)? as u32 as i32;
     let arg = field_u64(ctx, cfg.ioctl_arg)?;
-    let _ = on_sys_enter_ioctl(ctx, fd, cmd, arg);
+    let _ = on_sys_enter_ioctl(ctx, fd, cmd, arg, false);
     Ok(())
 }
 
@@ -186,7 +274,7 @@ pub fn ioasid_tp_btf_sys_enter(ctx: BtfTracePointContext) -> i32 {
     }
     match (read(PT_REGS_DI), read(PT_REGS_DX)) {
         (Ok(fd), Ok(arg)) => {
-            let _ = on_sys_enter_ioctl(&ctx, fd as u32 as i32, cmd, arg);
+            let _ = on_sys_enter_ioctl(&ctx, fd as u32 as i32, cmd, arg, false);
         }
         _ => stat_inc(Stat::ReadErrors),
     }
@@ -216,11 +304,33 @@ fn on_sys_exit(ret: impl FnOnce() -> Result<u64, i64>) -> Result<(), i64> {
 }
 
 /// A watched ioctl entered: judge it if it is an incoherent-DMA enable, and keep it in flight
-/// for sys_exit.
+/// for sys_exit. `file_checked`: the caller (LSM, given the file) has already found it a KVM,
+/// VFIO or iommufd file; the syscall hooks look the fd up here.
 #[inline(always)]
-fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) -> Option<IoctlEvent> {
+fn on_sys_enter_ioctl<C: EbpfContext>(
+    ctx: &C,
+    fd: i32,
+    cmd: u32,
+    arg: u64,
+    file_checked: bool,
+) -> Option<IoctlEvent> {
     let (tgid, tid) = current_ids();
     if tgid == config().agent_tgid {
+        return None;
+    }
+    if !file_checked && !is_watched_file(fd_file(fd)) {
+        // At a syscall hook the fd is looked up before the ioctl runs: a FILE_ADD stays in
+        // flight, so that a kvm-vfio device swapped onto the fd meanwhile is still caught.
+        if cmd == KVM_SET_DEVICE_ATTR {
+            // SAFETY: bpf_probe_read_user faults safely.
+            if let Ok(attr) = unsafe { bpf_probe_read_user(arg as *const KvmDeviceAttr) } {
+                if is_file_add_shape(cmd, attr.group, attr.attr) {
+                    keep_foreign_file_add(tgid, tid, fd, cmd, arg, &attr);
+                    return None;
+                }
+            }
+        }
+        stat_inc(Stat::IgnoredRequests);
         return None;
     }
 
@@ -261,6 +371,54 @@ fn on_sys_enter_ioctl<C: EbpfContext>(ctx: &C, fd: i32, cmd: u32, arg: u64) -> O
     }
     inflight_add(1);
     Some(ev)
+}
+
+/// A FILE_ADD on an fd that was not a kvm-vfio device at sys_enter: in flight, unjudged, until
+/// sys_exit tells whether it succeeded (`on_sys_exit_ioctl`).
+#[inline(always)]
+fn keep_foreign_file_add(tgid: u32, tid: u32, fd: i32, cmd: u32, arg: u64, attr: &KvmDeviceAttr) {
+    // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
+    let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
+    ev.header = header(EventKind::Ioctl, core::mem::size_of::<IoctlEvent>(), tgid, tid);
+    ev.cmd = cmd;
+    ev.fd = fd;
+    ev.arg = arg;
+    ev.file_fd = -1;
+    ev.rule = RULE_NONE;
+    ev.flags = IOCTL_F_FOREIGN_FILE | IOCTL_F_ATTR_READ;
+    ev.attr_flags = attr.flags;
+    ev.attr_group = attr.group;
+    ev.attr_attr = attr.attr;
+    ev.attr_addr = attr.addr;
+    if IOASID_INFLIGHT.insert(&tid, &ev, BPF_ANY as u64).is_ok() {
+        inflight_add(1);
+    } else {
+        stat_inc(Stat::InflightFull);
+    }
+}
+
+/// sys_exit of a FILE_ADD kept by `keep_foreign_file_add`. A failure is what it looked like
+/// (noise: ignored). A success means a kvm-vfio device was swapped onto the fd during the call:
+/// an enable that was never judged, by a process that hides it. Killed where the kernel
+/// enforces, and always reported (as a denial).
+#[inline(always)]
+fn foreign_file_add_done(ev: &mut IoctlEvent, ret: Result<u64, i64>) -> bool {
+    if ret != Ok(0) {
+        stat_inc(Stat::IgnoredRequests);
+        return false;
+    }
+    ev.flags |= IOCTL_F_FD_SWAPPED;
+    ev.decision = Decision::Deny.wire();
+    if control().enforce != 0 {
+        ev.mechanism = Mechanism::Sigkill.wire();
+        // SAFETY: helper call; signals the current process (the whole thread group).
+        if unsafe { bpf_send_signal(SIGKILL) } == 0 {
+            ev.flags |= IOCTL_F_SIGNAL_SENT;
+        } else {
+            stat_inc(Stat::SignalErrors);
+        }
+    }
+    true
 }
 
 #[inline(always)]
@@ -327,6 +485,16 @@ fn judge_device_attr<C: EbpfContext>(
     if !enforce {
         return;
     }
+    // An enable the kernel would let through while its event might not fit the decisions ring:
+    // stop and ask instead. The ask record (IOASID_ASKED) is then the request's record, and the
+    // agent decides and audits it even if the event is lost.
+    if (ev.decision == Decision::Allow.wire()
+        || ev.decision == Decision::Audit.wire()
+        || ev.decision == Decision::Observed.wire())
+        && decisions_room() < u64::from(DECISIONS_RESERVE)
+    {
+        ev.decision = Decision::Ask.wire();
+    }
     let (mechanism, sig) = match Decision::try_from(ev.decision) {
         Ok(Decision::Deny) if lsm_enforces => {
             ev.mechanism = Mechanism::Lsm.wire();
@@ -384,6 +552,12 @@ fn on_sys_exit_ioctl(ret: Result<u64, i64>) -> Result<(), i64> {
     // SAFETY: pointer to this thread's map value; only this thread's sys_enter/sys_exit write it
     // and they cannot run at the same time.
     let ev = unsafe { &mut *ev };
+    if ev.flags & IOCTL_F_FOREIGN_FILE != 0 && !foreign_file_add_done(ev, ret) {
+        if IOASID_INFLIGHT.remove(&tid).is_ok() {
+            inflight_add(-1);
+        }
+        return ret.map(|_| ());
+    }
     if let Ok(ret) = ret {
         if ev.cmd == KVM_CREATE_DEVICE && ret == 0 {
             // SAFETY: bpf_probe_read_user faults safely.
@@ -416,9 +590,15 @@ fn send_inflight(tid: u32, ev: &mut IoctlEvent, ret: Option<i64>) -> bool {
     IOASID_INFLIGHT.remove(&tid).is_ok()
 }
 
+/// Sends an event: FILE_ADD/DEL to the decisions ring, everything else to the events ring.
 #[inline(always)]
 fn submit(ev: &IoctlEvent) {
-    if IOASID_EVENTS.output::<IoctlEvent>(ev, 0).is_err() {
+    if ev.cmd == KVM_SET_DEVICE_ATTR && ev.attr_group == KVM_DEV_VFIO_FILE {
+        // An ask's record (IOASID_ASKED) stands in for its event: not a loss.
+        if IOASID_DECISIONS.output::<IoctlEvent>(ev, 0).is_err() && ev.flags & IOCTL_F_ASK_RECORDED == 0 {
+            stat_inc(Stat::DecisionsDropped);
+        }
+    } else if IOASID_EVENTS.output::<IoctlEvent>(ev, 0).is_err() {
         stat_inc(Stat::EventsDropped);
     }
 }
@@ -486,7 +666,20 @@ fn lsm_observe(ctx: &LsmContext, cmd: u32) -> i32 {
         stat_inc(Stat::ReadErrors);
         return 0;
     };
-    match on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg) {
+    let file: u64 = ctx.arg(0);
+    if !is_watched_file(Ok(file)) {
+        stat_inc(Stat::IgnoredRequests);
+        // A FILE_ADD on a file not recognised as KVM's (a /dev/null... or a kvm-vfio device
+        // of a KVM module reloaded a moment ago, before the agent learnt its new address):
+        // refused, never let through unjudged. On a file that is no kvm device it would fail
+        // anyway.
+        // SAFETY: bpf_probe_read_user faults safely.
+        return match unsafe { bpf_probe_read_user(arg as *const KvmDeviceAttr) } {
+            Ok(a) if is_file_add_shape(cmd, a.group, a.attr) => -EPERM,
+            _ => 0,
+        };
+    }
+    match on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg, true) {
         Some(ev) if ev.mechanism == Mechanism::Lsm.wire() => {
             // Refused here: kvm_vfio_set_attr never runs, so the result is ours to send.
             complete_inflight(-i64::from(EPERM));
