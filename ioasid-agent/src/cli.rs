@@ -166,6 +166,11 @@ pub enum PolicyCommand {
         /// Write the policy here instead of to stdout.
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
+        /// Also watch the logs live this long (e.g. `10m`) while a running agent appends to
+        /// them (a rotation is followed: renamed away, the rest of the old file is read and the
+        /// new file followed), then learn from everything seen.
+        #[arg(long, value_name = "DURATION", value_parser = units::follow_duration)]
+        follow: Option<Duration>,
     },
 }
 
@@ -186,6 +191,10 @@ pub struct TopArgs {
     /// Only VMs whose name contains this text, any case (`/` in the terminal).
     #[arg(long, value_name = "TEXT")]
     pub filter: Option<String>,
+    /// The victims view (`v` in the terminal): flush IPIs sent and received, time stolen and
+    /// who took it, per VM, most stolen first.
+    #[arg(long)]
+    pub victims: bool,
 }
 
 /// `top`'s sort orders.

@@ -82,6 +82,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     report_hooks(&loaded, &metrics, cfg.load.enforce);
     let bpf_stats = cfg.bpf_stats.then(enable_bpf_stats).flatten();
+    let blast_on = ["fentry/wbinvd_ipi", "fexit/wbinvd_ipi"]
+        .iter()
+        .all(|hook| loaded.hooks.iter().any(|h| h.spec.hook == *hook && h.attached()));
     let (mut kernel, events) = BpfKernel::new(loaded, bpf_stats.is_some())?;
     ring::forward_kernel_log(kernel.ebpf_mut());
 
@@ -130,6 +133,11 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         }
     };
     let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
+    if blast_on {
+        actor.enable_blast();
+    } else {
+        tracing::info!("blast radius (victims of WBINVD flushes) unavailable: the kernel refused fentry/fexit wbinvd_ipi (see status); its series stay absent");
+    }
     // Put back whatever a previous agent left throttled, before anything else can change.
     actor.set_throttler(crate::throttle::Throttler::recover(
         crate::throttle::StateFile::new(cfg.throttle_state.clone()),

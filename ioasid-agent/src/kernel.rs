@@ -69,6 +69,12 @@ pub trait Kernel {
     fn cmdline(&self, tgid: u32) -> Option<Vec<u8>>;
     fn program_stats(&self) -> Vec<ProgramStats>;
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()>;
+    /// Flush IPIs and their time by (flusher, victim), summed over CPUs (blast radius).
+    fn blast(&mut self) -> Vec<(ioasid_common::cost::BlastKey, u64)> {
+        Vec::new()
+    }
+    /// Drops blast-radius keys whose processes are gone (after their last totals were read).
+    fn forget_blast(&mut self, _keys: &[ioasid_common::cost::BlastKey]) {}
     /// Keeps the file filter's function addresses current as modules load and unload (at most
     /// once a second; kallsyms is read only when /proc/modules changed).
     fn refresh_file_filter(&mut self) {}
@@ -86,6 +92,7 @@ pub struct BpfKernel {
     noncoherent_kvm: BpfHashMap<MapData, u32, u64>,
     file_coherency: BpfHashMap<MapData, FdKey, u32>,
     cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
+    blast: PerCpuHashMap<MapData, ioasid_common::cost::BlastKey, u64>,
     /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
     stats_hooks: Vec<(&'static str, &'static str)>,
     /// The file filter's view of the loaded modules (None: the filter is off).
@@ -177,6 +184,7 @@ impl BpfKernel {
             noncoherent_kvm: take(e, MAP_NONCOHERENT_KVM)?,
             file_coherency: take(e, MAP_FILE_COHERENCY)?,
             cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
+            blast: take(e, ioasid_common::names::MAP_BLAST)?,
             stats_hooks,
             modules: (loaded.file_filter == crate::loader::FileFilter::On)
                 .then(|| ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() }),
@@ -287,6 +295,23 @@ impl Kernel for BpfKernel {
             self.kvm_devices.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
         for k in fds {
             let _ = self.kvm_devices.remove(&k);
+        }
+        let blast: Vec<_> = self
+            .blast
+            .keys()
+            .map_while(Result::ok)
+            .filter(|k| k.flusher_tgid == tgid || k.victim_tgid == tgid)
+            .collect();
+        self.forget_blast(&blast);
+    }
+
+    fn blast(&mut self) -> Vec<(ioasid_common::cost::BlastKey, u64)> {
+        per_cpu(ioasid_common::names::MAP_BLAST, self.blast.iter()).collect()
+    }
+
+    fn forget_blast(&mut self, keys: &[ioasid_common::cost::BlastKey]) {
+        for k in keys {
+            let _ = self.blast.remove(k);
         }
     }
 

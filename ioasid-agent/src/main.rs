@@ -3,6 +3,7 @@
 mod accounting;
 mod actor;
 mod audit;
+mod blast;
 mod btf;
 mod cli;
 mod cmd;
@@ -50,8 +51,8 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::Policy(PolicyCommand::Check { path }) => cmd::policy::check(path),
-        Command::Policy(PolicyCommand::Learn { logs, margin, out }) => {
-            cmd::learn::run(logs, *margin, out.as_deref())
+        Command::Policy(PolicyCommand::Learn { logs, margin, out, follow }) => {
+            cmd::learn::run(logs, *margin, out.as_deref(), *follow)
         }
         Command::Replay(args) => cmd::replay::run(args),
         Command::Top(args) => cmd::top::run(args),

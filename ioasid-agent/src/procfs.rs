@@ -110,6 +110,13 @@ pub fn uuid_from_cmdline(args: &[String]) -> Option<String> {
 }
 
 impl ProcFs {
+    /// True while process `pid` exists.
+    pub fn exists(&self, pid: u32) -> bool {
+        self.root.join(pid.to_string()).exists()
+    }
+}
+
+impl ProcFs {
     pub fn at(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }

@@ -205,8 +205,7 @@ mod tests {
     use super::*;
     use crate::policy::StormAction;
 
-    const B: Budget =
-        Budget { rate: 1000.0, cost_ratio: 0.05, window: Duration::from_secs(1), action: StormAction::Alert };
+    const B: Budget = Budget { action: StormAction::Alert, ..Budget::DEFAULT };
 
     /// Feeds `rate` WBINVD/s (each costing `ns`) for `secs`, in 100 ms sweeps, from `t`.
     fn feed(

@@ -41,6 +41,11 @@ pub fn retention(s: &str) -> Result<Duration, String> {
     bounded(s, Duration::from_secs(1), Duration::from_secs(7 * 86_400))
 }
 
+/// `policy learn --follow`: 1 s to 30 days.
+pub fn follow_duration(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_secs(1), Duration::from_secs(30 * 86_400))
+}
+
 /// `top --interval`: 100 ms to 1 h.
 pub fn refresh_interval(s: &str) -> Result<Duration, String> {
     bounded(s, Duration::from_millis(100), Duration::from_secs(3600))

@@ -775,3 +775,53 @@ fn a_learned_policy_replays_what_ran_and_denies_the_rest() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     assert_eq!(agent2.wait_audit(&stranger)["decision"], "denied");
 }
+
+/// Learning live: `policy learn --follow` watches the audit log a running agent writes, across
+/// a rotation, and learns from every enable it saw, before and during the watch.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn learning_live_follows_the_log_across_a_rotation() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("follow");
+    let agent = Agent::start(&[]);
+    let log = agent.dir.path("audit.jsonl");
+    let rotated = agent.dir.path("audit.jsonl.1");
+    let learned = agent.dir.path("learned.yaml");
+    let (status, _, err) = file_add(&format!("{prefix}-gpu-1"), "0");
+    assert!(status.success(), "{err}");
+    agent.wait_audit(&format!("{prefix}-gpu-1"));
+    let watcher = Command::new(agent_path())
+        .args([
+            "policy",
+            "learn",
+            log.to_str().unwrap(),
+            "--follow",
+            "4s",
+            "--out",
+            learned.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // Rotated away mid-watch (as logrotate does); the agent reopens the path by itself.
+    std::fs::rename(&log, &rotated).unwrap();
+    for vm in ["gpu-2", "gpu-3"] {
+        let (status, _, err) = file_add(&format!("{prefix}-{vm}"), "0");
+        assert!(status.success(), "{err}");
+    }
+    let all_logged = eventually(Duration::from_secs(3), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default()
+            + &std::fs::read_to_string(&rotated).unwrap_or_default();
+        (text.contains(&format!("{prefix}-gpu-2")) && text.contains(&format!("{prefix}-gpu-3"))).then_some(())
+    });
+    assert!(all_logged.is_some(), "{}", agent.log());
+    let out = watcher.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("learned from 3 enables"), "one before the watch, two during it: {text}");
+    let yaml = std::fs::read_to_string(&learned).unwrap();
+    assert!(yaml.contains(&format!("vm: \"{prefix}-gpu-*\"")), "{yaml}");
+}

@@ -335,3 +335,79 @@ fn requests_on_real_vfio_files_only_lsm() {
 fn requests_on_real_vfio_files_only_tp_btf() {
     requests_on_real_vfio_files_only("tp-btf");
 }
+
+/// A guest whose vCPU thread stays on `cpu` (a busy VM pinned there), doing `args`.
+fn pinned_guest(cpu: u32, args: &[&str]) -> std::process::Child {
+    Command::new("taskset")
+        .arg("-c")
+        .arg(cpu.to_string())
+        .arg(guest_path())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("taskset runs the guest")
+}
+
+/// Blast radius: a non-coherent flusher whose vCPU moves between the two CPUs, and a busy VM
+/// pinned to CPU 1. Each flush that reaches CPU 1 interrupts the victim: its IPIs received and
+/// stolen time rise, the flusher's sent IPIs rise, the flusher's own CPU is nobody's loss, a
+/// `wbinvd-blast` record names the victim, and a coherent flusher hurts nobody.
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn a_noncoherent_flush_hurts_the_vm_on_the_other_cpu() {
+    require_kernel();
+    let _g = serial();
+    let st = status();
+    assert!(attached(&st, "fentry/wbinvd_ipi") && attached(&st, "fexit/wbinvd_ipi"), "{st}");
+    let agent = Agent::start(&[]);
+    let (victim, flusher, coherent) = (unique("victim"), unique("flusher"), unique("coherent"));
+    // Busy on CPU 1 for the whole test (its own WBINVD are no-ops: it is coherent).
+    let v = GuestGuard::of(pinned_guest(
+        1,
+        &["--name", &victim, "--rate", "1000000", "--duration", &(20 * slow()).to_string()],
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, summary, err) = vfio_guest(&flusher, 0, &["--wbinvd", "300", "--migrate"]).finish();
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["dma_cc"], 0, "non-coherent: {summary}");
+    let m = eventually(Duration::from_secs(5) * slow(), || {
+        let m = agent.scrape();
+        (sample(&m, "ioasid_wbinvd_ipis_received_total", &[("vm", &victim)]).unwrap_or(0.0) > 0.0)
+            .then_some(m)
+    });
+    let m = m.unwrap_or_else(|| panic!("the victim was never hit:\n{}\n{}", agent.scrape(), agent.log()));
+    let get = |name: &str, vm: &str| sample(&m, name, &[("vm", vm)]).unwrap_or(0.0);
+    let (sent, received, stolen) = (
+        get("ioasid_wbinvd_ipis_sent_total", &flusher),
+        get("ioasid_wbinvd_ipis_received_total", &victim),
+        get("ioasid_wbinvd_stolen_seconds_total", &victim),
+    );
+    eprintln!(
+        "blast radius: flusher sent {sent} IPIs (300 WBINVD in batches of 10, visiting CPU 1 between batches); victim on CPU 1 received {received}, lost {:.3} ms ({:.1} us each); host received {}",
+        stolen * 1e3,
+        stolen * 1e6 / received.max(1.0),
+        get("ioasid_wbinvd_ipis_received_total", "host")
+    );
+    assert!(sent >= received && received > 0.0 && stolen > 0.0, "{m}");
+    assert_eq!(
+        get("ioasid_wbinvd_ipis_received_total", &flusher),
+        0.0,
+        "the flusher's own CPU is not a victim:\n{m}"
+    );
+    assert!(sample(&m, "ioasid_wbinvd_victim_stolen_ratio", &[("vm", &victim)]).is_some(), "{m}");
+    // Who hurt whom: the flusher's record names the victim.
+    let rec = eventually(Duration::from_secs(5) * slow(), || {
+        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-blast" && r["vm"] == flusher.as_str())
+    })
+    .unwrap_or_else(|| panic!("no wbinvd-blast record:\n{}", agent.log()));
+    assert!(rec["ipis_sent"].as_u64().unwrap_or(0) > 0, "{rec}");
+    assert!(rec["victims"].as_array().unwrap().iter().any(|x| x["vm"] == victim.as_str()), "{rec}");
+    // A coherent flusher: KVM never flushes for it, so nobody is hurt.
+    let (status, _, err) = finish(guest(&["--name", &coherent, "--wbinvd", "300", "--migrate"]));
+    assert!(status.success(), "{err}");
+    std::thread::sleep(Duration::from_secs(1));
+    let m = agent.scrape();
+    assert_eq!(sample(&m, "ioasid_wbinvd_ipis_sent_total", &[("vm", &coherent)]), None, "{m}");
+    drop(v);
+}

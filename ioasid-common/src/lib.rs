@@ -55,4 +55,6 @@ mod pod {
     unsafe impl aya::Pod for cost::CostKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for cost::Pending {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for cost::BlastKey {}
 }

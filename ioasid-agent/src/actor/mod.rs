@@ -8,7 +8,7 @@ mod enable;
 mod tests;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -61,6 +61,10 @@ pub struct Actor<K: Kernel> {
     started_ns: u64,
     /// `action: throttle` (None: throttling is not available; the action then only alerts).
     throttler: Option<crate::throttle::Throttler>,
+    /// Blast radius (None: the kernel lacks the hooks; its series stay absent).
+    blast: Option<crate::blast::Blast>,
+    /// The flusher labels of each victim's `ioasid_wbinvd_victim_flusher_seconds` series.
+    hurt_by_series: HashMap<String, Vec<String>>,
 }
 
 /// What the kernel captured of a process at VM creation, as the agent knows processes (for one
@@ -92,6 +96,8 @@ impl<K: Kernel> Actor<K> {
             stats_seen: Stats::default(),
             started_ns: crate::sys::monotonic_ns(),
             throttler: None,
+            blast: None,
+            hurt_by_series: HashMap::new(),
         };
         actor.export_policy_info();
         actor
@@ -103,6 +109,11 @@ impl<K: Kernel> Actor<K> {
         info.reset();
         info.with_label_values(&[self.policy.sha256.as_str(), &self.policy.policy.rule_count().to_string()])
             .set(1);
+    }
+
+    /// Turns blast radius on (its hooks are attached).
+    pub fn enable_blast(&mut self) {
+        self.blast = Some(crate::blast::Blast::default());
     }
 
     /// Enables `action: throttle`.
@@ -298,9 +309,13 @@ impl<K: Kernel> Actor<K> {
         for info in new {
             self.on_new_process(&info, preexisting);
         }
+        self.export_blast(now, full);
         // A dead process's counts were read above for the last time.
         for tgid in self.acct.take_newly_dead() {
             self.kernel.forget(tgid);
+            if let Some(b) = self.blast.as_mut() {
+                b.forget(tgid);
+            }
         }
         if full {
             self.acct.expire(self.set.retention, now);
@@ -414,6 +429,90 @@ impl<K: Kernel> Actor<K> {
         }
         let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
         self.audit.write(&rec);
+    }
+
+    /// Blast radius: IPIs sent, received and time stolen per VM, each victim VM's stolen share
+    /// against its budget, and a `wbinvd-blast` record per flusher and window. On `full` sweeps,
+    /// the keys of host processes that are gone are dropped (their totals are final).
+    fn export_blast(&mut self, now: Instant, full: bool) {
+        let Some(blast) = self.blast.as_mut() else { return };
+        let totals = self.kernel.blast();
+        let procs = &self.acct.procs;
+        let d = blast.update(&totals, now, |t| procs.get(&t).map(|p| p.info.vm.clone()));
+        let m = &self.metrics;
+        for (vm, n) in &d.sent {
+            m.wbinvd_ipis_sent.with_label_values(&[vm]).inc_by(*n);
+        }
+        for (vm, n) in &d.received {
+            m.wbinvd_ipis_received.with_label_values(&[vm]).inc_by(*n);
+        }
+        for (vm, ns) in &d.stolen_ns {
+            m.wbinvd_stolen_seconds.with_label_values(&[vm]).inc_by(*ns as f64 / 1e9);
+        }
+        // Each live VM that has been a victim: its stolen share against its budget.
+        let mut budgets: std::collections::BTreeMap<&str, &crate::policy::Budget> = Default::default();
+        for p in procs.values().filter(|p| p.alive()) {
+            budgets.entry(p.info.vm.as_str()).or_insert(&p.budget);
+        }
+        blast.retain_vms(|vm| budgets.contains_key(vm));
+        for (vm, b) in budgets {
+            if m.wbinvd_ipis_received.get_metric_with_label_values(&[vm]).is_err()
+                && !d.received.contains_key(vm)
+            {
+                continue;
+            }
+            let ratio = blast.stolen_ratio(vm, now, b.window.max(Duration::from_secs(1)));
+            m.wbinvd_victim_stolen_ratio.with_label_values(&[vm]).set(ratio);
+            let over = m.wbinvd_victim_over_budget.with_label_values(&[vm]);
+            let now_over = ratio > b.victim_stolen_ratio;
+            if now_over && over.get() == 0 {
+                tracing::warn!(vm = %escape(vm), stolen_ratio = ratio, budget = b.victim_stolen_ratio, "a VM loses more than its budget to other VMs' WBINVD flushes");
+            }
+            over.set(i64::from(now_over));
+        }
+        // Who hurt whom, per victim: its top flushers over its last window, as bounded series.
+        let window_of_vm = |vm: &str| {
+            procs.values().find(|p| p.info.vm == vm).map_or(Duration::from_secs(1), |p| p.budget.window)
+        };
+        for (victim, top) in blast.hurt_by_due(now, window_of_vm) {
+            let g = &m.wbinvd_victim_flusher_seconds;
+            for old in self.hurt_by_series.remove(&victim).unwrap_or_default() {
+                let _ = g.remove_label_values(&[&victim, &old]);
+            }
+            for (flusher, secs) in &top {
+                g.with_label_values(&[&victim, flusher]).set(*secs);
+            }
+            if !top.is_empty() {
+                self.hurt_by_series.insert(victim, top.into_iter().map(|(f, _)| f).collect());
+            }
+        }
+        for w in blast.due(now, |t| procs.get(&t).map_or(Duration::from_secs(1), |p| p.budget.window)) {
+            let Some(p) = procs.get(&w.tgid) else { continue };
+            let rec = crate::audit::BlastRecord {
+                event: crate::audit::RecordKind::WbinvdBlast,
+                time: rfc3339(SystemTime::now()),
+                host: self.set.host.clone(),
+                vm: w.vm,
+                identity: crate::audit::VmIdentity::of(&p.info),
+                pid: w.tgid,
+                window_seconds: w.window.as_secs_f64(),
+                ipis_sent: w.ipis_sent,
+                victims: w.victims,
+                policy: self.policy.policy.source.clone(),
+            };
+            self.audit.write(&rec);
+        }
+        if full {
+            let gone: Vec<u32> = blast
+                .host_victims(|t| procs.contains_key(&t))
+                .into_iter()
+                .filter(|t| !self.set.procfs.exists(*t))
+                .collect();
+            for t in gone {
+                let keys = blast.forget(t);
+                self.kernel.forget_blast(&keys);
+            }
+        }
     }
 
     /// Kernel statistics (drops, errors), CPUs per flush and, when on, each program's cost.

@@ -35,6 +35,8 @@ text_enum! {
         /// A FILE_ADD that was not an incoherent-DMA enable: observed, not judged.
         VfioFileAdd => "vfio-file-add",
         WbinvdStorm => "wbinvd-storm",
+        /// Who one flusher's WBINVD flushes hurt over its window (blast radius).
+        WbinvdBlast => "wbinvd-blast",
     }
 }
 

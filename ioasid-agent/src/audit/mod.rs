@@ -134,6 +134,26 @@ pub struct StormRecord {
     pub policy: String,
 }
 
+/// Who one flusher's WBINVD flushes interrupted over its window: at most once per window while
+/// it flushes, with its top victims (the largest stolen time first).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlastRecord {
+    /// `wbinvd-blast`.
+    pub event: RecordKind,
+    pub time: String,
+    pub host: String,
+    /// The flusher.
+    pub vm: String,
+    #[serde(flatten)]
+    pub identity: VmIdentity,
+    pub pid: u32,
+    pub window_seconds: f64,
+    /// Flush IPIs to other CPUs over the window (idle CPUs included).
+    pub ipis_sent: u64,
+    pub victims: Vec<crate::blast::Victim>,
+    pub policy: String,
+}
+
 impl AuditRecord {
     /// The process as the policy saw it (for replay).
     pub fn process(&self) -> ProcessInfo {

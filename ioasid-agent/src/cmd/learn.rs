@@ -192,8 +192,19 @@ pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
     Ok(Learned { yaml: y, learned: records.len(), denied })
 }
 
-pub fn run(logs: &[PathBuf], margin: f64, out: Option<&std::path::Path>) -> Result<()> {
-    let l = learn(logs, margin)?;
+pub fn run(
+    logs: &[PathBuf],
+    margin: f64,
+    out: Option<&std::path::Path>,
+    follow: Option<std::time::Duration>,
+) -> Result<()> {
+    let l = match follow {
+        None => learn(logs, margin)?,
+        Some(d) => {
+            let seen = watch(logs, d)?;
+            learn(&[seen.path().to_path_buf()], margin)?
+        }
+    };
     match out {
         Some(path) => {
             std::fs::write(path, &l.yaml).with_context(|| format!("writing {}", path.display()))?;
@@ -207,6 +218,93 @@ pub fn run(logs: &[PathBuf], margin: f64, out: Option<&std::path::Path>) -> Resu
         None => print!("{}", l.yaml),
     }
     Ok(())
+}
+
+/// A file that removes itself.
+pub struct Collected(PathBuf);
+
+impl Collected {
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Collected {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Reads `logs` from their start and then as they grow, for `d`, into one file: what a running
+/// agent wrote before and during the watch. A log renamed away (rotation) is still read as it
+/// grows (the agent may write a last record there before it reopens the path), and the new file
+/// at the path is followed from its start.
+pub fn watch(logs: &[PathBuf], d: std::time::Duration) -> Result<Collected> {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::fs::MetadataExt as _,
+    };
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("ioasid-learn-{}-{}.jsonl", std::process::id(), crate::sys::monotonic_ns()));
+    let mut sink = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let collected = Collected(path);
+    let mut open: Vec<(PathBuf, Option<std::fs::File>)> = logs
+        .iter()
+        .map(|p| {
+            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            Ok((p.clone(), Some(f)))
+        })
+        .collect::<Result<_>>()?;
+    let deadline = std::time::Instant::now() + d;
+    eprintln!("watching {} log(s) for {:?}", logs.len(), d);
+    // Each file's bytes past its last complete line wait for the rest: lines of two files
+    // (a rotated one and the new one) are never interleaved mid-line.
+    let mut rotated: Vec<(std::fs::File, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); open.len()];
+    let drain = |file: &mut std::fs::File, rest: &mut Vec<u8>, sink: &mut std::fs::File| -> Result<()> {
+        file.read_to_end(rest).context("reading a log")?;
+        if let Some(end) = rest.iter().rposition(|b| *b == b'\n') {
+            sink.write_all(&rest[..=end]).context("collecting the logs")?;
+            rest.drain(..=end);
+        }
+        Ok(())
+    };
+    loop {
+        let last = std::time::Instant::now() >= deadline;
+        for (file, rest) in &mut rotated {
+            drain(file, rest, &mut sink)?;
+        }
+        for ((p, f), rest) in open.iter_mut().zip(pending.iter_mut()) {
+            if let Some(file) = f.as_mut() {
+                drain(file, rest, &mut sink).with_context(|| format!("reading {}", p.display()))?;
+            }
+            // Rotated (the path names another file now): keep reading the old one as it
+            // grows, and follow the new one from its start.
+            let held = f.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+            let now = std::fs::metadata(&*p).ok().map(|m| (m.dev(), m.ino()));
+            if now.is_some() && now != held {
+                if let Some(old) = std::mem::replace(f, std::fs::File::open(&*p).ok()) {
+                    rotated.push((old, std::mem::take(rest)));
+                }
+            }
+        }
+        if last {
+            break;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(200).min(left));
+    }
+    // A last line without its newline (cut off by the deadline) is kept whole or not at all:
+    // `learn` reports a line it cannot parse.
+    for rest in rotated.iter().map(|(_, r)| r).chain(pending.iter()).filter(|r| !r.is_empty()) {
+        sink.write_all(rest).and_then(|()| sink.write_all(b"\n")).context("collecting the logs")?;
+    }
+    sink.flush().context("collecting the logs")?;
+    Ok(collected)
 }
 
 #[cfg(test)]

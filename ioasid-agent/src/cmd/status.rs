@@ -39,6 +39,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             })
             .collect();
         let cost_source = loaded.cost_source().label();
+        let blast = blast_radius(&loaded);
         let (filter_on, filter_reason) = match &loaded.file_filter {
             loader::FileFilter::On => (true, None),
             loader::FileFilter::Off(why) => (false, Some(why.clone())),
@@ -51,6 +52,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 "cost_source": cost_source,
                 "ioctl_hooks": loaded.ioctl_family(),
                 "file_filter": { "on": filter_on, "reason": filter_reason },
+                "blast_radius": { "on": blast.is_ok(), "reason": blast.err() },
             })
         );
     } else {
@@ -60,11 +62,28 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         println!("enforcement mechanism for incoherent-DMA denials: {mechanism}");
         println!("WBINVD handler time source: {}", loaded.cost_source().label());
         println!("ioctl path: {}", loaded.ioctl_family());
+        match blast_radius(&loaded) {
+            Ok(()) => println!("blast radius (victims of WBINVD flushes): measured"),
+            Err(why) => println!("blast radius (victims of WBINVD flushes): not measured: {why}"),
+        }
         match &loaded.file_filter {
             loader::FileFilter::On => {
                 println!("reported: watched requests on KVM, VFIO and iommufd files only")
             }
             loader::FileFilter::Off(why) => println!("reported: watched requests on any file ({why})"),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the blast-radius hooks (fentry/fexit wbinvd_ipi) are attached, or why not.
+fn blast_radius(loaded: &loader::Loaded) -> Result<(), String> {
+    for hook in ["fentry/wbinvd_ipi", "fexit/wbinvd_ipi"] {
+        match loaded.hooks.iter().find(|h| h.spec.hook == hook).map(|h| &h.state) {
+            Some(HookState::Attached) => {}
+            Some(HookState::Refused(why)) => return Err(format!("{hook}: {why}")),
+            Some(HookState::Standby(by)) => return Err(format!("{hook}: {by} serves instead")),
+            None => return Err(format!("{hook}: not requested")),
         }
     }
     Ok(())

@@ -2,8 +2,10 @@
 //!
 //! Reads the agent's /metrics (it loads nothing into the kernel). In a terminal it is a ratatui
 //! table refreshed in place: `s` cycles the sort (WBINVD rate, cost share, WBINVD count, name),
-//! `/` filters VMs by a substring of their name (Enter keeps it, Esc clears it), `q` or Ctrl-C
-//! quits and restores the terminal. `--once` (or no terminal) prints one plain frame and exits.
+//! `/` filters VMs by a substring of their name (Enter keeps it, Esc clears it), `v` switches to
+//! the victims view (blast radius: flush IPIs sent and received, time stolen, and who took it
+//! from each VM; filter to one VM to see it alone), `q` or Ctrl-C quits and restores the
+//! terminal. `--once` (or no terminal) prints one plain frame and exits (`--victims`: that view).
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +37,14 @@ pub struct Row {
     pub dma_audited: f64,
     pub dma_denied: f64,
     pub noncoherent: bool,
+    /// Blast radius (absent where the kernel lacks the hooks).
+    pub ipis_sent: f64,
+    pub ipis_received: f64,
+    pub stolen_seconds: f64,
+    pub stolen_ratio: f64,
+    pub victim_over: bool,
+    /// Its top flushers over its last window: (flusher VM, seconds).
+    pub hurt_by: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +55,8 @@ pub struct Frame {
     pub hooks_attached: usize,
     pub hooks_total: usize,
     pub dropped: f64,
+    /// The agent exports blast-radius series (the kernel has the hooks).
+    pub blast: bool,
 }
 
 pub fn frame(text: &str) -> Frame {
@@ -77,6 +89,16 @@ pub fn frame(text: &str) -> Frame {
                     "ioasid_wbinvd_storm" => r.storm = s.value == 1.0,
                     "ioasid_vm_noncoherent" => r.noncoherent = s.value == 1.0,
                     "ioasid_dos_alerts_total" => r.alerts = s.value,
+                    "ioasid_wbinvd_ipis_sent_total" => r.ipis_sent = s.value,
+                    "ioasid_wbinvd_ipis_received_total" => r.ipis_received = s.value,
+                    "ioasid_wbinvd_stolen_seconds_total" => r.stolen_seconds = s.value,
+                    "ioasid_wbinvd_victim_stolen_ratio" => r.stolen_ratio = s.value,
+                    "ioasid_wbinvd_victim_over_budget" => r.victim_over = s.value == 1.0,
+                    "ioasid_wbinvd_victim_flusher_seconds" => {
+                        if let Some(f) = s.labels.get("flusher") {
+                            r.hurt_by.push((f.clone(), s.value));
+                        }
+                    }
                     "ioasid_incoherent_dma_requests_total" => {
                         match s.labels.get("decision").map(String::as_str) {
                             Some("allowed") => r.dma_allowed = s.value,
@@ -91,9 +113,53 @@ pub fn frame(text: &str) -> Frame {
             _ => {}
         }
     }
+    f.blast = text.lines().any(|l| l.starts_with("ioasid_wbinvd_ipis_"));
+    for r in rows.values_mut() {
+        r.hurt_by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
     f.rows = rows.into_values().collect();
     arrange(&mut f, TopSort::Rate, "");
     f
+}
+
+/// The victims view's columns: VM, IPIS SENT, IPIS RECV, STOLEN, STOLEN%, BUDGET, HURT BY.
+fn victim_cells(r: &Row) -> [String; 7] {
+    let hurt_by: Vec<String> =
+        r.hurt_by.iter().map(|(f, s)| format!("{} {:.2}ms", crate::text::escape(f), s * 1e3)).collect();
+    [
+        crate::text::escape(&r.vm).into_owned(),
+        format!("{:.0}", r.ipis_sent),
+        format!("{:.0}", r.ipis_received),
+        format!("{:.3}s", r.stolen_seconds),
+        format!("{:.2}%", r.stolen_ratio * 100.0),
+        if r.victim_over { "OVER".into() } else { "ok".into() },
+        hurt_by.join(", "),
+    ]
+}
+
+/// The victims view, most stolen time first.
+fn render_victims(f: &Frame, width: usize) -> String {
+    let mut out = String::new();
+    if !f.blast {
+        out.push_str("victims view: the agent measures no blast radius on this host (its kernel lacks the hooks; see `ioasid-agent status`)\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<24} {:>10} {:>10} {:>10} {:>8} {:<6} {}\n",
+        "VM", "IPIS SENT", "IPIS RECV", "STOLEN", "STOLEN%", "BUDGET", "HURT BY (last window)"
+    ));
+    let mut rows: Vec<&Row> = f.rows.iter().collect();
+    rows.sort_by(|a, b| b.stolen_seconds.total_cmp(&a.stolen_seconds).then(a.vm.cmp(&b.vm)));
+    for r in rows {
+        let [mut vm, sent, recv, stolen, share, budget, hurt] = victim_cells(r);
+        if vm.chars().count() > 24 {
+            vm = vm.chars().take(23).collect::<String>() + "~";
+        }
+        let line = format!("{vm:<24} {sent:>10} {recv:>10} {stolen:>10} {share:>8} {budget:<6} {hurt}");
+        out.push_str(&line.chars().take(width.max(40)).collect::<String>());
+        out.push('\n');
+    }
+    out
 }
 
 /// Keeps the VMs whose name contains `filter` (any case), sorted by `sort`: storming VMs first
@@ -192,10 +258,19 @@ pub fn run(args: &TopArgs) -> Result<()> {
     if args.once || !interactive {
         let mut f = frame(&scrape(&addr)?);
         arrange(&mut f, args.sort, args.filter.as_deref().unwrap_or(""));
-        print!("{}", render(&f, &addr, usize::MAX));
+        if args.victims {
+            print!("{}", render_victims(&f, usize::MAX));
+        } else {
+            print!("{}", render(&f, &addr, usize::MAX));
+        }
         return Ok(());
     }
-    let mut ui = Ui { sort: args.sort, filter: args.filter.clone().unwrap_or_default(), editing: false };
+    let mut ui = Ui {
+        sort: args.sort,
+        filter: args.filter.clone().unwrap_or_default(),
+        editing: false,
+        victims: args.victims,
+    };
     // ratatui::init: raw mode and the alternate screen, restored on exit and on panic.
     let mut terminal = ratatui::init();
     let result = ui.run(&mut terminal, &addr, args.interval);
@@ -208,6 +283,8 @@ struct Ui {
     filter: String,
     /// Typing a filter after `/`.
     editing: bool,
+    /// The victims view (`v`).
+    victims: bool,
 }
 
 impl Ui {
@@ -251,6 +328,7 @@ impl Ui {
             match key.code {
                 KeyCode::Char('q' | 'Q') => return Ok(()),
                 KeyCode::Char('s') => self.sort = self.sort.next(),
+                KeyCode::Char('v') => self.victims = !self.victims,
                 KeyCode::Char('/') => self.editing = true,
                 KeyCode::Esc => self.filter.clear(),
                 _ => {}
@@ -289,8 +367,17 @@ impl Ui {
             .bold(),
             head,
         );
-        let mut shown = Frame { rows: f.rows.clone(), ..Frame::default() };
+        let mut shown = Frame { rows: f.rows.clone(), blast: f.blast, ..Frame::default() };
         arrange(&mut shown, self.sort, &self.filter);
+        if self.victims {
+            let text = render_victims(&shown, body.width as usize);
+            fr.render_widget(
+                Paragraph::new(text).block(Block::bordered().title(" victims of WBINVD flushes ")),
+                body,
+            );
+            fr.render_widget(Paragraph::new(Line::from("v: back  /: filter  q or Ctrl-C: quit")), foot);
+            return;
+        }
         let sorted = |label: &'static str, key: TopSort| -> Cell<'static> {
             if key == self.sort {
                 Cell::from(format!("{label}v")).add_modifier(Modifier::UNDERLINED)
@@ -338,7 +425,7 @@ impl Ui {
         let filter = if self.editing {
             format!("filter: {}_  (Enter keeps it, Esc clears it)", self.filter)
         } else if self.filter.is_empty() {
-            "s: sort  /: filter  q or Ctrl-C: quit".to_string()
+            "s: sort  /: filter  v: victims  q or Ctrl-C: quit".to_string()
         } else {
             format!("filter: {}  s: sort  /: filter  Esc: clear  q: quit", self.filter)
         };
@@ -397,5 +484,26 @@ mod tests {
         assert_eq!(order(TopSort::Name, "GPU"), ["b-gpu"], "any case");
         assert!(order(TopSort::Rate, "nothing").is_empty());
         assert_eq!(TopSort::Name.next(), TopSort::Rate);
+    }
+
+    #[test]
+    fn victims_view() {
+        let text = "ioasid_wbinvd_ipis_sent_total{vm=\"gpu\"} 40\n\
+                    ioasid_wbinvd_ipis_received_total{vm=\"db\"} 30\n\
+                    ioasid_wbinvd_stolen_seconds_total{vm=\"db\"} 0.25\n\
+                    ioasid_wbinvd_victim_stolen_ratio{vm=\"db\"} 0.02\n\
+                    ioasid_wbinvd_victim_over_budget{vm=\"db\"} 1\n\
+                    ioasid_wbinvd_victim_flusher_seconds{vm=\"db\",flusher=\"other\"} 0.001\n\
+                    ioasid_wbinvd_victim_flusher_seconds{vm=\"db\",flusher=\"gpu\"} 0.012\n\
+                    ioasid_wbinvd_ipis_received_total{vm=\"host\"} 2\n";
+        let f = frame(text);
+        assert!(f.blast);
+        let out = render_victims(&f, usize::MAX);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[1].starts_with("db ") && lines[1].contains("OVER"), "{out}");
+        assert!(lines[1].contains("gpu 12.00ms, other 1.00ms"), "most first: {out}");
+        assert!(lines.iter().any(|l| l.starts_with("gpu ") && l.contains(" 40 ")), "{out}");
+        let none = render_victims(&frame("ioasid_wbinvd_rate{vm=\"a\"} 1\n"), 80);
+        assert!(none.contains("lacks the hooks"), "{none}");
     }
 }

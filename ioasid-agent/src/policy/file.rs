@@ -50,6 +50,8 @@ struct BudgetFile {
     /// `250ms`, `1s`, `2m`...
     window: Option<String>,
     action: Option<StormAction>,
+    /// Share of the VM's time other VMs' flushes may take on its CPUs (blast radius).
+    victim_stolen_ratio: Option<f64>,
 }
 
 /// A compiled WBINVD budget.
@@ -69,7 +71,13 @@ fn compile_budget(f: &BudgetFile, base: &Budget, what: &str) -> Result<Budget, S
     if window < Duration::from_millis(100) || window > Duration::from_secs(3600) {
         return Err(format!("{what}: wbinvd.window must be between 100ms and 1h"));
     }
-    Ok(Budget { rate, cost_ratio, window, action: f.action.unwrap_or(base.action) })
+    let victim_stolen_ratio = f.victim_stolen_ratio.unwrap_or(base.victim_stolen_ratio);
+    if !(victim_stolen_ratio.is_finite() && victim_stolen_ratio > 0.0 && victim_stolen_ratio <= 1.0) {
+        return Err(format!(
+            "{what}: wbinvd.victim_stolen_ratio must be a share of time in (0, 1] (0.01 = 1 %)"
+        ));
+    }
+    Ok(Budget { rate, cost_ratio, window, action: f.action.unwrap_or(base.action), victim_stolen_ratio })
 }
 
 fn default_action() -> Action {

@@ -106,14 +106,21 @@ pub struct Budget {
     pub cost_ratio: f64,
     pub window: Duration,
     pub action: StormAction,
+    /// The share of its time a VM may lose to other VMs' flushes on its CPUs (blast radius).
+    pub victim_stolen_ratio: f64,
 }
 
 impl Budget {
     /// With no policy at all: alert (only) above 1000 WBINVD/s or 5 % of wall time in WBINVD
     /// handling over 1 s. Healthy guests execute WBINVD a few times at boot, on ACPI sleep and
     /// on memory-type changes; a thousand per second is a loop.
-    pub const DEFAULT: Budget =
-        Budget { rate: 1000.0, cost_ratio: 0.05, window: Duration::from_secs(1), action: StormAction::Alert };
+    pub const DEFAULT: Budget = Budget {
+        rate: 1000.0,
+        cost_ratio: 0.05,
+        window: Duration::from_secs(1),
+        action: StormAction::Alert,
+        victim_stolen_ratio: 0.01,
+    };
 }
 
 /// A compiled rule (built by `file::compile`).

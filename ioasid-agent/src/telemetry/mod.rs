@@ -60,6 +60,12 @@ pub struct Metrics {
     /// BPF program runs and in-kernel run time (only with --bpf-stats).
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
+    pub wbinvd_ipis_received: IntCounterVec,
+    pub wbinvd_stolen_seconds: prometheus::CounterVec,
+    pub wbinvd_ipis_sent: IntCounterVec,
+    pub wbinvd_victim_stolen_ratio: GaugeVec,
+    pub wbinvd_victim_over_budget: IntGaugeVec,
+    pub wbinvd_victim_flusher_seconds: GaugeVec,
     /// Histogram data for `ioasid_wbinvd_handler_seconds` and `ioasid_wbinvd_flush_cpus`.
     pub cost: Arc<Mutex<CostSnapshot>>,
     /// contract: WBINVD that really flushed caches (the VM had non-coherent DMA).
@@ -198,6 +204,41 @@ impl Metrics {
                     ),
                     &["hook"],
                 ),
+            ),
+            wbinvd_ipis_received: counter_vec(
+                "ioasid_wbinvd_ipis_received_total",
+                "WBINVD flush IPIs that interrupted this VM's vCPU threads (vm=\"host\": any other process), the flusher's own CPU excluded. Absent where the kernel lacks the hooks (status says why).",
+                &["vm"],
+            ),
+            wbinvd_stolen_seconds: register(
+                &registry,
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "ioasid_wbinvd_stolen_seconds_total",
+                        "Time other VMs' WBINVD flushes took on this VM's CPUs, on top of its vCPU threads (vm=\"host\": any other process).",
+                    ),
+                    &["vm"],
+                ),
+            ),
+            wbinvd_ipis_sent: counter_vec(
+                "ioasid_wbinvd_ipis_sent_total",
+                "WBINVD flush IPIs this VM's flushes sent to other CPUs (idle ones included).",
+                &["vm"],
+            ),
+            wbinvd_victim_stolen_ratio: float_gauge_vec(
+                "ioasid_wbinvd_victim_stolen_ratio",
+                "Share of time other VMs' flushes took from this VM over its budget window.",
+                &["vm"],
+            ),
+            wbinvd_victim_over_budget: gauge_vec(
+                "ioasid_wbinvd_victim_over_budget",
+                "1 while this VM loses more than its budget's victim_stolen_ratio to other VMs' flushes.",
+                &["vm"],
+            ),
+            wbinvd_victim_flusher_seconds: float_gauge_vec(
+                "ioasid_wbinvd_victim_flusher_seconds",
+                "Who hurt whom: the time each of a victim VM's top 3 flusher VMs took from it over its last budget window (bounded: 3 series per victim).",
+                &["vm", "flusher"],
             ),
             cost: {
                 let (collector, snap) = HistCollector::new();

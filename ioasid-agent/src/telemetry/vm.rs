@@ -187,6 +187,11 @@ impl VmSeries {
         let _ = m.wbinvd_storm.remove_label_values(&[vm]);
         let _ = m.vm_noncoherent.remove_label_values(&[vm]);
         let _ = m.dos_alerts.remove_label_values(&[vm]);
+        let _ = m.wbinvd_ipis_received.remove_label_values(&[vm]);
+        let _ = m.wbinvd_stolen_seconds.remove_label_values(&[vm]);
+        let _ = m.wbinvd_ipis_sent.remove_label_values(&[vm]);
+        let _ = m.wbinvd_victim_stolen_ratio.remove_label_values(&[vm]);
+        let _ = m.wbinvd_victim_over_budget.remove_label_values(&[vm]);
         if let Some(old) = self.infos.remove(vm) {
             let _ = m.vm_info.remove_label_values(&old.each_ref().map(String::as_str));
         }

@@ -354,6 +354,11 @@ impl GuestGuard {
         Self(Some(guest(args)))
     }
 
+    /// Kills `child` when dropped (a test that fails leaves no guest running).
+    pub fn of(child: Child) -> Self {
+        Self(Some(child))
+    }
+
     pub fn finish(mut self) -> (ExitStatus, serde_json::Value, String) {
         finish(self.0.take().expect("finished once"))
     }

@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use ioasid_common::{
     cost::{
-        cost_bucket, flush_cpus_bucket, BlastKey, CostKey, CostSource, FlushMark, IpiStart, Pending, BLAST_IPIS,
-        BLAST_MAX_CPUS, BLAST_NS, COST_SUM,
+        cost_bucket, flush_cpus_bucket, BlastKey, CostKey, CostSource, FlushMark, IpiStart, Pending,
+        BLAST_IPIS, BLAST_MAX_CPUS, BLAST_NS, COST_SUM,
     },
     counters::Path,
 };
@@ -217,7 +217,11 @@ pub fn ioasid_fentry_wbinvd_ipi(_ctx: FEntryContext) -> i32 {
     };
     // SAFETY: this CPU's own element; IPIs do not nest on a CPU.
     unsafe {
-        *start = IpiStart { start_ns: bpf_ktime_get_ns(), flusher_tgid: mark.flusher_tgid, victim_tgid: current_ids().0 }
+        *start = IpiStart {
+            start_ns: bpf_ktime_get_ns(),
+            flusher_tgid: mark.flusher_tgid,
+            victim_tgid: current_ids().0,
+        }
     };
     0
 }
