@@ -203,6 +203,11 @@ impl Accounting {
 
     /// Moves the process on `tgid` to the exited ones (dead from now if it was not yet known
     /// dead), dropping the oldest exited past [`MAX_EXITED`].
+    /// A process by tgid: a live one, else the latest exited one kept.
+    pub fn find(&self, tgid: u32) -> Option<&Proc> {
+        self.procs.get(&tgid).or_else(|| self.exited.iter().rev().find(|p| p.info.pid == tgid))
+    }
+
     fn set_aside(&mut self, tgid: u32) {
         let Some(mut p) = self.procs.remove(&tgid) else { return };
         p.dead_since.get_or_insert_with(Instant::now);

@@ -124,6 +124,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         host: node,
         retention: cfg.retention,
         sweep_interval: cfg.sweep,
+        enforce: cfg.load.enforce,
     };
     let gate: Option<Arc<dyn crate::throttle::AskGate>> = match kernel.ask_gate() {
         Ok(g) => Some(Arc::new(g)),

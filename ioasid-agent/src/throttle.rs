@@ -155,12 +155,18 @@ impl Cgroups {
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let procs = |dir: &Path| std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
         // cgroup.procs may list a process more than once (cgroup v2 on 6.1 does, per thread).
+        // Kernel threads count as the VMM's: KVM puts a VM's worker kthreads (6.1's
+        // kvm-nx-lpage-recovery) into its creator's cgroup.
         let pid_text = pid.to_string();
-        let only_pid = |dir: &Path| {
-            let p = procs(dir);
-            let mut all = p.split_ascii_whitespace().peekable();
-            all.peek().is_some() && all.all(|x| x == pid_text)
+        let others = |dir: &Path| -> Vec<String> {
+            procs(dir)
+                .split_ascii_whitespace()
+                .filter(|x| *x != pid_text && !self.is_kthread(x))
+                .map(str::to_string)
+                .collect()
         };
+        let only_pid =
+            |dir: &Path| procs(dir).split_ascii_whitespace().any(|x| x == pid_text) && others(dir).is_empty();
         let mut why = Vec::new();
         for line in text.lines() {
             let mut f = line.splitn(3, ':');
@@ -195,13 +201,26 @@ impl Cgroups {
             if !dir.join(limit).exists() {
                 why.push(format!("{} has no {limit} (no cpu controller there)", dir.display()));
             } else if !only_pid(&dir) {
-                let others = procs(&dir).split_ascii_whitespace().filter(|x| *x != pid_text).count();
-                why.push(format!("{} holds other processes too ({others})", dir.display()));
+                why.push(format!("{} holds other processes too ({})", dir.display(), others(&dir).len()));
             } else {
                 return Ok(own(dir));
             }
         }
         Err(if why.is_empty() { "no cgroup with a cpu controller".into() } else { why.join("; ") })
+    }
+}
+
+impl Cgroups {
+    /// True for a kernel thread (PF_KTHREAD in /proc/PID/stat's flags).
+    fn is_kthread(&self, pid: &str) -> bool {
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        let stat = std::fs::read_to_string(self.proc_root.join(pid).join("stat")).unwrap_or_default();
+        // Fields after the command (which may hold spaces): state is the 3rd, flags the 9th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        rest.split_ascii_whitespace()
+            .nth(6)
+            .and_then(|f| f.parse::<u64>().ok())
+            .is_some_and(|f| f & PF_KTHREAD != 0)
     }
 }
 
@@ -696,6 +715,11 @@ mod tests {
         assert!(cg.own(42).unwrap_err().contains("holds other processes too (1)"));
         // Listed twice (cgroup v2 on 6.1, once per thread): still its own.
         std::fs::write(vm.join("cgroup.procs"), "42\n42\n").unwrap();
+        assert_eq!(cg.own(42), Ok(Own::V1(vm.clone())));
+        // With a kernel thread KVM put there (6.1's kvm-nx-lpage-recovery): still its own.
+        std::fs::create_dir_all(proc_root.join("77")).unwrap();
+        std::fs::write(proc_root.join("77/stat"), "77 (kvm-nx-lpage-re) S 2 0 0 0 -1 2129984 0 0\n").unwrap();
+        std::fs::write(vm.join("cgroup.procs"), "42\n77\n").unwrap();
         assert_eq!(cg.own(42), Ok(Own::V1(vm.clone())));
         std::fs::write(vm.join("cgroup.procs"), "42\n").unwrap();
 

@@ -82,6 +82,14 @@ impl<K: Kernel> Actor<K> {
             tracing::error!(pid = tgid, error = %why, "a stopped VMM could not be classified: denied (fail closed)");
             j = enforce::fail_closed(j, why);
         }
+        if !self.set.enforce && j.followup == Some(crate::sys::Signal::Kill) {
+            // A dry run enforces nothing: a VMM stopped for a decision (a previous, enforcing
+            // agent's ask) is resumed, and one that was let through is left alone.
+            let stopped = req.mechanism == ioasid_common::verdict::Mechanism::StopAsk && req.signal_sent;
+            j.followup = stopped.then_some(crate::sys::Signal::Cont);
+            j.record.outcome = Outcome::NotEnforced;
+            j.record.reason = Some("dry run: denied by the policy, not enforced".into());
+        }
         let mut record = j.record;
         if let Some(note) = note.filter(|_| unclassified.is_none()) {
             record.reason = Some(note.to_string());

@@ -41,6 +41,9 @@ pub struct Settings {
     /// How long an exited VM stays reported.
     pub retention: Duration,
     pub sweep_interval: Duration,
+    /// False for `--dry-run`: nothing is killed, and a VMM found stopped for a decision (a
+    /// previous, enforcing agent's ask) is resumed.
+    pub enforce: bool,
 }
 
 pub struct Actor<K: Kernel> {
@@ -449,18 +452,16 @@ impl<K: Kernel> Actor<K> {
         for (vm, ns) in &d.stolen_ns {
             m.wbinvd_stolen_seconds.with_label_values(&[vm]).inc_by(*ns as f64 / 1e9);
         }
-        // Each live VM that has been a victim: its stolen share against its budget.
+        // Each live VM (zero-initialised, so rate() sees its first loss): its stolen share
+        // against its budget.
         let mut budgets: std::collections::BTreeMap<&str, &crate::policy::Budget> = Default::default();
         for p in procs.values().filter(|p| p.alive()) {
             budgets.entry(p.info.vm.as_str()).or_insert(&p.budget);
         }
         blast.retain_vms(|vm| budgets.contains_key(vm));
-        for (vm, b) in budgets {
-            if m.wbinvd_ipis_received.get_metric_with_label_values(&[vm]).is_err()
-                && !d.received.contains_key(vm)
-            {
-                continue;
-            }
+        for (vm, b) in &budgets {
+            m.wbinvd_ipis_received.with_label_values(&[vm]);
+            m.wbinvd_stolen_seconds.with_label_values(&[vm]);
             let ratio = blast.stolen_ratio(vm, now, b.window.max(Duration::from_secs(1)));
             m.wbinvd_victim_stolen_ratio.with_label_values(&[vm]).set(ratio);
             let over = m.wbinvd_victim_over_budget.with_label_values(&[vm]);
@@ -471,9 +472,7 @@ impl<K: Kernel> Actor<K> {
             over.set(i64::from(now_over));
         }
         // Who hurt whom, per victim: its top flushers over its last window, as bounded series.
-        let window_of_vm = |vm: &str| {
-            procs.values().find(|p| p.info.vm == vm).map_or(Duration::from_secs(1), |p| p.budget.window)
-        };
+        let window_of_vm = |vm: &str| budgets.get(vm).map_or(Duration::from_secs(1), |b| b.window);
         for (victim, top) in blast.hurt_by_due(now, window_of_vm) {
             let g = &m.wbinvd_victim_flusher_seconds;
             for old in self.hurt_by_series.remove(&victim).unwrap_or_default() {
@@ -486,8 +485,10 @@ impl<K: Kernel> Actor<K> {
                 self.hurt_by_series.insert(victim, top.into_iter().map(|(f, _)| f).collect());
             }
         }
-        for w in blast.due(now, |t| procs.get(&t).map_or(Duration::from_secs(1), |p| p.budget.window)) {
-            let Some(p) = procs.get(&w.tgid) else { continue };
+        let acct = &self.acct;
+        for w in blast.due(now, |t| acct.find(t).map_or(Duration::from_secs(1), |p| p.budget.window)) {
+            // A flusher that exited is reported from what was kept of it.
+            let Some(p) = acct.find(w.tgid) else { continue };
             let rec = crate::audit::BlastRecord {
                 event: crate::audit::RecordKind::WbinvdBlast,
                 time: rfc3339(SystemTime::now()),

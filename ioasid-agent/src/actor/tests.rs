@@ -119,6 +119,10 @@ impl Fixture {
     }
 
     fn actor(&self, policy: &str) -> Actor<FakeKernel> {
+        self.actor_with(policy, true)
+    }
+
+    fn actor_with(&self, policy: &str, enforce: bool) -> Actor<FakeKernel> {
         let path = self.dir.join("policy.yaml");
         std::fs::write(&path, policy).unwrap();
         let metrics = Metrics::new();
@@ -129,6 +133,7 @@ impl Fixture {
             host: "h".into(),
             retention: Duration::from_secs(60),
             sweep_interval: Duration::from_millis(100),
+            enforce,
         };
         let store = PolicyStore::open(Some(&path)).unwrap();
         Actor::new(FakeKernel::default(), settings, store, metrics, audit, None)
@@ -410,6 +415,25 @@ async fn an_ask_left_by_a_previous_agent_is_decided_at_start_and_says_so() {
         (Some("allowed"), Some("resumed"))
     );
     assert!(recs[0]["reason"].as_str().unwrap().contains("before this agent started"), "{}", recs[0]);
+}
+
+/// A dry-run agent kills nothing: a denied VMM an enforcing agent left stopped is resumed,
+/// audited as denied and not enforced.
+#[tokio::test]
+async fn a_dry_run_resumes_a_denied_vmm_left_stopped() {
+    let f = Fixture::new("dryrun");
+    f.vmm(4320, "tenant-3");
+    let mut a = f.actor_with(POLICY, false);
+    a.kernel().asks.insert(4320, Asked { ktime_ns: 1, fd: 9, file_fd: -1 });
+    a.recover_asks(0);
+    assert_eq!(a.kernel().signals, vec![(4320, Signal::Cont)]);
+    let recs = f.audit(1).await;
+    assert_eq!(
+        (recs[0]["decision"].as_str(), recs[0]["outcome"].as_str()),
+        (Some("denied"), Some("not-enforced")),
+        "{}",
+        recs[0]
+    );
 }
 
 /// A stopped VMM whose /proc cannot be read (here a directory where its cmdline should be:

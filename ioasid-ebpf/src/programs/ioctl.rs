@@ -176,7 +176,8 @@ fn fd_file(fd: i32) -> Result<u64, i32> {
 }
 
 /// True if `file` is a KVM, VFIO or iommufd file: its file_operations are owned by one of their
-/// modules, or (built into the kernel) its unlocked_ioctl is one of theirs. Only such a file
+/// modules, or (no owner: built into the kernel, or 6.1's kvm device fds) its unlocked_ioctl is
+/// one of theirs (IOASID_IOCTL_FNS). Only such a file
 /// leads to KVM or VFIO. True as well when the filter is off or a read fails: what cannot be told
 /// apart from a real request is reported.
 #[inline(always)]
@@ -334,14 +335,7 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
         return None;
     }
 
-    // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
-    let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
-    ev.header = header(EventKind::Ioctl, core::mem::size_of::<IoctlEvent>(), tgid, tid);
-    ev.cmd = cmd;
-    ev.fd = fd;
-    ev.arg = arg;
-    ev.file_fd = -1;
-    ev.rule = RULE_NONE;
+    let mut ev = new_event(tgid, tid, fd, cmd, arg);
 
     let ctl = control();
     match cmd {
@@ -358,7 +352,11 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
         // The LSM serves the ioctl path: only FILE_ADD/DEL gets a result (fexit
         // kvm_vfio_set_attr); everything else is sent now.
         let vfio_file = ev.cmd == KVM_SET_DEVICE_ATTR && ev.attr_group == KVM_DEV_VFIO_FILE;
-        if !vfio_file || IOASID_INFLIGHT.insert(&tid, &ev, BPF_ANY as u64).is_err() {
+        if !vfio_file {
+            submit(&ev);
+        } else if IOASID_INFLIGHT.insert(&tid, &ev, BPF_ANY as u64).is_err() {
+            // Cannot wait for the result: sent now, without it.
+            stat_inc(Stat::InflightFull);
             submit(&ev);
         }
         return Some(ev);
@@ -373,10 +371,9 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
     Some(ev)
 }
 
-/// A FILE_ADD on an fd that was not a kvm-vfio device at sys_enter: in flight, unjudged, until
-/// sys_exit tells whether it succeeded (`on_sys_exit_ioctl`).
+/// The event of a watched request, before anything is read or judged.
 #[inline(always)]
-fn keep_foreign_file_add(tgid: u32, tid: u32, fd: i32, cmd: u32, arg: u64, attr: &KvmDeviceAttr) {
+fn new_event(tgid: u32, tid: u32, fd: i32, cmd: u32, arg: u64) -> IoctlEvent {
     // SAFETY: IoctlEvent is plain integers; all-zero is a valid value.
     let mut ev: IoctlEvent = unsafe { core::mem::zeroed() };
     ev.header = header(EventKind::Ioctl, core::mem::size_of::<IoctlEvent>(), tgid, tid);
@@ -385,6 +382,14 @@ fn keep_foreign_file_add(tgid: u32, tid: u32, fd: i32, cmd: u32, arg: u64, attr:
     ev.arg = arg;
     ev.file_fd = -1;
     ev.rule = RULE_NONE;
+    ev
+}
+
+/// A FILE_ADD on an fd that was not a kvm-vfio device at sys_enter: in flight, unjudged, until
+/// sys_exit tells whether it succeeded (`on_sys_exit_ioctl`).
+#[inline(always)]
+fn keep_foreign_file_add(tgid: u32, tid: u32, fd: i32, cmd: u32, arg: u64, attr: &KvmDeviceAttr) {
+    let mut ev = new_event(tgid, tid, fd, cmd, arg);
     ev.flags = IOCTL_F_FOREIGN_FILE | IOCTL_F_ATTR_READ;
     ev.attr_flags = attr.flags;
     ev.attr_group = attr.group;
