@@ -561,14 +561,15 @@ impl Throttler {
     pub fn stop(&mut self, pid: u32) -> Option<Result<Entry, ThrottleError>> {
         let a = self.active.remove(&pid)?;
         if let Some(d) = &a.duty {
-            // The thread continues the VMM (unless asked) as it ends, at once.
+            // Once ended (under the lock the thread stops the VMM under) the thread never
+            // stops it again; it is continued here at once, not by the thread, which may not
+            // run before the agent exits.
             d.end();
         }
-        let r = if a.duty.is_some() { Ok(()) } else { restore(&a.entry, self.gate.as_deref()) };
-        if let Err(e) = &r {
+        if let Err(e) = restore(&a.entry, self.gate.as_deref()) {
             tracing::error!(pid, error = %e, "putting a throttled VMM's CPU limit back");
             self.active.insert(pid, a);
-            return Some(Err(r.unwrap_err()));
+            return Some(Err(e));
         }
         if let Err(e) = self.persist() {
             tracing::error!(error = %e, "writing the throttle state file");
