@@ -245,15 +245,19 @@ mod tests {
         BlastKey { flusher_tgid: f, victim_tgid: v, kind, _pad: 0 }
     }
 
+    /// Process 10 is the VM `flusher`, 20 the VM `victim`; any other is no VMM.
+    fn names(tgid: u32) -> Option<String> {
+        match tgid {
+            10 => Some("flusher".to_string()),
+            20 => Some("victim".to_string()),
+            _ => None,
+        }
+    }
+
     #[test]
     fn flushers_victims_host_and_idle() {
         let mut b = Blast::default();
         let t = Instant::now();
-        let names = |tgid: u32| match tgid {
-            10 => Some("flusher".to_string()),
-            20 => Some("victim".to_string()),
-            _ => None,
-        };
         let totals = [
             (key(10, 20, BLAST_IPIS), 5),
             (key(10, 20, BLAST_NS), 5_000_000),
@@ -303,11 +307,6 @@ mod tests {
     fn stolen_ratio_over_the_window() {
         let mut b = Blast::default();
         let t = Instant::now();
-        let names = |tgid: u32| match tgid {
-            10 => Some("flusher".to_string()),
-            20 => Some("victim".to_string()),
-            _ => None,
-        };
         assert_eq!(b.stolen_ratio("victim", t, Duration::from_secs(1)), 0.0);
         b.update(&[(key(10, 20, BLAST_NS), 20_000_000)], t + Duration::from_millis(500), names);
         let r = b.stolen_ratio("victim", t + Duration::from_secs(1), Duration::from_secs(1));

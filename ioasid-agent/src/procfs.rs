@@ -223,10 +223,16 @@ fn split_cmdline(raw: &[u8]) -> Vec<String> {
 
 /// Field 22 of /proc/PID/stat, counted after the `(comm)` field, which may hold spaces and ')'.
 fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    stat_field(stat, 22)
+}
+
+/// Numeric field `n` (1-based, as in proc(5)) of /proc/PID/stat, `n` > 3. The comm (field 2)
+/// may hold spaces and parentheses: fields are counted after its last `)`.
+pub fn stat_field(stat: &[u8], n: usize) -> Option<u64> {
     let stat = std::str::from_utf8(stat).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
-    // After the comm: field 3 (state) is the first; start time is field 22.
-    after.split_whitespace().nth(22 - 3)?.parse().ok()
+    // After the comm: field 3 (state) is the first.
+    after.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 fn parse_uid(status: &str) -> Option<u32> {

@@ -208,19 +208,13 @@ impl Cgroups {
         }
         Err(if why.is_empty() { "no cgroup with a cpu controller".into() } else { why.join("; ") })
     }
-}
 
-impl Cgroups {
     /// True for a kernel thread (PF_KTHREAD in /proc/PID/stat's flags).
     fn is_kthread(&self, pid: &str) -> bool {
         const PF_KTHREAD: u64 = 0x0020_0000;
-        let stat = std::fs::read_to_string(self.proc_root.join(pid).join("stat")).unwrap_or_default();
-        // Fields after the command (which may hold spaces): state is the 3rd, flags the 9th.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        rest.split_ascii_whitespace()
-            .nth(6)
-            .and_then(|f| f.parse::<u64>().ok())
-            .is_some_and(|f| f & PF_KTHREAD != 0)
+        let stat = std::fs::read(self.proc_root.join(pid).join("stat")).unwrap_or_default();
+        // Field 9: flags.
+        crate::procfs::stat_field(&stat, 9).is_some_and(|f| f & PF_KTHREAD != 0)
     }
 }
 

@@ -117,6 +117,7 @@ impl<K: Kernel> Actor<K> {
     /// Turns blast radius on (its hooks are attached).
     pub fn enable_blast(&mut self) {
         self.blast = Some(crate::blast::Blast::default());
+        self.series.enable_blast();
     }
 
     /// Enables `action: throttle`.
@@ -452,16 +453,14 @@ impl<K: Kernel> Actor<K> {
         for (vm, ns) in &d.stolen_ns {
             m.wbinvd_stolen_seconds.with_label_values(&[vm]).inc_by(*ns as f64 / 1e9);
         }
-        // Each live VM (zero-initialised, so rate() sees its first loss): its stolen share
-        // against its budget.
+        // Each live VM (its victim counters created with its series): its stolen share against
+        // its budget.
         let mut budgets: std::collections::BTreeMap<&str, &crate::policy::Budget> = Default::default();
         for p in procs.values().filter(|p| p.alive()) {
             budgets.entry(p.info.vm.as_str()).or_insert(&p.budget);
         }
         blast.retain_vms(|vm| budgets.contains_key(vm));
         for (vm, b) in &budgets {
-            m.wbinvd_ipis_received.with_label_values(&[vm]);
-            m.wbinvd_stolen_seconds.with_label_values(&[vm]);
             let ratio = blast.stolen_ratio(vm, now, b.window.max(Duration::from_secs(1)));
             m.wbinvd_victim_stolen_ratio.with_label_values(&[vm]).set(ratio);
             let over = m.wbinvd_victim_over_budget.with_label_values(&[vm]);

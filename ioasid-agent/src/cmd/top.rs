@@ -198,18 +198,23 @@ fn cells(r: &Row) -> [String; 11] {
     ]
 }
 
-fn render(f: &Frame, url: &str, width: usize) -> String {
-    let mut out = String::new();
+/// The first line of every frame: the agent, the time, its hooks, mechanism and drops.
+fn title(f: &Frame, url: &str) -> String {
     let now = crate::audit::rfc3339(std::time::SystemTime::now());
-    out.push_str(&format!(
-        "ioasid top  {url}  {}  hooks {}/{}  enforcement {}  cost source {}  dropped {}\n",
+    format!(
+        "ioasid top  {url}  {}  hooks {}/{}  enforcement {}  cost source {}  dropped {}",
         &now[..19],
         f.hooks_attached,
         f.hooks_total,
         f.mechanism,
         f.cost_source,
         f.dropped
-    ));
+    )
+}
+
+fn render(f: &Frame, url: &str, width: usize) -> String {
+    let mut out = title(f, url);
+    out.push('\n');
     out.push_str(&format!(
         "{:<24} {:>10} {:>12} {:>8} {:>10} {:>8} {:>9} {:>6} {:<7} {:<13} {}\n",
         "VM",
@@ -353,20 +358,7 @@ impl Ui {
                 return;
             }
         };
-        let now = crate::audit::rfc3339(std::time::SystemTime::now());
-        fr.render_widget(
-            Paragraph::new(format!(
-                "ioasid top  {addr}  {}  hooks {}/{}  enforcement {}  cost source {}  dropped {}",
-                &now[..19],
-                f.hooks_attached,
-                f.hooks_total,
-                f.mechanism,
-                f.cost_source,
-                f.dropped
-            ))
-            .bold(),
-            head,
-        );
+        fr.render_widget(Paragraph::new(title(f, addr)).bold(), head);
         let mut shown = Frame { rows: f.rows.clone(), blast: f.blast, ..Frame::default() };
         arrange(&mut shown, self.sort, &self.filter);
         if self.victims {

@@ -57,11 +57,18 @@ pub struct VmSeries {
     vms: BTreeSet<String>,
     /// The labels of each VM's `ioasid_vm_info` series.
     infos: HashMap<String, [String; 6]>,
+    /// Blast radius is measured: each VM's victim counters exist too.
+    blast: bool,
 }
 
 impl VmSeries {
     pub fn new(metrics: Metrics) -> Self {
-        Self { metrics, exported: HashMap::new(), vms: BTreeSet::new(), infos: HashMap::new() }
+        Self { metrics, exported: HashMap::new(), vms: BTreeSet::new(), infos: HashMap::new(), blast: false }
+    }
+
+    /// Blast radius is measured here: from now on a VM's victim counters are created with it.
+    pub fn enable_blast(&mut self) {
+        self.blast = true;
     }
 
     /// `ioasid_vm_info{vm, namespace, name, uuid, node, vmm}` = 1 for the VM's current process:
@@ -107,6 +114,10 @@ impl VmSeries {
             self.metrics.vfio_file_adds.with_label_values(&[vm, c.label()]);
         }
         self.metrics.dos_alerts.with_label_values(&[vm]);
+        if self.blast {
+            self.metrics.wbinvd_ipis_received.with_label_values(&[vm]);
+            self.metrics.wbinvd_stolen_seconds.with_label_values(&[vm]);
+        }
     }
 
     /// One VFIO file added to the VM, judged or not.

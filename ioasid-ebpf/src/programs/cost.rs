@@ -117,13 +117,12 @@ pub fn handler_done() {
     close_pending(current_ids().1);
 }
 
-/// Counts the CPUs set in a cpumask (the first `nr_cpus` bits, at most 512: an off-stack
-/// cpumask is allocated to `nr_cpu_ids` bits only) into the CPUs-per-flush histogram.
-/// Marks each CPU of a flush's mask (up to BLAST_MAX_CPUS) with the flusher, for its
-/// wbinvd_ipi there to find (blast radius). Concurrent flushes aimed at one CPU: the later mark
-/// wins.
+/// One pass over a flush's cpumask (the first `nr_cpus` bits, at most BLAST_MAX_CPUS = 512: an
+/// off-stack cpumask is allocated to `nr_cpu_ids` bits only): counts its CPUs into the
+/// CPUs-per-flush histogram, and marks each of them with the flusher, for its wbinvd_ipi there
+/// to find (blast radius; concurrent flushes aimed at one CPU: the later mark wins).
 #[inline(always)]
-fn mark_flush_targets(mask: *const u64) {
+fn record_flush_cpus(mask: *const u64) {
     let nr = config().nr_cpus.min(BLAST_MAX_CPUS);
     // SAFETY: helpers without pointer arguments.
     let mark = FlushMark {
@@ -131,42 +130,25 @@ fn mark_flush_targets(mask: *const u64) {
         flusher_cpu: unsafe { bpf_get_smp_processor_id() },
         ktime_ns: unsafe { bpf_ktime_get_ns() },
     };
+    let mut cpus = 0u32;
     let mut w = 0u32;
     while w < BLAST_MAX_CPUS / 64 && w * 64 < nr {
-        // SAFETY: bpf_probe_read_kernel faults safely.
-        let Ok(mut word) = (unsafe { bpf_probe_read_kernel(mask.wrapping_add(w as usize)) }) else { break };
+        // SAFETY: bpf_probe_read_kernel faults safely; `w` stays within the mask's words.
+        let Ok(word) = (unsafe { bpf_probe_read_kernel(mask.wrapping_add(w as usize)) }) else { break };
+        let valid = nr - w * 64;
+        let mut word = if valid < 64 { word & ((1u64 << valid) - 1) } else { word };
+        cpus += word.count_ones();
         let mut n = 0;
         while word != 0 && n < 64 {
-            let cpu = w * 64 + word.trailing_zeros();
-            if let Some(slot) = IOASID_FLUSH_TARGETS.get_ptr_mut(cpu) {
-                // SAFETY: a live array element; a racing writer leaves one whole mark or the other
-                // (each field is written whole).
+            if let Some(slot) = IOASID_FLUSH_TARGETS.get_ptr_mut(w * 64 + word.trailing_zeros()) {
+                // SAFETY: a live array element; a racing writer leaves one whole mark or the
+                // other (each field is written whole).
                 unsafe { *slot = mark };
             }
             word &= word - 1;
             n += 1;
         }
         w += 1;
-    }
-}
-
-#[inline(always)]
-fn record_flush_cpus(mask: *const u64) {
-    mark_flush_targets(mask);
-    let nr = config().nr_cpus;
-    let mut cpus = 0u32;
-    let mut i = 0u32;
-    while i < 8 && i * 64 < nr {
-        // SAFETY: bpf_probe_read_kernel faults safely; `i` stays within the mask's words.
-        match unsafe { bpf_probe_read_kernel(mask.wrapping_add(i as usize)) } {
-            Ok(word) => {
-                let valid = nr - i * 64;
-                let word = if valid < 64 { word & ((1u64 << valid) - 1) } else { word };
-                cpus += word.count_ones();
-            }
-            Err(_) => break,
-        }
-        i += 1;
     }
     if let Some(slot) = IOASID_FLUSH_CPUS.get_ptr_mut(flush_cpus_bucket(cpus)) {
         // SAFETY: this CPU's slot of a per-CPU array element.

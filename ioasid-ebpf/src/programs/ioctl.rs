@@ -36,7 +36,7 @@ use ioasid_common::{
         EPERM, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
         PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
     },
-    config::WATCHED_IOCTL_FNS_LEN,
+    config::{ProgConfig, WATCHED_IOCTL_FNS_LEN},
     counters::Stat,
     events::{
         Coherency, EventKind, IoctlEvent, CMDLINE_MAX, IOCTL_F_ASK_RECORDED, IOCTL_F_ATTR_READ,
@@ -158,8 +158,7 @@ fn kword(base: u64, off: u32) -> Result<u64, i32> {
 /// The current task's file behind `fd` (current->files->fdt->fd[fd]); 0 if there is none.
 /// Read errors are `Err`: the caller cannot tell, and reports the request.
 #[inline(always)]
-fn fd_file(fd: i32) -> Result<u64, i32> {
-    let cfg = config();
+fn fd_file(cfg: &ProgConfig, fd: i32) -> Result<u64, i32> {
     // SAFETY: a helper without arguments.
     let task = unsafe { bpf_get_current_task() };
     let files = kword(task, cfg.task_files)?;
@@ -181,8 +180,7 @@ fn fd_file(fd: i32) -> Result<u64, i32> {
 /// leads to KVM or VFIO. True as well when the filter is off or a read fails: what cannot be told
 /// apart from a real request is reported.
 #[inline(always)]
-fn is_watched_file(file: Result<u64, i32>) -> bool {
-    let cfg = config();
+fn is_watched_file(cfg: &ProgConfig, file: Result<u64, i32>) -> bool {
     if cfg.file_filter == 0 {
         return true;
     }
@@ -316,10 +314,11 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
     file_checked: bool,
 ) -> Option<IoctlEvent> {
     let (tgid, tid) = current_ids();
-    if tgid == config().agent_tgid {
+    let cfg = config();
+    if tgid == cfg.agent_tgid {
         return None;
     }
-    if !file_checked && !is_watched_file(fd_file(fd)) {
+    if !file_checked && !is_watched_file(&cfg, fd_file(&cfg, fd)) {
         // At a syscall hook the fd is looked up before the ioctl runs: a FILE_ADD stays in
         // flight, so that a kvm-vfio device swapped onto the fd meanwhile is still caught.
         if cmd == KVM_SET_DEVICE_ATTR {
@@ -672,7 +671,7 @@ fn lsm_observe(ctx: &LsmContext, cmd: u32) -> i32 {
         return 0;
     };
     let file: u64 = ctx.arg(0);
-    if !is_watched_file(Ok(file)) {
+    if !is_watched_file(&config(), Ok(file)) {
         stat_inc(Stat::IgnoredRequests);
         // A FILE_ADD on a file not recognised as KVM's (a /dev/null... or a kvm-vfio device
         // of a KVM module reloaded a moment ago, before the agent learnt its new address):
