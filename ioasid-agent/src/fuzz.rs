@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 
-use crate::{events, policy::Policy, procfs::vm_name_from_cmdline};
+use crate::{engine::policy::Policy, host::procfs::vm_name_from_cmdline, kernel::decode};
 
 /// Pieces of the policy language, glued at random: reaches far deeper into the parser and
 /// compiler than random bytes do.
@@ -72,7 +72,7 @@ const POLICY_TOKENS: &[&str] = &[
 proptest! {
     #[test]
     fn ring_records_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = events::decode(&bytes);
+        let _ = decode::event(&bytes);
     }
 
     /// Records with a valid header (kind, size) and random content: every field is exercised.
@@ -87,7 +87,7 @@ proptest! {
         let mut rec = body[..size.min(body.len())].to_vec();
         rec[..4].copy_from_slice(&kind.to_ne_bytes());
         rec[4..8].copy_from_slice(&(size as u32).to_ne_bytes());
-        let _ = events::decode(&rec);
+        let _ = decode::event(&rec);
     }
 
     #[test]
@@ -103,7 +103,7 @@ proptest! {
     #[test]
     fn name_parser_never_panics_and_stays_bounded(args in proptest::collection::vec("(-name|--name|-name=|guest=|,|,,|=|\\PC{0,40}){1,4}", 0..8)) {
         if let Some(name) = vm_name_from_cmdline(&args) {
-            prop_assert!(!name.is_empty() && name.len() <= crate::procfs::MAX_VM_NAME);
+            prop_assert!(!name.is_empty() && name.len() <= crate::host::procfs::MAX_VM_NAME);
         }
     }
 
@@ -118,8 +118,8 @@ proptest! {
         };
         let got = vm_name_from_cmdline(&args);
         let mut want = name.clone();
-        if want.len() > crate::procfs::MAX_VM_NAME {
-            let mut end = crate::procfs::MAX_VM_NAME;
+        if want.len() > crate::host::procfs::MAX_VM_NAME {
+            let mut end = crate::host::procfs::MAX_VM_NAME;
             while !want.is_char_boundary(end) {
                 end -= 1;
             }
@@ -130,13 +130,13 @@ proptest! {
 
     #[test]
     fn uuid_parser_never_panics(args in proptest::collection::vec("(-uuid|--uuid|-uuid=|[0-9a-fA-F-]{0,40}|\\PC{0,40})", 0..6)) {
-        if let Some(u) = crate::procfs::uuid_from_cmdline(&args) {
+        if let Some(u) = crate::host::procfs::uuid_from_cmdline(&args) {
             prop_assert_eq!(u.len(), 36);
         }
     }
 
     #[test]
     fn audit_lines_never_panic(line in "\\PC{0,300}") {
-        let _ = serde_json::from_str::<crate::audit::AuditRecord>(&line);
+        let _ = serde_json::from_str::<crate::output::audit::AuditRecord>(&line);
     }
 }

@@ -1,38 +1,13 @@
-//! ioasid-agent: the daemon and CLI. See README.md.
-
-mod accounting;
-mod actor;
-mod audit;
-mod blast;
-mod btf;
-mod cli;
-mod cmd;
-mod daemon;
-mod enforce;
-mod events;
-#[cfg(test)]
-mod fuzz;
-mod http;
-mod instance;
-mod kernel;
-mod loader;
-mod policy;
-mod procfs;
-mod promtext;
-mod ring;
-mod storm;
-mod sys;
-mod telemetry;
-mod text;
-mod throttle;
-mod tracefs;
-mod units;
-mod vfio;
+//! ioasid-agent: parses the command line, sets up logging and runs the subcommand. Everything
+//! else is the library (`lib.rs`).
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, LogFormat, PolicyCommand};
+use ioasid_agent::cmd::{
+    self,
+    cli::{Cli, Command, LogFormat, PolicyCommand},
+};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -48,7 +23,7 @@ fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
     }
     let result = match &cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => cmd::run::run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::Policy(PolicyCommand::Check { path }) => cmd::policy::check(path),
         Command::Policy(PolicyCommand::Learn { logs, margin, out, follow }) => {
@@ -64,40 +39,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
-    if args.empty_programs {
-        tracing::warn!(
-            "--empty-programs: benchmark baseline, empty programs attached; nothing is observed or enforced"
-        );
-    }
-    let cfg = daemon::RunConfig {
-        listen: args.listen,
-        policy: args.policy.clone(),
-        audit_log: args.audit_log.clone(),
-        audit_syslog: args.audit_syslog.clone(),
-        record: args.record.clone(),
-        load: loader::LoadOptions {
-            enforce: !args.dry_run && !args.empty_programs,
-            optional_hooks: !args.no_optional_hooks,
-            ioctl_hooks: args.ioctl_hooks.into(),
-            strict: true,
-            empty_programs: args.empty_programs,
-            state_dir: (!args.empty_programs).then(|| args.state_dir.clone()),
-        },
-        sweep: args.sweep_interval,
-        retention: args.vm_retention,
-        ready_file: args.ready_file.clone(),
-        lock_file: args.lock_file.clone(),
-        bpf_stats: args.bpf_stats,
-        test_drop_events: args.test_drop_events,
-        test_stall_decisions: args.test_stall_decisions,
-        throttle_state: args.throttle_state.clone(),
-    };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(daemon::run(cfg))
 }

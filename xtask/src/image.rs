@@ -47,7 +47,7 @@ pub fn build(root: &Path, version: &str) -> Result<String> {
             copy(Path::new(path), &ctx, path, 0o755)?;
         }
     }
-    copy(&root.join("ioasid-agent/src/default-policy.yaml"), &ctx, "/etc/ioasid/policy.yaml", 0o644)?;
+    copy(&root.join("ioasid-agent/src/engine/policy/default.yaml"), &ctx, "/etc/ioasid/policy.yaml", 0o644)?;
     for dir in ["proc", "sys", "dev", "tmp", "run", "var/log/ioasid"] {
         std::fs::create_dir_all(ctx.join(dir))?;
     }

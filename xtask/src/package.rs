@@ -75,7 +75,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     put(
         &stage,
         "/etc/ioasid/policy.yaml",
-        &std::fs::read(root.join("ioasid-agent/src/default-policy.yaml"))?,
+        &std::fs::read(root.join("ioasid-agent/src/engine/policy/default.yaml"))?,
         0o644,
     )?;
     copy_dir(&stage, &root.join("dashboards"), "/usr/share/ioasid/dashboards")?;

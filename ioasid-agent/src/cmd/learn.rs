@@ -15,9 +15,9 @@ use anyhow::{bail, Context, Result};
 
 use super::replay::{decision, read_lines};
 use crate::{
-    audit::{AuditRecord, Decision, StormRecord},
-    enforce,
-    policy::Policy,
+    engine::enforce,
+    engine::policy::Policy,
+    output::audit::{AuditRecord, Decision, StormRecord},
 };
 
 #[derive(Default)]
@@ -245,7 +245,8 @@ pub fn watch(logs: &[PathBuf], d: std::time::Duration) -> Result<Collected> {
         os::unix::fs::MetadataExt as _,
     };
     let dir = std::env::temp_dir();
-    let path = dir.join(format!("ioasid-learn-{}-{}.jsonl", std::process::id(), crate::sys::monotonic_ns()));
+    let path =
+        dir.join(format!("ioasid-learn-{}-{}.jsonl", std::process::id(), crate::host::sys::monotonic_ns()));
     let mut sink = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::policy::Policy;
+use crate::engine::policy::Policy;
 
 pub fn check(path: &Path) -> Result<()> {
     let p = Policy::load(path)?;

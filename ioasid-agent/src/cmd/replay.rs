@@ -9,10 +9,10 @@ const MAX_LINE: usize = 1 << 20;
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    audit::{AuditRecord, RecordKind},
-    cli::ReplayArgs,
-    enforce,
-    policy::Policy,
+    cmd::cli::ReplayArgs,
+    engine::enforce,
+    engine::policy::Policy,
+    output::audit::{AuditRecord, RecordKind},
 };
 
 /// One line of a recorded file: its number and the JSON object on it.

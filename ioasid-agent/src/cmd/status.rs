@@ -3,8 +3,8 @@
 use anyhow::Result;
 
 use crate::{
-    cli::StatusArgs,
-    loader::{self, HookState, LoadOptions},
+    cmd::cli::StatusArgs,
+    kernel::loader::{self, HookState, LoadOptions},
 };
 
 pub fn run(args: &StatusArgs) -> Result<()> {

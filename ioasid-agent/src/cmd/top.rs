@@ -16,8 +16,8 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    cli::{TopArgs, TopSort},
-    promtext,
+    cmd::cli::{TopArgs, TopSort},
+    output::promtext,
 };
 
 /// Per-VM figures of one frame.
@@ -125,9 +125,9 @@ pub fn frame(text: &str) -> Frame {
 /// The victims view's columns: VM, IPIS SENT, IPIS RECV, STOLEN, STOLEN%, BUDGET, HURT BY.
 fn victim_cells(r: &Row) -> [String; 7] {
     let hurt_by: Vec<String> =
-        r.hurt_by.iter().map(|(f, s)| format!("{} {:.2}ms", crate::text::escape(f), s * 1e3)).collect();
+        r.hurt_by.iter().map(|(f, s)| format!("{} {:.2}ms", crate::util::text::escape(f), s * 1e3)).collect();
     [
-        crate::text::escape(&r.vm).into_owned(),
+        crate::util::text::escape(&r.vm).into_owned(),
         format!("{:.0}", r.ipis_sent),
         format!("{:.0}", r.ipis_received),
         format!("{:.3}s", r.stolen_seconds),
@@ -184,7 +184,7 @@ pub fn arrange(f: &mut Frame, sort: TopSort, filter: &str) {
 fn cells(r: &Row) -> [String; 11] {
     let avg_us = if r.handler_count > 0.0 { r.handler_sum / r.handler_count * 1e6 } else { 0.0 };
     [
-        crate::text::escape(&r.vm).into_owned(),
+        crate::util::text::escape(&r.vm).into_owned(),
         format!("{:.0}", r.rate),
         format!("{:.0}", r.wbinvd),
         format!("{:.0}", r.invd),
@@ -200,7 +200,7 @@ fn cells(r: &Row) -> [String; 11] {
 
 /// The first line of every frame: the agent, the time, its hooks, mechanism and drops.
 fn title(f: &Frame, url: &str) -> String {
-    let now = crate::audit::rfc3339(std::time::SystemTime::now());
+    let now = crate::util::time::rfc3339(std::time::SystemTime::now());
     format!(
         "ioasid top  {url}  {}  hooks {}/{}  enforcement {}  cost source {}  dropped {}",
         &now[..19],

@@ -1,0 +1,39 @@
+//! `run`: the agent itself, from its command-line arguments.
+
+use crate::{agent::daemon, cmd::cli::RunArgs, kernel::loader};
+
+pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    if args.empty_programs {
+        tracing::warn!(
+            "--empty-programs: benchmark baseline, empty programs attached; nothing is observed or enforced"
+        );
+    }
+    let cfg = daemon::RunConfig {
+        listen: args.listen,
+        policy: args.policy.clone(),
+        audit_log: args.audit_log.clone(),
+        audit_syslog: args.audit_syslog.clone(),
+        record: args.record.clone(),
+        load: loader::LoadOptions {
+            enforce: !args.dry_run && !args.empty_programs,
+            optional_hooks: !args.no_optional_hooks,
+            ioctl_hooks: args.ioctl_hooks.into(),
+            strict: true,
+            empty_programs: args.empty_programs,
+            state_dir: (!args.empty_programs).then(|| args.state_dir.clone()),
+        },
+        sweep: args.sweep_interval,
+        retention: args.vm_retention,
+        ready_file: args.ready_file.clone(),
+        lock_file: args.lock_file.clone(),
+        bpf_stats: args.bpf_stats,
+        test_drop_events: args.test_drop_events,
+        test_stall_decisions: args.test_stall_decisions,
+        throttle_state: args.throttle_state.clone(),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(daemon::run(cfg))
+}

@@ -1,0 +1,85 @@
+//! What the engine asks of the world below it, as traits: the kernel (counts, verdicts, asks,
+//! signals) and the ask gate the duty cycle consults. `kernel::BpfKernel` implements them over
+//! the loaded programs' maps; the actor's tests implement them with a fake. The engine names no
+//! module of `kernel/`: the dependency points from the adapter to the port.
+
+use std::collections::{HashMap, HashSet};
+
+use ioasid_common::{
+    cost::{BlastKey, FLUSH_CPUS_LEN},
+    counters::STATS_LEN,
+    events::Coherency,
+    verdict::{Asked, VmVerdict},
+};
+
+use crate::{
+    engine::accounting::{CostHist, Totals},
+    host::sys::Signal,
+};
+
+/// Host-wide counters kept by the kernel programs, indexed by `Stat`.
+pub type Stats = [u64; STATS_LEN as usize];
+/// CPUs-per-flush histogram buckets.
+pub type FlushCpus = [u64; FLUSH_CPUS_LEN as usize];
+
+/// One attached program's in-kernel cost (with BPF run-time statistics on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgramStats {
+    pub hook: &'static str,
+    pub runs: u64,
+    pub run_seconds: f64,
+}
+
+/// A kernel map refused a write.
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}")]
+pub struct MapError {
+    pub map: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// What the event loop reads from and writes to the kernel.
+pub trait Kernel {
+    /// Exact WBINVD/INVD counts summed over CPUs and vCPUs, per tgid.
+    fn counters(&mut self) -> HashMap<u32, Totals>;
+    /// Handler-time histograms summed over CPUs, per tgid.
+    fn cost(&mut self) -> HashMap<u32, CostHist>;
+    fn flush_cpus(&mut self) -> FlushCpus;
+    fn stats(&mut self) -> Stats;
+    /// VMMs with non-coherent DMA: KVM's own registrations, and those the agent marked.
+    fn noncoherent(&mut self) -> HashSet<u32>;
+    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError>;
+    /// Takes back the agent's mark (a VFIO file left the VM); KVM's own count is untouched.
+    fn unmark_noncoherent(&mut self, tgid: u32);
+    fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError>;
+    /// What the agent resolved for a VFIO file fd, so a FILE_ADD of it is judged in the kernel.
+    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError>;
+    /// Processes the kernel stopped to ask the agent, with its record of the request.
+    fn asks(&mut self) -> Vec<(u32, Asked)>;
+    /// Takes the kernel's record of the ask made at `ktime_ns` by `tgid`, if it is still open:
+    /// whoever takes it decides that request; anyone else must not decide it again.
+    fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool;
+    /// Removes everything kept for a process that exited (after its final counts were read).
+    fn forget(&mut self, tgid: u32);
+    /// The command line `tgid` had when it created its VM (NUL-separated), if the kernel
+    /// captured it.
+    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>>;
+    fn program_stats(&self) -> Vec<ProgramStats>;
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()>;
+    /// Flush IPIs and their time by (flusher, victim), summed over CPUs (blast radius).
+    fn blast(&mut self) -> Vec<(BlastKey, u64)> {
+        Vec::new()
+    }
+    /// Drops blast-radius keys whose processes are gone (after their last totals were read).
+    fn forget_blast(&mut self, _keys: &[BlastKey]) {}
+    /// Keeps the file filter's function addresses current as modules load and unload (at most
+    /// once a second; kallsyms is read only when /proc/modules changed).
+    fn refresh_file_filter(&mut self) {}
+}
+
+/// Tells whether the kernel has stopped a process to ask about an enable (the duty cycle must
+/// not continue it). Shared with the duty-cycle threads.
+pub trait AskGate: Send + Sync {
+    fn asked(&self, pid: u32) -> bool;
+}

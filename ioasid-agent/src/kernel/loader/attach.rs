@@ -1,0 +1,125 @@
+//! Attaching one hook: tracepoints by name, BTF-typed hooks (tp_btf, fentry, fexit) against
+//! vmlinux or, for functions of modules such as kvm and vfio, against the module's BTF.
+
+use std::path::Path;
+
+use aya::{
+    programs::{BtfTracePoint, FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
+    Btf,
+};
+use aya_obj::btf::BtfKind;
+use ioasid_common::hooks::{HookKind, HookSpec};
+
+use crate::kernel::btf;
+
+/// What attaching needs to know of the running kernel.
+pub(super) struct Target<'a> {
+    pub vmlinux: Option<&'a Btf>,
+    /// The modules' BTF, read at the first lookup that needs it.
+    pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, String>>,
+}
+
+/// Where a BTF-typed attach point lives: vmlinux, or a module (the type's id in its split BTF,
+/// and an fd of its BTF object).
+enum Place {
+    Vmlinux,
+    Module(u32, std::os::fd::OwnedFd),
+}
+
+/// Finds `name` of `kind` in vmlinux's BTF, else in the modules' (KVM and VFIO are modules on
+/// distro kernels).
+fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, String> {
+    let vmlinux = target.vmlinux.ok_or("no kernel BTF at /sys/kernel/btf/vmlinux")?;
+    let aya_kind = if kind == btf::KIND_FUNC { BtfKind::Func } else { BtfKind::Typedef };
+    if vmlinux.id_by_type_name_kind(name, aya_kind).is_ok() {
+        return Ok(Place::Vmlinux);
+    }
+    let modules = target
+        .modules
+        .get_or_init(|| btf::ModuleBtf::read(Path::new("/sys/kernel/btf")).map_err(|e| e.to_string()));
+    let modules = modules.as_ref().map_err(|e| format!("reading module BTF: {e}"))?;
+    match modules.find(name, kind) {
+        Ok(Some((module, id))) => {
+            let fd =
+                btf::module_fd(&module).map_err(|e| format!("{name} is in module {module}'s BTF: {e}"))?;
+            Ok(Place::Module(id, fd))
+        }
+        Ok(None) => Err(format!("this kernel has no {name} (not in vmlinux's BTF nor any module's)")),
+        Err(e) => Err(format!("looking for {name} in module BTF: {e}")),
+    }
+}
+
+/// Loads and attaches a BTF-typed program (tp_btf, fentry, fexit): against vmlinux, or against
+/// the module whose BTF has `$btf_name`.
+macro_rules! btf_typed {
+    ($prog:expr, $ty:ty, $name:expr, $btf_name:expr, $kind:expr, $target:expr) => {{
+        let p: &mut $ty = $prog.try_into().map_err(describe)?;
+        match place($target, $btf_name, $kind)? {
+            Place::Vmlinux => p.load($name, $target.vmlinux.ok_or("no vmlinux BTF")?),
+            Place::Module(id, fd) => p.load_in_module(id, fd),
+        }
+        .map_err(describe)?;
+        p.attach().map_err(describe)?;
+    }};
+}
+
+pub(super) fn attach(
+    prog: &mut Program,
+    spec: &HookSpec,
+    target: &Target<'_>,
+    lsm_active: Option<bool>,
+) -> Result<(), String> {
+    match spec.kind {
+        HookKind::TracePoint { category, name } => {
+            let tp: &mut TracePoint = prog.try_into().map_err(describe)?;
+            tp.load().map_err(describe)?;
+            tp.attach(category, name).map_err(describe)?;
+        }
+        HookKind::BtfTracePoint { name } => {
+            btf_typed!(prog, BtfTracePoint, name, &format!("btf_trace_{name}"), btf::KIND_TYPEDEF, target)
+        }
+        HookKind::FEntry { function } => btf_typed!(prog, FEntry, function, function, btf::KIND_FUNC, target),
+        HookKind::FExit { function } => btf_typed!(prog, FExit, function, function, btf::KIND_FUNC, target),
+        HookKind::Lsm { hook } => {
+            if lsm_active == Some(false) {
+                return Err("the BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm; boot with lsm=...,bpf)".into());
+            }
+            let p: &mut Lsm = prog.try_into().map_err(describe)?;
+            p.load(hook, target.vmlinux.ok_or("no kernel BTF at /sys/kernel/btf/vmlinux")?)
+                .map_err(describe)?;
+            p.attach().map_err(describe)?;
+        }
+    }
+    Ok(())
+}
+
+/// One line: the kernel's answer, with the verifier's last lines when it said something.
+fn describe(e: ProgramError) -> String {
+    if let ProgramError::LoadError { io_error, verifier_log } = &e {
+        let log = verifier_log.to_string();
+        // The verifier's statistics lines come last; the reason is just before them.
+        let stats = ["verification time", "stack depth", "processed "];
+        let tail: Vec<&str> = log
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !stats.iter().any(|p| l.starts_with(p)))
+            .rev()
+            .take(3)
+            .collect();
+        let mut out = format!("BPF_PROG_LOAD: {io_error}");
+        if !tail.is_empty() {
+            out.push_str(" (verifier: ");
+            out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+            out.push(')');
+        }
+        return out;
+    }
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

@@ -1,0 +1,372 @@
+//! Loading the kernel object and attaching every hook the kernel allows, from the one hook table
+//! (`ioasid_common::hooks::HOOKS`).
+//!
+//! Required hooks (tracepoints) must attach or start-up fails with the reason. Optional hooks
+//! (fentry/fexit/LSM: BPF trampolines) are attached where the kernel allows them; a refusal is
+//! reported, never fatal. `ioasid-agent status` and `ioasid_hook_attached{hook}` show the table.
+
+use std::fmt;
+
+use aya::{
+    maps::{Array, MapData},
+    Btf, Ebpf, EbpfLoader,
+};
+use ioasid_common::{
+    config::Control,
+    cost::CostSource,
+    hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS, LSM_IOCTL_HOOKS},
+    names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
+};
+
+mod attach;
+mod config;
+pub mod state;
+
+pub use self::config::{ioctl_fns, modules_fingerprint, FileFilter};
+use self::{
+    attach::{attach, Target},
+    config::{prog_config, svm_without_nrips},
+};
+use crate::kernel::tracefs::{TraceFs, TraceFsError};
+
+/// The compiled kernel object (empty when the agent was built without the eBPF toolchain).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ioasid.bpf.o"));
+
+/// True when this binary carries the real kernel object. Without it (built where the eBPF
+/// toolchain is missing: `cargo check`, clippy, unit tests anywhere) nothing can be loaded.
+pub fn object_built() -> bool {
+    !OBJECT.is_empty()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookState {
+    Attached,
+    /// The kernel would not load or attach it (the reason, with the kernel's error).
+    Refused(String),
+    /// Not attached because an alternative of its group serves (named here).
+    Standby(&'static str),
+}
+
+#[derive(Debug, Clone)]
+pub struct HookReport {
+    pub spec: HookSpec,
+    /// The program attached there: `spec.program`, or `spec.empty` with `--empty-programs`.
+    pub program: &'static str,
+    pub state: HookState,
+}
+
+impl HookReport {
+    pub fn attached(&self) -> bool {
+        self.state == HookState::Attached
+    }
+}
+
+impl fmt::Display for HookReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let need = if self.spec.optional { "optional" } else { "required" };
+        match &self.state {
+            HookState::Attached => {
+                write!(f, "{:<46} attached  ({need}) {}", self.spec.hook, self.spec.purpose)
+            }
+            HookState::Refused(why) => {
+                write!(f, "{:<46} refused   ({need}) {}: {why}", self.spec.hook, self.spec.purpose)
+            }
+            HookState::Standby(by) => write!(
+                f,
+                "{:<46} standby   ({need}) {}: {by} serves instead",
+                self.spec.hook, self.spec.purpose
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this ioasid-agent was built without the eBPF toolchain (a stub object): it cannot load \
+         its kernel programs. Build it with `cargo xtask build` (installs the toolchain)"
+    )]
+    NoObject,
+    #[error(transparent)]
+    TraceFs(#[from] TraceFsError),
+    #[error("loading the ioasid eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the object has no program {0} (built from another version?)")]
+    MissingProgram(&'static str),
+    #[error("the object has no map {0} (built from another version?)")]
+    MissingMap(&'static str),
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("required hook {hook} could not be attached: {reason}")]
+    Required { hook: &'static str, reason: String },
+}
+
+/// Which program family serves the ioctl path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoctlHooks {
+    /// The LSM family where BPF LSM and trampolines load (no syscall tracepoint at all), else
+    /// tp_btf where the kernel allows it, else classic tracepoints.
+    #[default]
+    Auto,
+    /// Only the LSM family (lsm/file_ioctl + fexit/kvm_vfio_set_attr).
+    Lsm,
+    /// Only tp_btf sys_enter/sys_exit.
+    TpBtf,
+    /// Only the classic syscalls:sys_enter_ioctl/sys_exit_ioctl tracepoints.
+    Tracepoint,
+}
+
+/// The `mechanism` label values of `ioasid_enforcement_mechanism`.
+pub const ENFORCEMENT_MECHANISMS: [&str; 3] = ["lsm", "sigkill", "none"];
+
+/// How the agent wants the programs set up.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Enforce verdicts (false: observe and audit only).
+    pub enforce: bool,
+    /// Attach optional hooks (false: tracepoints only; for comparing).
+    pub optional_hooks: bool,
+    pub ioctl_hooks: IoctlHooks,
+    /// Fail if a required hook cannot attach (false for `status`, which reports instead).
+    pub strict: bool,
+    /// Attach each hook's empty program instead of the real one: the benchmarks' baseline of
+    /// what the attachment alone costs. Nothing is observed or enforced.
+    pub empty_programs: bool,
+    /// Pin the persistent maps under this bpffs directory and adopt what a previous agent left
+    /// there (`None`: every map starts afresh and dies with the agent, as for `status`).
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub hooks: Vec<HookReport>,
+    /// The LSM program observes the ioctl path (no syscall tracepoint attached).
+    pub lsm_observes: bool,
+    /// Where the persistent maps are pinned, and which a previous agent left.
+    pub state: Option<state::StateDir>,
+    /// Whether only requests on KVM/VFIO/iommufd files are reported.
+    pub file_filter: FileFilter,
+}
+
+impl Loaded {
+    fn attached(&self, hook: &str) -> bool {
+        self.hooks.iter().any(|h| h.spec.hook == hook && h.attached())
+    }
+
+    /// Which programs time WBINVD handling: the handlers' fentry/fexit where all four attach,
+    /// else tracepoint pairs.
+    pub fn cost_source(&self) -> CostSource {
+        if HANDLER_COST_HOOKS.iter().all(|h| self.attached(h)) {
+            CostSource::Handlers
+        } else {
+            CostSource::Tracepoints
+        }
+    }
+
+    /// Which program family serves the ioctl path: `lsm`, `tp-btf` or `tracepoint`.
+    pub fn ioctl_family(&self) -> &'static str {
+        if self.lsm_observes {
+            "lsm"
+        } else if self.attached("tp_btf/sys_enter") {
+            "tp-btf"
+        } else {
+            "tracepoint"
+        }
+    }
+
+    pub fn lsm_attached(&self) -> bool {
+        self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
+    }
+
+    /// The enforcement mechanism for denials on this host: `lsm` where the LSM program is
+    /// attached, else `sigkill`; `none` when not enforcing (dry run).
+    pub fn mechanism(&self, enforce: bool) -> &'static str {
+        match (enforce, self.lsm_attached()) {
+            (false, _) => "none",
+            (true, true) => "lsm",
+            (true, false) => "sigkill",
+        }
+    }
+}
+
+/// Whether `--ioctl-hooks` rules this hook out; the flag value if so.
+fn excluded(spec: &HookSpec, mode: IoctlHooks) -> Option<&'static str> {
+    let ioctl = spec.is_ioctl_path();
+    match (mode, spec.kind) {
+        (IoctlHooks::Tracepoint, HookKind::BtfTracePoint { .. }) if ioctl => Some("tracepoint"),
+        (IoctlHooks::TpBtf, HookKind::TracePoint { .. }) if ioctl => Some("tp-btf"),
+        _ => None,
+    }
+}
+
+/// Loads the object and attaches every hook the kernel allows.
+pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    if !object_built() {
+        return Err(LoadError::NoObject);
+    }
+    let tracefs = TraceFs::locate_or_mount()?;
+    let (config, file_filter, ioctl_fns) = prog_config(&tracefs)?;
+    let btf = Btf::from_sys_fs().ok();
+    let state = opts.state_dir.as_deref().map(|base| state::prepare(base, OBJECT)).transpose()?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(btf.as_ref()).override_global(GLOBAL_CONFIG, &config, true);
+    if let Some(state) = &state {
+        for map in PERSISTENT_MAPS {
+            loader.map_pin_path(map, state.pin_path(map));
+        }
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
+    let target = Target { vmlinux: btf.as_ref(), modules: std::cell::OnceCell::new() };
+    let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
+        .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
+        .ok();
+
+    // Where BPF LSM and trampolines load, the LSM program and fexit kvm_vfio_set_attr serve the
+    // whole ioctl path and no syscall tracepoint is attached (unrelated syscalls pay nothing).
+    let program_of = |spec: &HookSpec| if opts.empty_programs { spec.empty } else { spec.program };
+    let mut early: Vec<(&'static str, HookState)> = Vec::new();
+    if matches!(opts.ioctl_hooks, IoctlHooks::Auto | IoctlHooks::Lsm) && opts.optional_hooks {
+        for label in LSM_IOCTL_HOOKS {
+            let spec = ioasid_common::hooks::hook(label).expect("the LSM ioctl hooks are in the table");
+            let program = program_of(spec);
+            let prog = ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
+            let state = match attach(prog, spec, &target, lsm_active) {
+                Ok(()) => HookState::Attached,
+                Err(why) => HookState::Refused(why),
+            };
+            early.push((label, state));
+        }
+    }
+    let lsm_observes =
+        early.len() == LSM_IOCTL_HOOKS.len() && early.iter().all(|(_, s)| *s == HookState::Attached);
+    if opts.ioctl_hooks == IoctlHooks::Lsm && !lsm_observes && opts.strict {
+        let reason = early.iter().find_map(|(_, s)| match s {
+            HookState::Refused(r) => Some(r.clone()),
+            _ => None,
+        });
+        let reason = reason.unwrap_or_else(|| "optional hooks not requested".into());
+        return Err(LoadError::Required { hook: "lsm/file_ioctl", reason });
+    }
+
+    let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
+    for spec in HOOKS {
+        let program = program_of(spec);
+        let prog = ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
+        let serving = spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
+        let state = if let Some((_, state)) = early.iter().find(|(l, _)| *l == spec.hook) {
+            state.clone()
+        } else if lsm_observes && spec.is_ioctl_path() {
+            HookState::Standby(LSM_IOCTL_HOOKS[0])
+        } else if let Some(by) = serving {
+            HookState::Standby(by.spec.hook)
+        } else if let Some(flag) = excluded(spec, opts.ioctl_hooks) {
+            HookState::Refused(format!("not requested (--ioctl-hooks {flag})"))
+        } else if spec.optional && !opts.optional_hooks {
+            HookState::Refused("not requested (--no-optional-hooks)".into())
+        } else {
+            match attach(prog, spec, &target, lsm_active) {
+                Ok(()) => HookState::Attached,
+                Err(why) => HookState::Refused(why),
+            }
+        };
+        hooks.push(HookReport { spec: *spec, program, state });
+    }
+    // A required hook, or group of alternatives, that nothing serves is fatal.
+    for h in hooks.iter().filter(|h| !h.spec.optional) {
+        let served = match h.spec.group {
+            _ if lsm_observes && h.spec.is_ioctl_path() => true,
+            Some(g) => hooks.iter().any(|o| o.spec.group == Some(g) && o.attached()),
+            None => h.attached(),
+        };
+        if let (false, true, HookState::Refused(reason)) = (served, opts.strict, &h.state) {
+            return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
+        }
+    }
+    let mut loaded = Loaded { ebpf, hooks, lsm_observes, state, file_filter };
+    let control = Control {
+        enforce: u32::from(opts.enforce),
+        lsm_enforces: u32::from(loaded.lsm_attached()),
+        cost_source: loaded.cost_source().wire(),
+        skip_emulation: u32::from(svm_without_nrips()),
+        lsm_observes: u32::from(lsm_observes),
+        _pad: 0,
+    };
+    set_control(&mut loaded.ebpf, control)?;
+    if loaded.file_filter == FileFilter::On {
+        write_ioctl_fns(&mut loaded.ebpf, &ioctl_fns)?;
+    }
+    Ok(loaded)
+}
+
+/// Writes the watched ioctl functions' addresses (see `MAP_IOCTL_FNS`).
+pub fn write_ioctl_fns(ebpf: &mut Ebpf, fns: &[u64]) -> Result<(), LoadError> {
+    let name = ioasid_common::names::MAP_IOCTL_FNS;
+    let map = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+    let mut array: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+    for (i, a) in fns.iter().enumerate() {
+        array.set(i as u32, *a, 0).map_err(|source| LoadError::Map { name, source })?;
+    }
+    Ok(())
+}
+
+pub fn set_control(ebpf: &mut Ebpf, control: Control) -> Result<(), LoadError> {
+    let map = ebpf.map_mut(MAP_CONTROL).ok_or(LoadError::MissingMap(MAP_CONTROL))?;
+    let mut array: Array<&mut MapData, Control> =
+        Array::try_from(map).map_err(|source| LoadError::Map { name: MAP_CONTROL, source })?;
+    array.set(0, control, 0).map_err(|source| LoadError::Map { name: MAP_CONTROL, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use ioasid_common::names::ALL_MAPS;
+
+    use super::*;
+
+    /// The object and the hook table agree: every map named in ioasid-common and every program
+    /// of the table exists in the built object, and every program in the object is in the
+    /// table, as a hook's program or its empty baseline (so no program is loaded that nothing
+    /// attaches, and none is forgotten).
+    #[test]
+    #[cfg_attr(ioasid_stub_object, ignore = "built without the eBPF toolchain: no object to check")]
+    fn object_and_hook_table_agree() {
+        use object::{Object, ObjectSection, ObjectSymbol, SymbolSection};
+        let file = object::File::parse(OBJECT).expect("the built object is ELF");
+        let names: Vec<String> = file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect();
+        for name in ALL_MAPS.iter().chain([&GLOBAL_CONFIG]) {
+            assert!(names.iter().any(|s| s == name), "{name} missing from the object");
+        }
+        // Programs: function symbols in executable sections.
+        let programs: Vec<String> = file
+            .symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text && s.is_global())
+            .filter(|s| match s.section() {
+                SymbolSection::Section(i) => file
+                    .section_by_index(i)
+                    .ok()
+                    .and_then(|sec| sec.name().ok().map(|n| n != ".text"))
+                    .unwrap_or(false),
+                _ => false,
+            })
+            .filter_map(|s| s.name().ok().map(str::to_string))
+            .collect();
+        for h in HOOKS {
+            for program in [h.program, h.empty] {
+                assert!(programs.iter().any(|p| p == program), "{program} ({}) not in the object", h.hook);
+            }
+        }
+        for p in &programs {
+            assert!(
+                HOOKS.iter().any(|h| h.program == p || h.empty == p),
+                "program {p} of the object is not in the hook table"
+            );
+        }
+        assert_eq!(programs.len(), 2 * HOOKS.len(), "{programs:?}");
+    }
+}

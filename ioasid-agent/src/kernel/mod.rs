@@ -1,0 +1,331 @@
+//! The kernel boundary, and the only users of aya: loading and attaching the programs
+//! (`loader`, `btf`, `tracefs`), the ring readers (`ring`) and their decoder (`decode`), and
+//! [`BpfKernel`], which owns the loaded object (dropping it detaches every program) and every
+//! map handle and implements the engine's ports ([`Kernel`], [`AskGate`]) over them.
+
+pub mod btf;
+pub mod decode;
+pub mod loader;
+pub mod ring;
+pub mod tracefs;
+
+use std::collections::{HashMap, HashSet};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use ioasid_common::{
+    cost::{CostKey, COST_BUCKETS_NS, COST_SUM, FLUSH_CPUS_LEN},
+    counters::{CounterKey, Op, Path, STATS_LEN},
+    events::Coherency,
+    names::*,
+    verdict::{Asked, FdKey, VmVerdict},
+};
+
+use crate::{
+    engine::{
+        accounting::{CostHist, Totals},
+        ports::{AskGate, FlushCpus, Kernel, MapError, ProgramStats, Stats},
+    },
+    host::sys::{signal_process, Signal},
+    kernel::loader::{LoadError, Loaded},
+};
+
+pub struct BpfKernel {
+    counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    cost: PerCpuHashMap<MapData, CostKey, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    flush_cpus: PerCpuArray<MapData, u64>,
+    verdicts: BpfHashMap<MapData, u32, VmVerdict>,
+    kvm_devices: BpfHashMap<MapData, FdKey, u32>,
+    asked: BpfHashMap<MapData, u32, Asked>,
+    noncoherent: BpfHashMap<MapData, u32, u32>,
+    noncoherent_kvm: BpfHashMap<MapData, u32, u64>,
+    file_coherency: BpfHashMap<MapData, FdKey, u32>,
+    cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
+    blast: PerCpuHashMap<MapData, ioasid_common::cost::BlastKey, u64>,
+    /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
+    stats_hooks: Vec<(&'static str, &'static str)>,
+    /// The file filter's view of the loaded modules (None: the filter is off).
+    modules: Option<ModulesSeen>,
+    // Dropping the object detaches every program: it lives as long as this value.
+    ebpf: aya::Ebpf,
+}
+
+/// When the loaded modules were last looked at, and what they were.
+struct ModulesSeen {
+    fingerprint: u64,
+    at: std::time::Instant,
+}
+
+fn modules_fingerprint() -> u64 {
+    crate::kernel::loader::modules_fingerprint(&std::fs::read_to_string("/proc/modules").unwrap_or_default())
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// Sums a per-CPU map's values (wrapping: a correction may subtract on another CPU than the
+/// count it corrects), logging (not failing) a read error once per sweep.
+fn per_cpu<K, I>(map: &'static str, iter: I) -> impl Iterator<Item = (K, u64)>
+where
+    I: Iterator<Item = Result<(K, aya::maps::PerCpuValues<u64>), aya::maps::MapError>>,
+{
+    iter.map_while(move |item| match item {
+        Ok((k, values)) => Some((k, values.iter().fold(0u64, |a, v| a.wrapping_add(*v)))),
+        Err(e) => {
+            tracing::warn!(map, error = %e, "reading a kernel map");
+            None
+        }
+    })
+}
+
+/// Whether the kernel holds an open ask for a process: a second fd of the asks map, for the
+/// duty-cycle threads (which must never continue a VMM stopped to ask).
+pub struct AskMapGate(std::os::fd::OwnedFd);
+
+impl AskGate for AskMapGate {
+    fn asked(&self, pid: u32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut value = [0u8; std::mem::size_of::<Asked>()];
+        // union bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
+        let mut attr: [u64; 4] =
+            [self.0.as_raw_fd() as u64, &pid as *const u32 as u64, value.as_mut_ptr() as u64, 0];
+        // An error other than "no such key" counts as asked: never continue on a doubt.
+        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+        match crate::host::sys::bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::ENOENT),
+        }
+    }
+}
+
+/// The kernel's two event rings: everything, and FILE_ADD/DEL only (decisions).
+pub struct Rings {
+    pub events: RingBuf<MapData>,
+    pub decisions: RingBuf<MapData>,
+}
+
+impl BpfKernel {
+    /// Takes the maps out of a loaded object. Returns the ring buffers separately: their readers
+    /// runs in its own task.
+    pub fn new(mut loaded: Loaded, stats_on: bool) -> Result<(Self, Rings), LoadError> {
+        let e = &mut loaded.ebpf;
+        let rings =
+            Rings { events: take(e, MAP_EVENTS)?, decisions: take(e, ioasid_common::names::MAP_DECISIONS)? };
+        let stats_hooks = if stats_on {
+            loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.program)).collect()
+        } else {
+            Vec::new()
+        };
+        let k = Self {
+            counters: take(e, MAP_COUNTERS)?,
+            cost: take(e, MAP_COST)?,
+            stats: take(e, MAP_STATS)?,
+            flush_cpus: take(e, MAP_FLUSH_CPUS)?,
+            verdicts: take(e, MAP_VM_POLICY)?,
+            kvm_devices: take(e, MAP_KVM_DEVICES)?,
+            asked: take(e, MAP_ASKED)?,
+            noncoherent: take(e, MAP_NONCOHERENT)?,
+            noncoherent_kvm: take(e, MAP_NONCOHERENT_KVM)?,
+            file_coherency: take(e, MAP_FILE_COHERENCY)?,
+            cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
+            blast: take(e, ioasid_common::names::MAP_BLAST)?,
+            stats_hooks,
+            modules: (loaded.file_filter == crate::kernel::loader::FileFilter::On)
+                .then(|| ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() }),
+            ebpf: loaded.ebpf,
+        };
+        Ok((k, rings))
+    }
+
+    /// The object, for the aya-log reader.
+    pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
+    }
+}
+
+impl Kernel for BpfKernel {
+    fn counters(&mut self) -> HashMap<u32, Totals> {
+        let mut out: HashMap<u32, Totals> = HashMap::new();
+        for (k, sum) in per_cpu(MAP_COUNTERS, self.counters.iter()) {
+            // Only the programs write this map, from typed values: anything else is skipped.
+            let (Ok(op), Ok(path)) = (Op::try_from(k.op), Path::try_from(k.path)) else { continue };
+            *out.entry(k.tgid).or_default().entry((op, path)).or_insert(0) += sum;
+        }
+        out
+    }
+
+    fn cost(&mut self) -> HashMap<u32, CostHist> {
+        let mut out: HashMap<u32, CostHist> = HashMap::new();
+        for (k, sum) in per_cpu(MAP_COST, self.cost.iter()) {
+            let h = out.entry(k.tgid).or_default();
+            match h.buckets.get_mut(k.bucket as usize) {
+                Some(b) => *b += sum,
+                None if k.bucket == COST_SUM => h.sum_ns += sum,
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn flush_cpus(&mut self) -> FlushCpus {
+        let mut snap = [0u64; FLUSH_CPUS_LEN as usize];
+        for (i, slot) in snap.iter_mut().enumerate() {
+            if let Ok(v) = self.flush_cpus.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        snap
+    }
+
+    fn stats(&mut self) -> Stats {
+        let mut out = [0u64; STATS_LEN as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.stats.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    fn noncoherent(&mut self) -> HashSet<u32> {
+        let kvm = self.noncoherent_kvm.keys().map_while(Result::ok);
+        kvm.chain(self.noncoherent.keys().map_while(Result::ok)).collect()
+    }
+
+    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError> {
+        self.noncoherent
+            .insert(tgid, 1, 0)
+            .map_err(|source| MapError { map: MAP_NONCOHERENT, source: source.into() })
+    }
+
+    fn unmark_noncoherent(&mut self, tgid: u32) {
+        let _ = self.noncoherent.remove(&tgid);
+    }
+
+    fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
+        self.verdicts
+            .insert(tgid, verdict, 0)
+            .map_err(|source| MapError { map: MAP_VM_POLICY, source: source.into() })
+    }
+
+    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError> {
+        let key = FdKey { tgid, fd: fd as u32 };
+        self.file_coherency
+            .insert(key, c.wire(), 0)
+            .map_err(|source| MapError { map: MAP_FILE_COHERENCY, source: source.into() })
+    }
+
+    fn asks(&mut self) -> Vec<(u32, Asked)> {
+        self.asked.iter().map_while(Result::ok).collect()
+    }
+
+    fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool {
+        match self.asked.get(&tgid, 0) {
+            Ok(a) if a.ktime_ns == ktime_ns => self.asked.remove(&tgid).is_ok(),
+            _ => false,
+        }
+    }
+
+    fn forget(&mut self, tgid: u32) {
+        let keys: Vec<CounterKey> =
+            self.counters.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
+        for k in keys {
+            let _ = self.counters.remove(&k);
+        }
+        for bucket in (0..=COST_BUCKETS_NS.len() as u32).chain([COST_SUM]) {
+            let _ = self.cost.remove(&CostKey { tgid, bucket });
+        }
+        let _ = self.verdicts.remove(&tgid);
+        let _ = self.cmdlines.remove(&tgid);
+        let _ = self.noncoherent.remove(&tgid);
+        let _ = self.noncoherent_kvm.remove(&tgid);
+        let fds: Vec<FdKey> =
+            self.kvm_devices.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
+        for k in fds {
+            let _ = self.kvm_devices.remove(&k);
+        }
+        let blast: Vec<_> = self
+            .blast
+            .keys()
+            .map_while(Result::ok)
+            .filter(|k| k.flusher_tgid == tgid || k.victim_tgid == tgid)
+            .collect();
+        self.forget_blast(&blast);
+    }
+
+    fn blast(&mut self) -> Vec<(ioasid_common::cost::BlastKey, u64)> {
+        per_cpu(ioasid_common::names::MAP_BLAST, self.blast.iter()).collect()
+    }
+
+    fn forget_blast(&mut self, keys: &[ioasid_common::cost::BlastKey]) {
+        for k in keys {
+            let _ = self.blast.remove(k);
+        }
+    }
+
+    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>> {
+        let c = self.cmdlines.get(&tgid, 0).ok()?;
+        let len = (c.len as usize).min(c.bytes.len());
+        Some(c.bytes[..len].to_vec())
+    }
+
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        self.stats_hooks
+            .iter()
+            .filter_map(|(hook, program)| {
+                let info = self.ebpf.program(program)?.info().ok()?;
+                Some(ProgramStats {
+                    hook,
+                    runs: info.run_count(),
+                    run_seconds: info.run_time().as_secs_f64(),
+                })
+            })
+            .collect()
+    }
+
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
+        signal_process(pid, sig)
+    }
+
+    fn refresh_file_filter(&mut self) {
+        let Some(seen) = self.modules.as_mut() else { return };
+        if seen.at.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        seen.at = std::time::Instant::now();
+        let now = modules_fingerprint();
+        if now == seen.fingerprint {
+            return;
+        }
+        let fns = std::fs::read_to_string("/proc/kallsyms")
+            .map_err(|e| e.to_string())
+            .and_then(|t| crate::kernel::loader::ioctl_fns(&t));
+        match fns
+            .map(|f| crate::kernel::loader::write_ioctl_fns(&mut self.ebpf, &f).map_err(|e| e.to_string()))
+        {
+            Ok(Ok(())) => {
+                seen.fingerprint = now;
+                tracing::info!(
+                    "modules changed: the KVM/VFIO/iommufd ioctl functions' addresses are updated"
+                );
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, "modules changed, but the ioctl functions' addresses could not be updated (retried)")
+            }
+        }
+    }
+}
+
+impl BpfKernel {
+    /// A gate on the asks map for other threads.
+    pub fn ask_gate(&self) -> std::io::Result<AskMapGate> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd;
+        Ok(AskMapGate(self.asked.map().fd().as_fd().try_clone_to_owned()?))
+    }
+}

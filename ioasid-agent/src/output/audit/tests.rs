@@ -1,0 +1,131 @@
+use super::*;
+use std::{path::PathBuf, time::Duration};
+
+#[test]
+fn labels_are_the_serialized_forms() {
+    fn check<T: Serialize + std::fmt::Display>(all: &[T]) {
+        for v in all {
+            assert_eq!(serde_json::to_string(v).unwrap(), format!("\"{v}\""));
+        }
+    }
+    check(RecordKind::ALL);
+    check(Decision::ALL);
+    check(Mechanism::ALL);
+    check(Outcome::ALL);
+    check(StormState::ALL);
+    check(StormOutcome::ALL);
+    check(FileCoherency::ALL);
+}
+
+fn log_instance(text: &str) -> std::sync::Arc<str> {
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    v["id"].as_str().unwrap().rsplit_once('-').unwrap().0.into()
+}
+
+#[tokio::test]
+async fn writes_lines_and_counts_drops() {
+    let dir = std::env::temp_dir().join(format!("ioasid-audit-{}", std::process::id()));
+    let path = dir.join("sub/audit.jsonl");
+    let dropped = IntCounter::new("dropped", "test").unwrap();
+    let log = AuditLog::start(&path, dropped.clone()).unwrap();
+    let rec = AuditRecord {
+        event: RecordKind::IncoherentDma,
+        time: rfc3339(SystemTime::now()),
+        host: "h".into(),
+        vm: "gpu-1".into(),
+        identity: VmIdentity::default(),
+        pid: 7,
+        comm: "qemu".into(),
+        exe: None,
+        cgroup: None,
+        uid: 0,
+        request: Request {
+            ioctl: "KVM_SET_DEVICE_ATTR".into(),
+            attr: "KVM_DEV_VFIO_FILE_ADD".into(),
+            fd: 5,
+            file_fd: Some(6),
+            device_fd_known: true,
+        },
+        vfio: None,
+        kernel_coherent: None,
+        coherency: None,
+        rule: "default".into(),
+        decision: Decision::Audited,
+        mechanism: Mechanism::None,
+        outcome: Outcome::Completed,
+        ret: Some(-22),
+        reason: None,
+        policy: "<embedded default>".into(),
+    };
+    log.record(rec.clone());
+    log.record(rec.clone());
+    drop(log);
+    for _ in 0..100 {
+        if std::fs::read_to_string(&path).map(|s| s.lines().count()).unwrap_or(0) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(back, rec);
+    // Each record leads with its schema and a unique id: this agent's random instance and the
+    // record's number (consecutive: a gap would be a record lost).
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            assert!(l.starts_with(&format!("{{\"schema\":{SCHEMA},\"id\":\"")), "{l}");
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (a, b) = (ids[0].rsplit_once('-').unwrap(), ids[1].rsplit_once('-').unwrap());
+    assert_eq!((a.0.len(), a.0, a.1, b.1), (36, b.0, "1", "2"), "{ids:?}");
+    let other = AuditLog::start(&dir.join("other.jsonl"), dropped.clone()).unwrap();
+    assert_ne!(other.instance, log_instance(&text), "each agent start has its own instance id");
+    assert!(AuditLog::start(Path::new("/proc/nope/audit.jsonl"), dropped.clone()).is_err());
+    assert_eq!(dropped.get(), 0);
+    // A device that is always full: every record is counted as dropped, none is lost silently.
+    let full = AuditLog::start(Path::new("/dev/full"), dropped.clone()).unwrap();
+    for _ in 0..3 {
+        full.record(rec.clone());
+    }
+    drop(full);
+    for _ in 0..100 {
+        if dropped.get() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dropped.get(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_or_removed_log_is_reopened() {
+    let dir = std::env::temp_dir().join(format!("ioasid-audit-rotate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("audit.jsonl");
+    let log = AuditLog::start(&path, IntCounter::new("dropped", "test").unwrap()).unwrap();
+    let lines = |p: &Path| std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0);
+    let wait = |p: PathBuf, n: usize| async move {
+        for _ in 0..200 {
+            if lines(&p) == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    log.write(&serde_json::json!({"n": 1}));
+    assert!(wait(path.clone(), 1).await);
+    // logrotate's default: rename, then the writer makes a new file at the path.
+    std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
+    log.write(&serde_json::json!({"n": 2}));
+    assert!(wait(path.clone(), 1).await, "the record went to the renamed file");
+    assert_eq!(lines(&dir.join("audit.jsonl.1")), 1);
+    std::fs::remove_file(&path).unwrap();
+    log.write(&serde_json::json!({"n": 3}));
+    assert!(wait(path.clone(), 1).await, "a removed log is recreated");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
