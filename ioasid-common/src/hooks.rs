@@ -20,6 +20,13 @@ pub const GROUP_IOCTL_ENTER: &str = "ioctl-enter";
 pub const GROUP_IOCTL_EXIT: &str = "ioctl-exit";
 pub const GROUP_FLUSH_CPUS: &str = "flush-cpus";
 
+/// Labels the agent names in its own logic (the rest are only in the table).
+pub const HOOK_TP_BTF_SYS_ENTER: &str = "tp_btf/sys_enter";
+pub const HOOK_FENTRY_WBINVD_IPI: &str = "fentry/wbinvd_ipi";
+pub const HOOK_FEXIT_WBINVD_IPI: &str = "fexit/wbinvd_ipi";
+pub const HOOK_LSM_FILE_IOCTL: &str = "lsm/file_ioctl";
+pub const HOOK_FEXIT_KVM_VFIO_SET_ATTR: &str = "fexit/kvm_vfio_set_attr";
+
 /// One hook.
 #[derive(Debug, Clone, Copy)]
 pub struct HookSpec {
@@ -48,7 +55,7 @@ const fn tp(category: &'static str, name: &'static str) -> HookKind {
 }
 
 macro_rules! hook {
-    ($hook:literal, $program:literal, $kind:expr, $optional:literal, $group:expr, $purpose:literal) => {
+    ($hook:expr, $program:literal, $kind:expr, $optional:literal, $group:expr, $purpose:literal) => {
         HookSpec {
             hook: $hook,
             program: $program,
@@ -98,7 +105,7 @@ pub const HOOKS: &[HookSpec] = &[
         "ends a WBINVD's handling time at the next VM entry"
     ),
     hook!(
-        "tp_btf/sys_enter",
+        HOOK_TP_BTF_SYS_ENTER,
         "ioasid_tp_btf_sys_enter",
         BtfTracePoint { name: "sys_enter" },
         false,
@@ -170,7 +177,7 @@ pub const HOOKS: &[HookSpec] = &[
         "CPUs each WBINVD flush reaches (older kernels: KVM's on_each_cpu_mask(..., wbinvd_ipi))"
     ),
     hook!(
-        "fentry/wbinvd_ipi",
+        HOOK_FENTRY_WBINVD_IPI,
         "ioasid_fentry_wbinvd_ipi",
         FEntry { function: "wbinvd_ipi" },
         true,
@@ -178,7 +185,7 @@ pub const HOOKS: &[HookSpec] = &[
         "blast radius: a flush IPI interrupts a task on another CPU (kernels before ~6.17)"
     ),
     hook!(
-        "fexit/wbinvd_ipi",
+        HOOK_FEXIT_WBINVD_IPI,
         "ioasid_fexit_wbinvd_ipi",
         FExit { function: "wbinvd_ipi" },
         true,
@@ -202,7 +209,7 @@ pub const HOOKS: &[HookSpec] = &[
         "WBINVD emulator handler calls"
     ),
     hook!(
-        "lsm/file_ioctl",
+        HOOK_LSM_FILE_IOCTL,
         "ioasid_lsm_file_ioctl",
         Lsm { hook: "file_ioctl" },
         true,
@@ -210,7 +217,7 @@ pub const HOOKS: &[HookSpec] = &[
         "observes, judges and enforces the ioctl path with fexit/kvm_vfio_set_attr (no syscall tracepoint); else denies FILE_ADD with -EPERM"
     ),
     hook!(
-        "fexit/kvm_vfio_set_attr",
+        HOOK_FEXIT_KVM_VFIO_SET_ATTR,
         "ioasid_fexit_kvm_vfio_set_attr",
         FExit { function: "kvm_vfio_set_attr" },
         true,
@@ -252,7 +259,10 @@ pub const HANDLER_COST_HOOKS: [&str; 4] = [
 ];
 
 /// The hooks that, both attached, serve the whole ioctl path without any syscall tracepoint.
-pub const LSM_IOCTL_HOOKS: [&str; 2] = ["lsm/file_ioctl", "fexit/kvm_vfio_set_attr"];
+pub const LSM_IOCTL_HOOKS: [&str; 2] = [HOOK_LSM_FILE_IOCTL, HOOK_FEXIT_KVM_VFIO_SET_ATTR];
+
+/// The hooks that measure who a flush interrupts (blast radius): both are needed.
+pub const BLAST_HOOKS: [&str; 2] = [HOOK_FENTRY_WBINVD_IPI, HOOK_FEXIT_WBINVD_IPI];
 
 /// The hook of `label`.
 pub fn hook(label: &str) -> Option<&'static HookSpec> {
@@ -276,7 +286,12 @@ mod tests {
                 assert!(HOOKS.iter().filter(|o| o.group == Some(g)).all(|o| o.optional == h.optional));
             }
         }
-        for label in HANDLER_COST_HOOKS {
+        for label in HANDLER_COST_HOOKS
+            .iter()
+            .chain(&LSM_IOCTL_HOOKS)
+            .chain(&BLAST_HOOKS)
+            .chain(&[HOOK_TP_BTF_SYS_ENTER])
+        {
             assert!(hook(label).is_some(), "{label}");
         }
     }

@@ -717,13 +717,14 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
             .iter()
             .filter(|h| h["attached"] != true && h["standby"] != true)
             .map(|h| {
-                let why = h["reason"].as_str().unwrap_or("");
-                let why = if why.contains("Operation not permitted") {
-                    "EPERM"
-                } else if why.contains("this kernel has no") {
-                    "absent"
-                } else {
-                    "refused"
+                // The agent's typed refusal (status --json `refusal`): its kind, and the errno
+                // where the kernel gave one.
+                let refusal = &h["refusal"];
+                let why = match (refusal["kind"].as_str(), refusal["errno"].as_i64()) {
+                    (Some("kernel"), Some(1)) => "EPERM".to_string(),
+                    (Some("kernel"), Some(n)) => format!("errno {n}"),
+                    (Some(kind), _) => kind.to_string(),
+                    (None, _) => "refused".to_string(),
                 };
                 format!("`{}` ({why})", h["hook"].as_str().unwrap_or("?"))
             })

@@ -21,7 +21,7 @@ use crate::{
     host::procfs::ProcFs,
     host::sys::hostname,
     host::vfio::SysFs,
-    kernel::loader::{self, HookState, LoadOptions, Loaded},
+    kernel::loader::{self, EnforcementMechanism, HookState, IoctlFamily, LoadOptions, Loaded},
     kernel::ring,
     kernel::BpfKernel,
     output::audit::AuditLog,
@@ -83,9 +83,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     report_hooks(&loaded, &metrics, cfg.load.enforce);
     let bpf_stats = cfg.bpf_stats.then(enable_bpf_stats).flatten();
-    let blast_on = ["fentry/wbinvd_ipi", "fexit/wbinvd_ipi"]
-        .iter()
-        .all(|hook| loaded.hooks.iter().any(|h| h.spec.hook == *hook && h.attached()));
+    let blast_on = loaded.blast_radius().is_ok();
     let (mut kernel, events) = BpfKernel::new(loaded, bpf_stats.is_some())?;
     ring::forward_kernel_log(kernel.ebpf_mut());
 
@@ -296,20 +294,20 @@ fn report_hooks(loaded: &Loaded, metrics: &Metrics, enforce: bool) {
         metrics.hook_attached.with_label_values(&[h.spec.hook]).set(i64::from(h.attached()));
     }
     let mechanism = loaded.mechanism(enforce);
-    for m in loader::ENFORCEMENT_MECHANISMS {
-        metrics.enforcement_mechanism.with_label_values(&[m]).set(i64::from(m == mechanism));
+    for m in EnforcementMechanism::ALL {
+        metrics.enforcement_mechanism.with_label_values(&[m.label()]).set(i64::from(*m == mechanism));
     }
-    tracing::info!(mechanism, "incoherent-DMA enforcement");
+    tracing::info!(mechanism = mechanism.label(), "incoherent-DMA enforcement");
     let source = loaded.cost_source();
     for s in ioasid_common::cost::CostSource::ALL {
         metrics.wbinvd_cost_source.with_label_values(&[s.label()]).set(i64::from(*s == source));
     }
     tracing::info!(source = source.label(), "WBINVD handler time source");
     let family = loaded.ioctl_family();
-    for f in ["lsm", "tp-btf", "tracepoint"] {
-        metrics.ioctl_path.with_label_values(&[f]).set(i64::from(f == family));
+    for f in IoctlFamily::ALL {
+        metrics.ioctl_path.with_label_values(&[f.label()]).set(i64::from(*f == family));
     }
-    tracing::info!(family, "ioctl path");
+    tracing::info!(family = family.label(), "ioctl path");
 }
 
 /// Keeps kernel BPF run-time statistics on while the returned fd lives.

@@ -180,7 +180,7 @@ pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
     // Checked before it is written: it parses, and each learned request replays unchanged.
     let policy = Policy::parse(&y, "<learned>").context("the learned policy does not parse (a bug)")?;
     for r in &records {
-        let (d, rule, _) = enforce::replay(r, &policy);
+        let enforce::Replayed { decision: d, rule, .. } = enforce::replay(r, &policy);
         if d != r.decision {
             bail!(
                 "the learned policy decides {d} for {} (recorded {}; rule {rule}): a bug",
@@ -389,7 +389,7 @@ mod tests {
             "/machine.slice/machine-qemu-1.scope",
             "0000:65:00.0",
         );
-        assert_eq!(enforce::replay(&seen, &p).0, Decision::Audited);
+        assert_eq!(enforce::replay(&seen, &p).decision, Decision::Audited);
         let other_device = rec(
             "gpu-a",
             "/usr/bin/qemu-system-x86_64",
@@ -397,10 +397,10 @@ mod tests {
             "/machine.slice/machine-qemu-1.scope",
             "0000:99:00.0",
         );
-        assert_eq!(enforce::replay(&other_device, &p).0, Decision::Denied);
+        assert_eq!(enforce::replay(&other_device, &p).decision, Decision::Denied);
         let tenant =
             rec("tenant-x", "/usr/bin/qemu-system-x86_64", 107, "/machine.slice/x.scope", "0000:01:00.0");
-        assert_eq!(enforce::replay(&tenant, &p).0, Decision::Denied);
+        assert_eq!(enforce::replay(&tenant, &p).decision, Decision::Denied);
         assert!(learn(std::slice::from_ref(&log), -1.0).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

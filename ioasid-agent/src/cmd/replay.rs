@@ -103,7 +103,7 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
         };
         let i = line.number - 1;
         total += 1;
-        let (decision, rule, reason) = enforce::replay(&rec, &policy);
+        let enforce::Replayed { decision, rule, reason } = enforce::replay(&rec, &policy);
         if decision != rec.decision {
             changed += 1;
         }

@@ -30,29 +30,33 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                     "attached": h.attached(),
                     "standby": matches!(h.state, HookState::Standby(_)),
                     "reason": match &h.state {
-                        HookState::Refused(r) => Some(r.clone()),
+                        HookState::Refused(r) => Some(r.to_string()),
                         HookState::Standby(by) => Some(format!("{by} serves instead")),
                         HookState::Attached => None,
+                    },
+                    "refusal": match &h.state {
+                        HookState::Refused(r) => Some(r),
+                        _ => None,
                     },
                     "purpose": h.spec.purpose,
                 })
             })
             .collect();
         let cost_source = loaded.cost_source().label();
-        let blast = blast_radius(&loaded);
+        let blast = loaded.blast_radius();
         let (filter_on, filter_reason) = match &loaded.file_filter {
             loader::FileFilter::On => (true, None),
-            loader::FileFilter::Off(why) => (false, Some(why.clone())),
+            loader::FileFilter::Off(why) => (false, Some(why.to_string())),
         };
         println!(
             "{}",
             serde_json::json!({
                 "hooks": hooks,
-                "enforcement_mechanism": mechanism,
+                "enforcement_mechanism": mechanism.label(),
                 "cost_source": cost_source,
-                "ioctl_hooks": loaded.ioctl_family(),
+                "ioctl_hooks": loaded.ioctl_family().label(),
                 "file_filter": { "on": filter_on, "reason": filter_reason },
-                "blast_radius": { "on": blast.is_ok(), "reason": blast.err() },
+                "blast_radius": { "on": blast.is_ok(), "reason": blast.err().map(|e| e.to_string()) },
             })
         );
     } else {
@@ -62,7 +66,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         println!("enforcement mechanism for incoherent-DMA denials: {mechanism}");
         println!("WBINVD handler time source: {}", loaded.cost_source().label());
         println!("ioctl path: {}", loaded.ioctl_family());
-        match blast_radius(&loaded) {
+        match loaded.blast_radius() {
             Ok(()) => println!("blast radius (victims of WBINVD flushes): measured"),
             Err(why) => println!("blast radius (victims of WBINVD flushes): not measured: {why}"),
         }
@@ -71,19 +75,6 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 println!("reported: watched requests on KVM, VFIO and iommufd files only")
             }
             loader::FileFilter::Off(why) => println!("reported: watched requests on any file ({why})"),
-        }
-    }
-    Ok(())
-}
-
-/// Whether the blast-radius hooks (fentry/fexit wbinvd_ipi) are attached, or why not.
-fn blast_radius(loaded: &loader::Loaded) -> Result<(), String> {
-    for hook in ["fentry/wbinvd_ipi", "fexit/wbinvd_ipi"] {
-        match loaded.hooks.iter().find(|h| h.spec.hook == hook).map(|h| &h.state) {
-            Some(HookState::Attached) => {}
-            Some(HookState::Refused(why)) => return Err(format!("{hook}: {why}")),
-            Some(HookState::Standby(by)) => return Err(format!("{hook}: {by} serves instead")),
-            None => return Err(format!("{hook}: not requested")),
         }
     }
     Ok(())

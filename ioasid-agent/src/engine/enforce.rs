@@ -59,39 +59,30 @@ pub fn coherency(req: &EnableRequest, vfio: Option<&VfioFile>) -> (Coherency, bo
     }
 }
 
+/// How a FILE_ADD was ruled on: the action (None: not an incoherent-DMA enable, not judged),
+/// the rule, how it was enforced with what outcome, the signal still to send, and why.
+struct Ruling {
+    action: Option<Action>,
+    rule: String,
+    mechanism: Mechanism,
+    outcome: Outcome,
+    followup: Option<Signal>,
+    reason: Option<String>,
+}
+
 /// Judges one FILE_ADD from the process `p` (as read now, or as known) and its VFIO file.
 pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &Context<'_>) -> Judgement {
-    let sent = req.signal_sent;
     let (coherency, disagreement) = coherency(req, vfio.as_ref());
     let verdict = cx.policy.evaluate(p);
     let judged = coherency == Coherency::Noncoherent
         || (coherency == Coherency::Unknown && verdict.unknown == UnknownCoherency::Judge);
-    let stopped = req.mechanism == KernelMechanism::StopAsk && sent;
-    let (action, rule, mechanism, outcome, followup, reason) = match req.judged {
+    let stopped = req.mechanism == KernelMechanism::StopAsk && req.signal_sent;
+    let ruling = match req.judged {
         // What the kernel did for a file it knew to be non-coherent stands (it judged right).
         KernelJudged::Verdict { action, rule, generation }
             if judged || req.file_coherency == Coherency::Noncoherent || rule == RuleRef::FdSwapped =>
         {
-            let swapped = (rule == RuleRef::FdSwapped).then(|| {
-                "a kvm-vfio device was put on the fd while FILE_ADD ran (another file when the request began): never judged, treated as a denial".to_string()
-            });
-            let rule = match rule {
-                RuleRef::FdSwapped => "fd-swapped".to_string(),
-                RuleRef::Default => "default".to_string(),
-                RuleRef::Index(i) if generation == cx.generation => {
-                    cx.policy.rule_name(i).unwrap_or("?").to_string()
-                }
-                RuleRef::Index(i) => format!("rule#{} (policy generation {generation})", i + 1),
-            };
-            let (mechanism, outcome) = match (action, req.mechanism) {
-                (Action::Deny, KernelMechanism::Lsm) => (Mechanism::Lsm, Outcome::Blocked),
-                (Action::Deny, KernelMechanism::Sigkill) if sent => (Mechanism::Sigkill, Outcome::Killed),
-                (Action::Deny, KernelMechanism::Sigkill) => (Mechanism::Sigkill, Outcome::SignalFailed),
-                (Action::Deny, _) => (Mechanism::None, Outcome::NotEnforced),
-                _ => (Mechanism::None, Outcome::Completed),
-            };
-            let action = (judged || swapped.is_some()).then_some(action);
-            (action, rule, mechanism, outcome, None, swapped)
+            kernel_ruling(req, cx, judged, KernelVerdict { action, rule, generation })
         }
         // Not an incoherent-DMA enable: observed; a VMM stopped to ask goes on.
         _ if !judged => {
@@ -100,7 +91,7 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
             } else {
                 (Mechanism::None, Outcome::Completed, None)
             };
-            (None, verdict.rule_name, mechanism, outcome, followup, None)
+            Ruling { action: None, rule: verdict.rule_name, mechanism, outcome, followup, reason: None }
         }
         // An enable the kernel asked about, or let through not knowing what it was: decided
         // here. (Let through: the kernel's map said coherent or unknown-and-allowed, the
@@ -115,11 +106,61 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
                 (false, Action::Deny, _) => (Mechanism::Sigkill, Outcome::Killed, Some(Signal::Kill)),
                 (false, _, _) => (Mechanism::None, Outcome::Completed, None),
             };
-            (Some(action), verdict.rule_name, mechanism, outcome, followup, reason)
+            Ruling { action: Some(action), rule: verdict.rule_name, mechanism, outcome, followup, reason }
         }
     };
-    let record = AuditRecord {
-        event: if action.is_some() { RecordKind::IncoherentDma } else { RecordKind::VfioFileAdd },
+    let disagreed = disagreement
+        .then(|| "the kernel's own coherency verdict disagreed with sysfs; the kernel's wins".to_string());
+    let followup = ruling.followup;
+    let action = ruling.action;
+    let record =
+        record(req, p, vfio, coherency, Ruling { reason: ruling.reason.or(disagreed), ..ruling }, cx);
+    Judgement { action, coherency, disagreement, followup, record }
+}
+
+/// The verdict the kernel applied by itself.
+struct KernelVerdict {
+    action: Action,
+    rule: RuleRef,
+    generation: u32,
+}
+
+/// A verdict the kernel applied stands: its rule by name, its mechanism and outcome.
+fn kernel_ruling(req: &EnableRequest, cx: &Context<'_>, judged: bool, v: KernelVerdict) -> Ruling {
+    let sent = req.signal_sent;
+    let swapped = (v.rule == RuleRef::FdSwapped).then(|| {
+        "a kvm-vfio device was put on the fd while FILE_ADD ran (another file when the request began): never judged, treated as a denial".to_string()
+    });
+    let rule = match v.rule {
+        RuleRef::FdSwapped => "fd-swapped".to_string(),
+        RuleRef::Default => "default".to_string(),
+        RuleRef::Index(i) if v.generation == cx.generation => {
+            cx.policy.rule_name(i).unwrap_or("?").to_string()
+        }
+        RuleRef::Index(i) => format!("rule#{} (policy generation {})", i + 1, v.generation),
+    };
+    let (mechanism, outcome) = match (v.action, req.mechanism) {
+        (Action::Deny, KernelMechanism::Lsm) => (Mechanism::Lsm, Outcome::Blocked),
+        (Action::Deny, KernelMechanism::Sigkill) if sent => (Mechanism::Sigkill, Outcome::Killed),
+        (Action::Deny, KernelMechanism::Sigkill) => (Mechanism::Sigkill, Outcome::SignalFailed),
+        (Action::Deny, _) => (Mechanism::None, Outcome::NotEnforced),
+        _ => (Mechanism::None, Outcome::Completed),
+    };
+    let action = (judged || swapped.is_some()).then_some(v.action);
+    Ruling { action, rule, mechanism, outcome, followup: None, reason: swapped }
+}
+
+/// The audit record of a ruling.
+fn record(
+    req: &EnableRequest,
+    p: &ProcessInfo,
+    vfio: Option<VfioFile>,
+    coherency: Coherency,
+    r: Ruling,
+    cx: &Context<'_>,
+) -> AuditRecord {
+    AuditRecord {
+        event: if r.action.is_some() { RecordKind::IncoherentDma } else { RecordKind::VfioFileAdd },
         time: cx.time.clone(),
         host: cx.host.to_string(),
         vm: p.vm.clone(),
@@ -139,18 +180,14 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
         vfio,
         kernel_coherent: req.kernel_coherent,
         coherency: Some(coherency.into()),
-        rule,
-        decision: action.map_or(Decision::Allowed, Decision::from),
-        mechanism,
-        outcome,
+        rule: r.rule,
+        decision: r.action.map_or(Decision::Allowed, Decision::from),
+        mechanism: r.mechanism,
+        outcome: r.outcome,
         ret: req.ret,
-        reason: reason.or_else(|| {
-            disagreement
-                .then(|| "the kernel's own coherency verdict disagreed with sysfs; the kernel's wins".into())
-        }),
+        reason: r.reason,
         policy: cx.policy.source.clone(),
-    };
-    Judgement { action, coherency, disagreement, followup, record }
+    }
 }
 
 /// A stopped VMM that could not be classified (its /proc could not be read: fds, memory)
@@ -168,22 +205,30 @@ pub fn fail_closed(mut j: Judgement, why: &str) -> Judgement {
     j
 }
 
+/// What a policy decides for a recorded request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    pub decision: Decision,
+    pub rule: String,
+    pub reason: Option<String>,
+}
+
 /// Replays a recorded decision against `policy`: what it would decide now.
-pub fn replay(rec: &AuditRecord, policy: &Policy) -> (Decision, String, Option<String>) {
+pub fn replay(rec: &AuditRecord, policy: &Policy) -> Replayed {
     let verdict = policy.evaluate(&rec.process());
     let coherency = rec.coherency.map_or(Coherency::Unknown, Coherency::from);
     if coherency == Coherency::Coherent
         || (coherency == Coherency::Unknown && verdict.unknown == UnknownCoherency::Allow)
     {
-        return (
-            Decision::Allowed,
-            verdict.rule_name,
-            Some(format!("not judged: coherency {}", coherency.label())),
-        );
+        return Replayed {
+            decision: Decision::Allowed,
+            rule: verdict.rule_name,
+            reason: Some(format!("not judged: coherency {}", coherency.label())),
+        };
     }
     let devices = rec.vfio.as_ref().map(|v| v.devices.clone()).unwrap_or_default();
     let (action, reason) = policy.decide_device(&verdict, &devices);
-    (action.into(), verdict.rule_name, reason)
+    Replayed { decision: action.into(), rule: verdict.rule_name, reason }
 }
 
 #[cfg(test)]
@@ -329,8 +374,8 @@ mod tests {
         let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
         let audit = verdict(Action::Audit, RuleRef::Default, 1);
         let rec = judge(&req(audit, KernelMechanism::None, false), &proc("tenant-5"), None, &cx).record;
-        let (d, rule, _) = replay(&rec, &policy);
+        let Replayed { decision: d, rule, .. } = replay(&rec, &policy);
         assert_eq!((d, rule.as_str()), (Decision::Denied, "tenants"));
-        assert_eq!(replay(&rec, &Policy::embedded()).0, Decision::Audited);
+        assert_eq!(replay(&rec, &Policy::embedded()).decision, Decision::Audited);
     }
 }

@@ -131,12 +131,23 @@ pub struct StormChange<'a> {
     pub transition: Transition,
 }
 
+/// What became of a storm change: its state, what was done, and why it went as it did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    pub state: StormState,
+    pub outcome: StormOutcome,
+    pub reason: Option<String>,
+}
+
+impl Response {
+    fn new(state: StormState, outcome: StormOutcome, reason: Option<String>) -> Self {
+        Response { state, outcome, reason }
+    }
+}
+
 /// Carries out a storm change (the budget's action, through `signal`), logs it and returns
-/// its audit record (the caller adds time, host and policy).
-pub fn respond(
-    c: &StormChange<'_>,
-    signal: impl FnOnce(Signal) -> std::io::Result<()>,
-) -> (StormState, StormOutcome, Option<String>) {
+/// what it did (the throttle, which no signal carries out, is the caller's).
+pub fn respond(c: &StormChange<'_>, signal: impl FnOnce(Signal) -> std::io::Result<()>) -> Response {
     let (w, b, vm) = (c.window, c.budget, escape(c.vm));
     match c.transition {
         Transition::Raised => {
@@ -155,29 +166,23 @@ pub fn respond(
                 vm = %vm, pid = c.pid, rate = w.rate, cost_ratio = w.cost_ratio, budget_rate = b.rate,
                 budget_cost_ratio = b.cost_ratio, action = b.action.as_str(), outcome = %outcome, "WBINVD storm"
             );
-            (StormState::Raised, outcome, reason)
+            Response::new(StormState::Raised, outcome, reason)
         }
         Transition::Cleared => {
             tracing::info!(vm = %vm, pid = c.pid, rate = w.rate, cost_ratio = w.cost_ratio, "WBINVD storm cleared");
-            (StormState::Cleared, StormOutcome::Cleared, None)
+            Response::new(StormState::Cleared, StormOutcome::Cleared, None)
         }
         Transition::Exited => {
             tracing::info!(vm = %vm, pid = c.pid, "WBINVD storm over: the VMM exited");
-            (StormState::Cleared, StormOutcome::VmmExited, None)
+            Response::new(StormState::Cleared, StormOutcome::VmmExited, None)
         }
     }
 }
 
 impl StormChange<'_> {
     /// The audit record of this change.
-    pub fn record(
-        &self,
-        result: (StormState, StormOutcome, Option<String>),
-        time: String,
-        host: &str,
-        policy: &str,
-    ) -> StormRecord {
-        let (state, outcome, reason) = result;
+    pub fn record(&self, result: Response, time: String, host: &str, policy: &str) -> StormRecord {
+        let Response { state, outcome, reason } = result;
         StormRecord {
             event: RecordKind::WbinvdStorm,
             time,

@@ -3,6 +3,7 @@
 //! takes its root (`/proc`, `/sys`) from its caller, so tests point it at a fixture tree.
 
 pub mod instance;
+pub mod pidfd;
 pub mod procfs;
 pub mod sys;
 pub mod vfio;

@@ -57,7 +57,7 @@ struct ModulesSeen {
 }
 
 fn modules_fingerprint() -> u64 {
-    crate::kernel::loader::modules_fingerprint(&std::fs::read_to_string("/proc/modules").unwrap_or_default())
+    loader::modules_fingerprint(&std::fs::read_to_string("/proc/modules").unwrap_or_default())
 }
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -135,7 +135,7 @@ impl BpfKernel {
             cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
             blast: take(e, ioasid_common::names::MAP_BLAST)?,
             stats_hooks,
-            modules: (loaded.file_filter == crate::kernel::loader::FileFilter::On)
+            modules: (loaded.file_filter == loader::FileFilter::On)
                 .then(|| ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() }),
             ebpf: loaded.ebpf,
         };
@@ -302,19 +302,18 @@ impl Kernel for BpfKernel {
         if now == seen.fingerprint {
             return;
         }
-        let fns = std::fs::read_to_string("/proc/kallsyms")
-            .map_err(|e| e.to_string())
-            .and_then(|t| crate::kernel::loader::ioctl_fns(&t));
-        match fns
-            .map(|f| crate::kernel::loader::write_ioctl_fns(&mut self.ebpf, &f).map_err(|e| e.to_string()))
-        {
-            Ok(Ok(())) => {
+        let written = std::fs::read_to_string("/proc/kallsyms")
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(loader::ioctl_fns(&t)?))
+            .and_then(|f| Ok(loader::write_ioctl_fns(&mut self.ebpf, &f)?));
+        match written {
+            Ok(()) => {
                 seen.fingerprint = now;
                 tracing::info!(
                     "modules changed: the KVM/VFIO/iommufd ioctl functions' addresses are updated"
                 );
             }
-            Ok(Err(e)) | Err(e) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "modules changed, but the ioctl functions' addresses could not be updated (retried)")
             }
         }

@@ -28,6 +28,10 @@ use crate::{
         vm::{VmGauges, VmSeries},
         Metrics,
     },
+    throttle::{
+        controller::{Sample, Storming},
+        Target,
+    },
     util::text::escape,
     util::time::rfc3339,
 };
@@ -359,7 +363,7 @@ impl<K: Kernel> Actor<K> {
             }
             let hold = match self.throttler.as_mut() {
                 Some(th) => {
-                    th.adjust(*tgid, now, wbinvd, p.budget.rate);
+                    th.adjust(*tgid, Sample { at: now, wbinvd }, p.budget.rate);
                     th.holds(*tgid)
                 }
                 None => false,
@@ -403,21 +407,17 @@ impl<K: Kernel> Actor<K> {
         let kernel = &mut self.kernel;
         let mut result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
         if let Some(th) = self.throttler.as_mut() {
-            let (_, outcome, reason) = &mut result;
+            let (outcome, reason) = (&mut result.outcome, &mut result.reason);
             match transition {
                 Transition::Raised if c.budget.action == StormAction::Throttle => {
                     let wbinvd = p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]);
                     let started = th.start(
-                        tgid,
-                        p.info.start_time,
-                        &p.info.vm,
-                        (window.rate, c.budget.rate),
-                        (Instant::now(), wbinvd),
+                        Target { pid: tgid, start_time: p.info.start_time, vm: &p.info.vm },
+                        Storming { rate: window.rate, budget: c.budget.rate },
+                        Sample { at: Instant::now(), wbinvd },
                     );
                     (*outcome, *reason) = match started {
-                        Ok(s) => {
-                            (StormOutcome::Throttled, Some(format!("{}: {:.3} CPU", s.mechanism, s.share)))
-                        }
+                        Ok(s) => (StormOutcome::Throttled, Some(format!("{}: {:.3} CPU", s.method, s.share))),
                         Err(e) => {
                             tracing::error!(pid = tgid, error = %e, "throttling a storming VMM");
                             (StormOutcome::ThrottleFailed, Some(e.to_string()))
@@ -425,14 +425,14 @@ impl<K: Kernel> Actor<K> {
                     };
                 }
                 Transition::Cleared | Transition::Exited => match th.stop(tgid) {
-                    Some(Ok(e)) => *reason = Some(format!("throttle ended: {} put back", e.mechanism())),
+                    Some(Ok(e)) => *reason = Some(format!("throttle ended: {} put back", e.method())),
                     Some(Err(e)) => *reason = Some(format!("throttle could not be put back: {e}")),
                     None => {}
                 },
                 Transition::Raised => {}
             }
         } else if transition == Transition::Raised && c.budget.action == StormAction::Throttle {
-            result.2 = Some("throttling is not available in this agent: alerted only".into());
+            result.reason = Some("throttling is not available in this agent: alerted only".into());
         }
         let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
         self.audit.write(&rec);

@@ -12,11 +12,38 @@ use ioasid_common::hooks::{HookKind, HookSpec};
 
 use crate::kernel::btf;
 
+/// Why the kernel would not take a hook: what `status --json` reports (`refusal`) and the lab
+/// classifies, never by its text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum HookRefusal {
+    /// No vmlinux BTF to type the program against.
+    #[error("no kernel BTF at /sys/kernel/btf/vmlinux")]
+    NoBtf,
+    /// The function or tracepoint does not exist on this kernel.
+    #[error("this kernel has no {name} (not in vmlinux's BTF nor any module's)")]
+    Absent { name: String },
+    /// The modules' BTF could not be read or opened.
+    #[error("{what}: {error}")]
+    ModuleBtf { what: String, error: String },
+    /// The BPF LSM is not in the kernel's active LSM list.
+    #[error(
+        "the BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm; boot with lsm=...,bpf)"
+    )]
+    LsmInactive,
+    /// The kernel refused to load or attach it (errno, and the verifier's last lines).
+    #[error("{message}{}", verifier.as_ref().map(|v| format!(" (verifier: {v})")).unwrap_or_default())]
+    Kernel { errno: Option<i32>, message: String, verifier: Option<String> },
+    /// The agent was asked not to attach it.
+    #[error("not requested ({flag})")]
+    NotRequested { flag: &'static str },
+}
+
 /// What attaching needs to know of the running kernel.
 pub(super) struct Target<'a> {
     pub vmlinux: Option<&'a Btf>,
     /// The modules' BTF, read at the first lookup that needs it.
-    pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, String>>,
+    pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, btf::BtfError>>,
 }
 
 /// Where a BTF-typed attach point lives: vmlinux, or a module (the type's id in its split BTF,
@@ -28,24 +55,23 @@ enum Place {
 
 /// Finds `name` of `kind` in vmlinux's BTF, else in the modules' (KVM and VFIO are modules on
 /// distro kernels).
-fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, String> {
-    let vmlinux = target.vmlinux.ok_or("no kernel BTF at /sys/kernel/btf/vmlinux")?;
+fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, HookRefusal> {
+    let vmlinux = target.vmlinux.ok_or(HookRefusal::NoBtf)?;
     let aya_kind = if kind == btf::KIND_FUNC { BtfKind::Func } else { BtfKind::Typedef };
     if vmlinux.id_by_type_name_kind(name, aya_kind).is_ok() {
         return Ok(Place::Vmlinux);
     }
-    let modules = target
-        .modules
-        .get_or_init(|| btf::ModuleBtf::read(Path::new("/sys/kernel/btf")).map_err(|e| e.to_string()));
-    let modules = modules.as_ref().map_err(|e| format!("reading module BTF: {e}"))?;
+    let module_btf = |what: String, e: &btf::BtfError| HookRefusal::ModuleBtf { what, error: e.to_string() };
+    let modules = target.modules.get_or_init(|| btf::ModuleBtf::read(Path::new("/sys/kernel/btf")));
+    let modules = modules.as_ref().map_err(|e| module_btf("reading module BTF".into(), e))?;
     match modules.find(name, kind) {
         Ok(Some((module, id))) => {
-            let fd =
-                btf::module_fd(&module).map_err(|e| format!("{name} is in module {module}'s BTF: {e}"))?;
+            let fd = btf::module_fd(&module)
+                .map_err(|e| module_btf(format!("{name} is in module {module}'s BTF"), &e))?;
             Ok(Place::Module(id, fd))
         }
-        Ok(None) => Err(format!("this kernel has no {name} (not in vmlinux's BTF nor any module's)")),
-        Err(e) => Err(format!("looking for {name} in module BTF: {e}")),
+        Ok(None) => Err(HookRefusal::Absent { name: name.to_string() }),
+        Err(e) => Err(module_btf(format!("looking for {name} in module BTF"), &e)),
     }
 }
 
@@ -55,7 +81,7 @@ macro_rules! btf_typed {
     ($prog:expr, $ty:ty, $name:expr, $btf_name:expr, $kind:expr, $target:expr) => {{
         let p: &mut $ty = $prog.try_into().map_err(describe)?;
         match place($target, $btf_name, $kind)? {
-            Place::Vmlinux => p.load($name, $target.vmlinux.ok_or("no vmlinux BTF")?),
+            Place::Vmlinux => p.load($name, $target.vmlinux.ok_or(HookRefusal::NoBtf)?),
             Place::Module(id, fd) => p.load_in_module(id, fd),
         }
         .map_err(describe)?;
@@ -68,7 +94,7 @@ pub(super) fn attach(
     spec: &HookSpec,
     target: &Target<'_>,
     lsm_active: Option<bool>,
-) -> Result<(), String> {
+) -> Result<(), HookRefusal> {
     match spec.kind {
         HookKind::TracePoint { category, name } => {
             let tp: &mut TracePoint = prog.try_into().map_err(describe)?;
@@ -82,19 +108,18 @@ pub(super) fn attach(
         HookKind::FExit { function } => btf_typed!(prog, FExit, function, function, btf::KIND_FUNC, target),
         HookKind::Lsm { hook } => {
             if lsm_active == Some(false) {
-                return Err("the BPF LSM is not active (`bpf` missing from /sys/kernel/security/lsm; boot with lsm=...,bpf)".into());
+                return Err(HookRefusal::LsmInactive);
             }
             let p: &mut Lsm = prog.try_into().map_err(describe)?;
-            p.load(hook, target.vmlinux.ok_or("no kernel BTF at /sys/kernel/btf/vmlinux")?)
-                .map_err(describe)?;
+            p.load(hook, target.vmlinux.ok_or(HookRefusal::NoBtf)?).map_err(describe)?;
             p.attach().map_err(describe)?;
         }
     }
     Ok(())
 }
 
-/// One line: the kernel's answer, with the verifier's last lines when it said something.
-fn describe(e: ProgramError) -> String {
+/// The kernel's answer: its errno, with the verifier's last lines when it said something.
+fn describe(e: ProgramError) -> HookRefusal {
     if let ProgramError::LoadError { io_error, verifier_log } = &e {
         let log = verifier_log.to_string();
         // The verifier's statistics lines come last; the reason is just before them.
@@ -106,20 +131,20 @@ fn describe(e: ProgramError) -> String {
             .rev()
             .take(3)
             .collect();
-        let mut out = format!("BPF_PROG_LOAD: {io_error}");
-        if !tail.is_empty() {
-            out.push_str(" (verifier: ");
-            out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
-            out.push(')');
-        }
-        return out;
+        return HookRefusal::Kernel {
+            errno: io_error.raw_os_error(),
+            message: format!("BPF_PROG_LOAD: {io_error}"),
+            verifier: (!tail.is_empty()).then(|| tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
+        };
     }
-    let mut out = e.to_string();
+    let mut message = e.to_string();
+    let mut errno = None;
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        errno = errno.or_else(|| s.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error));
         src = s.source();
     }
-    out
+    HookRefusal::Kernel { errno, message, verifier: None }
 }

@@ -8,56 +8,59 @@ use ioasid_common::{
 
 use crate::kernel::tracefs::{TraceFs, TraceFsError};
 
+/// What loading needs of this kernel beyond the tracepoint layouts: the program configuration,
+/// whether the file filter is on, and the watched ioctl functions' addresses.
+pub(super) struct KernelLayout {
+    pub config: ProgConfig,
+    pub file_filter: FileFilter,
+    pub ioctl_fns: [u64; WATCHED_IOCTL_FNS_LEN],
+}
+
 /// Reads the record layouts this kernel uses into the program configuration.
-pub(super) fn prog_config(
-    tracefs: &TraceFs,
-) -> Result<(ProgConfig, FileFilter, [u64; WATCHED_IOCTL_FNS_LEN]), TraceFsError> {
+pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsError> {
     let exit = tracefs.format("kvm", "kvm_exit")?;
     let emul = tracefs.format("kvm", "kvm_emulate_insn")?;
     let enter = tracefs.format("syscalls", "sys_enter_ioctl")?;
     let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
     let mm = command_line_offsets();
-    let (filter, files) = file_filter(std::path::Path::new("/proc/kallsyms"));
-    Ok((
-        ProgConfig {
-            exit_reason: exit.field("exit_reason")?,
-            exit_isa: exit.field("isa")?,
-            exit_vcpu_id: exit.field("vcpu_id")?,
-            emul_len: emul.field("len")?,
-            emul_insn: emul.field("insn")?,
-            emul_flags: emul.field("flags")?,
-            emul_failed: emul.field("failed")?,
-            ioctl_fd: enter.field("fd")?,
-            ioctl_cmd: enter.field("cmd")?,
-            ioctl_arg: enter.field("arg")?,
-            ioctl_ret: leave.field("ret")?,
-            agent_tgid: std::process::id(),
-            emul_packed: u32::from(emul_is_packed(
-                emul.field("len")?,
-                emul.field("insn")?,
-                emul.field("flags")?,
-                emul.field("failed")?,
-            )),
-            exit_rip: exit.field("guest_rip")?,
-            emul_rip: emul.field("rip")?,
-            nr_cpus: possible_cpus(),
-            _pad: 0,
-            task_mm: mm.0,
-            mm_arg_start: mm.1,
-            mm_arg_end: mm.2,
-            file_filter: u32::from(filter == FileFilter::On),
-            task_files: files.offsets[0],
-            files_fdt: files.offsets[1],
-            fdt_max_fds: files.offsets[2],
-            fdt_fd: files.offsets[3],
-            file_f_op: files.offsets[4],
-            fops_owner: files.offsets[5],
-            fops_unlocked_ioctl: files.offsets[6],
-            module_name: files.offsets[7],
-        },
-        filter,
-        files.fns,
-    ))
+    let (file_filter, files) = file_filter(std::path::Path::new("/proc/kallsyms"));
+    let config = ProgConfig {
+        exit_reason: exit.field("exit_reason")?,
+        exit_isa: exit.field("isa")?,
+        exit_vcpu_id: exit.field("vcpu_id")?,
+        emul_len: emul.field("len")?,
+        emul_insn: emul.field("insn")?,
+        emul_flags: emul.field("flags")?,
+        emul_failed: emul.field("failed")?,
+        ioctl_fd: enter.field("fd")?,
+        ioctl_cmd: enter.field("cmd")?,
+        ioctl_arg: enter.field("arg")?,
+        ioctl_ret: leave.field("ret")?,
+        agent_tgid: std::process::id(),
+        emul_packed: u32::from(emul_is_packed(
+            emul.field("len")?,
+            emul.field("insn")?,
+            emul.field("flags")?,
+            emul.field("failed")?,
+        )),
+        exit_rip: exit.field("guest_rip")?,
+        emul_rip: emul.field("rip")?,
+        nr_cpus: possible_cpus(),
+        _pad: 0,
+        task_mm: mm.task_mm,
+        mm_arg_start: mm.mm_arg_start,
+        mm_arg_end: mm.mm_arg_end,
+        file_filter: u32::from(file_filter == FileFilter::On),
+        task_files: files.task_files,
+        files_fdt: files.files_fdt,
+        fdt_max_fds: files.fdt_max_fds,
+        fdt_fd: files.fdt_fd,
+        file_f_op: files.file_f_op,
+        fops_owner: files.fops_owner,
+        fops_unlocked_ioctl: files.fops_unlocked_ioctl,
+        module_name: files.module_name,
+    };
+    Ok(KernelLayout { config, file_filter, ioctl_fns: files.fns })
 }
 
 /// Whether the kernel programs tell KVM/VFIO/iommufd files from any other (and report only
@@ -65,18 +68,38 @@ pub(super) fn prog_config(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FileFilter {
     On,
-    Off(String),
+    Off(FilterOff),
 }
 
-/// What the file filter needs: BTF offsets (task_struct.files, files_struct.fdt, fdtable.max_fds,
-/// fdtable.fd, file.f_op, file_operations.owner, file_operations.unlocked_ioctl, module.name) and
-/// the addresses of the watched ioctl functions.
+/// Why the file filter is off.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FilterOff {
+    #[error("reading the kernel's BTF: {0}")]
+    Btf(String),
+    #[error("{0} is not in the kernel's BTF")]
+    NoMember(String),
+    #[error("reading {path}: {error}")]
+    Kallsyms { path: String, error: String },
+    #[error("/proc/kallsyms shows no addresses (kernel.kptr_restrict, or not root)")]
+    NoAddresses,
+}
+
+/// What the file filter needs: BTF member offsets and the addresses of the watched ioctl
+/// functions.
 #[derive(Default)]
 struct FileLayout {
-    offsets: [u32; 8],
+    task_files: u32,
+    files_fdt: u32,
+    fdt_max_fds: u32,
+    fdt_fd: u32,
+    file_f_op: u32,
+    fops_owner: u32,
+    fops_unlocked_ioctl: u32,
+    module_name: u32,
     fns: [u64; WATCHED_IOCTL_FNS_LEN],
 }
 
+/// The members the file filter reads, in `FileLayout`'s order.
 const FILE_MEMBERS: [(&str, &str); 8] = [
     ("task_struct", "files"),
     ("files_struct", "fdt"),
@@ -88,41 +111,50 @@ const FILE_MEMBERS: [(&str, &str); 8] = [
     ("module", "name"),
 ];
 
+/// The offsets of `pairs` (struct, member) in the kernel's BTF, all or none.
+fn member_offsets<const N: usize>(pairs: [(&str, &str); N]) -> Result<[u32; N], FilterOff> {
+    let found = crate::kernel::btf::member_offsets(std::path::Path::new("/sys/kernel/btf/vmlinux"), &pairs)
+        .map_err(|e| FilterOff::Btf(e.to_string()))?;
+    let mut out = [0; N];
+    for ((slot, o), (st, m)) in out.iter_mut().zip(found).zip(pairs) {
+        *slot = o.ok_or_else(|| FilterOff::NoMember(format!("{st}.{m}")))?;
+    }
+    Ok(out)
+}
+
 /// The file filter's configuration, or why it stays off (every watched request number is then
 /// reported, as on kernels the filter cannot read).
 fn file_filter(kallsyms: &std::path::Path) -> (FileFilter, FileLayout) {
-    let off = |why: String| {
-        tracing::warn!(reason = %why, "watched requests on any file are reported (the KVM/VFIO/iommufd file filter is off)");
-        (FileFilter::Off(why), FileLayout::default())
-    };
-    let offsets = match crate::kernel::btf::member_offsets(
-        std::path::Path::new("/sys/kernel/btf/vmlinux"),
-        &FILE_MEMBERS,
-    ) {
-        Ok(v) => v,
-        Err(e) => return off(format!("reading the kernel's BTF: {e}")),
-    };
-    let mut layout = FileLayout::default();
-    for (i, (o, (st, m))) in offsets.iter().zip(FILE_MEMBERS).enumerate() {
-        match o {
-            Some(o) => layout.offsets[i] = *o,
-            None => return off(format!("{st}.{m} is not in the kernel's BTF")),
+    match file_layout(kallsyms) {
+        Ok(layout) => (FileFilter::On, layout),
+        Err(why) => {
+            tracing::warn!(reason = %why, "watched requests on any file are reported (the KVM/VFIO/iommufd file filter is off)");
+            (FileFilter::Off(why), FileLayout::default())
         }
     }
-    let text = match std::fs::read_to_string(kallsyms) {
-        Ok(t) => t,
-        Err(e) => return off(format!("reading {}: {e}", kallsyms.display())),
-    };
-    match ioctl_fns(&text) {
-        Ok(b) => layout.fns = b,
-        Err(why) => return off(why),
-    }
-    (FileFilter::On, layout)
+}
+
+fn file_layout(kallsyms: &std::path::Path) -> Result<FileLayout, FilterOff> {
+    let [task_files, files_fdt, fdt_max_fds, fdt_fd, file_f_op, fops_owner, fops_unlocked_ioctl, module_name] =
+        member_offsets(FILE_MEMBERS)?;
+    let text = std::fs::read_to_string(kallsyms)
+        .map_err(|e| FilterOff::Kallsyms { path: kallsyms.display().to_string(), error: e.to_string() })?;
+    Ok(FileLayout {
+        task_files,
+        files_fdt,
+        fdt_max_fds,
+        fdt_fd,
+        file_f_op,
+        fops_owner,
+        fops_unlocked_ioctl,
+        module_name,
+        fns: ioctl_fns(&text)?,
+    })
 }
 
 /// Addresses of the watched ioctl functions, built in or in a loaded module (0: absent). Err
 /// if kallsyms hides addresses (kptr_restrict): no file could be recognised by its functions.
-pub fn ioctl_fns(kallsyms: &str) -> Result<[u64; WATCHED_IOCTL_FNS_LEN], String> {
+pub fn ioctl_fns(kallsyms: &str) -> Result<[u64; WATCHED_IOCTL_FNS_LEN], FilterOff> {
     let mut out = [0u64; WATCHED_IOCTL_FNS_LEN];
     let mut any_address = false;
     for line in kallsyms.lines() {
@@ -135,7 +167,7 @@ pub fn ioctl_fns(kallsyms: &str) -> Result<[u64; WATCHED_IOCTL_FNS_LEN], String>
         }
     }
     if !any_address {
-        return Err("/proc/kallsyms shows no addresses (kernel.kptr_restrict, or not root)".into());
+        return Err(FilterOff::NoAddresses);
     }
     Ok(out)
 }
@@ -151,19 +183,22 @@ pub fn modules_fingerprint(modules: &str) -> u64 {
     std::hash::Hasher::finish(&h)
 }
 
-/// Where a task's command line is (task_struct.mm, mm_struct.arg_start/arg_end), from the
-/// kernel's BTF; all 0 (the programs capture nothing) where it cannot be told.
-fn command_line_offsets() -> (u32, u32, u32) {
-    let pairs = [("task_struct", "mm"), ("mm_struct", "arg_start"), ("mm_struct", "arg_end")];
-    match crate::kernel::btf::member_offsets(std::path::Path::new("/sys/kernel/btf/vmlinux"), &pairs) {
-        Ok(v) if v.iter().all(Option::is_some) => (v[0].unwrap_or(0), v[1].unwrap_or(0), v[2].unwrap_or(0)),
-        Ok(v) => {
-            tracing::warn!(found = ?v, "task_struct.mm / mm_struct.arg_start/arg_end not in the kernel's BTF: VMM command lines are not captured at VM creation");
-            (0, 0, 0)
-        }
+/// Where a task's command line is: task_struct.mm, mm_struct.arg_start and arg_end.
+#[derive(Debug, Default, Clone, Copy)]
+struct CommandLineOffsets {
+    task_mm: u32,
+    mm_arg_start: u32,
+    mm_arg_end: u32,
+}
+
+/// The command line's offsets from the kernel's BTF; all 0 (the programs capture nothing) where
+/// they cannot be told.
+fn command_line_offsets() -> CommandLineOffsets {
+    match member_offsets([("task_struct", "mm"), ("mm_struct", "arg_start"), ("mm_struct", "arg_end")]) {
+        Ok([task_mm, mm_arg_start, mm_arg_end]) => CommandLineOffsets { task_mm, mm_arg_start, mm_arg_end },
         Err(e) => {
-            tracing::warn!(error = %e, "reading the kernel's BTF: VMM command lines are not captured at VM creation");
-            (0, 0, 0)
+            tracing::warn!(error = %e, "VMM command lines are not captured at VM creation");
+            CommandLineOffsets::default()
         }
     }
 }

@@ -14,7 +14,10 @@ use aya::{
 use ioasid_common::{
     config::Control,
     cost::CostSource,
-    hooks::{HookKind, HookSpec, HANDLER_COST_HOOKS, HOOKS, LSM_IOCTL_HOOKS},
+    hooks::{
+        HookKind, HookSpec, BLAST_HOOKS, HANDLER_COST_HOOKS, HOOKS, HOOK_LSM_FILE_IOCTL,
+        HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
+    },
     names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
 };
 
@@ -22,12 +25,18 @@ mod attach;
 mod config;
 pub mod state;
 
-pub use self::config::{ioctl_fns, modules_fingerprint, FileFilter};
+pub use self::{
+    attach::HookRefusal,
+    config::{ioctl_fns, modules_fingerprint, FileFilter, FilterOff},
+};
 use self::{
     attach::{attach, Target},
-    config::{prog_config, svm_without_nrips},
+    config::{prog_config, svm_without_nrips, KernelLayout},
 };
-use crate::kernel::tracefs::{TraceFs, TraceFsError};
+use crate::{
+    kernel::tracefs::{TraceFs, TraceFsError},
+    util::text_enum,
+};
 
 /// The compiled kernel object (empty when the agent was built without the eBPF toolchain).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ioasid.bpf.o"));
@@ -41,8 +50,8 @@ pub fn object_built() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookState {
     Attached,
-    /// The kernel would not load or attach it (the reason, with the kernel's error).
-    Refused(String),
+    /// The kernel would not load or attach it, or it was not asked for.
+    Refused(HookRefusal),
     /// Not attached because an alternative of its group serves (named here).
     Standby(&'static str),
 }
@@ -104,7 +113,7 @@ pub enum LoadError {
     #[error(transparent)]
     State(#[from] state::StateError),
     #[error("required hook {hook} could not be attached: {reason}")]
-    Required { hook: &'static str, reason: String },
+    Required { hook: &'static str, reason: HookRefusal },
 }
 
 /// Which program family serves the ioctl path.
@@ -122,8 +131,35 @@ pub enum IoctlHooks {
     Tracepoint,
 }
 
-/// The `mechanism` label values of `ioasid_enforcement_mechanism`.
-pub const ENFORCEMENT_MECHANISMS: [&str; 3] = ["lsm", "sigkill", "none"];
+text_enum! {
+    /// How incoherent-DMA denials are enforced on this host: the `mechanism` label of
+    /// `ioasid_enforcement_mechanism`.
+    pub enum EnforcementMechanism {
+        Lsm => "lsm",
+        Sigkill => "sigkill",
+        None => "none",
+    }
+}
+
+text_enum! {
+    /// Which program family serves the ioctl path: the `family` label of `ioasid_ioctl_path`.
+    pub enum IoctlFamily {
+        Lsm => "lsm",
+        TpBtf => "tp-btf",
+        Tracepoint => "tracepoint",
+    }
+}
+
+/// Why blast radius is not measured: a hook of `BLAST_HOOKS` that is not attached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlastOff {
+    #[error("{hook}: {refusal}")]
+    Refused { hook: &'static str, refusal: HookRefusal },
+    #[error("{hook}: {by} serves instead")]
+    Standby { hook: &'static str, by: &'static str },
+    #[error("{hook}: not requested")]
+    Missing { hook: &'static str },
+}
 
 /// How the agent wants the programs set up.
 #[derive(Debug, Clone)]
@@ -169,38 +205,53 @@ impl Loaded {
         }
     }
 
-    /// Which program family serves the ioctl path: `lsm`, `tp-btf` or `tracepoint`.
-    pub fn ioctl_family(&self) -> &'static str {
+    /// Which program family serves the ioctl path.
+    pub fn ioctl_family(&self) -> IoctlFamily {
         if self.lsm_observes {
-            "lsm"
-        } else if self.attached("tp_btf/sys_enter") {
-            "tp-btf"
+            IoctlFamily::Lsm
+        } else if self.attached(HOOK_TP_BTF_SYS_ENTER) {
+            IoctlFamily::TpBtf
         } else {
-            "tracepoint"
+            IoctlFamily::Tracepoint
         }
+    }
+
+    /// Whether the blast-radius hooks are attached, or why not.
+    pub fn blast_radius(&self) -> Result<(), BlastOff> {
+        for hook in BLAST_HOOKS {
+            match self.hooks.iter().find(|h| h.spec.hook == hook).map(|h| &h.state) {
+                Some(HookState::Attached) => {}
+                Some(HookState::Refused(refusal)) => {
+                    return Err(BlastOff::Refused { hook, refusal: refusal.clone() })
+                }
+                Some(HookState::Standby(by)) => return Err(BlastOff::Standby { hook, by }),
+                None => return Err(BlastOff::Missing { hook }),
+            }
+        }
+        Ok(())
     }
 
     pub fn lsm_attached(&self) -> bool {
         self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
     }
 
-    /// The enforcement mechanism for denials on this host: `lsm` where the LSM program is
-    /// attached, else `sigkill`; `none` when not enforcing (dry run).
-    pub fn mechanism(&self, enforce: bool) -> &'static str {
+    /// The enforcement mechanism for denials on this host: the LSM where its program is
+    /// attached, else SIGKILL; none when not enforcing (dry run).
+    pub fn mechanism(&self, enforce: bool) -> EnforcementMechanism {
         match (enforce, self.lsm_attached()) {
-            (false, _) => "none",
-            (true, true) => "lsm",
-            (true, false) => "sigkill",
+            (false, _) => EnforcementMechanism::None,
+            (true, true) => EnforcementMechanism::Lsm,
+            (true, false) => EnforcementMechanism::Sigkill,
         }
     }
 }
 
-/// Whether `--ioctl-hooks` rules this hook out; the flag value if so.
+/// Whether `--ioctl-hooks` rules this hook out; the flag if so.
 fn excluded(spec: &HookSpec, mode: IoctlHooks) -> Option<&'static str> {
     let ioctl = spec.is_ioctl_path();
     match (mode, spec.kind) {
-        (IoctlHooks::Tracepoint, HookKind::BtfTracePoint { .. }) if ioctl => Some("tracepoint"),
-        (IoctlHooks::TpBtf, HookKind::TracePoint { .. }) if ioctl => Some("tp-btf"),
+        (IoctlHooks::Tracepoint, HookKind::BtfTracePoint { .. }) if ioctl => Some("--ioctl-hooks tracepoint"),
+        (IoctlHooks::TpBtf, HookKind::TracePoint { .. }) if ioctl => Some("--ioctl-hooks tp-btf"),
         _ => None,
     }
 }
@@ -211,7 +262,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         return Err(LoadError::NoObject);
     }
     let tracefs = TraceFs::locate_or_mount()?;
-    let (config, file_filter, ioctl_fns) = prog_config(&tracefs)?;
+    let KernelLayout { config, file_filter, ioctl_fns } = prog_config(&tracefs)?;
     let btf = Btf::from_sys_fs().ok();
     let state = opts.state_dir.as_deref().map(|base| state::prepare(base, OBJECT)).transpose()?;
     let mut loader = EbpfLoader::new();
@@ -221,74 +272,18 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             loader.map_pin_path(map, state.pin_path(map));
         }
     }
-    let mut ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
+    let ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
     let target = Target { vmlinux: btf.as_ref(), modules: std::cell::OnceCell::new() };
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();
-
-    // Where BPF LSM and trampolines load, the LSM program and fexit kvm_vfio_set_attr serve the
-    // whole ioctl path and no syscall tracepoint is attached (unrelated syscalls pay nothing).
-    let program_of = |spec: &HookSpec| if opts.empty_programs { spec.empty } else { spec.program };
-    let mut early: Vec<(&'static str, HookState)> = Vec::new();
-    if matches!(opts.ioctl_hooks, IoctlHooks::Auto | IoctlHooks::Lsm) && opts.optional_hooks {
-        for label in LSM_IOCTL_HOOKS {
-            let spec = ioasid_common::hooks::hook(label).expect("the LSM ioctl hooks are in the table");
-            let program = program_of(spec);
-            let prog = ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
-            let state = match attach(prog, spec, &target, lsm_active) {
-                Ok(()) => HookState::Attached,
-                Err(why) => HookState::Refused(why),
-            };
-            early.push((label, state));
-        }
-    }
+    let mut attacher = Attacher { ebpf, opts, target, lsm_active };
+    let early = attacher.lsm_family()?;
     let lsm_observes =
         early.len() == LSM_IOCTL_HOOKS.len() && early.iter().all(|(_, s)| *s == HookState::Attached);
-    if opts.ioctl_hooks == IoctlHooks::Lsm && !lsm_observes && opts.strict {
-        let reason = early.iter().find_map(|(_, s)| match s {
-            HookState::Refused(r) => Some(r.clone()),
-            _ => None,
-        });
-        let reason = reason.unwrap_or_else(|| "optional hooks not requested".into());
-        return Err(LoadError::Required { hook: "lsm/file_ioctl", reason });
-    }
-
-    let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
-    for spec in HOOKS {
-        let program = program_of(spec);
-        let prog = ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
-        let serving = spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
-        let state = if let Some((_, state)) = early.iter().find(|(l, _)| *l == spec.hook) {
-            state.clone()
-        } else if lsm_observes && spec.is_ioctl_path() {
-            HookState::Standby(LSM_IOCTL_HOOKS[0])
-        } else if let Some(by) = serving {
-            HookState::Standby(by.spec.hook)
-        } else if let Some(flag) = excluded(spec, opts.ioctl_hooks) {
-            HookState::Refused(format!("not requested (--ioctl-hooks {flag})"))
-        } else if spec.optional && !opts.optional_hooks {
-            HookState::Refused("not requested (--no-optional-hooks)".into())
-        } else {
-            match attach(prog, spec, &target, lsm_active) {
-                Ok(()) => HookState::Attached,
-                Err(why) => HookState::Refused(why),
-            }
-        };
-        hooks.push(HookReport { spec: *spec, program, state });
-    }
-    // A required hook, or group of alternatives, that nothing serves is fatal.
-    for h in hooks.iter().filter(|h| !h.spec.optional) {
-        let served = match h.spec.group {
-            _ if lsm_observes && h.spec.is_ioctl_path() => true,
-            Some(g) => hooks.iter().any(|o| o.spec.group == Some(g) && o.attached()),
-            None => h.attached(),
-        };
-        if let (false, true, HookState::Refused(reason)) = (served, opts.strict, &h.state) {
-            return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
-        }
-    }
-    let mut loaded = Loaded { ebpf, hooks, lsm_observes, state, file_filter };
+    let hooks = attacher.all(&early, lsm_observes)?;
+    check_required(&hooks, lsm_observes, opts.strict)?;
+    let mut loaded = Loaded { ebpf: attacher.ebpf, hooks, lsm_observes, state, file_filter };
     let control = Control {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
@@ -302,6 +297,96 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         write_ioctl_fns(&mut loaded.ebpf, &ioctl_fns)?;
     }
     Ok(loaded)
+}
+
+/// The loaded object and what attaching its programs needs.
+struct Attacher<'a> {
+    ebpf: Ebpf,
+    opts: &'a LoadOptions,
+    target: Target<'a>,
+    lsm_active: Option<bool>,
+}
+
+impl Attacher<'_> {
+    fn attach(&mut self, spec: &HookSpec) -> Result<(&'static str, HookState), LoadError> {
+        let program = if self.opts.empty_programs { spec.empty } else { spec.program };
+        let prog = self.ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
+        let state = match attach(prog, spec, &self.target, self.lsm_active) {
+            Ok(()) => HookState::Attached,
+            Err(why) => HookState::Refused(why),
+        };
+        Ok((program, state))
+    }
+
+    /// Where BPF LSM and trampolines load, the LSM program and fexit kvm_vfio_set_attr serve
+    /// the whole ioctl path and no syscall tracepoint is attached (unrelated syscalls pay
+    /// nothing). Attached first; `--ioctl-hooks lsm` requires them.
+    fn lsm_family(&mut self) -> Result<Vec<(&'static str, HookState)>, LoadError> {
+        let mut early = Vec::new();
+        if matches!(self.opts.ioctl_hooks, IoctlHooks::Auto | IoctlHooks::Lsm) && self.opts.optional_hooks {
+            for label in LSM_IOCTL_HOOKS {
+                let spec = ioasid_common::hooks::hook(label).expect("the LSM ioctl hooks are in the table");
+                early.push((label, self.attach(spec)?.1));
+            }
+        }
+        let observes =
+            early.len() == LSM_IOCTL_HOOKS.len() && early.iter().all(|(_, s)| *s == HookState::Attached);
+        if self.opts.ioctl_hooks == IoctlHooks::Lsm && !observes && self.opts.strict {
+            let reason = early.iter().find_map(|(_, s)| match s {
+                HookState::Refused(r) => Some(r.clone()),
+                _ => None,
+            });
+            let reason = reason.unwrap_or(HookRefusal::NotRequested { flag: "--no-optional-hooks" });
+            return Err(LoadError::Required { hook: HOOK_LSM_FILE_IOCTL, reason });
+        }
+        Ok(early)
+    }
+
+    /// Every hook of the table, in order: attached, on standby for an alternative that serves,
+    /// or refused.
+    fn all(
+        &mut self,
+        early: &[(&'static str, HookState)],
+        lsm_observes: bool,
+    ) -> Result<Vec<HookReport>, LoadError> {
+        let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
+        for spec in HOOKS {
+            let program = if self.opts.empty_programs { spec.empty } else { spec.program };
+            self.ebpf.program_mut(program).ok_or(LoadError::MissingProgram(program))?;
+            let serving =
+                spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
+            let state = if let Some((_, state)) = early.iter().find(|(l, _)| *l == spec.hook) {
+                state.clone()
+            } else if lsm_observes && spec.is_ioctl_path() {
+                HookState::Standby(LSM_IOCTL_HOOKS[0])
+            } else if let Some(by) = serving {
+                HookState::Standby(by.spec.hook)
+            } else if let Some(flag) = excluded(spec, self.opts.ioctl_hooks) {
+                HookState::Refused(HookRefusal::NotRequested { flag })
+            } else if spec.optional && !self.opts.optional_hooks {
+                HookState::Refused(HookRefusal::NotRequested { flag: "--no-optional-hooks" })
+            } else {
+                self.attach(spec)?.1
+            };
+            hooks.push(HookReport { spec: *spec, program, state });
+        }
+        Ok(hooks)
+    }
+}
+
+/// A required hook, or group of alternatives, that nothing serves is fatal (when strict).
+fn check_required(hooks: &[HookReport], lsm_observes: bool, strict: bool) -> Result<(), LoadError> {
+    for h in hooks.iter().filter(|h| !h.spec.optional) {
+        let served = match h.spec.group {
+            _ if lsm_observes && h.spec.is_ioctl_path() => true,
+            Some(g) => hooks.iter().any(|o| o.spec.group == Some(g) && o.attached()),
+            None => h.attached(),
+        };
+        if let (false, true, HookState::Refused(reason)) = (served, strict, &h.state) {
+            return Err(LoadError::Required { hook: h.spec.hook, reason: reason.clone() });
+        }
+    }
+    Ok(())
 }
 
 /// Writes the watched ioctl functions' addresses (see `MAP_IOCTL_FNS`).
