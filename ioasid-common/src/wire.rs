@@ -24,8 +24,15 @@ macro_rules! wire_enum {
         $(#[$meta])*
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
         pub enum $name {
-            $( $(#[$vmeta])* $var = $val, )+
+            $( $(#[$vmeta])* #[cfg_attr(feature = "user", serde(rename = $label))] $var = $val, )+
+        }
+
+        impl core::fmt::Display for $name {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(self.label())
+            }
         }
 
         impl $name {

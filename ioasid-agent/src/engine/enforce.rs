@@ -9,7 +9,7 @@
 //! and the VFIO device, then carried out with SIGKILL or SIGCONT. Pure functions: the event
 //! loop applies the result.
 
-use ioasid_common::{events::Coherency, verdict::Mechanism as KernelMechanism};
+use ioasid_common::events::Coherency;
 
 use crate::{
     engine::events::{EnableRequest, KernelJudged, RuleRef},
@@ -17,7 +17,7 @@ use crate::{
     engine::record::{AuditRecord, Decision, Mechanism, Outcome, RecordKind, Request, VmIdentity},
     host::procfs::ProcessInfo,
     host::sys::Signal,
-    host::vfio::{Coherency as VfioCoherency, VfioFile},
+    host::vfio::{IommuCoherency, VfioFile},
 };
 
 #[derive(Debug)]
@@ -46,8 +46,8 @@ pub struct Context<'a> {
 /// map). Also whether the kernel's verdict disagreed with the agent's.
 pub fn coherency(req: &EnableRequest, vfio: Option<&VfioFile>) -> (Coherency, bool) {
     let resolved = match vfio.map(|v| v.coherency) {
-        Some(VfioCoherency::Enforced) => Coherency::Coherent,
-        Some(VfioCoherency::NotEnforced) => Coherency::Noncoherent,
+        Some(IommuCoherency::Enforced) => Coherency::Coherent,
+        Some(IommuCoherency::NotEnforced) => Coherency::Noncoherent,
         _ => req.file_coherency,
     };
     match req.kernel_coherent {
@@ -76,7 +76,7 @@ pub fn judge(req: &EnableRequest, p: &ProcessInfo, vfio: Option<VfioFile>, cx: &
     let verdict = cx.policy.evaluate(p);
     let judged = coherency == Coherency::Noncoherent
         || (coherency == Coherency::Unknown && verdict.unknown == UnknownCoherency::Judge);
-    let stopped = req.mechanism == KernelMechanism::StopAsk && req.signal_sent;
+    let stopped = req.mechanism == Mechanism::StopAsk && req.signal_sent;
     let ruling = match req.judged {
         // What the kernel did for a file it knew to be non-coherent stands (it judged right).
         KernelJudged::Verdict { action, rule, generation }
@@ -140,9 +140,9 @@ fn kernel_ruling(req: &EnableRequest, cx: &Context<'_>, judged: bool, v: KernelV
         RuleRef::Index(i) => format!("rule#{} (policy generation {})", i + 1, v.generation),
     };
     let (mechanism, outcome) = match (v.action, req.mechanism) {
-        (Action::Deny, KernelMechanism::Lsm) => (Mechanism::Lsm, Outcome::Blocked),
-        (Action::Deny, KernelMechanism::Sigkill) if sent => (Mechanism::Sigkill, Outcome::Killed),
-        (Action::Deny, KernelMechanism::Sigkill) => (Mechanism::Sigkill, Outcome::SignalFailed),
+        (Action::Deny, Mechanism::Lsm) => (Mechanism::Lsm, Outcome::Blocked),
+        (Action::Deny, Mechanism::Sigkill) if sent => (Mechanism::Sigkill, Outcome::Killed),
+        (Action::Deny, Mechanism::Sigkill) => (Mechanism::Sigkill, Outcome::SignalFailed),
         (Action::Deny, _) => (Mechanism::None, Outcome::NotEnforced),
         _ => (Mechanism::None, Outcome::Completed),
     };
@@ -179,7 +179,7 @@ fn record(
         },
         vfio,
         kernel_coherent: req.kernel_coherent,
-        coherency: Some(coherency.into()),
+        coherency: Some(coherency),
         rule: r.rule,
         decision: r.action.map_or(Decision::Allowed, Decision::from),
         mechanism: r.mechanism,
@@ -216,7 +216,7 @@ pub struct Replayed {
 /// Replays a recorded decision against `policy`: what it would decide now.
 pub fn replay(rec: &AuditRecord, policy: &Policy) -> Replayed {
     let verdict = policy.evaluate(&rec.process());
-    let coherency = rec.coherency.map_or(Coherency::Unknown, Coherency::from);
+    let coherency = rec.coherency.unwrap_or(Coherency::Unknown);
     if coherency == Coherency::Coherent
         || (coherency == Coherency::Unknown && verdict.unknown == UnknownCoherency::Allow)
     {
@@ -236,7 +236,7 @@ mod tests {
     use super::*;
     use crate::engine::events::Origin;
 
-    fn req(judged: KernelJudged, mechanism: KernelMechanism, sent: bool) -> EnableRequest {
+    fn req(judged: KernelJudged, mechanism: Mechanism, sent: bool) -> EnableRequest {
         EnableRequest {
             origin: Origin { tgid: 99, comm: "qemu".into(), ktime_ns: 1 },
             fd: 12,
@@ -280,26 +280,26 @@ mod tests {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 3, host: "h", time: "t".into() };
         let deny = verdict(Action::Deny, RuleRef::Index(1), 3);
-        let j = judge(&req(deny, KernelMechanism::Sigkill, true), &proc("tenant-1"), None, &cx);
+        let j = judge(&req(deny, Mechanism::Sigkill, true), &proc("tenant-1"), None, &cx);
         assert_eq!(summary(&j), (Decision::Denied, Mechanism::Sigkill, Outcome::Killed, "tenants"));
         let r = &j.record;
         assert_eq!((r.ret, r.request.file_fd, r.request.device_fd_known), (Some(-22), Some(13), false));
         assert_eq!(j.followup, None);
-        let j = judge(&req(deny, KernelMechanism::Sigkill, false), &proc("tenant-1"), None, &cx);
+        let j = judge(&req(deny, Mechanism::Sigkill, false), &proc("tenant-1"), None, &cx);
         assert_eq!(j.record.outcome, Outcome::SignalFailed);
-        let j = judge(&req(deny, KernelMechanism::Lsm, false), &proc("tenant-1"), None, &cx);
+        let j = judge(&req(deny, Mechanism::Lsm, false), &proc("tenant-1"), None, &cx);
         assert_eq!((j.record.mechanism, j.record.outcome), (Mechanism::Lsm, Outcome::Blocked));
-        let j = judge(&req(deny, KernelMechanism::None, false), &proc("tenant-1"), None, &cx);
+        let j = judge(&req(deny, Mechanism::None, false), &proc("tenant-1"), None, &cx);
         assert_eq!(j.record.outcome, Outcome::NotEnforced);
         let allow = verdict(Action::Allow, RuleRef::Index(0), 3);
-        let j = judge(&req(allow, KernelMechanism::None, false), &proc("gpu-1"), None, &cx);
+        let j = judge(&req(allow, Mechanism::None, false), &proc("gpu-1"), None, &cx);
         assert_eq!(summary(&j), (Decision::Allowed, Mechanism::None, Outcome::Completed, "gpu"));
         let audit = verdict(Action::Audit, RuleRef::Default, 3);
-        let j = judge(&req(audit, KernelMechanism::None, false), &proc("web"), None, &cx);
+        let j = judge(&req(audit, Mechanism::None, false), &proc("web"), None, &cx);
         assert_eq!((j.record.decision, j.record.rule.as_str()), (Decision::Audited, "default"));
         // A verdict from an older policy generation names the rule by number.
         let old = verdict(Action::Allow, RuleRef::Index(0), 2);
-        let j = judge(&req(old, KernelMechanism::None, false), &proc("gpu-1"), None, &cx);
+        let j = judge(&req(old, Mechanism::None, false), &proc("gpu-1"), None, &cx);
         assert!(j.record.rule.contains("generation 2"), "{}", j.record.rule);
     }
 
@@ -307,7 +307,7 @@ mod tests {
     fn ask_is_decided_here() {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
-        let ask = req(KernelJudged::Ask, KernelMechanism::StopAsk, true);
+        let ask = req(KernelJudged::Ask, Mechanism::StopAsk, true);
         let j = judge(&ask, &proc("tenant-9"), None, &cx);
         assert_eq!(
             (j.action, j.followup, j.record.outcome),
@@ -319,7 +319,7 @@ mod tests {
             (Some(Action::Allow), Some(Signal::Cont), Outcome::Resumed)
         );
         // Not stopped (dry run): nothing to carry out.
-        let j = judge(&req(KernelJudged::Ask, KernelMechanism::None, false), &proc("tenant-9"), None, &cx);
+        let j = judge(&req(KernelJudged::Ask, Mechanism::None, false), &proc("tenant-9"), None, &cx);
         assert_eq!((j.followup, j.record.outcome), (None, Outcome::NotEnforced));
     }
 
@@ -328,13 +328,13 @@ mod tests {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
         // The kernel knew the file coherent: observed, never judged.
-        let mut r = req(KernelJudged::Observed, KernelMechanism::None, false);
+        let mut r = req(KernelJudged::Observed, Mechanism::None, false);
         r.file_coherency = Coherency::Coherent;
         let j = judge(&r, &proc("tenant-1"), None, &cx);
         assert_eq!((j.action, j.followup, j.record.event), (None, None, RecordKind::VfioFileAdd));
         // Stopped to ask (unknown to the kernel), then the kernel's own verdict says coherent:
         // resumed, not judged.
-        let mut r = req(KernelJudged::Ask, KernelMechanism::StopAsk, true);
+        let mut r = req(KernelJudged::Ask, Mechanism::StopAsk, true);
         r.file_coherency = Coherency::Unknown;
         r.kernel_coherent = Some(true);
         let j = judge(&r, &proc("tenant-1"), None, &cx);
@@ -352,7 +352,7 @@ mod tests {
             (None, Some(Signal::Cont), Some(Coherency::Unknown.into()))
         );
         // The kernel's verdict wins a disagreement with sysfs, and it is said.
-        let mut r = req(KernelJudged::Observed, KernelMechanism::None, false);
+        let mut r = req(KernelJudged::Observed, Mechanism::None, false);
         r.file_coherency = Coherency::Coherent;
         r.kernel_coherent = Some(false);
         let j = judge(
@@ -373,7 +373,7 @@ mod tests {
         let policy = Policy::parse(POLICY, "p.yaml").unwrap();
         let cx = Context { policy: &policy, generation: 1, host: "h", time: "t".into() };
         let audit = verdict(Action::Audit, RuleRef::Default, 1);
-        let rec = judge(&req(audit, KernelMechanism::None, false), &proc("tenant-5"), None, &cx).record;
+        let rec = judge(&req(audit, Mechanism::None, false), &proc("tenant-5"), None, &cx).record;
         let Replayed { decision: d, rule, .. } = replay(&rec, &policy);
         assert_eq!((d, rule.as_str()), (Decision::Denied, "tenants"));
         assert_eq!(replay(&rec, &Policy::embedded()).decision, Decision::Audited);

@@ -12,27 +12,47 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::procfs::ProcFs;
+use crate::{host::procfs::ProcFs, util::text_enum};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Coherency {
-    Enforced,
-    NotEnforced,
-    Unknown,
+text_enum! {
+    /// Whether a device's IOMMU keeps its DMA coherent (snoop control).
+    pub enum IommuCoherency {
+        Enforced => "enforced",
+        NotEnforced => "not-enforced",
+        Unknown => "unknown",
+    }
+}
+
+text_enum! {
+    /// What a VFIO file is.
+    pub enum VfioKind {
+        Group => "group",
+        Cdev => "cdev",
+        Noiommu => "noiommu",
+        NotVfio => "not-vfio",
+        Unresolved => "unresolved",
+    }
+}
+
+text_enum! {
+    /// The IOMMU behind a VFIO file's devices.
+    pub enum IommuKind {
+        IntelVtd => "intel-vtd",
+        AmdVi => "amd-vi",
+        None => "none",
+        Unknown => "unknown",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VfioFile {
     /// What the fd points to.
     pub path: String,
-    /// group | cdev | noiommu | not-vfio | unresolved
-    pub kind: String,
+    pub kind: VfioKind,
     /// PCI addresses (or mdev UUIDs) behind it.
     pub devices: Vec<String>,
-    /// intel-vtd | amd-vi | none | unknown
-    pub iommu: String,
-    pub coherency: Coherency,
+    pub iommu: IommuKind,
+    pub coherency: IommuCoherency,
 }
 
 #[derive(Debug, Clone)]
@@ -66,26 +86,26 @@ impl SysFs {
     }
 
     /// Coherency of one device and the name of its IOMMU kind.
-    fn device_coherency(&self, dev: &str) -> (Coherency, String) {
+    fn device_coherency(&self, dev: &str) -> (IommuCoherency, IommuKind) {
         if is_uuid(dev) {
-            return (Coherency::NotEnforced, "none".into()); // mdev: no IOMMU of its own
+            return (IommuCoherency::NotEnforced, IommuKind::None); // mdev: no IOMMU of its own
         }
         let Some(unit) = self.link_name(&format!("bus/pci/devices/{dev}/iommu")) else {
-            return (Coherency::Unknown, "unknown".into());
+            return (IommuCoherency::Unknown, IommuKind::Unknown);
         };
         if unit.starts_with("dmar") {
             let ecap =
                 std::fs::read_to_string(self.root.join(format!("class/iommu/{unit}/intel-iommu/ecap")));
             let sc = ecap.ok().and_then(|s| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
             match sc {
-                Some(ecap) if ecap & (1 << 7) != 0 => (Coherency::Enforced, "intel-vtd".into()),
-                Some(_) => (Coherency::NotEnforced, "intel-vtd".into()),
-                None => (Coherency::Unknown, "intel-vtd".into()),
+                Some(ecap) if ecap & (1 << 7) != 0 => (IommuCoherency::Enforced, IommuKind::IntelVtd),
+                Some(_) => (IommuCoherency::NotEnforced, IommuKind::IntelVtd),
+                None => (IommuCoherency::Unknown, IommuKind::IntelVtd),
             }
         } else if unit.starts_with("ivhd") {
-            (Coherency::Enforced, "amd-vi".into())
+            (IommuCoherency::Enforced, IommuKind::AmdVi)
         } else {
-            (Coherency::Unknown, "unknown".into())
+            (IommuCoherency::Unknown, IommuKind::Unknown)
         }
     }
 }
@@ -111,10 +131,10 @@ pub fn resolve(procfs: &ProcFs, sysfs: &SysFs, pid: u32, fd: i32) -> VfioFile {
             let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
             return VfioFile {
                 path: format!("<unresolved: {why}>"),
-                kind: "unresolved".into(),
+                kind: VfioKind::Unresolved,
                 devices: vec![],
-                iommu: "unknown".into(),
-                coherency: Coherency::Unknown,
+                iommu: IommuKind::Unknown,
+                coherency: IommuCoherency::Unknown,
             };
         }
     };
@@ -131,66 +151,66 @@ pub fn held(procfs: &ProcFs, sysfs: &SysFs, pid: u32) -> Vec<(i32, VfioFile)> {
         .into_iter()
         .filter(|(_, t)| t.starts_with("/dev/vfio/") && t != Path::new("/dev/vfio/vfio"))
         .map(|(fd, t)| (fd, resolve_path(sysfs, &t)))
-        .filter(|(_, f)| f.kind != "not-vfio")
+        .filter(|(_, f)| f.kind != VfioKind::NotVfio)
         .collect()
 }
 
 /// The coherency of a resolved VFIO file, as the kernel programs judge by it.
 pub fn coherency(f: &VfioFile) -> ioasid_common::events::Coherency {
-    use ioasid_common::events::Coherency as C;
     match f.coherency {
-        Coherency::Enforced => C::Coherent,
-        Coherency::NotEnforced => C::Noncoherent,
-        Coherency::Unknown => C::Unknown,
+        IommuCoherency::Enforced => ioasid_common::events::Coherency::Coherent,
+        IommuCoherency::NotEnforced => ioasid_common::events::Coherency::Noncoherent,
+        IommuCoherency::Unknown => ioasid_common::events::Coherency::Unknown,
     }
 }
 
 /// Whether a held VFIO file makes the VM non-coherent: anything not known to be coherent.
 pub fn makes_noncoherent(f: &VfioFile) -> bool {
-    f.coherency != Coherency::Enforced
+    f.coherency != IommuCoherency::Enforced
 }
 
 pub fn resolve_path(sysfs: &SysFs, target: &Path) -> VfioFile {
     let path = target.to_string_lossy().into_owned();
     let mut file = VfioFile {
         path: path.clone(),
-        kind: "not-vfio".into(),
+        kind: VfioKind::NotVfio,
         devices: vec![],
-        iommu: "unknown".into(),
-        coherency: Coherency::Unknown,
+        iommu: IommuKind::Unknown,
+        coherency: IommuCoherency::Unknown,
     };
     if let Some(n) = path.strip_prefix("/dev/vfio/noiommu-") {
-        file.kind = "noiommu".into();
+        file.kind = VfioKind::Noiommu;
         file.devices = sysfs.list(&format!("kernel/iommu_groups/{n}/devices"));
-        file.iommu = "none".into();
-        file.coherency = Coherency::NotEnforced;
+        file.iommu = IommuKind::None;
+        file.coherency = IommuCoherency::NotEnforced;
         return file;
     }
     if let Some(name) = path.strip_prefix("/dev/vfio/devices/") {
-        file.kind = "cdev".into();
+        file.kind = VfioKind::Cdev;
         file.devices = sysfs.link_name(&format!("class/vfio-dev/{name}/device")).into_iter().collect();
     } else if let Some(n) =
         path.strip_prefix("/dev/vfio/").filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     {
-        file.kind = "group".into();
+        file.kind = VfioKind::Group;
         file.devices = sysfs.list(&format!("kernel/iommu_groups/{n}/devices"));
     } else {
         return file;
     }
-    let verdicts: Vec<(Coherency, String)> = file.devices.iter().map(|d| sysfs.device_coherency(d)).collect();
-    file.coherency = if verdicts.is_empty() || verdicts.iter().any(|(c, _)| *c == Coherency::Unknown) {
-        if verdicts.iter().any(|(c, _)| *c == Coherency::NotEnforced) {
-            Coherency::NotEnforced
+    let verdicts: Vec<(IommuCoherency, IommuKind)> =
+        file.devices.iter().map(|d| sysfs.device_coherency(d)).collect();
+    file.coherency = if verdicts.is_empty() || verdicts.iter().any(|(c, _)| *c == IommuCoherency::Unknown) {
+        if verdicts.iter().any(|(c, _)| *c == IommuCoherency::NotEnforced) {
+            IommuCoherency::NotEnforced
         } else {
-            Coherency::Unknown
+            IommuCoherency::Unknown
         }
-    } else if verdicts.iter().all(|(c, _)| *c == Coherency::Enforced) {
-        Coherency::Enforced
+    } else if verdicts.iter().all(|(c, _)| *c == IommuCoherency::Enforced) {
+        IommuCoherency::Enforced
     } else {
-        Coherency::NotEnforced
+        IommuCoherency::NotEnforced
     };
     if let Some((_, iommu)) = verdicts.first() {
-        file.iommu = iommu.clone();
+        file.iommu = *iommu;
     }
     file
 }
@@ -236,15 +256,15 @@ mod tests {
         let fs = SysFs::at(&t.0);
         let f = resolve_path(&fs, Path::new("/dev/vfio/12"));
         assert_eq!(
-            (f.kind.as_str(), f.devices.clone(), f.iommu.as_str()),
+            (f.kind.label(), f.devices.clone(), f.iommu.label()),
             ("group", vec!["0000:65:00.0".to_string()], "intel-vtd")
         );
         // 0x...ef has bit 7 set: Snoop Control present.
-        assert_eq!(f.coherency, Coherency::Enforced);
+        assert_eq!(f.coherency, IommuCoherency::Enforced);
         t.file("class/iommu/dmar3/intel-iommu/ecap", "0x f0205f\n");
-        assert_eq!(resolve_path(&fs, Path::new("/dev/vfio/12")).coherency, Coherency::Unknown);
+        assert_eq!(resolve_path(&fs, Path::new("/dev/vfio/12")).coherency, IommuCoherency::Unknown);
         t.file("class/iommu/dmar3/intel-iommu/ecap", "f02057\n");
-        assert_eq!(resolve_path(&fs, Path::new("/dev/vfio/12")).coherency, Coherency::NotEnforced);
+        assert_eq!(resolve_path(&fs, Path::new("/dev/vfio/12")).coherency, IommuCoherency::NotEnforced);
     }
 
     #[test]
@@ -256,18 +276,24 @@ mod tests {
         t.dir("kernel/iommu_groups/3/devices/0000:00:02.0");
         let fs = SysFs::at(&t.0);
         let f = resolve_path(&fs, Path::new("/dev/vfio/devices/vfio0"));
-        assert_eq!((f.kind.as_str(), f.iommu.as_str(), f.coherency), ("cdev", "amd-vi", Coherency::Enforced));
+        assert_eq!(
+            (f.kind.label(), f.iommu.label(), f.coherency),
+            ("cdev", "amd-vi", IommuCoherency::Enforced)
+        );
         let f = resolve_path(&fs, Path::new("/dev/vfio/devices/vfio1"));
-        assert_eq!(f.coherency, Coherency::NotEnforced);
+        assert_eq!(f.coherency, IommuCoherency::NotEnforced);
         let f = resolve_path(&fs, Path::new("/dev/vfio/noiommu-3"));
-        assert_eq!((f.kind.as_str(), f.coherency, f.devices.len()), ("noiommu", Coherency::NotEnforced, 1));
+        assert_eq!(
+            (f.kind.label(), f.coherency, f.devices.len()),
+            ("noiommu", IommuCoherency::NotEnforced, 1)
+        );
         let f = resolve_path(&fs, Path::new("/dev/null"));
-        assert_eq!((f.kind.as_str(), f.coherency), ("not-vfio", Coherency::Unknown));
+        assert_eq!((f.kind.label(), f.coherency), ("not-vfio", IommuCoherency::Unknown));
         // A group whose device has no iommu link: unknown.
         let f = resolve_path(&fs, Path::new("/dev/vfio/3"));
-        assert_eq!(f.coherency, Coherency::Unknown);
+        assert_eq!(f.coherency, IommuCoherency::Unknown);
         let f = resolve_path(&fs, Path::new("/dev/vfio/vfio"));
-        assert_eq!(f.kind, "not-vfio");
+        assert_eq!(f.kind.label(), "not-vfio");
     }
 
     #[test]
@@ -286,7 +312,7 @@ mod tests {
         assert_eq!(files.len(), 1, "{files:?}");
         let (fd, file) = &files[0];
         assert!(*fd >= 0);
-        assert_eq!((file.kind.as_str(), file.coherency), ("group", Coherency::NotEnforced));
+        assert_eq!((file.kind.label(), file.coherency), ("group", IommuCoherency::NotEnforced));
         assert!(makes_noncoherent(file));
         assert_eq!(coherency(file), ioasid_common::events::Coherency::Noncoherent);
         t.file("class/iommu/dmar3/intel-iommu/ecap", "f020df\n"); // Snoop Control
@@ -299,8 +325,8 @@ mod tests {
         let file = std::fs::File::open("/dev/null").unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         let f = resolve(&ProcFs::default(), &SysFs::default(), std::process::id(), fd);
-        assert_eq!((f.path.as_str(), f.kind.as_str()), ("/dev/null", "not-vfio"));
+        assert_eq!((f.path.as_str(), f.kind.label()), ("/dev/null", "not-vfio"));
         let f = resolve(&ProcFs::default(), &SysFs::default(), std::process::id(), 9999);
-        assert_eq!(f.kind, "unresolved");
+        assert_eq!(f.kind.label(), "unresolved");
     }
 }

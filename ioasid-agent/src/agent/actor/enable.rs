@@ -101,7 +101,7 @@ impl<K: Kernel> Actor<K> {
                 record.reason = Some(format!("{sig:?}: {e}"));
             }
         }
-        self.series.file_add(&info.vm, j.coherency.into());
+        self.series.file_add(&info.vm, j.coherency);
         if let Some(action) = j.action {
             self.series.request(&info.vm, action.into());
         }

@@ -22,7 +22,7 @@ use crate::{
     engine::record::StormOutcome,
     engine::storm::{self, Detector, StormChange, Transition},
     host::procfs::{ProcFs, ProcessInfo},
-    host::vfio::{self, SysFs},
+    host::vfio::{self, SysFs, VfioKind},
     output::audit::AuditLog,
     output::telemetry::{
         vm::{VmGauges, VmSeries},
@@ -210,7 +210,7 @@ impl<K: Kernel> Actor<K> {
     /// Hands a VFIO file's coherency to the kernel, keyed by the fd the VMM holds it by, so a
     /// FILE_ADD of it is judged there with no round trip.
     fn learn_file(&mut self, tgid: u32, fd: i32, f: &vfio::VfioFile) {
-        if !matches!(f.kind.as_str(), "group" | "cdev" | "noiommu") {
+        if !matches!(f.kind, VfioKind::Group | VfioKind::Cdev | VfioKind::Noiommu) {
             return;
         }
         let c = vfio::coherency(f);

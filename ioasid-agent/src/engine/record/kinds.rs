@@ -34,20 +34,6 @@ impl From<Action> for Decision {
 }
 
 text_enum! {
-    /// How a decision was carried out.
-    pub enum Mechanism {
-        /// BPF LSM returned -EPERM: the ioctl never ran.
-        Lsm => "lsm",
-        /// The kernel program sent SIGKILL at sys_enter.
-        Sigkill => "sigkill",
-        /// The kernel stopped the VMM and the agent decided.
-        StopAsk => "stop-ask",
-        /// Nothing was enforced (allowed, audited, or a dry run).
-        None => "none",
-    }
-}
-
-text_enum! {
     /// What happened to the request.
     pub enum Outcome {
         Completed => "completed",
@@ -82,37 +68,5 @@ text_enum! {
         Throttled => "throttled",
         /// `action: throttle` could not be applied (`reason` says why): alerted only.
         ThrottleFailed => "throttle-failed",
-    }
-}
-
-text_enum! {
-    /// The coherency a FILE_ADD was judged by; also the `coherency` label of
-    /// `ioasid_vfio_file_adds_total`.
-    pub enum FileCoherency {
-        Coherent => "coherent",
-        Noncoherent => "noncoherent",
-        Unknown => "unknown",
-    }
-}
-
-impl From<ioasid_common::events::Coherency> for FileCoherency {
-    fn from(c: ioasid_common::events::Coherency) -> Self {
-        use ioasid_common::events::Coherency as C;
-        match c {
-            C::Coherent => FileCoherency::Coherent,
-            C::Noncoherent => FileCoherency::Noncoherent,
-            C::Unknown => FileCoherency::Unknown,
-        }
-    }
-}
-
-impl From<FileCoherency> for ioasid_common::events::Coherency {
-    fn from(c: FileCoherency) -> Self {
-        use ioasid_common::events::Coherency as C;
-        match c {
-            FileCoherency::Coherent => C::Coherent,
-            FileCoherency::Noncoherent => C::Noncoherent,
-            FileCoherency::Unknown => C::Unknown,
-        }
     }
 }

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 mod kinds;
 
-pub use self::kinds::{Decision, FileCoherency, Mechanism, Outcome, RecordKind, StormOutcome, StormState};
+pub use ioasid_common::{events::Coherency, verdict::Mechanism};
+
+pub use self::kinds::{Decision, Outcome, RecordKind, StormOutcome, StormState};
 use crate::host::{procfs::ProcessInfo, vfio::VfioFile};
 
 /// The ioctl an audit record is about.
@@ -78,7 +80,7 @@ pub struct AuditRecord {
     pub kernel_coherent: Option<bool>,
     /// The coherency the request was judged by (the kernel's own verdict, else sysfs's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub coherency: Option<FileCoherency>,
+    pub coherency: Option<Coherency>,
     /// Matched rule name, or `default`.
     pub rule: String,
     pub decision: Decision,

@@ -14,7 +14,7 @@ fn labels_are_the_serialized_forms() {
     check(Outcome::ALL);
     check(StormState::ALL);
     check(StormOutcome::ALL);
-    check(FileCoherency::ALL);
+    check(Coherency::ALL);
 }
 
 fn log_instance(text: &str) -> std::sync::Arc<str> {

@@ -10,7 +10,7 @@ use prometheus::IntCounter;
 use super::Metrics;
 use crate::{
     engine::accounting::{Totals, VmTotals},
-    output::audit::{Decision, FileCoherency},
+    output::audit::{Coherency, Decision},
 };
 
 /// The per-VM gauges, set each sweep.
@@ -110,7 +110,7 @@ impl VmSeries {
         for d in Decision::ALL {
             self.metrics.incoherent_dma_requests.with_label_values(&[vm, d.label()]);
         }
-        for c in FileCoherency::ALL {
+        for c in Coherency::ALL {
             self.metrics.vfio_file_adds.with_label_values(&[vm, c.label()]);
         }
         self.metrics.dos_alerts.with_label_values(&[vm]);
@@ -121,7 +121,7 @@ impl VmSeries {
     }
 
     /// One VFIO file added to the VM, judged or not.
-    pub fn file_add(&mut self, vm: &str, c: FileCoherency) {
+    pub fn file_add(&mut self, vm: &str, c: Coherency) {
         self.create(vm);
         self.metrics.vfio_file_adds.with_label_values(&[vm, c.label()]).inc();
     }
@@ -209,7 +209,7 @@ impl VmSeries {
         for d in Decision::ALL {
             let _ = m.incoherent_dma_requests.remove_label_values(&[vm, d.label()]);
         }
-        for c in FileCoherency::ALL {
+        for c in Coherency::ALL {
             let _ = m.vfio_file_adds.remove_label_values(&[vm, c.label()]);
         }
         self.vms.remove(vm);
