@@ -26,6 +26,7 @@ pub mod decode;
 pub mod events;
 pub mod hooks;
 pub mod ioctl;
+pub mod judge;
 pub mod names;
 pub mod verdict;
 

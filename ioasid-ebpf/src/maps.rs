@@ -241,13 +241,16 @@ pub fn config() -> ProgConfig {
     IOASID_CONFIG.load()
 }
 
-/// Adds one to a statistics slot. Per-CPU and never nested on one CPU: a plain add is exact.
+/// Adds one to a statistics slot (this CPU's).
+///
+/// Per-CPU slots are still written atomically: programs of different hooks do nest on one CPU
+/// (the blast-radius programs on `wbinvd_ipi` run in the flush IPI and can interrupt a task-context
+/// program between its read and its write of the same slot), and BPF's atomic add on an
+/// uncontended per-CPU line costs a few cycles.
 #[inline(always)]
 pub fn stat_inc(stat: Stat) {
     if let Some(slot) = IOASID_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: the pointer is this CPU's slot of an array map element, valid for the
-        // program's run; tracing programs do not nest on one CPU, so nothing else writes it.
-        unsafe { *slot += 1 };
+        atomic_add(slot, 1);
     }
 }
 
@@ -256,10 +259,10 @@ pub fn stat_inc(stat: Stat) {
 #[inline(always)]
 pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
     if let Some(slot) = map.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a per-CPU hash element; tracing programs do not nest on a
-        // CPU, so the read-modify-write is not interleaved with another writer. Wrapping, and
-        // summed wrapping by the agent: a counter never panics or saturates.
-        unsafe { *slot = (*slot).wrapping_add(v) };
+        // This CPU's slot of a per-CPU hash element, added to atomically (see `stat_inc`: an
+        // IPI-context program may interrupt us). Wrapping, and summed wrapping by the agent: a
+        // counter never panics or saturates.
+        atomic_add(slot, v as i64);
         return;
     }
     // First event for this key: create it with `v` on this CPU (0 on the others). A concurrent
@@ -268,8 +271,7 @@ pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
         return;
     }
     match map.get_ptr_mut(key) {
-        // SAFETY: as above.
-        Some(slot) => unsafe { *slot = (*slot).wrapping_add(v) },
+        Some(slot) => atomic_add(slot, v as i64),
         None => stat_inc(Stat::CounterMapFull),
     }
 }

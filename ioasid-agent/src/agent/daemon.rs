@@ -22,7 +22,7 @@ use crate::{
     host::sys::hostname,
     host::vfio::SysFs,
     kernel::loader::{self, EnforcementMechanism, HookState, IoctlFamily, LoadOptions, Loaded},
-    kernel::ring,
+    kernel::ring::{self, Overflow},
     kernel::BpfKernel,
     output::audit::AuditLog,
     output::http,
@@ -44,13 +44,37 @@ pub struct RunConfig {
     pub ready_file: Option<PathBuf>,
     pub lock_file: PathBuf,
     pub bpf_stats: bool,
-    /// Tests only: discard every ring buffer event (as a full queue would), to exercise the
-    /// paths that must not depend on events.
-    pub test_drop_events: bool,
-    /// Tests only: never read the decisions ring.
-    pub test_stall_decisions: bool,
     /// Where `action: throttle` keeps what it changed (so a next agent can put it back).
     pub throttle_state: PathBuf,
+}
+
+/// Faults injected for the kernel tests (cargo feature `fault-injection`, which only the tests
+/// turn on); without the feature there are none and the fields do not exist.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Discard every ring buffer event (as a full queue would), to exercise the paths that
+    /// must not depend on events.
+    #[cfg(feature = "fault-injection")]
+    pub drop_events: bool,
+    /// Never read the decisions ring (the kernel's own fallback is exercised).
+    #[cfg(feature = "fault-injection")]
+    pub stall_decisions: bool,
+}
+
+impl Faults {
+    fn drop_events(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.drop_events;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn stall_decisions(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.stall_decisions;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
 }
 
 /// SIGHUP, SIGTERM and SIGINT, taken over before anything is attached: a signal that arrives
@@ -62,7 +86,7 @@ struct Signals {
     int: tokio::signal::unix::Signal,
 }
 
-pub async fn run(cfg: RunConfig) -> Result<()> {
+pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     let signals = Signals {
         hup: signal(SignalKind::hangup())?,
         term: signal(SignalKind::terminate())?,
@@ -95,26 +119,15 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), Arc::clone(&health)));
     tracing::info!(listen = %local, "serving /metrics");
     let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE);
-    let stall = cfg.test_stall_decisions;
-    ring::spawn_reader(
-        events.events,
-        ev_tx.clone(),
-        metrics.clone(),
-        cfg.test_drop_events,
-        false,
-        Arc::clone(&health),
-    )
-    .context("polling the events ring buffer")?;
-    if !stall {
-        ring::spawn_reader(
-            events.decisions,
-            ev_tx,
-            metrics.clone(),
-            cfg.test_drop_events,
-            true,
-            Arc::clone(&health),
-        )
-        .context("polling the decisions ring buffer")?;
+    let (on_events, on_decisions) = match faults.drop_events() {
+        true => (Overflow::DiscardAll, Overflow::DiscardAll),
+        false => (Overflow::DropNewest, Overflow::Wait),
+    };
+    ring::spawn_reader(events.events, ev_tx.clone(), metrics.clone(), on_events, Arc::clone(&health))
+        .context("polling the events ring buffer")?;
+    if !faults.stall_decisions() {
+        ring::spawn_reader(events.decisions, ev_tx, metrics.clone(), on_decisions, Arc::clone(&health))
+            .context("polling the decisions ring buffer")?;
     }
 
     let settings = Settings {

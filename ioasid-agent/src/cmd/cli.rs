@@ -85,14 +85,18 @@ pub struct RunArgs {
     /// time (ioasid_program_runs_total, ioasid_program_run_seconds_total). Costs a little per run.
     #[arg(long)]
     pub bpf_stats: bool,
-    /// Tests only: discard every kernel event, as if the ring buffer were always full.
+    /// Tests only (feature fault-injection): discard every kernel event, as if the ring buffer
+    /// were always full.
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub test_drop_events: bool,
     /// Where `action: throttle` records each CPU limit it changed, with the exact previous
     /// setting, before changing it: a restarted agent puts them all back.
     #[arg(long, value_name = "PATH", default_value = "/run/ioasid/throttle.json")]
     pub throttle_state: PathBuf,
-    /// Tests only: never read the decisions ring (the kernel's own fallback is exercised).
+    /// Tests only (feature fault-injection): never read the decisions ring (the kernel's own
+    /// fallback is exercised).
+    #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub test_stall_decisions: bool,
     /// Benchmarks only: attach an empty program of the same type at every hook instead of the

@@ -27,13 +27,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         ready_file: args.ready_file.clone(),
         lock_file: args.lock_file.clone(),
         bpf_stats: args.bpf_stats,
-        test_drop_events: args.test_drop_events,
-        test_stall_decisions: args.test_stall_decisions,
         throttle_state: args.throttle_state.clone(),
     };
+    #[cfg(feature = "fault-injection")]
+    let faults =
+        daemon::Faults { drop_events: args.test_drop_events, stall_decisions: args.test_stall_decisions };
+    #[cfg(not(feature = "fault-injection"))]
+    let faults = daemon::Faults::default();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(daemon::run(cfg))
+        .block_on(daemon::run(cfg, faults))
 }

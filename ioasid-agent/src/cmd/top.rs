@@ -295,11 +295,11 @@ struct Ui {
 impl Ui {
     fn run(&mut self, terminal: &mut ratatui::DefaultTerminal, addr: &str, interval: Duration) -> Result<()> {
         use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
-        let mut last: Result<Frame, String> = Err("connecting".into());
+        let mut last: Result<Frame, anyhow::Error> = Err(anyhow::anyhow!("connecting"));
         let mut next_scrape = Instant::now();
         loop {
             if Instant::now() >= next_scrape {
-                last = scrape(addr).map(|b| frame(&b)).map_err(|e| format!("{e:#}"));
+                last = scrape(addr).map(|b| frame(&b));
                 next_scrape = Instant::now() + interval;
             }
             terminal.draw(|fr| self.draw(fr, addr, &last))?;
@@ -341,7 +341,7 @@ impl Ui {
         }
     }
 
-    fn draw(&self, fr: &mut ratatui::Frame, addr: &str, last: &Result<Frame, String>) {
+    fn draw(&self, fr: &mut ratatui::Frame, addr: &str, last: &Result<Frame, anyhow::Error>) {
         use ratatui::{
             layout::{Constraint, Layout},
             style::{Modifier, Style, Stylize},
@@ -354,7 +354,7 @@ impl Ui {
         let f = match last {
             Ok(f) => f,
             Err(e) => {
-                fr.render_widget(Paragraph::new(format!("ioasid top {addr}: {e} (retrying)")), head);
+                fr.render_widget(Paragraph::new(format!("ioasid top {addr}: {e:#} (retrying)")), head);
                 return;
             }
         };

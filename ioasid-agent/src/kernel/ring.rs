@@ -7,6 +7,18 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{engine::events::Event, kernel::decode, output::telemetry::Metrics};
 
+/// What a reader does with an event when the actor's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop it and count it (`ioasid_events_dropped_total`): the events ring.
+    DropNewest,
+    /// Wait for room, leaving the rest in the kernel's ring: the decisions ring, which nobody
+    /// but a holder of a kvm-vfio device can fill.
+    Wait,
+    /// Fault injection: discard every event, as if the queue were always full.
+    DiscardAll,
+}
+
 /// Starts a reader: ring buffer -> decode -> bounded queue. An undecodable record is counted
 /// and logged (at powers of two), never a panic. Where the queue is full, an event is dropped
 /// and counted, but a decision (`lossless`) waits for room: the kernel's ring holds the rest,
@@ -15,8 +27,7 @@ pub fn spawn_reader(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<Event>,
     metrics: Metrics,
-    drop_all: bool,
-    lossless: bool,
+    overflow: Overflow,
     health: std::sync::Arc<crate::output::http::Health>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
@@ -41,23 +52,23 @@ pub fn spawn_reader(
             };
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
-                match decode::event(&item) {
-                    Ok(ev) if lossless && !drop_all => {
+                match (decode::event(&item), overflow) {
+                    (Ok(ev), Overflow::Wait) => {
                         drop(item);
                         if tx.send(ev).await.is_err() {
                             return;
                         }
                     }
-                    Ok(_) if lossless => metrics.events_dropped.inc(),
-                    Ok(ev) => {
-                        if drop_all || tx.try_send(ev).is_err() {
+                    (Ok(ev), Overflow::DropNewest) => {
+                        if tx.try_send(ev).is_err() {
                             metrics.events_dropped.inc();
                         }
                     }
-                    Err(e) => {
+                    (Ok(_), Overflow::DiscardAll) => metrics.events_dropped.inc(),
+                    (Err(e), _) => {
                         let n = metrics.event_decode_errors.get();
                         metrics.event_decode_errors.inc();
-                        if n.is_power_of_two() || n == 0 {
+                        if crate::util::log_at_powers_of_two(n) {
                             tracing::warn!(error = %e, "undecodable ring buffer record");
                         }
                     }

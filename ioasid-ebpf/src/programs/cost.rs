@@ -151,7 +151,8 @@ fn record_flush_cpus(mask: *const u64) {
         w += 1;
     }
     if let Some(slot) = IOASID_FLUSH_CPUS.get_ptr_mut(flush_cpus_bucket(cpus)) {
-        // SAFETY: this CPU's slot of a per-CPU array element.
+        // SAFETY: this CPU's slot of a per-CPU array element, written only here, by the flush
+        // path in task context (the IPI-context programs never touch this map).
         unsafe { *slot += 1 };
     }
 }

@@ -33,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{info, warn};
 use ioasid_common::{
     abi::{
-        EPERM, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
+        KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
         PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
     },
     config::{ProgConfig, WATCHED_IOCTL_FNS_LEN},
@@ -47,6 +47,7 @@ use ioasid_common::{
         is_file_add_shape, is_watched_ioctl, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_HAS_DEVICE_ATTR,
         KVM_SET_DEVICE_ATTR, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, WATCHED_MODULE_KEYS,
     },
+    judge::{judge, lsm_return, FileAdd, Judged},
     names::{DECISIONS_RESERVE, DECISIONS_RING_BYTES},
     verdict::{Asked, Decision, FdKey, Mechanism, RULE_NONE},
 };
@@ -339,9 +340,7 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
     let ctl = control();
     match cmd {
         KVM_CREATE_VM => capture_cmdline(tgid),
-        KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => {
-            judge_device_attr(ctx, &mut ev, tgid, ctl.enforce != 0, ctl.lsm_enforces != 0)
-        }
+        KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => judge_device_attr(ctx, &mut ev, tgid),
         // The extension or IOMMU type is the argument itself (VFIO_DMA_CC_IOMMU, TYPE1v2...).
         VFIO_SET_IOMMU | VFIO_CHECK_EXTENSION => ev.attr_attr = arg,
         _ => {}
@@ -425,18 +424,15 @@ fn foreign_file_add_done(ev: &mut IoctlEvent, ret: Result<u64, i64>) -> bool {
     true
 }
 
+/// Reads a KVM_SET_DEVICE_ATTR/HAS_DEVICE_ATTR's argument from user memory into the event:
+/// the attribute, whether the fd is a known kvm-vfio device, and the VFIO file fd of a
+/// FILE_ADD/DEL. None if the argument cannot be read.
 #[inline(always)]
-fn judge_device_attr<C: EbpfContext>(
-    ctx: &C,
-    ev: &mut IoctlEvent,
-    tgid: u32,
-    enforce: bool,
-    lsm_enforces: bool,
-) {
+fn read_device_attr(ev: &mut IoctlEvent, tgid: u32) -> Option<KvmDeviceAttr> {
     // SAFETY: bpf_probe_read_user faults safely on a bad user pointer.
     let Ok(attr) = (unsafe { bpf_probe_read_user(ev.arg as *const KvmDeviceAttr) }) else {
         stat_inc(Stat::ReadErrors);
-        return;
+        return None;
     };
     ev.flags |= IOCTL_F_ATTR_READ;
     ev.attr_flags = attr.flags;
@@ -459,76 +455,63 @@ fn judge_device_attr<C: EbpfContext>(
             ev.flags |= IOCTL_F_FILE_FD_READ;
         }
     }
+    Some(attr)
+}
+
+/// What the kernel knows of a FILE_ADD from `tgid` (see `ioasid_common::judge`).
+#[inline(always)]
+fn file_add(tgid: u32, coherency: Coherency) -> FileAdd {
+    let ctl = control();
+    FileAdd {
+        coherency,
+        // SAFETY: pointer to a live map value, copied once.
+        verdict: IOASID_VM_POLICY.get_ptr(&tgid).map(|v| unsafe { *v }),
+        enforce: ctl.enforce != 0,
+        lsm_enforces: ctl.lsm_enforces != 0,
+        ring_low: decisions_room() < u64::from(DECISIONS_RESERVE),
+    }
+}
+
+/// A KVM_SET_DEVICE_ATTR/HAS_DEVICE_ATTR entered: read it, and judge and enforce a FILE_ADD.
+#[inline(always)]
+fn judge_device_attr<C: EbpfContext>(ctx: &C, ev: &mut IoctlEvent, tgid: u32) {
+    let Some(attr) = read_device_attr(ev, tgid) else { return };
     if ev.cmd != KVM_SET_DEVICE_ATTR || !is_file_add(&attr) {
         ev.decision = Decision::None.wire();
         return;
     }
-
-    // A FILE_ADD: an incoherent-DMA enable unless the file's IOMMU keeps it coherent.
     let coherency = file_coherency(tgid, ev);
     ev.file_coherency = coherency.wire();
-    if coherency == Coherency::Coherent {
-        ev.decision = Decision::Observed.wire();
-        return;
+    let j = judge(&file_add(tgid, coherency));
+    ev.decision = j.decision.wire();
+    ev.mechanism = j.mechanism.wire();
+    ev.rule = j.rule;
+    ev.generation = j.generation;
+    if let Some(sig) = j.signal() {
+        enforce_by_signal(ctx, ev, tgid, sig);
     }
-    match IOASID_VM_POLICY.get_ptr(&tgid) {
-        Some(v) => {
-            // SAFETY: pointer to a live map value, copied once.
-            let v = unsafe { *v };
-            ev.rule = v.rule;
-            ev.generation = v.generation;
-            ev.decision = match coherency {
-                Coherency::Unknown if v.unknown_allowed != 0 => Decision::Observed.wire(),
-                // Never kill a device the agent could not resolve yet: it may be coherent.
-                Coherency::Unknown if v.decision == Decision::Deny.wire() => Decision::Ask.wire(),
-                _ => v.decision,
-            };
-        }
-        None => ev.decision = Decision::Ask.wire(),
-    }
-    if !enforce {
-        return;
-    }
-    // An enable the kernel would let through while its event might not fit the decisions ring:
-    // stop and ask instead. The ask record (IOASID_ASKED) is then the request's record, and the
-    // agent decides and audits it even if the event is lost.
-    if (ev.decision == Decision::Allow.wire()
-        || ev.decision == Decision::Audit.wire()
-        || ev.decision == Decision::Observed.wire())
-        && decisions_room() < u64::from(DECISIONS_RESERVE)
-    {
-        ev.decision = Decision::Ask.wire();
-    }
-    let (mechanism, sig) = match Decision::try_from(ev.decision) {
-        Ok(Decision::Deny) if lsm_enforces => {
-            ev.mechanism = Mechanism::Lsm.wire();
-            return;
-        }
-        Ok(Decision::Deny) => (Mechanism::Sigkill, SIGKILL),
-        Ok(Decision::Ask) => (Mechanism::StopAsk, SIGSTOP),
-        _ => return,
-    };
-    ev.mechanism = mechanism.wire();
+}
+
+/// Sends the judgement's signal to the calling process; a SIGSTOP also leaves the ask record
+/// (IOASID_ASKED), so the agent decides even if the event never reaches it.
+#[inline(always)]
+fn enforce_by_signal<C: EbpfContext>(ctx: &C, ev: &mut IoctlEvent, tgid: u32, sig: u32) {
     // SAFETY: helper call; signals the current process (the whole thread group).
     let rc = unsafe { bpf_send_signal(sig) };
-    if rc == 0 {
-        ev.flags |= IOCTL_F_SIGNAL_SENT;
-        if sig == SIGSTOP {
-            // Remember the ask, so the agent decides even if the event never reaches it.
-            let asked = Asked { ktime_ns: ev.header.ktime_ns, fd: ev.fd, file_fd: ev.file_fd };
-            if IOASID_ASKED.insert(&tgid, &asked, BPF_ANY as u64).is_ok() {
-                ev.flags |= IOCTL_F_ASK_RECORDED;
-            }
-        }
-        // Rare (one per judged FILE_ADD that is denied or asked about): worth a kernel log line.
-        info!(
-            ctx,
-            "FILE_ADD by tgid {} on fd {}: decision {}, signal {} sent", tgid, ev.fd, ev.decision, sig
-        );
-    } else {
+    if rc != 0 {
         stat_inc(Stat::SignalErrors);
         warn!(ctx, "FILE_ADD by tgid {}: bpf_send_signal({}) failed: {}", tgid, sig, rc);
+        return;
     }
+    ev.flags |= IOCTL_F_SIGNAL_SENT;
+    if sig == SIGSTOP {
+        let asked = Asked { ktime_ns: ev.header.ktime_ns, fd: ev.fd, file_fd: ev.file_fd };
+        if IOASID_ASKED.insert(&tgid, &asked, BPF_ANY as u64).is_ok() {
+            ev.flags |= IOCTL_F_ASK_RECORDED;
+        }
+    }
+    // Rare (one per judged FILE_ADD that is denied or asked about): worth a kernel log line.
+    info!(ctx, "FILE_ADD by tgid {} on fd {}: decision {}, signal {} sent", tgid, ev.fd, ev.decision, sig);
 }
 
 /// syscalls:sys_exit_ioctl. Record: `ret` (8 bytes). Completes the in-flight event of this thread,
@@ -639,21 +622,18 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         return 0;
     }
     let (tgid, _) = current_ids();
-    // Only a file the agent resolved as non-coherent is refused here: a coherent one is not an
-    // incoherent-DMA enable, and one of unknown coherency is stopped and asked at sys_enter.
+    // The same judgement sys_enter made (which ran first and sent any signal): its return value.
+    // A file the agent has not resolved is judged of unknown coherency, as at sys_enter.
     // SAFETY: bpf_probe_read_user faults safely.
-    let Ok(file_fd) = (unsafe { bpf_probe_read_user(attr.addr as *const i32) }) else {
-        return 0;
+    let coherency = match unsafe { bpf_probe_read_user(attr.addr as *const i32) } {
+        Ok(file_fd) => match IOASID_FILE_COHERENCY.get_ptr(&FdKey { tgid, fd: file_fd as u32 }) {
+            // SAFETY: pointer to a live map value, read once.
+            Some(c) => Coherency::try_from(unsafe { *c }).unwrap_or(Coherency::Unknown),
+            None => Coherency::Unknown,
+        },
+        Err(_) => Coherency::Unknown,
     };
-    let key = FdKey { tgid, fd: file_fd as u32 };
-    // SAFETY: pointer to a live map value, read once.
-    let noncoherent =
-        IOASID_FILE_COHERENCY.get_ptr(&key).is_some_and(|c| unsafe { *c } == Coherency::Noncoherent.wire());
-    match IOASID_VM_POLICY.get_ptr(&tgid) {
-        // SAFETY: pointer to a live map value, read once.
-        Some(v) if noncoherent && unsafe { (*v).decision } == Decision::Deny.wire() => -EPERM,
-        _ => 0,
-    }
+    judge(&file_add(tgid, coherency)).lsm_return()
 }
 
 /// The whole ioctl path from the LSM hook (no syscall tracepoint attached: unrelated syscalls
@@ -679,18 +659,17 @@ fn lsm_observe(ctx: &LsmContext, cmd: u32) -> i32 {
         // anyway.
         // SAFETY: bpf_probe_read_user faults safely.
         return match unsafe { bpf_probe_read_user(arg as *const KvmDeviceAttr) } {
-            Ok(a) if is_file_add_shape(cmd, a.group, a.attr) => -EPERM,
+            Ok(a) if is_file_add_shape(cmd, a.group, a.attr) => Judged::UNRECOGNISED.lsm_return(),
             _ => 0,
         };
     }
-    match on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg, true) {
-        Some(ev) if ev.mechanism == Mechanism::Lsm.wire() => {
-            // Refused here: kvm_vfio_set_attr never runs, so the result is ours to send.
-            complete_inflight(-i64::from(EPERM));
-            -EPERM
-        }
-        _ => 0,
+    let Some(ev) = on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg, true) else { return 0 };
+    let refused = Mechanism::try_from(ev.mechanism).map_or(0, lsm_return);
+    if refused != 0 {
+        // Refused here: kvm_vfio_set_attr never runs, so the result is ours to send.
+        complete_inflight(i64::from(refused));
     }
+    refused
 }
 
 /// Completes this thread's in-flight FILE_ADD/DEL event with its result and sends it.

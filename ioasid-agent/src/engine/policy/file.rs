@@ -54,28 +54,41 @@ struct BudgetFile {
     victim_stolen_ratio: Option<f64>,
 }
 
+/// What is wrong with a `wbinvd:` budget (of `default` or of a rule).
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error("wbinvd.rate must be a positive number of WBINVD per second")]
+    Rate,
+    #[error("wbinvd.cost_ratio must be a positive share of wall time (0.05 = 5 %)")]
+    CostRatio,
+    #[error("wbinvd.window: {0}")]
+    WindowText(#[from] crate::util::units::UnitError),
+    #[error("wbinvd.window must be between 100ms and 1h")]
+    Window,
+    #[error("wbinvd.victim_stolen_ratio must be a share of time in (0, 1] (0.01 = 1 %)")]
+    VictimStolenRatio,
+}
+
 /// A compiled WBINVD budget.
-fn compile_budget(f: &BudgetFile, base: &Budget, what: &str) -> Result<Budget, String> {
+fn compile_budget(f: &BudgetFile, base: &Budget) -> Result<Budget, BudgetError> {
     let rate = f.rate.unwrap_or(base.rate);
     if !(rate.is_finite() && rate > 0.0) {
-        return Err(format!("{what}: wbinvd.rate must be a positive number of WBINVD per second"));
+        return Err(BudgetError::Rate);
     }
     let cost_ratio = f.cost_ratio.unwrap_or(base.cost_ratio);
     if !(cost_ratio.is_finite() && cost_ratio > 0.0) {
-        return Err(format!("{what}: wbinvd.cost_ratio must be a positive share of wall time (0.05 = 5 %)"));
+        return Err(BudgetError::CostRatio);
     }
     let window = match &f.window {
         None => base.window,
-        Some(w) => parse_duration(w).map_err(|e| format!("{what}: wbinvd.window: {e}"))?,
+        Some(w) => parse_duration(w)?,
     };
     if window < Duration::from_millis(100) || window > Duration::from_secs(3600) {
-        return Err(format!("{what}: wbinvd.window must be between 100ms and 1h"));
+        return Err(BudgetError::Window);
     }
     let victim_stolen_ratio = f.victim_stolen_ratio.unwrap_or(base.victim_stolen_ratio);
     if !(victim_stolen_ratio.is_finite() && victim_stolen_ratio > 0.0 && victim_stolen_ratio <= 1.0) {
-        return Err(format!(
-            "{what}: wbinvd.victim_stolen_ratio must be a share of time in (0, 1] (0.01 = 1 %)"
-        ));
+        return Err(BudgetError::VictimStolenRatio);
     }
     Ok(Budget { rate, cost_ratio, window, action: f.action.unwrap_or(base.action), victim_stolen_ratio })
 }
@@ -136,8 +149,17 @@ pub const MAX_INDENT: usize = 64;
 /// Rules per policy: each compiles its patterns, and every VMM is matched against them in order.
 pub const MAX_RULES: usize = 1024;
 
-/// Rejects text nested beyond the limits before the YAML parser sees it: (line, message).
-fn check_shape(text: &str) -> Result<(), (usize, String)> {
+/// Text nested beyond the limits, at a line.
+#[derive(Debug, thiserror::Error)]
+enum TooDeep {
+    #[error("nested too deep: indented more than {MAX_INDENT} columns")]
+    Indent { line: usize },
+    #[error("nested too deep: more than {MAX_NESTING} levels of [ ] or {{ }}")]
+    Brackets { line: usize },
+}
+
+/// Rejects text nested beyond the limits before the YAML parser sees it.
+fn check_shape(text: &str) -> Result<(), TooDeep> {
     let mut depth = 0usize;
     for (n, line) in text.lines().enumerate() {
         let line_no = n + 1;
@@ -155,7 +177,7 @@ fn check_shape(text: &str) -> Result<(), (usize, String)> {
             }
         }
         if indent > MAX_INDENT && !rest.trim().is_empty() && !rest.trim_start().starts_with('#') {
-            return Err((line_no, format!("nested too deep: indented more than {MAX_INDENT} columns")));
+            return Err(TooDeep::Indent { line: line_no });
         }
         let mut quote: Option<char> = None;
         let mut prev = ' ';
@@ -168,10 +190,7 @@ fn check_shape(text: &str) -> Result<(), (usize, String)> {
                 (None, '[' | '{') => {
                     depth += 1;
                     if depth > MAX_NESTING {
-                        return Err((
-                            line_no,
-                            format!("nested too deep: more than {MAX_NESTING} levels of [ ] or {{ }}"),
-                        ));
+                        return Err(TooDeep::Brackets { line: line_no });
                     }
                 }
                 (None, ']' | '}') => depth = depth.saturating_sub(1),
@@ -192,11 +211,13 @@ pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
             "the policy is empty (write at least `default: {incoherent_dma: audit}`)".into(),
         ));
     }
-    check_shape(text).map_err(|(line, message)| PolicyError::Syntax {
+    check_shape(text).map_err(|e| PolicyError::Syntax {
         path: path.clone(),
-        line,
+        line: match e {
+            TooDeep::Indent { line } | TooDeep::Brackets { line } => line,
+        },
         column: 1,
-        message,
+        message: e.to_string(),
     })?;
     let file: PolicyFile = serde_norway::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
@@ -207,8 +228,8 @@ pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
         }
         PolicyError::Syntax { path: path.clone(), line, column, message }
     })?;
-    let default_budget =
-        compile_budget(&file.default.wbinvd, &Budget::DEFAULT, "default").map_err(&invalid)?;
+    let default_budget = compile_budget(&file.default.wbinvd, &Budget::DEFAULT)
+        .map_err(|e| invalid(format!("default: {e}")))?;
     if file.rules.len() > MAX_RULES {
         return Err(invalid(format!(
             "{} rules: at most {MAX_RULES} (group VMs with patterns)",
@@ -264,7 +285,7 @@ pub(super) fn compile(text: &str, source: &str) -> Result<Policy, PolicyError> {
         };
         let budget = match &r.wbinvd {
             None => default_budget,
-            Some(b) => compile_budget(b, &default_budget, &what).map_err(&invalid)?,
+            Some(b) => compile_budget(b, &default_budget).map_err(|e| invalid(format!("{what}: {e}")))?,
         };
         rules.push(Rule {
             budget,

@@ -226,7 +226,7 @@ impl AuditLog {
         if let Err(e) = self.tx.try_send(line) {
             let n = self.dropped.get();
             self.dropped.inc();
-            if n.is_power_of_two() || n == 0 {
+            if crate::util::log_at_powers_of_two(n) {
                 tracing::error!(dropped_total = n + 1, error = %e, "audit queue full: record dropped");
             }
         }
