@@ -25,6 +25,8 @@ pub mod throttle;
 pub mod util;
 
 #[cfg(test)]
+mod docs_current;
+#[cfg(test)]
 mod fuzz;
 #[cfg(test)]
 mod layers;

@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 use ioasid_agent::cmd::{
     self,
-    cli::{Cli, Command, LogFormat, PolicyCommand},
+    cli::{self, Cli, Command, LogFormat, PolicyCommand},
 };
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +31,16 @@ fn main() -> std::process::ExitCode {
         }
         Command::Replay(args) => cmd::replay::run(args),
         Command::Top(args) => cmd::top::run(args),
+        Command::Reference { what } => {
+            print!(
+                "{}",
+                match what {
+                    cli::Reference::Cli => cmd::cli::reference(),
+                    cli::Reference::Metrics => ioasid_agent::output::telemetry::reference(),
+                }
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,9 +1,11 @@
-//! The README's generated sections: produced from the code, checked by a test, so the README
-//! never drifts from what the agent does.
+//! The docs' generated sections: produced from the code, checked by tests, so the docs never
+//! drift from what the agent does. The hook table (docs/kernels.md) and the PrometheusRule come
+//! from here; the metrics (docs/metrics.md) and the CLI (docs/cli.md) from the agent itself
+//! (`ioasid-agent reference metrics|cli`), whose own unit tests check them.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ioasid_common::hooks::{HookKind, HOOKS};
 
 const BEGIN: &str = "<!-- generated: hooks (cargo xtask docs) -->";
@@ -33,12 +35,40 @@ pub fn hook_table() -> String {
     out
 }
 
-/// The README with its generated section replaced.
-pub fn render(readme: &str) -> Result<String> {
-    let start = readme.find(BEGIN).context("README has no generated hook table marker")?;
-    let end = readme.find(END).context("README has no end marker of the hook table")?;
-    Ok(format!("{}{BEGIN}\n{}{}", &readme[..start], hook_table(), &readme[end..]))
+/// Where the hook table lives.
+pub const KERNELS: &str = "docs/kernels.md";
+
+/// `text` with the block between `begin` and `end` replaced by `content`.
+pub fn replace_block(text: &str, begin: &str, end: &str, content: &str) -> Result<String> {
+    let start = text.find(begin).with_context(|| format!("no marker {begin}"))?;
+    let stop = text.find(end).with_context(|| format!("no marker {end}"))?;
+    Ok(format!("{}{begin}\n{content}{}", &text[..start], &text[stop..]))
 }
+
+/// docs/kernels.md with its generated hook table replaced.
+pub fn render(kernels: &str) -> Result<String> {
+    replace_block(kernels, BEGIN, END, &hook_table())
+}
+
+/// What the agent prints for `reference WHAT` (the debug build of this checkout).
+fn agent_reference(root: &Path, what: &str) -> Result<String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args(["run", "--quiet", "-p", "ioasid-agent", "--", "reference", what])
+        .output()
+        .context("running ioasid-agent reference")?;
+    if !out.status.success() {
+        bail!("ioasid-agent reference {what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+pub const METRICS_BEGIN: &str = "<!-- generated: metrics (cargo xtask docs) -->";
+pub const METRICS_END: &str = "<!-- end generated: metrics -->";
+pub const CLI_HEAD: &str =
+    "# Command line\n\nGenerated from the agent's clap definitions by `cargo xtask docs` \
+     (`ioasid-agent reference cli`); a test fails when it is stale.\n\n";
 
 /// The Prometheus Operator's PrometheusRule, from the one rules file
 /// (dashboards/prometheus/ioasid-rules.yaml): its groups, indented under `spec`.
@@ -64,9 +94,17 @@ pub const PROMETHEUS_RULE: &str = "deploy/kubernetes/prometheusrule.yaml";
 pub const RULES: &str = "dashboards/prometheus/ioasid-rules.yaml";
 
 pub fn write(root: &Path) -> Result<()> {
-    let path = root.join("README.md");
-    let readme = std::fs::read_to_string(&path)?;
-    std::fs::write(&path, render(&readme)?)?;
+    let path = root.join(KERNELS);
+    let kernels = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, render(&kernels)?)?;
+    eprintln!("xtask: {} regenerated", path.display());
+    let path = root.join("docs/metrics.md");
+    let metrics = std::fs::read_to_string(&path)?;
+    let table = agent_reference(root, "metrics")?;
+    std::fs::write(&path, replace_block(&metrics, METRICS_BEGIN, METRICS_END, &table)?)?;
+    eprintln!("xtask: {} regenerated", path.display());
+    let path = root.join("docs/cli.md");
+    std::fs::write(&path, format!("{CLI_HEAD}{}", agent_reference(root, "cli")?))?;
     eprintln!("xtask: {} regenerated", path.display());
     let rules = std::fs::read_to_string(root.join(RULES))?;
     std::fs::write(root.join(PROMETHEUS_RULE), prometheus_rule(&rules))?;
@@ -79,13 +117,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readme_hook_table_is_current() {
+    fn hook_table_is_current() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let kernels = std::fs::read_to_string(root.join(KERNELS)).unwrap();
         assert_eq!(
-            render(&readme).unwrap(),
-            readme,
-            "the README's hook table is stale: run `cargo xtask docs`"
+            render(&kernels).unwrap(),
+            kernels,
+            "{KERNELS}'s hook table is stale: run `cargo xtask docs`"
         );
         assert_eq!(hook_table().lines().count(), HOOKS.len() + 2);
     }

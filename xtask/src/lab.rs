@@ -312,7 +312,7 @@ fn tests_script(
     } else {
         filter.push_str(&format!(" --skip {SNOOP_PREFIX}"));
     }
-    // The hook table of this kernel, for the README's kernel matrix.
+    // The hook table of this kernel, for the kernel matrix (docs/kernels.md).
     let _ = writeln!(
         s,
         "{} status --json > {}/status.json 2>/dev/null",
@@ -704,7 +704,7 @@ fn host_status(root: &Path) -> (String, String, serde_json::Value) {
 const MATRIX_BEGIN: &str = "<!-- generated: kernel matrix (cargo xtask lab) -->";
 const MATRIX_END: &str = "<!-- end generated: kernel matrix -->";
 
-/// The README's kernel matrix, from each kernel's `status --json` as the lab saw it.
+/// The kernel matrix (docs/kernels.md), from each kernel's `status --json` as the lab saw it.
 fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Result<()> {
     let mut t = String::from(
         "| kernel | release | hooks attached | not attached (why) | ioctl path | enforcement | WBINVD cost source |\n|---|---|---|---|---|---|---|\n",
@@ -739,15 +739,12 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
             v["cost_source"].as_str().unwrap_or("?"),
         );
     }
-    let path = root.join("README.md");
-    let readme = std::fs::read_to_string(&path)?;
-    let (Some(a), Some(b)) = (readme.find(MATRIX_BEGIN), readme.find(MATRIX_END)) else {
-        bail!("README.md has no kernel matrix markers");
-    };
-    let new = format!("{}{MATRIX_BEGIN}\n{t}{}", &readme[..a], &readme[b..]);
-    if new != readme {
+    let path = root.join(crate::docs::KERNELS);
+    let doc = std::fs::read_to_string(&path)?;
+    let new = crate::docs::replace_block(&doc, MATRIX_BEGIN, MATRIX_END, &t)?;
+    if new != doc {
         std::fs::write(&path, new)?;
-        eprintln!("lab: README.md kernel matrix updated");
+        eprintln!("lab: {} kernel matrix updated", crate::docs::KERNELS);
     }
     Ok(())
 }

@@ -83,7 +83,7 @@ enum Task {
     },
     /// rustfmt check and clippy (warnings are errors) on the host crates.
     Lint,
-    /// Regenerate the README's generated sections (the hook table) from the code.
+    /// Regenerate the generated docs (hook table, metrics, CLI, PrometheusRule) from the code.
     Docs,
     /// Without the eBPF toolchain (hidden through IOASID_BPF_RUSTC/IOASID_BPF_LINKER): the
     /// workspace checks and the pure unit tests still build and pass (stub object).

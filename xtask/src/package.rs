@@ -87,6 +87,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         0o644,
     )?;
     put(&stage, &format!("/usr/share/doc/{NAME}/README.md"), &std::fs::read(root.join("README.md"))?, 0o644)?;
+    copy_dir(&stage, &root.join("docs"), &format!("/usr/share/doc/{NAME}/docs"))?;
     let installed_kb = dir_size(&stage)? / 1024;
     let control = format!(
         "Package: {NAME}\nVersion: {version}\nArchitecture: amd64\nMaintainer: ioasid developers <ioasid@localhost>\n\

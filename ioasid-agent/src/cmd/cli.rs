@@ -46,6 +46,45 @@ pub enum Command {
     Top(TopArgs),
     /// Evaluate recorded requests (an audit log or a `run --record` file) against a policy.
     Replay(ReplayArgs),
+    /// The reference documentation generated from the code (`cargo xtask docs` writes it to
+    /// docs/).
+    #[command(hide = true)]
+    Reference {
+        #[arg(value_enum)]
+        what: Reference,
+    },
+}
+
+/// What `reference` prints.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Reference {
+    /// The command line (docs/cli.md), from clap.
+    Cli,
+    /// Every metric family (docs/metrics.md), from the registry.
+    Metrics,
+}
+
+/// The command-line reference in Markdown: every (visible) subcommand's long help, as clap
+/// renders it at 100 columns, with environment values hidden (the output never depends on the
+/// machine it ran on).
+pub fn reference() -> String {
+    use clap::CommandFactory;
+    fn walk(cmd: &mut clap::Command, path: &str, out: &mut String) {
+        let mut cmd = std::mem::take(cmd).term_width(100).mut_args(|a| a.hide_env_values(true));
+        let name =
+            if path.is_empty() { cmd.get_name().to_string() } else { format!("{path} {}", cmd.get_name()) };
+        let help = cmd.render_long_help().to_string();
+        let help: Vec<&str> = help.lines().map(str::trim_end).collect();
+        out.push_str(&format!("## `{name}`\n\n```text\n{}\n```\n\n", help.join("\n").trim_end()));
+        for sub in cmd.get_subcommands_mut().filter(|c| !c.is_hide_set()) {
+            walk(sub, &name, out);
+        }
+    }
+    let mut out = String::new();
+    let mut cmd = Cli::command();
+    cmd.build();
+    walk(&mut cmd, "", &mut out);
+    out.trim_end().to_string() + "\n"
 }
 
 #[derive(Args, Debug)]

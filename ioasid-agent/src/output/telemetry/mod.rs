@@ -19,9 +19,71 @@ use prometheus::{
 pub use self::hist::CostSnapshot;
 use self::hist::HistCollector;
 
+/// One metric family as the reference documents it (docs/metrics.md, `cargo xtask docs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricDoc {
+    pub name: String,
+    pub kind: &'static str,
+    pub labels: Vec<String>,
+    pub help: String,
+}
+
+/// The kind of a collector, for the reference.
+trait Kind {
+    const KIND: &'static str;
+}
+
+macro_rules! kinds {
+    ($($t:ty => $k:literal),+ $(,)?) => { $(impl Kind for $t { const KIND: &'static str = $k; })+ };
+}
+
+kinds! {
+    IntCounterVec => "counter",
+    prometheus::CounterVec => "counter",
+    IntCounter => "counter",
+    IntGaugeVec => "gauge",
+    GaugeVec => "gauge",
+    IntGauge => "gauge",
+    HistCollector => "histogram",
+}
+
+/// A registry that also keeps each family's description, in registration order.
+struct Registrar {
+    registry: Registry,
+    docs: std::cell::RefCell<Vec<MetricDoc>>,
+}
+
+impl Registrar {
+    /// Registers a metric defined from constants: a failure is a programming error, which the
+    /// unit tests (every one builds a `Metrics`) catch.
+    fn register<M: Collector + Clone + Kind + 'static>(&self, m: Result<M, prometheus::Error>) -> M {
+        let m = m.expect("valid metric definition");
+        self.document(&m, M::KIND);
+        self.registry.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
+
+    fn document(&self, c: &dyn Collector, kind: &'static str) {
+        let mut docs = self.docs.borrow_mut();
+        for d in c.desc() {
+            // Counters are registered under their name without `_total`'s exposition suffix
+            // doubled: the name is what the exposition shows.
+            let kind = if kind == "gauge" && d.fq_name.ends_with("_total") { "counter" } else { kind };
+            docs.push(MetricDoc {
+                name: d.fq_name.clone(),
+                kind,
+                labels: d.variable_labels.clone(),
+                help: d.help.clone(),
+            });
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    /// Every family's description, for the reference (docs/metrics.md).
+    pub docs: Arc<Vec<MetricDoc>>,
     /// contract: guest WBINVD executions, path = exit | emulated.
     pub wbinvd_exits: IntCounterVec,
     /// contract: guest INVD executions, path = exit | emulated.
@@ -86,18 +148,18 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let r = Registrar { registry: Registry::new(), docs: Default::default() };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, IntCounterVec::new(Opts::new(name, help), labels))
+            r.register(IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
+            r.register(IntGaugeVec::new(Opts::new(name, help), labels))
         };
         let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, GaugeVec::new(Opts::new(name, help), labels))
+            r.register(GaugeVec::new(Opts::new(name, help), labels))
         };
-        let counter = |name: &str, help: &str| register(&registry, IntCounter::new(name, help));
-        let gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help));
+        let counter = |name: &str, help: &str| r.register(IntCounter::new(name, help));
+        let gauge = |name: &str, help: &str| r.register(IntGauge::new(name, help));
         let m = Self {
             wbinvd_exits: counter_vec(
                 "ioasid_wbinvd_exits_total",
@@ -195,8 +257,7 @@ impl Metrics {
                 "Runs of each attached kernel program (with --bpf-stats).",
                 &["hook"],
             ),
-            program_run_seconds: register(
-                &registry,
+            program_run_seconds: r.register(
                 prometheus::CounterVec::new(
                     Opts::new(
                         "ioasid_program_run_seconds_total",
@@ -210,8 +271,7 @@ impl Metrics {
                 "WBINVD flush IPIs that interrupted this VM's vCPU threads (vm=\"host\": any other process), the flusher's own CPU excluded. Absent where the kernel lacks the hooks (status says why).",
                 &["vm"],
             ),
-            wbinvd_stolen_seconds: register(
-                &registry,
+            wbinvd_stolen_seconds: r.register(
                 prometheus::CounterVec::new(
                     Opts::new(
                         "ioasid_wbinvd_stolen_seconds_total",
@@ -242,7 +302,7 @@ impl Metrics {
             ),
             cost: {
                 let (collector, snap) = HistCollector::new();
-                register(&registry, Ok(collector));
+                r.register(Ok(collector));
                 snap
             },
             wbinvd_flushes: counter_vec(
@@ -272,15 +332,17 @@ impl Metrics {
                 "1 for the program family serving the ioctl path: lsm (no syscall tracepoint), tp-btf or tracepoint.",
                 &["family"],
             ),
-            registry,
+            registry: r.registry.clone(),
+            docs: Arc::new(Vec::new()),
         };
         // The agent's own health: CPU, resident memory, open fds against the limit, threads,
         // start time (process_* series, the common names).
-        if let Err(e) =
-            m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-        {
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        r.document(&process, "gauge");
+        if let Err(e) = m.registry.register(Box::new(process)) {
             tracing::warn!(error = %e, "the process collector could not be registered");
         }
+        let m = Metrics { docs: Arc::new(r.docs.into_inner()), ..m };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
@@ -301,12 +363,16 @@ impl Metrics {
     }
 }
 
-/// Registers a metric defined from constants: a failure is a programming error, which the unit
-/// tests (every one builds a `Metrics`) catch.
-fn register<M: Collector + Clone + 'static>(registry: &Registry, m: Result<M, prometheus::Error>) -> M {
-    let m = m.expect("valid metric definition");
-    registry.register(Box::new(m.clone())).expect("unique metric");
-    m
+/// The metrics reference: every family the agent exports, as a Markdown table (docs/metrics.md
+/// holds it between markers; `cargo xtask docs` rewrites it, a test fails when it is stale).
+pub fn reference() -> String {
+    let mut out = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+    for d in Metrics::new().docs.iter() {
+        let labels: Vec<String> = d.labels.iter().map(|l| format!("`{l}`")).collect();
+        let help = d.help.replace('|', "\\|");
+        out.push_str(&format!("| `{}` | {} | {} | {help} |\n", d.name, d.kind, labels.join(", ")));
+    }
+    out
 }
 
 impl Default for Metrics {
