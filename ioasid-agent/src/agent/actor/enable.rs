@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use ioasid_common::events::Coherency;
+use ioasid_common::{events::Coherency, verdict::Mechanism};
 
 use super::Actor;
 use crate::{
@@ -12,11 +12,18 @@ use crate::{
     engine::policy::Action,
     engine::ports::Kernel,
     engine::record::Outcome,
-    host::sys::monotonic_ns,
+    host::procfs::ProcessInfo,
+    host::sys::{monotonic_ns, Signal},
     host::vfio,
     util::text::escape,
     util::time::rfc3339,
 };
+
+/// The process an enable is judged as, and why it could not be classified if it could not.
+struct Subject {
+    info: ProcessInfo,
+    unclassified: Option<String>,
+}
 
 /// How long a stopped VMM whose /proc cannot be read is held unjudged before it is denied.
 pub const UNCLASSIFIED_LIMIT_NS: u64 = 5_000_000_000;
@@ -27,50 +34,7 @@ impl<K: Kernel> Actor<K> {
     /// record first (its event, or the recovery of a lost one); the other finds it taken.
     pub(super) fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
         let tgid = req.origin.tgid;
-        let mut unclassified = None;
-        let info = match req.judged {
-            KernelJudged::Ask => {
-                // The kernel stopped the process: judge it on what it is now. When its /proc
-                // cannot be read (no fds or memory left), it is never judged by a fallback
-                // identity: its ask stays open in the kernel and is retried from the record
-                // each sweep; past UNCLASSIFIED_LIMIT_NS it is denied (fail closed).
-                let fresh = self.set.procfs.info(tgid);
-                let unreadable = match &fresh {
-                    Err(e) if req.ask_recorded && !e.is_gone() => Some(e.to_string()),
-                    _ => None,
-                };
-                if let Some(e) = unreadable {
-                    let age = monotonic_ns().saturating_sub(req.origin.ktime_ns);
-                    let open = self
-                        .kernel
-                        .asks()
-                        .iter()
-                        .any(|(t, a)| *t == tgid && a.ktime_ns == req.origin.ktime_ns);
-                    if open && age < UNCLASSIFIED_LIMIT_NS {
-                        tracing::warn!(pid = tgid, error = %e, "cannot read a stopped VMM's /proc: holding it unjudged, retried from the kernel's ask record");
-                        return;
-                    }
-                    unclassified =
-                        Some(format!("{e}; still after {} s", UNCLASSIFIED_LIMIT_NS / 1_000_000_000));
-                }
-                if req.ask_recorded && !self.kernel.take_ask(tgid, req.origin.ktime_ns) {
-                    tracing::debug!(
-                        pid = tgid,
-                        "a stopped VMM's request was already decided: its late event is ignored"
-                    );
-                    return;
-                }
-                match fresh {
-                    Ok(info) => {
-                        self.acct.replace(info.clone());
-                        self.write_verdict(&info);
-                        info
-                    }
-                    Err(_) => self.classify(tgid, &req.origin.comm),
-                }
-            }
-            KernelJudged::Verdict { .. } | KernelJudged::Observed => self.classify(tgid, &req.origin.comm),
-        };
+        let Some(Subject { info, unclassified }) = self.subject(req) else { return };
         let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
         let cx = enforce::Context {
             policy: &self.policy.policy,
@@ -83,24 +47,71 @@ impl<K: Kernel> Actor<K> {
             tracing::error!(pid = tgid, error = %why, "a stopped VMM could not be classified: denied (fail closed)");
             j = enforce::fail_closed(j, why);
         }
-        if !self.set.enforce && j.followup == Some(crate::host::sys::Signal::Kill) {
+        if !self.set.enforce && j.followup == Some(Signal::Kill) {
             // A dry run enforces nothing: a VMM stopped for a decision (a previous, enforcing
             // agent's ask) is resumed, and one that was let through is left alone.
-            let stopped = req.mechanism == ioasid_common::verdict::Mechanism::StopAsk && req.signal_sent;
-            j.followup = stopped.then_some(crate::host::sys::Signal::Cont);
+            let stopped = req.mechanism == Mechanism::StopAsk && req.signal_sent;
+            j.followup = stopped.then_some(Signal::Cont);
             j.record.outcome = Outcome::NotEnforced;
             j.record.reason = Some("dry run: denied by the policy, not enforced".into());
         }
-        let mut record = j.record;
         if let Some(note) = note.filter(|_| unclassified.is_none()) {
-            record.reason = Some(note.to_string());
+            j.record.reason = Some(note.to_string());
         }
         if let Some(sig) = j.followup {
             if let Err(e) = self.kernel.signal(tgid, sig) {
-                record.outcome = Outcome::Gone;
-                record.reason = Some(format!("{sig:?}: {e}"));
+                j.record.outcome = Outcome::Gone;
+                j.record.reason = Some(format!("{sig:?}: {e}"));
             }
         }
+        self.account(tgid, &info, j);
+    }
+
+    /// Who asks, as the policy must see them: for a stopped VMM (an ask), what it is now, read
+    /// afresh. None when there is nothing to decide now: its /proc cannot be read yet (its ask
+    /// stays open in the kernel and is retried from the record each sweep, until
+    /// UNCLASSIFIED_LIMIT_NS, then it is denied: fail closed, never a fallback identity), or
+    /// its request was already decided.
+    fn subject(&mut self, req: &EnableRequest) -> Option<Subject> {
+        let tgid = req.origin.tgid;
+        if !matches!(req.judged, KernelJudged::Ask) {
+            return Some(Subject { info: self.classify(tgid, &req.origin.comm), unclassified: None });
+        }
+        let fresh = self.set.procfs.info(tgid);
+        let mut unclassified = None;
+        if let (Err(e), true) = (&fresh, req.ask_recorded) {
+            if !e.is_gone() {
+                let age = monotonic_ns().saturating_sub(req.origin.ktime_ns);
+                let open =
+                    self.kernel.asks().iter().any(|(t, a)| *t == tgid && a.ktime_ns == req.origin.ktime_ns);
+                if open && age < UNCLASSIFIED_LIMIT_NS {
+                    tracing::warn!(pid = tgid, error = %e, "cannot read a stopped VMM's /proc: holding it unjudged, retried from the kernel's ask record");
+                    return None;
+                }
+                unclassified = Some(format!("{e}; still after {} s", UNCLASSIFIED_LIMIT_NS / 1_000_000_000));
+            }
+        }
+        if req.ask_recorded && !self.kernel.take_ask(tgid, req.origin.ktime_ns) {
+            tracing::debug!(
+                pid = tgid,
+                "a stopped VMM's request was already decided: its late event is ignored"
+            );
+            return None;
+        }
+        let info = match fresh {
+            Ok(info) => {
+                self.acct.replace(info.clone());
+                self.write_verdict(&info);
+                info
+            }
+            Err(_) => self.classify(tgid, &req.origin.comm),
+        };
+        Some(Subject { info, unclassified })
+    }
+
+    /// Counts a decided enable, marks the VM non-coherent if a non-coherent file was really
+    /// added, and writes its record.
+    fn account(&mut self, tgid: u32, info: &ProcessInfo, j: enforce::Judgement) {
         self.series.file_add(&info.vm, j.coherency);
         if let Some(action) = j.action {
             self.series.request(&info.vm, action.into());
@@ -112,14 +123,14 @@ impl<K: Kernel> Actor<K> {
         // A device the IOMMU does not keep coherent was really added: from now on KVM really
         // executes this VM's WBINVD. (Where the registration fentry hooks load, the kernel
         // also says so itself.)
-        let added = record.ret == Some(0) && j.action != Some(Action::Deny);
+        let added = j.record.ret == Some(0) && j.action != Some(Action::Deny);
         if added && j.coherency == Coherency::Noncoherent {
             self.mark_noncoherent(tgid);
         }
         if let Some(r) = &self.record {
-            r.record_quiet(record.clone());
+            r.record_quiet(j.record.clone());
         }
-        self.audit.record(record);
+        self.audit.record(j.record);
     }
 
     /// Decides for processes the kernel stopped to ask whose event never arrived (ring buffer

@@ -8,7 +8,7 @@ mod enable;
 mod tests;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -17,9 +17,10 @@ use ioasid_common::counters::{Op, Path, Stat};
 use crate::{
     engine::accounting::Accounting,
     engine::events::Event,
+    engine::policy::Budget,
     engine::policy::{PolicyStore, StormAction},
     engine::ports::{Kernel, Stats},
-    engine::record::StormOutcome,
+    engine::record::{BlastRecord, RecordKind, StormOutcome, VmIdentity},
     engine::storm::{self, Detector, StormChange, Transition},
     host::procfs::{ProcFs, ProcessInfo},
     host::vfio::{self, SysFs, VfioKind},
@@ -72,8 +73,6 @@ pub struct Actor<K: Kernel> {
     throttler: Option<crate::throttle::Throttler>,
     /// Blast radius (None: the kernel lacks the hooks; its series stay absent).
     blast: Option<crate::engine::blast::Blast>,
-    /// The flusher labels of each victim's `ioasid_wbinvd_victim_flusher_seconds` series.
-    hurt_by_series: HashMap<String, Vec<String>>,
 }
 
 /// What the kernel captured of a process at VM creation, as the agent knows processes (for one
@@ -106,7 +105,6 @@ impl<K: Kernel> Actor<K> {
             started_ns: crate::host::sys::monotonic_ns(),
             throttler: None,
             blast: None,
-            hurt_by_series: HashMap::new(),
         };
         actor.export_policy_info();
         actor
@@ -446,58 +444,44 @@ impl<K: Kernel> Actor<K> {
         let totals = self.kernel.blast();
         let procs = &self.acct.procs;
         let d = blast.update(&totals, now, |t| procs.get(&t).map(|p| p.info.vm.clone()));
-        let m = &self.metrics;
-        for (vm, n) in &d.sent {
-            m.wbinvd_ipis_sent.with_label_values(&[vm]).inc_by(*n);
-        }
-        for (vm, n) in &d.received {
-            m.wbinvd_ipis_received.with_label_values(&[vm]).inc_by(*n);
-        }
-        for (vm, ns) in &d.stolen_ns {
-            m.wbinvd_stolen_seconds.with_label_values(&[vm]).inc_by(*ns as f64 / 1e9);
-        }
+        self.series.blast(&d);
         // Each live VM (its victim counters created with its series): its stolen share against
         // its budget.
-        let mut budgets: std::collections::BTreeMap<&str, &crate::engine::policy::Budget> =
-            Default::default();
+        let mut budgets: BTreeMap<&str, &Budget> = BTreeMap::new();
         for p in procs.values().filter(|p| p.alive()) {
             budgets.entry(p.info.vm.as_str()).or_insert(&p.budget);
         }
         blast.retain_vms(|vm| budgets.contains_key(vm));
         for (vm, b) in &budgets {
             let ratio = blast.stolen_ratio(vm, now, b.window.max(Duration::from_secs(1)));
-            m.wbinvd_victim_stolen_ratio.with_label_values(&[vm]).set(ratio);
-            let over = m.wbinvd_victim_over_budget.with_label_values(&[vm]);
-            let now_over = ratio > b.victim_stolen_ratio;
-            if now_over && over.get() == 0 {
+            if self.series.victim_share(vm, ratio, b.victim_stolen_ratio) {
                 tracing::warn!(vm = %escape(vm), stolen_ratio = ratio, budget = b.victim_stolen_ratio, "a VM loses more than its budget to other VMs' WBINVD flushes");
             }
-            over.set(i64::from(now_over));
         }
         // Who hurt whom, per victim: its top flushers over its last window, as bounded series.
         let window_of_vm = |vm: &str| budgets.get(vm).map_or(Duration::from_secs(1), |b| b.window);
         for (victim, top) in blast.hurt_by_due(now, window_of_vm) {
-            let g = &m.wbinvd_victim_flusher_seconds;
-            for old in self.hurt_by_series.remove(&victim).unwrap_or_default() {
-                let _ = g.remove_label_values(&[&victim, &old]);
-            }
-            for (flusher, secs) in &top {
-                g.with_label_values(&[&victim, flusher]).set(*secs);
-            }
-            if !top.is_empty() {
-                self.hurt_by_series.insert(victim, top.into_iter().map(|(f, _)| f).collect());
-            }
+            self.series.hurt_by(&victim, &top);
         }
+        self.blast_records(now);
+        if full {
+            self.forget_gone_blast();
+        }
+    }
+
+    /// A `wbinvd-blast` record for each flusher whose window is due (one that exited is reported
+    /// from what was kept of it).
+    fn blast_records(&mut self, now: Instant) {
+        let Some(blast) = self.blast.as_mut() else { return };
         let acct = &self.acct;
         for w in blast.due(now, |t| acct.find(t).map_or(Duration::from_secs(1), |p| p.budget.window)) {
-            // A flusher that exited is reported from what was kept of it.
             let Some(p) = acct.find(w.tgid) else { continue };
-            let rec = crate::output::audit::BlastRecord {
-                event: crate::output::audit::RecordKind::WbinvdBlast,
+            let rec = BlastRecord {
+                event: RecordKind::WbinvdBlast,
                 time: rfc3339(SystemTime::now()),
                 host: self.set.host.clone(),
                 vm: w.vm,
-                identity: crate::output::audit::VmIdentity::of(&p.info),
+                identity: VmIdentity::of(&p.info),
                 pid: w.tgid,
                 window_seconds: w.window.as_secs_f64(),
                 ipis_sent: w.ipis_sent,
@@ -506,16 +490,20 @@ impl<K: Kernel> Actor<K> {
             };
             self.audit.write(&rec);
         }
-        if full {
-            let gone: Vec<u32> = blast
-                .host_victims(|t| procs.contains_key(&t))
-                .into_iter()
-                .filter(|t| !self.set.procfs.exists(*t))
-                .collect();
-            for t in gone {
-                let keys = blast.forget(t);
-                self.kernel.forget_blast(&keys);
-            }
+    }
+
+    /// Drops the blast-radius keys of host processes that are gone (their totals are final).
+    fn forget_gone_blast(&mut self) {
+        let Some(blast) = self.blast.as_mut() else { return };
+        let procs = &self.acct.procs;
+        let gone: Vec<u32> = blast
+            .host_victims(|t| procs.contains_key(&t))
+            .into_iter()
+            .filter(|t| !self.set.procfs.exists(*t))
+            .collect();
+        for t in gone {
+            let keys = blast.forget(t);
+            self.kernel.forget_blast(&keys);
         }
     }
 

@@ -59,11 +59,20 @@ pub struct VmSeries {
     infos: HashMap<String, [String; 6]>,
     /// Blast radius is measured: each VM's victim counters exist too.
     blast: bool,
+    /// Each victim VM's "hurt by" series: the flushers it names now.
+    hurt_by: HashMap<String, Vec<String>>,
 }
 
 impl VmSeries {
     pub fn new(metrics: Metrics) -> Self {
-        Self { metrics, exported: HashMap::new(), vms: BTreeSet::new(), infos: HashMap::new(), blast: false }
+        Self {
+            metrics,
+            exported: HashMap::new(),
+            vms: BTreeSet::new(),
+            infos: HashMap::new(),
+            blast: false,
+            hurt_by: HashMap::new(),
+        }
     }
 
     /// Blast radius is measured here: from now on a VM's victim counters are created with it.
@@ -177,6 +186,45 @@ impl VmSeries {
         }
     }
 
+    /// Blast radius since the last sweep: IPIs sent and received and time stolen, per VM.
+    pub fn blast(&mut self, d: &crate::engine::blast::Delta) {
+        let m = &self.metrics;
+        for (vm, n) in &d.sent {
+            m.wbinvd_ipis_sent.with_label_values(&[vm]).inc_by(*n);
+        }
+        for (vm, n) in &d.received {
+            m.wbinvd_ipis_received.with_label_values(&[vm]).inc_by(*n);
+        }
+        for (vm, ns) in &d.stolen_ns {
+            m.wbinvd_stolen_seconds.with_label_values(&[vm]).inc_by(*ns as f64 / 1e9);
+        }
+    }
+
+    /// A VM's share of time stolen by other VMs' flushes against its budget; true when it has
+    /// just gone over.
+    pub fn victim_share(&mut self, vm: &str, ratio: f64, budget: f64) -> bool {
+        self.metrics.wbinvd_victim_stolen_ratio.with_label_values(&[vm]).set(ratio);
+        let over = self.metrics.wbinvd_victim_over_budget.with_label_values(&[vm]);
+        let now_over = ratio > budget;
+        let went_over = now_over && over.get() == 0;
+        over.set(i64::from(now_over));
+        went_over
+    }
+
+    /// Who hurt whom: the victim's top flushers over its last window replace the ones it named.
+    pub fn hurt_by(&mut self, victim: &str, top: &[(String, f64)]) {
+        let g = &self.metrics.wbinvd_victim_flusher_seconds;
+        for old in self.hurt_by.remove(victim).unwrap_or_default() {
+            let _ = g.remove_label_values(&[victim, &old]);
+        }
+        for (flusher, secs) in top {
+            g.with_label_values(&[victim, flusher]).set(*secs);
+        }
+        if !top.is_empty() {
+            self.hurt_by.insert(victim.to_string(), top.iter().map(|(f, _)| f.clone()).collect());
+        }
+    }
+
     /// Removes every series of `vm`.
     pub fn forget(&mut self, vm: &str) {
         let m = &self.metrics;
@@ -203,6 +251,9 @@ impl VmSeries {
         let _ = m.wbinvd_ipis_sent.remove_label_values(&[vm]);
         let _ = m.wbinvd_victim_stolen_ratio.remove_label_values(&[vm]);
         let _ = m.wbinvd_victim_over_budget.remove_label_values(&[vm]);
+        for flusher in self.hurt_by.remove(vm).unwrap_or_default() {
+            let _ = m.wbinvd_victim_flusher_seconds.remove_label_values(&[vm, &flusher]);
+        }
         if let Some(old) = self.infos.remove(vm) {
             let _ = m.vm_info.remove_label_values(&old.each_ref().map(String::as_str));
         }
