@@ -14,6 +14,8 @@ mod support;
 
 use std::{os::unix::process::ExitStatusExt, process::Command, time::Duration};
 
+use ioasid_agent::engine::policy::{Action, PolicyFile};
+
 use support::*;
 
 fn policy(prefix: &str) -> String {
@@ -758,8 +760,10 @@ fn a_learned_policy_replays_what_ran_and_denies_the_rest() {
     };
     run(&["policy", "learn", log.to_str().unwrap(), "--out", learned.to_str().unwrap()]);
     let yaml = std::fs::read_to_string(&learned).unwrap();
+    let policy = learned_policy(&yaml);
     assert!(
-        yaml.contains(&format!("vm: \"{prefix}-gpu-*\"")) && yaml.contains("incoherent_dma: deny"),
+        policy.rules.iter().any(|r| r.matcher.vm.as_deref() == Some(&format!("{prefix}-gpu-*")))
+            && policy.default.incoherent_dma == Action::Deny,
         "{yaml}"
     );
     assert!(run(&["policy", "check", learned.to_str().unwrap()]).contains("valid: 1 rule(s)"));
@@ -823,5 +827,14 @@ fn learning_live_follows_the_log_across_a_rotation() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("learned from 3 enables"), "one before the watch, two during it: {text}");
     let yaml = std::fs::read_to_string(&learned).unwrap();
-    assert!(yaml.contains(&format!("vm: \"{prefix}-gpu-*\"")), "{yaml}");
+    let policy = learned_policy(&yaml);
+    assert!(
+        policy.rules.iter().any(|r| r.matcher.vm.as_deref() == Some(&format!("{prefix}-gpu-*"))),
+        "{yaml}"
+    );
+}
+
+/// A learned policy file, read with the agent's own policy file types.
+fn learned_policy(yaml: &str) -> PolicyFile {
+    serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"))
 }

@@ -15,8 +15,8 @@ use tokio::{
 
 use crate::{
     agent::actor::{Actor, Settings},
-    engine::events::Event,
     engine::policy::PolicyStore,
+    engine::{events::Event, ports::AskGate},
     host::instance::Instance,
     host::procfs::ProcFs,
     host::sys::hostname,
@@ -27,6 +27,7 @@ use crate::{
     output::audit::AuditLog,
     output::http,
     output::telemetry::Metrics,
+    throttle::{Cgroups, StateFile, Throttler},
 };
 
 const EVENT_QUEUE: usize = 4096;
@@ -108,28 +109,11 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     report_hooks(&loaded, &metrics, cfg.load.enforce);
     let bpf_stats = cfg.bpf_stats.then(enable_bpf_stats).flatten();
     let blast_on = loaded.blast_radius().is_ok();
-    let (mut kernel, events) = BpfKernel::new(loaded, bpf_stats.is_some())?;
+    let (mut kernel, rings) = BpfKernel::new(loaded, bpf_stats.is_some())?;
     ring::forward_kernel_log(kernel.ebpf_mut());
-
-    let listener =
-        TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
-    let local = listener.local_addr()?;
-    let (refresh_tx, mut refresh_rx) = mpsc::channel::<http::Refresh>(64);
-    let health = http::Health::new(cfg.sweep);
-    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), Arc::clone(&health)));
-    tracing::info!(listen = %local, "serving /metrics");
-    let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE);
-    let (on_events, on_decisions) = match faults.drop_events() {
-        true => (Overflow::DiscardAll, Overflow::DiscardAll),
-        false => (Overflow::DropNewest, Overflow::Wait),
-    };
-    ring::spawn_reader(events.events, ev_tx.clone(), metrics.clone(), on_events, Arc::clone(&health))
-        .context("polling the events ring buffer")?;
-    if !faults.stall_decisions() {
-        ring::spawn_reader(events.decisions, ev_tx, metrics.clone(), on_decisions, Arc::clone(&health))
-            .context("polling the decisions ring buffer")?;
-    }
-
+    let gate = ask_gate(&mut kernel);
+    let serving = serve(&cfg, &metrics).await?;
+    let mut ev_rx = read_rings(rings, &metrics, &serving.health, faults)?;
     let settings = Settings {
         procfs: ProcFs::default(),
         sysfs: SysFs::default(),
@@ -138,36 +122,15 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
         sweep_interval: cfg.sweep,
         enforce: cfg.load.enforce,
     };
-    let gate: Option<Arc<dyn crate::engine::ports::AskGate>> = match kernel.ask_gate() {
-        Ok(g) => Some(Arc::new(g)),
-        Err(e) => {
-            tracing::warn!(error = %e, "no second fd on the asks map: a duty cycle could continue a VMM stopped to ask, so duty-cycle throttling is off");
-            None
-        }
-    };
     let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
-    if blast_on {
-        actor.enable_blast();
-    } else {
-        tracing::info!("blast radius (victims of WBINVD flushes) unavailable: the kernel refused fentry/fexit wbinvd_ipi (see status); its series stay absent");
-    }
-    // Put back whatever a previous agent left throttled, before anything else can change.
-    actor.set_throttler(crate::throttle::Throttler::recover(
-        crate::throttle::StateFile::new(cfg.throttle_state.clone()),
-        crate::throttle::Cgroups::discover(),
-        gate,
-    ));
-    // Classify VMMs that were running before the agent started (every process holding a KVM
-    // VM fd, and any other the counters name), then decide every ask a previous agent left
-    // open (its VMM is stopped, waiting).
-    actor.discover();
-    actor.sweep();
-    actor.recover_asks(0);
+    start_actor(&mut actor, &cfg, blast_on, gate);
     if let Some(path) = &cfg.ready_file {
-        std::fs::write(path, local.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serving.local.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
+    let Serving { health, mut refresh, .. } = serving;
     health.set_ready(true);
-    event_loop(&mut actor, &mut ev_rx, &mut refresh_rx, cfg.sweep, &health, signals).await?;
+    event_loop(&mut actor, &mut ev_rx, &mut refresh, cfg.sweep, &health, signals).await?;
     health.set_ready(false);
     // Queued events first, then any ask still open: no VMM stays stopped behind a restart.
     while let Ok(ev) = ev_rx.try_recv() {
@@ -177,6 +140,84 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     actor.release_throttles();
     tracing::info!("shutting down: detaching every hook");
     Ok(())
+}
+
+/// The HTTP endpoint, serving: where it listens, its probes, and the actor's side of scrape
+/// refreshes.
+struct Serving {
+    local: SocketAddr,
+    health: Arc<http::Health>,
+    refresh: mpsc::Receiver<http::Refresh>,
+}
+
+async fn serve(cfg: &RunConfig, metrics: &Metrics) -> Result<Serving> {
+    let listener =
+        TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    let (refresh_tx, refresh) = mpsc::channel::<http::Refresh>(64);
+    let health = http::Health::new(cfg.sweep);
+    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), Arc::clone(&health)));
+    tracing::info!(listen = %local, "serving /metrics");
+    Ok(Serving { local, health, refresh })
+}
+
+/// Starts the readers of both kernel rings into one queue for the actor.
+fn read_rings(
+    rings: crate::kernel::Rings,
+    metrics: &Metrics,
+    health: &Arc<http::Health>,
+    faults: Faults,
+) -> Result<mpsc::Receiver<Event>> {
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let (on_events, on_decisions) = match faults.drop_events() {
+        true => (Overflow::DiscardAll, Overflow::DiscardAll),
+        false => (Overflow::DropNewest, Overflow::Wait),
+    };
+    ring::spawn_reader(rings.events, ev_tx.clone(), metrics.clone(), on_events, Arc::clone(health))
+        .context("polling the events ring buffer")?;
+    if !faults.stall_decisions() {
+        ring::spawn_reader(rings.decisions, ev_tx, metrics.clone(), on_decisions, Arc::clone(health))
+            .context("polling the decisions ring buffer")?;
+    }
+    Ok(ev_rx)
+}
+
+/// A second fd on the asks map for the duty-cycle threads, or None (then no duty cycle).
+fn ask_gate(kernel: &mut BpfKernel) -> Option<Arc<dyn AskGate>> {
+    match kernel.ask_gate() {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no second fd on the asks map: a duty cycle could continue a VMM stopped to ask, so duty-cycle throttling is off");
+            None
+        }
+    }
+}
+
+/// Before the first event: blast radius on or off, throttles a previous agent left put back,
+/// the VMMs already running classified, and every ask a previous agent left open decided.
+fn start_actor(
+    actor: &mut Actor<BpfKernel>,
+    cfg: &RunConfig,
+    blast_on: bool,
+    gate: Option<Arc<dyn AskGate>>,
+) {
+    if blast_on {
+        actor.enable_blast();
+    } else {
+        tracing::info!("blast radius (victims of WBINVD flushes) unavailable: the kernel refused fentry/fexit wbinvd_ipi (see status); its series stay absent");
+    }
+    // Put back whatever a previous agent left throttled, before anything else can change.
+    actor.set_throttler(Throttler::recover(
+        StateFile::new(cfg.throttle_state.clone()),
+        Cgroups::discover(),
+        gate,
+    ));
+    // Classify VMMs that were running before the agent started (every process holding a KVM
+    // VM fd, and any other the counters name), then decide every ask a previous agent left
+    // open (its VMM is stopped, waiting).
+    actor.discover();
+    actor.sweep();
+    actor.recover_asks(0);
 }
 
 /// One message at a time until SIGTERM or SIGINT: events, scrape refreshes, sweeps, policy

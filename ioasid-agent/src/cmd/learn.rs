@@ -9,15 +9,17 @@
 //! the margin. The result is checked before it is written: it parses, and every learned request
 //! replays to its recorded decision.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use super::replay::{decision, read_lines};
 use crate::{
     engine::enforce,
-    engine::policy::Policy,
-    output::audit::{AuditRecord, Decision, StormRecord},
+    engine::policy::{
+        Action, BudgetFile, DefaultSection, MatchFile, Policy, RuleFile, Uids, UnknownCoherency,
+    },
+    output::audit::{AuditRecord, Decision, RecordKind, StormRecord},
 };
 
 #[derive(Default)]
@@ -52,8 +54,108 @@ fn pattern(values: &[String]) -> Option<String> {
     (!prefix.is_empty()).then(|| format!("{}*", globset::escape(prefix)))
 }
 
-fn quoted(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+/// A comment line of the learned file: free text (VM names, paths: anyone's choice) escaped to
+/// one line, so it can never end the comment and become YAML.
+fn comment(indent: &str, text: &str) -> String {
+    format!("{indent}# {}\n", crate::util::text::escape(text))
+}
+
+/// YAML of a value, from the policy file's own types (serde), indented.
+fn yaml<T: serde::Serialize>(v: &T, indent: &str) -> Result<String> {
+    let text = serde_norway::to_string(v).context("serialising the learned policy")?;
+    Ok(text.lines().map(|l| format!("{indent}{l}\n")).collect())
+}
+
+/// The learned policy file: serialised from `PolicyFile`'s types, one rule per group, each
+/// preceded by comments on what it saw.
+fn render(
+    logs: &[PathBuf],
+    records: &[AuditRecord],
+    denied: usize,
+    bad: usize,
+    groups: &mut BTreeMap<(String, u32), Group>,
+    margin: f64,
+) -> Result<String> {
+    let sources = logs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let skipped = if bad > 0 { format!(", {bad} unreadable line(s) skipped") } else { String::new() };
+    let mut y = comment(
+        "",
+        &format!(
+            "Learned by `ioasid-agent policy learn` from {sources} ({} enables let through, {denied} denied ones not learned{skipped}).",
+            records.len()
+        ),
+    );
+    y += &comment(
+        "",
+        "Review before enforcing: every rule lets through what it saw; anything else is denied.",
+    );
+    let default = DefaultSection {
+        incoherent_dma: Action::Deny,
+        unknown_coherency: UnknownCoherency::Judge,
+        wbinvd: BudgetFile::default(),
+    };
+    y += "default:\n";
+    y += &yaml(&default, "  ")?;
+    y += "rules:\n";
+    for (i, ((exe, uid), g)) in groups.iter_mut().enumerate() {
+        let (rule, notes) = learned_rule(i, exe, *uid, g, margin);
+        for note in notes {
+            y += &comment("  ", &note);
+        }
+        y += &yaml(&vec![rule], "  ")?;
+    }
+    Ok(y)
+}
+
+/// One group's rule, and the comments that explain it.
+fn learned_rule(i: usize, exe: &str, uid: u32, g: &mut Group, margin: f64) -> (RuleFile, Vec<String>) {
+    g.devices.sort();
+    g.devices.dedup();
+    let mut vms = g.vms.clone();
+    vms.sort();
+    vms.dedup();
+    let mut notes = vec![format!(
+        "{} enable(s) ({} allowed, {} audited) by {} VM(s): {}",
+        g.allowed + g.audited,
+        g.allowed,
+        g.audited,
+        vms.len(),
+        vms.iter().take(8).cloned().collect::<Vec<_>>().join(", ") + if vms.len() > 8 { ", ..." } else { "" }
+    )];
+    let matcher = MatchFile {
+        vm: pattern(&vms),
+        cgroup: pattern(&g.cgroups),
+        exe: (!exe.is_empty()).then(|| globset::escape(exe)),
+        uid: Some(Uids::One(uid)),
+    };
+    let devices = if g.any_device {
+        notes.push("some enables named no PCI device (not a resolved VFIO file): any device".into());
+        None
+    } else {
+        Some(g.devices.iter().map(|d| globset::escape(d)).collect())
+    };
+    let wbinvd = match g.peak_rate {
+        Some(peak) => {
+            notes.push(format!(
+                "the highest WBINVD storm rate recorded for these VMs: {peak:.0}/s, plus {:.0} %",
+                margin * 100.0
+            ));
+            Some(BudgetFile { rate: Some((peak * (1.0 + margin)).ceil()), ..BudgetFile::default() })
+        }
+        None => {
+            notes.push("no WBINVD storm recorded for these VMs: the default budget applies".into());
+            None
+        }
+    };
+    let rule = RuleFile {
+        name: format!("learned-{}", i + 1),
+        matcher,
+        incoherent_dma: Some(if g.audited > 0 { Action::Audit } else { Action::Allow }),
+        unknown_coherency: None,
+        devices,
+        wbinvd,
+    };
+    (rule, notes)
 }
 
 pub struct Learned {
@@ -62,43 +164,50 @@ pub struct Learned {
     pub denied: usize,
 }
 
-pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
-    if !(margin.is_finite() && (0.0..=10.0).contains(&margin)) {
-        bail!("--margin must be between 0 and 10 (0.5 = 50 % above the observed peak)");
-    }
-    let mut groups: BTreeMap<(String, u32), Group> = BTreeMap::new();
-    let mut records: Vec<AuditRecord> = Vec::new();
-    let mut storms: Vec<StormRecord> = Vec::new();
-    let (mut denied, mut bad) = (0usize, 0usize);
+/// What the logs hold: the enables let through, the storms, and how many were denied or
+/// unreadable.
+#[derive(Default)]
+struct Logs {
+    records: Vec<AuditRecord>,
+    storms: Vec<StormRecord>,
+    denied: usize,
+    bad: usize,
+}
+
+fn collect(logs: &[PathBuf]) -> Result<Logs> {
+    let mut c = Logs::default();
     for path in logs {
         let (lines, unreadable) = read_lines(path)?;
-        bad += unreadable;
+        c.bad += unreadable;
         for line in &lines {
-            if line.value.get("event").and_then(|e| e.as_str()) == Some("wbinvd-storm") {
+            if line.value.get("event").and_then(|e| e.as_str()) == Some(RecordKind::WbinvdStorm.label()) {
                 if let Ok(s) = serde_json::from_value::<StormRecord>(line.value.clone()) {
-                    storms.push(s);
+                    c.storms.push(s);
                 }
                 continue;
             }
             match decision(line) {
-                Ok(Some(r)) if r.decision == Decision::Denied => denied += 1,
-                Ok(Some(r)) => records.push(r),
+                Ok(Some(r)) if r.decision == Decision::Denied => c.denied += 1,
+                Ok(Some(r)) => c.records.push(r),
                 Ok(None) => {}
                 Err(e) => {
-                    bad += 1;
+                    c.bad += 1;
                     eprintln!("{}:{}: not a recorded request: {e}", path.display(), line.number);
                 }
             }
         }
     }
-    if records.is_empty() {
-        bail!("no incoherent-DMA enable that was let through in {logs:?}: nothing to learn");
-    }
-    for r in &records {
+    Ok(c)
+}
+
+/// The enables by (executable, uid), with the storms of their VMs.
+fn group(c: &Logs) -> BTreeMap<(String, u32), Group> {
+    let mut groups: BTreeMap<(String, u32), Group> = BTreeMap::new();
+    for r in &c.records {
         let g = groups.entry((r.exe.clone().unwrap_or_default(), r.uid)).or_default();
         g.vms.push(r.vm.clone());
-        if let Some(c) = &r.cgroup {
-            g.cgroups.push(c.clone());
+        if let Some(cg) = &r.cgroup {
+            g.cgroups.push(cg.clone());
         }
         match r.vfio.as_ref().map(|v| &v.devices).filter(|d| !d.is_empty()) {
             Some(d) => g.devices.extend(d.iter().cloned()),
@@ -109,77 +218,27 @@ pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
             _ => g.allowed += 1,
         }
     }
-    for s in &storms {
+    for s in &c.storms {
         if let Some(g) = groups.values_mut().find(|g| g.vms.contains(&s.vm)) {
             g.peak_rate = Some(g.peak_rate.map_or(s.rate, |p: f64| p.max(s.rate)));
         }
     }
-    let mut y = String::new();
-    let _ = writeln!(
-        y,
-        "# Learned by `ioasid-agent policy learn` from {} ({} enables let through, {} denied ones not \
-         learned{}).\n# Review before enforcing: every rule lets through what it saw; anything else is denied.",
-        logs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-        records.len(),
-        denied,
-        if bad > 0 { format!(", {bad} unreadable line(s) skipped") } else { String::new() }
-    );
-    y.push_str("default:\n  incoherent_dma: deny\n  unknown_coherency: judge\nrules:\n");
-    for (i, ((exe, uid), g)) in groups.iter_mut().enumerate() {
-        g.devices.sort();
-        g.devices.dedup();
-        let mut vms = g.vms.clone();
-        vms.sort();
-        vms.dedup();
-        let action = if g.audited > 0 { "audit" } else { "allow" };
-        let _ = writeln!(
-            y,
-            "  # {} enable(s) ({} allowed, {} audited) by {} VM(s): {}",
-            g.allowed + g.audited,
-            g.allowed,
-            g.audited,
-            vms.len(),
-            vms.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
-                + if vms.len() > 8 { ", ..." } else { "" }
-        );
-        let mut keys = Vec::new();
-        if let Some(p) = pattern(&vms) {
-            keys.push(format!("vm: {}", quoted(&p)));
-        }
-        if !exe.is_empty() {
-            keys.push(format!("exe: {}", quoted(&globset::escape(exe))));
-        }
-        if let Some(p) = pattern(&g.cgroups) {
-            keys.push(format!("cgroup: {}", quoted(&p)));
-        }
-        keys.push(format!("uid: {uid}"));
-        let _ = writeln!(
-            y,
-            "  - name: learned-{}\n    match: {{ {} }}\n    incoherent_dma: {action}",
-            i + 1,
-            keys.join(", ")
-        );
-        if g.any_device {
-            y.push_str("    # some enables named no PCI device (not a resolved VFIO file): any device\n");
-        } else {
-            let devices: Vec<String> = g.devices.iter().map(|d| quoted(&globset::escape(d))).collect();
-            let _ = writeln!(y, "    devices: [{}]", devices.join(", "));
-        }
-        match g.peak_rate {
-            Some(peak) => {
-                let _ = writeln!(
-                    y,
-                    "    # the highest WBINVD storm rate recorded for these VMs: {peak:.0}/s, plus {:.0} %\n    wbinvd: {{ rate: {:.0} }}",
-                    margin * 100.0,
-                    (peak * (1.0 + margin)).ceil()
-                );
-            }
-            None => y.push_str("    # no WBINVD storm recorded for these VMs: the default budget applies\n"),
-        }
+    groups
+}
+
+pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
+    if !(margin.is_finite() && (0.0..=10.0).contains(&margin)) {
+        bail!("--margin must be between 0 and 10 (0.5 = 50 % above the observed peak)");
     }
+    let c = collect(logs)?;
+    if c.records.is_empty() {
+        bail!("no incoherent-DMA enable that was let through in {logs:?}: nothing to learn");
+    }
+    let mut groups = group(&c);
+    let y = render(logs, &c.records, c.denied, c.bad, &mut groups, margin)?;
     // Checked before it is written: it parses, and each learned request replays unchanged.
     let policy = Policy::parse(&y, "<learned>").context("the learned policy does not parse (a bug)")?;
-    for r in &records {
+    for r in &c.records {
         let enforce::Replayed { decision: d, rule, .. } = enforce::replay(r, &policy);
         if d != r.decision {
             bail!(
@@ -189,7 +248,7 @@ pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
             );
         }
     }
-    Ok(Learned { yaml: y, learned: records.len(), denied })
+    Ok(Learned { yaml: y, learned: c.records.len(), denied: c.denied })
 }
 
 pub fn run(
@@ -311,6 +370,7 @@ pub fn watch(logs: &[PathBuf], d: std::time::Duration) -> Result<Collected> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::policy::PolicyFile;
 
     fn line(vm: &str, exe: &str, uid: u32, cgroup: &str, devices: &[&str], decision: &str) -> String {
         serde_json::json!({
@@ -367,15 +427,19 @@ mod tests {
         let l = learn(std::slice::from_ref(&log), 0.5).unwrap();
         let y = &l.yaml;
         assert_eq!((l.learned, l.denied), (3, 1), "{y}");
-        assert!(y.contains("default:\n  incoherent_dma: deny"), "{y}");
-        assert!(
-            y.contains(r#"vm: "gpu-*""#) && y.contains(r#"cgroup: "/machine.slice/machine-qemu-*""#),
-            "{y}"
+        // Read back with the policy's own file types (the learned file is serialised from them).
+        let f: PolicyFile = serde_norway::from_str(y).unwrap();
+        assert_eq!(f.default.incoherent_dma, Action::Deny, "{y}");
+        let gpu = &f.rules[0];
+        assert_eq!(gpu.matcher.vm.as_deref(), Some("gpu-*"), "{y}");
+        assert_eq!(gpu.matcher.cgroup.as_deref(), Some("/machine.slice/machine-qemu-*"), "{y}");
+        assert_eq!(
+            gpu.devices.as_deref(),
+            Some(&["0000:65:00.0".to_string(), "0000:ca:00.0".to_string()][..])
         );
-        assert!(y.contains(r#"devices: ["0000:65:00.0", "0000:ca:00.0"]"#), "{y}");
-        assert!(y.contains("wbinvd: { rate: 3000 }"), "peak 2000/s + 50 %: {y}");
+        assert_eq!(gpu.wbinvd.as_ref().and_then(|b| b.rate), Some(3000.0), "peak 2000/s + 50 %: {y}");
         // Glob metacharacters in a name are matched literally.
-        assert!(y.contains(r#"vm: "ml_job[[]1[]]""#), "{y}");
+        assert!(f.rules.iter().any(|r| r.matcher.vm.as_deref() == Some("ml_job[[]1[]]")), "{y}");
         assert!(y.contains("1 unreadable line(s) skipped"), "{y}");
         let p = Policy::parse(y, "learned").unwrap();
         let rec = |vm: &str, exe: &str, uid: u32, cgroup: &str, dev: &str| -> AuditRecord {

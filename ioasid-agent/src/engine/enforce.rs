@@ -349,7 +349,7 @@ mod tests {
         let j = judge(&r, &proc("tenant-1"), None, &cx);
         assert_eq!(
             (j.action, j.followup, j.record.coherency),
-            (None, Some(Signal::Cont), Some(Coherency::Unknown.into()))
+            (None, Some(Signal::Cont), Some(Coherency::Unknown))
         );
         // The kernel's verdict wins a disagreement with sysfs, and it is said.
         let mut r = req(KernelJudged::Observed, Mechanism::None, false);

@@ -3,30 +3,31 @@
 use std::{path::PathBuf, time::Duration};
 
 use globset::{Glob, GlobMatcher, GlobSetBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Action, Budget, Policy, Rule, StormAction, UnknownCoherency};
 use crate::util::units::parse_duration;
 
-#[derive(Debug, Deserialize)]
+/// A policy file as written: what `Policy::parse` reads and `policy learn` writes (one schema).
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PolicyFile {
+pub struct PolicyFile {
     #[serde(default)]
-    default: DefaultSection,
+    pub default: DefaultSection,
     #[serde(default)]
-    rules: Vec<RuleFile>,
+    pub rules: Vec<RuleFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DefaultSection {
+pub struct DefaultSection {
     #[serde(default = "default_action")]
-    incoherent_dma: Action,
+    pub incoherent_dma: Action,
     /// What a FILE_ADD of a file whose coherency is unknown gets.
     #[serde(default)]
-    unknown_coherency: UnknownCoherency,
-    #[serde(default)]
-    wbinvd: BudgetFile,
+    pub unknown_coherency: UnknownCoherency,
+    #[serde(default, skip_serializing_if = "BudgetFile::is_empty")]
+    pub wbinvd: BudgetFile,
 }
 
 impl Default for DefaultSection {
@@ -40,18 +41,33 @@ impl Default for DefaultSection {
 }
 
 /// What to do when a VM goes over its WBINVD budget.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BudgetFile {
+pub struct BudgetFile {
     /// WBINVD per second, averaged over the window.
-    rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
     /// Share of wall time KVM spent handling the VM's WBINVD over the window.
-    cost_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_ratio: Option<f64>,
     /// `250ms`, `1s`, `2m`...
-    window: Option<String>,
-    action: Option<StormAction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<StormAction>,
     /// Share of the VM's time other VMs' flushes may take on its CPUs (blast radius).
-    victim_stolen_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victim_stolen_ratio: Option<f64>,
+}
+
+impl BudgetFile {
+    fn is_empty(&self) -> bool {
+        self.rate.is_none()
+            && self.cost_ratio.is_none()
+            && self.window.is_none()
+            && self.action.is_none()
+            && self.victim_stolen_ratio.is_none()
+    }
 }
 
 /// What is wrong with a `wbinvd:` budget (of `default` or of a rule).
@@ -97,30 +113,38 @@ fn default_action() -> Action {
     Action::Audit
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RuleFile {
-    name: String,
+pub struct RuleFile {
+    pub name: String,
     #[serde(rename = "match")]
-    matcher: MatchFile,
-    incoherent_dma: Option<Action>,
-    unknown_coherency: Option<UnknownCoherency>,
-    devices: Option<Vec<String>>,
-    wbinvd: Option<BudgetFile>,
+    pub matcher: MatchFile,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incoherent_dma: Option<Action>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown_coherency: Option<UnknownCoherency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wbinvd: Option<BudgetFile>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MatchFile {
-    vm: Option<String>,
-    cgroup: Option<String>,
-    exe: Option<String>,
-    uid: Option<Uids>,
+pub struct MatchFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<Uids>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-enum Uids {
+pub enum Uids {
     One(u32),
     Many(Vec<u32>),
 }

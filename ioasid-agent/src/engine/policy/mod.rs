@@ -24,7 +24,10 @@ use globset::{GlobMatcher, GlobSet};
 use ioasid_common::verdict::{Decision, VmVerdict, RULE_DEFAULT};
 use serde::{Deserialize, Serialize};
 
-pub use self::{file::PolicyError, store::PolicyStore};
+pub use self::{
+    file::{BudgetFile, DefaultSection, MatchFile, PolicyError, PolicyFile, RuleFile, Uids},
+    store::PolicyStore,
+};
 use crate::host::procfs::ProcessInfo;
 
 /// The largest policy file the agent reads (a policy of thousands of rules is a few hundred KiB).

@@ -108,16 +108,9 @@ fn on_bpffs(path: &Path) -> bool {
 }
 
 fn mount_bpffs(path: &Path) -> std::io::Result<()> {
-    let target =
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc == 0 {
-        tracing::info!(path = %path.display(), "mounted the BPF filesystem");
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::host::sys::mount(c"bpf", c"bpf", path)?;
+    tracing::info!(path = %path.display(), "mounted the BPF filesystem");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,22 +22,101 @@ use crate::util::time::rfc3339;
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/ioasid/audit.jsonl";
 const QUEUE: usize = 4096;
 
-#[derive(Clone)]
-pub struct AuditLog {
-    tx: mpsc::Sender<Vec<u8>>,
-    /// `ioasid_audit_records_dropped_total`.
-    dropped: IntCounter,
-    /// This agent's id (random per start) and the next record's number: each record's `id` is
-    /// `INSTANCE-N`, unique across hosts and restarts; a gap in N is a record lost.
-    instance: std::sync::Arc<str>,
-    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
 /// Where records go: a file (reopened when rotated or removed), or stdout (`--audit-log -`,
 /// for container log pipelines).
 enum Sink {
     File { path: PathBuf, file: std::fs::File },
     Stdout,
+}
+
+impl Sink {
+    /// Opens `path` (creating directories), or stdout for `-`.
+    fn open(path: &Path) -> Result<Self, AuditError> {
+        let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
+        if path.as_os_str() == "-" {
+            return Ok(Sink::Stdout);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(open_err)?;
+        }
+        Ok(Sink::File { path: path.to_path_buf(), file: open_append(path).map_err(open_err)? })
+    }
+
+    /// Appends one line (with its newline) and syncs it.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(line).and_then(|()| out.flush())
+            }
+            Sink::File { path, file } => {
+                // Rotated (renamed) or deleted: records go to the file the path names now.
+                if !names_same_file(path, file) {
+                    match open_append(path) {
+                        Ok(f) => {
+                            *file = f;
+                            tracing::info!(path = %path.display(), "audit log reopened (rotated or removed)");
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "reopening the audit log")
+                        }
+                    }
+                }
+                append(file, line)
+            }
+        }
+    }
+}
+
+/// A record kind the log takes: what syslog needs to know of it without reading it back.
+pub trait Auditable: Serialize {
+    fn event(&self) -> RecordKind;
+    /// Sent to syslog at severity warning (denials, storms), else notice.
+    fn warning(&self) -> bool;
+}
+
+impl Auditable for AuditRecord {
+    fn event(&self) -> RecordKind {
+        self.event
+    }
+    fn warning(&self) -> bool {
+        self.decision == Decision::Denied
+    }
+}
+
+impl Auditable for StormRecord {
+    fn event(&self) -> RecordKind {
+        self.event
+    }
+    fn warning(&self) -> bool {
+        true
+    }
+}
+
+impl Auditable for BlastRecord {
+    fn event(&self) -> RecordKind {
+        self.event
+    }
+    fn warning(&self) -> bool {
+        false
+    }
+}
+
+/// Every record on the wire: its format version and unique id first, then the record's own
+/// fields (serialised, never pasted).
+#[derive(Serialize)]
+struct Envelope<'a, T: Serialize> {
+    schema: u32,
+    id: String,
+    #[serde(flatten)]
+    record: &'a T,
+}
+
+/// One record queued for the sinks: its JSON line and what syslog says of it.
+struct Queued {
+    line: Vec<u8>,
+    event: RecordKind,
+    warning: bool,
 }
 
 /// A copy of every record to the local syslog daemon (`--audit-syslog /dev/log`): RFC 5424
@@ -53,11 +132,8 @@ pub struct Syslog {
 const FACILITY_AUTHPRIV: u8 = 10;
 
 impl Syslog {
-    fn message(&self, line: &[u8]) -> Vec<u8> {
-        let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
-        let event = v["event"].as_str().unwrap_or("incoherent-dma");
-        let warning = v["decision"] == "denied" || event == "wbinvd-storm";
-        let pri = FACILITY_AUTHPRIV * 8 + if warning { 4 } else { 5 };
+    fn message(&self, q: &Queued) -> Vec<u8> {
+        let pri = FACILITY_AUTHPRIV * 8 + if q.warning { 4 } else { 5 };
         // RFC 5424 HOSTNAME, APP-NAME and MSGID are printable US-ASCII without spaces.
         let field = |s: &str, max: usize| -> String {
             let f: String = s.chars().filter(|c| c.is_ascii_graphic()).take(max).collect();
@@ -72,10 +148,10 @@ impl Syslog {
             rfc3339(SystemTime::now()),
             field(&self.host, 255),
             std::process::id(),
-            field(event, 32)
+            field(q.event.label(), 32)
         );
         let mut msg = head.into_bytes();
-        msg.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+        msg.extend_from_slice(&q.line);
         msg
     }
 }
@@ -97,6 +173,66 @@ pub enum AuditError {
     },
 }
 
+/// Logs a failing or recovering sink once per episode (a full disk fails every record).
+struct Episode {
+    failing: bool,
+}
+
+impl Episode {
+    fn outcome(&mut self, r: std::io::Result<()>, lost: &IntCounter, what: &str) {
+        match r {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(sink = what, "audit sink writable again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                // Counted every time, logged once per episode.
+                lost.inc();
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(sink = what, error = %e, "writing audit records: they are being dropped there (ioasid_audit_records_dropped_total)");
+                }
+            }
+        }
+    }
+}
+
+/// The writer thread's side: the sinks, in order.
+struct Writer {
+    sink: Sink,
+    shown: String,
+    syslog: Option<(Syslog, std::os::unix::net::UnixDatagram)>,
+    lost: IntCounter,
+    file_state: Episode,
+    syslog_state: Episode,
+}
+
+impl Writer {
+    fn deliver(&mut self, q: Queued) {
+        if let Some((target, sock)) = &self.syslog {
+            let sent = sock.send_to(&target.message(&q), &target.socket).map(|_| ());
+            let what = format!("syslog {}", target.socket.display());
+            self.syslog_state.outcome(sent, &self.lost, &what);
+        }
+        let mut line = q.line;
+        line.push(b'\n');
+        let written = self.sink.write(&line);
+        self.file_state.outcome(written, &self.lost, &self.shown);
+    }
+}
+
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Queued>,
+    /// `ioasid_audit_records_dropped_total`.
+    dropped: IntCounter,
+    /// This agent's id (random per start) and the next record's number: each record's `id` is
+    /// `INSTANCE-N`, unique across hosts and restarts; a gap in N is a record lost.
+    instance: std::sync::Arc<str>,
+    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
 impl AuditLog {
     /// Opens (creating directories) and starts the writer task. Fails now if the file cannot be
     /// opened, rather than losing records later.
@@ -106,80 +242,27 @@ impl AuditLog {
 
     /// As `start`, also sending every record to syslog.
     pub fn start_with(path: &Path, dropped: IntCounter, syslog: Option<Syslog>) -> Result<Self, AuditError> {
-        let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
-        let mut sink = if path.as_os_str() == "-" {
-            Sink::Stdout
-        } else {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(open_err)?;
-            }
-            Sink::File { path: path.to_path_buf(), file: open_append(path).map_err(open_err)? }
-        };
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let shown = path.display().to_string();
-        let lost = dropped.clone();
-        let syslog_sock = match &syslog {
-            Some(_) => Some(std::os::unix::net::UnixDatagram::unbound().map_err(open_err)?),
+        let sink = Sink::open(path)?;
+        let syslog = match syslog {
+            Some(target) => Some((
+                target,
+                std::os::unix::net::UnixDatagram::unbound()
+                    .map_err(|source| AuditError::Open { path: path.to_path_buf(), source })?,
+            )),
             None => None,
         };
+        let mut writer = Writer {
+            sink,
+            shown: path.display().to_string(),
+            syslog,
+            lost: dropped.clone(),
+            file_state: Episode { failing: false },
+            syslog_state: Episode { failing: false },
+        };
+        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
         tokio::task::spawn_blocking(move || {
-            let mut failing = false;
-            let mut syslog_failing = false;
-            while let Some(mut line) = rx.blocking_recv() {
-                if let (Some(target), Some(sock)) = (&syslog, &syslog_sock) {
-                    match sock.send_to(&target.message(&line), &target.socket) {
-                        Ok(_) if syslog_failing => {
-                            syslog_failing = false;
-                            tracing::info!(socket = %target.socket.display(), "syslog reachable again");
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            lost.inc();
-                            if !syslog_failing {
-                                syslog_failing = true;
-                                tracing::error!(socket = %target.socket.display(), error = %e, "sending audit records to syslog: they are being dropped there (ioasid_audit_records_dropped_total)");
-                            }
-                        }
-                    }
-                }
-                line.push(b'\n');
-                let written = match &mut sink {
-                    Sink::Stdout => {
-                        let mut out = std::io::stdout().lock();
-                        out.write_all(&line).and_then(|()| out.flush())
-                    }
-                    Sink::File { path, file } => {
-                        // Rotated (renamed) or deleted: records go to the file the path names now.
-                        if !names_same_file(path, file) {
-                            match open_append(path) {
-                                Ok(f) => {
-                                    *file = f;
-                                    tracing::info!(path = %path.display(), "audit log reopened (rotated or removed)");
-                                }
-                                Err(e) => {
-                                    tracing::warn!(path = %path.display(), error = %e, "reopening the audit log")
-                                }
-                            }
-                        }
-                        append(file, &line)
-                    }
-                };
-                let path = &shown;
-                match written {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!(path = %path, "audit log writable again");
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        // Counted every time, logged once per episode (a full disk fails them all).
-                        lost.inc();
-                        if !failing {
-                            failing = true;
-                            tracing::error!(path = %path, error = %e, "writing the audit log: records are being dropped (ioasid_audit_records_dropped_total)");
-                        }
-                    }
-                }
+            while let Some(q) = rx.blocking_recv() {
+                writer.deliver(q);
             }
         });
         Ok(Self {
@@ -205,25 +288,18 @@ impl AuditLog {
     }
 
     /// Queues any record as one JSON line, led by its `schema` and its unique `id`.
-    pub fn write<T: Serialize>(&self, rec: &T) {
-        let body = match serde_json::to_vec(rec) {
-            Ok(l) if l.first() == Some(&b'{') => l,
-            Ok(_) => {
-                tracing::error!("an audit record is not a JSON object");
-                return;
-            }
+    pub fn write<T: Auditable>(&self, rec: &T) {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let envelope = Envelope { schema: SCHEMA, id: format!("{}-{n}", self.instance), record: rec };
+        let line = match serde_json::to_vec(&envelope) {
+            Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "serializing an audit record");
                 return;
             }
         };
-        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut line = format!("{{\"schema\":{SCHEMA},\"id\":\"{}-{n}\"", self.instance).into_bytes();
-        if body.len() > 2 {
-            line.push(b',');
-        }
-        line.extend_from_slice(&body[1..]);
-        if let Err(e) = self.tx.try_send(line) {
+        let q = Queued { line, event: rec.event(), warning: rec.warning() };
+        if let Err(e) = self.tx.try_send(q) {
             let n = self.dropped.get();
             self.dropped.inc();
             if crate::util::log_at_powers_of_two(n) {

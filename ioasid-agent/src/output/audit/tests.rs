@@ -129,3 +129,20 @@ async fn a_rotated_or_removed_log_is_reopened() {
     assert!(wait(path.clone(), 1).await, "a removed log is recreated");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Any JSON object is a record for these tests of the writer.
+impl Auditable for serde_json::Value {
+    fn event(&self) -> RecordKind {
+        RecordKind::IncoherentDma
+    }
+    fn warning(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn the_envelope_leads_with_schema_and_id() {
+    let rec = serde_json::json!({"event": "wbinvd-storm", "vm": "a"});
+    let line = serde_json::to_string(&Envelope { schema: SCHEMA, id: "i-1".into(), record: &rec }).unwrap();
+    assert_eq!(line, r#"{"schema":1,"id":"i-1","event":"wbinvd-storm","vm":"a"}"#);
+}
