@@ -299,72 +299,101 @@ impl Drop for Collected {
 /// grows (the agent may write a last record there before it reopens the path), and the new file
 /// at the path is followed from its start.
 pub fn watch(logs: &[PathBuf], d: std::time::Duration) -> Result<Collected> {
-    use std::{
-        io::{Read as _, Write as _},
-        os::unix::fs::MetadataExt as _,
-    };
     let dir = std::env::temp_dir();
     let path =
         dir.join(format!("ioasid-learn-{}-{}.jsonl", std::process::id(), crate::host::sys::monotonic_ns()));
-    let mut sink = std::fs::OpenOptions::new()
+    let sink = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     let collected = Collected(path);
-    let mut open: Vec<(PathBuf, Option<std::fs::File>)> = logs
+    let followed = logs
         .iter()
         .map(|p| {
             let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-            Ok((p.clone(), Some(f)))
+            Ok(Followed { path: p.clone(), file: Some(f), rest: Vec::new() })
         })
         .collect::<Result<_>>()?;
+    let mut follower = Follower { followed, rotated: Vec::new(), sink };
     let deadline = std::time::Instant::now() + d;
     eprintln!("watching {} log(s) for {:?}", logs.len(), d);
-    // Each file's bytes past its last complete line wait for the rest: lines of two files
-    // (a rotated one and the new one) are never interleaved mid-line.
-    let mut rotated: Vec<(std::fs::File, Vec<u8>)> = Vec::new();
-    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); open.len()];
-    let drain = |file: &mut std::fs::File, rest: &mut Vec<u8>, sink: &mut std::fs::File| -> Result<()> {
-        file.read_to_end(rest).context("reading a log")?;
-        if let Some(end) = rest.iter().rposition(|b| *b == b'\n') {
-            sink.write_all(&rest[..=end]).context("collecting the logs")?;
-            rest.drain(..=end);
-        }
-        Ok(())
-    };
     loop {
         let last = std::time::Instant::now() >= deadline;
-        for (file, rest) in &mut rotated {
-            drain(file, rest, &mut sink)?;
-        }
-        for ((p, f), rest) in open.iter_mut().zip(pending.iter_mut()) {
-            if let Some(file) = f.as_mut() {
-                drain(file, rest, &mut sink).with_context(|| format!("reading {}", p.display()))?;
-            }
-            // Rotated (the path names another file now): keep reading the old one as it
-            // grows, and follow the new one from its start.
-            let held = f.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
-            let now = std::fs::metadata(&*p).ok().map(|m| (m.dev(), m.ino()));
-            if now.is_some() && now != held {
-                if let Some(old) = std::mem::replace(f, std::fs::File::open(&*p).ok()) {
-                    rotated.push((old, std::mem::take(rest)));
-                }
-            }
-        }
+        follower.poll()?;
         if last {
             break;
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         std::thread::sleep(std::time::Duration::from_millis(200).min(left));
     }
-    // A last line without its newline (cut off by the deadline) is kept whole or not at all:
-    // `learn` reports a line it cannot parse.
-    for rest in rotated.iter().map(|(_, r)| r).chain(pending.iter()).filter(|r| !r.is_empty()) {
-        sink.write_all(rest).and_then(|()| sink.write_all(b"\n")).context("collecting the logs")?;
-    }
-    sink.flush().context("collecting the logs")?;
+    follower.finish()?;
     Ok(collected)
+}
+
+/// A log followed by its path. Its bytes past the last complete line wait for the rest: lines
+/// of two files (a rotated one and the new one) are never interleaved mid-line.
+struct Followed {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    rest: Vec<u8>,
+}
+
+/// The logs followed, those rotated away (still read as they grow), and where lines go.
+struct Follower {
+    followed: Vec<Followed>,
+    rotated: Vec<(std::fs::File, Vec<u8>)>,
+    sink: std::fs::File,
+}
+
+/// Appends the complete lines `file` has grown by to `sink`, keeping an incomplete last one.
+fn drain(file: &mut std::fs::File, rest: &mut Vec<u8>, sink: &mut std::fs::File) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    file.read_to_end(rest).context("reading a log")?;
+    if let Some(end) = rest.iter().rposition(|b| *b == b'\n') {
+        sink.write_all(&rest[..=end]).context("collecting the logs")?;
+        rest.drain(..=end);
+    }
+    Ok(())
+}
+
+impl Follower {
+    fn poll(&mut self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        for (file, rest) in &mut self.rotated {
+            drain(file, rest, &mut self.sink)?;
+        }
+        for f in &mut self.followed {
+            if let Some(file) = f.file.as_mut() {
+                drain(file, &mut f.rest, &mut self.sink)
+                    .with_context(|| format!("reading {}", f.path.display()))?;
+            }
+            // Rotated (the path names another file now): keep reading the old one as it
+            // grows, and follow the new one from its start.
+            let held = f.file.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+            let now = std::fs::metadata(&f.path).ok().map(|m| (m.dev(), m.ino()));
+            if now.is_some() && now != held {
+                if let Some(old) = std::mem::replace(&mut f.file, std::fs::File::open(&f.path).ok()) {
+                    self.rotated.push((old, std::mem::take(&mut f.rest)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A last line without its newline (cut off by the deadline) is kept whole or not at all:
+    /// `learn` reports a line it cannot parse.
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write as _;
+        let rests = self.rotated.iter().map(|(_, r)| r).chain(self.followed.iter().map(|f| &f.rest));
+        for rest in rests.filter(|r| !r.is_empty()) {
+            self.sink
+                .write_all(rest)
+                .and_then(|()| self.sink.write_all(b"\n"))
+                .context("collecting the logs")?;
+        }
+        self.sink.flush().context("collecting the logs")
+    }
 }
 
 #[cfg(test)]

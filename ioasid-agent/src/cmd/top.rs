@@ -341,12 +341,69 @@ impl Ui {
         }
     }
 
+    /// The VMs, one row each, storms in red, the sort column underlined.
+    fn table(&self, shown: &Frame) -> ratatui::widgets::Table<'static> {
+        use ratatui::{
+            layout::Constraint,
+            style::{Modifier, Style, Stylize},
+            widgets::{Block, Cell, Row as TRow, Table},
+        };
+        let sorted = |label: &'static str, key: TopSort| -> Cell<'static> {
+            if key == self.sort {
+                Cell::from(format!("{label}v")).add_modifier(Modifier::UNDERLINED)
+            } else {
+                Cell::from(label)
+            }
+        };
+        let header = TRow::new(vec![
+            sorted("VM", TopSort::Name),
+            sorted("WBINVD/s", TopSort::Rate),
+            sorted("WBINVD", TopSort::Wbinvd),
+            Cell::from("INVD"),
+            Cell::from("HANDLER"),
+            sorted("COST%", TopSort::Cost),
+            Cell::from("FLUSHES"),
+            Cell::from("ALERTS"),
+            Cell::from("STATE"),
+            Cell::from("DMA"),
+            Cell::from("ENABLES a/u/d"),
+        ])
+        .style(Style::new().reversed());
+        let rows: Vec<TRow<'static>> = shown
+            .rows
+            .iter()
+            .map(|r| {
+                let row = TRow::new(cells(r));
+                if r.storm {
+                    row.red().bold()
+                } else {
+                    row
+                }
+            })
+            .collect();
+        let widths = [
+            Constraint::Min(24),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Length(8),
+            Constraint::Length(10),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Length(6),
+            Constraint::Length(6),
+            Constraint::Length(12),
+            Constraint::Length(13),
+        ];
+        let title = if shown.rows.is_empty() { " no VMs " } else { " VMs " };
+        Table::new(rows, widths).header(header).block(Block::bordered().title(title))
+    }
+
     fn draw(&self, fr: &mut ratatui::Frame, addr: &str, last: &Result<Frame, anyhow::Error>) {
         use ratatui::{
             layout::{Constraint, Layout},
-            style::{Modifier, Style, Stylize},
+            style::Stylize,
             text::Line,
-            widgets::{Block, Cell, Paragraph, Row as TRow, Table},
+            widgets::{Block, Paragraph},
         };
         let [head, body, foot] =
             Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(1)])
@@ -370,50 +427,7 @@ impl Ui {
             fr.render_widget(Paragraph::new(Line::from("v: back  /: filter  q or Ctrl-C: quit")), foot);
             return;
         }
-        let sorted = |label: &'static str, key: TopSort| -> Cell<'static> {
-            if key == self.sort {
-                Cell::from(format!("{label}v")).add_modifier(Modifier::UNDERLINED)
-            } else {
-                Cell::from(label)
-            }
-        };
-        let header = TRow::new(vec![
-            sorted("VM", TopSort::Name),
-            sorted("WBINVD/s", TopSort::Rate),
-            sorted("WBINVD", TopSort::Wbinvd),
-            Cell::from("INVD"),
-            Cell::from("HANDLER"),
-            sorted("COST%", TopSort::Cost),
-            Cell::from("FLUSHES"),
-            Cell::from("ALERTS"),
-            Cell::from("STATE"),
-            Cell::from("DMA"),
-            Cell::from("ENABLES a/u/d"),
-        ])
-        .style(Style::new().reversed());
-        let rows = shown.rows.iter().map(|r| {
-            let row = TRow::new(cells(r));
-            if r.storm {
-                row.red().bold()
-            } else {
-                row
-            }
-        });
-        let widths = [
-            Constraint::Min(24),
-            Constraint::Length(10),
-            Constraint::Length(12),
-            Constraint::Length(8),
-            Constraint::Length(10),
-            Constraint::Length(8),
-            Constraint::Length(9),
-            Constraint::Length(6),
-            Constraint::Length(6),
-            Constraint::Length(12),
-            Constraint::Length(13),
-        ];
-        let title = if shown.rows.is_empty() { " no VMs " } else { " VMs " };
-        fr.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), body);
+        fr.render_widget(self.table(&shown), body);
         let filter = if self.editing {
             format!("filter: {}_  (Enter keeps it, Esc clears it)", self.filter)
         } else if self.filter.is_empty() {

@@ -172,36 +172,7 @@ async fn answer(
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"only GET\n".to_vec());
     }
     match req.uri().path() {
-        "/metrics" => {
-            // Fresh counters if the actor answers in time; a stalled actor delays no scrape
-            // past REFRESH_TIMEOUT (the values are then those of its last sweep).
-            let (tx, rx) = oneshot::channel();
-            let refresh = async {
-                if actor.send(Refresh(tx)).await.is_ok() {
-                    let _ = rx.await;
-                }
-            };
-            let _ = tokio::time::timeout(REFRESH_TIMEOUT, refresh).await;
-            let text = metrics.encode();
-            let openmetrics = accepts(&req, hyper::header::ACCEPT, "application/openmetrics-text");
-            let (body, ctype) =
-                if openmetrics { (to_openmetrics(&text), OPENMETRICS_FORMAT) } else { (text, TEXT_FORMAT) };
-            if accepts(&req, hyper::header::ACCEPT_ENCODING, "gzip") {
-                use std::io::Write as _;
-                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                if gz.write_all(&body).is_ok() {
-                    if let Ok(zipped) = gz.finish() {
-                        let mut r = reply(StatusCode::OK, ctype, zipped);
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_ENCODING,
-                            hyper::header::HeaderValue::from_static("gzip"),
-                        );
-                        return r;
-                    }
-                }
-            }
-            reply(StatusCode::OK, ctype, body)
-        }
+        "/metrics" => scrape(&req, actor, metrics).await,
         "/healthz" => match health.liveness() {
             None => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             Some(why) => {
@@ -223,6 +194,39 @@ async fn answer(
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
     }
+}
+
+/// `/metrics`: fresh counters if the actor answers in time (a stalled actor delays no scrape past
+/// REFRESH_TIMEOUT; the values are then those of its last sweep), in the format the scraper
+/// asks for, gzip-compressed when it accepts that.
+async fn scrape(
+    req: &hyper::Request<hyper::body::Incoming>,
+    actor: mpsc::Sender<Refresh>,
+    metrics: Metrics,
+) -> hyper::Response<Body> {
+    use hyper::StatusCode;
+    let (tx, rx) = oneshot::channel();
+    let refresh = async {
+        if actor.send(Refresh(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    };
+    let _ = tokio::time::timeout(REFRESH_TIMEOUT, refresh).await;
+    let text = metrics.encode();
+    let openmetrics = accepts(req, hyper::header::ACCEPT, "application/openmetrics-text");
+    let (body, ctype) =
+        if openmetrics { (to_openmetrics(&text), OPENMETRICS_FORMAT) } else { (text, TEXT_FORMAT) };
+    if accepts(req, hyper::header::ACCEPT_ENCODING, "gzip") {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        if let Ok(zipped) = gz.write_all(&body).and_then(|()| gz.finish()) {
+            let mut r = reply(StatusCode::OK, ctype, zipped);
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_ENCODING, hyper::header::HeaderValue::from_static("gzip"));
+            return r;
+        }
+    }
+    reply(StatusCode::OK, ctype, body)
 }
 
 /// The Prometheus text format (0.0.4) as OpenMetrics 1.0.0: a counter family is named without

@@ -45,65 +45,103 @@ impl Duty {
 
 /// The duty cycle of one VMM: within each period it is stopped, then runs for the share.
 pub fn spawn(fd: Pidfd, pid: u32, at: DutyShare, gate: Option<Arc<dyn AskGate>>) -> Duty {
-    let share_e5 = Arc::new(AtomicU32::new((at.share * 100_000.0) as u32));
-    let period_us = Arc::new(AtomicU32::new(at.period_us as u32));
-    let end = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-    let (s, p, e) = (Arc::clone(&share_e5), Arc::clone(&period_us), Arc::clone(&end));
-    let asked = move || gate.as_ref().is_some_and(|g| g.asked(pid));
-    let spawned = std::thread::Builder::new().name(format!("duty-{pid}")).spawn(move || {
-        let (lock, cv) = &*e;
-        // Sleeps for `d` unless the end comes first; true if it came.
-        let wait = |d: Duration| {
-            let g = lock.lock().unwrap_or_else(|e| e.into_inner());
-            *cv.wait_timeout_while(g, d, |ended| !*ended).unwrap_or_else(|e| e.into_inner()).0
-        };
-        let mut held = false;
+    let duty = Duty {
+        share_e5: Arc::new(AtomicU32::new((at.share * 100_000.0) as u32)),
+        period_us: Arc::new(AtomicU32::new(at.period_us as u32)),
+        end: Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
+    };
+    let cycle = Cycle {
+        fd,
+        pid,
+        share_e5: Arc::clone(&duty.share_e5),
+        period_us: Arc::clone(&duty.period_us),
+        end: Arc::clone(&duty.end),
+        gate,
+        held: false,
+    };
+    if let Err(e) = std::thread::Builder::new().name(format!("duty-{pid}")).spawn(move || cycle.run()) {
+        tracing::error!(pid, error = %e, "starting a duty cycle");
+    }
+    duty
+}
+
+/// The duty-cycle thread's side.
+struct Cycle {
+    fd: Pidfd,
+    pid: u32,
+    share_e5: Arc<AtomicU32>,
+    period_us: Arc<AtomicU32>,
+    end: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    gate: Option<Arc<dyn AskGate>>,
+    /// The kernel holds the VMM for an ask (logged once per hold).
+    held: bool,
+}
+
+/// The VMM is gone: the cycle ends.
+struct Gone;
+
+impl Cycle {
+    fn run(mut self) {
         loop {
-            let share = f64::from(s.load(Ordering::Relaxed)) / 100_000.0;
-            let period = Duration::from_micros(u64::from(p.load(Ordering::Relaxed)));
+            let share = f64::from(self.share_e5.load(Ordering::Relaxed)) / 100_000.0;
+            let period = Duration::from_micros(u64::from(self.period_us.load(Ordering::Relaxed)));
             let run = period.mul_f64(share.min(1.0)).max(Duration::from_millis(1));
-            let ended = {
-                // Stopped only under the lock that ending takes: an end never misses a stop.
-                let g = lock.lock().unwrap_or_else(|e| e.into_inner());
-                if *g {
-                    true
-                } else {
-                    if share < 1.0 {
-                        if let Err(e) = fd.signal(Signal::Stop) {
-                            tracing::debug!(pid, error = %e, "duty cycle ends: the VMM is gone");
-                            return;
-                        }
-                    }
-                    drop(g);
-                    share < 1.0 && wait(period - run)
-                }
-            };
-            // Never continue a VMM the kernel stopped to ask: the agent's decision does.
-            if asked() {
-                if !held {
-                    tracing::warn!(
-                        pid,
-                        "duty cycle: the VMM is stopped for an incoherent-DMA decision; not continued"
-                    );
-                }
-                held = true;
-            } else {
-                held = false;
-                if let Err(e) = fd.signal(Signal::Cont) {
-                    tracing::debug!(pid, error = %e, "duty cycle ends: the VMM is gone");
-                    return;
-                }
+            let Ok(ended) = self.stopped_for(share, period - run) else { return };
+            if self.resume().is_err() {
+                return;
             }
-            if ended || wait(run) {
+            if ended || self.wait(run) {
                 break;
             }
         }
-        if !asked() {
-            let _ = fd.signal(Signal::Cont);
+        if !self.asked() {
+            let _ = self.fd.signal(Signal::Cont);
         }
-    });
-    if let Err(e) = spawned {
-        tracing::error!(pid, error = %e, "starting a duty cycle");
     }
-    Duty { share_e5, period_us, end }
+
+    /// Stops the VMM (under a share of a whole CPU) and waits `off`; true if the cycle ended
+    /// meanwhile. Stopped only under the lock that ending takes: an end never misses a stop.
+    fn stopped_for(&self, share: f64, off: Duration) -> Result<bool, Gone> {
+        let g = self.end.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *g {
+            return Ok(true);
+        }
+        if share < 1.0 {
+            self.fd.signal(Signal::Stop).map_err(|e| self.gone(e))?;
+        }
+        drop(g);
+        Ok(share < 1.0 && self.wait(off))
+    }
+
+    /// Continues the VMM, unless the kernel stopped it to ask: the agent's decision does that.
+    fn resume(&mut self) -> Result<(), Gone> {
+        if self.asked() {
+            if !self.held {
+                tracing::warn!(
+                    pid = self.pid,
+                    "duty cycle: the VMM is stopped for an incoherent-DMA decision; not continued"
+                );
+            }
+            self.held = true;
+            return Ok(());
+        }
+        self.held = false;
+        self.fd.signal(Signal::Cont).map_err(|e| self.gone(e))
+    }
+
+    fn gone(&self, e: std::io::Error) -> Gone {
+        tracing::debug!(pid = self.pid, error = %e, "duty cycle ends: the VMM is gone");
+        Gone
+    }
+
+    fn asked(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| g.asked(self.pid))
+    }
+
+    /// Sleeps for `d` unless the end comes first; true if it came.
+    fn wait(&self, d: Duration) -> bool {
+        let (lock, cv) = &*self.end;
+        let g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *cv.wait_timeout_while(g, d, |ended| !*ended).unwrap_or_else(|e| e.into_inner()).0
+    }
 }
