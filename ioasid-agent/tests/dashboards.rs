@@ -173,7 +173,7 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
     let tenant = format!("{prefix}-tenant-1");
     let (status, summary, err) =
         finish(guest(&["--name", &tenant, "--file-add", "--file-add-delay", &delay]));
-    assert_denied_as_recorded(&agent.wait_audit(&tenant), status, &summary, &err);
+    assert_denied_as_recorded(&agent.wait_record(&tenant), status, &summary, &err);
 
     let firing = eventually(Duration::from_secs(20), || {
         let q = format!("ALERTS{{alertname=\"IoasidWbinvdStorm\",alertstate=\"firing\",vm=\"{storm}\"}}");

@@ -14,7 +14,13 @@ mod support;
 
 use std::{os::unix::process::ExitStatusExt, process::Command, time::Duration};
 
-use ioasid_agent::engine::policy::{Action, PolicyFile};
+use ioasid_agent::{
+    engine::{
+        policy::{Action, PolicyFile},
+        record::{Coherency, Decision, Mechanism, Outcome, RecordKind},
+    },
+    host::vfio::VfioKind,
+};
 
 use support::*;
 
@@ -67,20 +73,20 @@ fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
     let (status, summary, err) = file_add(&gpu, "0");
     assert!(status.success(), "{err}");
     assert_eq!(summary["file_add_errno"], 22);
-    let r = agent.wait_audit(&gpu);
-    assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("allowed"), Some("gpu-tenants")), "{r}");
-    assert_eq!(r["ret"], -22);
-    assert_eq!(r["request"]["attr"], "KVM_DEV_VFIO_FILE_ADD");
-    assert_eq!(r["vfio"]["path"], "/dev/null");
-    assert_eq!(r["vfio"]["kind"], "not-vfio");
+    let r = agent.wait_record(&gpu);
+    assert_eq!((r.decision, r.rule.as_str()), (Decision::Allowed, "gpu-tenants"), "{r:?}");
+    assert_eq!(r.ret, Some(-22));
+    assert_eq!(r.request.attr, "KVM_DEV_VFIO_FILE_ADD");
+    let vfio = r.vfio.as_ref().expect("the file was resolved");
+    assert_eq!((vfio.path.as_str(), vfio.kind), ("/dev/null", VfioKind::NotVfio));
 
     // audit (default): EINVAL and an `audited` record.
     let web = format!("{prefix}-web-1");
     let (status, summary, err) = file_add(&web, "0");
     assert!(status.success(), "{err}");
     assert_eq!(summary["file_add_errno"], 22);
-    let r = agent.wait_audit(&web);
-    assert_eq!((r["decision"].as_str(), r["rule"].as_str()), (Some("audited"), Some("default")), "{r}");
+    let r = agent.wait_record(&web);
+    assert_eq!((r.decision, r.rule.as_str()), (Decision::Audited, "default"), "{r:?}");
 
     // deny, issued microseconds after exec: judged by its own rule, never by a default. Before
     // the agent has named it, the kernel stops it and the agent kills it before the ioctl ever
@@ -88,21 +94,15 @@ fn allow_audit_and_deny_right_after_exec(ioctl_hooks: &str) {
     // under the lab's emulation), the kernel's verdict denies it.
     let tenant = format!("{prefix}-tenant-1");
     let (status, summary, err) = file_add(&tenant, "0");
-    let r = agent.wait_audit(&tenant);
-    assert_eq!(
-        (r["decision"].as_str(), r["rule"].as_str()),
-        (Some("denied"), Some("everyone-else-untrusted")),
-        "{r}"
-    );
-    assert_denied_as_recorded(&r, status, &summary, &err);
+    let rec = agent.wait_record(&tenant);
+    assert_eq!((rec.decision, rec.rule.as_str()), (Decision::Denied, "everyone-else-untrusted"), "{rec:?}");
+    assert_denied_as_recorded(&rec, status, &summary, &err);
     if !in_lab() {
-        assert_eq!(
-            (r["mechanism"].as_str(), r["outcome"].as_str()),
-            (Some("stop-ask"), Some("killed")),
-            "{r}"
-        );
+        assert_eq!((rec.mechanism, rec.outcome), (Mechanism::StopAsk, Outcome::Killed), "{rec:?}");
         assert_eq!(summary, serde_json::Value::Null, "it must not get to print anything");
     }
+    // Every field a reader relies on is in the line itself.
+    let r = agent.wait_audit(&tenant);
     for key in [
         "time",
         "host",
@@ -167,17 +167,17 @@ fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
     let tenant = format!("{prefix}-tenant-2");
     let (status, _, _) = file_add(&tenant, &format!("{}", 0.5 * f64::from(slow())));
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
-    let r = agent.wait_audit(&tenant);
+    let r = agent.wait_record(&tenant);
     // The kvm-vfio device fd is learnt from KVM_CREATE_DEVICE's result at sys_exit; the LSM
     // path (no syscall tracepoint) does not see it.
     let lsm_path = sample(&agent.scrape(), "ioasid_ioctl_path", &[("family", "lsm")]) == Some(1.0);
-    assert_eq!(r["request"]["device_fd_known"], !lsm_path, "{r}");
+    assert_eq!(r.request.device_fd_known, !lsm_path, "{r:?}");
     assert_eq!(
-        (r["decision"].as_str(), r["mechanism"].as_str(), r["outcome"].as_str(), r["coherency"].as_str()),
-        (Some("denied"), Some("stop-ask"), Some("killed"), Some("unknown")),
-        "{r}"
+        (r.decision, r.mechanism, r.outcome, r.coherency),
+        (Decision::Denied, Mechanism::StopAsk, Outcome::Killed, Some(Coherency::Unknown)),
+        "{r:?}"
     );
-    assert_eq!(r["ret"], -22, "{r}");
+    assert_eq!(r.ret, Some(-22), "{r:?}");
     // The kernel program said so itself, through aya-log, in the agent's log.
     let said = eventually(Duration::from_secs(3), || {
         agent
@@ -192,11 +192,11 @@ fn deny_with_the_verdict_already_in_the_kernel(ioctl_hooks: &str) {
     let (status, summary, err) = file_add(&gpu, &format!("{}", 0.5 * f64::from(slow())));
     assert!(status.success(), "{err}");
     assert_eq!(summary["file_add_errno"], 22);
-    let r = agent.wait_audit(&gpu);
+    let r = agent.wait_record(&gpu);
     assert_eq!(
-        (r["decision"].as_str(), r["mechanism"].as_str(), r["outcome"].as_str()),
-        (Some("allowed"), Some("none"), Some("completed")),
-        "{r}"
+        (r.decision, r.mechanism, r.outcome),
+        (Decision::Allowed, Mechanism::None, Outcome::Completed),
+        "{r:?}"
     );
 }
 
@@ -219,11 +219,11 @@ fn unknown_coherency_can_be_let_through() {
         let (status, summary, err) = file_add(&vm, &format!("{}", delay * f64::from(slow())));
         assert!(status.success(), "{vm}: {err}");
         assert_eq!(summary["file_add_errno"], 22, "the kernel's own EINVAL: {summary}");
-        let r = agent.wait_audit(&vm);
+        let r = agent.wait_record(&vm);
         assert_eq!(
-            (r["event"].as_str(), r["coherency"].as_str(), r["decision"].as_str()),
-            (Some("vfio-file-add"), Some("unknown"), Some("allowed")),
-            "{r}"
+            (r.event, r.coherency, r.decision),
+            (RecordKind::VfioFileAdd, Some(Coherency::Unknown), Decision::Allowed),
+            "{r:?}"
         );
         let m = eventually(Duration::from_secs(3), || {
             let m = agent.scrape();
@@ -257,12 +257,8 @@ fn dry_run_audits_denials_without_enforcing() {
         finish(guest(&["--name", &format!("guest={tenant}"), "--file-add", "--hold", &hold]));
     assert!(status.success(), "dry run must not kill: {err}");
     assert_eq!(summary["file_add_errno"], 22);
-    let r = agent.wait_audit(&tenant);
-    assert_eq!(
-        (r["decision"].as_str(), r["outcome"].as_str()),
-        (Some("denied"), Some("not-enforced")),
-        "{r}"
-    );
+    let r = agent.wait_record(&tenant);
+    assert_eq!((r.decision, r.outcome), (Decision::Denied, Outcome::NotEnforced), "{r:?}");
     let m = agent.scrape();
     assert_eq!(sample(&m, "ioasid_enforcement_mechanism", &[("mechanism", "none")]), Some(1.0));
 }
@@ -294,7 +290,7 @@ fn reload_is_atomic_and_keeps_the_last_good_policy() {
     assert!(reloaded.is_some(), "file change not picked up:\n{}", agent.log());
     // The running VM must be judged by the new policy.
     let (status, summary, err) = finish(live);
-    assert_denied_as_recorded(&agent.wait_audit(&vm), status, &summary, &err);
+    assert_denied_as_recorded(&agent.wait_record(&vm), status, &summary, &err);
 
     // A bad file is rejected and the last good policy stays in force.
     write(&path, "default:\n  incoherent_dma: sometimes\n");
@@ -307,7 +303,7 @@ fn reload_is_atomic_and_keeps_the_last_good_policy() {
     let tenant = format!("{prefix}-tenant-after");
     let (status, summary, err) = file_add(&tenant, "0");
     // Denied right after exec (stop-ask), or by the verdict if the agent named it first.
-    assert_denied_as_recorded(&agent.wait_audit(&tenant), status, &summary, &err);
+    assert_denied_as_recorded(&agent.wait_record(&tenant), status, &summary, &err);
 
     write(&path, "default:\n  incoherent_dma: allow\n");
     agent.signal(libc::SIGHUP);

@@ -116,16 +116,11 @@ enum Task {
 /// The lab's build: release binaries (under emulation a debug agent spends seconds parsing BTF
 /// at each start), the agent with the tests' fault injection (hidden `run` flags; never in the
 /// package or the image, which are built without it).
-const LAB_BUILD: &[&str] = &[
-    "build",
-    "--release",
-    "-p",
-    "ioasid-guest",
-    "-p",
-    "ioasid-agent",
-    "--features",
-    "ioasid-agent/fault-injection",
-];
+/// (`--features` names the agent's own feature only with the agent alone selected.)
+fn lab_build(root: &Path) -> Result<()> {
+    cargo(root, &["build", "--release", "-p", "ioasid-guest"])?;
+    cargo(root, &["build", "--release", "-p", "ioasid-agent", "--features", "fault-injection"])
+}
 
 /// Debian packages: (package, why).
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -223,7 +218,7 @@ fn main() -> Result<()> {
         }
         Task::Lab { kernels, script, filter } => {
             setup()?;
-            cargo(&root, LAB_BUILD)?;
+            lab_build(&root)?;
             lab::run(&root, &lab::Options { kernels, filter, script })
         }
         Task::Test { no_lab, args } => {
@@ -247,7 +242,7 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             let start = Instant::now();
-            cargo(&root, LAB_BUILD)?;
+            lab_build(&root)?;
             let r = lab::run(&root, &lab::Options { kernels: Vec::new(), filter: Vec::new(), script: None });
             eprintln!("xtask: lab took {:.1} s", start.elapsed().as_secs_f64());
             r

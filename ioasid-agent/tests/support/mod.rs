@@ -1,6 +1,7 @@
 //! Test harness for the kernel tests: the real agent binary, real guests, real scrapes.
 #![allow(dead_code, reason = "each test binary uses a different part of the harness")]
 
+use ioasid_agent::engine::record::{AuditRecord, Decision, Mechanism, RecordKind};
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -157,6 +158,17 @@ impl Agent {
         }
     }
 
+    /// Waits until an incoherent-DMA (or vfio-file-add) record for `vm` exists and returns it,
+    /// typed as the agent writes it.
+    pub fn wait_record(&self, vm: &str) -> AuditRecord {
+        let r = self.wait_audit(vm);
+        assert!(
+            matches!(r["event"].as_str(), Some(e) if e == RecordKind::IncoherentDma.label() || e == RecordKind::VfioFileAdd.label()),
+            "{r}"
+        );
+        serde_json::from_value(r.clone()).unwrap_or_else(|e| panic!("{e}: {r}"))
+    }
+
     pub fn scrape(&self) -> String {
         http_get(&self.addr, "/metrics")
     }
@@ -210,8 +222,20 @@ pub fn http_get(addr: &str, path: &str) -> String {
     resp.body_mut().read_to_string().unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
+/// Whether `name` is a sample of a family the agent registers (the registry's own list, so a
+/// misspelt name in a test fails here instead of reading as an absent series).
+pub fn known_metric(name: &str) -> bool {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        ioasid_agent::output::telemetry::Metrics::new().docs.iter().map(|d| d.name.clone()).collect()
+    });
+    let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+    names.iter().any(|n| n == name || n == family)
+}
+
 /// The value of the sample `name{labels}` (labels given as `k="v"` pairs, any order).
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    assert!(known_metric(name), "{name} is not a metric the agent registers");
     text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
         let (series, value) = line.rsplit_once(' ')?;
         let (n, rest) = series.split_once('{').unwrap_or((series, ""));
@@ -334,15 +358,14 @@ pub fn assert_denied(mechanism: &str, status: ExitStatus, summary: &serde_json::
 /// Asserts a denied FILE_ADD ended as its audit record says it was enforced: `lsm` means EPERM
 /// to a VMM that lives on; `sigkill` and `stop-ask` mean the VMM died by SIGKILL.
 pub fn assert_denied_as_recorded(
-    r: &serde_json::Value,
+    r: &AuditRecord,
     status: ExitStatus,
     summary: &serde_json::Value,
     err: &str,
 ) {
-    assert_eq!(r["decision"], "denied", "{r}");
-    let mechanism = r["mechanism"].as_str().unwrap_or_default();
-    assert!(["lsm", "sigkill", "stop-ask"].contains(&mechanism), "{r}");
-    assert_denied(if mechanism == "lsm" { "lsm" } else { "sigkill" }, status, summary, err);
+    assert_eq!(r.decision, Decision::Denied, "{r:?}");
+    assert!([Mechanism::Lsm, Mechanism::Sigkill, Mechanism::StopAsk].contains(&r.mechanism), "{r:?}");
+    assert_denied(if r.mechanism == Mechanism::Lsm { "lsm" } else { "sigkill" }, status, summary, err);
 }
 
 /// A guest that is killed if the test ends (or fails) before it is finished: a VFIO group is
