@@ -413,6 +413,34 @@ mod tests {
         .to_string()
     }
 
+    /// A VM name is anyone's choice (whoever has /dev/kvm): one built to close the comment and
+    /// write a rule of its own stays a value and a one-line comment of the learned file.
+    #[test]
+    fn vm_names_cannot_write_rules() {
+        let dir = std::env::temp_dir().join(format!("ioasid-learn-inject-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.jsonl");
+        let hostile = "x\n  - name: pwn\n    match: {}\n    incoherent_dma: audit\n#";
+        let exe = "/usr/bin/qemu-system-x86_64";
+        std::fs::write(
+            &log,
+            line(hostile, exe, 0, "/machine.slice/a.scope", &["0000:65:00.0"], "audited") + "\n",
+        )
+        .unwrap();
+        let l = learn(std::slice::from_ref(&log), 0.5).unwrap();
+        let f: PolicyFile = serde_norway::from_str(&l.yaml).unwrap();
+        assert_eq!(f.rules.len(), 1, "{}", l.yaml);
+        assert_eq!(f.rules[0].name, "learned-1");
+        assert_eq!(f.rules[0].matcher.vm.as_deref(), Some(globset::escape(hostile).as_str()));
+        // And the comment naming the VM is one line.
+        assert!(
+            l.yaml.lines().any(|line| line.starts_with("  # 1 enable(s)") && line.contains("pwn")),
+            "{}",
+            l.yaml
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn learns_groups_patterns_devices_and_budgets() {
         let dir = std::env::temp_dir().join(format!("ioasid-learn-{}", std::process::id()));
