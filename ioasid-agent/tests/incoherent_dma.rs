@@ -471,13 +471,15 @@ fn a_stopped_vmm_is_decided_even_if_its_event_is_lost() {
     assert!(status.success(), "the allowed VMM must be resumed: {err}");
     assert_eq!(summary["file_add_errno"], 22);
     assert!(started.elapsed() < Duration::from_secs(5) * slow(), "took {:?}", started.elapsed());
-    for (vm, decision, outcome) in [("tenant-1", "denied", "killed"), ("gpu-1", "allowed", "resumed")] {
-        let r = agent.wait_audit(&format!("{prefix}-{vm}"));
-        assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some(decision), Some(outcome)), "{r}");
-        assert!(r["reason"].as_str().unwrap_or("").contains("event lost"), "{r}");
+    for (vm, decision, outcome) in
+        [("tenant-1", Decision::Denied, Outcome::Killed), ("gpu-1", Decision::Allowed, Outcome::Resumed)]
+    {
+        let r = agent.wait_record(&format!("{prefix}-{vm}"));
+        assert_eq!((r.decision, r.outcome), (decision, outcome), "{r:?}");
+        assert!(r.reason.as_deref().unwrap_or("").contains("event lost"), "{r:?}");
         // The fds come from the kernel's ask record: the device's and the file's.
-        let (fd, file_fd) = (r["request"]["fd"].as_i64(), r["request"]["file_fd"].as_i64());
-        assert!(fd.is_some_and(|d| d > 2) && file_fd.is_some_and(|f| f > 2) && fd != file_fd, "{r}");
+        let (fd, file_fd) = (r.request.fd, r.request.file_fd);
+        assert!(fd > 2 && file_fd.is_some_and(|f| f > 2) && Some(fd) != file_fd, "{r:?}");
     }
     assert!(sample(&agent.scrape(), "ioasid_events_dropped_total", &[]).unwrap() > 0.0);
 }
@@ -613,10 +615,12 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
     assert_eq!(summary["file_add_errno"], 22);
     let (status, _, _) = finish(gd);
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
-    for (vm, decision, outcome) in [(&denied, "denied", "killed"), (&allowed, "allowed", "resumed")] {
-        let r = second.wait_audit(vm);
-        assert_eq!((r["decision"].as_str(), r["outcome"].as_str()), (Some(decision), Some(outcome)), "{r}");
-        assert!(r["reason"].as_str().unwrap_or("").contains("before this agent started"), "{r}");
+    for (vm, decision, outcome) in
+        [(&denied, Decision::Denied, Outcome::Killed), (&allowed, Decision::Allowed, Outcome::Resumed)]
+    {
+        let r = second.wait_record(vm);
+        assert_eq!((r.decision, r.outcome), (decision, outcome), "{r:?}");
+        assert!(r.reason.as_deref().unwrap_or("").contains("before this agent started"), "{r:?}");
     }
     let after = wbinvd_total(&second.scrape(), &counted);
     assert!(after.is_some_and(|n| n >= before), "counted {before} before the restart, {after:?} after");
@@ -741,8 +745,8 @@ fn a_learned_policy_replays_what_ran_and_denies_the_rest() {
     for vm in ["gpu-1", "gpu-2"] {
         let (status, _, err) = file_add(&format!("{prefix}-{vm}"), "0");
         assert!(status.success(), "{err}");
-        let r = agent.wait_audit(&format!("{prefix}-{vm}"));
-        assert_eq!(r["decision"], "audited", "{r}");
+        let r = agent.wait_record(&format!("{prefix}-{vm}"));
+        assert_eq!(r.decision, Decision::Audited, "{r:?}");
     }
     assert!(agent.stop().success());
     let log = agent.dir.path("audit.jsonl");
@@ -773,7 +777,7 @@ fn a_learned_policy_replays_what_ran_and_denies_the_rest() {
     let stranger = format!("{prefix}-tenant-1");
     let (status, _, _) = file_add(&stranger, "0");
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
-    assert_eq!(agent2.wait_audit(&stranger)["decision"], "denied");
+    assert_eq!(agent2.wait_record(&stranger).decision, Decision::Denied);
 }
 
 /// Learning live: `policy learn --follow` watches the audit log a running agent writes, across

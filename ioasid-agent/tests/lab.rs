@@ -10,6 +10,11 @@ mod support;
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
+use ioasid_agent::{
+    engine::record::{Coherency, Decision, Mechanism, Outcome, RecordKind},
+    host::vfio::{IommuCoherency, VfioKind},
+};
+
 use support::*;
 
 const LAB_ONLY: &str = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab";
@@ -151,13 +156,13 @@ fn a_real_noncoherent_enable_makes_every_wbinvd_flush() {
     let one = sample(&m, "ioasid_wbinvd_flush_cpus_bucket", &[("le", "1")]).unwrap_or(0.0);
     let two = sample(&m, "ioasid_wbinvd_flush_cpus_bucket", &[("le", "2")]).unwrap_or(0.0);
     assert!(two > one, "no flush reached both CPUs (le=1: {one}, le=2: {two}):\n{m}");
-    let r = agent.wait_audit(&name);
-    assert_eq!((r["decision"].as_str(), r["ret"].as_i64()), (Some("audited"), Some(0)), "{r}");
-    assert_eq!(r["kernel_coherent"], false, "the kernel's own verdict: {r}");
+    let r = agent.wait_record(&name);
+    assert_eq!((r.decision, r.ret), (Decision::Audited, Some(0)), "{r:?}");
+    assert_eq!(r.kernel_coherent, Some(false), "the kernel's own verdict: {r:?}");
     assert_eq!(
-        (r["vfio"]["kind"].as_str(), r["vfio"]["coherency"].as_str()),
-        (Some("group"), Some("not-enforced")),
-        "{r}"
+        r.vfio.as_ref().map(|v| (v.kind, v.coherency)),
+        Some((VfioKind::Group, IommuCoherency::NotEnforced)),
+        "{r:?}"
     );
     // FILE_DEL: coherent again.
     let coherent = eventually(Duration::from_secs(10), || {
@@ -183,8 +188,8 @@ fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
     let (status, summary, err) = vfio_guest(&name, 2 * slow(), &["--wbinvd", "20"]).finish();
     assert_denied("lsm", status, &summary, &err);
     assert_eq!(summary["wbinvd"], 20, "the VMM lives on and runs its guest: {summary}");
-    let r = agent.wait_audit(&name);
-    assert_eq!((r["mechanism"].as_str(), r["outcome"].as_str()), (Some("lsm"), Some("blocked")), "{r}");
+    let r = agent.wait_record(&name);
+    assert_eq!((r.mechanism, r.outcome), (Mechanism::Lsm, Outcome::Blocked), "{r:?}");
     let m = eventually(Duration::from_secs(5), || {
         let m = agent.scrape();
         (sample(&m, "ioasid_wbinvd_exits_total", &[("vm", &name), ("path", "exit")]) == Some(20.0))
@@ -207,11 +212,11 @@ fn a_noncoherent_enable_is_killed_in_the_kernel_without_the_lsm() {
     let name = format!("{prefix}-tenant");
     let (status, summary, err) = vfio_guest(&name, 2 * slow(), &["--wbinvd", "20"]).finish();
     assert_denied("sigkill", status, &summary, &err);
-    let r = agent.wait_audit(&name);
+    let r = agent.wait_record(&name);
     assert_eq!(
-        (r["mechanism"].as_str(), r["outcome"].as_str(), r["coherency"].as_str()),
-        (Some("sigkill"), Some("killed"), Some("noncoherent")),
-        "the kernel knew the group non-coherent and killed the VMM alone: {r}"
+        (r.mechanism, r.outcome, r.coherency),
+        (Mechanism::Sigkill, Outcome::Killed, Some(Coherency::Noncoherent)),
+        "the kernel knew the group non-coherent and killed the VMM alone: {r:?}"
     );
     let said = eventually(Duration::from_secs(3), || {
         agent
@@ -253,13 +258,13 @@ fn snoop_control_a_coherent_device_is_never_judged() {
             (Some(0), Some(1)),
             "{summary}"
         );
-        let r = agent.wait_audit(&name);
+        let r = agent.wait_record(&name);
         assert_eq!(
-            (r["event"].as_str(), r["coherency"].as_str(), r["decision"].as_str()),
-            (Some("vfio-file-add"), Some("coherent"), Some("allowed")),
-            "{r}"
+            (r.event, r.coherency, r.decision),
+            (RecordKind::VfioFileAdd, Some(Coherency::Coherent), Decision::Allowed),
+            "{r:?}"
         );
-        assert_eq!(r["kernel_coherent"], true, "the kernel's own verdict: {r}");
+        assert_eq!(r.kernel_coherent, Some(true), "the kernel's own verdict: {r:?}");
         let m = agent.scrape();
         let adds = sample(&m, "ioasid_vfio_file_adds_total", &[("vm", &name), ("coherency", "coherent")]);
         assert_eq!(adds, Some(1.0), "{m}");
