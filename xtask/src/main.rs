@@ -225,8 +225,11 @@ fn main() -> Result<()> {
             setup()?;
             require_kernel_tests()?;
             let start = Instant::now();
-            // The kernel tests run the guest binary of the same build.
-            cargo(&root, &["build", "-p", "ioasid-guest", "-p", "ioasid-agent"])?;
+            // The kernel tests run the guest binary of the same build; the agent is built with the
+            // features `cargo test` gives it (its dev-dependency on itself: fault injection), so
+            // the test run reuses it instead of building it again.
+            cargo(&root, &["build", "-p", "ioasid-guest"])?;
+            cargo(&root, &["build", "-p", "ioasid-agent", "--features", "fault-injection"])?;
             let mut test = vec!["test", "--workspace", "--exclude", "ioasid-ebpf"];
             test.extend(args.iter().map(String::as_str));
             let r = cargo(&root, &test);
