@@ -102,3 +102,44 @@ fn replay_reports_bad_lines_and_still_evaluates_the_rest() {
     assert!(err.contains("4 line(s)"), "{err}");
     assert_eq!(out.lines().filter(|l| l.contains("gpu-1") && l.contains("denied")).count(), 2, "{out}");
 }
+
+/// A FIFO (or a device) where a file is expected is an error at once, never a hang: `open(2)`
+/// of a FIFO waits for a writer, so before the fix `policy check FIFO` (and `replay`, `policy
+/// learn`) never returned.
+#[test]
+fn user_paths_that_are_fifos_are_errors_not_hangs() {
+    let dir = TempDir::new("cli-fifo");
+    let fifo = dir.path("policy.yaml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    for args in [
+        vec!["policy", "check", fifo],
+        vec!["replay", fifo, "--policy", fifo],
+        vec!["policy", "learn", fifo],
+        vec!["replay", "/dev/zero", "--policy", fifo],
+    ] {
+        let started = std::time::Instant::now();
+        let mut child = Command::new(agent_path())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("{args:?} hangs on a FIFO");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?}: {err}");
+        assert!(err.contains("not a regular file"), "{args:?}: {err}");
+    }
+}

@@ -838,3 +838,33 @@ fn learning_live_follows_the_log_across_a_rotation() {
 fn learned_policy(yaml: &str) -> PolicyFile {
     serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("{e}: {yaml}"))
 }
+
+/// A policy file replaced by a FIFO: the once-a-second change check must not wait on it (open(2)
+/// of a FIFO waits for a writer). Before the fix the event loop stopped there, every VMM that
+/// asked stayed stopped and /healthz failed; now the FIFO is not a policy, the last good one
+/// stays in force and a VMM that asks is decided at once.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_policy_file_replaced_by_a_fifo_blocks_nothing() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("fifo");
+    let (agent, dir) = agent_with_policy(&prefix, &[]);
+    let path = dir.path("policy.yaml");
+    std::fs::remove_file(&path).unwrap();
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Two change checks (once a second) see the FIFO.
+    std::thread::sleep(Duration::from_millis(2500));
+    let tenant = format!("{prefix}-tenant-1");
+    let started = std::time::Instant::now();
+    // Killed by the guard if the test fails: a VMM the agent never decides stays stopped.
+    let g = GuestGuard::spawn(&["--name", &format!("guest={tenant},debug-threads=on"), "--file-add"]);
+    let r = agent.wait_record(&tenant);
+    let (status, summary, err) = g.finish();
+    assert_eq!((r.decision, r.rule.as_str()), (Decision::Denied, "everyone-else-untrusted"), "{r:?}");
+    assert_denied_as_recorded(&r, status, &summary, &err);
+    assert!(started.elapsed() < Duration::from_secs(5) * slow(), "decided in {:?}", started.elapsed());
+    assert_eq!(http_get(&agent.addr, "/healthz"), "ok\n");
+}

@@ -125,7 +125,7 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     let mut actor = Actor::new(kernel, settings, policy, metrics, audit, record);
     start_actor(&mut actor, &cfg, blast_on, gate);
     if let Some(path) = &cfg.ready_file {
-        std::fs::write(path, serving.local.to_string())
+        crate::host::files::write(path, serving.local.to_string().as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let Serving { health, mut refresh, .. } = serving;

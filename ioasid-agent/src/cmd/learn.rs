@@ -266,7 +266,8 @@ pub fn run(
     };
     match out {
         Some(path) => {
-            std::fs::write(path, &l.yaml).with_context(|| format!("writing {}", path.display()))?;
+            crate::host::files::write(path, l.yaml.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
             eprintln!(
                 "{}: learned from {} enables ({} denied ones not learned); review it, then `policy check` and enforce",
                 path.display(),
@@ -311,7 +312,7 @@ pub fn watch(logs: &[PathBuf], d: std::time::Duration) -> Result<Collected> {
     let followed = logs
         .iter()
         .map(|p| {
-            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            let f = crate::host::files::open_read(p).with_context(|| format!("opening {}", p.display()))?;
             Ok(Followed { path: p.clone(), file: Some(f), rest: Vec::new() })
         })
         .collect::<Result<_>>()?;
@@ -373,7 +374,8 @@ impl Follower {
             let held = f.file.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
             let now = std::fs::metadata(&f.path).ok().map(|m| (m.dev(), m.ino()));
             if now.is_some() && now != held {
-                if let Some(old) = std::mem::replace(&mut f.file, std::fs::File::open(&f.path).ok()) {
+                if let Some(old) = std::mem::replace(&mut f.file, crate::host::files::open_read(&f.path).ok())
+                {
                     self.rotated.push((old, std::mem::take(&mut f.rest)));
                 }
             }

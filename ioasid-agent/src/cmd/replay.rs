@@ -25,7 +25,7 @@ pub struct Line {
 /// than MAX_LINE, not UTF-8 or not JSON is reported by number on stderr and skipped. Returns
 /// the readable lines and how many were not.
 pub fn read_lines(path: &std::path::Path) -> Result<(Vec<Line>, usize)> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = crate::host::files::open_read(path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
     let (mut lines, mut bad, mut raw) = (Vec::new(), 0usize, Vec::new());
     for i in 0.. {

@@ -2,6 +2,7 @@
 //! (`vfio`), the single-instance marker (`instance`) and the raw syscalls (`sys`). Every reader
 //! takes its root (`/proc`, `/sys`) from its caller, so tests point it at a fixture tree.
 
+pub mod files;
 pub mod instance;
 pub mod pidfd;
 pub mod procfs;

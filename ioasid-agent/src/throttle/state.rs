@@ -61,7 +61,7 @@ impl StateFile {
     }
 
     pub fn load(&self) -> Result<Vec<Entry>, ThrottleError> {
-        match std::fs::read(&self.path) {
+        match crate::host::files::read(&self.path) {
             Ok(b) => serde_json::from_slice(&b)
                 .map_err(|e| ThrottleError::State { path: self.path.clone(), why: e.to_string() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),

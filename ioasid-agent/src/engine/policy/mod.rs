@@ -202,8 +202,8 @@ impl Policy {
     /// the agent, /dev/zero would fill its memory.
     pub fn load_bytes(path: &Path) -> Result<(Self, Vec<u8>), PolicyError> {
         use std::io::Read;
-        let read_err = |source| PolicyError::Read { path: path.into(), source };
-        let file = std::fs::File::open(path).map_err(read_err)?;
+        let read_err = |error| PolicyError::Read { path: path.into(), error };
+        let file = crate::host::files::open_read(path).map_err(read_err)?;
         let meta = file.metadata().map_err(read_err)?;
         let invalid = |message: String| PolicyError::Invalid { path: path.into(), message };
         if !meta.is_file() {

@@ -37,10 +37,7 @@ fn hash(bytes: &[u8]) -> u64 {
 /// The hash of a regular file's content (bounded like a policy load), if it can be read.
 fn file_hash(path: &Path) -> Option<u64> {
     use std::io::Read;
-    let file = std::fs::File::open(path).ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
+    let file = crate::host::files::open_read(path).ok()?;
     let mut bytes = Vec::new();
     file.take(super::MAX_POLICY_BYTES + 1).read_to_end(&mut bytes).ok()?;
     Some(hash(&bytes))

@@ -310,7 +310,7 @@ impl AuditLog {
 }
 
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    crate::host::files::open_append(path)
 }
 
 /// Whether `path` still names the open `file` (same device and inode).
