@@ -143,3 +143,19 @@ fn user_paths_that_are_fifos_are_errors_not_hangs() {
         assert!(err.contains("not a regular file"), "{args:?}: {err}");
     }
 }
+
+/// A VM name is anyone's choice: one carrying terminal control sequences is printed escaped by
+/// `replay`, never raw to the operator's terminal (before: `esc^[]0;OWNED^G^[[2J` reached it).
+#[test]
+fn replay_escapes_vm_names() {
+    let dir = TempDir::new("cli");
+    let pol = dir.path("p.yaml");
+    write(&pol, "default:\n  incoherent_dma: audit\n");
+    let events = dir.path("events.jsonl");
+    let line = r#"{"time":"t","host":"h","vm":"esc\u001b]0;OWNED\u0007\u001b[2J","pid":5,"comm":"qemu","exe":null,"cgroup":null,"uid":0,"request":{"ioctl":"KVM_SET_DEVICE_ATTR","attr":"KVM_DEV_VFIO_FILE_ADD","fd":3,"file_fd":4,"device_fd_known":true},"vfio":null,"rule":"default","decision":"audited","mechanism":"none","outcome":"completed","ret":-22,"reason":null,"policy":"x"}"#;
+    std::fs::write(&events, format!("{line}\n")).unwrap();
+    let (code, out, err) = agent(&["replay", events.to_str().unwrap(), "--policy", pol.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+    assert!(out.contains(r"esc\x1b]0;OWNED\x07\x1b[2J"), "{out:?}");
+}

@@ -116,14 +116,17 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
                 })
             );
         } else {
+            // VM names (anyone with /dev/kvm picks them) and the texts around them reach a
+            // terminal: escaped, so no control sequence does.
+            let esc = crate::util::text::escape;
             println!(
                 "{:<24} {:<8} {:<10} {:<10} {:<24} {}",
-                rec.vm,
+                esc(&rec.vm),
                 rec.pid,
                 rec.decision,
                 decision,
-                rule,
-                reason.unwrap_or_default()
+                esc(&rule),
+                esc(&reason.unwrap_or_default())
             );
         }
     }
