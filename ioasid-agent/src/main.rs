@@ -22,6 +22,12 @@ fn main() -> std::process::ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    if matches!(cli.command, Command::Run(_) | Command::Status(_)) {
+        // Before any BPF object: kernels before 5.11 count them against this limit.
+        if let Err(e) = ioasid_agent::host::sys::raise_memlock() {
+            tracing::debug!("RLIMIT_MEMLOCK not raised: {e}");
+        }
+    }
     let result = match &cli.command {
         Command::Run(args) => cmd::run::run(args),
         Command::Status(args) => cmd::status::run(args),

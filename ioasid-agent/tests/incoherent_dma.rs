@@ -1,8 +1,9 @@
 //! Kernel tests: incoherent-DMA enables judged against a policy and enforced in the kernel.
 //!
-//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian 6.1 and 6.12
-//! (`cargo xtask lab`); each test asks the kernel what it provides (hooks, enforcement
-//! mechanism, the path KVM takes for WBINVD) and asserts the outcome for it.
+//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian kernels
+//! (`cargo xtask lab`; which test runs on which kernel: docs/testing.md); each test asks the
+//! kernel what it provides (hooks, enforcement mechanism, the path KVM takes for WBINVD) and
+//! asserts the outcome for it.
 //!
 //! The guest walks QEMU's path: KVM_CREATE_VM, KVM_CREATE_DEVICE(VFIO), then
 //! KVM_SET_DEVICE_ATTR(KVM_DEV_VFIO_FILE, FILE_ADD) with an ordinary fd, which the kernel

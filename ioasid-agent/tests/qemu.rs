@@ -1,9 +1,10 @@
 //! Kernel test with a real VMM: Debian's QEMU under KVM, named like libvirt names VMs, running a
 //! tiny flat `-bios` ROM that executes exactly N WBINVD and M INVD, then exits QEMU.
 //!
-//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian 6.1 and 6.12
-//! (`cargo xtask lab`); each test asks the kernel what it provides (hooks, enforcement
-//! mechanism, the path KVM takes for WBINVD) and asserts the outcome for it.
+//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian kernels
+//! (`cargo xtask lab`; which test runs on which kernel: docs/testing.md); each test asks the
+//! kernel what it provides (hooks, enforcement mechanism, the path KVM takes for WBINVD) and
+//! asserts the outcome for it.
 
 mod support;
 

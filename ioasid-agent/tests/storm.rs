@@ -1,8 +1,9 @@
 //! Kernel tests: WBINVD cost, budgets and storm detection with real storming guests.
 //!
-//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian 6.1 and 6.12
-//! (`cargo xtask lab`); each test asks the kernel what it provides (hooks, enforcement
-//! mechanism, the path KVM takes for WBINVD) and asserts the outcome for it.
+//! Kernels covered: this machine's (`cargo xtask test`) and the lab's Debian kernels
+//! (`cargo xtask lab`; which test runs on which kernel: docs/testing.md); each test asks the
+//! kernel what it provides (hooks, enforcement mechanism, the path KVM takes for WBINVD) and
+//! asserts the outcome for it.
 
 mod support;
 
@@ -88,7 +89,15 @@ fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet()
     let (status, qsum, err) = finish(q);
     assert!(status.success(), "{err}");
 
-    let m = agent.scrape();
+    // The counters are read from the kernel's maps periodically: wait until the last
+    // WBINVD of both guests is in (under emulation the quiet guest ends just before this).
+    let (n, qn) = (summary["wbinvd"].as_f64().unwrap(), qsum["wbinvd"].as_f64().unwrap());
+    let m = eventually(Duration::from_secs(5), || {
+        let m = agent.scrape();
+        let count = |vm: &str| sample(&m, "ioasid_wbinvd_handler_seconds_count", &[("vm", vm)]);
+        (count(&loud) == Some(n) && count(&quiet) == Some(qn)).then_some(m)
+    })
+    .unwrap_or_else(|| agent.scrape());
     assert_eq!(sample(&m, "ioasid_dos_alerts_total", &[("vm", &loud)]), Some(1.0), "no flapping");
     assert_eq!(sample(&m, "ioasid_wbinvd_storm", &[("vm", &quiet)]), Some(0.0));
     assert_eq!(
@@ -98,11 +107,9 @@ fn a_storm_raises_within_a_second_and_clears_and_a_quiet_neighbour_stays_quiet()
     );
     // Exact counts, and a handler-time histogram that counts every one of them.
     // Each one once, on the path this kernel takes (emulated here; hardware exits in the lab).
-    let n = summary["wbinvd"].as_f64().unwrap();
     let path = |p| sample(&m, "ioasid_wbinvd_exits_total", &[("vm", &loud), ("path", p)]).unwrap_or(0.0);
     assert_eq!(path("exit") + path("emulated"), n, "{m}");
     assert_eq!(sample(&m, "ioasid_wbinvd_handler_seconds_count", &[("vm", &loud)]), Some(n));
-    let qn = qsum["wbinvd"].as_f64().unwrap();
     assert_eq!(sample(&m, "ioasid_wbinvd_handler_seconds_count", &[("vm", &quiet)]), Some(qn));
     let mean = sample(&m, "ioasid_wbinvd_handler_seconds_sum", &[("vm", &loud)]).unwrap() / n;
     assert!((50e-9..1e-3).contains(&mean), "implausible mean handler time {mean} s");
@@ -407,13 +414,12 @@ fn blast_radius_series_are_absent_where_the_kernel_lacks_the_hooks() {
     let _g = serial();
     let out = Command::new(agent_path()).args(["status", "--json"]).output().unwrap();
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let hook =
-        st["hooks"].as_array().unwrap().iter().find(|h| h["hook"] == "fentry/wbinvd_ipi").cloned().unwrap();
-    if hook["attached"] == true {
-        eprintln!("fentry/wbinvd_ipi loads on this kernel: the lab test covers blast radius here");
+    let blast = &st["blast_radius"];
+    if blast["on"] == true {
+        eprintln!("blast radius is measured on this kernel: the lab test covers it here ({blast})");
         return;
     }
-    assert!(hook["reason"].as_str().is_some_and(|r| !r.is_empty()), "status says why: {hook}");
+    assert!(blast["reason"].as_str().is_some_and(|r| !r.is_empty()), "status says why: {blast}");
     let agent = Agent::start(&[]);
     let name = unique("noblast");
     let (status, _, err) = finish(guest(&["--name", &name, "--rate", "20000", "--duration", "1"]));

@@ -45,8 +45,10 @@ pub fn cost_bucket(ns: u64) -> u32 {
     bucket(ns, &COST_BUCKETS_NS)
 }
 
-/// Upper bounds of the flush-CPU-count buckets; index `FLUSH_CPU_BUCKETS.len()` is +Inf.
-pub const FLUSH_CPU_BUCKETS: [u32; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+/// Upper bounds of the flush-CPU-count buckets; index `FLUSH_CPU_BUCKETS.len()` is +Inf. A
+/// flush can reach no CPU at all: 5.10's KVM never flushes the calling CPU, so a vCPU that
+/// stayed on its CPU since its last WBINVD flushes nothing.
+pub const FLUSH_CPU_BUCKETS: [u32; 10] = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256];
 pub const FLUSH_CPUS_LEN: u32 = FLUSH_CPU_BUCKETS.len() as u32 + 1;
 
 #[inline(always)]
@@ -98,9 +100,10 @@ mod tests {
         assert_eq!(cost_bucket(100_000_001), 16);
         assert_eq!(cost_bucket(u64::MAX), 16);
         assert_eq!(flush_cpus_bucket(0), 0);
-        assert_eq!(flush_cpus_bucket(3), 2);
-        assert_eq!(flush_cpus_bucket(256), 8);
-        assert_eq!(flush_cpus_bucket(257), 9);
+        assert_eq!(flush_cpus_bucket(1), 1);
+        assert_eq!(flush_cpus_bucket(3), 3);
+        assert_eq!(flush_cpus_bucket(256), 9);
+        assert_eq!(flush_cpus_bucket(257), 10);
     }
 }
 

@@ -6,11 +6,31 @@
 /// Where a program attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookKind {
-    TracePoint { category: &'static str, name: &'static str },
-    BtfTracePoint { name: &'static str },
-    FEntry { function: &'static str },
-    FExit { function: &'static str },
-    Lsm { hook: &'static str },
+    TracePoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    BtfTracePoint {
+        name: &'static str,
+    },
+    FEntry {
+        function: &'static str,
+    },
+    FExit {
+        function: &'static str,
+    },
+    /// A kprobe: the alternative of an fentry where the function has no BTF (kernels before
+    /// 5.11 have no module BTF), on kernels with kprobes.
+    KProbe {
+        function: &'static str,
+    },
+    /// A kretprobe: the alternative of an fexit, likewise.
+    KRetProbe {
+        function: &'static str,
+    },
+    Lsm {
+        hook: &'static str,
+    },
 }
 
 /// Groups of alternatives: the first hook of a group (in table order) that attaches serves;
@@ -19,12 +39,23 @@ pub const GROUP_VM_ENTRY: &str = "vm-entry";
 pub const GROUP_IOCTL_ENTER: &str = "ioctl-enter";
 pub const GROUP_IOCTL_EXIT: &str = "ioctl-exit";
 pub const GROUP_FLUSH_CPUS: &str = "flush-cpus";
+pub const GROUP_EXIT_HANDLER_START: &str = "exit-handler-start";
+pub const GROUP_EXIT_HANDLER_END: &str = "exit-handler-end";
+pub const GROUP_EMULATOR_HANDLER_START: &str = "emulator-handler-start";
+pub const GROUP_EMULATOR_HANDLER_END: &str = "emulator-handler-end";
+pub const GROUP_FLUSH_IPI_START: &str = "flush-ipi-start";
+pub const GROUP_FLUSH_IPI_END: &str = "flush-ipi-end";
+pub const GROUP_NONCOHERENT_REGISTER: &str = "noncoherent-register";
+pub const GROUP_NONCOHERENT_UNREGISTER: &str = "noncoherent-unregister";
+pub const GROUP_LSM_IOCTL: &str = "lsm-ioctl";
+pub const GROUP_KERNEL_VERDICT: &str = "kernel-verdict";
 
 /// Labels the agent names in its own logic (the rest are only in the table).
 pub const HOOK_TP_BTF_SYS_ENTER: &str = "tp_btf/sys_enter";
 pub const HOOK_FENTRY_WBINVD_IPI: &str = "fentry/wbinvd_ipi";
 pub const HOOK_FEXIT_WBINVD_IPI: &str = "fexit/wbinvd_ipi";
 pub const HOOK_LSM_FILE_IOCTL: &str = "lsm/file_ioctl";
+pub const HOOK_LSM_FILE_IOCTL_DENY: &str = "lsm/file_ioctl:deny-only";
 pub const HOOK_FEXIT_KVM_VFIO_SET_ATTR: &str = "fexit/kvm_vfio_set_attr";
 
 /// One hook.
@@ -68,7 +99,7 @@ macro_rules! hook {
     };
 }
 
-use HookKind::{BtfTracePoint, FEntry, FExit, Lsm};
+use HookKind::{BtfTracePoint, FEntry, FExit, KProbe, KRetProbe, Lsm};
 
 /// Every hook, in attach order (alternatives: preferred first).
 pub const HOOKS: &[HookSpec] = &[
@@ -149,16 +180,32 @@ pub const HOOKS: &[HookSpec] = &[
         "ioasid_fentry_kvm_emulate_wbinvd",
         FEntry { function: "kvm_emulate_wbinvd" },
         true,
-        None,
+        Some(GROUP_EXIT_HANDLER_START),
         "WBINVD exit handler start (exact handler time)"
+    ),
+    hook!(
+        "kprobe/kvm_emulate_wbinvd",
+        "ioasid_kprobe_kvm_emulate_wbinvd",
+        KProbe { function: "kvm_emulate_wbinvd" },
+        true,
+        Some(GROUP_EXIT_HANDLER_START),
+        "WBINVD exit handler start, where kvm has no BTF (5.10)"
     ),
     hook!(
         "fentry/emulator_wbinvd",
         "ioasid_fentry_emulator_wbinvd",
         FEntry { function: "emulator_wbinvd" },
         true,
-        None,
+        Some(GROUP_EMULATOR_HANDLER_START),
         "WBINVD emulator handler start (exact handler time)"
+    ),
+    hook!(
+        "kprobe/emulator_wbinvd",
+        "ioasid_kprobe_emulator_wbinvd",
+        KProbe { function: "emulator_wbinvd" },
+        true,
+        Some(GROUP_EMULATOR_HANDLER_START),
+        "WBINVD emulator handler start, where kvm has no BTF (5.10)"
     ),
     hook!(
         "fentry/wbinvd_on_cpus_mask",
@@ -174,47 +221,111 @@ pub const HOOKS: &[HookSpec] = &[
         FEntry { function: "on_each_cpu_cond_mask" },
         true,
         Some(GROUP_FLUSH_CPUS),
-        "CPUs each WBINVD flush reaches (older kernels: KVM's on_each_cpu_mask(..., wbinvd_ipi))"
+        "CPUs each WBINVD flush reaches (6.1-6.16: KVM's on_each_cpu_mask(..., wbinvd_ipi))"
+    ),
+    hook!(
+        "fentry/smp_call_function_many",
+        "ioasid_fentry_smp_call_function_many",
+        FEntry { function: "smp_call_function_many" },
+        true,
+        Some(GROUP_FLUSH_CPUS),
+        "CPUs each WBINVD flush reaches (5.10: KVM's smp_call_function_many(..., wbinvd_ipi), which never flushes the calling CPU)"
     ),
     hook!(
         HOOK_FENTRY_WBINVD_IPI,
         "ioasid_fentry_wbinvd_ipi",
         FEntry { function: "wbinvd_ipi" },
         true,
-        None,
-        "blast radius: a flush IPI interrupts a task on another CPU (kernels before ~6.17)"
+        Some(GROUP_FLUSH_IPI_START),
+        "blast radius: a flush IPI interrupts a task on another CPU (KVM's wbinvd_ipi, 6.1-6.16)"
+    ),
+    hook!(
+        "fentry/__wbinvd",
+        "ioasid_fentry_wbinvd_fn",
+        FEntry { function: "__wbinvd" },
+        true,
+        Some(GROUP_FLUSH_IPI_START),
+        "blast radius: a flush IPI interrupts a task on another CPU (what wbinvd_on_cpus_mask runs there, ~6.17+)"
+    ),
+    hook!(
+        "kprobe/wbinvd_ipi",
+        "ioasid_kprobe_wbinvd_ipi",
+        KProbe { function: "wbinvd_ipi" },
+        true,
+        Some(GROUP_FLUSH_IPI_START),
+        "blast radius: a flush IPI interrupts a task on another CPU, where kvm has no BTF (5.10)"
     ),
     hook!(
         HOOK_FEXIT_WBINVD_IPI,
         "ioasid_fexit_wbinvd_ipi",
         FExit { function: "wbinvd_ipi" },
         true,
-        None,
-        "blast radius: the time a flush IPI took from the task it interrupted"
+        Some(GROUP_FLUSH_IPI_END),
+        "blast radius: the time a flush IPI took from the task it interrupted (6.1-6.16)"
+    ),
+    hook!(
+        "fexit/__wbinvd",
+        "ioasid_fexit_wbinvd_fn",
+        FExit { function: "__wbinvd" },
+        true,
+        Some(GROUP_FLUSH_IPI_END),
+        "blast radius: the time a flush IPI took from the task it interrupted (~6.17+)"
+    ),
+    hook!(
+        "kretprobe/wbinvd_ipi",
+        "ioasid_kretprobe_wbinvd_ipi",
+        KRetProbe { function: "wbinvd_ipi" },
+        true,
+        Some(GROUP_FLUSH_IPI_END),
+        "blast radius: the time a flush IPI took, where kvm has no BTF (5.10)"
     ),
     hook!(
         "fexit/kvm_emulate_wbinvd",
         "ioasid_fexit_kvm_emulate_wbinvd",
         FExit { function: "kvm_emulate_wbinvd" },
         true,
-        None,
+        Some(GROUP_EXIT_HANDLER_END),
         "WBINVD exit handler calls"
+    ),
+    hook!(
+        "kretprobe/kvm_emulate_wbinvd",
+        "ioasid_kretprobe_kvm_emulate_wbinvd",
+        KRetProbe { function: "kvm_emulate_wbinvd" },
+        true,
+        Some(GROUP_EXIT_HANDLER_END),
+        "WBINVD exit handler calls, where kvm has no BTF (5.10)"
     ),
     hook!(
         "fexit/emulator_wbinvd",
         "ioasid_fexit_emulator_wbinvd",
         FExit { function: "emulator_wbinvd" },
         true,
-        None,
+        Some(GROUP_EMULATOR_HANDLER_END),
         "WBINVD emulator handler calls"
+    ),
+    hook!(
+        "kretprobe/emulator_wbinvd",
+        "ioasid_kretprobe_emulator_wbinvd",
+        KRetProbe { function: "emulator_wbinvd" },
+        true,
+        Some(GROUP_EMULATOR_HANDLER_END),
+        "WBINVD emulator handler calls, where kvm has no BTF (5.10)"
     ),
     hook!(
         HOOK_LSM_FILE_IOCTL,
         "ioasid_lsm_file_ioctl",
         Lsm { hook: "file_ioctl" },
         true,
-        None,
+        Some(GROUP_LSM_IOCTL),
         "observes, judges and enforces the ioctl path with fexit/kvm_vfio_set_attr (no syscall tracepoint); else denies FILE_ADD with -EPERM"
+    ),
+    hook!(
+        HOOK_LSM_FILE_IOCTL_DENY,
+        "ioasid_lsm_file_ioctl_deny",
+        Lsm { hook: "file_ioctl" },
+        true,
+        Some(GROUP_LSM_IOCTL),
+        "denies FILE_ADD with -EPERM, judged as at sys_enter, on kernels whose verifier refuses the observing program (5.10: no bpf_task_pt_regs)"
     ),
     hook!(
         HOOK_FEXIT_KVM_VFIO_SET_ATTR,
@@ -229,40 +340,107 @@ pub const HOOKS: &[HookSpec] = &[
         "ioasid_fexit_vfio_file_enforced_coherent",
         FExit { function: "vfio_file_enforced_coherent" },
         true,
-        None,
+        Some(GROUP_KERNEL_VERDICT),
         "the kernel's own coherency verdict for each FILE_ADD"
+    ),
+    hook!(
+        "kretprobe/vfio_external_check_extension",
+        "ioasid_kretprobe_vfio_external_check_extension",
+        KRetProbe { function: "vfio_external_check_extension" },
+        true,
+        Some(GROUP_KERNEL_VERDICT),
+        "the kernel's own coherency verdict for each FILE_ADD (before 6.2: kvm-vfio asks VFIO_DMA_CC_IOMMU)"
     ),
     hook!(
         "fentry/kvm_arch_register_noncoherent_dma",
         "ioasid_fentry_register_noncoherent",
         FEntry { function: "kvm_arch_register_noncoherent_dma" },
         true,
-        None,
+        Some(GROUP_NONCOHERENT_REGISTER),
         "a VM becomes non-coherent"
+    ),
+    hook!(
+        "kprobe/kvm_arch_register_noncoherent_dma",
+        "ioasid_kprobe_register_noncoherent",
+        KProbe { function: "kvm_arch_register_noncoherent_dma" },
+        true,
+        Some(GROUP_NONCOHERENT_REGISTER),
+        "a VM becomes non-coherent, where kvm has no BTF (5.10)"
     ),
     hook!(
         "fentry/kvm_arch_unregister_noncoherent_dma",
         "ioasid_fentry_unregister_noncoherent",
         FEntry { function: "kvm_arch_unregister_noncoherent_dma" },
         true,
-        None,
+        Some(GROUP_NONCOHERENT_UNREGISTER),
         "a VM is coherent again"
+    ),
+    hook!(
+        "kprobe/kvm_arch_unregister_noncoherent_dma",
+        "ioasid_kprobe_unregister_noncoherent",
+        KProbe { function: "kvm_arch_unregister_noncoherent_dma" },
+        true,
+        Some(GROUP_NONCOHERENT_UNREGISTER),
+        "a VM is coherent again, where kvm has no BTF (5.10)"
     ),
 ];
 
-/// The hooks whose attachment makes the handler hooks the WBINVD cost source (all four).
-pub const HANDLER_COST_HOOKS: [&str; 4] = [
-    "fentry/kvm_emulate_wbinvd",
-    "fexit/kvm_emulate_wbinvd",
-    "fentry/emulator_wbinvd",
-    "fexit/emulator_wbinvd",
+/// The groups whose hooks make the handlers the WBINVD cost source (all four served).
+pub const HANDLER_COST_GROUPS: [&str; 4] = [
+    GROUP_EXIT_HANDLER_START,
+    GROUP_EXIT_HANDLER_END,
+    GROUP_EMULATOR_HANDLER_START,
+    GROUP_EMULATOR_HANDLER_END,
 ];
 
 /// The hooks that, both attached, serve the whole ioctl path without any syscall tracepoint.
 pub const LSM_IOCTL_HOOKS: [&str; 2] = [HOOK_LSM_FILE_IOCTL, HOOK_FEXIT_KVM_VFIO_SET_ATTR];
 
-/// The hooks that measure who a flush interrupts (blast radius): both are needed.
-pub const BLAST_HOOKS: [&str; 2] = [HOOK_FENTRY_WBINVD_IPI, HOOK_FEXIT_WBINVD_IPI];
+/// The groups that measure who a flush interrupts (blast radius): both must be served.
+pub const BLAST_GROUPS: [&str; 2] = [GROUP_FLUSH_IPI_START, GROUP_FLUSH_IPI_END];
+
+/// A hook on a generic kernel function that serves ioasid only on kernels whose KVM calls it:
+/// it is attached only where the kernel has (`present`) or lacks `symbol`.
+#[derive(Debug, Clone, Copy)]
+pub struct OnlyWhere {
+    pub hook: &'static str,
+    pub symbol: &'static str,
+    pub present: bool,
+    /// Why, as `status` says it where the hook does not apply.
+    pub why: &'static str,
+}
+
+/// Hooks whose function every kernel has but whose KVM caller changed: `__wbinvd` is what
+/// `wbinvd_on_cpus_mask` runs (KVM's flush since ~6.17, when `wbinvd_ipi` went away), but
+/// `wbinvd_on_all_cpus` runs it on every kernel; KVM's flush lands in `on_each_cpu_cond_mask`
+/// where `on_each_cpu_mask` is an inline wrapper (6.x), and is a bare `smp_call_function_many`
+/// where `on_each_cpu_mask` is still a function of its own (5.10).
+pub const ONLY_WHERE: &[OnlyWhere] = &[
+    OnlyWhere {
+        hook: "fentry/__wbinvd",
+        symbol: "wbinvd_ipi",
+        present: false,
+        why: "KVM flushes through wbinvd_ipi on this kernel",
+    },
+    OnlyWhere {
+        hook: "fexit/__wbinvd",
+        symbol: "wbinvd_ipi",
+        present: false,
+        why: "KVM flushes through wbinvd_ipi on this kernel",
+    },
+    OnlyWhere {
+        hook: "fentry/on_each_cpu_cond_mask",
+        symbol: "on_each_cpu_mask",
+        present: false,
+        why: "on_each_cpu_mask is a function of its own here: KVM flushes with smp_call_function_many",
+    },
+    OnlyWhere {
+        hook: "fentry/smp_call_function_many",
+        symbol: "on_each_cpu_mask",
+        present: true,
+        why: "on_each_cpu_mask is inline here: KVM's flush runs through on_each_cpu_cond_mask",
+    },
+];
 
 /// The hook of `label`.
 pub fn hook(label: &str) -> Option<&'static HookSpec> {
@@ -286,13 +464,14 @@ mod tests {
                 assert!(HOOKS.iter().filter(|o| o.group == Some(g)).all(|o| o.optional == h.optional));
             }
         }
-        for label in HANDLER_COST_HOOKS
-            .iter()
-            .chain(&LSM_IOCTL_HOOKS)
-            .chain(&BLAST_HOOKS)
-            .chain(&[HOOK_TP_BTF_SYS_ENTER])
-        {
+        for label in LSM_IOCTL_HOOKS.iter().chain(&[HOOK_TP_BTF_SYS_ENTER, HOOK_LSM_FILE_IOCTL_DENY]) {
             assert!(hook(label).is_some(), "{label}");
+        }
+        for only in ONLY_WHERE {
+            assert!(hook(only.hook).is_some(), "{}", only.hook);
+        }
+        for group in HANDLER_COST_GROUPS.iter().chain(&BLAST_GROUPS) {
+            assert!(HOOKS.iter().filter(|h| h.group == Some(group)).count() >= 2, "{group}");
         }
     }
 }

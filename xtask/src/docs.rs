@@ -21,6 +21,8 @@ pub fn hook_table() -> String {
             HookKind::BtfTracePoint { .. } => "tp_btf (raw tracepoint with BTF)",
             HookKind::FEntry { .. } => "fentry (trampoline)",
             HookKind::FExit { .. } => "fexit (trampoline)",
+            HookKind::KProbe { .. } => "kprobe",
+            HookKind::KRetProbe { .. } => "kretprobe",
             HookKind::Lsm { .. } => "BPF LSM",
         };
         let need = if h.optional { "optional" } else { "required" };
@@ -43,6 +45,14 @@ pub fn replace_block(text: &str, begin: &str, end: &str, content: &str) -> Resul
     let start = text.find(begin).with_context(|| format!("no marker {begin}"))?;
     let stop = text.find(end).with_context(|| format!("no marker {end}"))?;
     Ok(format!("{}{begin}\n{content}{}", &text[..start], &text[stop..]))
+}
+
+/// Where the lab's plan lives.
+pub const TESTING: &str = "docs/testing.md";
+
+/// docs/testing.md with its generated lab plan replaced.
+pub fn render_testing(testing: &str) -> Result<String> {
+    replace_block(testing, crate::lab::PLAN_BEGIN, crate::lab::PLAN_END, &crate::lab::plan_table())
 }
 
 /// docs/kernels.md with its generated hook table replaced.
@@ -106,6 +116,10 @@ pub fn write(root: &Path) -> Result<()> {
     let path = root.join("docs/cli.md");
     std::fs::write(&path, format!("{CLI_HEAD}{}", agent_reference(root, "cli")?))?;
     eprintln!("xtask: {} regenerated", path.display());
+    let path = root.join(TESTING);
+    let testing = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, render_testing(&testing)?)?;
+    eprintln!("xtask: {} regenerated", path.display());
     let rules = std::fs::read_to_string(root.join(RULES))?;
     std::fs::write(root.join(PROMETHEUS_RULE), prometheus_rule(&rules))?;
     eprintln!("xtask: {PROMETHEUS_RULE} regenerated");
@@ -126,6 +140,17 @@ mod tests {
             "{KERNELS}'s hook table is stale: run `cargo xtask docs`"
         );
         assert_eq!(hook_table().lines().count(), HOOKS.len() + 2);
+    }
+
+    #[test]
+    fn lab_plan_is_current() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let testing = std::fs::read_to_string(root.join(TESTING)).unwrap();
+        assert_eq!(
+            render_testing(&testing).unwrap(),
+            testing,
+            "{TESTING}'s lab plan is stale: run `cargo xtask docs`"
+        );
     }
 
     #[test]

@@ -36,11 +36,127 @@ const INITRD_MODULES: &[&str] = &[
     "overlay",
 ];
 
-/// The kernels of the matrix: an apt name pattern each; the newest match is used, so a
-/// point release that removes a build never breaks the lab.
-pub const KERNELS: &[(&str, &str)] = &[
-    ("debian-6.1", r"^linux-image-6\.1\.0-[0-9]+-amd64$"),
-    ("debian-6.12", r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64$"),
+/// What a boot runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tests {
+    /// Every kernel test binary (the newest kernel).
+    All,
+    /// The kernel-facing subset (`KERNEL_FACING`): hooks, exact counts, a real non-coherent
+    /// enable, denial, blast radius, storms under kill and throttle.
+    KernelFacing,
+    /// Only what tells the boot apart (5.10 with BPF LSM on its command line: the EPERM path).
+    Enforcement,
+}
+
+/// A subset of the kernel tests: per test binary, the name filters to run (none: all) and to
+/// skip.
+type Subset = &'static [(&'static str, &'static [&'static str], &'static [&'static str])];
+
+/// The kernel-facing subset: what the lab must show on every kernel (the hooks and what serves,
+/// exact WBINVD/INVD counts, a real non-coherent FILE_ADD and FILE_DEL, denial, blast radius,
+/// storms under kill and throttle).
+const KERNEL_FACING: Subset = &[
+    ("lab", &[], &["requests_on_real_vfio_files_only"]),
+    (
+        "storm",
+        &[
+            "the_kill_action_ends_the_storming_vmm_and_is_audited",
+            "a_throttled_storm_settles_under_budget_and_the_limit_comes_back",
+        ],
+        &[],
+    ),
+];
+
+/// The enforcement subset (5.10 with BPF LSM on its command line): the EPERM path, the ioctl
+/// path's families, and a second agent beside a first (BPF memory under RLIMIT_MEMLOCK).
+const ENFORCEMENT: Subset = &[
+    ("lab", &["hooks_on_module_functions_attach", "an_lsm_denial", "requests_on_real_vfio_files_only"], &[]),
+    ("incoherent_dma", &["deny_with_the_verdict_already_in_the_kernel", "one_agent_per_host"], &[]),
+];
+
+/// One kernel of the matrix, as Debian ships it.
+pub struct LabKernel {
+    pub name: &'static str,
+    /// The Debian suites that carry it; the mirror is the machine's own.
+    suites: &'static [&'static str],
+    /// The package with the image: a name pattern, `V` standing for the version part (resolved
+    /// to the newest match, never a hard-coded build).
+    image: &'static str,
+    /// The version part: an apt (POSIX) regular expression.
+    version: &'static str,
+    /// The other packages of a split kernel: their names with `V` for the same version.
+    companions: &'static [&'static str],
+    /// Added to the kernel command line.
+    cmdline: &'static str,
+    tests: Tests,
+    /// Also boots with an IOMMU that enforces coherency (the `snoop_control_*` tests).
+    snoop: bool,
+}
+
+/// A kernel of Debian's own suites, in one package, booted as shipped with the kernel-facing
+/// tests: what the matrix's entries change from.
+const STOCK: LabKernel = LabKernel {
+    name: "",
+    version: "",
+    suites: &[],
+    image: r"linux-image-V-amd64",
+    companions: &[],
+    cmdline: "",
+    tests: Tests::KernelFacing,
+    snoop: false,
+};
+
+/// Debian 11's 5.10: image and modules in one unsigned package.
+const BULLSEYE_5_10: LabKernel = LabKernel {
+    name: "debian-5.10",
+    version: r"5\.10\.0-[0-9]+",
+    suites: &["bullseye", "bullseye-security"],
+    image: r"linux-image-V-amd64-unsigned",
+    snoop: true,
+    ..STOCK
+};
+
+/// The matrix, oldest first. 5.10 boots twice: as Debian ships it (no `bpf` in the LSM list:
+/// denial by the in-kernel kill) and with BPF LSM on its command line (denial with EPERM).
+pub const KERNELS: &[LabKernel] = &[
+    BULLSEYE_5_10,
+    LabKernel {
+        name: "debian-5.10-lsm",
+        cmdline: "lsm=lockdown,yama,loadpin,safesetid,integrity,apparmor,selinux,smack,tomoyo,bpf",
+        tests: Tests::Enforcement,
+        snoop: false,
+        ..BULLSEYE_5_10
+    },
+    LabKernel {
+        name: "debian-6.1",
+        version: r"6\.1\.0-[0-9]+",
+        suites: &["bookworm", "bookworm-security"],
+        ..STOCK
+    },
+    LabKernel {
+        name: "debian-6.12",
+        version: r"6\.12\.[0-9]+\+deb12",
+        suites: &["bookworm", "bookworm-security"],
+        ..STOCK
+    },
+    // Only the signed image is served; a signed image is a bzImage with a signature appended.
+    LabKernel {
+        name: "debian-6.18",
+        version: r"6\.18\.[0-9]+\+deb13",
+        suites: &["trixie-backports"],
+        ..STOCK
+    },
+    // Split: the image (at /usr/lib/modules/V/vmlinuz.unsigned) and the modules apart.
+    LabKernel {
+        name: "debian-7.3",
+        version: r"7\.3\.[0-9]+\+deb13",
+        suites: &["trixie-backports"],
+        image: r"linux-binary-unsigned-V-amd64",
+        companions: &["linux-modules-V-amd64"],
+        tests: Tests::All,
+        snoop: true,
+        ..STOCK
+    },
 ];
 
 /// A VM that writes nothing to its test log for this long counts as hung (one test under
@@ -72,97 +188,248 @@ fn sh(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The newest package whose name matches `pattern` (Debian version order).
-fn resolve(pattern: &str) -> Result<String> {
-    let out = sh(Command::new("apt-cache").args(["search", "--names-only", pattern]))?;
-    let mut names: Vec<String> =
-        out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect();
-    if names.is_empty() {
-        // The package lists may be missing or stale on a fresh machine.
-        sh(Command::new("apt-get").args(["update", "-qq"]))?;
-        let out = sh(Command::new("apt-cache").args(["search", "--names-only", pattern]))?;
-        names = out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect();
-    }
-    let mut best: Option<(String, String)> = None;
-    for name in names {
-        let policy = sh(Command::new("apt-cache").args(["policy", &name]))?;
-        let Some(cand) =
-            policy.lines().find_map(|l| l.trim().strip_prefix("Candidate: ")).map(str::to_string)
-        else {
-            continue;
-        };
-        let newer = match &best {
-            None => true,
-            Some((_, v)) => Command::new("dpkg")
-                .args(["--compare-versions", &cand, "gt", v])
-                .status()
-                .is_ok_and(|s| s.success()),
-        };
-        if newer && cand != "(none)" {
-            best = Some((name, cand));
-        }
-    }
-    best.map(|(n, _)| n).with_context(|| format!("no Debian package matches {pattern}"))
+/// The lab's own apt: the machine's Debian mirror with the matrix's suites, its lists and
+/// state under the lab's cache. The machine's apt configuration and lists are never touched.
+struct Apt {
+    dir: PathBuf,
 }
 
-/// Downloads (once) and unpacks (once) a package; returns the directory it was unpacked into.
-fn unpack(cache: &Path, pkg: &str) -> Result<PathBuf> {
-    let debs = cache.join("debs");
-    std::fs::create_dir_all(&debs)?;
-    let have = |debs: &Path| -> Option<PathBuf> {
-        std::fs::read_dir(debs).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
-        })
-    };
-    let deb = match have(&debs) {
-        Some(d) => d,
-        None => {
-            eprintln!("lab: downloading {pkg}");
-            let download = || sh(Command::new("apt-get").current_dir(&debs).args(["download", "-qq", pkg]));
-            if download().is_err() {
-                // Stale package lists name a build the mirror no longer has: refresh, once.
-                sh(Command::new("apt-get").args(["update", "-qq"]))?;
-                download()?;
-            }
-            have(&debs).with_context(|| format!("apt-get download {pkg} left no .deb"))?
-        }
-    };
-    let dir = cache.join(format!("pkg-{pkg}"));
-    if !dir.join(".unpacked").exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-        sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
-        std::fs::write(dir.join(".unpacked"), "")?;
+/// The machine's Debian mirror, for its main and its security suites, and the keyring that
+/// signs them: (main URI, security URI, keyring), from /etc/apt's sources (deb822 or one-line).
+fn machine_mirrors() -> Result<(String, String, String)> {
+    let mut entries: Vec<(String, Vec<String>, Option<String>)> = Vec::new();
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir.filter_map(Result::ok).map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
     }
-    Ok(dir)
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let name = f.to_string_lossy();
+        if name.ends_with(".sources") {
+            for stanza in text.split("\n\n") {
+                let field = |k: &str| {
+                    stanza
+                        .lines()
+                        .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))
+                        .map(str::trim)
+                };
+                if field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb")) {
+                    if let (Some(uris), Some(suites)) = (field("URIs"), field("Suites")) {
+                        let suites: Vec<String> = suites.split_whitespace().map(str::to_string).collect();
+                        for uri in uris.split_whitespace() {
+                            entries.push((
+                                uri.to_string(),
+                                suites.clone(),
+                                field("Signed-By").map(str::to_string),
+                            ));
+                        }
+                    }
+                }
+            }
+        } else if name.ends_with(".list") {
+            for l in text.lines().map(str::trim).filter(|l| l.starts_with("deb ")) {
+                let mut words = l.split_whitespace().skip(1).peekable();
+                let mut keyring = None;
+                if words.peek().is_some_and(|w| w.starts_with('[')) {
+                    for w in words.by_ref() {
+                        if let Some(k) = w.trim_start_matches('[').strip_prefix("signed-by=") {
+                            keyring = Some(k.trim_end_matches(']').to_string());
+                        }
+                        if w.ends_with(']') {
+                            break;
+                        }
+                    }
+                }
+                if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+                    entries.push((uri.to_string(), vec![suite.to_string()], keyring));
+                }
+            }
+        }
+    }
+    let debian = |e: &&(String, Vec<String>, Option<String>)| e.0.trim_end_matches('/').contains("/debian");
+    let security = entries
+        .iter()
+        .filter(debian)
+        .find(|e| e.1.iter().any(|s| s.ends_with("-security")))
+        .context("the lab needs the machine's apt sources to name a Debian security mirror")?;
+    let main = entries
+        .iter()
+        .filter(debian)
+        .find(|e| e.1.iter().any(|s| !s.contains('-')))
+        .context("the lab needs the machine's apt sources to name a Debian mirror")?;
+    let keyring = main.2.clone().unwrap_or_else(|| "/usr/share/keyrings/debian-archive-keyring.gpg".into());
+    Ok((main.0.clone(), security.0.clone(), keyring))
+}
+
+impl Apt {
+    /// The lab's sources list (every suite of the matrix, on the machine's mirror), its lists
+    /// refreshed when missing, a day old, or when the sources changed.
+    fn new(cache: &Path) -> Result<Apt> {
+        let dir = cache.join("apt");
+        for d in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let (main, security, keyring) = machine_mirrors()?;
+        let mut suites: Vec<&str> = KERNELS.iter().flat_map(|k| k.suites.iter().copied()).collect();
+        suites.sort_unstable();
+        suites.dedup();
+        let mut list = String::new();
+        for suite in suites {
+            let uri = if suite.ends_with("-security") { &security } else { &main };
+            let _ = writeln!(list, "deb [signed-by={keyring}] {uri} {suite} main");
+        }
+        let apt = Apt { dir };
+        let path = apt.dir.join("sources.list");
+        let changed = std::fs::read_to_string(&path).ok().as_deref() != Some(list.as_str());
+        let stamp = apt.dir.join("updated");
+        let stale = std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t.elapsed().unwrap_or_default() > Duration::from_secs(24 * 3600));
+        if changed {
+            std::fs::write(&path, list)?;
+        }
+        if changed || stale {
+            apt.update()?;
+        }
+        Ok(apt)
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        let d = self.dir.display();
+        c.args(["-o", &format!("Dir::Etc::sourcelist={d}/sources.list")])
+            .args(["-o", "Dir::Etc::sourceparts=-"])
+            .args(["-o", &format!("Dir::State::Lists={d}/lists")])
+            .args(["-o", &format!("Dir::Cache={d}/cache")]);
+        c
+    }
+
+    fn update(&self) -> Result<()> {
+        eprintln!("lab: apt-get update (the lab's own lists, {})", self.dir.display());
+        sh(self.cmd("apt-get").args(["update", "-qq"]))?;
+        std::fs::write(self.dir.join("updated"), "")?;
+        Ok(())
+    }
+
+    /// Package names matching `pattern` (anchored), newest first by candidate version.
+    fn newest(&self, pattern: &str) -> Result<Option<String>> {
+        let out = sh(self.cmd("apt-cache").args(["search", "--names-only", pattern]))?;
+        let mut best: Option<(String, String)> = None;
+        for name in out.lines().filter_map(|l| l.split_whitespace().next()) {
+            let policy = sh(self.cmd("apt-cache").args(["policy", name]))?;
+            let Some(cand) = policy.lines().find_map(|l| l.trim().strip_prefix("Candidate: ")) else {
+                continue;
+            };
+            let newer = match &best {
+                None => true,
+                Some((_, v)) => Command::new("dpkg")
+                    .args(["--compare-versions", cand, "gt", v])
+                    .status()
+                    .is_ok_and(|s| s.success()),
+            };
+            if newer && cand != "(none)" {
+                best = Some((name.to_string(), cand.to_string()));
+            }
+        }
+        Ok(best.map(|(n, _)| n))
+    }
+
+    /// The newest package matching `pattern`; the lists are refreshed once if none does.
+    fn resolve(&self, pattern: &str) -> Result<String> {
+        if let Some(n) = self.newest(pattern)? {
+            return Ok(n);
+        }
+        self.update()?;
+        self.newest(pattern)?.with_context(|| format!("no Debian package matches {pattern}"))
+    }
+
+    /// Downloads `pkg` into `debs` (once): its .deb.
+    fn download(&self, debs: &Path, pkg: &str) -> Result<PathBuf> {
+        std::fs::create_dir_all(debs)?;
+        let have = |debs: &Path| -> Option<PathBuf> {
+            std::fs::read_dir(debs).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
+            })
+        };
+        if let Some(d) = have(debs) {
+            return Ok(d);
+        }
+        eprintln!("lab: downloading {pkg}");
+        let download = || sh(self.cmd("apt-get").current_dir(debs).args(["download", "-qq", pkg]));
+        if download().is_err() {
+            // Stale lists name a build the mirror no longer has: refresh, once.
+            self.update()?;
+            download()?;
+        }
+        have(debs).with_context(|| format!("apt-get download {pkg} left no .deb"))
+    }
+
+    /// Downloads (once) and unpacks (once) `pkgs` into one directory named after the first.
+    fn unpack(&self, cache: &Path, pkgs: &[String]) -> Result<PathBuf> {
+        let dir = cache.join(format!("pkg-{}", pkgs[0]));
+        if dir.join(".unpacked").exists() {
+            return Ok(dir);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        for pkg in pkgs {
+            let deb = self.download(&cache.join("debs"), pkg)?;
+            sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        }
+        std::fs::write(dir.join(".unpacked"), "")?;
+        Ok(dir)
+    }
 }
 
 /// One kernel ready to boot.
 pub struct Kernel {
     pub package: String,
     pub release: String,
-    root: PathBuf,
+    vmlinuz: PathBuf,
+    modules: PathBuf,
     initrd: PathBuf,
 }
 
-fn prepare(cache: &Path, pattern: &str, busybox: &Path) -> Result<Kernel> {
-    let package = resolve(pattern)?;
-    let root = unpack(cache, &package)?;
-    let release = std::fs::read_dir(root.join("lib/modules"))?
+fn prepare(apt: &Apt, cache: &Path, spec: &LabKernel, busybox: &Path) -> Result<Kernel> {
+    let (prefix, suffix) = spec.image.split_once('V').context("an image pattern has V")?;
+    let package = apt.resolve(&format!("^{prefix}{}{suffix}$", spec.version))?;
+    let version = &package[prefix.len()..package.len() - suffix.len()];
+    let mut pkgs = vec![package.clone()];
+    pkgs.extend(spec.companions.iter().map(|c| c.replace('V', version)));
+    let root = apt.unpack(cache, &pkgs)?;
+    // Debian before trixie ships /lib/modules and /boot/vmlinuz-*; trixie-era packages
+    // /usr/lib/modules, a split kernel its image as /usr/lib/modules/V/vmlinuz.unsigned.
+    let base = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|d| d.is_dir())
+        .context("the kernel's packages have no lib/modules")?;
+    let release = std::fs::read_dir(&base)?
         .filter_map(Result::ok)
         .find_map(|e| e.file_name().to_str().map(str::to_string))
-        .context("the kernel package has no lib/modules")?;
-    let moddir = root.join("lib/modules").join(&release);
-    if !moddir.join("modules.dep").exists() {
+        .context("the kernel's packages have no lib/modules/<release>")?;
+    let modules = base.join(&release);
+    let vmlinuz = [
+        root.join(format!("boot/vmlinuz-{release}")),
+        modules.join("vmlinuz"),
+        modules.join("vmlinuz.unsigned"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .context("the kernel's packages have no image (boot/vmlinuz-*, lib/modules/*/vmlinuz*)")?;
+    if !modules.join("modules.dep").exists() {
         // The host has no kmod; busybox's depmod writes what busybox's modprobe reads.
-        sh(Command::new(busybox).arg("depmod").arg("-b").arg(&root).arg(&release))?;
+        let depmod_root = base.parent().and_then(Path::parent).unwrap_or(&root);
+        sh(Command::new(busybox).arg("depmod").arg("-b").arg(depmod_root).arg(&release))?;
     }
     let initrd = cache.join(format!("initrd-{release}.gz"));
     if !initrd.exists() {
-        build_initrd(&moddir, busybox, &initrd)?;
+        build_initrd(&modules, busybox, &initrd)?;
     }
-    Ok(Kernel { package, release, root, initrd })
+    Ok(Kernel { package, release, vmlinuz, modules, initrd })
 }
 
 /// busybox, the modules to mount 9p + overlay, and an init that switches to the host's root.
@@ -258,7 +525,7 @@ mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # As systemd does: child cgroups get the cpu controller (cpu.max), for the throttle tests.
 echo +cpu > /sys/fs/cgroup/cgroup.subtree_control
 {scratch}
-mkdir -p /lib/modules/{rel}; mount --bind {root}/lib/modules/{rel} /lib/modules/{rel}
+mkdir -p /lib/modules/{rel}; mount --bind {modules} /lib/modules/{rel}
 {bb} ip link set lo up
 {bb} modprobe kvm_amd 2>&1 | head -3
 {bb} modprobe vfio-pci 2>&1 | head -3
@@ -271,7 +538,7 @@ sync
 {bb} poweroff -f
 "#,
         rel = kernel.release,
-        root = kernel.root.display(),
+        modules = kernel.modules.display(),
         bb = busybox.display(),
         script = script.display(),
         out = out.display(),
@@ -297,6 +564,7 @@ const SNOOP_PREFIX: &str = "snoop_control_";
 fn tests_script(
     bin: &Path,
     binaries: &[(String, PathBuf)],
+    tests: Tests,
     filter: &[String],
     out: &Path,
     snoop: bool,
@@ -306,12 +574,6 @@ fn tests_script(
         bin.join("ioasid-agent").display(),
         bin.join("ioasid-guest").display()
     );
-    let mut filter = filter.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(" ");
-    if snoop {
-        filter = SNOOP_PREFIX.to_string();
-    } else {
-        filter.push_str(&format!(" --skip {SNOOP_PREFIX}"));
-    }
     // The hook table of this kernel, for the kernel matrix (docs/kernels.md).
     let _ = writeln!(
         s,
@@ -319,17 +581,40 @@ fn tests_script(
         bin.join("ioasid-agent").display(),
         out.display()
     );
+    let quote = |fs: &[&str]| fs.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(" ");
+    let user: Vec<&str> = filter.iter().map(String::as_str).collect();
+    let subset = match tests {
+        Tests::All => None,
+        Tests::KernelFacing => Some(KERNEL_FACING),
+        Tests::Enforcement => Some(ENFORCEMENT),
+    };
     for (name, bin) in binaries {
+        // A name filter given to the lab applies to every binary; else the boot's own tests.
+        let filter = if snoop {
+            SNOOP_PREFIX.to_string()
+        } else {
+            let chosen = match subset {
+                _ if !user.is_empty() => quote(&user),
+                None => String::new(),
+                Some(set) => match set.iter().find(|(b, _, _)| b == name) {
+                    Some((_, run, skip)) => {
+                        let skip: Vec<String> = skip.iter().map(|f| format!("--skip '{f}'")).collect();
+                        format!("{} {}", quote(run), skip.join(" "))
+                    }
+                    None => continue,
+                },
+            };
+            format!("{chosen} --skip {SNOOP_PREFIX}")
+        };
         let _ = writeln!(s, "echo \"LAB-TEST-BEGIN {name}\" > {}/current", out.display());
         let _ = writeln!(s, "echo \"LAB-TEST-BEGIN {name}\"");
         // --include-ignored: the tests that need a real hypervisor kernel are ignored elsewhere.
         // The live Prometheus test, the manifests' validation and the syslog sink are about the
         // rules, dashboards, deployment files and audit sinks, not the kernel: they run on the
-        // host only (under emulation
-        // Prometheus itself is too slow to be timed).
+        // host only (under emulation Prometheus itself is too slow to be timed).
         let _ = writeln!(
             s,
-            "'{}' --test-threads=1 --include-ignored --skip dashboard_queries_and_alerts_work_on_a_live_prometheus --skip kubernetes_manifests_build_and_validate --skip audit_records_reach_a_real_syslog_daemon {filter}",
+            "'{}' --test-threads=1 --show-output --include-ignored --skip dashboard_queries_and_alerts_work_on_a_live_prometheus --skip kubernetes_manifests_build_and_validate --skip audit_records_reach_a_real_syslog_daemon {filter}",
             bin.display()
         );
         let _ = writeln!(s, "echo \"LAB-TEST-END {name} rc=$?\"");
@@ -346,7 +631,14 @@ struct Boot {
     timed_out: bool,
 }
 
-fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str, snoop: bool) -> Result<Boot> {
+fn boot(
+    kernel: &Kernel,
+    cmdline: &str,
+    busybox: &Path,
+    dir: &Path,
+    script_text: &str,
+    snoop: bool,
+) -> Result<Boot> {
     let out = dir.join("out");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
@@ -357,9 +649,9 @@ fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str, snoop: b
     set_exec(&stage2_path)?;
     let serial_path = dir.join("serial.log");
     let serial = std::fs::File::create(&serial_path)?;
-    let vmlinuz = kernel.root.join(format!("boot/vmlinuz-{}", kernel.release));
     let append = format!(
-        "console=ttyS0 panic=-1 oops=panic loglevel=4 intel_iommu=on lab.stage2={} lab.out={}",
+        "console=ttyS0 panic=-1 oops=panic loglevel=4 intel_iommu=on {} lab.stage2={} lab.out={}",
+        cmdline,
         stage2_path.display(),
         out.display()
     );
@@ -371,7 +663,7 @@ fn boot(kernel: &Kernel, busybox: &Path, dir: &Path, script_text: &str, snoop: b
         // starts and stops. Kernels run in parallel instead, one host core each.
         .args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2", "-m", "2048", "-machine", "q35"])
         .arg("-kernel")
-        .arg(&vmlinuz)
+        .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&kernel.initrd)
         .args(["-append", &append])
@@ -536,64 +828,143 @@ fn snapshot(root: &Path, binaries: &[(String, PathBuf)], bin: &Path) -> Result<V
 /// A boot's label, its kernel release, and what came of it (the boot and how many attempts).
 type BootOutcome = (String, String, Result<(Boot, u32), String>);
 
-/// One kernel's runs: boot, and boot once more after a crash or hang.
-fn run_kernel(
-    name: &str,
-    kernel: &Kernel,
-    busybox: &Path,
-    dir: &Path,
-    script: &str,
+/// One boot to run: a kernel of the matrix, with or without snoop control, and its script.
+struct Job<'a> {
+    label: String,
+    spec: &'a LabKernel,
+    kernel: &'a Kernel,
+    dir: PathBuf,
+    script: String,
     snoop: bool,
-) -> Result<(Boot, u32), String> {
-    let mut attempt = 0;
-    let iommu = if snoop { "an IOMMU with snoop control" } else { "an IOMMU without snoop control" };
-    loop {
-        attempt += 1;
-        eprintln!(
-            "lab: {name} ({}, {}, {iommu}): booting, attempt {attempt}",
-            kernel.package, kernel.release
-        );
-        let b = boot(kernel, busybox, dir, script, snoop).map_err(|e| format!("{e:#}"))?;
-        let _ = std::fs::write(dir.join(format!("serial-{attempt}.log")), &b.serial);
-        let _ = std::fs::write(dir.join(format!("tests-{attempt}.log")), &b.log);
-        match crash(&b) {
-            None => return Ok((b, attempt)),
-            Some(why) => {
-                let during = running_test(&b.log).map(|t| format!(" during {t}")).unwrap_or_default();
-                eprintln!(
-                    "lab: {name}: {why}{during} (serial log: {})",
-                    dir.join(format!("serial-{attempt}.log")).display()
-                );
-                if attempt == 2 {
-                    return Err(format!("{why}{during}, twice"));
+}
+
+impl Job<'_> {
+    /// How long it runs, roughly (longest first keeps the cores busy to the end).
+    fn weight(&self) -> u32 {
+        match (self.snoop, self.spec.tests) {
+            (true, _) => 1,
+            (false, Tests::Enforcement) => 2,
+            (false, Tests::KernelFacing) => 4,
+            (false, Tests::All) => 10,
+        }
+    }
+
+    /// Boots, and boots once more after a crash or hang.
+    fn run(&self, busybox: &Path) -> Result<(Boot, u32), String> {
+        let (name, kernel, dir) = (&self.label, self.kernel, &self.dir);
+        let iommu = if self.snoop { "an IOMMU with snoop control" } else { "an IOMMU without snoop control" };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            eprintln!(
+                "lab: {name} ({}, {}, {iommu}): booting, attempt {attempt}",
+                kernel.package, kernel.release
+            );
+            let b = boot(kernel, self.spec.cmdline, busybox, dir, &self.script, self.snoop)
+                .map_err(|e| format!("{e:#}"))?;
+            let _ = std::fs::write(dir.join(format!("serial-{attempt}.log")), &b.serial);
+            let _ = std::fs::write(dir.join(format!("tests-{attempt}.log")), &b.log);
+            match crash(&b) {
+                None => return Ok((b, attempt)),
+                Some(why) => {
+                    let during = running_test(&b.log).map(|t| format!(" during {t}")).unwrap_or_default();
+                    eprintln!(
+                        "lab: {name}: {why}{during} (serial log: {})",
+                        dir.join(format!("serial-{attempt}.log")).display()
+                    );
+                    if attempt == 2 {
+                        return Err(format!("{why}{during}, twice"));
+                    }
                 }
             }
         }
     }
 }
 
+pub const PLAN_BEGIN: &str = "<!-- generated: lab plan (cargo xtask docs) -->";
+pub const PLAN_END: &str = "<!-- end generated: lab plan -->";
+
+/// The lab's plan in Markdown: each kernel, where it comes from, how it boots and what runs there.
+pub fn plan_table() -> String {
+    let names = |fs: &[&str]| fs.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ");
+    let subset = |set: Subset| {
+        set.iter()
+            .map(|(bin, run, skip)| {
+                let run = if run.is_empty() { "all".to_string() } else { names(run) };
+                let skip = if skip.is_empty() { String::new() } else { format!(" but {}", names(skip)) };
+                format!("`tests/{bin}.rs`: {run}{skip}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut t = String::from(
+        "| kernel | Debian suites | package (newest match) | command line | tests | snoop-control boot |\n|---|---|---|---|---|---|\n",
+    );
+    for k in KERNELS {
+        let mut pkgs = vec![k.image.replace('V', k.version)];
+        pkgs.extend(k.companions.iter().map(|c| c.replace('V', k.version)));
+        let tests = match k.tests {
+            Tests::All => "every kernel test".to_string(),
+            Tests::KernelFacing => subset(KERNEL_FACING),
+            Tests::Enforcement => subset(ENFORCEMENT),
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {tests} | {} |",
+            k.name,
+            k.suites.join(", "),
+            pkgs.iter().map(|p| format!("`{}`", p.replace('|', "\\|"))).collect::<Vec<_>>().join(" + "),
+            if k.cmdline.is_empty() { "-".to_string() } else { format!("`{}`", k.cmdline) },
+            if k.snoop { "yes" } else { "-" },
+        );
+    }
+    t
+}
+
+/// How many VMs run at once: one per host core (single-threaded TCG), `IOASID_LAB_JOBS` to
+/// choose.
+fn parallel_boots() -> usize {
+    std::env::var("IOASID_LAB_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .max(1)
+}
+
 pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let cache = cache_dir();
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let busybox = unpack(&cache, "busybox-static")?.join("bin/busybox");
+    for k in &opts.kernels {
+        if !KERNELS.iter().any(|s| s.name == k) {
+            let names: Vec<&str> = KERNELS.iter().map(|s| s.name).collect();
+            bail!("no lab kernel {k} (the lab has {})", names.join(", "));
+        }
+    }
+    let apt = Apt::new(&cache)?;
+    let busybox = apt.unpack(&cache, &[apt.resolve("^busybox-static$")?])?.join("bin/busybox");
     let run_dir = root.join("target/lab");
     let bin = run_dir.join("bin");
     let binaries = snapshot(root, &test_binaries(root)?, &bin)?;
-    let chosen: Vec<&(&str, &str)> = KERNELS
+    let chosen: Vec<&LabKernel> = KERNELS
         .iter()
-        .filter(|(n, _)| opts.kernels.is_empty() || opts.kernels.iter().any(|k| k == n))
+        .filter(|k| opts.kernels.is_empty() || opts.kernels.iter().any(|n| n == k.name))
         .collect();
-    // Per kernel, one boot with an IOMMU that does not enforce coherency (every test but the
-    // snoop-control ones), then one with snoop control (only those).
-    let mut prepared = Vec::new();
-    for (name, pattern) in chosen {
-        let kernel = prepare(&cache, pattern, &busybox)?;
-        let mut boots = Vec::new();
+    // Every kernel is fetched before any boots: one that cannot be fails the lab, by name.
+    let mut kernels = Vec::new();
+    for spec in &chosen {
+        let kernel = prepare(&apt, &cache, spec, &busybox)
+            .with_context(|| format!("lab kernel {}: cannot be fetched or prepared", spec.name))?;
+        kernels.push(kernel);
+    }
+    // Per kernel, one boot with an IOMMU that does not enforce coherency (its tests but the
+    // snoop-control ones), and where the matrix says so one with snoop control (only those).
+    let mut jobs = Vec::new();
+    for (spec, kernel) in chosen.iter().zip(&kernels) {
         for snoop in [false, true] {
-            if snoop && opts.script.is_some() {
+            if snoop && (opts.script.is_some() || !spec.snoop) {
                 continue;
             }
-            let label = if snoop { format!("{name}+snoop") } else { name.to_string() };
+            let label = if snoop { format!("{}+snoop", spec.name) } else { spec.name.to_string() };
             let dir = run_dir.join(&label);
             std::fs::create_dir_all(&dir)?;
             let script = match &opts.script {
@@ -603,31 +974,39 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                     std::fs::copy(path, &copy).with_context(|| format!("reading {}", path.display()))?;
                     format!("set +e\nsh {}\necho LAB-ALL-DONE\n", copy.display())
                 }
-                None => tests_script(&bin, &binaries, &opts.filter, &dir.join("out"), snoop),
+                None => tests_script(&bin, &binaries, spec.tests, &opts.filter, &dir.join("out"), snoop),
             };
-            boots.push((label, dir, script, snoop));
+            jobs.push(Job { label, spec, kernel, dir, script, snoop });
         }
-        prepared.push((kernel, boots));
     }
-    // Every kernel at once: each VM runs on one host core (single-threaded TCG).
-    let outcomes: Vec<BootOutcome> = std::thread::scope(|s| {
-        let handles: Vec<_> = prepared
-            .iter()
-            .map(|(kernel, boots)| {
-                let busybox = &busybox;
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.weight()));
+    // One VM per core, longest first, each worker taking the next boot.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = parallel_boots().min(jobs.len().max(1));
+    let mut outcomes: Vec<(usize, BootOutcome)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (jobs, next, busybox) = (&jobs, &next, &busybox);
                 s.spawn(move || {
-                    boots
-                        .iter()
-                        .map(|(label, dir, script, snoop)| {
-                            let r = run_kernel(label, kernel, busybox, dir, script, *snoop);
-                            (label.clone(), kernel.release.clone(), r)
-                        })
-                        .collect::<Vec<_>>()
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(job) = jobs.get(i) else { break };
+                        let r = job.run(busybox);
+                        done.push((i, (job.label.clone(), job.kernel.release.clone(), r)));
+                    }
+                    done
                 })
             })
             .collect();
         handles.into_iter().flat_map(|h| h.join().expect("a lab thread panicked")).collect()
     });
+    // Reported in matrix order.
+    outcomes.sort_by_key(|(i, _)| {
+        let j = &jobs[*i];
+        (KERNELS.iter().position(|k| k.name == j.spec.name), j.snoop)
+    });
+    let outcomes: Vec<BootOutcome> = outcomes.into_iter().map(|(_, o)| o).collect();
     let mut report = Vec::new();
     let mut failed = false;
     let mut matrix = vec![host_status(root)];
@@ -637,7 +1016,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             matrix.push((name.clone(), release.clone(), v));
         }
     }
-    if opts.script.is_none() && matrix.len() == prepared.len() + 1 {
+    if opts.script.is_none() && matrix.len() == chosen.len() + 1 {
         write_matrix(root, &matrix)?;
     }
     for (name, release, outcome) in outcomes {
@@ -704,18 +1083,23 @@ fn host_status(root: &Path) -> (String, String, serde_json::Value) {
 const MATRIX_BEGIN: &str = "<!-- generated: kernel matrix (cargo xtask lab) -->";
 const MATRIX_END: &str = "<!-- end generated: kernel matrix -->";
 
-/// The kernel matrix (docs/kernels.md), from each kernel's `status --json` as the lab saw it.
+/// The kernel matrix (docs/kernels.md and the README), from each kernel's `status --json` as
+/// the lab saw it.
 fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Result<()> {
     let mut t = String::from(
-        "| kernel | release | hooks attached | not attached (why) | ioctl path | enforcement | WBINVD cost source |\n|---|---|---|---|---|---|---|\n",
+        "| kernel | release | hooks attached | refused, nothing serving instead (why) | ioctl path | enforcement | WBINVD handler time | flush reach | blast radius |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, release, v) in rows {
         let hooks = v["hooks"].as_array().cloned().unwrap_or_default();
-        let attached = hooks.iter().filter(|h| h["attached"] == true).count();
-        let standby = hooks.iter().filter(|h| h["standby"] == true).count();
+        let attached: Vec<&str> =
+            hooks.iter().filter(|h| h["attached"] == true).filter_map(|h| h["hook"].as_str()).collect();
+        let kprobes =
+            attached.iter().filter(|h| h.starts_with("kprobe/") || h.starts_with("kretprobe/")).count();
+        let group_of = |h: &serde_json::Value| h["hook"].as_str().and_then(ioasid_common::hooks::hook)?.group;
         let missing: Vec<String> = hooks
             .iter()
             .filter(|h| h["attached"] != true && h["standby"] != true)
+            .filter(|h| group_of(h).is_none_or(|g| v["serving"][g].is_null()))
             .map(|h| {
                 // The agent's typed refusal (status --json `refusal`): its kind, and the errno
                 // where the kernel gave one.
@@ -729,22 +1113,33 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
                 format!("`{}` ({why})", h["hook"].as_str().unwrap_or("?"))
             })
             .collect();
+        let serving = |g: &str| v["serving"][g].as_str().map_or("-".to_string(), |h| format!("`{h}`"));
         let _ = writeln!(
             t,
-            "| {name} | {release} | {attached} of {} ({standby} alternatives on standby) | {} | {} | {} | {} |",
+            "| {name} | {release} | {} of {}{} | {} | {} | {} | {} | {} | {} |",
+            attached.len(),
             hooks.len(),
+            if kprobes > 0 { format!(" ({kprobes} kprobes)") } else { String::new() },
             if missing.is_empty() { "-".to_string() } else { missing.join(", ") },
             v["ioctl_hooks"].as_str().unwrap_or("?"),
             v["enforcement_mechanism"].as_str().unwrap_or("?"),
             v["cost_source"].as_str().unwrap_or("?"),
+            serving("flush-cpus"),
+            if v["blast_radius"]["on"] == true {
+                serving("flush-ipi-start")
+            } else {
+                "not measured".to_string()
+            },
         );
     }
-    let path = root.join(crate::docs::KERNELS);
-    let doc = std::fs::read_to_string(&path)?;
-    let new = crate::docs::replace_block(&doc, MATRIX_BEGIN, MATRIX_END, &t)?;
-    if new != doc {
-        std::fs::write(&path, new)?;
-        eprintln!("lab: {} kernel matrix updated", crate::docs::KERNELS);
+    for doc in [crate::docs::KERNELS, "README.md"] {
+        let path = root.join(doc);
+        let text = std::fs::read_to_string(&path)?;
+        let new = crate::docs::replace_block(&text, MATRIX_BEGIN, MATRIX_END, &t)?;
+        if new != text {
+            std::fs::write(&path, new)?;
+            eprintln!("lab: {doc} kernel matrix updated");
+        }
     }
     Ok(())
 }

@@ -88,10 +88,11 @@ enum Task {
     /// Without the eBPF toolchain (hidden through IOASID_BPF_RUSTC/IOASID_BPF_LINKER): the
     /// workspace checks and the pure unit tests still build and pass (stub object).
     CheckAnywhere,
-    /// The kernel tests on stock Debian kernels (6.1, 6.12), each booted under QEMU with nested
-    /// KVM, an IOMMU without snoop control and a real VFIO device.
+    /// The kernel tests on stock Debian kernels (5.10, 6.1, 6.12, 6.18, 7.3), each booted under
+    /// QEMU with nested KVM, an IOMMU without snoop control and a real VFIO device.
     Lab {
-        /// Only these kernels (debian-6.1, debian-6.12); all by default.
+        /// Only these kernels (debian-5.10, debian-5.10-lsm, debian-6.1, debian-6.12, debian-6.18,
+        /// debian-7.3); all by default.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
         /// Instead of the tests, run this shell script inside each kernel's VM (its output is

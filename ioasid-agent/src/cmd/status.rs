@@ -51,6 +51,8 @@ fn json(loaded: &loader::Loaded) -> serde_json::Value {
         })
         .collect();
     let blast = loaded.blast_radius();
+    let mut groups: Vec<&str> = loaded.hooks.iter().filter_map(|h| h.spec.group).collect();
+    groups.dedup();
     let (filter_on, filter_reason) = match &loaded.file_filter {
         loader::FileFilter::On => (true, None),
         loader::FileFilter::Off(why) => (false, Some(why.to_string())),
@@ -62,6 +64,8 @@ fn json(loaded: &loader::Loaded) -> serde_json::Value {
         "ioctl_hooks": loaded.ioctl_family().label(),
         "file_filter": { "on": filter_on, "reason": filter_reason },
         "blast_radius": { "on": blast.is_ok(), "reason": blast.err().map(|e| e.to_string()) },
+        // Each group of alternatives and the hook that serves it (null: none does).
+        "serving": groups.into_iter().map(|g| (g, loaded.serving(g))).collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 

@@ -73,3 +73,27 @@ pub fn mount(fstype: &CStr, source: &CStr, target: &Path) -> std::io::Result<()>
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Lifts RLIMIT_MEMLOCK as far as this process may (unlimited with CAP_SYS_RESOURCE, else to
+/// the hard limit). Kernels before 5.11 charge BPF maps and programs to the user's locked
+/// memory, shared by every process of that user: without this, a second root process (a second
+/// agent checking the single-instance marker, `status` beside a running agent) is refused
+/// with EPERM. Later kernels charge the memory cgroup and ignore the limit.
+pub fn raise_memlock() -> std::io::Result<()> {
+    let infinite = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit/getrlimit read or write the struct passed, nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &infinite) } == 0 {
+        return Ok(());
+    }
+    let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    cur.rlim_cur = cur.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &cur) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -12,8 +12,10 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, fentry, fexit, tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext,
+    },
 };
 use ioasid_common::{
     cost::{
@@ -111,6 +113,22 @@ pub fn ioasid_fentry_emulator_wbinvd(_ctx: FEntryContext) -> i32 {
     0
 }
 
+/// kprobe kvm_emulate_wbinvd: the fentry's twin where kvm has no BTF (5.10).
+#[kprobe(function = "kvm_emulate_wbinvd")]
+pub fn ioasid_kprobe_kvm_emulate_wbinvd(_ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = current_ids();
+    start(tgid, tid, Path::Exit);
+    0
+}
+
+/// kprobe emulator_wbinvd: likewise.
+#[kprobe(function = "emulator_wbinvd")]
+pub fn ioasid_kprobe_emulator_wbinvd(_ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = current_ids();
+    start(tgid, tid, Path::Emulated);
+    0
+}
+
 /// fexit of either handler: see `programs::wbinvd`.
 #[inline(always)]
 pub fn handler_done() {
@@ -119,10 +137,12 @@ pub fn handler_done() {
 
 /// One pass over a flush's cpumask (the first `nr_cpus` bits, at most BLAST_MAX_CPUS = 512: an
 /// off-stack cpumask is allocated to `nr_cpu_ids` bits only): counts its CPUs into the
-/// CPUs-per-flush histogram, and marks each of them with the flusher, for its wbinvd_ipi there
-/// to find (blast radius; concurrent flushes aimed at one CPU: the later mark wins).
+/// CPUs-per-flush histogram, and marks each of them with the flusher, for the flush IPI there
+/// to find (blast radius; concurrent flushes aimed at one CPU: the later mark wins). With
+/// `skip_self` the calling CPU is left out: smp_call_function_many never runs the function
+/// there (5.10's KVM never flushes its own CPU).
 #[inline(always)]
-fn record_flush_cpus(mask: *const u64) {
+fn record_flush_cpus(mask: *const u64, skip_self: bool) {
     let nr = config().nr_cpus.min(BLAST_MAX_CPUS);
     // SAFETY: helpers without pointer arguments.
     let mark = FlushMark {
@@ -130,6 +150,7 @@ fn record_flush_cpus(mask: *const u64) {
         flusher_cpu: unsafe { bpf_get_smp_processor_id() },
         ktime_ns: unsafe { bpf_ktime_get_ns() },
     };
+    let own = mark.flusher_cpu;
     let mut cpus = 0u32;
     let mut w = 0u32;
     while w < BLAST_MAX_CPUS / 64 && w * 64 < nr {
@@ -137,6 +158,9 @@ fn record_flush_cpus(mask: *const u64) {
         let Ok(word) = (unsafe { bpf_probe_read_kernel(mask.wrapping_add(w as usize)) }) else { break };
         let valid = nr - w * 64;
         let mut word = if valid < 64 { word & ((1u64 << valid) - 1) } else { word };
+        if skip_self && own / 64 == w {
+            word &= !(1u64 << (own % 64));
+        }
         cpus += word.count_ones();
         let mut n = 0;
         while word != 0 && n < 64 {
@@ -161,7 +185,7 @@ fn record_flush_cpus(mask: *const u64) {
 /// CPU the vCPU ran on): how many CPUs the flush reaches.
 #[fentry(function = "wbinvd_on_cpus_mask")]
 pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
-    record_flush_cpus(ctx.arg(0));
+    record_flush_cpus(ctx.arg(0), false);
     0
 }
 
@@ -177,27 +201,41 @@ pub fn ioasid_fentry_on_each_cpu_cond_mask(ctx: FEntryContext) -> i32 {
     if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
         return 0;
     }
-    record_flush_cpus(ctx.arg(4));
+    record_flush_cpus(ctx.arg(4), false);
     0
 }
 
-/// fentry wbinvd_ipi(void *garbage) (arch/x86/kvm/x86.c, 6.1-6.16; static, address-taken): one
-/// CPU of a non-coherent VM's flush, in the IPI (or inline on the flusher's own CPU). The task
-/// running here was interrupted: the victim. Only flushes whose flusher marked this CPU count,
-/// and never on the flusher's own CPU.
-#[fentry(function = "wbinvd_ipi")]
-pub fn ioasid_fentry_wbinvd_ipi(_ctx: FEntryContext) -> i32 {
+/// fentry smp_call_function_many(const struct cpumask *mask, smp_call_func_t func, void *info,
+/// bool wait) (kernel/smp.c): how 5.10's KVM flushes (`smp_call_function_many(dirty_mask,
+/// wbinvd_ipi, NULL, 1)`), which runs `func` on every CPU of the mask but the calling one, so
+/// that one is not counted. Recognised, as above, by a thread handling a WBINVD.
+#[fentry(function = "smp_call_function_many")]
+pub fn ioasid_fentry_smp_call_function_many(ctx: FEntryContext) -> i32 {
+    if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
+        return 0;
+    }
+    record_flush_cpus(ctx.arg(0), true);
+    0
+}
+
+/// One CPU of a non-coherent VM's flush starts, in the IPI (or inline on the flusher's own
+/// CPU): the task running here was interrupted, the victim. Only flushes whose flusher marked
+/// this CPU count, and never on the flusher's own CPU. The mark is taken (consumed), so a
+/// later flush of the same function by somebody else (`wbinvd_on_all_cpus`...) is nobody's.
+#[inline(always)]
+fn flush_ipi_start() {
     // SAFETY: a helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(start) = IOASID_IPI_START.get_ptr_mut(0) else { return 0 };
-    let mark = match IOASID_FLUSH_TARGETS.get(cpu) {
-        Some(m) if m.flusher_tgid != 0 && m.flusher_cpu != cpu => *m,
-        _ => {
-            // SAFETY: this CPU's own element.
-            unsafe { (*start).start_ns = 0 };
-            return 0;
-        }
-    };
+    let Some(start) = IOASID_IPI_START.get_ptr_mut(0) else { return };
+    let Some(slot) = IOASID_FLUSH_TARGETS.get_ptr_mut(cpu) else { return };
+    // SAFETY: a live array element, copied, then cleared (each field is written whole).
+    let mark = unsafe { *slot };
+    unsafe { (*slot).flusher_tgid = 0 };
+    if mark.flusher_tgid == 0 || mark.flusher_cpu == cpu {
+        // SAFETY: this CPU's own element.
+        unsafe { (*start).start_ns = 0 };
+        return;
+    }
     // SAFETY: this CPU's own element; IPIs do not nest on a CPU.
     unsafe {
         *start = IpiStart {
@@ -206,17 +244,16 @@ pub fn ioasid_fentry_wbinvd_ipi(_ctx: FEntryContext) -> i32 {
             victim_tgid: current_ids().0,
         }
     };
-    0
 }
 
-/// fexit wbinvd_ipi: the flush's time on this CPU, stolen from the victim.
-#[fexit(function = "wbinvd_ipi")]
-pub fn ioasid_fexit_wbinvd_ipi(_ctx: FExitContext) -> i32 {
-    let Some(start) = IOASID_IPI_START.get_ptr_mut(0) else { return 0 };
+/// The flush on this CPU is done: its time, stolen from the victim.
+#[inline(always)]
+fn flush_ipi_end() {
+    let Some(start) = IOASID_IPI_START.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's own element.
     let s = unsafe { *start };
     if s.start_ns == 0 {
-        return 0;
+        return;
     }
     // SAFETY: as above; a helper without arguments.
     unsafe { (*start).start_ns = 0 };
@@ -224,5 +261,49 @@ pub fn ioasid_fexit_wbinvd_ipi(_ctx: FExitContext) -> i32 {
     let key = |kind| BlastKey { flusher_tgid: s.flusher_tgid, victim_tgid: s.victim_tgid, kind, _pad: 0 };
     percpu_add(&IOASID_BLAST, &key(BLAST_IPIS), 1);
     percpu_add(&IOASID_BLAST, &key(BLAST_NS), ns);
+}
+
+/// fentry wbinvd_ipi(void *garbage) (arch/x86/kvm/x86.c, up to 6.16; static, address-taken):
+/// what KVM's flush runs on each CPU.
+#[fentry(function = "wbinvd_ipi")]
+pub fn ioasid_fentry_wbinvd_ipi(_ctx: FEntryContext) -> i32 {
+    flush_ipi_start();
+    0
+}
+
+/// fexit wbinvd_ipi.
+#[fexit(function = "wbinvd_ipi")]
+pub fn ioasid_fexit_wbinvd_ipi(_ctx: FExitContext) -> i32 {
+    flush_ipi_end();
+    0
+}
+
+/// fentry __wbinvd(void *dummy) (arch/x86/lib/cache-smp.c; static, address-taken): what
+/// wbinvd_on_cpus_mask, KVM's flush from ~6.17, runs on each CPU (wbinvd_on_all_cpus too,
+/// whose CPUs nobody marked).
+#[fentry(function = "__wbinvd")]
+pub fn ioasid_fentry_wbinvd_fn(_ctx: FEntryContext) -> i32 {
+    flush_ipi_start();
+    0
+}
+
+/// fexit __wbinvd.
+#[fexit(function = "__wbinvd")]
+pub fn ioasid_fexit_wbinvd_fn(_ctx: FExitContext) -> i32 {
+    flush_ipi_end();
+    0
+}
+
+/// kprobe wbinvd_ipi: the fentry's twin where kvm has no BTF (5.10).
+#[kprobe(function = "wbinvd_ipi")]
+pub fn ioasid_kprobe_wbinvd_ipi(_ctx: ProbeContext) -> u32 {
+    flush_ipi_start();
+    0
+}
+
+/// kretprobe wbinvd_ipi: the fexit's twin.
+#[kretprobe(function = "wbinvd_ipi")]
+pub fn ioasid_kretprobe_wbinvd_ipi(_ctx: RetProbeContext) -> u32 {
+    flush_ipi_end();
     0
 }

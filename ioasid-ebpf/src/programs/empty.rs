@@ -3,8 +3,11 @@
 //! baseline of `cargo xtask bench`). Never attached by a normal run.
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fentry, fexit, lsm, tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, FExitContext, LsmContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, lsm, tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, LsmContext, ProbeContext, RetProbeContext,
+        TracePointContext,
+    },
 };
 
 macro_rules! empty {
@@ -41,4 +44,17 @@ empty! {
     fexit(function = "vfio_file_enforced_coherent") => ioasid_fexit_vfio_file_enforced_coherent_empty(FExitContext) -> i32;
     fentry(function = "kvm_arch_register_noncoherent_dma") => ioasid_fentry_register_noncoherent_empty(FEntryContext) -> i32;
     fentry(function = "kvm_arch_unregister_noncoherent_dma") => ioasid_fentry_unregister_noncoherent_empty(FEntryContext) -> i32;
+    kprobe(function = "kvm_emulate_wbinvd") => ioasid_kprobe_kvm_emulate_wbinvd_empty(ProbeContext) -> u32;
+    kprobe(function = "emulator_wbinvd") => ioasid_kprobe_emulator_wbinvd_empty(ProbeContext) -> u32;
+    fentry(function = "smp_call_function_many") => ioasid_fentry_smp_call_function_many_empty(FEntryContext) -> i32;
+    fentry(function = "__wbinvd") => ioasid_fentry_wbinvd_fn_empty(FEntryContext) -> i32;
+    kprobe(function = "wbinvd_ipi") => ioasid_kprobe_wbinvd_ipi_empty(ProbeContext) -> u32;
+    fexit(function = "__wbinvd") => ioasid_fexit_wbinvd_fn_empty(FExitContext) -> i32;
+    kretprobe(function = "wbinvd_ipi") => ioasid_kretprobe_wbinvd_ipi_empty(RetProbeContext) -> u32;
+    kretprobe(function = "kvm_emulate_wbinvd") => ioasid_kretprobe_kvm_emulate_wbinvd_empty(RetProbeContext) -> u32;
+    kretprobe(function = "emulator_wbinvd") => ioasid_kretprobe_emulator_wbinvd_empty(RetProbeContext) -> u32;
+    lsm(hook = "file_ioctl") => ioasid_lsm_file_ioctl_deny_empty(LsmContext) -> i32;
+    kprobe(function = "kvm_arch_register_noncoherent_dma") => ioasid_kprobe_register_noncoherent_empty(ProbeContext) -> u32;
+    kprobe(function = "kvm_arch_unregister_noncoherent_dma") => ioasid_kprobe_unregister_noncoherent_empty(ProbeContext) -> u32;
+    kretprobe(function = "vfio_external_check_extension") => ioasid_kretprobe_vfio_external_check_extension_empty(RetProbeContext) -> u32;
 }

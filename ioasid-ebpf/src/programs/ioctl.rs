@@ -26,8 +26,8 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_get_current_task_btf, bpf_send_signal, bpf_task_pt_regs},
     },
-    macros::{btf_tracepoint, fexit, lsm, tracepoint},
-    programs::{BtfTracePointContext, FExitContext, LsmContext, TracePointContext},
+    macros::{btf_tracepoint, fexit, kretprobe, lsm, tracepoint},
+    programs::{BtfTracePointContext, FExitContext, LsmContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use aya_log_ebpf::{info, warn};
@@ -606,11 +606,29 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
     if !is_watched_ioctl(cmd) {
         return 0;
     }
-    let ctl = control();
-    if ctl.lsm_observes != 0 {
+    if control().lsm_observes != 0 {
         return lsm_observe(&ctx, cmd);
     }
-    if cmd != KVM_SET_DEVICE_ATTR || ctl.enforce == 0 {
+    lsm_deny(&ctx, cmd)
+}
+
+/// LSM file_ioctl, denying only: the program for kernels whose verifier refuses the observing
+/// one (5.10 has neither bpf_get_current_task_btf nor bpf_task_pt_regs). The syscall
+/// tracepoints observe and judge; this returns -EPERM for a FILE_ADD the same judgement denies.
+#[lsm(hook = "file_ioctl")]
+pub fn ioasid_lsm_file_ioctl_deny(ctx: LsmContext) -> i32 {
+    // An earlier LSM's refusal stands.
+    match ctx.arg::<i32>(3) {
+        0 => lsm_deny(&ctx, ctx.arg(1)),
+        prev => prev,
+    }
+}
+
+/// The judgement sys_enter made for this FILE_ADD (sys_enter ran first and sent any signal),
+/// as the LSM's return value.
+#[inline(always)]
+fn lsm_deny(ctx: &LsmContext, cmd: u32) -> i32 {
+    if cmd != KVM_SET_DEVICE_ATTR || control().enforce == 0 {
         return 0;
     }
     let arg: u64 = ctx.arg(2);
@@ -704,11 +722,27 @@ pub fn ioasid_fexit_kvm_vfio_set_attr(ctx: FExitContext) -> i32 {
 #[fexit(function = "vfio_file_enforced_coherent")]
 pub fn ioasid_fexit_vfio_file_enforced_coherent(ctx: FExitContext) -> i32 {
     let Ok(ret) = ctx.ret::<u64>() else { return 0 };
+    kernel_verdict(ret & 0xff != 0);
+    0
+}
+
+/// kretprobe vfio_external_check_extension(struct vfio_group *, unsigned long arg) -> long
+/// (drivers/vfio, before 6.2; exported for kvm-vfio alone, which asks it VFIO_DMA_CC_IOMMU while
+/// it handles FILE_ADD): the same verdict, positive for coherent.
+#[kretprobe(function = "vfio_external_check_extension")]
+pub fn ioasid_kretprobe_vfio_external_check_extension(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret();
+    kernel_verdict(ret > 0);
+    0
+}
+
+/// Writes the kernel's verdict into this thread's in-flight FILE_ADD event, if it has one.
+#[inline(always)]
+fn kernel_verdict(coherent: bool) {
     let (_, tid) = current_ids();
     if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&tid) {
-        let verdict = if ret & 0xff != 0 { Coherency::Coherent } else { Coherency::Noncoherent };
+        let verdict = if coherent { Coherency::Coherent } else { Coherency::Noncoherent };
         // SAFETY: this thread's own in-flight event; sys_exit for it has not run yet.
         unsafe { (*ev).kernel_coherent = verdict.wire() };
     }
-    0
 }

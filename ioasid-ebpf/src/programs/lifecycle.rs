@@ -1,8 +1,8 @@
 //! Process and VM lifecycle.
 
 use aya_ebpf::{
-    macros::{fentry, tracepoint},
-    programs::{FEntryContext, TracePointContext},
+    macros::{fentry, kprobe, tracepoint},
+    programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use ioasid_common::{
     counters::Stat,
@@ -26,7 +26,7 @@ pub fn ioasid_sched_exec(_ctx: TracePointContext) -> u32 {
 /// non-coherent (x86, all 6.x). Optional: needs trampolines.
 #[fentry(function = "kvm_arch_register_noncoherent_dma")]
 pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
-    transition(&ctx, 1);
+    transition(ctx.arg(0), 1);
     noncoherent_kvm_add(current_ids().0, 1);
     0
 }
@@ -34,14 +34,29 @@ pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
 /// fentry kvm_arch_unregister_noncoherent_dma(struct kvm *kvm). Optional: needs trampolines.
 #[fentry(function = "kvm_arch_unregister_noncoherent_dma")]
 pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
-    transition(&ctx, 0);
+    transition(ctx.arg(0), 0);
+    noncoherent_kvm_add(current_ids().0, -1);
+    0
+}
+
+/// kprobe kvm_arch_register_noncoherent_dma: the fentry's twin where kvm has no BTF (5.10).
+#[kprobe(function = "kvm_arch_register_noncoherent_dma")]
+pub fn ioasid_kprobe_register_noncoherent(ctx: ProbeContext) -> u32 {
+    transition(ctx.arg(0).unwrap_or(0), 1);
+    noncoherent_kvm_add(current_ids().0, 1);
+    0
+}
+
+/// kprobe kvm_arch_unregister_noncoherent_dma: likewise.
+#[kprobe(function = "kvm_arch_unregister_noncoherent_dma")]
+pub fn ioasid_kprobe_unregister_noncoherent(ctx: ProbeContext) -> u32 {
+    transition(ctx.arg(0).unwrap_or(0), 0);
     noncoherent_kvm_add(current_ids().0, -1);
     0
 }
 
 #[inline(always)]
-fn transition(ctx: &FEntryContext, register: u32) {
-    let kvm: u64 = ctx.arg(0);
+fn transition(kvm: u64, register: u32) {
     let Some(mut entry) = IOASID_EVENTS.reserve::<TransitionEvent>(0) else {
         stat_inc(Stat::EventsDropped);
         return;

@@ -6,8 +6,8 @@
 
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel_buf,
-    macros::{fexit, tracepoint},
-    programs::{FExitContext, TracePointContext},
+    macros::{fexit, kretprobe, tracepoint},
+    programs::{FExitContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use ioasid_common::{
@@ -160,6 +160,24 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
 /// (ctxt->ops->wbinvd), so it is a real function with BTF. Optional: needs trampolines.
 #[fexit(function = "emulator_wbinvd")]
 pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
+    let (tgid, _) = current_ids();
+    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerEmulated);
+    cost::handler_done();
+    0
+}
+
+/// kretprobe kvm_emulate_wbinvd: the fexit's twin where kvm has no BTF (5.10).
+#[kretprobe(function = "kvm_emulate_wbinvd")]
+pub fn ioasid_kretprobe_kvm_emulate_wbinvd(_ctx: RetProbeContext) -> u32 {
+    let (tgid, _) = current_ids();
+    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerExit);
+    cost::handler_done();
+    0
+}
+
+/// kretprobe emulator_wbinvd: likewise.
+#[kretprobe(function = "emulator_wbinvd")]
+pub fn ioasid_kretprobe_emulator_wbinvd(_ctx: RetProbeContext) -> u32 {
     let (tgid, _) = current_ids();
     count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerEmulated);
     cost::handler_done();

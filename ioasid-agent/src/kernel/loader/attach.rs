@@ -1,10 +1,11 @@
 //! Attaching one hook: tracepoints by name, BTF-typed hooks (tp_btf, fentry, fexit) against
-//! vmlinux or, for functions of modules such as kvm and vfio, against the module's BTF.
+//! vmlinux or, for functions of modules such as kvm and vfio, against the module's BTF;
+//! kprobes and kretprobes by name, where a function has no BTF (no module BTF before 5.11).
 
 use std::path::Path;
 
 use aya::{
-    programs::{BtfTracePoint, FEntry, FExit, Lsm, Program, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, Lsm, Program, ProgramError, TracePoint},
     Btf,
 };
 use aya_obj::btf::BtfKind;
@@ -23,6 +24,13 @@ pub enum HookRefusal {
     /// The function or tracepoint does not exist on this kernel.
     #[error("this kernel has no {name} (not in vmlinux's BTF nor any module's)")]
     Absent { name: String },
+    /// The function exists, but without BTF to type a trampoline against (a module's function on
+    /// a kernel without module BTF): a kprobe twin serves where the kernel has kprobes.
+    #[error("this kernel has {name} but no BTF for it (no module BTF before Linux 5.11)")]
+    NoFunctionBtf { name: String },
+    /// The kernel has no kprobes (CONFIG_KPROBES off).
+    #[error("this kernel has no kprobes (no kprobe PMU, no kprobe_events)")]
+    NoKprobes,
     /// The modules' BTF could not be read or opened.
     #[error("{what}: {error}")]
     ModuleBtf { what: String, error: String },
@@ -34,6 +42,10 @@ pub enum HookRefusal {
     /// The kernel refused to load or attach it (errno, and the verifier's last lines).
     #[error("{message}{}", verifier.as_ref().map(|v| format!(" (verifier: {v})")).unwrap_or_default())]
     Kernel { errno: Option<i32>, message: String, verifier: Option<String> },
+    /// The kernel has the function, but its KVM does not call it for what the hook measures
+    /// (`ioasid_common::hooks::ONLY_WHERE`).
+    #[error("not used on this kernel: {why}")]
+    NotThisKernel { why: &'static str },
     /// The agent was asked not to attach it.
     #[error("not requested ({flag})")]
     NotRequested { flag: &'static str },
@@ -44,6 +56,25 @@ pub(super) struct Target<'a> {
     pub vmlinux: Option<&'a Btf>,
     /// The modules' BTF, read at the first lookup that needs it.
     pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, btf::BtfError>>,
+    /// /proc/kallsyms, read at the first lookup that needs it (None: unreadable).
+    pub kallsyms: std::cell::OnceCell<Option<String>>,
+}
+
+impl Target<'_> {
+    /// Whether the running kernel (or a loaded module) has a symbol `name`; None if kallsyms
+    /// cannot be read.
+    fn has_symbol(&self, name: &str) -> Option<bool> {
+        let text = self.kallsyms.get_or_init(|| std::fs::read_to_string("/proc/kallsyms").ok()).as_ref()?;
+        Some(text.lines().any(|l| l.split_whitespace().nth(2) == Some(name)))
+    }
+}
+
+/// Whether the kernel can attach kprobes: the kprobe PMU (perf_event_open) or tracefs's
+/// kprobe_events.
+fn kprobes_supported() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+        || Path::new("/sys/kernel/tracing/kprobe_events").exists()
+        || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists()
 }
 
 /// Where a BTF-typed attach point lives: vmlinux, or a module (the type's id in its split BTF,
@@ -70,6 +101,9 @@ fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, HookRefusa
                 .map_err(|e| module_btf(format!("{name} is in module {module}'s BTF"), &e))?;
             Ok(Place::Module(id, fd))
         }
+        Ok(None) if kind == btf::KIND_FUNC && target.has_symbol(name) == Some(true) => {
+            Err(HookRefusal::NoFunctionBtf { name: name.to_string() })
+        }
         Ok(None) => Err(HookRefusal::Absent { name: name.to_string() }),
         Err(e) => Err(module_btf(format!("looking for {name} in module BTF"), &e)),
     }
@@ -95,6 +129,12 @@ pub(super) fn attach(
     target: &Target<'_>,
     lsm_active: Option<bool>,
 ) -> Result<(), HookRefusal> {
+    for only in ioasid_common::hooks::ONLY_WHERE.iter().filter(|o| o.hook == spec.hook) {
+        // Unknown (no kallsyms): attached, as before this rule.
+        if target.has_symbol(only.symbol).is_some_and(|has| has != only.present) {
+            return Err(HookRefusal::NotThisKernel { why: only.why });
+        }
+    }
     match spec.kind {
         HookKind::TracePoint { category, name } => {
             let tp: &mut TracePoint = prog.try_into().map_err(describe)?;
@@ -106,6 +146,17 @@ pub(super) fn attach(
         }
         HookKind::FEntry { function } => btf_typed!(prog, FEntry, function, function, btf::KIND_FUNC, target),
         HookKind::FExit { function } => btf_typed!(prog, FExit, function, function, btf::KIND_FUNC, target),
+        HookKind::KProbe { function } | HookKind::KRetProbe { function } => {
+            if !kprobes_supported() {
+                return Err(HookRefusal::NoKprobes);
+            }
+            if target.has_symbol(function) == Some(false) {
+                return Err(HookRefusal::Absent { name: function.to_string() });
+            }
+            let p: &mut KProbe = prog.try_into().map_err(describe)?;
+            p.load().map_err(describe)?;
+            p.attach(function, 0).map_err(describe)?;
+        }
         HookKind::Lsm { hook } => {
             if lsm_active == Some(false) {
                 return Err(HookRefusal::LsmInactive);

@@ -15,7 +15,7 @@ use ioasid_common::{
     config::Control,
     cost::CostSource,
     hooks::{
-        HookKind, HookSpec, BLAST_HOOKS, HANDLER_COST_HOOKS, HOOKS, HOOK_LSM_FILE_IOCTL,
+        HookKind, HookSpec, BLAST_GROUPS, HANDLER_COST_GROUPS, HOOKS, HOOK_LSM_FILE_IOCTL,
         HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
     },
     names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
@@ -150,15 +150,12 @@ text_enum! {
     }
 }
 
-/// Why blast radius is not measured: a hook of `BLAST_HOOKS` that is not attached.
+/// Why blast radius is not measured: a group of `BLAST_GROUPS` that nothing serves, with why
+/// each of its hooks was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlastOff {
-    #[error("{hook}: {refusal}")]
-    Refused { hook: &'static str, refusal: HookRefusal },
-    #[error("{hook}: {by} serves instead")]
-    Standby { hook: &'static str, by: &'static str },
-    #[error("{hook}: not requested")]
-    Missing { hook: &'static str },
+    #[error("{}", refused.iter().map(|(h, r)| format!("{h}: {r}")).collect::<Vec<_>>().join("; "))]
+    Refused { group: &'static str, refused: Vec<(&'static str, HookRefusal)> },
 }
 
 /// How the agent wants the programs set up.
@@ -195,10 +192,20 @@ impl Loaded {
         self.hooks.iter().any(|h| h.spec.hook == hook && h.attached())
     }
 
-    /// Which programs time WBINVD handling: the handlers' fentry/fexit where all four attach,
-    /// else tracepoint pairs.
+    /// Whether a hook of `group` is attached.
+    fn served(&self, group: &str) -> bool {
+        self.serving(group).is_some()
+    }
+
+    /// The hook that serves `group` (its first alternative that attached).
+    pub fn serving(&self, group: &str) -> Option<&'static str> {
+        self.hooks.iter().find(|h| h.spec.group == Some(group) && h.attached()).map(|h| h.spec.hook)
+    }
+
+    /// Which programs time WBINVD handling: the handlers' hooks where all four groups are served
+    /// (fentry/fexit, or kprobes where kvm has no BTF), else tracepoint pairs.
     pub fn cost_source(&self) -> CostSource {
-        if HANDLER_COST_HOOKS.iter().all(|h| self.attached(h)) {
+        if HANDLER_COST_GROUPS.iter().all(|g| self.served(g)) {
             CostSource::Handlers
         } else {
             CostSource::Tracepoints
@@ -216,16 +223,20 @@ impl Loaded {
         }
     }
 
-    /// Whether the blast-radius hooks are attached, or why not.
+    /// Whether the blast-radius hooks are attached (a flush IPI's start and end), or why not.
     pub fn blast_radius(&self) -> Result<(), BlastOff> {
-        for hook in BLAST_HOOKS {
-            match self.hooks.iter().find(|h| h.spec.hook == hook).map(|h| &h.state) {
-                Some(HookState::Attached) => {}
-                Some(HookState::Refused(refusal)) => {
-                    return Err(BlastOff::Refused { hook, refusal: refusal.clone() })
-                }
-                Some(HookState::Standby(by)) => return Err(BlastOff::Standby { hook, by }),
-                None => return Err(BlastOff::Missing { hook }),
+        for group in BLAST_GROUPS {
+            if !self.served(group) {
+                let refused = self
+                    .hooks
+                    .iter()
+                    .filter(|h| h.spec.group == Some(group))
+                    .filter_map(|h| match &h.state {
+                        HookState::Refused(r) => Some((h.spec.hook, r.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                return Err(BlastOff::Refused { group, refused });
             }
         }
         Ok(())
@@ -273,7 +284,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         }
     }
     let ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
-    let target = Target { vmlinux: btf.as_ref(), modules: std::cell::OnceCell::new() };
+    let target = Target {
+        vmlinux: btf.as_ref(),
+        modules: std::cell::OnceCell::new(),
+        kallsyms: std::cell::OnceCell::new(),
+    };
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();

@@ -63,7 +63,7 @@ fn family(name: &str, help: &str, metrics: Vec<proto::Metric>) -> MetricFamily {
 pub(super) const HANDLER_HELP: &str =
     "Time KVM spent handling each guest WBINVD, by VM (source: see ioasid_wbinvd_cost_source).";
 pub(super) const FLUSH_CPUS_HELP: &str =
-    "Physical CPUs reached by each WBINVD flush (needs fentry on wbinvd_on_cpus_mask).";
+    "Physical CPUs reached by each WBINVD flush of a non-coherent VM (0: none; needs a flush-cpus hook, see status).";
 
 impl HistCollector {
     /// The collector, and the snapshot each sweep replaces.
