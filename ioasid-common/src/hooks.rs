@@ -120,22 +120,6 @@ pub const HOOKS: &[HookSpec] = &[
         "WBINVD/INVD run by KVM's emulator"
     ),
     hook!(
-        "tp_btf/kvm_entry",
-        "ioasid_tp_btf_kvm_entry",
-        BtfTracePoint { name: "kvm_entry" },
-        true,
-        Some(GROUP_VM_ENTRY),
-        "ends a WBINVD's handling time at the next VM entry (cheapest)"
-    ),
-    hook!(
-        "tracepoint/kvm/kvm_entry",
-        "ioasid_kvm_entry",
-        tp("kvm", "kvm_entry"),
-        true,
-        Some(GROUP_VM_ENTRY),
-        "ends a WBINVD's handling time at the next VM entry"
-    ),
-    hook!(
         HOOK_TP_BTF_SYS_ENTER,
         "ioasid_tp_btf_sys_enter",
         BtfTracePoint { name: "sys_enter" },
@@ -310,6 +294,22 @@ pub const HOOKS: &[HookSpec] = &[
         true,
         Some(GROUP_EMULATOR_HANDLER_END),
         "WBINVD emulator handler calls, where kvm has no BTF (5.10)"
+    ),
+    hook!(
+        "tp_btf/kvm_entry",
+        "ioasid_tp_btf_kvm_entry",
+        BtfTracePoint { name: "kvm_entry" },
+        true,
+        Some(GROUP_VM_ENTRY),
+        "ends a WBINVD's handling time at the next VM entry, where the handlers cannot be hooked (cheapest)"
+    ),
+    hook!(
+        "tracepoint/kvm/kvm_entry",
+        "ioasid_kvm_entry",
+        tp("kvm", "kvm_entry"),
+        true,
+        Some(GROUP_VM_ENTRY),
+        "ends a WBINVD's handling time at the next VM entry, where the handlers cannot be hooked"
     ),
     hook!(
         HOOK_LSM_FILE_IOCTL,

@@ -46,6 +46,9 @@ pub enum HookRefusal {
     /// (`ioasid_common::hooks::ONLY_WHERE`).
     #[error("not used on this kernel: {why}")]
     NotThisKernel { why: &'static str },
+    /// Another hook does its work here, at no cost to a hot path.
+    #[error("not needed: {why}")]
+    Unneeded { why: &'static str },
     /// The agent was asked not to attach it.
     #[error("not requested ({flag})")]
     NotRequested { flag: &'static str },

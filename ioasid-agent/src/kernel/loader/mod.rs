@@ -15,7 +15,7 @@ use ioasid_common::{
     config::Control,
     cost::CostSource,
     hooks::{
-        HookKind, HookSpec, BLAST_GROUPS, HANDLER_COST_GROUPS, HOOKS, HOOK_LSM_FILE_IOCTL,
+        HookKind, HookSpec, BLAST_GROUPS, GROUP_VM_ENTRY, HANDLER_COST_GROUPS, HOOKS, HOOK_LSM_FILE_IOCTL,
         HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
     },
     names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
@@ -376,6 +376,12 @@ impl Attacher<'_> {
                 HookState::Standby(LSM_IOCTL_HOOKS[0])
             } else if let Some(by) = serving {
                 HookState::Standby(by.spec.hook)
+            } else if spec.group == Some(GROUP_VM_ENTRY) && handlers_served(&hooks) {
+                // A VM entry closes a WBINVD's timing only where the handlers cannot: every
+                // VM exit of every VM would pay for a tracepoint that counts nothing.
+                HookState::Refused(HookRefusal::Unneeded {
+                    why: "the WBINVD handlers' own exit hooks time every WBINVD",
+                })
             } else if let Some(flag) = excluded(spec, self.opts.ioctl_hooks) {
                 HookState::Refused(HookRefusal::NotRequested { flag })
             } else if spec.optional && !self.opts.optional_hooks {
@@ -387,6 +393,11 @@ impl Attacher<'_> {
         }
         Ok(hooks)
     }
+}
+
+/// Whether each group of `HANDLER_COST_GROUPS` is served by a hook attached so far.
+fn handlers_served(hooks: &[HookReport]) -> bool {
+    HANDLER_COST_GROUPS.iter().all(|g| hooks.iter().any(|h| h.spec.group == Some(g) && h.attached()))
 }
 
 /// A required hook, or group of alternatives, that nothing serves is fatal (when strict).
