@@ -59,16 +59,19 @@ pub(super) struct Target<'a> {
     pub vmlinux: Option<&'a Btf>,
     /// The modules' BTF, read at the first lookup that needs it.
     pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, btf::BtfError>>,
-    /// /proc/kallsyms, read at the first lookup that needs it (None: unreadable).
-    pub kallsyms: std::cell::OnceCell<Option<String>>,
+    /// The names in /proc/kallsyms, read at the first lookup that needs them (None: unreadable).
+    pub kallsyms: std::cell::OnceCell<Option<std::collections::HashSet<String>>>,
 }
 
 impl Target<'_> {
     /// Whether the running kernel (or a loaded module) has a symbol `name`; None if kallsyms
     /// cannot be read.
     fn has_symbol(&self, name: &str) -> Option<bool> {
-        let text = self.kallsyms.get_or_init(|| std::fs::read_to_string("/proc/kallsyms").ok()).as_ref()?;
-        Some(text.lines().any(|l| l.split_whitespace().nth(2) == Some(name)))
+        let names = self.kallsyms.get_or_init(|| {
+            let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+            Some(text.lines().filter_map(|l| l.split_whitespace().nth(2)).map(str::to_string).collect())
+        });
+        Some(names.as_ref()?.contains(name))
     }
 }
 
