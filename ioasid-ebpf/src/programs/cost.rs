@@ -97,35 +97,38 @@ pub fn ioasid_kvm_entry(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A WBINVD handler starts on this thread (fentry, or its kprobe twin).
+#[inline(always)]
+fn handler_start(path: Path) {
+    let (tgid, tid) = current_ids();
+    start(tgid, tid, path);
+}
+
 /// fentry kvm_emulate_wbinvd(struct kvm_vcpu *): the exit handler starts.
 #[fentry(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fentry_kvm_emulate_wbinvd(_ctx: FEntryContext) -> i32 {
-    let (tgid, tid) = current_ids();
-    start(tgid, tid, Path::Exit);
+    handler_start(Path::Exit);
     0
 }
 
 /// fentry emulator_wbinvd(struct x86_emulate_ctxt *): the emulator's handler starts.
 #[fentry(function = "emulator_wbinvd")]
 pub fn ioasid_fentry_emulator_wbinvd(_ctx: FEntryContext) -> i32 {
-    let (tgid, tid) = current_ids();
-    start(tgid, tid, Path::Emulated);
+    handler_start(Path::Emulated);
     0
 }
 
 /// kprobe kvm_emulate_wbinvd: the fentry's twin where kvm has no BTF (5.10).
 #[kprobe(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_kprobe_kvm_emulate_wbinvd(_ctx: ProbeContext) -> u32 {
-    let (tgid, tid) = current_ids();
-    start(tgid, tid, Path::Exit);
+    handler_start(Path::Exit);
     0
 }
 
 /// kprobe emulator_wbinvd: likewise.
 #[kprobe(function = "emulator_wbinvd")]
 pub fn ioasid_kprobe_emulator_wbinvd(_ctx: ProbeContext) -> u32 {
-    let (tgid, tid) = current_ids();
-    start(tgid, tid, Path::Emulated);
+    handler_start(Path::Emulated);
     0
 }
 

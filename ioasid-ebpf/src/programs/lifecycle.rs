@@ -27,7 +27,6 @@ pub fn ioasid_sched_exec(_ctx: TracePointContext) -> u32 {
 #[fentry(function = "kvm_arch_register_noncoherent_dma")]
 pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
     transition(ctx.arg(0), 1);
-    noncoherent_kvm_add(current_ids().0, 1);
     0
 }
 
@@ -35,7 +34,6 @@ pub fn ioasid_fentry_register_noncoherent(ctx: FEntryContext) -> i32 {
 #[fentry(function = "kvm_arch_unregister_noncoherent_dma")]
 pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
     transition(ctx.arg(0), 0);
-    noncoherent_kvm_add(current_ids().0, -1);
     0
 }
 
@@ -43,7 +41,6 @@ pub fn ioasid_fentry_unregister_noncoherent(ctx: FEntryContext) -> i32 {
 #[kprobe(function = "kvm_arch_register_noncoherent_dma")]
 pub fn ioasid_kprobe_register_noncoherent(ctx: ProbeContext) -> u32 {
     transition(ctx.arg(0).unwrap_or(0), 1);
-    noncoherent_kvm_add(current_ids().0, 1);
     0
 }
 
@@ -51,12 +48,13 @@ pub fn ioasid_kprobe_register_noncoherent(ctx: ProbeContext) -> u32 {
 #[kprobe(function = "kvm_arch_unregister_noncoherent_dma")]
 pub fn ioasid_kprobe_unregister_noncoherent(ctx: ProbeContext) -> u32 {
     transition(ctx.arg(0).unwrap_or(0), 0);
-    noncoherent_kvm_add(current_ids().0, -1);
     0
 }
 
+/// `kvm` registers (1) or unregisters (0) non-coherent DMA: counted for its VMM, and an event.
 #[inline(always)]
 fn transition(kvm: u64, register: u32) {
+    noncoherent_kvm_add(current_ids().0, if register == 1 { 1 } else { -1 });
     let Some(mut entry) = IOASID_EVENTS.reserve::<TransitionEvent>(0) else {
         stat_inc(Stat::EventsDropped);
         return;

@@ -150,9 +150,7 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
 /// function exists since 2.6.x). Optional: needs BPF trampolines.
 #[fexit(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
-    let (tgid, _) = current_ids();
-    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerExit);
-    cost::handler_done();
+    handler_end(Path::HandlerExit);
     0
 }
 
@@ -160,28 +158,31 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
 /// (ctxt->ops->wbinvd), so it is a real function with BTF. Optional: needs trampolines.
 #[fexit(function = "emulator_wbinvd")]
 pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
-    let (tgid, _) = current_ids();
-    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerEmulated);
-    cost::handler_done();
+    handler_end(Path::HandlerEmulated);
     0
 }
 
 /// kretprobe kvm_emulate_wbinvd: the fexit's twin where kvm has no BTF (5.10).
 #[kretprobe(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_kretprobe_kvm_emulate_wbinvd(_ctx: RetProbeContext) -> u32 {
-    let (tgid, _) = current_ids();
-    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerExit);
-    cost::handler_done();
+    handler_end(Path::HandlerExit);
     0
 }
 
 /// kretprobe emulator_wbinvd: likewise.
 #[kretprobe(function = "emulator_wbinvd")]
 pub fn ioasid_kretprobe_emulator_wbinvd(_ctx: RetProbeContext) -> u32 {
-    let (tgid, _) = current_ids();
-    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, Path::HandlerEmulated);
-    cost::handler_done();
+    handler_end(Path::HandlerEmulated);
     0
+}
+
+/// A WBINVD handler returned on this thread (fexit, or its kretprobe twin): one call on `path`,
+/// and its time.
+#[inline(always)]
+fn handler_end(path: Path) {
+    let (tgid, _) = current_ids();
+    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, path);
+    cost::handler_done();
 }
 
 /// A WBINVD of a VM known to be non-coherent really flushed the caches of every CPU its vCPU
