@@ -43,8 +43,12 @@ fn module_btf() -> bool {
 }
 
 /// Hooks with no alternative that a kernel may lack, and why that loses nothing there.
-const MAY_LACK: &[(&str, &str)] =
-    &[("fexit/kvm_vfio_set_attr", "serves only the observing LSM, which needs bpf_task_pt_regs (5.15+)")];
+const MAY_LACK: &[(&str, &str)] = &[
+    ("fexit/kvm_vfio_set_attr", "serves only the observing LSM, which needs bpf_task_pt_regs (5.15+)"),
+    ("fentry/kvm_emulate_invd", "5.10 has vendor INVD handlers only (there the tracepoints count)"),
+    ("fexit/handle_fastpath_invd", "KVM's INVD fastpath came in ~6.18"),
+    ("fentry/iommufd_fops_ioctl", "Debian's kernels build no iommufd (no CONFIG_IOMMUFD)"),
+];
 
 /// The IOMMU group of the device bound to vfio-pci (the lab's `edu` device).
 fn vfio_group() -> PathBuf {
@@ -102,10 +106,19 @@ fn hooks_on_module_functions_attach() {
         let kind = h["refusal"]["kind"].as_str().unwrap_or_default();
         let served = group_of(&h["hook"]).and_then(|g| serving(&v, g)).is_some();
         let ok = match kind {
-            "absent" | "no-function-btf" => served || MAY_LACK.iter().any(|(hook, _)| h["hook"] == *hook),
-            // A function this kernel's KVM does not call for it (__wbinvd beside wbinvd_ipi).
-            "not-this-kernel" => served,
-            // The VM-entry tracepoints, where the handlers' own hooks time every WBINVD.
+            "absent" | "no-function-btf" => {
+                served
+                    || MAY_LACK.iter().any(|(hook, _)| h["hook"] == *hook)
+                    // No module BTF (5.10): KVM's ioctl functions cannot be hooked; the
+                    // syscall hooks serve the ioctl path.
+                    || (!module_btf()
+                        && ioasid_common::hooks::FUNCTION_IOCTL_HOOKS.iter().any(|f| h["hook"] == *f))
+            }
+            // A function this kernel's KVM does not call for it (__wbinvd beside wbinvd_ipi);
+            // a program that reads KVM's structs where their layout is not in BTF (5.10).
+            "not-this-kernel" | "no-layout" => served,
+            // The VM-entry tracepoints, where the handlers' own hooks time every WBINVD; the
+            // exit/emulation tracepoints and flush-cpus hooks, where they count and read reach.
             "unneeded" => v["cost_source"] == "handlers",
             // Debian 5.10 as shipped: no `bpf` in the LSM list; the kill enforces.
             "lsm-inactive" => !bpf_lsm_active(),
@@ -120,13 +133,34 @@ fn hooks_on_module_functions_attach() {
     }
     let want = if bpf_lsm_active() { "lsm" } else { "sigkill" };
     assert_eq!(v["enforcement_mechanism"], want, "{v}");
-    if bpf_lsm_active() && module_btf() {
-        assert_eq!(v["ioctl_hooks"], "lsm", "no syscall tracepoint where BPF LSM and trampolines load");
+    if module_btf() {
+        assert_eq!(
+            v["ioctl_hooks"], "functions",
+            "KVM's and VFIO's own ioctl functions where they can be hooked"
+        );
     }
     assert_eq!(v["cost_source"], "handlers", "trampolines or kprobes on KVM's handlers: {v}");
     assert_eq!(v["blast_radius"]["on"], true, "{v}");
-    for group in ["noncoherent-register", "noncoherent-unregister", "flush-cpus", "kernel-verdict"] {
+    for group in ["noncoherent-register", "noncoherent-unregister", "kernel-verdict"] {
         assert!(serving(&v, group).is_some(), "{group}: {v}");
+    }
+    let attached = |hook: &str| {
+        v["hooks"].as_array().unwrap().iter().any(|h| h["hook"] == hook && h["attached"] == true)
+    };
+    if module_btf() {
+        // Pay only where the work is: KVM's handler functions count, time and read each
+        // flush's CPUs; nothing runs on every VM exit, emulated instruction or TLB shootdown.
+        assert_eq!(v["count_source"], "handlers", "{v}");
+        for hook in ["tracepoint/kvm/kvm_exit", "tracepoint/kvm/kvm_emulate_insn"] {
+            assert!(!attached(hook), "{hook} attached although the handlers count: {v}");
+        }
+        assert!(serving(&v, "flush-cpus").is_none(), "a flush-cpus hook on a generic path: {v}");
+        assert!(attached("fentry/kvm_emulate_invd"), "{v}");
+    } else {
+        // 5.10: no BTF for KVM's structs; the tracepoints count, smp_call_function_many reads
+        // each flush's CPUs.
+        assert_eq!(v["count_source"], "tracepoints", "{v}");
+        assert!(serving(&v, "flush-cpus").is_some(), "{v}");
     }
     assert!(serving(&v, "vm-entry").is_none(), "no program on every VM entry where the handlers serve: {v}");
 }
@@ -257,12 +291,37 @@ fn an_lsm_denial_keeps_the_vm_coherent_and_alive() {
 #[test]
 #[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
 fn a_noncoherent_enable_is_killed_in_the_kernel_without_the_lsm() {
+    // Without the optional hooks (no LSM, syscall tracepoints), as on a host whose kernel
+    // refuses BPF LSM programs and trampolines.
+    killed_in_the_kernel(&["--no-optional-hooks"]);
+}
+
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn a_noncoherent_enable_is_killed_from_kvms_own_path_with_enforce_with_signal() {
+    // `--enforce-with signal`: no program on any other ioctl; where KVM's ioctl functions can
+    // be hooked, their program kills (elsewhere the syscall hook does, as above).
+    let ioctl_path = killed_in_the_kernel(&["--enforce-with", "signal"]);
+    if module_btf() {
+        assert_eq!(ioctl_path, "functions");
+    }
+}
+
+/// A deny agent run with `extra` kills a VMM's non-coherent FILE_ADD by itself; the ioctl path
+/// that served.
+fn killed_in_the_kernel(extra: &[&str]) -> String {
     require_kernel();
     let _g = serial();
     let prefix = unique("kill");
-    // Without the optional hooks (no LSM), as on a host whose kernel refuses BPF LSM programs.
-    let (agent, _dir) = deny_agent(&prefix, &["--no-optional-hooks"]);
+    let (agent, _dir) = deny_agent(&prefix, extra);
     assert_eq!(enforcement(&agent), "sigkill");
+    let scrape = agent.scrape();
+    let ioctl_path = ["functions", "lsm", "tp-btf", "tracepoint"]
+        .into_iter()
+        .find(|f| sample(&scrape, "ioasid_ioctl_path", &[("family", f)]) == Some(1.0))
+        .unwrap_or_else(|| panic!("no ioctl path:\n{scrape}"))
+        .to_string();
+    assert_eq!(sample(&scrape, "ioasid_hook_attached", &[("hook", "lsm/file_ioctl")]), Some(0.0), "{scrape}");
     let name = format!("{prefix}-tenant");
     let (status, summary, err) = vfio_guest(&name, 2 * slow(), &["--wbinvd", "20"]).finish();
     assert_denied("sigkill", status, &summary, &err);
@@ -290,6 +349,7 @@ fn a_noncoherent_enable_is_killed_in_the_kernel_without_the_lsm() {
         sample(&m, "ioasid_incoherent_dma_requests_total", &[("vm", &name), ("decision", "denied")]),
         Some(1.0)
     );
+    ioctl_path
 }
 
 /// The lab boots each kernel a second time with an IOMMU that has snoop control (VT-d ECAP
@@ -336,15 +396,21 @@ fn snoop_control_a_coherent_device_is_never_judged() {
 }
 
 /// The kernel tells a real VFIO file from any other: every watched VFIO/iommufd request on the
-/// lab's VFIO group is reported, the same requests on /dev/null are only counted as ignored.
-/// On both ioctl paths: the LSM (given the file) and tp_btf (the fd looked up in the task's
-/// file table); KVM's files are recognised by their module (kvm_amd), as every other lab test
-/// that sees a FILE_ADD shows.
+/// lab's VFIO group is reported, the same requests on /dev/null are only counted as ignored
+/// (or, on the functions path, reach no program at all). On each ioctl path: KVM's and VFIO's
+/// own functions, the LSM (given the file) and tp_btf (the fd looked up in the task's file
+/// table); KVM's files are recognised by their module (kvm_amd), as every other lab test that
+/// sees a FILE_ADD shows.
 fn requests_on_real_vfio_files_only(family: &str) {
     require_kernel();
     let _g = serial();
     let st = status();
     assert_eq!(st["file_filter"]["on"], true, "{st}");
+    if family == "functions" && !module_btf() {
+        assert_ne!(st["ioctl_hooks"], "functions", "{st}");
+        eprintln!("no module BTF on this kernel: the ioctl functions cannot be hooked");
+        return;
+    }
     if family == "lsm" && !(bpf_lsm_active() && module_btf()) {
         // The observing LSM needs BPF LSM and trampolines on kvm-vfio (5.15+ with `bpf` active):
         // status says why (the agent asked for it with `run --ioctl-hooks lsm` refuses to start).
@@ -383,14 +449,31 @@ fn requests_on_real_vfio_files_only(family: &str) {
     assert_eq!(ignored(&seen), ignored(&before), "nothing on the VFIO group is ignored");
     let (status, _, err) = finish(guest(&["--name", &unique("noise"), "--vfio-probe"]));
     assert!(status.success(), "{err}");
-    let m = eventually(Duration::from_secs(5), || {
+    let m = if family == "functions" {
+        // No program runs for /dev/null's ioctls at all.
+        std::thread::sleep(Duration::from_secs(2));
         let m = agent.scrape();
-        (ignored(&m) >= ignored(&seen) + requests.len() as f64).then_some(m)
-    });
-    let m = m.unwrap_or_else(|| panic!("the requests on /dev/null were not ignored:\n{}", agent.scrape()));
+        assert_eq!(ignored(&m), ignored(&seen), "requests on /dev/null reached a program:\n{m}");
+        m
+    } else {
+        let m = eventually(Duration::from_secs(5), || {
+            let m = agent.scrape();
+            (ignored(&m) >= ignored(&seen) + requests.len() as f64).then_some(m)
+        });
+        m.unwrap_or_else(|| panic!("the requests on /dev/null were not ignored:\n{}", agent.scrape()))
+    };
     for r in &requests {
         assert_eq!(was(&m, r), was(&seen, r), "{r} on /dev/null was reported");
     }
+}
+
+/// Where KVM's and VFIO's own ioctl functions are hooked (the auto choice from 5.15 with
+/// module BTF), every watched request on the lab's VFIO group is reported, and the same
+/// requests on /dev/null reach no ioasid program at all (not even to be ignored).
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn vfio_requests_are_seen_on_the_vfio_functions_only() {
+    requests_on_real_vfio_files_only("functions");
 }
 
 #[test]

@@ -61,8 +61,43 @@ pub struct ProgConfig {
     pub fops_owner: u32,
     pub fops_unlocked_ioctl: u32,
     pub module_name: u32,
+    /// Where KVM's own structs keep what the WBINVD handler programs read (byte offsets from
+    /// the kvm module's BTF): zero `known` where they are not all known.
+    pub kvm: KvmLayout,
 }
-const _: () = assert!(size_of::<ProgConfig>() == 168);
+const _: () = assert!(size_of::<ProgConfig>() == 168 + size_of::<KvmLayout>());
+
+/// Byte offsets in KVM's structs, from the kvm module's BTF (none before 5.11: no module BTF).
+/// With them the handler programs count, time and measure each WBINVD's flush from
+/// `kvm_emulate_wbinvd(vcpu)` and `emulator_wbinvd(ctxt)` alone: no program on every VM exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmLayout {
+    /// Non-zero when every offset below is known.
+    pub known: u32,
+    /// `kvm_vcpu.kvm` (pointer), `kvm_vcpu.vcpu_id` (int).
+    pub vcpu_kvm: u32,
+    pub vcpu_id: u32,
+    /// `kvm_vcpu.arch.wbinvd_dirty_mask`: the CPUs the vCPU was loaded on since its last
+    /// WBINVD, which KVM's flush reaches (with the current one) before clearing it.
+    pub vcpu_dirty_mask: u32,
+    /// Non-zero when that member is a pointer (`cpumask_var_t` with CPUMASK_OFFSTACK, as
+    /// distro kernels build), zero when the mask is inline.
+    pub dirty_mask_is_ptr: u32,
+    /// `kvm_vcpu.arch.emulate_ctxt` (pointer): after KVM skipped an instruction by emulating
+    /// it (SVM without NRIP save), its decoded opcode says what the instruction was.
+    pub vcpu_emulate_ctxt: u32,
+    /// `x86_emulate_ctxt.vcpu` (pointer), `.opcode_len`, `.b` (the opcode byte after 0f).
+    pub ctxt_vcpu: u32,
+    pub ctxt_opcode_len: u32,
+    pub ctxt_b: u32,
+    /// `kvm.arch.noncoherent_dma_count.counter`: non-zero while KVM really flushes.
+    pub kvm_noncoherent: u32,
+    /// `x86_emulate_ctxt.eip`: the rip of the instruction being emulated.
+    pub ctxt_eip: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<KvmLayout>() == 48);
 
 /// The length of [`crate::ioctl::WATCHED_IOCTL_FNS`].
 pub const WATCHED_IOCTL_FNS_LEN: usize = 8;
@@ -99,6 +134,20 @@ impl ProgConfig {
         fops_owner: 0,
         fops_unlocked_ioctl: 0,
         module_name: 0,
+        kvm: KvmLayout {
+            known: 0,
+            vcpu_kvm: 0,
+            vcpu_id: 0,
+            vcpu_dirty_mask: 0,
+            dirty_mask_is_ptr: 0,
+            vcpu_emulate_ctxt: 0,
+            ctxt_vcpu: 0,
+            ctxt_opcode_len: 0,
+            ctxt_b: 0,
+            kvm_noncoherent: 0,
+            ctxt_eip: 0,
+            _pad: 0,
+        },
     };
 }
 
@@ -136,17 +185,33 @@ pub struct Control {
     /// intercepted instruction by emulating it, so a WBINVD/INVD exit is followed by a
     /// kvm_emulate_insn of the same instruction, which must not count twice.
     pub skip_emulation: u32,
-    /// Non-zero when the LSM program observes, judges and enforces the ioctl path itself (with
-    /// fexit kvm_vfio_set_attr for FILE_ADD's result) and no syscall tracepoint is attached.
+    /// Non-zero when no syscall tracepoint is attached: the LSM program (or, with
+    /// `fns_observe`, the ioctl functions' fentry programs) observes, judges and enforces the
+    /// ioctl path itself, and fexit kvm_vfio_set_attr gives FILE_ADD/DEL their result.
     pub lsm_observes: u32,
+    /// Non-zero when the WBINVD/INVD handlers' own programs count every instruction (and read
+    /// each flush's reach): no exit or emulation tracepoint is attached.
+    pub handlers_count: u32,
+    /// Non-zero when fentry programs on KVM's, VFIO's and iommufd's own ioctl functions observe
+    /// the watched requests (nothing on any other file's ioctl, no syscall hook): an attached
+    /// LSM program then takes only FILE_ADD (to refuse it), and they leave FILE_ADD to it.
+    pub fns_observe: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<Control>() == 24);
+const _: () = assert!(size_of::<Control>() == 32);
 
 impl Control {
     /// Everything off: what the programs assume before the agent has written the map.
-    pub const OFF: Control =
-        Control { enforce: 0, lsm_enforces: 0, cost_source: 0, skip_emulation: 0, lsm_observes: 0, _pad: 0 };
+    pub const OFF: Control = Control {
+        enforce: 0,
+        lsm_enforces: 0,
+        cost_source: 0,
+        skip_emulation: 0,
+        lsm_observes: 0,
+        handlers_count: 0,
+        fns_observe: 0,
+        _pad: 0,
+    };
 }
 
 #[cfg(test)]

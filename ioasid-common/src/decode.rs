@@ -57,6 +57,17 @@ pub fn classify_insn(insn: &[u8; 15], len: u8, long_mode: bool) -> Option<Op> {
     }
 }
 
+/// The instruction KVM's emulator decoded, from its context: `opcode_len` 2 (0f xx) with opcode
+/// byte `b` 09 is WBINVD (WBNOINVD too: its f3 is a prefix), 08 INVD.
+#[inline(always)]
+pub fn classify_decoded(opcode_len: u8, b: u8) -> Option<Op> {
+    match (opcode_len, b) {
+        (2, 0x09) => Some(Op::Wbinvd),
+        (2, 0x08) => Some(Op::Invd),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

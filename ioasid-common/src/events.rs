@@ -50,6 +50,9 @@ pub const IOCTL_F_ASK_RECORDED: u32 = 1 << 5;
 pub const IOCTL_F_FD_SWAPPED: u32 = 1 << 6;
 /// Not a KVM/VFIO/iommufd file at sys_enter: kept in flight only to catch a swap (above).
 pub const IOCTL_F_FOREIGN_FILE: u32 = 1 << 7;
+/// The LSM program observed and judged this FILE_ADD (it runs before the request): the fentry
+/// program on the device's ioctl function, which runs next, leaves it alone and clears this.
+pub const IOCTL_F_LSM_TAKEN: u32 = 1 << 8;
 
 /// One watched ioctl, with what the kernel programs read and decided.
 #[repr(C)]

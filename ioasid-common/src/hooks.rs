@@ -49,9 +49,15 @@ pub const GROUP_NONCOHERENT_REGISTER: &str = "noncoherent-register";
 pub const GROUP_NONCOHERENT_UNREGISTER: &str = "noncoherent-unregister";
 pub const GROUP_LSM_IOCTL: &str = "lsm-ioctl";
 pub const GROUP_KERNEL_VERDICT: &str = "kernel-verdict";
+pub const GROUP_EMULATED_COUNT: &str = "emulated-count";
 
 /// Labels the agent names in its own logic (the rest are only in the table).
 pub const HOOK_TP_BTF_SYS_ENTER: &str = "tp_btf/sys_enter";
+pub const HOOK_KVM_EXIT: &str = "tracepoint/kvm/kvm_exit";
+pub const HOOK_KVM_EMULATE_INSN: &str = "tracepoint/kvm/kvm_emulate_insn";
+pub const HOOK_TP_BTF_KVM_EMULATE_INSN: &str = "tp_btf/kvm_emulate_insn";
+pub const HOOK_FENTRY_KVM_EMULATE_INVD: &str = "fentry/kvm_emulate_invd";
+pub const HOOK_FEXIT_HANDLE_FASTPATH_INVD: &str = "fexit/handle_fastpath_invd";
 pub const HOOK_FENTRY_WBINVD_IPI: &str = "fentry/wbinvd_ipi";
 pub const HOOK_FEXIT_WBINVD_IPI: &str = "fexit/wbinvd_ipi";
 pub const HOOK_LSM_FILE_IOCTL: &str = "lsm/file_ioctl";
@@ -103,22 +109,6 @@ use HookKind::{BtfTracePoint, FEntry, FExit, KProbe, KRetProbe, Lsm};
 
 /// Every hook, in attach order (alternatives: preferred first).
 pub const HOOKS: &[HookSpec] = &[
-    hook!(
-        "tracepoint/kvm/kvm_exit",
-        "ioasid_kvm_exit",
-        tp("kvm", "kvm_exit"),
-        false,
-        None,
-        "WBINVD/INVD hardware exits"
-    ),
-    hook!(
-        "tracepoint/kvm/kvm_emulate_insn",
-        "ioasid_kvm_emulate_insn",
-        tp("kvm", "kvm_emulate_insn"),
-        false,
-        None,
-        "WBINVD/INVD run by KVM's emulator"
-    ),
     hook!(
         HOOK_TP_BTF_SYS_ENTER,
         "ioasid_tp_btf_sys_enter",
@@ -190,6 +180,78 @@ pub const HOOKS: &[HookSpec] = &[
         true,
         Some(GROUP_EMULATOR_HANDLER_START),
         "WBINVD emulator handler start, where kvm has no BTF (5.10)"
+    ),
+    hook!(
+        "fexit/kvm_emulate_wbinvd",
+        "ioasid_fexit_kvm_emulate_wbinvd",
+        FExit { function: "kvm_emulate_wbinvd" },
+        true,
+        Some(GROUP_EXIT_HANDLER_END),
+        "WBINVD exit handler calls"
+    ),
+    hook!(
+        "kretprobe/kvm_emulate_wbinvd",
+        "ioasid_kretprobe_kvm_emulate_wbinvd",
+        KRetProbe { function: "kvm_emulate_wbinvd" },
+        true,
+        Some(GROUP_EXIT_HANDLER_END),
+        "WBINVD exit handler calls, where kvm has no BTF (5.10)"
+    ),
+    hook!(
+        "fexit/emulator_wbinvd",
+        "ioasid_fexit_emulator_wbinvd",
+        FExit { function: "emulator_wbinvd" },
+        true,
+        Some(GROUP_EMULATOR_HANDLER_END),
+        "WBINVD emulator handler calls"
+    ),
+    hook!(
+        "kretprobe/emulator_wbinvd",
+        "ioasid_kretprobe_emulator_wbinvd",
+        KRetProbe { function: "emulator_wbinvd" },
+        true,
+        Some(GROUP_EMULATOR_HANDLER_END),
+        "WBINVD emulator handler calls, where kvm has no BTF (5.10)"
+    ),
+    hook!(
+        HOOK_FENTRY_KVM_EMULATE_INVD,
+        "ioasid_fentry_kvm_emulate_invd",
+        FEntry { function: "kvm_emulate_invd" },
+        true,
+        None,
+        "INVD exits, where the handlers count (6.1+; KVM only skips INVD)"
+    ),
+    hook!(
+        HOOK_FEXIT_HANDLE_FASTPATH_INVD,
+        "ioasid_fexit_handle_fastpath_invd",
+        FExit { function: "handle_fastpath_invd" },
+        true,
+        None,
+        "INVD exits KVM handles on its fastpath (~6.18+), where the handlers count"
+    ),
+    hook!(
+        HOOK_KVM_EXIT,
+        "ioasid_kvm_exit",
+        tp("kvm", "kvm_exit"),
+        false,
+        None,
+        "WBINVD/INVD hardware exits, where the handlers cannot count (every VM exit runs it)"
+    ),
+    hook!(
+        HOOK_TP_BTF_KVM_EMULATE_INSN,
+        "ioasid_tp_btf_kvm_emulate_insn",
+        BtfTracePoint { name: "kvm_emulate_insn" },
+        false,
+        Some(GROUP_EMULATED_COUNT),
+        "WBINVD/INVD run by KVM's emulator, where the handlers cannot count: the decoded instruction read from the emulator (no trace record built; cheapest)"
+    ),
+    hook!(
+        HOOK_KVM_EMULATE_INSN,
+        "ioasid_kvm_emulate_insn",
+        tp("kvm", "kvm_emulate_insn"),
+        false,
+        Some(GROUP_EMULATED_COUNT),
+        "WBINVD/INVD run by KVM's emulator, where the handlers cannot count (every emulated instruction runs it)"
     ),
     hook!(
         "fentry/wbinvd_on_cpus_mask",
@@ -264,38 +326,6 @@ pub const HOOKS: &[HookSpec] = &[
         "blast radius: the time a flush IPI took, where kvm has no BTF (5.10)"
     ),
     hook!(
-        "fexit/kvm_emulate_wbinvd",
-        "ioasid_fexit_kvm_emulate_wbinvd",
-        FExit { function: "kvm_emulate_wbinvd" },
-        true,
-        Some(GROUP_EXIT_HANDLER_END),
-        "WBINVD exit handler calls"
-    ),
-    hook!(
-        "kretprobe/kvm_emulate_wbinvd",
-        "ioasid_kretprobe_kvm_emulate_wbinvd",
-        KRetProbe { function: "kvm_emulate_wbinvd" },
-        true,
-        Some(GROUP_EXIT_HANDLER_END),
-        "WBINVD exit handler calls, where kvm has no BTF (5.10)"
-    ),
-    hook!(
-        "fexit/emulator_wbinvd",
-        "ioasid_fexit_emulator_wbinvd",
-        FExit { function: "emulator_wbinvd" },
-        true,
-        Some(GROUP_EMULATOR_HANDLER_END),
-        "WBINVD emulator handler calls"
-    ),
-    hook!(
-        "kretprobe/emulator_wbinvd",
-        "ioasid_kretprobe_emulator_wbinvd",
-        KRetProbe { function: "emulator_wbinvd" },
-        true,
-        Some(GROUP_EMULATOR_HANDLER_END),
-        "WBINVD emulator handler calls, where kvm has no BTF (5.10)"
-    ),
-    hook!(
         "tp_btf/kvm_entry",
         "ioasid_tp_btf_kvm_entry",
         BtfTracePoint { name: "kvm_entry" },
@@ -310,6 +340,62 @@ pub const HOOKS: &[HookSpec] = &[
         true,
         Some(GROUP_VM_ENTRY),
         "ends a WBINVD's handling time at the next VM entry, where the handlers cannot be hooked"
+    ),
+    hook!(
+        "fentry/kvm_dev_ioctl",
+        "ioasid_fentry_kvm_dev_ioctl",
+        FEntry { function: "kvm_dev_ioctl" },
+        true,
+        None,
+        "/dev/kvm requests (KVM_CREATE_VM: a VM is born, its VMM named); only that file's requests pay"
+    ),
+    hook!(
+        "fentry/kvm_vm_ioctl",
+        "ioasid_fentry_kvm_vm_ioctl",
+        FEntry { function: "kvm_vm_ioctl" },
+        true,
+        None,
+        "VM fd requests (KVM_CREATE_DEVICE); only that file's requests pay"
+    ),
+    hook!(
+        "fentry/kvm_device_ioctl",
+        "ioasid_fentry_kvm_device_ioctl",
+        FEntry { function: "kvm_device_ioctl" },
+        true,
+        None,
+        "device fd requests: judges FILE_ADD (enforced by signal where no LSM program refuses it); only that file's requests pay"
+    ),
+    hook!(
+        "fentry/vfio_fops_unl_ioctl",
+        "ioasid_fentry_vfio_fops_unl_ioctl",
+        FEntry { function: "vfio_fops_unl_ioctl" },
+        true,
+        None,
+        "VFIO container requests (VFIO_SET_IOMMU, VFIO_CHECK_EXTENSION); only that file's requests pay"
+    ),
+    hook!(
+        "fentry/vfio_group_fops_unl_ioctl",
+        "ioasid_fentry_vfio_group_fops_unl_ioctl",
+        FEntry { function: "vfio_group_fops_unl_ioctl" },
+        true,
+        None,
+        "VFIO group requests (VFIO_GROUP_SET_CONTAINER, VFIO_GROUP_GET_DEVICE_FD); only that file's requests pay"
+    ),
+    hook!(
+        "fentry/vfio_device_fops_unl_ioctl",
+        "ioasid_fentry_vfio_device_fops_unl_ioctl",
+        FEntry { function: "vfio_device_fops_unl_ioctl" },
+        true,
+        None,
+        "VFIO device cdev requests (VFIO_DEVICE_BIND_IOMMUFD...); only that file's requests pay"
+    ),
+    hook!(
+        "fentry/iommufd_fops_ioctl",
+        "ioasid_fentry_iommufd_fops_ioctl",
+        FEntry { function: "iommufd_fops_ioctl" },
+        true,
+        None,
+        "iommufd requests (IOMMU_IOAS_ALLOC, IOMMU_HWPT_ALLOC...); only that file's requests pay"
     ),
     hook!(
         HOOK_LSM_FILE_IOCTL,
@@ -393,6 +479,26 @@ pub const HANDLER_COST_GROUPS: [&str; 4] = [
     GROUP_EMULATOR_HANDLER_END,
 ];
 
+/// The tracepoints that count every WBINVD/INVD where the handlers cannot: every VM exit and
+/// every emulated instruction of every VM runs them, so they are attached only there.
+pub const COUNT_TRACEPOINTS: [&str; 3] = [HOOK_KVM_EXIT, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_KVM_EMULATE_INSN];
+
+/// The ioctl functions of KVM's, VFIO's and iommufd's own files: fentry programs there serve
+/// the whole ioctl path (with fexit/kvm_vfio_set_attr for FILE_ADD's result) and nothing else on
+/// the host pays. The first three and kvm_vfio_set_attr must attach (KVM's: `FUNCTION_IOCTL_CORE`);
+/// the VFIO/iommufd ones where their module is loaded.
+pub const FUNCTION_IOCTL_HOOKS: [&str; 7] = [
+    "fentry/kvm_dev_ioctl",
+    "fentry/kvm_vm_ioctl",
+    "fentry/kvm_device_ioctl",
+    "fentry/vfio_fops_unl_ioctl",
+    "fentry/vfio_group_fops_unl_ioctl",
+    "fentry/vfio_device_fops_unl_ioctl",
+    "fentry/iommufd_fops_ioctl",
+];
+pub const FUNCTION_IOCTL_CORE: [&str; 4] =
+    ["fentry/kvm_dev_ioctl", "fentry/kvm_vm_ioctl", "fentry/kvm_device_ioctl", HOOK_FEXIT_KVM_VFIO_SET_ATTR];
+
 /// The hooks that, both attached, serve the whole ioctl path without any syscall tracepoint.
 pub const LSM_IOCTL_HOOKS: [&str; 2] = [HOOK_LSM_FILE_IOCTL, HOOK_FEXIT_KVM_VFIO_SET_ATTR];
 
@@ -464,7 +570,12 @@ mod tests {
                 assert!(HOOKS.iter().filter(|o| o.group == Some(g)).all(|o| o.optional == h.optional));
             }
         }
-        for label in LSM_IOCTL_HOOKS.iter().chain(&[HOOK_TP_BTF_SYS_ENTER, HOOK_LSM_FILE_IOCTL_DENY]) {
+        for label in LSM_IOCTL_HOOKS
+            .iter()
+            .chain(&[HOOK_TP_BTF_SYS_ENTER, HOOK_LSM_FILE_IOCTL_DENY])
+            .chain(&FUNCTION_IOCTL_HOOKS)
+            .chain(&FUNCTION_IOCTL_CORE)
+        {
             assert!(hook(label).is_some(), "{label}");
         }
         for only in ONLY_WHERE {

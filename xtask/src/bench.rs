@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::unix::process::CommandExt;
+
 use anyhow::{bail, Context, Result};
 
 struct Agent {
@@ -23,6 +25,11 @@ struct Agent {
 
 impl Agent {
     fn start(root: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_enforcing(root, extra, false)
+    }
+
+    /// Starts the agent (`--dry-run` unless `enforce`).
+    fn start_enforcing(root: &Path, extra: &[&str], enforce: bool) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("ioasid-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let ready = dir.join("ready");
@@ -32,7 +39,8 @@ impl Agent {
         let log_path = dir.join("agent.log");
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new(root.join("target/release/ioasid-agent"))
-            .args(["--log", "warn", "run", "--listen", "127.0.0.1:0", "--dry-run"])
+            .args(["--log", "warn", "run", "--listen", "127.0.0.1:0"])
+            .args(if enforce { &[][..] } else { &["--dry-run"][..] })
             .arg("--ready-file")
             .arg(&ready)
             .arg("--audit-log")
@@ -84,9 +92,17 @@ impl Drop for Agent {
     }
 }
 
+/// One run of `ioasid-bench` (every case, or the `cases` named): ns per operation by case.
 fn bench_once(root: &Path) -> Result<BTreeMap<String, f64>> {
-    let out =
-        Command::new(root.join("target/release/ioasid-bench")).output().context("running ioasid-bench")?;
+    Ok(bench_cases(root, &[])?.into_iter().filter(|(k, _)| !k.ends_with(".ops")).collect())
+}
+
+/// `ioasid-bench CASES...`: every value it printed (`CASE` ns per operation, `CASE.ops`).
+fn bench_cases(root: &Path, cases: &[&str]) -> Result<BTreeMap<String, f64>> {
+    let out = Command::new(root.join("target/release/ioasid-bench"))
+        .args(cases)
+        .output()
+        .context("running ioasid-bench")?;
     if !out.status.success() {
         bail!("ioasid-bench failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -96,6 +112,139 @@ fn bench_once(root: &Path) -> Result<BTreeMap<String, f64>> {
         .iter()
         .filter_map(|(k, v)| v.as_f64().map(|f| (k.clone(), f)))
         .collect())
+}
+
+/// A policy that denies incoherent DMA to one VM name (no benchmark's): what an operator with
+/// one deny runs, for the run counts with a deny in force.
+const DENY_POLICY: &str = "default:\n  incoherent_dma: audit\nrules:\n  - name: bench-deny\n    match: { vm: \"ioasid-bench-nobody\" }\n    incoherent_dma: deny\n";
+
+/// Per benchmark case, how many times each ioasid program ran (the kernel's BPF run counts,
+/// `--bpf-stats`), with the embedded audit-only policy and with a deny policy, enforcing. The
+/// cases have nothing to do with WBINVD or FILE_ADD but the emulated WBINVD: the target is
+/// zero runs, a figure no timing noise blurs.
+fn run_counts(root: &Path, setups: &[(&str, &[&str])]) -> Result<serde_json::Value> {
+    let out = Command::new(root.join("target/release/ioasid-bench"))
+        .arg("--list")
+        .output()
+        .context("running ioasid-bench --list")?;
+    let cases: Vec<String> = serde_json::from_slice(&out.stdout).context("ioasid-bench --list")?;
+    let dir = std::env::temp_dir().join(format!("ioasid-bench-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let deny = dir.join("deny.yaml");
+    std::fs::write(&deny, DENY_POLICY)?;
+    let deny_arg = deny.display().to_string();
+    let mut report = serde_json::Map::new();
+    println!(
+        "\nioasid program runs per benchmark case (BPF run counts; target for every unrelated case: 0):"
+    );
+    println!(
+        "{:<8} {:<13} {:<30} {:>10} {:<46} {:>10} {:>9}",
+        "setup", "policy", "case", "ops", "hook", "runs", "per op"
+    );
+    let policies: [(&str, Vec<&str>); 3] = [
+        ("audit", vec![]),
+        ("deny", vec!["--policy", deny_arg.as_str()]),
+        ("deny-signal", vec!["--policy", deny_arg.as_str(), "--enforce-with", "signal"]),
+    ];
+    for ((setup, flags), (policy, extra)) in setups.iter().flat_map(|s| policies.iter().map(move |p| (s, p)))
+    {
+        let mut args = vec!["--bpf-stats"];
+        args.extend_from_slice(flags);
+        args.extend(extra.iter().copied());
+        let agent = Agent::start_enforcing(root, &args, !extra.is_empty())?;
+        let policy = format!("{setup}:{policy}");
+        let mut per_policy = serde_json::Map::new();
+        for case in &cases {
+            let before = samples(&agent.metrics()?, "ioasid_program_runs_total");
+            let out = bench_cases(root, &[case.as_str()])?;
+            let after = samples(&agent.metrics()?, "ioasid_program_runs_total");
+            let ops = out.get(&format!("{case}.ops")).copied().unwrap_or(f64::NAN);
+            let ran: BTreeMap<String, f64> = after
+                .iter()
+                .map(|(hook, n)| (hook.clone(), n - before.get(hook).copied().unwrap_or(0.0)))
+                .filter(|(_, d)| *d > 0.0)
+                .collect();
+            if ran.is_empty() {
+                println!(
+                    "{setup:<8} {:<13} {case:<30} {ops:>10.0} {:<46} {:>10} {:>9}",
+                    &policy[setup.len() + 1..],
+                    "(none)",
+                    0,
+                    "0"
+                );
+            }
+            for (hook, n) in &ran {
+                println!(
+                    "{setup:<8} {:<13} {case:<30} {ops:>10.0} {hook:<46} {n:>10.0} {:>9.3}",
+                    &policy[setup.len() + 1..],
+                    n / ops
+                );
+            }
+            per_policy.insert(case.clone(), serde_json::json!({ "ops": ops, "runs": ran }));
+        }
+        drop(agent);
+        report.insert(policy, serde_json::Value::Object(per_policy));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(serde_json::Value::Object(report))
+}
+
+/// The peers an operator would otherwise run, where installed: `perf stat` counting the KVM
+/// exit and emulation tracepoints host-wide, and a bpftrace per-pid count of the same. Each
+/// measured like the agent, on the same benchmarks, interleaved.
+fn peers() -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok_and(|o| o.status.success());
+    if have("perf") {
+        out.push((
+            "perf_stat".to_string(),
+            ["perf", "stat", "-a", "-e", "kvm:kvm_exit,kvm:kvm_emulate_insn"].map(String::from).to_vec(),
+        ));
+    } else {
+        eprintln!("xtask: bench: perf is not installed: no perf stat column");
+    }
+    if have("bpftrace") {
+        out.push((
+            "bpftrace".to_string(),
+            [
+                "bpftrace",
+                "-e",
+                "tracepoint:kvm:kvm_exit { @exits[pid] = count(); } tracepoint:kvm:kvm_emulate_insn { @emulated[pid] = count(); }",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ));
+    } else {
+        eprintln!("xtask: bench: bpftrace is not installed: no bpftrace column");
+    }
+    out
+}
+
+/// A peer tool running in the background for one measurement.
+struct Peer(Child);
+
+impl Peer {
+    fn start(argv: &[String]) -> Result<Self> {
+        // In a process group of its own: the interrupt at the end reaches everything it runs.
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", argv[0]))?;
+        // Attached once its probes are in: give it the time it takes to start.
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's process group.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGINT) };
+        let _ = self.0.wait();
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -113,35 +262,67 @@ fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// The ioctl program families `--ioctl-hooks` can ask for (the LSM family needs BPF LSM and
-/// trampolines).
-const FAMILIES: [(&str, &str); 3] = [("lsm", "lsm"), ("tp_btf", "tp-btf"), ("tracepoint", "tracepoint")];
+/// The agent configurations `cargo xtask bench` measures (`--setups` picks some): what operators
+/// run (`agent`: the kernel's best hooks), the configuration before ioasid counted from KVM's
+/// handlers and observed ioctls from KVM's own functions (`before`: the observing LSM and the
+/// exit/emulation tracepoints; where BPF LSM loads), and each syscall-hook family.
+pub const SETUPS: [(&str, &[&str]); 4] = [
+    ("agent", &[]),
+    ("before", &["--ioctl-hooks", "lsm", "--count-with-tracepoints"]),
+    ("tp_btf", &["--ioctl-hooks", "tp-btf"]),
+    ("tracepoint", &["--ioctl-hooks", "tracepoint"]),
+];
 
-pub fn run(root: &Path, rounds: usize) -> Result<()> {
+/// One measured configuration: no agent, an agent setup (real or empty programs), or a peer.
+enum Config {
+    Without,
+    Agent(Vec<&'static str>),
+    Peer(Vec<String>),
+}
+
+pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Result<()> {
     let rounds = rounds.max(1);
-    // Configurations measured in each round: no agent, then per family this kernel allows the
+    // Configurations measured in each round: no agent, then per setup this kernel allows the
     // agent with its empty programs (what the attachments alone cost) and with the real ones.
-    let mut configs: Vec<(String, Option<Vec<&str>>)> = vec![("without".into(), None)];
-    let mut families = Vec::new();
-    for (name, flag) in FAMILIES {
-        match Agent::start(root, &["--ioctl-hooks", flag]) {
-            Ok(_) => {
-                families.push((name, flag));
-                configs
-                    .push((format!("{name}_empty"), Some(vec!["--ioctl-hooks", flag, "--empty-programs"])));
-                configs.push((name.to_string(), Some(vec!["--ioctl-hooks", flag])));
-            }
-            Err(e) => eprintln!("xtask: bench: no `{name}` configuration on this kernel: {e:#}"),
+    let mut configs: Vec<(String, Config)> = vec![("without".into(), Config::Without)];
+    let mut measured: Vec<(&str, &[&str])> = Vec::new();
+    for (name, flags) in SETUPS {
+        if !setups.is_empty() && !setups.iter().any(|s| s == name) {
+            continue;
         }
+        match Agent::start(root, flags) {
+            Ok(_) => {
+                measured.push((name, flags));
+                let mut empty = flags.to_vec();
+                empty.push("--empty-programs");
+                configs.push((format!("{name}_empty"), Config::Agent(empty)));
+                configs.push((name.to_string(), Config::Agent(flags.to_vec())));
+            }
+            Err(e) => eprintln!("xtask: bench: no `{name}` setup on this kernel: {e:#}"),
+        }
+    }
+    // The peers an operator would otherwise run, beside the agent as operators run it.
+    let peers = if no_peers { Vec::new() } else { peers() };
+    let first_peer = configs.len();
+    for (name, argv) in &peers {
+        configs.push((name.clone(), Config::Peer(argv.clone())));
     }
     let mut results: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("xtask: bench round {}/{rounds}", round + 1);
-        for (i, (_, args)) in configs.iter().enumerate() {
-            let agent = args.as_ref().map(|a| Agent::start(root, a)).transpose()?;
+        for (i, (_, config)) in configs.iter().enumerate() {
+            let agent = match config {
+                Config::Agent(flags) => Some(Agent::start(root, flags)?),
+                _ => None,
+            };
+            let peer = match config {
+                Config::Peer(argv) => Some(Peer::start(argv)?),
+                _ => None,
+            };
             for (k, v) in bench_once(root)? {
                 results[i].entry(k).or_default().push(v);
             }
+            drop(peer);
             drop(agent);
         }
     }
@@ -163,11 +344,11 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
     println!(
         "`empty`: the same hooks with empty programs of the same attach type (the attachment's own cost)."
     );
-    for (f, (family, _)) in families.iter().enumerate() {
+    for (f, (setup, flags)) in measured.iter().enumerate() {
         let (empty, real) = (1 + 2 * f, 2 + 2 * f);
         println!(
             "\n{:<30} {:>11} {:>13} {:>7} {:>13} {:>7} {:>10}",
-            format!("ioctl path: {family}"),
+            format!("setup: {setup} {}", flags.join(" ")),
             "without",
             "empty progs",
             "ratio",
@@ -188,15 +369,35 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
             );
         }
     }
+    if !peers.is_empty() && measured.first().is_some_and(|(s, _)| *s == "agent") {
+        print!("\n{:<30} {:>11}", "peers (same work)", "without");
+        for (name, _) in &peers {
+            print!(" {name:>13} {:>7}", "ratio");
+        }
+        println!(" {:>13} {:>7}", "ioasid", "ratio");
+        for k in results[0].keys() {
+            let m = medians(k);
+            print!("{k:<30} {:>9.1}ns", m[0]);
+            for i in first_peer..first_peer + peers.len() {
+                print!(" {:>11.1}ns {:>7.3}", m[i], m[i] / m[0]);
+            }
+            println!(" {:>11.1}ns {:>7.3}", m[2], m[2] / m[0]);
+        }
+    }
+
+    let counted: Vec<(&str, &[&str])> =
+        measured.iter().copied().filter(|(s, _)| matches!(*s, "agent" | "before")).collect();
+    report.insert("run_counts".into(), run_counts(root, &counted)?);
 
     // In-kernel cost per program run from BPF run-time statistics, each program beside an empty
     // program of the same attach type at the same hook.
     println!("\nin-kernel ns per program run (BPF run-time stats, which add their own timing):");
-    println!("{:<12} {:<46} {:>12} {:>10} {:>10}", "ioctl path", "hook", "runs", "program", "empty");
+    println!("{:<12} {:<46} {:>12} {:>10} {:>10}", "setup", "hook", "runs", "program", "empty");
     let mut kernel = serde_json::Map::new();
-    for (family, flag) in &families {
+    for (setup, flags) in &measured {
         let per_run = |extra: &[&str]| -> Result<BTreeMap<String, (f64, f64)>> {
-            let mut args = vec!["--bpf-stats", "--ioctl-hooks", flag];
+            let mut args = vec!["--bpf-stats"];
+            args.extend_from_slice(flags);
             args.extend_from_slice(extra);
             let agent = Agent::start(root, &args)?;
             bench_once(root)?;
@@ -218,9 +419,9 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
         for (hook, (n, ns)) in &real {
             let base = empty.get(hook).map(|(_, ns)| *ns);
             let base_text = base.map_or("-".to_string(), |b| format!("{b:.1}"));
-            println!("{family:<12} {hook:<46} {n:>12.0} {ns:>10.1} {base_text:>10}");
+            println!("{setup:<12} {hook:<46} {n:>12.0} {ns:>10.1} {base_text:>10}");
             kernel.insert(
-                format!("{family}:{hook}"),
+                format!("{setup}:{hook}"),
                 serde_json::json!({ "runs": n, "ns_per_run": ns, "empty_ns_per_run": base }),
             );
         }

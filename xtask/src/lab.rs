@@ -57,6 +57,9 @@ type Subset = &'static [(&'static str, &'static [&'static str], &'static [&'stat
 /// storms under kill and throttle).
 const KERNEL_FACING: Subset = &[
     ("lab", &[], &["requests_on_real_vfio_files_only"]),
+    // A real VMM's exact counts, under load: where tracepoints counted, Debian's lazy-preemption
+    // kernels (6.18, 7.3) fell short here; KVM's handlers count now.
+    ("qemu", &["qemu_guests_are_named_and_counted_exactly"], &[]),
     (
         "storm",
         &[
@@ -1093,7 +1096,7 @@ const MATRIX_END: &str = "<!-- end generated: kernel matrix -->";
 /// the lab saw it.
 fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Result<()> {
     let mut t = String::from(
-        "| kernel | release | hooks attached | refused, nothing serving instead (why) | ioctl path | enforcement | WBINVD handler time | flush reach | blast radius |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| kernel | release | hooks attached | refused, nothing serving instead (why) | WBINVD/INVD counted by | ioctl path | enforcement | WBINVD handler time | flush reach | blast radius |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, release, v) in rows {
         let hooks = v["hooks"].as_array().cloned().unwrap_or_default();
@@ -1123,15 +1126,20 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
         let serving = |g: &str| v["serving"][g].as_str().map_or("-".to_string(), |h| format!("`{h}`"));
         let _ = writeln!(
             t,
-            "| {name} | {release} | {} of {}{} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {release} | {} of {}{} | {} | {} | {} | {} | {} | {} | {} |",
             attached.len(),
             hooks.len(),
             if kprobes > 0 { format!(" ({kprobes} kprobes)") } else { String::new() },
             if missing.is_empty() { "-".to_string() } else { missing.join(", ") },
+            v["count_source"].as_str().unwrap_or("?"),
             v["ioctl_hooks"].as_str().unwrap_or("?"),
             v["enforcement_mechanism"].as_str().unwrap_or("?"),
             v["cost_source"].as_str().unwrap_or("?"),
-            serving("flush-cpus"),
+            if v["count_source"] == "handlers" {
+                "handlers (KVM's dirty mask)".to_string()
+            } else {
+                serving("flush-cpus")
+            },
             if v["blast_radius"]["on"] == true {
                 serving("flush-ipi-start")
             } else {

@@ -60,6 +60,13 @@ enum Task {
         /// Use the binaries already built (e.g. inside the lab's VMs: `cargo xtask lab --script`).
         #[arg(long)]
         no_build: bool,
+        /// Agent setups to measure, comma-separated (default: every one this kernel allows):
+        /// agent, before, tp_btf, tracepoint.
+        #[arg(long, value_delimiter = ',')]
+        setups: Vec<String>,
+        /// Skip the peers (perf stat, bpftrace) even where installed.
+        #[arg(long)]
+        no_peers: bool,
     },
     /// A WBINVD storm from a real KVM guest named like a VM: for demos, alert tests and load.
     Storm {
@@ -157,12 +164,12 @@ fn main() -> Result<()> {
             let status = cmd.status().with_context(|| format!("running {}", agent.display()))?;
             exit_with(status)
         }
-        Task::Bench { rounds, no_build } => {
+        Task::Bench { rounds, no_build, setups, no_peers } => {
             if !no_build {
                 setup()?;
                 cargo(&root, &["build", "--release", "-p", "ioasid-agent", "-p", "ioasid-guest"])?;
             }
-            bench::run(&root, rounds)
+            bench::run(&root, rounds, &setups, no_peers)
         }
         Task::Storm { name, rate, duration } => {
             cargo(&root, &["build", "--release", "-p", "ioasid-guest"])?;

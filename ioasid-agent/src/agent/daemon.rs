@@ -102,7 +102,12 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     let audit = AuditLog::start_with(&cfg.audit_log, metrics.audit_dropped.clone(), syslog)?;
     let record =
         cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.audit_dropped.clone())).transpose()?;
-    let loaded = loader::load(&cfg.load)?;
+    let mut load = cfg.load.clone();
+    if load.lsm_deny == loader::LsmDeny::On && !policy.policy.has_deny() {
+        // Pay for what the policy asks: nothing refuses, so no program on every ioctl.
+        load.lsm_deny = loader::LsmDeny::Off;
+    }
+    let loaded = loader::load(&load)?;
     if let Some(state) = loaded.state.as_ref().filter(|s| !s.adopted.is_empty()) {
         tracing::info!(dir = %state.dir.display(), maps = ?state.adopted, "adopting the kernel state a previous agent left (open asks, counters, non-coherent VMs)");
     }
@@ -357,6 +362,11 @@ fn report_hooks(loaded: &Loaded, metrics: &Metrics, enforce: bool) {
         metrics.wbinvd_cost_source.with_label_values(&[s.label()]).set(i64::from(*s == source));
     }
     tracing::info!(source = source.label(), "WBINVD handler time source");
+    let counts = loaded.count_source();
+    for s in ["handlers", "tracepoints"] {
+        metrics.wbinvd_count_source.with_label_values(&[s]).set(i64::from(s == counts));
+    }
+    tracing::info!(source = counts, "WBINVD/INVD count source");
     let family = loaded.ioctl_family();
     for f in IoctlFamily::ALL {
         metrics.ioctl_path.with_label_values(&[f.label()]).set(i64::from(*f == family));

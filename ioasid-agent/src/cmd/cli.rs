@@ -120,6 +120,12 @@ pub struct RunArgs {
     /// Program family for the ioctl path.
     #[arg(long, value_enum, default_value_t = IoctlHooksArg::Auto)]
     pub ioctl_hooks: IoctlHooksArg,
+    /// How a denied incoherent-DMA enable is stopped: `lsm` refuses it with EPERM before it
+    /// runs (the VMM lives; attached only while the policy has a deny, and every ioctl on the
+    /// host then passes one compare), `signal` kills the VMM from KVM's own FILE_ADD path
+    /// (nothing on any other ioctl). Where the LSM cannot load, the signal serves.
+    #[arg(long, value_enum, default_value_t = EnforceWith::Lsm)]
+    pub enforce_with: EnforceWith,
     /// Turn on kernel BPF run-time statistics and export each program's runs and in-kernel
     /// time (ioasid_program_runs_total, ioasid_program_run_seconds_total). Costs a little per run.
     #[arg(long)]
@@ -138,6 +144,11 @@ pub struct RunArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub test_stall_decisions: bool,
+    /// Benchmarks only: count WBINVD/INVD with the exit and emulation tracepoints (and read each
+    /// flush's CPUs from the generic cross-CPU call) even where KVM's handlers can: the
+    /// configuration before ioasid counted from the handlers, measured beside it.
+    #[arg(long, hide = true)]
+    pub count_with_tracepoints: bool,
     /// Benchmarks only: attach an empty program of the same type at every hook instead of the
     /// real ones (what the attachments alone cost). Observes nothing; implies --dry-run.
     #[arg(long, hide = true)]
@@ -160,17 +171,32 @@ pub struct StatusArgs {
     /// Program family for the ioctl path (as for `run`).
     #[arg(long, value_enum, default_value_t = IoctlHooksArg::Auto)]
     pub ioctl_hooks: IoctlHooksArg,
+    /// As for `run` (status attaches what a policy with a deny would).
+    #[arg(long, value_enum, default_value_t = EnforceWith::Lsm)]
+    pub enforce_with: EnforceWith,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
+/// `--enforce-with`: how denials are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EnforceWith {
+    /// BPF LSM file_ioctl: EPERM before the request runs (while the policy has a deny).
+    Lsm,
+    /// bpf_send_signal from KVM's FILE_ADD path: the VMM is killed before it runs a guest.
+    Signal,
+}
+
 /// `--ioctl-hooks`: which program family serves the ioctl path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IoctlHooksArg {
-    /// The LSM (no syscall tracepoint) where BPF LSM and trampolines load, else tp_btf where the
+    /// KVM's, VFIO's and iommufd's own ioctl functions where trampolines load (nothing else
+    /// pays), else the LSM (no syscall tracepoint) where BPF LSM loads, else tp_btf where the
     /// kernel allows it, else classic tracepoints.
     Auto,
+    /// Only fentry programs on KVM's, VFIO's and iommufd's ioctl functions.
+    Functions,
     /// Only lsm/file_ioctl + fexit/kvm_vfio_set_attr: unrelated syscalls pay nothing.
     Lsm,
     /// Only tp_btf sys_enter/sys_exit.
@@ -183,6 +209,7 @@ impl From<IoctlHooksArg> for IoctlHooks {
     fn from(a: IoctlHooksArg) -> Self {
         match a {
             IoctlHooksArg::Auto => IoctlHooks::Auto,
+            IoctlHooksArg::Functions => IoctlHooks::Functions,
             IoctlHooksArg::Lsm => IoctlHooks::Lsm,
             IoctlHooksArg::TpBtf => IoctlHooks::TpBtf,
             IoctlHooksArg::Tracepoint => IoctlHooks::Tracepoint,

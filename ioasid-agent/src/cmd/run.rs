@@ -18,8 +18,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             enforce: !args.dry_run && !args.empty_programs,
             optional_hooks: !args.no_optional_hooks,
             ioctl_hooks: args.ioctl_hooks.into(),
+            // The daemon turns this Off while the policy has no deny.
+            lsm_deny: if args.dry_run || args.empty_programs {
+                loader::LsmDeny::Never("not enforcing (--dry-run)")
+            } else if args.enforce_with == crate::cmd::cli::EnforceWith::Signal {
+                loader::LsmDeny::Never("--enforce-with signal: denials kill from KVM's FILE_ADD path")
+            } else {
+                loader::LsmDeny::On
+            },
             strict: true,
             empty_programs: args.empty_programs,
+            count_with_tracepoints: args.count_with_tracepoints,
             state_dir: (!args.empty_programs).then(|| args.state_dir.clone()),
         },
         sweep: args.sweep_interval,

@@ -15,6 +15,14 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         ioctl_hooks: args.ioctl_hooks.into(),
         strict: false,
         empty_programs: false,
+        count_with_tracepoints: false,
+        // What a policy with a deny gets.
+        lsm_deny: match args.enforce_with {
+            crate::cmd::cli::EnforceWith::Lsm => loader::LsmDeny::On,
+            crate::cmd::cli::EnforceWith::Signal => {
+                loader::LsmDeny::Never("--enforce-with signal: denials kill from KVM's FILE_ADD path")
+            }
+        },
         // Never the agent's pinned maps: status's programs would count into its counters.
         state_dir: None,
     })?;
@@ -61,6 +69,7 @@ fn json(loaded: &loader::Loaded) -> serde_json::Value {
         "hooks": hooks,
         "enforcement_mechanism": loaded.mechanism(true).label(),
         "cost_source": loaded.cost_source().label(),
+        "count_source": loaded.count_source(),
         "ioctl_hooks": loaded.ioctl_family().label(),
         "file_filter": { "on": filter_on, "reason": filter_reason },
         "blast_radius": { "on": blast.is_ok(), "reason": blast.err().map(|e| e.to_string()) },
@@ -75,6 +84,7 @@ fn text(loaded: &loader::Loaded) {
         println!("{h}");
     }
     println!("enforcement mechanism for incoherent-DMA denials: {}", loaded.mechanism(true));
+    println!("WBINVD/INVD counted by: {}", loaded.count_source());
     println!("WBINVD handler time source: {}", loaded.cost_source().label());
     println!("ioctl path: {}", loaded.ioctl_family());
     match loaded.blast_radius() {

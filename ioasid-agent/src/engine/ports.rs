@@ -26,8 +26,11 @@ pub type FlushCpus = [u64; FLUSH_CPUS_LEN as usize];
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProgramStats {
     pub hook: &'static str,
-    pub runs: u64,
-    pub run_seconds: f64,
+    /// Runs and in-kernel time: only with BPF run-time statistics on (else None).
+    pub runs: Option<u64>,
+    pub run_seconds: Option<f64>,
+    /// Runs the kernel skipped (recursion protection, a busy `bpf_prog_active`): always.
+    pub misses: u64,
 }
 
 /// A kernel map refused a write.
@@ -76,6 +79,12 @@ pub trait Kernel {
     /// Keeps the file filter's function addresses current as modules load and unload (at most
     /// once a second; kallsyms is read only when /proc/modules changed).
     fn refresh_file_filter(&mut self) {}
+    /// Attaches (`on`) or detaches the program that refuses denied FILE_ADDs with EPERM, where
+    /// it can come and go with the policy's denies (None: it cannot, the mechanism is fixed);
+    /// whether it is attached now (Err: why it could not be, the signal then enforces).
+    fn set_lsm_deny(&mut self, _on: bool) -> Option<Result<bool, String>> {
+        None
+    }
 }
 
 /// Tells whether the kernel has stopped a process to ask about an enable (the duty cycle must

@@ -130,46 +130,105 @@ const KIND_TYPE_TAG: u32 = 18;
 pub fn member_offsets(vmlinux: &Path, pairs: &[(&str, &str)]) -> Result<Vec<Option<u32>>, BtfError> {
     let data = read(vmlinux)?;
     let blob = parse(&data, vmlinux)?;
-    // Type id -> offset of its header in the type section (id 0 is void).
-    let mut at = vec![usize::MAX];
-    let (mut off, types) = (0usize, blob.types);
-    while off < types.len() {
-        at.push(off);
-        let info =
-            u32_at(types, off + 4).ok_or(BtfError::Malformed { path: vmlinux.into(), what: "type" })?;
-        let more = trailing((info >> 24) & 0x1f, (info & 0xffff) as usize)
-            .ok_or(BtfError::Malformed { path: vmlinux.into(), what: "type kind" })?;
-        off += 12 + more;
-    }
-    let t = Types { types, strings: blob.strings, at };
-    Ok(pairs
-        .iter()
-        .map(|(st, member)| {
-            let id = t.named(KIND_STRUCT, st)?;
-            t.member(id, member, 0, 0)
-        })
-        .collect())
+    let t = Types::index(blob.types.to_vec(), blob.strings.to_vec(), vmlinux)?;
+    Ok(pairs.iter().map(|(st, member)| t.path(st, member).map(|(off, _)| off)).collect())
 }
 
-struct Types<'a> {
-    types: &'a [u8],
-    strings: &'a [u8],
+/// How a member found by [`member_paths`] is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaf {
+    /// A pointer: read the address stored there.
+    Pointer,
+    /// An array: its elements start there.
+    Array,
+    /// An integer of at most 8 bytes.
+    Int,
+}
+
+/// The byte offsets of `(struct, "member.member...")` paths in a module's split BTF
+/// (`/sys/kernel/btf/<module>` on top of `/sys/kernel/btf/vmlinux`; `vmlinux` alone for
+/// built-in code), through embedded structs
+/// and anonymous members; each with how its leaf is read. None for a path that is not found,
+/// or whose leaf is not a pointer, an array or an integer of at most 8 bytes.
+pub fn member_paths(
+    sysfs_btf: &Path,
+    module: &str,
+    paths: &[(&str, &str)],
+) -> Result<Vec<Option<(u32, Leaf)>>, BtfError> {
+    let base_path = sysfs_btf.join("vmlinux");
+    let base = read(&base_path)?;
+    let base = parse(&base, &base_path)?;
+    let module_path = sysfs_btf.join(module);
+    let t = if module == "vmlinux" {
+        Types::index(base.types.to_vec(), base.strings.to_vec(), &module_path)?
+    } else {
+        let split = read(&module_path)?;
+        let split = parse(&split, &module_path)?;
+        // Split BTF continues the base's type ids and string offsets: the two sections, laid
+        // end to end, index as one.
+        let types = [base.types, split.types].concat();
+        let strings = [base.strings, split.strings].concat();
+        Types::index(types, strings, &module_path)?
+    };
+    Ok(paths.iter().map(|(st, path)| t.path(st, path)).collect())
+}
+
+struct Types {
+    types: Vec<u8>,
+    strings: Vec<u8>,
+    /// Type id -> offset of its header in `types` (id 0 is void).
     at: Vec<usize>,
 }
 
-impl Types<'_> {
+impl Types {
+    fn index(types: Vec<u8>, strings: Vec<u8>, path: &Path) -> Result<Self, BtfError> {
+        let mut at = vec![usize::MAX];
+        let mut off = 0usize;
+        while off < types.len() {
+            at.push(off);
+            let info =
+                u32_at(&types, off + 4).ok_or(BtfError::Malformed { path: path.into(), what: "type" })?;
+            let more = trailing((info >> 24) & 0x1f, (info & 0xffff) as usize)
+                .ok_or(BtfError::Malformed { path: path.into(), what: "type kind" })?;
+            off += 12 + more;
+        }
+        Ok(Self { types, strings, at })
+    }
+
+    /// `path` (dot-separated members) in struct `st`: its byte offset and how it is read.
+    fn path(&self, st: &str, path: &str) -> Option<(u32, Leaf)> {
+        let mut id = self.named(KIND_STRUCT, st)?;
+        let mut base = 0u32;
+        let mut parts = path.split('.').peekable();
+        while let Some(member) = parts.next() {
+            let (off, ty) = self.member(id, member, base, 0)?;
+            let (resolved, kind, size) = self.resolve(ty)?;
+            if parts.peek().is_none() {
+                let leaf = match kind {
+                    KIND_PTR => Leaf::Pointer,
+                    KIND_ARRAY => Leaf::Array,
+                    KIND_INT if size <= 8 => Leaf::Int,
+                    _ => return None,
+                };
+                return Some((off, leaf));
+            }
+            (id, base) = (resolved, off);
+        }
+        None
+    }
+
     fn header(&self, id: u32) -> Option<(u32, u32, u32, u32)> {
         let off = *self.at.get(id as usize)?;
-        let name = u32_at(self.types, off)?;
-        let info = u32_at(self.types, off + 4)?;
-        let size_or_type = u32_at(self.types, off + 8)?;
+        let name = u32_at(&self.types, off)?;
+        let info = u32_at(&self.types, off + 4)?;
+        let size_or_type = u32_at(&self.types, off + 8)?;
         Some((name, (info >> 24) & 0x1f, info, size_or_type))
     }
 
     fn named(&self, kind: u32, name: &str) -> Option<u32> {
         (1..self.at.len() as u32).find(|id| {
             self.header(*id).is_some_and(|(n, k, _, _)| {
-                k == kind && cstr(self.strings, n as usize) == Some(name.as_bytes())
+                k == kind && cstr(&self.strings, n as usize) == Some(name.as_bytes())
             })
         })
     }
@@ -186,8 +245,9 @@ impl Types<'_> {
         None
     }
 
-    /// `member`'s byte offset in struct/union `id` (plus `base`), searching anonymous members.
-    fn member(&self, id: u32, member: &str, base: u32, depth: u32) -> Option<u32> {
+    /// `member`'s byte offset in struct/union `id` (plus `base`), searching anonymous members,
+    /// and its type id.
+    fn member(&self, id: u32, member: &str, base: u32, depth: u32) -> Option<(u32, u32)> {
         if depth > 8 {
             return None;
         }
@@ -200,7 +260,7 @@ impl Types<'_> {
         for i in 0..(info & 0xffff) as usize {
             let m = start + 12 * i;
             let (name, ty, raw) =
-                (u32_at(self.types, m)?, u32_at(self.types, m + 4)?, u32_at(self.types, m + 8)?);
+                (u32_at(&self.types, m)?, u32_at(&self.types, m + 4)?, u32_at(&self.types, m + 8)?);
             let bits = if kind_flag { raw & 0x00ff_ffff } else { raw };
             if bits % 8 != 0 {
                 continue; // a bitfield: never what the programs read
@@ -210,10 +270,8 @@ impl Types<'_> {
                 if let Some(found) = self.member(self.resolve(ty)?.0, member, off, depth + 1) {
                     return Some(found);
                 }
-            } else if cstr(self.strings, name as usize) == Some(member.as_bytes()) {
-                let (_, k, size) = self.resolve(ty)?;
-                let readable = k == KIND_PTR || k == KIND_ARRAY || (k == KIND_INT && size <= 8);
-                return readable.then_some(off);
+            } else if cstr(&self.strings, name as usize) == Some(member.as_bytes()) {
+                return Some((off, ty));
             }
         }
         None

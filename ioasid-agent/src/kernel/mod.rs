@@ -42,10 +42,16 @@ pub struct BpfKernel {
     file_coherency: BpfHashMap<MapData, FdKey, u32>,
     cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
     blast: PerCpuHashMap<MapData, ioasid_common::cost::BlastKey, u64>,
-    /// (hook label, program name) of attached hooks, when BPF run-time stats are on.
+    /// (hook label, program name) of attached hooks.
     stats_hooks: Vec<(&'static str, &'static str)>,
+    /// BPF run-time statistics are on: runs and run time are exported too.
+    stats_on: bool,
     /// The file filter's view of the loaded modules (None: the filter is off).
     modules: Option<ModulesSeen>,
+    /// The LSM program beside the functions family, attached while the policy has a deny.
+    lsm_switch: Option<loader::LsmSwitch>,
+    /// What the control map holds.
+    control: ioasid_common::config::Control,
     // Dropping the object detaches every program: it lives as long as this value.
     ebpf: aya::Ebpf,
 }
@@ -116,11 +122,16 @@ impl BpfKernel {
         let e = &mut loaded.ebpf;
         let rings =
             Rings { events: take(e, MAP_EVENTS)?, decisions: take(e, ioasid_common::names::MAP_DECISIONS)? };
-        let stats_hooks = if stats_on {
-            loaded.hooks.iter().filter(|h| h.attached()).map(|h| (h.spec.hook, h.program)).collect()
-        } else {
-            Vec::new()
+        // The LSM program beside the functions family counts while attached, from a reload on.
+        let switchable = |h: &loader::HookReport| {
+            loaded.lsm_switch.is_some() && h.spec.hook == ioasid_common::hooks::HOOK_LSM_FILE_IOCTL
         };
+        let stats_hooks = loaded
+            .hooks
+            .iter()
+            .filter(|h| h.attached() || switchable(h))
+            .map(|h| (h.spec.hook, h.program))
+            .collect();
         let k = Self {
             counters: take(e, MAP_COUNTERS)?,
             cost: take(e, MAP_COST)?,
@@ -135,8 +146,11 @@ impl BpfKernel {
             cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
             blast: take(e, ioasid_common::names::MAP_BLAST)?,
             stats_hooks,
+            stats_on,
             modules: (loaded.file_filter == loader::FileFilter::On)
                 .then(|| ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() }),
+            lsm_switch: loaded.lsm_switch,
+            control: loaded.control,
             ebpf: loaded.ebpf,
         };
         Ok((k, rings))
@@ -281,11 +295,17 @@ impl Kernel for BpfKernel {
                 let info = self.ebpf.program(program)?.info().ok()?;
                 Some(ProgramStats {
                     hook,
-                    runs: info.run_count(),
-                    run_seconds: info.run_time().as_secs_f64(),
+                    runs: self.stats_on.then(|| info.run_count()),
+                    run_seconds: self.stats_on.then(|| info.run_time().as_secs_f64()),
+                    misses: info.recursion_misses(),
                 })
             })
             .collect()
+    }
+
+    fn set_lsm_deny(&mut self, on: bool) -> Option<Result<bool, String>> {
+        let switch = self.lsm_switch.as_mut()?;
+        Some(loader::set_lsm_deny(&mut self.ebpf, switch, &mut self.control, on).map_err(|e| e.to_string()))
     }
 
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {

@@ -106,15 +106,17 @@ fn handler_start(path: Path) {
 
 /// fentry kvm_emulate_wbinvd(struct kvm_vcpu *): the exit handler starts.
 #[fentry(function = "kvm_emulate_wbinvd")]
-pub fn ioasid_fentry_kvm_emulate_wbinvd(_ctx: FEntryContext) -> i32 {
+pub fn ioasid_fentry_kvm_emulate_wbinvd(ctx: FEntryContext) -> i32 {
     handler_start(Path::Exit);
+    super::wbinvd::handler_entered(ctx.arg(0));
     0
 }
 
 /// fentry emulator_wbinvd(struct x86_emulate_ctxt *): the emulator's handler starts.
 #[fentry(function = "emulator_wbinvd")]
-pub fn ioasid_fentry_emulator_wbinvd(_ctx: FEntryContext) -> i32 {
+pub fn ioasid_fentry_emulator_wbinvd(ctx: FEntryContext) -> i32 {
     handler_start(Path::Emulated);
+    super::wbinvd::handler_entered(super::wbinvd::ctxt_vcpu(ctx.arg(0)));
     0
 }
 
@@ -138,14 +140,24 @@ pub fn handler_done() {
     close_pending(current_ids().1);
 }
 
+/// What a flush does on the calling CPU, beside the CPUs of its mask.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OwnCpu {
+    /// As the mask says (wbinvd_on_cpus_mask, on_each_cpu_mask: KVM set it in the mask).
+    AsMask,
+    /// Never (smp_call_function_many: 5.10's KVM never flushes its own CPU).
+    Skip,
+    /// Always (read from KVM's dirty mask before KVM adds the current CPU to it).
+    Add,
+}
+
 /// One pass over a flush's cpumask (the first `nr_cpus` bits, at most BLAST_MAX_CPUS = 512: an
 /// off-stack cpumask is allocated to `nr_cpu_ids` bits only): counts its CPUs into the
 /// CPUs-per-flush histogram, and marks each of them with the flusher, for the flush IPI there
-/// to find (blast radius; concurrent flushes aimed at one CPU: the later mark wins). With
-/// `skip_self` the calling CPU is left out: smp_call_function_many never runs the function
-/// there (5.10's KVM never flushes its own CPU).
+/// to find (blast radius; concurrent flushes aimed at one CPU: the later mark wins). `own`
+/// says what happens on the calling CPU.
 #[inline(always)]
-fn record_flush_cpus(mask: *const u64, skip_self: bool) {
+pub fn record_flush_cpus(mask: *const u64, own_cpu: OwnCpu) {
     let nr = config().nr_cpus.min(BLAST_MAX_CPUS);
     // SAFETY: helpers without pointer arguments.
     let mark = FlushMark {
@@ -161,8 +173,12 @@ fn record_flush_cpus(mask: *const u64, skip_self: bool) {
         let Ok(word) = (unsafe { bpf_probe_read_kernel(mask.wrapping_add(w as usize)) }) else { break };
         let valid = nr - w * 64;
         let mut word = if valid < 64 { word & ((1u64 << valid) - 1) } else { word };
-        if skip_self && own / 64 == w {
-            word &= !(1u64 << (own % 64));
+        if own / 64 == w {
+            match own_cpu {
+                OwnCpu::Skip => word &= !(1u64 << (own % 64)),
+                OwnCpu::Add => word |= 1u64 << (own % 64),
+                OwnCpu::AsMask => {}
+            }
         }
         cpus += word.count_ones();
         let mut n = 0;
@@ -188,7 +204,7 @@ fn record_flush_cpus(mask: *const u64, skip_self: bool) {
 /// CPU the vCPU ran on): how many CPUs the flush reaches.
 #[fentry(function = "wbinvd_on_cpus_mask")]
 pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
-    record_flush_cpus(ctx.arg(0), false);
+    record_flush_cpus(ctx.arg(0), OwnCpu::AsMask);
     0
 }
 
@@ -204,7 +220,7 @@ pub fn ioasid_fentry_on_each_cpu_cond_mask(ctx: FEntryContext) -> i32 {
     if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
         return 0;
     }
-    record_flush_cpus(ctx.arg(4), false);
+    record_flush_cpus(ctx.arg(4), OwnCpu::AsMask);
     0
 }
 
@@ -217,7 +233,7 @@ pub fn ioasid_fentry_smp_call_function_many(ctx: FEntryContext) -> i32 {
     if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
         return 0;
     }
-    record_flush_cpus(ctx.arg(0), true);
+    record_flush_cpus(ctx.arg(0), OwnCpu::Skip);
     0
 }
 

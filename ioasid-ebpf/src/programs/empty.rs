@@ -24,6 +24,7 @@ macro_rules! empty {
 empty! {
     tracepoint(category = "kvm", name = "kvm_exit") => ioasid_kvm_exit_empty(TracePointContext) -> u32;
     tracepoint(category = "kvm", name = "kvm_emulate_insn") => ioasid_kvm_emulate_insn_empty(TracePointContext) -> u32;
+    btf_tracepoint(function = "kvm_emulate_insn") => ioasid_tp_btf_kvm_emulate_insn_empty(BtfTracePointContext) -> i32;
     btf_tracepoint(function = "kvm_entry") => ioasid_tp_btf_kvm_entry_empty(BtfTracePointContext) -> i32;
     tracepoint(category = "kvm", name = "kvm_entry") => ioasid_kvm_entry_empty(TracePointContext) -> u32;
     btf_tracepoint(function = "sys_enter") => ioasid_tp_btf_sys_enter_empty(BtfTracePointContext) -> i32;
@@ -57,4 +58,13 @@ empty! {
     kprobe(function = "kvm_arch_register_noncoherent_dma") => ioasid_kprobe_register_noncoherent_empty(ProbeContext) -> u32;
     kprobe(function = "kvm_arch_unregister_noncoherent_dma") => ioasid_kprobe_unregister_noncoherent_empty(ProbeContext) -> u32;
     kretprobe(function = "vfio_external_check_extension") => ioasid_kretprobe_vfio_external_check_extension_empty(RetProbeContext) -> u32;
+    fentry(function = "kvm_emulate_invd") => ioasid_fentry_kvm_emulate_invd_empty(FEntryContext) -> i32;
+    fexit(function = "handle_fastpath_invd") => ioasid_fexit_handle_fastpath_invd_empty(FExitContext) -> i32;
+    fentry(function = "kvm_dev_ioctl") => ioasid_fentry_kvm_dev_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "kvm_vm_ioctl") => ioasid_fentry_kvm_vm_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "kvm_device_ioctl") => ioasid_fentry_kvm_device_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "vfio_fops_unl_ioctl") => ioasid_fentry_vfio_fops_unl_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "vfio_group_fops_unl_ioctl") => ioasid_fentry_vfio_group_fops_unl_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "vfio_device_fops_unl_ioctl") => ioasid_fentry_vfio_device_fops_unl_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "iommufd_fops_ioctl") => ioasid_fentry_iommufd_fops_ioctl_empty(FEntryContext) -> i32;
 }

@@ -26,8 +26,10 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_get_current_task_btf, bpf_send_signal, bpf_task_pt_regs},
     },
-    macros::{btf_tracepoint, fexit, kretprobe, lsm, tracepoint},
-    programs::{BtfTracePointContext, FExitContext, LsmContext, RetProbeContext, TracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, kretprobe, lsm, tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, LsmContext, RetProbeContext, TracePointContext,
+    },
     EbpfContext,
 };
 use aya_log_ebpf::{info, warn};
@@ -41,7 +43,7 @@ use ioasid_common::{
     events::{
         Coherency, EventKind, IoctlEvent, CMDLINE_MAX, IOCTL_F_ASK_RECORDED, IOCTL_F_ATTR_READ,
         IOCTL_F_DEVICE_KNOWN, IOCTL_F_FD_SWAPPED, IOCTL_F_FILE_FD_READ, IOCTL_F_FOREIGN_FILE,
-        IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
+        IOCTL_F_LSM_TAKEN, IOCTL_F_RETURNED, IOCTL_F_SIGNAL_SENT,
     },
     ioctl::{
         is_file_add_shape, is_watched_ioctl, KVM_CREATE_DEVICE, KVM_CREATE_VM, KVM_HAS_DEVICE_ATTR,
@@ -606,10 +608,94 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
     if !is_watched_ioctl(cmd) {
         return 0;
     }
-    if control().lsm_observes != 0 {
+    let ctl = control();
+    if ctl.fns_observe != 0 {
+        // The ioctl functions' own programs observe everything else: here only FILE_ADD, the
+        // one request refused before it runs.
+        let arg: u64 = ctx.arg(2);
+        if cmd != KVM_SET_DEVICE_ATTR {
+            return 0;
+        }
+        // SAFETY: bpf_probe_read_user faults safely.
+        return match unsafe { bpf_probe_read_user(arg as *const KvmDeviceAttr) } {
+            Ok(a) if is_file_add_shape(cmd, a.group, a.attr) => {
+                let ret = lsm_observe(&ctx, cmd);
+                if ret == 0 {
+                    // Let through: the request runs, and the device's fentry program next.
+                    if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&current_ids().1) {
+                        // SAFETY: this thread's own in-flight event.
+                        unsafe { (*ev).flags |= IOCTL_F_LSM_TAKEN };
+                    }
+                }
+                ret
+            }
+            _ => 0,
+        };
+    }
+    if ctl.lsm_observes != 0 {
         return lsm_observe(&ctx, cmd);
     }
     lsm_deny(&ctx, cmd)
+}
+
+/// fentry on the ioctl function of KVM's, VFIO's or iommufd's own files:
+/// `long f(struct file *file, unsigned int cmd, unsigned long arg)`. Only requests on those files
+/// reach it (nothing else on the host pays); unwatched requests leave at the first compare. The
+/// fd comes from the syscall's registers. A FILE_ADD is left to the LSM program where one is
+/// attached (it refuses before the request runs); otherwise judged here, enforced by signal.
+#[inline(always)]
+fn fn_ioctl(ctx: &FEntryContext) {
+    let cmd: u32 = ctx.arg(1);
+    if !is_watched_ioctl(cmd) {
+        return;
+    }
+    let ctl = control();
+    if ctl.fns_observe == 0 {
+        return;
+    }
+    let arg: u64 = ctx.arg(2);
+    if cmd == KVM_SET_DEVICE_ATTR {
+        if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&current_ids().1) {
+            // SAFETY: this thread's own in-flight event.
+            let ev = unsafe { &mut *ev };
+            if ev.flags & IOCTL_F_LSM_TAKEN != 0 {
+                // The LSM program, which ran first, observed and judged this FILE_ADD.
+                ev.flags &= !IOCTL_F_LSM_TAKEN;
+                return;
+            }
+        }
+    }
+    // SAFETY: the current task's BTF pointer, valid for this program's run.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    // SAFETY: bpf_probe_read_kernel faults safely; the offset is the x86-64 pt_regs ABI.
+    let Ok(fd) = (unsafe { bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_DI).cast::<u64>()) }) else {
+        stat_inc(Stat::ReadErrors);
+        return;
+    };
+    on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg, true);
+}
+
+macro_rules! ioctl_fns {
+    ($($function:literal => $name:ident;)*) => {
+        $(
+            #[doc = concat!("fentry ", $function, ": see `fn_ioctl`.")]
+            #[fentry(function = $function)]
+            pub fn $name(ctx: FEntryContext) -> i32 {
+                fn_ioctl(&ctx);
+                0
+            }
+        )*
+    };
+}
+
+ioctl_fns! {
+    "kvm_dev_ioctl" => ioasid_fentry_kvm_dev_ioctl;
+    "kvm_vm_ioctl" => ioasid_fentry_kvm_vm_ioctl;
+    "kvm_device_ioctl" => ioasid_fentry_kvm_device_ioctl;
+    "vfio_fops_unl_ioctl" => ioasid_fentry_vfio_fops_unl_ioctl;
+    "vfio_group_fops_unl_ioctl" => ioasid_fentry_vfio_group_fops_unl_ioctl;
+    "vfio_device_fops_unl_ioctl" => ioasid_fentry_vfio_device_fops_unl_ioctl;
+    "iommufd_fops_ioctl" => ioasid_fentry_iommufd_fops_ioctl;
 }
 
 /// LSM file_ioctl, denying only: the program for kernels whose verifier refuses the observing

@@ -5,16 +5,16 @@
 //! counted in `Stat::ReadErrors` and never affects the guest.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel_buf,
-    macros::{fexit, kretprobe, tracepoint},
-    programs::{FExitContext, RetProbeContext, TracePointContext},
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::{btf_tracepoint, fentry, fexit, kretprobe, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use ioasid_common::{
     abi::{KVM_EMUL_INSN_F_CS_L, KVM_ISA_SVM},
     config::EmulTail,
     counters::{CounterKey, ExitMark, Op, Path, Stat, VCPU_UNKNOWN},
-    decode::{classify_exit, classify_insn},
+    decode::{classify_decoded, classify_exit, classify_insn},
 };
 
 use super::{cost, current_ids};
@@ -94,6 +94,35 @@ pub fn ioasid_kvm_emulate_insn(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// tp_btf kvm_emulate_insn: TP_PROTO(struct kvm_vcpu *vcpu, __u8 failed). The raw tracepoint,
+/// where KVM's struct layout is known (no trace record is built): the decoded instruction is
+/// read from `vcpu->arch.emulate_ctxt`, which the emulator filled just before.
+#[btf_tracepoint(function = "kvm_emulate_insn")]
+pub fn ioasid_tp_btf_kvm_emulate_insn(ctx: BtfTracePointContext) -> i32 {
+    if !pending_none() {
+        cost::close_pending(current_ids().1);
+    }
+    // SAFETY: the tracepoint's arguments, as its prototype has them.
+    let (vcpu, failed): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    let k = config().kvm;
+    let decoded = kread::<u64>(vcpu + u64::from(k.vcpu_emulate_ctxt)).and_then(|ctxt| {
+        Ok((
+            kread::<u8>(ctxt + u64::from(k.ctxt_opcode_len))?,
+            kread::<u8>(ctxt + u64::from(k.ctxt_b))?,
+            ctxt,
+        ))
+    });
+    let Ok((opcode_len, b, ctxt)) = decoded else {
+        stat_inc(Stat::ReadErrors);
+        return 0;
+    };
+    let op = if failed & 0xff != 0 { None } else { classify_decoded(opcode_len, b) };
+    if emulated(op, || kread::<u64>(ctxt + u64::from(k.ctxt_eip))).is_err() {
+        stat_inc(Stat::ReadErrors);
+    }
+    0
+}
+
 #[inline(always)]
 fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     // The previous instruction of this vCPU thread is done: if it was a WBINVD, time it. Nothing
@@ -122,9 +151,16 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let long_mode = flags & KVM_EMUL_INSN_F_CS_L != 0;
     let op = if failed { None } else { classify_insn(&insn, len, long_mode) };
+    emulated(op, || field_u64(ctx, cfg.emul_rip))
+}
+
+/// An instruction KVM's emulator ran (`op`: WBINVD, INVD or neither), at the rip `rip` reads:
+/// pairs it with this thread's exit it skips (SVM without NRIP save), else counts it emulated.
+#[inline(always)]
+fn emulated(op: Option<Op>, rip: impl FnOnce() -> Result<u64, i64>) -> Result<(), i64> {
     if let Some(mark) = take_exit_mark() {
         let tgid = current_ids().0;
-        if field_u64(ctx, cfg.emul_rip)? == mark.rip {
+        if rip()? == mark.rip {
             // KVM skipping the instruction this thread exited on (no NRIP save): the same
             // instruction, counted once, here, as the hardware exit it was. The bytes decide what
             // it is (an emulator may report INVD with the WBINVD exit code).
@@ -149,20 +185,23 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
 /// fexit kvm_emulate_wbinvd(struct kvm_vcpu *vcpu) -> int: the exit handler ran (the
 /// function exists since 2.6.x). Optional: needs BPF trampolines.
 #[fexit(function = "kvm_emulate_wbinvd")]
-pub fn ioasid_fexit_kvm_emulate_wbinvd(_ctx: FExitContext) -> i32 {
+pub fn ioasid_fexit_kvm_emulate_wbinvd(ctx: FExitContext) -> i32 {
     handler_end(Path::HandlerExit);
+    handler_counts(ctx.arg(0), Path::Exit);
     0
 }
 
 /// fexit emulator_wbinvd(struct x86_emulate_ctxt *ctxt) -> void: static but address-taken
 /// (ctxt->ops->wbinvd), so it is a real function with BTF. Optional: needs trampolines.
 #[fexit(function = "emulator_wbinvd")]
-pub fn ioasid_fexit_emulator_wbinvd(_ctx: FExitContext) -> i32 {
+pub fn ioasid_fexit_emulator_wbinvd(ctx: FExitContext) -> i32 {
     handler_end(Path::HandlerEmulated);
+    handler_counts(ctxt_vcpu(ctx.arg(0)), Path::Emulated);
     0
 }
 
-/// kretprobe kvm_emulate_wbinvd: the fexit's twin where kvm has no BTF (5.10).
+/// kretprobe kvm_emulate_wbinvd: the fexit's twin where kvm has no BTF (5.10; there the
+/// tracepoints count, so only the handler's calls and time are taken here).
 #[kretprobe(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_kretprobe_kvm_emulate_wbinvd(_ctx: RetProbeContext) -> u32 {
     handler_end(Path::HandlerExit);
@@ -183,6 +222,117 @@ fn handler_end(path: Path) {
     let (tgid, _) = current_ids();
     count(tgid, VCPU_UNKNOWN, Op::Wbinvd, path);
     cost::handler_done();
+}
+
+/// Reads a kernel value at `addr` (faults safely).
+#[inline(always)]
+fn kread<T>(addr: u64) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(i64::from)
+}
+
+/// The vCPU of an emulator context (`ctxt->vcpu`; 0 where it cannot be read).
+#[inline(always)]
+pub fn ctxt_vcpu(ctxt: u64) -> u64 {
+    if config().kvm.known == 0 {
+        return 0;
+    }
+    kread::<u64>(ctxt + u64::from(config().kvm.ctxt_vcpu)).unwrap_or(0)
+}
+
+/// The vCPU's id (`vcpu->vcpu_id`), or VCPU_UNKNOWN.
+#[inline(always)]
+fn vcpu_id(vcpu: u64) -> u32 {
+    kread::<i32>(vcpu + u64::from(config().kvm.vcpu_id)).map_or(VCPU_UNKNOWN, |id| id as u32)
+}
+
+/// Where the handlers count (`Control::handlers_count`, KVM's layout known): one guest
+/// instruction on `path`, of the VM whose vCPU thread this is. The two WBINVD handlers are
+/// disjoint (an exit is handled by `kvm_emulate_wbinvd`, an emulated WBINVD by
+/// `emulator_wbinvd`), so each guest WBINVD is counted once, whatever else the vCPU does; no
+/// program runs on any other exit.
+///
+/// On SVM without NRIP save KVM skips the instruction by decoding it in its emulator, so
+/// `vcpu->arch.emulate_ctxt` then holds this very instruction: its opcode decides (an
+/// emulator may report INVD with the WBINVD exit code; KVM then runs this handler for it).
+#[inline(always)]
+fn handler_counts(vcpu: u64, path: Path) {
+    let ctl = control();
+    if ctl.handlers_count == 0 {
+        return;
+    }
+    if vcpu == 0 {
+        stat_inc(Stat::ReadErrors);
+    }
+    let mut op = Op::Wbinvd;
+    if path == Path::Exit && ctl.skip_emulation != 0 {
+        let k = config().kvm;
+        let decoded = kread::<u64>(vcpu + u64::from(k.vcpu_emulate_ctxt)).and_then(|ctxt| {
+            Ok((kread::<u8>(ctxt + u64::from(k.ctxt_opcode_len))?, kread::<u8>(ctxt + u64::from(k.ctxt_b))?))
+        });
+        match decoded {
+            Ok((len, b)) => op = classify_decoded(len, b).unwrap_or(Op::Wbinvd),
+            Err(_) => stat_inc(Stat::ReadErrors),
+        }
+    }
+    count(current_ids().0, vcpu_id(vcpu), op, path);
+}
+
+/// A WBINVD handler starts with this vCPU (fentry), where the handlers count: if the VM has
+/// non-coherent DMA (`kvm->arch.noncoherent_dma_count`, what KVM itself tests) the WBINVD
+/// really flushes, and it reaches every CPU of `vcpu->arch.wbinvd_dirty_mask` plus this one
+/// (KVM adds the current CPU, flushes, then clears the mask). Read here, before KVM clears
+/// it: no program on the kernel's generic cross-CPU call path.
+#[inline(always)]
+pub fn handler_entered(vcpu: u64) {
+    if control().handlers_count == 0 {
+        return;
+    }
+    let k = config().kvm;
+    let Ok(kvm) = kread::<u64>(vcpu + u64::from(k.vcpu_kvm)) else {
+        stat_inc(Stat::ReadErrors);
+        return;
+    };
+    match kread::<i32>(kvm + u64::from(k.kvm_noncoherent)) {
+        Ok(0) => return,
+        Ok(_) => {}
+        Err(_) => {
+            stat_inc(Stat::ReadErrors);
+            return;
+        }
+    }
+    count(current_ids().0, vcpu_id(vcpu), Op::Wbinvd, Path::Flushed);
+    let field = vcpu + u64::from(k.vcpu_dirty_mask);
+    let mask = if k.dirty_mask_is_ptr != 0 { kread::<u64>(field).unwrap_or(0) } else { field };
+    if mask == 0 {
+        stat_inc(Stat::ReadErrors);
+        return;
+    }
+    cost::record_flush_cpus(mask as *const u64, cost::OwnCpu::Add);
+}
+
+/// fentry kvm_emulate_invd(struct kvm_vcpu *vcpu) -> int (6.1+): an INVD exit, where the
+/// handlers count (KVM only skips INVD: it costs the host nothing).
+#[fentry(function = "kvm_emulate_invd")]
+pub fn ioasid_fentry_kvm_emulate_invd(ctx: FEntryContext) -> i32 {
+    if control().handlers_count != 0 {
+        let vcpu: u64 = ctx.arg(0);
+        count(current_ids().0, vcpu_id(vcpu), Op::Invd, Path::Exit);
+    }
+    0
+}
+
+/// fexit handle_fastpath_invd(struct kvm_vcpu *vcpu) -> fastpath_t (~6.18+): an INVD exit
+/// handled on the fastpath, without kvm_emulate_invd; EXIT_FASTPATH_NONE (0) would send it to
+/// the full handler, which counts it there.
+#[fexit(function = "handle_fastpath_invd")]
+pub fn ioasid_fexit_handle_fastpath_invd(ctx: FExitContext) -> i32 {
+    let ret: u32 = ctx.arg(1);
+    if control().handlers_count != 0 && ret != 0 {
+        let vcpu: u64 = ctx.arg(0);
+        count(current_ids().0, vcpu_id(vcpu), Op::Invd, Path::Exit);
+    }
+    0
 }
 
 /// A WBINVD of a VM known to be non-coherent really flushed the caches of every CPU its vCPU

@@ -24,6 +24,7 @@ use crate::{
     engine::storm::{self, Detector, StormChange, Transition},
     host::procfs::{ProcFs, ProcessInfo},
     host::vfio::{self, SysFs, VfioKind},
+    kernel::loader::EnforcementMechanism,
     output::audit::AuditLog,
     output::telemetry::{
         vm::{VmGauges, VmSeries},
@@ -538,11 +539,15 @@ impl<K: Kernel> Actor<K> {
             }
         }
         for ps in self.kernel.program_stats() {
-            let runs = self.metrics.program_runs.with_label_values(&[ps.hook]);
-            runs.inc_by(ps.runs.saturating_sub(runs.get()));
-            let time = self.metrics.program_run_seconds.with_label_values(&[ps.hook]);
-            if ps.run_seconds > time.get() {
-                time.inc_by(ps.run_seconds - time.get());
+            let misses = self.metrics.program_misses.with_label_values(&[ps.hook]);
+            misses.inc_by(ps.misses.saturating_sub(misses.get()));
+            if let (Some(n), Some(secs)) = (ps.runs, ps.run_seconds) {
+                let runs = self.metrics.program_runs.with_label_values(&[ps.hook]);
+                runs.inc_by(n.saturating_sub(runs.get()));
+                let time = self.metrics.program_run_seconds.with_label_values(&[ps.hook]);
+                if secs > time.get() {
+                    time.inc_by(secs - time.get());
+                }
             }
         }
     }
@@ -562,6 +567,33 @@ impl<K: Kernel> Actor<K> {
             );
         }
         path
+    }
+
+    /// Attaches or detaches the refusing LSM program, and says which mechanism enforces now.
+    fn set_lsm_deny(&mut self, on: bool) {
+        if !self.set.enforce {
+            return;
+        }
+        let attached = match self.kernel.set_lsm_deny(on) {
+            None => return,
+            Some(Ok(attached)) => attached,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, on, "the LSM program could not be switched; denials kill the VMM instead");
+                false
+            }
+        };
+        let mechanism = if attached { EnforcementMechanism::Lsm } else { EnforcementMechanism::Sigkill };
+        self.metrics
+            .hook_attached
+            .with_label_values(&[ioasid_common::hooks::HOOK_LSM_FILE_IOCTL])
+            .set(i64::from(attached));
+        for m in EnforcementMechanism::ALL {
+            self.metrics
+                .enforcement_mechanism
+                .with_label_values(&[m.label()])
+                .set(i64::from(*m == mechanism));
+        }
+        tracing::info!(mechanism = mechanism.label(), "incoherent-DMA enforcement");
     }
 
     /// Reloads the policy if its file changed, parsing here (tests; the daemon parses off the
@@ -584,11 +616,20 @@ impl<K: Kernel> Actor<K> {
     ) {
         match parsed {
             Ok((policy, bytes)) => {
+                // A deny is enforced from the moment it is written: the refusing program is
+                // attached first, and detached only after the last deny is gone.
+                let deny = policy.has_deny();
+                if deny {
+                    self.set_lsm_deny(true);
+                }
                 self.policy.install(policy, &bytes);
                 self.export_policy_info();
                 let live: Vec<ProcessInfo> = self.acct.live().map(|(_, p)| p.info.clone()).collect();
                 for info in &live {
                     self.write_verdict(info);
+                }
+                if !deny {
+                    self.set_lsm_deny(false);
                 }
                 self.metrics.policy_reloads.with_label_values(&["success"]).inc();
                 let path = self.policy.path().map(|p| p.display().to_string()).unwrap_or_default();

@@ -223,6 +223,14 @@ impl Policy {
         file::compile(text, source)
     }
 
+    /// Whether anything can be denied: the default or a rule denies, or a rule limits its VMs
+    /// to some devices (the others are denied). Without, the kernel needs no program that
+    /// refuses (`--enforce-with lsm` attaches it only while this holds).
+    pub fn has_deny(&self) -> bool {
+        self.default == Action::Deny
+            || self.rules.iter().any(|r| r.incoherent_dma == Action::Deny || r.devices.is_some())
+    }
+
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }

@@ -173,3 +173,13 @@ fn deep_nesting_is_refused_before_the_yaml_parser() {
     );
     Policy::parse(&ok, "ok.yaml").unwrap();
 }
+
+#[test]
+fn a_policy_has_a_deny_when_anything_can_be_denied() {
+    assert!(!Policy::embedded().has_deny(), "the embedded default audits");
+    let p = |text: &str| Policy::parse(text, "t").unwrap();
+    assert!(p("default: { incoherent_dma: deny }\n").has_deny());
+    assert!(p("rules:\n  - name: a\n    match: { vm: \"x*\" }\n    incoherent_dma: deny\n").has_deny());
+    assert!(p("rules:\n  - name: a\n    match: { vm: \"x*\" }\n    devices: [\"0000:01:00.0\"]\n").has_deny());
+    assert!(!p("rules:\n  - name: a\n    match: { vm: \"x*\" }\n    incoherent_dma: allow\n").has_deny());
+}

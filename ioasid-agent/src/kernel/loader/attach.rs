@@ -46,6 +46,9 @@ pub enum HookRefusal {
     /// (`ioasid_common::hooks::ONLY_WHERE`).
     #[error("not used on this kernel: {why}")]
     NotThisKernel { why: &'static str },
+    /// The program reads KVM's structs, whose layout this kernel's BTF does not give.
+    #[error("KVM's struct layout is not in this kernel's BTF (the program reads the emulator's context)")]
+    NoLayout,
     /// Another hook does its work here, at no cost to a hot path.
     #[error("not needed: {why}")]
     Unneeded { why: &'static str },
@@ -176,7 +179,7 @@ pub(super) fn attach(
 }
 
 /// The kernel's answer: its errno, with the verifier's last lines when it said something.
-fn describe(e: ProgramError) -> HookRefusal {
+pub(super) fn describe(e: ProgramError) -> HookRefusal {
     if let ProgramError::LoadError { io_error, verifier_log } = &e {
         let log = verifier_log.to_string();
         // The verifier's statistics lines come last; the reason is just before them.

@@ -2,7 +2,7 @@
 //! (tracefs), KVM's flush function, the number of possible CPUs, NRIP save.
 
 use ioasid_common::{
-    config::{emul_is_packed, ProgConfig, WATCHED_IOCTL_FNS_LEN},
+    config::{emul_is_packed, KvmLayout, ProgConfig, WATCHED_IOCTL_FNS_LEN},
     ioctl::WATCHED_IOCTL_FNS,
 };
 
@@ -59,6 +59,7 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsErro
         fops_owner: files.fops_owner,
         fops_unlocked_ioctl: files.fops_unlocked_ioctl,
         module_name: files.module_name,
+        kvm: kvm_layout(std::path::Path::new("/sys/kernel/btf")),
     };
     Ok(KernelLayout { config, file_filter, ioctl_fns: files.fns })
 }
@@ -203,6 +204,60 @@ fn command_line_offsets() -> CommandLineOffsets {
     }
 }
 
+/// The members of KVM's structs the handler programs read, in `KvmLayout`'s order.
+const KVM_MEMBERS: [(&str, &str); 9] = [
+    ("kvm_vcpu", "kvm"),
+    ("kvm_vcpu", "vcpu_id"),
+    ("kvm_vcpu", "arch.wbinvd_dirty_mask"),
+    ("kvm_vcpu", "arch.emulate_ctxt"),
+    ("x86_emulate_ctxt", "vcpu"),
+    ("x86_emulate_ctxt", "opcode_len"),
+    ("x86_emulate_ctxt", "b"),
+    ("kvm", "arch.noncoherent_dma_count.counter"),
+    ("x86_emulate_ctxt", "eip"),
+];
+
+/// KVM's struct layout from the kvm module's BTF (vmlinux's where KVM is built in), all or
+/// nothing: where any member is missing (no module BTF before 5.11, a renamed member) the
+/// WBINVD/INVD exits are counted from the tracepoints instead, and the log says why.
+pub(super) fn kvm_layout(sysfs_btf: &std::path::Path) -> KvmLayout {
+    let module = if sysfs_btf.join("kvm").exists() { "kvm" } else { "vmlinux" };
+    let found = match crate::kernel::btf::member_paths(sysfs_btf, module, &KVM_MEMBERS) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::info!(error = %e, "KVM's struct layout is not readable: WBINVD/INVD exits are counted from tracepoints");
+            return KvmLayout::default();
+        }
+    };
+    let missing: Vec<String> = KVM_MEMBERS
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|((s, m), _)| format!("{s}.{m}"))
+        .collect();
+    if !missing.is_empty() {
+        tracing::info!(missing = %missing.join(", "), "KVM's struct layout is not in its BTF: WBINVD/INVD exits are counted from tracepoints");
+        return KvmLayout::default();
+    }
+    use crate::kernel::btf::Leaf;
+    let at = |i: usize| found[i].map_or(0, |(off, _)| off);
+    let dirty_mask_is_ptr = matches!(found[2], Some((_, Leaf::Pointer)));
+    KvmLayout {
+        known: 1,
+        vcpu_kvm: at(0),
+        vcpu_id: at(1),
+        vcpu_dirty_mask: at(2),
+        dirty_mask_is_ptr: u32::from(dirty_mask_is_ptr),
+        vcpu_emulate_ctxt: at(3),
+        ctxt_vcpu: at(4),
+        ctxt_opcode_len: at(5),
+        ctxt_b: at(6),
+        kvm_noncoherent: at(7),
+        ctxt_eip: at(8),
+        _pad: 0,
+    }
+}
+
 /// `nr_cpu_ids`: one more than the highest possible CPU (/sys/devices/system/cpu/possible,
 /// e.g. `0-63`); the number of online CPUs if that cannot be read.
 fn possible_cpus() -> u32 {
@@ -242,6 +297,22 @@ mod tests {
             modules_fingerprint(&m(0)),
             modules_fingerprint("kvm 1327104 1 kvm_amd, Live 0xffffffffc0a00000\n")
         );
+    }
+
+    #[test]
+    fn this_kernels_kvm_layout() {
+        // KVM is built in or a module with BTF on this machine's kernel: every member resolves,
+        // and they sit where the 6.x structs put them relative to each other.
+        let sysfs = std::path::Path::new("/sys/kernel/btf");
+        if !sysfs.join("vmlinux").exists() || !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: no kernel BTF or no KVM here");
+            return;
+        }
+        let l = kvm_layout(sysfs);
+        assert_eq!(l.known, 1, "{l:?}");
+        assert_eq!(l.ctxt_vcpu, 0, "x86_emulate_ctxt starts with its vcpu: {l:?}");
+        assert_eq!(l.ctxt_b, l.ctxt_opcode_len + 1, "{l:?}");
+        assert!(l.vcpu_dirty_mask > l.vcpu_id && l.vcpu_emulate_ctxt > l.vcpu_id, "{l:?}");
     }
 
     #[test]

@@ -15,8 +15,12 @@ use ioasid_common::{
     config::Control,
     cost::CostSource,
     hooks::{
-        HookKind, HookSpec, BLAST_GROUPS, GROUP_VM_ENTRY, HANDLER_COST_GROUPS, HOOKS, HOOK_LSM_FILE_IOCTL,
-        HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
+        HookKind, HookSpec, BLAST_GROUPS, COUNT_TRACEPOINTS, FUNCTION_IOCTL_CORE, FUNCTION_IOCTL_HOOKS,
+        GROUP_EMULATOR_HANDLER_END, GROUP_EMULATOR_HANDLER_START, GROUP_EXIT_HANDLER_END,
+        GROUP_EXIT_HANDLER_START, GROUP_FLUSH_CPUS, GROUP_VM_ENTRY, HANDLER_COST_GROUPS, HOOKS,
+        HOOK_FENTRY_KVM_EMULATE_INVD, HOOK_FEXIT_HANDLE_FASTPATH_INVD, HOOK_FEXIT_KVM_VFIO_SET_ATTR,
+        HOOK_LSM_FILE_IOCTL, HOOK_LSM_FILE_IOCTL_DENY, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_TP_BTF_SYS_ENTER,
+        LSM_IOCTL_HOOKS,
     },
     names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
 };
@@ -119,10 +123,13 @@ pub enum LoadError {
 /// Which program family serves the ioctl path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoctlHooks {
-    /// The LSM family where BPF LSM and trampolines load (no syscall tracepoint at all), else
-    /// tp_btf where the kernel allows it, else classic tracepoints.
+    /// The functions family where trampolines load on KVM's ioctl functions, else the LSM family
+    /// where BPF LSM and trampolines load (no syscall tracepoint at all), else tp_btf where the
+    /// kernel allows it, else classic tracepoints.
     #[default]
     Auto,
+    /// Only fentry programs on KVM's, VFIO's and iommufd's ioctl functions.
+    Functions,
     /// Only the LSM family (lsm/file_ioctl + fexit/kvm_vfio_set_attr).
     Lsm,
     /// Only tp_btf sys_enter/sys_exit.
@@ -144,6 +151,7 @@ text_enum! {
 text_enum! {
     /// Which program family serves the ioctl path: the `family` label of `ioasid_ioctl_path`.
     pub enum IoctlFamily {
+        Functions => "functions",
         Lsm => "lsm",
         TpBtf => "tp-btf",
         Tracepoint => "tracepoint",
@@ -156,6 +164,20 @@ text_enum! {
 pub enum BlastOff {
     #[error("{}", refused.iter().map(|(h, r)| format!("{h}: {r}")).collect::<Vec<_>>().join("; "))]
     Refused { group: &'static str, refused: Vec<(&'static str, HookRefusal)> },
+}
+
+/// The LSM program beside the functions family: it refuses a denied FILE_ADD with EPERM before
+/// it runs, and every ioctl on the host passes it, so it is attached only while a deny is in
+/// force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LsmDeny {
+    /// A deny is in force and `--enforce-with lsm`: attached.
+    On,
+    /// Nothing to refuse yet (no deny in the policy): loaded, not attached; a reload that
+    /// brings a deny attaches it before the deny is in force.
+    Off,
+    /// Never attached (`--enforce-with signal`, or not enforcing): why.
+    Never(&'static str),
 }
 
 /// How the agent wants the programs set up.
@@ -171,6 +193,11 @@ pub struct LoadOptions {
     /// Attach each hook's empty program instead of the real one: the benchmarks' baseline of
     /// what the attachment alone costs. Nothing is observed or enforced.
     pub empty_programs: bool,
+    /// Count with the exit/emulation tracepoints even where the handlers could (benchmarks).
+    pub count_with_tracepoints: bool,
+    /// Whether the LSM program is attached beside the functions family to refuse denied
+    /// FILE_ADDs with EPERM.
+    pub lsm_deny: LsmDeny,
     /// Pin the persistent maps under this bpffs directory and adopt what a previous agent left
     /// there (`None`: every map starts afresh and dies with the agent, as for `status`).
     pub state_dir: Option<std::path::PathBuf>,
@@ -179,12 +206,73 @@ pub struct LoadOptions {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub hooks: Vec<HookReport>,
-    /// The LSM program observes the ioctl path (no syscall tracepoint attached).
+    /// The LSM program, or the ioctl functions' programs, observe the ioctl path (no syscall
+    /// tracepoint attached).
     pub lsm_observes: bool,
+    /// The ioctl functions' fentry programs observe the ioctl path (nothing else pays).
+    pub fns_observe: bool,
     /// Where the persistent maps are pinned, and which a previous agent left.
     pub state: Option<state::StateDir>,
     /// Whether only requests on KVM/VFIO/iommufd files are reported.
     pub file_filter: FileFilter,
+    /// The WBINVD/INVD handlers' programs count every instruction and read each flush's reach:
+    /// no program on every VM exit or emulated instruction.
+    pub handlers_count: bool,
+    /// The LSM program beside the functions family, attachable and detachable as denies come
+    /// and go (None: it cannot be: another family, `--enforce-with signal`, no BPF LSM).
+    pub lsm_switch: Option<LsmSwitch>,
+    /// What the control map holds.
+    pub control: Control,
+}
+
+/// Attaches (`on`) or detaches the LSM program beside the functions family, with no moment
+/// in which a deny is in force and unenforced: the caller attaches before writing a deny
+/// and detaches after the last one is gone; while `lsm_enforces` is off the programs kill
+/// instead. Returns whether it is attached now.
+pub fn set_lsm_deny(
+    ebpf: &mut Ebpf,
+    switch: &mut LsmSwitch,
+    control: &mut Control,
+    on: bool,
+) -> Result<bool, HookRefusal> {
+    match (on, switch.link.take()) {
+        (true, None) => {
+            switch.link = Some(lsm_attach(ebpf)?);
+            control.lsm_enforces = 1;
+        }
+        (false, Some(link)) => {
+            // Judged as the signal's first: a FILE_ADD in between is killed, never let by.
+            control.lsm_enforces = 0;
+            set_control(ebpf, *control).map_err(|e| HookRefusal::Kernel {
+                errno: None,
+                message: e.to_string(),
+                verifier: None,
+            })?;
+            if let Err(e) = lsm_detach(ebpf, link) {
+                // Still attached as far as anyone can tell (its link is gone: it stays
+                // until the agent exits): it keeps refusing.
+                control.lsm_enforces = 1;
+                let _ = set_control(ebpf, *control);
+                return Err(e);
+            }
+            return Ok(false);
+        }
+        (_, link) => {
+            switch.link = link;
+            return Ok(switch.link.is_some());
+        }
+    }
+    set_control(ebpf, *control).map_err(|e| HookRefusal::Kernel {
+        errno: None,
+        message: e.to_string(),
+        verifier: None,
+    })?;
+    Ok(true)
+}
+
+/// The LSM program's link while attached (see [`set_lsm_deny`]).
+pub struct LsmSwitch {
+    link: Option<aya::programs::lsm::LsmLinkId>,
 }
 
 impl Loaded {
@@ -212,9 +300,21 @@ impl Loaded {
         }
     }
 
+    /// Which programs count WBINVD/INVD: `handlers` (KVM's handler functions only) or
+    /// `tracepoints` (every VM exit and emulated instruction).
+    pub fn count_source(&self) -> &'static str {
+        if self.handlers_count {
+            "handlers"
+        } else {
+            "tracepoints"
+        }
+    }
+
     /// Which program family serves the ioctl path.
     pub fn ioctl_family(&self) -> IoctlFamily {
-        if self.lsm_observes {
+        if self.fns_observe {
+            IoctlFamily::Functions
+        } else if self.lsm_observes {
             IoctlFamily::Lsm
         } else if self.attached(HOOK_TP_BTF_SYS_ENTER) {
             IoctlFamily::TpBtf
@@ -243,7 +343,10 @@ impl Loaded {
     }
 
     pub fn lsm_attached(&self) -> bool {
-        self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached())
+        match &self.lsm_switch {
+            Some(switch) => switch.link.is_some(),
+            None => self.hooks.iter().any(|h| matches!(h.spec.kind, HookKind::Lsm { .. }) && h.attached()),
+        }
     }
 
     /// The enforcement mechanism for denials on this host: the LSM where its program is
@@ -292,27 +395,64 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();
-    let mut attacher = Attacher { ebpf, opts, target, lsm_active };
-    let early = attacher.lsm_family()?;
-    let lsm_observes =
-        early.len() == LSM_IOCTL_HOOKS.len() && early.iter().all(|(_, s)| *s == HookState::Attached);
-    let hooks = attacher.all(&early, lsm_observes)?;
+    let kvm_layout = config.kvm.known != 0 && !opts.count_with_tracepoints;
+    let mut attacher = Attacher {
+        ebpf,
+        opts,
+        target,
+        lsm_active,
+        kvm_layout,
+        layout_readable: config.kvm.known != 0,
+        lsm_loaded: false,
+        lsm_link: None,
+    };
+    let (early, fns_observe) = match attacher.functions_family()? {
+        (early, true) => (early, true),
+        // What the functions family's hooks got (why they were refused), then the LSM family.
+        (mut early, false) => {
+            early.extend(attacher.lsm_family()?);
+            (early, false)
+        }
+    };
+    let lsm_observes = fns_observe
+        || LSM_IOCTL_HOOKS.iter().all(|l| early.iter().any(|(h, s)| h == l && *s == HookState::Attached));
+    let observer = if fns_observe { FUNCTION_IOCTL_HOOKS[2] } else { LSM_IOCTL_HOOKS[0] };
+    let hooks = attacher.all(&early, lsm_observes.then_some(observer))?;
     check_required(&hooks, lsm_observes, opts.strict)?;
-    let mut loaded = Loaded { ebpf: attacher.ebpf, hooks, lsm_observes, state, file_filter };
+    let handlers_count = handlers_count(&hooks, kvm_layout);
+    let lsm_switch = (fns_observe && attacher.lsm_loaded && opts.enforce)
+        .then(|| LsmSwitch { link: attacher.lsm_link.take() });
+    let mut loaded = Loaded {
+        ebpf: attacher.ebpf,
+        hooks,
+        lsm_observes,
+        fns_observe,
+        state,
+        file_filter,
+        handlers_count,
+        lsm_switch,
+        control: Control::OFF,
+    };
     let control = Control {
         enforce: u32::from(opts.enforce),
         lsm_enforces: u32::from(loaded.lsm_attached()),
         cost_source: loaded.cost_source().wire(),
         skip_emulation: u32::from(svm_without_nrips()),
         lsm_observes: u32::from(lsm_observes),
+        handlers_count: u32::from(handlers_count),
+        fns_observe: u32::from(fns_observe),
         _pad: 0,
     };
     set_control(&mut loaded.ebpf, control)?;
+    loaded.control = control;
     if loaded.file_filter == FileFilter::On {
         write_ioctl_fns(&mut loaded.ebpf, &ioctl_fns)?;
     }
     Ok(loaded)
 }
+
+/// What the hooks attached before the rest got, by hook label.
+type Early = Vec<(&'static str, HookState)>;
 
 /// The loaded object and what attaching its programs needs.
 struct Attacher<'a> {
@@ -320,6 +460,14 @@ struct Attacher<'a> {
     opts: &'a LoadOptions,
     target: Target<'a>,
     lsm_active: Option<bool>,
+    /// KVM's struct layout is known (`KvmLayout`) and the handlers may count.
+    kvm_layout: bool,
+    /// KVM's struct layout is known (whatever `--count-with-tracepoints` says).
+    layout_readable: bool,
+    /// The LSM program is loaded for the functions family (attachable at a reload), and its
+    /// link while attached.
+    lsm_loaded: bool,
+    lsm_link: Option<aya::programs::lsm::LsmLinkId>,
 }
 
 impl Attacher<'_> {
@@ -333,10 +481,89 @@ impl Attacher<'_> {
         Ok((program, state))
     }
 
+    /// Where trampolines load on KVM's own ioctl functions, fentry programs there (and fexit
+    /// kvm_vfio_set_attr) serve the whole ioctl path: nothing else on the host pays. The LSM
+    /// program is attached beside them only to refuse denied FILE_ADDs (`LoadOptions::lsm_deny`).
+    /// Returns what each of its hooks got, and whether the family serves (false where
+    /// `--ioctl-hooks` asks for another, or a hook of `FUNCTION_IOCTL_CORE` was refused).
+    fn functions_family(&mut self) -> Result<(Early, bool), LoadError> {
+        let mode = self.opts.ioctl_hooks;
+        if !matches!(mode, IoctlHooks::Auto | IoctlHooks::Functions) || !self.opts.optional_hooks {
+            return Ok((Vec::new(), false));
+        }
+        let mut early = Vec::new();
+        for label in FUNCTION_IOCTL_HOOKS {
+            let spec = ioasid_common::hooks::hook(label).expect("the ioctl function hooks are in the table");
+            early.push((label, self.attach(spec)?.1));
+        }
+        // kvm_vfio_set_attr's fexit serves the LSM family too: attached here only where the
+        // KVM functions took (else the LSM family attaches it).
+        let core_took = FUNCTION_IOCTL_CORE[..3]
+            .iter()
+            .all(|l| early.iter().any(|(h, s)| h == l && *s == HookState::Attached));
+        if core_took {
+            let spec = ioasid_common::hooks::hook(HOOK_FEXIT_KVM_VFIO_SET_ATTR).expect("in the table");
+            early.push((HOOK_FEXIT_KVM_VFIO_SET_ATTR, self.attach(spec)?.1));
+        }
+        let refused = FUNCTION_IOCTL_CORE.iter().find_map(|l| match early.iter().find(|(h, _)| h == l) {
+            Some((_, HookState::Attached)) => None,
+            Some((h, HookState::Refused(r))) => Some((*h, r.clone())),
+            _ => Some((*l, HookRefusal::NotRequested { flag: "--no-optional-hooks" })),
+        });
+        if let Some((hook, reason)) = refused {
+            if mode == IoctlHooks::Functions && self.opts.strict {
+                return Err(LoadError::Required { hook, reason });
+            }
+            // The others of the family that attached do nothing (`Control::fns_observe` off).
+            early.retain(|(h, _)| *h != HOOK_FEXIT_KVM_VFIO_SET_ATTR);
+            return Ok((early, false));
+        }
+        let state = match self.opts.lsm_deny {
+            LsmDeny::Never(why) => HookState::Refused(HookRefusal::Unneeded { why }),
+            wanted => match self.lsm_load() {
+                Err(refused) => HookState::Refused(refused),
+                Ok(()) if wanted == LsmDeny::Off => {
+                    HookState::Refused(HookRefusal::Unneeded { why: NO_DENY })
+                }
+                Ok(()) => match lsm_attach(&mut self.ebpf) {
+                    Ok(link) => {
+                        self.lsm_link = Some(link);
+                        HookState::Attached
+                    }
+                    Err(refused) => HookState::Refused(refused),
+                },
+            },
+        };
+        let deny_only = match &state {
+            HookState::Attached => HookState::Standby(HOOK_LSM_FILE_IOCTL),
+            refused => refused.clone(),
+        };
+        early.push((HOOK_LSM_FILE_IOCTL, state));
+        early.push((HOOK_LSM_FILE_IOCTL_DENY, deny_only));
+        Ok((early, true))
+    }
+
+    /// Loads the observing LSM program (not attached), for `lsm_attach` now or at a reload.
+    fn lsm_load(&mut self) -> Result<(), HookRefusal> {
+        if self.opts.empty_programs {
+            return Err(HookRefusal::NotRequested { flag: "--empty-programs" });
+        }
+        if self.lsm_active == Some(false) {
+            return Err(HookRefusal::LsmInactive);
+        }
+        let btf = self.target.vmlinux.ok_or(HookRefusal::NoBtf)?;
+        let prog =
+            self.ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
+        let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
+        p.load("file_ioctl", btf).map_err(attach::describe)?;
+        self.lsm_loaded = true;
+        Ok(())
+    }
+
     /// Where BPF LSM and trampolines load, the LSM program and fexit kvm_vfio_set_attr serve
     /// the whole ioctl path and no syscall tracepoint is attached (unrelated syscalls pay
     /// nothing). Attached first; `--ioctl-hooks lsm` requires them.
-    fn lsm_family(&mut self) -> Result<Vec<(&'static str, HookState)>, LoadError> {
+    fn lsm_family(&mut self) -> Result<Early, LoadError> {
         let mut early = Vec::new();
         if matches!(self.opts.ioctl_hooks, IoctlHooks::Auto | IoctlHooks::Lsm) && self.opts.optional_hooks {
             for label in LSM_IOCTL_HOOKS {
@@ -362,7 +589,7 @@ impl Attacher<'_> {
     fn all(
         &mut self,
         early: &[(&'static str, HookState)],
-        lsm_observes: bool,
+        observer: Option<&'static str>,
     ) -> Result<Vec<HookReport>, LoadError> {
         let mut hooks: Vec<HookReport> = Vec::with_capacity(HOOKS.len());
         for spec in HOOKS {
@@ -372,10 +599,24 @@ impl Attacher<'_> {
                 spec.group.and_then(|g| hooks.iter().find(|h| h.spec.group == Some(g) && h.attached()));
             let state = if let Some((_, state)) = early.iter().find(|(l, _)| *l == spec.hook) {
                 state.clone()
-            } else if lsm_observes && spec.is_ioctl_path() {
-                HookState::Standby(LSM_IOCTL_HOOKS[0])
+            } else if let (Some(by), true) = (observer, spec.is_ioctl_path()) {
+                HookState::Standby(by)
+            } else if FUNCTION_IOCTL_HOOKS.contains(&spec.hook) {
+                // Attached with their family only (`functions_family`).
+                HookState::Refused(HookRefusal::NotRequested { flag: "--ioctl-hooks" })
             } else if let Some(by) = serving {
                 HookState::Standby(by.spec.hook)
+            } else if (COUNT_TRACEPOINTS.contains(&spec.hook) || spec.group == Some(GROUP_FLUSH_CPUS))
+                && handlers_count(&hooks, self.kvm_layout)
+            {
+                // Every VM exit, every emulated instruction, or (on_each_cpu_cond_mask,
+                // smp_call_function_many) every multi-CPU TLB shootdown of the host would pay
+                // for what the handlers' own programs already count and read.
+                HookState::Refused(HookRefusal::Unneeded {
+                    why: "the WBINVD/INVD handlers' own hooks count every instruction and read each flush's CPUs",
+                })
+            } else if spec.hook == HOOK_TP_BTF_KVM_EMULATE_INSN && !self.layout_readable {
+                HookState::Refused(HookRefusal::NoLayout)
             } else if spec.group == Some(GROUP_VM_ENTRY) && handlers_served(&hooks) {
                 // A VM entry closes a WBINVD's timing only where the handlers cannot: every
                 // VM exit of every VM would pay for a tracepoint that counts nothing.
@@ -400,9 +641,56 @@ fn handlers_served(hooks: &[HookReport]) -> bool {
     HANDLER_COST_GROUPS.iter().all(|g| hooks.iter().any(|h| h.spec.group == Some(g) && h.attached()))
 }
 
+/// The observing LSM program (the one `functions_family` attaches for denials).
+const LSM_PROGRAM: &str = "ioasid_lsm_file_ioctl";
+
+/// Why the LSM program is not attached beside the functions family while nothing is denied.
+pub const NO_DENY: &str =
+    "no deny in the policy: nothing to refuse (a reload that brings one attaches it first)";
+
+/// Attaches the (loaded) LSM program: from then on it refuses denied FILE_ADDs.
+pub fn lsm_attach(ebpf: &mut Ebpf) -> Result<aya::programs::lsm::LsmLinkId, HookRefusal> {
+    let prog = ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
+    let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
+    p.attach().map_err(attach::describe)
+}
+
+/// Detaches it again (it stays loaded).
+pub fn lsm_detach(ebpf: &mut Ebpf, link: aya::programs::lsm::LsmLinkId) -> Result<(), HookRefusal> {
+    let prog = ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
+    let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
+    p.detach(link).map_err(attach::describe)
+}
+
+/// Whether the handlers' programs count every WBINVD/INVD (so no exit or emulation tracepoint
+/// and no flush-cpus hook is needed): KVM's layout is known (they read the vCPU), the WBINVD
+/// handlers are hooked by trampolines on both paths, and every INVD exit handler this kernel
+/// has is hooked.
+fn handlers_count(hooks: &[HookReport], kvm_layout: bool) -> bool {
+    let served_by = |group: &str, trampoline: fn(&HookKind) -> bool| {
+        hooks.iter().any(|h| h.spec.group == Some(group) && h.attached() && trampoline(&h.spec.kind))
+    };
+    let fentry = |k: &HookKind| matches!(k, HookKind::FEntry { .. });
+    let fexit = |k: &HookKind| matches!(k, HookKind::FExit { .. });
+    let state = |label: &str| hooks.iter().find(|h| h.spec.hook == label).map(|h| &h.state);
+    kvm_layout
+        && served_by(GROUP_EXIT_HANDLER_START, fentry)
+        && served_by(GROUP_EMULATOR_HANDLER_START, fentry)
+        && served_by(GROUP_EXIT_HANDLER_END, fexit)
+        && served_by(GROUP_EMULATOR_HANDLER_END, fexit)
+        && state(HOOK_FENTRY_KVM_EMULATE_INVD) == Some(&HookState::Attached)
+        && matches!(
+            state(HOOK_FEXIT_HANDLE_FASTPATH_INVD),
+            Some(HookState::Attached | HookState::Refused(HookRefusal::Absent { .. }))
+        )
+}
+
 /// A required hook, or group of alternatives, that nothing serves is fatal (when strict).
 fn check_required(hooks: &[HookReport], lsm_observes: bool, strict: bool) -> Result<(), LoadError> {
     for h in hooks.iter().filter(|h| !h.spec.optional) {
+        if let HookState::Refused(HookRefusal::Unneeded { .. }) = h.state {
+            continue;
+        }
         let served = match h.spec.group {
             _ if lsm_observes && h.spec.is_ioctl_path() => true,
             Some(g) => hooks.iter().any(|o| o.spec.group == Some(g) && o.attached()),

@@ -121,6 +121,7 @@ pub struct Metrics {
     pub exited_dropped: IntCounter,
     /// BPF program runs and in-kernel run time (only with --bpf-stats).
     pub program_runs: IntCounterVec,
+    pub program_misses: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     pub wbinvd_ipis_received: IntCounterVec,
     pub wbinvd_stolen_seconds: prometheus::CounterVec,
@@ -144,6 +145,8 @@ pub struct Metrics {
     pub wbinvd_cost_source: IntGaugeVec,
     /// 1 for the program family serving the ioctl path: lsm | tp-btf | tracepoint.
     pub ioctl_path: IntGaugeVec,
+    /// 1 for the programs counting WBINVD/INVD: handlers | tracepoints.
+    pub wbinvd_count_source: IntGaugeVec,
 }
 
 impl Metrics {
@@ -257,6 +260,11 @@ impl Metrics {
                 "Runs of each attached kernel program (with --bpf-stats).",
                 &["hook"],
             ),
+            program_misses: counter_vec(
+                "ioasid_program_misses_total",
+                "Runs of each attached kernel program that the kernel skipped (it was already running on that CPU, or another BPF program or syscall held the CPU): events not counted. Nonzero on kernels with lazy or full preemption under load.",
+                &["hook"],
+            ),
             program_run_seconds: r.register(
                 prometheus::CounterVec::new(
                     Opts::new(
@@ -331,6 +339,11 @@ impl Metrics {
                 "ioasid_ioctl_path",
                 "1 for the program family serving the ioctl path: lsm (no syscall tracepoint), tp-btf or tracepoint.",
                 &["family"],
+            ),
+            wbinvd_count_source: gauge_vec(
+                "ioasid_wbinvd_count_source",
+                "1 for the programs counting guest WBINVD/INVD: handlers (KVM's handler functions only) or tracepoints (kvm_exit and kvm_emulate_insn, run on every VM exit and emulated instruction).",
+                &["source"],
             ),
             registry: r.registry.clone(),
             docs: Arc::new(Vec::new()),

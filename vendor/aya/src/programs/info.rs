@@ -189,6 +189,16 @@ impl ProgramInfo {
         self.0.run_cnt
     }
 
+    /// How many times the kernel skipped the program because it was already running on that
+    /// CPU (recursion protection), or because another BPF program or syscall held the CPU's
+    /// `bpf_prog_active`. Counted whether or not run-time statistics are enabled. (ioasid
+    /// patch.)
+    ///
+    /// Introduced in kernel v5.12.
+    pub const fn recursion_misses(&self) -> u64 {
+        self.0.recursion_misses
+    }
+
     /// The number of verified instructions in the program.
     ///
     /// This may be less than the total number of instructions in the compiled program due to dead
