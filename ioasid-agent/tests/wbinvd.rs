@@ -47,12 +47,7 @@ fn status_reports_every_hook() {
         "tracepoint/syscalls/sys_exit_ioctl",
     ];
     if v["ioctl_hooks"] == "functions" {
-        for n in [
-            "fentry/kvm_dev_ioctl",
-            "fentry/kvm_vm_ioctl",
-            "fentry/kvm_device_ioctl",
-            "fexit/kvm_vfio_set_attr",
-        ] {
+        for n in ioasid_common::hooks::FUNCTION_IOCTL_CORE {
             assert!(attached(n), "{n}: {v}");
         }
         assert!(syscall.iter().all(|n| !attached(n)), "no syscall tracepoint on the functions path: {v}");

@@ -63,6 +63,7 @@ pub const HOOK_FEXIT_WBINVD_IPI: &str = "fexit/wbinvd_ipi";
 pub const HOOK_LSM_FILE_IOCTL: &str = "lsm/file_ioctl";
 pub const HOOK_LSM_FILE_IOCTL_DENY: &str = "lsm/file_ioctl:deny-only";
 pub const HOOK_FEXIT_KVM_VFIO_SET_ATTR: &str = "fexit/kvm_vfio_set_attr";
+pub const HOOK_FENTRY_KVM_VFIO_SET_ATTR: &str = "fentry/kvm_vfio_set_attr";
 
 /// One hook.
 #[derive(Debug, Clone, Copy)]
@@ -342,28 +343,36 @@ pub const HOOKS: &[HookSpec] = &[
         "ends a WBINVD's handling time at the next VM entry, where the handlers cannot be hooked"
     ),
     hook!(
-        "fentry/kvm_dev_ioctl",
-        "ioasid_fentry_kvm_dev_ioctl",
-        FEntry { function: "kvm_dev_ioctl" },
+        "fentry/kvm_arch_init_vm",
+        "ioasid_fentry_kvm_arch_init_vm",
+        FEntry { function: "kvm_arch_init_vm" },
         true,
         None,
-        "/dev/kvm requests (KVM_CREATE_VM: a VM is born, its VMM named); only that file's requests pay"
+        "KVM_CREATE_VM (its only caller): a VM is born, its VMM named"
     ),
     hook!(
-        "fentry/kvm_vm_ioctl",
-        "ioasid_fentry_kvm_vm_ioctl",
-        FEntry { function: "kvm_vm_ioctl" },
+        "fentry/kvm_vfio_create",
+        "ioasid_fentry_kvm_vfio_create",
+        FEntry { function: "kvm_vfio_create" },
         true,
         None,
-        "VM fd requests (KVM_CREATE_DEVICE); only that file's requests pay"
+        "KVM_CREATE_DEVICE of a kvm-vfio device"
     ),
     hook!(
-        "fentry/kvm_device_ioctl",
-        "ioasid_fentry_kvm_device_ioctl",
-        FEntry { function: "kvm_device_ioctl" },
+        HOOK_FENTRY_KVM_VFIO_SET_ATTR,
+        "ioasid_fentry_kvm_vfio_set_attr",
+        FEntry { function: "kvm_vfio_set_attr" },
         true,
         None,
-        "device fd requests: judges FILE_ADD (enforced by signal where no LSM program refuses it); only that file's requests pay"
+        "FILE_ADD/DEL on a kvm-vfio device, judged from the kernel's copy (enforced by signal where no LSM program refuses it)"
+    ),
+    hook!(
+        "fentry/kvm_vfio_has_attr",
+        "ioasid_fentry_kvm_vfio_has_attr",
+        FEntry { function: "kvm_vfio_has_attr" },
+        true,
+        None,
+        "KVM_HAS_DEVICE_ATTR on a kvm-vfio device"
     ),
     hook!(
         "fentry/vfio_fops_unl_ioctl",
@@ -483,21 +492,34 @@ pub const HANDLER_COST_GROUPS: [&str; 4] = [
 /// every emulated instruction of every VM runs them, so they are attached only there.
 pub const COUNT_TRACEPOINTS: [&str; 3] = [HOOK_KVM_EXIT, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_KVM_EMULATE_INSN];
 
-/// The ioctl functions of KVM's, VFIO's and iommufd's own files: fentry programs there serve
-/// the whole ioctl path (with fexit/kvm_vfio_set_attr for FILE_ADD's result) and nothing else on
-/// the host pays. The first three and kvm_vfio_set_attr must attach (KVM's: `FUNCTION_IOCTL_CORE`);
-/// the VFIO/iommufd ones where their module is loaded.
-pub const FUNCTION_IOCTL_HOOKS: [&str; 7] = [
-    "fentry/kvm_dev_ioctl",
-    "fentry/kvm_vm_ioctl",
-    "fentry/kvm_device_ioctl",
+/// The functions that do the work of each watched request (KVM's: VM creation, the kvm-vfio
+/// device's creation and attributes; VFIO's and iommufd's ioctl functions): fentry programs
+/// there serve the whole ioctl path (with fexit/kvm_vfio_set_attr for FILE_ADD's result) and
+/// nothing else on the host pays, not even KVM's other ioctls. KVM's three and the fexit must
+/// attach (`FUNCTION_IOCTL_CORE`); the VFIO/iommufd ones where their module is loaded.
+pub const FUNCTION_IOCTL_HOOKS: [&str; 8] = [
+    "fentry/kvm_arch_init_vm",
+    "fentry/kvm_vfio_create",
+    HOOK_FENTRY_KVM_VFIO_SET_ATTR,
+    "fentry/kvm_vfio_has_attr",
     "fentry/vfio_fops_unl_ioctl",
     "fentry/vfio_group_fops_unl_ioctl",
     "fentry/vfio_device_fops_unl_ioctl",
     "fentry/iommufd_fops_ioctl",
 ];
-pub const FUNCTION_IOCTL_CORE: [&str; 4] =
-    ["fentry/kvm_dev_ioctl", "fentry/kvm_vm_ioctl", "fentry/kvm_device_ioctl", HOOK_FEXIT_KVM_VFIO_SET_ATTR];
+/// Those on a VFIO or iommufd module, which may load after the agent (attached then).
+pub const FUNCTION_IOCTL_VFIO: [&str; 4] = [
+    "fentry/vfio_fops_unl_ioctl",
+    "fentry/vfio_group_fops_unl_ioctl",
+    "fentry/vfio_device_fops_unl_ioctl",
+    "fentry/iommufd_fops_ioctl",
+];
+pub const FUNCTION_IOCTL_CORE: [&str; 4] = [
+    "fentry/kvm_arch_init_vm",
+    "fentry/kvm_vfio_create",
+    HOOK_FENTRY_KVM_VFIO_SET_ATTR,
+    HOOK_FEXIT_KVM_VFIO_SET_ATTR,
+];
 
 /// The hooks that, both attached, serve the whole ioctl path without any syscall tracepoint.
 pub const LSM_IOCTL_HOOKS: [&str; 2] = [HOOK_LSM_FILE_IOCTL, HOOK_FEXIT_KVM_VFIO_SET_ATTR];

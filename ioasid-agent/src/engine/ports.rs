@@ -79,6 +79,11 @@ pub trait Kernel {
     /// Keeps the file filter's function addresses current as modules load and unload (at most
     /// once a second; kallsyms is read only when /proc/modules changed).
     fn refresh_file_filter(&mut self) {}
+    /// When a module was loaded since (at most once a second), attaches the hooks that were
+    /// waiting for it; their labels.
+    fn attach_late(&mut self) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Attaches (`on`) or detaches the program that refuses denied FILE_ADDs with EPERM, where
     /// it can come and go with the policy's denies (None: it cannot, the mechanism is fixed);
     /// whether it is attached now (Err: why it could not be, the signal then enforces).

@@ -50,6 +50,9 @@ pub struct BpfKernel {
     modules: Option<ModulesSeen>,
     /// The LSM program beside the functions family, attached while the policy has a deny.
     lsm_switch: Option<loader::LsmSwitch>,
+    /// Hooks waiting for their module, and the modules last seen for them.
+    late: Vec<loader::HookReport>,
+    late_seen: ModulesSeen,
     /// What the control map holds.
     control: ioasid_common::config::Control,
     // Dropping the object detaches every program: it lives as long as this value.
@@ -150,6 +153,8 @@ impl BpfKernel {
             modules: (loaded.file_filter == loader::FileFilter::On)
                 .then(|| ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() }),
             lsm_switch: loaded.lsm_switch,
+            late: loaded.late,
+            late_seen: ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() },
             control: loaded.control,
             ebpf: loaded.ebpf,
         };
@@ -310,6 +315,23 @@ impl Kernel for BpfKernel {
 
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
         signal_process(pid, sig)
+    }
+
+    fn attach_late(&mut self) -> Vec<&'static str> {
+        if self.late.is_empty() || self.late_seen.at.elapsed() < std::time::Duration::from_secs(1) {
+            return Vec::new();
+        }
+        self.late_seen.at = std::time::Instant::now();
+        let now = modules_fingerprint();
+        if now == self.late_seen.fingerprint {
+            return Vec::new();
+        }
+        self.late_seen.fingerprint = now;
+        let attached = loader::attach_late(&mut self.ebpf, &mut self.late);
+        for hook in &attached {
+            tracing::info!(hook, "a module loaded: hook attached");
+        }
+        attached
     }
 
     fn refresh_file_filter(&mut self) {

@@ -60,9 +60,10 @@ empty! {
     kretprobe(function = "vfio_external_check_extension") => ioasid_kretprobe_vfio_external_check_extension_empty(RetProbeContext) -> u32;
     fentry(function = "kvm_emulate_invd") => ioasid_fentry_kvm_emulate_invd_empty(FEntryContext) -> i32;
     fexit(function = "handle_fastpath_invd") => ioasid_fexit_handle_fastpath_invd_empty(FExitContext) -> i32;
-    fentry(function = "kvm_dev_ioctl") => ioasid_fentry_kvm_dev_ioctl_empty(FEntryContext) -> i32;
-    fentry(function = "kvm_vm_ioctl") => ioasid_fentry_kvm_vm_ioctl_empty(FEntryContext) -> i32;
-    fentry(function = "kvm_device_ioctl") => ioasid_fentry_kvm_device_ioctl_empty(FEntryContext) -> i32;
+    fentry(function = "kvm_arch_init_vm") => ioasid_fentry_kvm_arch_init_vm_empty(FEntryContext) -> i32;
+    fentry(function = "kvm_vfio_create") => ioasid_fentry_kvm_vfio_create_empty(FEntryContext) -> i32;
+    fentry(function = "kvm_vfio_set_attr") => ioasid_fentry_kvm_vfio_set_attr_empty(FEntryContext) -> i32;
+    fentry(function = "kvm_vfio_has_attr") => ioasid_fentry_kvm_vfio_has_attr_empty(FEntryContext) -> i32;
     fentry(function = "vfio_fops_unl_ioctl") => ioasid_fentry_vfio_fops_unl_ioctl_empty(FEntryContext) -> i32;
     fentry(function = "vfio_group_fops_unl_ioctl") => ioasid_fentry_vfio_group_fops_unl_ioctl_empty(FEntryContext) -> i32;
     fentry(function = "vfio_device_fops_unl_ioctl") => ioasid_fentry_vfio_device_fops_unl_ioctl_empty(FEntryContext) -> i32;

@@ -316,6 +316,21 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
     arg: u64,
     file_checked: bool,
 ) -> Option<IoctlEvent> {
+    on_watched_ioctl(ctx, fd, cmd, arg, file_checked, 0)
+}
+
+/// `on_sys_enter_ioctl`, with the kernel's own copy of a KVM_SET/HAS_DEVICE_ATTR's attribute
+/// when the caller has it (`kattr`, non-zero: the argument of kvm_vfio_set_attr), read instead
+/// of user memory.
+#[inline(always)]
+fn on_watched_ioctl<C: EbpfContext>(
+    ctx: &C,
+    fd: i32,
+    cmd: u32,
+    arg: u64,
+    file_checked: bool,
+    kattr: u64,
+) -> Option<IoctlEvent> {
     let (tgid, tid) = current_ids();
     let cfg = config();
     if tgid == cfg.agent_tgid {
@@ -342,7 +357,7 @@ fn on_sys_enter_ioctl<C: EbpfContext>(
     let ctl = control();
     match cmd {
         KVM_CREATE_VM => capture_cmdline(tgid),
-        KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => judge_device_attr(ctx, &mut ev, tgid),
+        KVM_SET_DEVICE_ATTR | KVM_HAS_DEVICE_ATTR => judge_device_attr(ctx, &mut ev, tgid, kattr),
         // The extension or IOMMU type is the argument itself (VFIO_DMA_CC_IOMMU, TYPE1v2...).
         VFIO_SET_IOMMU | VFIO_CHECK_EXTENSION => ev.attr_attr = arg,
         _ => {}
@@ -430,9 +445,16 @@ fn foreign_file_add_done(ev: &mut IoctlEvent, ret: Result<u64, i64>) -> bool {
 /// the attribute, whether the fd is a known kvm-vfio device, and the VFIO file fd of a
 /// FILE_ADD/DEL. None if the argument cannot be read.
 #[inline(always)]
-fn read_device_attr(ev: &mut IoctlEvent, tgid: u32) -> Option<KvmDeviceAttr> {
-    // SAFETY: bpf_probe_read_user faults safely on a bad user pointer.
-    let Ok(attr) = (unsafe { bpf_probe_read_user(ev.arg as *const KvmDeviceAttr) }) else {
+fn read_device_attr(ev: &mut IoctlEvent, tgid: u32, kattr: u64) -> Option<KvmDeviceAttr> {
+    // SAFETY: bpf_probe_read_user/_kernel fault safely on a bad pointer.
+    let read = unsafe {
+        if kattr != 0 {
+            bpf_probe_read_kernel(kattr as *const KvmDeviceAttr)
+        } else {
+            bpf_probe_read_user(ev.arg as *const KvmDeviceAttr)
+        }
+    };
+    let Ok(attr) = read else {
         stat_inc(Stat::ReadErrors);
         return None;
     };
@@ -476,8 +498,8 @@ fn file_add(tgid: u32, coherency: Coherency) -> FileAdd {
 
 /// A KVM_SET_DEVICE_ATTR/HAS_DEVICE_ATTR entered: read it, and judge and enforce a FILE_ADD.
 #[inline(always)]
-fn judge_device_attr<C: EbpfContext>(ctx: &C, ev: &mut IoctlEvent, tgid: u32) {
-    let Some(attr) = read_device_attr(ev, tgid) else { return };
+fn judge_device_attr<C: EbpfContext>(ctx: &C, ev: &mut IoctlEvent, tgid: u32, kattr: u64) {
+    let Some(attr) = read_device_attr(ev, tgid, kattr) else { return };
     if ev.cmd != KVM_SET_DEVICE_ATTR || !is_file_add(&attr) {
         ev.decision = Decision::None.wire();
         return;
@@ -638,41 +660,33 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
     lsm_deny(&ctx, cmd)
 }
 
-/// fentry on the ioctl function of KVM's, VFIO's or iommufd's own files:
+/// The current syscall's (fd, request, argument) from its registers (x86-64 ABI: di, si, dx).
+#[inline(always)]
+fn syscall_args() -> Result<(i32, u32, u64), i64> {
+    // SAFETY: the current task's BTF pointer, valid for this program's run.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    let read = |off: usize| {
+        // SAFETY: bpf_probe_read_kernel faults safely; the offsets are the x86-64 pt_regs ABI.
+        unsafe { bpf_probe_read_kernel(regs.wrapping_add(off).cast::<u64>()) }.map_err(i64::from)
+    };
+    Ok((read(PT_REGS_DI)? as u32 as i32, read(PT_REGS_SI)? as u32, read(PT_REGS_DX)?))
+}
+
+/// fentry on the ioctl function of VFIO's or iommufd's own files:
 /// `long f(struct file *file, unsigned int cmd, unsigned long arg)`. Only requests on those files
 /// reach it (nothing else on the host pays); unwatched requests leave at the first compare. The
-/// fd comes from the syscall's registers. A FILE_ADD is left to the LSM program where one is
-/// attached (it refuses before the request runs); otherwise judged here, enforced by signal.
+/// fd comes from the syscall's registers.
 #[inline(always)]
 fn fn_ioctl(ctx: &FEntryContext) {
     let cmd: u32 = ctx.arg(1);
-    if !is_watched_ioctl(cmd) {
+    if !is_watched_ioctl(cmd) || control().fns_observe == 0 {
         return;
     }
-    let ctl = control();
-    if ctl.fns_observe == 0 {
-        return;
-    }
-    let arg: u64 = ctx.arg(2);
-    if cmd == KVM_SET_DEVICE_ATTR {
-        if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&current_ids().1) {
-            // SAFETY: this thread's own in-flight event.
-            let ev = unsafe { &mut *ev };
-            if ev.flags & IOCTL_F_LSM_TAKEN != 0 {
-                // The LSM program, which ran first, observed and judged this FILE_ADD.
-                ev.flags &= !IOCTL_F_LSM_TAKEN;
-                return;
-            }
-        }
-    }
-    // SAFETY: the current task's BTF pointer, valid for this program's run.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
-    // SAFETY: bpf_probe_read_kernel faults safely; the offset is the x86-64 pt_regs ABI.
-    let Ok(fd) = (unsafe { bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_DI).cast::<u64>()) }) else {
+    let Ok((fd, _, _)) = syscall_args() else {
         stat_inc(Stat::ReadErrors);
         return;
     };
-    on_sys_enter_ioctl(ctx, fd as u32 as i32, cmd, arg, true);
+    on_sys_enter_ioctl(ctx, fd, cmd, ctx.arg(2), true);
 }
 
 macro_rules! ioctl_fns {
@@ -689,13 +703,66 @@ macro_rules! ioctl_fns {
 }
 
 ioctl_fns! {
-    "kvm_dev_ioctl" => ioasid_fentry_kvm_dev_ioctl;
-    "kvm_vm_ioctl" => ioasid_fentry_kvm_vm_ioctl;
-    "kvm_device_ioctl" => ioasid_fentry_kvm_device_ioctl;
     "vfio_fops_unl_ioctl" => ioasid_fentry_vfio_fops_unl_ioctl;
     "vfio_group_fops_unl_ioctl" => ioasid_fentry_vfio_group_fops_unl_ioctl;
     "vfio_device_fops_unl_ioctl" => ioasid_fentry_vfio_device_fops_unl_ioctl;
     "iommufd_fops_ioctl" => ioasid_fentry_iommufd_fops_ioctl;
+}
+
+/// One of KVM's watched requests, from the function that does its work: `cmd` is known by
+/// where it runs; the fd and the user argument come from the syscall's registers (an ia32
+/// caller's fd reads wrong there: its request is still judged, by the kernel's copy).
+#[inline(always)]
+fn kvm_request<C: EbpfContext>(ctx: &C, cmd: u32, arg: Option<u64>, kattr: u64) -> Option<IoctlEvent> {
+    if control().fns_observe == 0 {
+        return None;
+    }
+    let (fd, _, user_arg) = syscall_args().unwrap_or_else(|_| {
+        stat_inc(Stat::ReadErrors);
+        (-1, cmd, 0)
+    });
+    on_watched_ioctl(ctx, fd, cmd, arg.unwrap_or(user_arg), true, kattr)
+}
+
+/// fentry kvm_arch_init_vm(struct kvm *kvm, unsigned long type) (x86 common code; its only
+/// caller is KVM_CREATE_VM): a VM is born; its VMM's command line is captured.
+#[fentry(function = "kvm_arch_init_vm")]
+pub fn ioasid_fentry_kvm_arch_init_vm(ctx: FEntryContext) -> i32 {
+    kvm_request(&ctx, KVM_CREATE_VM, Some(ctx.arg(1)), 0);
+    0
+}
+
+/// fentry kvm_vfio_create(struct kvm_device *dev, u32 type) (virt/kvm/vfio.c, kvm_vfio_ops):
+/// KVM_CREATE_DEVICE of a kvm-vfio device; no other device type pays.
+#[fentry(function = "kvm_vfio_create")]
+pub fn ioasid_fentry_kvm_vfio_create(ctx: FEntryContext) -> i32 {
+    kvm_request(&ctx, KVM_CREATE_DEVICE, None, 0);
+    0
+}
+
+/// fentry kvm_vfio_set_attr(struct kvm_device *dev, struct kvm_device_attr *attr): a
+/// KVM_SET_DEVICE_ATTR on a kvm-vfio device (FILE_ADD/DEL), judged from the kernel's copy of the
+/// attribute and enforced by signal. Left alone where the LSM program, which runs before the
+/// request, took it (`IOCTL_F_LSM_TAKEN`).
+#[fentry(function = "kvm_vfio_set_attr")]
+pub fn ioasid_fentry_kvm_vfio_set_attr(ctx: FEntryContext) -> i32 {
+    if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&current_ids().1) {
+        // SAFETY: this thread's own in-flight event.
+        let ev = unsafe { &mut *ev };
+        if ev.flags & IOCTL_F_LSM_TAKEN != 0 {
+            ev.flags &= !IOCTL_F_LSM_TAKEN;
+            return 0;
+        }
+    }
+    kvm_request(&ctx, KVM_SET_DEVICE_ATTR, None, ctx.arg(1));
+    0
+}
+
+/// fentry kvm_vfio_has_attr: KVM_HAS_DEVICE_ATTR on a kvm-vfio device (reported).
+#[fentry(function = "kvm_vfio_has_attr")]
+pub fn ioasid_fentry_kvm_vfio_has_attr(ctx: FEntryContext) -> i32 {
+    kvm_request(&ctx, KVM_HAS_DEVICE_ATTR, None, ctx.arg(1));
+    0
 }
 
 /// LSM file_ioctl, denying only: the program for kernels whose verifier refuses the observing

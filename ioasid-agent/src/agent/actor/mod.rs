@@ -336,6 +336,9 @@ impl<K: Kernel> Actor<K> {
         }
         self.recover_asks(LOST_ASK_NS);
         self.kernel.refresh_file_filter();
+        for hook in self.kernel.attach_late() {
+            self.metrics.hook_attached.with_label_values(&[hook]).set(1);
+        }
         self.series.set_totals(&self.acct.vm_totals());
         self.detect_storms(now);
         self.export_host_stats();

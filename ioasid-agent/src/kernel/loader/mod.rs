@@ -16,11 +16,11 @@ use ioasid_common::{
     cost::CostSource,
     hooks::{
         HookKind, HookSpec, BLAST_GROUPS, COUNT_TRACEPOINTS, FUNCTION_IOCTL_CORE, FUNCTION_IOCTL_HOOKS,
-        GROUP_EMULATOR_HANDLER_END, GROUP_EMULATOR_HANDLER_START, GROUP_EXIT_HANDLER_END,
-        GROUP_EXIT_HANDLER_START, GROUP_FLUSH_CPUS, GROUP_VM_ENTRY, HANDLER_COST_GROUPS, HOOKS,
-        HOOK_FENTRY_KVM_EMULATE_INVD, HOOK_FEXIT_HANDLE_FASTPATH_INVD, HOOK_FEXIT_KVM_VFIO_SET_ATTR,
-        HOOK_LSM_FILE_IOCTL, HOOK_LSM_FILE_IOCTL_DENY, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_TP_BTF_SYS_ENTER,
-        LSM_IOCTL_HOOKS,
+        FUNCTION_IOCTL_VFIO, GROUP_EMULATOR_HANDLER_END, GROUP_EMULATOR_HANDLER_START,
+        GROUP_EXIT_HANDLER_END, GROUP_EXIT_HANDLER_START, GROUP_FLUSH_CPUS, GROUP_KERNEL_VERDICT,
+        GROUP_VM_ENTRY, HANDLER_COST_GROUPS, HOOKS, HOOK_FENTRY_KVM_EMULATE_INVD,
+        HOOK_FEXIT_HANDLE_FASTPATH_INVD, HOOK_FEXIT_KVM_VFIO_SET_ATTR, HOOK_LSM_FILE_IOCTL,
+        HOOK_LSM_FILE_IOCTL_DENY, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
     },
     names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
 };
@@ -221,6 +221,9 @@ pub struct Loaded {
     /// The LSM program beside the functions family, attachable and detachable as denies come
     /// and go (None: it cannot be: another family, `--enforce-with signal`, no BPF LSM).
     pub lsm_switch: Option<LsmSwitch>,
+    /// Hooks on functions of a module that was not loaded at start (VFIO, iommufd): attached
+    /// when it loads (`attach_late`).
+    pub late: Vec<HookReport>,
     /// What the control map holds.
     pub control: Control,
 }
@@ -416,10 +419,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     };
     let lsm_observes = fns_observe
         || LSM_IOCTL_HOOKS.iter().all(|l| early.iter().any(|(h, s)| h == l && *s == HookState::Attached));
-    let observer = if fns_observe { FUNCTION_IOCTL_HOOKS[2] } else { LSM_IOCTL_HOOKS[0] };
+    let observer = if fns_observe { FUNCTION_IOCTL_CORE[2] } else { LSM_IOCTL_HOOKS[0] };
     let hooks = attacher.all(&early, lsm_observes.then_some(observer))?;
     check_required(&hooks, lsm_observes, opts.strict)?;
     let handlers_count = handlers_count(&hooks, kvm_layout);
+    let late = late_hooks(&hooks, fns_observe);
     let lsm_switch = (fns_observe && attacher.lsm_loaded && opts.enforce)
         .then(|| LsmSwitch { link: attacher.lsm_link.take() });
     let mut loaded = Loaded {
@@ -431,6 +435,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         file_filter,
         handlers_count,
         lsm_switch,
+        late,
         control: Control::OFF,
     };
     let control = Control {
@@ -660,6 +665,56 @@ pub fn lsm_detach(ebpf: &mut Ebpf, link: aya::programs::lsm::LsmLinkId) -> Resul
     let prog = ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
     let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
     p.detach(link).map_err(attach::describe)
+}
+
+/// The hooks refused only because their module was not loaded yet, that serve once it is: the
+/// VFIO/iommufd ioctl functions where that family serves, and the kernel's coherency verdict
+/// (a VFIO function) where nothing serves it. libvirt loads vfio-pci when it starts a VM with a
+/// device to pass through, often after the agent.
+fn late_hooks(hooks: &[HookReport], fns_observe: bool) -> Vec<HookReport> {
+    let verdict_served = hooks.iter().any(|h| h.spec.group == Some(GROUP_KERNEL_VERDICT) && h.attached());
+    hooks
+        .iter()
+        .filter(|h| matches!(h.state, HookState::Refused(HookRefusal::Absent { .. })))
+        .filter(|h| {
+            (fns_observe && FUNCTION_IOCTL_VFIO.contains(&h.spec.hook))
+                || (!verdict_served && h.spec.group == Some(GROUP_KERNEL_VERDICT))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Tries the `late` hooks again (a module was loaded): returns the labels of those attached now,
+/// and keeps the others. Of the kernel-verdict group, the first that attaches serves.
+pub fn attach_late(ebpf: &mut Ebpf, late: &mut Vec<HookReport>) -> Vec<&'static str> {
+    let btf = Btf::from_sys_fs().ok();
+    let target = Target {
+        vmlinux: btf.as_ref(),
+        modules: std::cell::OnceCell::new(),
+        kallsyms: std::cell::OnceCell::new(),
+    };
+    let mut attached = Vec::new();
+    for h in late.iter_mut() {
+        if h.spec.group.is_some_and(|g| attached.iter().any(|a: &&str| hook_group(a) == Some(g))) {
+            continue;
+        }
+        let Some(prog) = ebpf.program_mut(h.program) else { continue };
+        match attach(prog, &h.spec, &target, None) {
+            Ok(()) => {
+                h.state = HookState::Attached;
+                attached.push(h.spec.hook);
+            }
+            Err(why) => h.state = HookState::Refused(why),
+        }
+    }
+    late.retain(|h| {
+        !h.attached() && !h.spec.group.is_some_and(|g| attached.iter().any(|a| hook_group(a) == Some(g)))
+    });
+    attached
+}
+
+fn hook_group(label: &str) -> Option<&'static str> {
+    ioasid_common::hooks::hook(label)?.group
 }
 
 /// Whether the handlers' programs count every WBINVD/INVD (so no exit or emulation tracepoint
