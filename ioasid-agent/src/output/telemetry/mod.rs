@@ -143,7 +143,7 @@ pub struct Metrics {
     pub dos_alerts: IntCounterVec,
     /// 1 for the source timing WBINVD handling: handlers | tracepoint-pairs.
     pub wbinvd_cost_source: IntGaugeVec,
-    /// 1 for the program family serving the ioctl path: lsm | tp-btf | tracepoint.
+    /// 1 for the program family serving the ioctl path: functions | lsm | tp-btf | tracepoint.
     pub ioctl_path: IntGaugeVec,
     /// 1 for the programs counting WBINVD/INVD: handlers | tracepoints.
     pub wbinvd_count_source: IntGaugeVec,
@@ -337,7 +337,7 @@ impl Metrics {
             ),
             ioctl_path: gauge_vec(
                 "ioasid_ioctl_path",
-                "1 for the program family serving the ioctl path: lsm (no syscall tracepoint), tp-btf or tracepoint.",
+                "1 for the program family serving the ioctl path: functions (KVM's, VFIO's and iommufd's own: nothing else pays), lsm (no syscall tracepoint), tp-btf or tracepoint.",
                 &["family"],
             ),
             wbinvd_count_source: gauge_vec(
