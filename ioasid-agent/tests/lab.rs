@@ -75,6 +75,12 @@ fn deny_agent(prefix: &str, extra: &[&str]) -> (Agent, TempDir) {
     (Agent::start(&args), dir)
 }
 
+/// A guest that issues every watched VFIO/iommufd request on the lab's VFIO group.
+fn probe_vfio_group(prefix: &str) -> (std::process::ExitStatus, serde_json::Value, String) {
+    let group = vfio_group();
+    finish(guest(&["--name", &unique(prefix), "--vfio-probe", "--vfio-probe-file", group.to_str().unwrap()]))
+}
+
 /// A guest that adds the lab's real VFIO group to its VM `delay` seconds after start, then
 /// does `extra` (its WBINVD work, FILE_DEL...).
 fn vfio_guest(name: &str, delay: u32, extra: &[&str]) -> GuestGuard {
@@ -415,14 +421,7 @@ fn requests_on_real_vfio_files_only(family: &str) {
     let before = agent.scrape();
     let was = |m: &str, r: &str| sample(m, "ioasid_ioctls_total", &[("request", r)]).unwrap_or(0.0);
     let ignored = |m: &str| sample(m, "ioasid_ioctls_ignored_total", &[]).unwrap_or(0.0);
-    let group = vfio_group();
-    let (status, summary, err) = finish(guest(&[
-        "--name",
-        &unique("probe"),
-        "--vfio-probe",
-        "--vfio-probe-file",
-        group.to_str().unwrap(),
-    ]));
+    let (status, summary, err) = probe_vfio_group("probe");
     assert!(status.success(), "{err}");
     assert_eq!(summary["vfio_probed"], requests.len());
     let seen = eventually(Duration::from_secs(5), || {
@@ -607,14 +606,7 @@ fn vfio_loaded_after_the_agent_is_hooked_when_it_loads() {
     );
     // And they observe: every watched request on the VFIO group is reported.
     let before = agent.scrape();
-    let group = vfio_group();
-    let (status, summary, err) = finish(guest(&[
-        "--name",
-        &unique("late"),
-        "--vfio-probe",
-        "--vfio-probe-file",
-        group.to_str().unwrap(),
-    ]));
+    let (status, summary, err) = probe_vfio_group("late");
     assert!(status.success(), "{err}");
     let set_container =
         |m: &str| sample(m, "ioasid_ioctls_total", &[("request", "VFIO_GROUP_SET_CONTAINER")]).unwrap_or(0.0);

@@ -104,20 +104,12 @@ pub fn ioasid_tp_btf_kvm_emulate_insn(ctx: BtfTracePointContext) -> i32 {
     }
     // SAFETY: the tracepoint's arguments, as its prototype has them.
     let (vcpu, failed): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
-    let k = config().kvm;
-    let decoded = kread::<u64>(vcpu + u64::from(k.vcpu_emulate_ctxt)).and_then(|ctxt| {
-        Ok((
-            kread::<u8>(ctxt + u64::from(k.ctxt_opcode_len))?,
-            kread::<u8>(ctxt + u64::from(k.ctxt_b))?,
-            ctxt,
-        ))
-    });
-    let Ok((opcode_len, b, ctxt)) = decoded else {
+    let Ok((opcode_len, b, ctxt)) = decoded_insn(vcpu) else {
         stat_inc(Stat::ReadErrors);
         return 0;
     };
     let op = if failed & 0xff != 0 { None } else { classify_decoded(opcode_len, b) };
-    if emulated(op, || kread::<u64>(ctxt + u64::from(k.ctxt_eip))).is_err() {
+    if emulated(op, || kread::<u64>(ctxt + u64::from(config().kvm.ctxt_eip))).is_err() {
         stat_inc(Stat::ReadErrors);
     }
     0
@@ -231,6 +223,15 @@ fn kread<T>(addr: u64) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(i64::from)
 }
 
+/// The instruction KVM's emulator last decoded for `vcpu`: `opcode_len`, the opcode byte `b`,
+/// and the context (`vcpu->arch.emulate_ctxt`).
+#[inline(always)]
+fn decoded_insn(vcpu: u64) -> Result<(u8, u8, u64), i64> {
+    let k = config().kvm;
+    let ctxt = kread::<u64>(vcpu + u64::from(k.vcpu_emulate_ctxt))?;
+    Ok((kread::<u8>(ctxt + u64::from(k.ctxt_opcode_len))?, kread::<u8>(ctxt + u64::from(k.ctxt_b))?, ctxt))
+}
+
 /// The vCPU of an emulator context (`ctxt->vcpu`; 0 where it cannot be read).
 #[inline(always)]
 pub fn ctxt_vcpu(ctxt: u64) -> u64 {
@@ -266,12 +267,8 @@ fn handler_counts(vcpu: u64, path: Path) {
     }
     let mut op = Op::Wbinvd;
     if path == Path::Exit && ctl.skip_emulation != 0 {
-        let k = config().kvm;
-        let decoded = kread::<u64>(vcpu + u64::from(k.vcpu_emulate_ctxt)).and_then(|ctxt| {
-            Ok((kread::<u8>(ctxt + u64::from(k.ctxt_opcode_len))?, kread::<u8>(ctxt + u64::from(k.ctxt_b))?))
-        });
-        match decoded {
-            Ok((len, b)) => op = classify_decoded(len, b).unwrap_or(Op::Wbinvd),
+        match decoded_insn(vcpu) {
+            Ok((len, b, _)) => op = classify_decoded(len, b).unwrap_or(Op::Wbinvd),
             Err(_) => stat_inc(Stat::ReadErrors),
         }
     }
