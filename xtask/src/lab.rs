@@ -974,6 +974,11 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             bail!("no lab kernel {k} (the lab has {})", names.join(", "));
         }
     }
+    // A run of the whole matrix rewrites it: a doc that lost its markers fails now, not after
+    // every kernel has booted.
+    if opts.script.is_none() && opts.kernels.is_empty() {
+        matrix_docs(root)?;
+    }
     let apt = Apt::new(&cache)?;
     let busybox = apt.unpack(&cache, &[apt.resolve("^busybox-static$")?])?.join("bin/busybox");
     let run_dir = root.join("target/lab");
@@ -1118,6 +1123,24 @@ fn host_status(root: &Path) -> (String, String, serde_json::Value) {
 const MATRIX_BEGIN: &str = "<!-- generated: kernel matrix (cargo xtask lab) -->";
 const MATRIX_END: &str = "<!-- end generated: kernel matrix -->";
 
+/// The documents that carry the kernel matrix.
+const MATRIX_DOCS: [&str; 2] = [crate::docs::KERNELS, "README.md"];
+
+/// Each matrix document with its text, or which one has lost its markers.
+fn matrix_docs(root: &Path) -> Result<Vec<(PathBuf, String)>> {
+    MATRIX_DOCS
+        .iter()
+        .map(|doc| {
+            let path = root.join(doc);
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            crate::docs::replace_block(&text, MATRIX_BEGIN, MATRIX_END, "")
+                .with_context(|| format!("{doc}: the kernel matrix's markers"))?;
+            Ok((path, text))
+        })
+        .collect()
+}
+
 /// The kernel matrix (docs/kernels.md and the README), from each kernel's `status --json` as
 /// the lab saw it.
 fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Result<()> {
@@ -1173,13 +1196,11 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
             },
         );
     }
-    for doc in [crate::docs::KERNELS, "README.md"] {
-        let path = root.join(doc);
-        let text = std::fs::read_to_string(&path)?;
+    for (path, text) in matrix_docs(root)? {
         let new = crate::docs::replace_block(&text, MATRIX_BEGIN, MATRIX_END, &t)?;
         if new != text {
             std::fs::write(&path, new)?;
-            eprintln!("lab: {doc} kernel matrix updated");
+            eprintln!("lab: {} kernel matrix updated", path.display());
         }
     }
     Ok(())
@@ -1188,6 +1209,19 @@ fn write_matrix(root: &Path, rows: &[(String, String, serde_json::Value)]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_matrix_document_has_its_markers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        assert_eq!(matrix_docs(root).unwrap().len(), MATRIX_DOCS.len());
+        let dir = std::env::temp_dir().join(format!("ioasid-matrix-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("docs")).unwrap();
+        std::fs::write(dir.join(crate::docs::KERNELS), format!("{MATRIX_BEGIN}\n{MATRIX_END}\n")).unwrap();
+        std::fs::write(dir.join("README.md"), "no matrix here\n").unwrap();
+        let err = format!("{:#}", matrix_docs(&dir).unwrap_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("README.md: the kernel matrix's markers"), "{err}");
+    }
 
     #[test]
     fn a_checkout_under_tmp_stays_visible_in_the_vm() {
