@@ -190,6 +190,7 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
         "Hooks attached",
         "Enforcement mechanism",
         "WBINVD per second with the KubeVirt VM (namespace, name, node)",
+        "Host WBINVD per second (every VM, exited ones included)",
     ];
     // Rate windows need a few scrapes: wait until every key panel has data.
     let mut empty = Vec::new();

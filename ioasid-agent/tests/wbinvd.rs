@@ -203,6 +203,32 @@ fn exited_vms_are_kept_for_the_retention_then_dropped() {
 
 #[test]
 #[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn the_host_totals_keep_the_counts_of_forgotten_vms() {
+    require_kernel();
+    let _g = serial();
+    // Churn: short-lived VMs, each forgotten a second after it exits.
+    let agent = Agent::start(&["--vm-retention", "1s"]);
+    let names: Vec<String> = (0..6).map(|i| unique(&format!("churn-{i}"))).collect();
+    for name in &names {
+        let (status, _, err) =
+            finish(guest(&["--name", name, "--wbinvd", "10", "--invd", "2", "--hold", "0.1"]));
+        assert!(status.success(), "{err}");
+    }
+    let host = |m: &str, name: &str| {
+        ["exit", "emulated"].iter().map(|p| sample(m, name, &[("path", p)]).unwrap_or(0.0)).sum::<f64>()
+    };
+    let forgotten = eventually(Duration::from_secs(8), || {
+        let m = agent.scrape();
+        names.iter().all(|n| sample(&m, "ioasid_wbinvd_exits_total", &[("vm", n)]).is_none()).then_some(m)
+    });
+    let m = forgotten.unwrap_or_else(|| panic!("per-VM series kept past the retention:\n{}", agent.scrape()));
+    assert_eq!(host(&m, "ioasid_host_wbinvd_exits_total"), 60.0, "every WBINVD of the forgotten VMs:\n{m}");
+    assert_eq!(host(&m, "ioasid_host_invd_exits_total"), 12.0, "every INVD of the forgotten VMs:\n{m}");
+    assert_eq!(sample(&m, "ioasid_host_wbinvd_flushes_total", &[]), Some(0.0), "no VM had non-coherent DMA");
+}
+
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn exposition_passes_promtool() {
     require_kernel();
     let _g = serial();

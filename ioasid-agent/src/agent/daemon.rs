@@ -363,7 +363,7 @@ fn report_hooks(loaded: &Loaded, metrics: &Metrics, enforce: bool) {
     }
     tracing::info!(source = source.label(), "WBINVD handler time source");
     let counts = loaded.count_source();
-    for s in ["handlers", "tracepoints"] {
+    for s in ["handlers", "tracepoints", "incomplete"] {
         metrics.wbinvd_count_source.with_label_values(&[s]).set(i64::from(s == counts));
     }
     tracing::info!(source = counts, "WBINVD/INVD count source");

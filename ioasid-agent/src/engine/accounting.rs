@@ -106,6 +106,9 @@ pub struct Accounting {
     pub exited_dropped: u64,
     /// Totals of retired processes of VMs that still have a live process.
     retired: HashMap<String, (Totals, CostHist)>,
+    /// Every count read from the kernel since the agent started, whatever became of its VM
+    /// since (exited, dropped past [`MAX_EXITED`], expired): the host's totals never forget.
+    pub host: Totals,
 }
 
 impl Accounting {
@@ -243,10 +246,17 @@ impl Accounting {
     ) {
         for (tgid, totals) in kernel {
             let p = self.ensure_with(tgid, None, procfs, now, captured);
+            let mut grew = Vec::new();
             for (k, v) in totals {
                 let e = p.totals.entry(k).or_insert(0);
                 // Kernel counts only grow while the process lives; never go backwards.
-                *e = (*e).max(v);
+                if v > *e {
+                    grew.push((k, v - *e));
+                    *e = v;
+                }
+            }
+            for (k, d) in grew {
+                *self.host.entry(k).or_insert(0) += d;
             }
         }
     }
@@ -379,6 +389,31 @@ mod tests {
         assert_eq!(a.expire(Duration::from_secs(1), now + Duration::from_secs(2)), vec![10]);
         assert_eq!(value(&a, "gpu-1", Path::Exit), Some(10));
         assert_eq!(value(&a, "gpu-1", Path::Emulated), Some(7));
+    }
+
+    #[test]
+    fn the_host_totals_keep_every_count_of_vms_long_forgotten() {
+        let procfs = ProcFs::at("/nonexistent-procfs");
+        let mut a = Accounting::default();
+        let now = Instant::now();
+        // More short-lived VMs than are kept, two WBINVD each, each purged after its last read.
+        let n = MAX_EXITED as u32 + 500;
+        for pid in 1..=n {
+            a.replace(info(pid, &format!("vm-{pid}"), 1));
+            a.apply(kernel(pid, 1, 0), &procfs, now, &|_| None);
+            a.apply(kernel(pid, 2, 0), &procfs, now, &|_| None);
+            assert_eq!(a.check_liveness(&procfs, now), vec![pid]);
+            a.take_newly_dead();
+        }
+        a.expire(Duration::from_secs(1), now + Duration::from_secs(2));
+        assert!(a.vm_totals().is_empty(), "every VM forgotten");
+        assert_eq!(a.exited_dropped, 500);
+        assert_eq!(a.host.get(&(Op::Wbinvd, Path::Exit)), Some(&(2 * u64::from(n))));
+        // A new process on a reused pid counts from zero, on top.
+        a.replace(info(1, "vm-again", 2));
+        a.apply(kernel(1, 3, 4), &procfs, now, &|_| None);
+        assert_eq!(a.host.get(&(Op::Wbinvd, Path::Exit)), Some(&(2 * u64::from(n) + 3)));
+        assert_eq!(a.host.get(&(Op::Wbinvd, Path::Emulated)), Some(&4));
     }
 
     #[test]

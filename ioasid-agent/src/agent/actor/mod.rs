@@ -340,6 +340,7 @@ impl<K: Kernel> Actor<K> {
             self.metrics.hook_attached.with_label_values(&[hook]).set(1);
         }
         self.series.set_totals(&self.acct.vm_totals());
+        self.metrics.set_host_totals(&self.acct.host);
         self.detect_storms(now);
         self.export_host_stats();
     }

@@ -16,10 +16,10 @@ use ioasid_common::{
     cost::CostSource,
     hooks::{
         HookKind, HookSpec, BLAST_GROUPS, COUNT_TRACEPOINTS, FUNCTION_IOCTL_CORE, FUNCTION_IOCTL_HOOKS,
-        FUNCTION_IOCTL_VFIO, GROUP_EMULATOR_HANDLER_END, GROUP_EMULATOR_HANDLER_START,
+        FUNCTION_IOCTL_VFIO, GROUP_EMULATED_COUNT, GROUP_EMULATOR_HANDLER_END, GROUP_EMULATOR_HANDLER_START,
         GROUP_EXIT_HANDLER_END, GROUP_EXIT_HANDLER_START, GROUP_FLUSH_CPUS, GROUP_KERNEL_VERDICT,
         GROUP_VM_ENTRY, HANDLER_COST_GROUPS, HOOKS, HOOK_FENTRY_KVM_EMULATE_INVD,
-        HOOK_FEXIT_HANDLE_FASTPATH_INVD, HOOK_FEXIT_KVM_VFIO_SET_ATTR, HOOK_LSM_FILE_IOCTL,
+        HOOK_FEXIT_HANDLE_FASTPATH_INVD, HOOK_FEXIT_KVM_VFIO_SET_ATTR, HOOK_KVM_EXIT, HOOK_LSM_FILE_IOCTL,
         HOOK_LSM_FILE_IOCTL_DENY, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
     },
     names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
@@ -303,13 +303,16 @@ impl Loaded {
         }
     }
 
-    /// Which programs count WBINVD/INVD: `handlers` (KVM's handler functions only) or
-    /// `tracepoints` (every VM exit and emulated instruction).
+    /// Which programs count WBINVD/INVD: `handlers` (KVM's handler functions only),
+    /// `tracepoints` (every VM exit and emulated instruction) or `incomplete` (a path is not
+    /// counted: a tracepoint refused, with `--no-strict`).
     pub fn count_source(&self) -> &'static str {
         if self.handlers_count {
             "handlers"
-        } else {
+        } else if self.attached(HOOK_KVM_EXIT) && self.served(GROUP_EMULATED_COUNT) {
             "tracepoints"
+        } else {
+            "incomplete"
         }
     }
 

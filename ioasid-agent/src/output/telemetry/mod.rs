@@ -133,6 +133,11 @@ pub struct Metrics {
     pub cost: Arc<Mutex<CostSnapshot>>,
     /// contract: WBINVD that really flushed caches (the VM had non-coherent DMA).
     pub wbinvd_flushes: IntCounterVec,
+    /// contract: every guest's WBINVD/INVD and flushes since the agent started, exited VMs'
+    /// included (the per-VM series forget a VM after its retention).
+    pub host_wbinvd_exits: IntCounterVec,
+    pub host_invd_exits: IntCounterVec,
+    pub host_wbinvd_flushes: IntCounter,
     /// contract: handler time over wall time, last window.
     pub wbinvd_cost_ratio: GaugeVec,
     /// WBINVD per second, last window.
@@ -318,6 +323,20 @@ impl Metrics {
                 "Guest WBINVD that really flushed caches: the VM had non-coherent DMA.",
                 &["vm"],
             ),
+            host_wbinvd_exits: counter_vec(
+                "ioasid_host_wbinvd_exits_total",
+                "Guest WBINVD instructions handled by KVM on this host, every VM's (exited and forgotten ones included), by path.",
+                &["path"],
+            ),
+            host_invd_exits: counter_vec(
+                "ioasid_host_invd_exits_total",
+                "Guest INVD instructions handled by KVM on this host, every VM's (exited and forgotten ones included), by path.",
+                &["path"],
+            ),
+            host_wbinvd_flushes: counter(
+                "ioasid_host_wbinvd_flushes_total",
+                "Guest WBINVD that really flushed caches on this host, every VM's (exited and forgotten ones included).",
+            ),
             wbinvd_cost_ratio: float_gauge_vec(
                 "ioasid_wbinvd_cost_ratio",
                 "Time KVM spent handling the VM's WBINVD over wall time, last budget window (can exceed 1 with several vCPUs).",
@@ -342,7 +361,7 @@ impl Metrics {
             ),
             wbinvd_count_source: gauge_vec(
                 "ioasid_wbinvd_count_source",
-                "1 for the programs counting guest WBINVD/INVD: handlers (KVM's handler functions only) or tracepoints (kvm_exit and kvm_emulate_insn, run on every VM exit and emulated instruction).",
+                "1 for the programs counting guest WBINVD/INVD: handlers (KVM's handler functions only), tracepoints (kvm_exit and kvm_emulate_insn, run on every VM exit and emulated instruction) or incomplete (a path is not counted: a tracepoint refused, with --no-strict).",
                 &["source"],
             ),
             registry: r.registry.clone(),
@@ -360,10 +379,28 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.policy_reloads.with_label_values(&[result]);
         }
+        // The host's totals exist at zero from the start, so rate() catches the first WBINVD.
+        for path in ["exit", "emulated"] {
+            m.host_wbinvd_exits.with_label_values(&[path]);
+            m.host_invd_exits.with_label_values(&[path]);
+        }
         for stat in Stat::ALL.iter().filter(|s| !matches!(s, Stat::EventsDropped | Stat::IgnoredRequests)) {
             m.kernel_errors.with_label_values(&[stat.label()]);
         }
         m
+    }
+
+    /// The host's totals (never forgetting a VM) brought up to `host`, by increments.
+    pub fn set_host_totals(&self, host: &crate::engine::accounting::Totals) {
+        for (&(op, path), &v) in host {
+            let c = match vm::series(op, path) {
+                Some((vm::Family::Wbinvd, label)) => self.host_wbinvd_exits.with_label_values(&[label]),
+                Some((vm::Family::Invd, label)) => self.host_invd_exits.with_label_values(&[label]),
+                Some((vm::Family::Flushes, _)) => self.host_wbinvd_flushes.clone(),
+                _ => continue,
+            };
+            c.inc_by(v.saturating_sub(c.get()));
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {

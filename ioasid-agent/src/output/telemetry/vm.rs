@@ -24,7 +24,7 @@ pub struct VmGauges {
 
 /// The counter family a kernel (op, path) total is exported to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
+pub(super) enum Family {
     /// `ioasid_wbinvd_exits_total{vm, path}`
     Wbinvd,
     /// `ioasid_invd_exits_total{vm, path}`
@@ -36,7 +36,7 @@ enum Family {
 }
 
 /// The family and `path` label of a kernel total, if it is exported.
-fn series(op: Op, path: Path) -> Option<(Family, &'static str)> {
+pub(super) fn series(op: Op, path: Path) -> Option<(Family, &'static str)> {
     Some(match (op, path) {
         (Op::Wbinvd, Path::Exit) => (Family::Wbinvd, "exit"),
         (Op::Wbinvd, Path::Emulated) => (Family::Wbinvd, "emulated"),
