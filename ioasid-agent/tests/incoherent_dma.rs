@@ -653,6 +653,73 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
     drop(wb);
 }
 
+/// Forks `sleep` onto `pid` (free: its process reaped) through ns_last_pid, as pid reuse does
+/// on a busy host; None if another fork kept taking it.
+fn spawn_on_pid(pid: u32) -> Option<std::process::Child> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let mut c = std::process::Command::new("sleep").arg("30").spawn().ok()?;
+        if c.id() == pid {
+            return Some(c);
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    None
+}
+
+/// What asked is what gets signalled, or nothing: two VMMs stopped for a decision die while no
+/// agent runs. One (allowed) is a zombie its parent has not reaped; the other's (denied) pid is
+/// taken by an innocent process. The next agent adopts both asks: it resumes no zombie, kills
+/// no innocent process, and audits both `gone`.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_dead_askers_pid_is_never_signalled() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("reuse");
+    let state = StateDir::new();
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    // Deny by default, as the host: a decision for the pid's new process would kill it.
+    write(&path, &format!("default:\n  incoherent_dma: deny\nrules:\n  - name: gpu\n    match: {{ vm: \"{prefix}-gpu-*\" }}\n    incoherent_dma: allow\n"));
+    let args = ["--policy", path.to_str().unwrap(), "--state-dir", state.arg()];
+    let mut first = Agent::start(&[&args[..], &["--test-drop-events"]].concat());
+    let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
+    let mut ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
+    let mut gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
+    let (pa, pd) = (ga.id(), gd.id());
+    let stopped = eventually(Duration::from_secs(2), || {
+        (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
+    });
+    first.signal(libc::SIGKILL);
+    assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
+    assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
+    // Both killed by someone else while stopped; the denied one is reaped and its pid reused.
+    ga.kill().unwrap();
+    gd.kill().unwrap();
+    assert_eq!(gd.wait().unwrap().signal(), Some(libc::SIGKILL));
+    assert!(eventually(Duration::from_secs(2), || (proc_state(pa)? == 'Z').then_some(())).is_some());
+    let mut innocent = spawn_on_pid(pd).expect("no process could be started on the dead VMM's pid");
+
+    let second = Agent::start(&args);
+    // Neither can be read any more (a zombie's command line is empty, the other pid shows the
+    // innocent process), and the previous agent that named them is gone: each is known by its
+    // pid, never by what holds the pid now.
+    for (pid, why) in [(pa, "zombie"), (pd, "started after the request")] {
+        let r = second.wait_record(&format!("unknown:{pid}"));
+        assert_eq!(r.outcome, Outcome::Gone, "{r:?}");
+        assert!(r.reason.as_deref().unwrap_or("").contains(why), "{r:?}");
+    }
+    assert!(second.audit().iter().all(|r| r["comm"] != "sleep"), "{:?}", second.audit());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(innocent.try_wait().unwrap(), None, "the innocent process on the reused pid was signalled");
+    assert_eq!(proc_state(pd), Some('S'), "the innocent process was stopped or killed");
+    let _ = innocent.kill();
+    let _ = innocent.wait();
+    let _ = ga.wait();
+}
+
 /// `--audit-log -`: records go to stdout (container log pipelines), one JSON object per line
 /// with its schema and unique id; the agent's own log stays on stderr.
 #[test]

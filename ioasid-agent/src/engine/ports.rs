@@ -69,7 +69,9 @@ pub trait Kernel {
     /// captured it.
     fn cmdline(&self, tgid: u32) -> Option<Vec<u8>>;
     fn program_stats(&self) -> Vec<ProgramStats>;
-    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()>;
+    /// Sends `sig` to the process (pid, start time as /proc says) through a pidfd: to that
+    /// process or to nobody (ESRCH), never to another one that reused the pid.
+    fn signal(&mut self, pid: u32, start_time: u64, sig: Signal) -> std::io::Result<()>;
     /// Flush IPIs and their time by (flusher, victim), summed over CPUs (blast radius).
     fn blast(&mut self) -> Vec<(BlastKey, u64)> {
         Vec::new()

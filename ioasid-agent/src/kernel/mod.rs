@@ -25,7 +25,7 @@ use crate::{
         accounting::{CostHist, Totals},
         ports::{AskGate, FlushCpus, Kernel, MapError, ProgramStats, Stats},
     },
-    host::sys::{signal_process, Signal},
+    host::{pidfd::Pidfd, procfs::ProcFs, sys::Signal},
     kernel::loader::{LoadError, Loaded},
 };
 
@@ -313,8 +313,10 @@ impl Kernel for BpfKernel {
         Some(loader::set_lsm_deny(&mut self.ebpf, switch, &mut self.control, on).map_err(|e| e.to_string()))
     }
 
-    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
-        signal_process(pid, sig)
+    fn signal(&mut self, pid: u32, start_time: u64, sig: Signal) -> std::io::Result<()> {
+        let fd = Pidfd::open(&ProcFs::default(), pid, start_time)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+        fd.signal(sig)
     }
 
     fn attach_late(&mut self) -> Vec<&'static str> {

@@ -12,17 +12,20 @@ use crate::{
     engine::policy::Action,
     engine::ports::Kernel,
     engine::record::Outcome,
-    host::procfs::ProcessInfo,
+    host::pidfd,
+    host::procfs::{self, ProcError, ProcessInfo},
     host::sys::{monotonic_ns, Signal},
     host::vfio,
     util::text::escape,
     util::time::rfc3339,
 };
 
-/// The process an enable is judged as, and why it could not be classified if it could not.
+/// The process an enable is judged as, why it could not be classified if it could not, and
+/// why it can no longer be signalled if it has gone (exited, or its pid reused since).
 struct Subject {
     info: ProcessInfo,
     unclassified: Option<String>,
+    gone: Option<String>,
 }
 
 /// How long a stopped VMM whose /proc cannot be read is held unjudged before it is denied.
@@ -34,7 +37,7 @@ impl<K: Kernel> Actor<K> {
     /// record first (its event, or the recovery of a lost one); the other finds it taken.
     pub(super) fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
         let tgid = req.origin.tgid;
-        let Some(Subject { info, unclassified }) = self.subject(req) else { return };
+        let Some(Subject { info, unclassified, gone }) = self.subject(req) else { return };
         let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
         let cx = enforce::Context {
             policy: &self.policy.policy,
@@ -59,9 +62,17 @@ impl<K: Kernel> Actor<K> {
             j.record.reason = Some(note.to_string());
         }
         if let Some(sig) = j.followup {
-            if let Err(e) = self.kernel.signal(tgid, sig) {
+            // Only to the process that made the request, through a pidfd bound to it: never
+            // to another that took its pid, never "resumed" or "killed" for a dead one.
+            let sent = match gone {
+                Some(why) => Err(why),
+                None => pidfd::requester(&self.set.procfs, tgid, req.origin.ktime_ns)
+                    .and_then(|start| self.kernel.signal(tgid, start, sig).map_err(|e| e.to_string())),
+            };
+            if let Err(why) = sent {
+                tracing::info!(pid = tgid, signal = ?sig, why = %why, "the VMM judged is gone: nothing sent");
                 j.record.outcome = Outcome::Gone;
-                j.record.reason = Some(format!("{sig:?}: {e}"));
+                j.record.reason = Some(format!("no {sig:?} sent: {why}"));
             }
         }
         self.account(tgid, &info, j);
@@ -75,9 +86,19 @@ impl<K: Kernel> Actor<K> {
     fn subject(&mut self, req: &EnableRequest) -> Option<Subject> {
         let tgid = req.origin.tgid;
         if !matches!(req.judged, KernelJudged::Ask) {
-            return Some(Subject { info: self.classify(tgid, &req.origin.comm), unclassified: None });
+            return Some(Subject {
+                info: self.classify(tgid, &req.origin.comm),
+                unclassified: None,
+                gone: None,
+            });
         }
-        let fresh = self.set.procfs.info(tgid);
+        // The process on the pid now may not be the one that asked (it died, a new one took
+        // the pid while no agent ran): then it is judged as what asked, and nothing is sent.
+        let gone = pidfd::requester(&self.set.procfs, tgid, req.origin.ktime_ns).err();
+        let fresh = match &gone {
+            None => self.set.procfs.info(tgid),
+            Some(_) => Err(ProcError::Gone { pid: tgid }),
+        };
         let mut unclassified = None;
         if let (Err(e), true) = (&fresh, req.ask_recorded) {
             if !e.is_gone() {
@@ -104,9 +125,35 @@ impl<K: Kernel> Actor<K> {
                 self.write_verdict(&info);
                 info
             }
+            Err(_) if gone.is_some() => self.former(tgid, req),
             Err(_) => self.classify(tgid, &req.origin.comm),
         };
-        Some(Subject { info, unclassified })
+        Some(Subject { info, unclassified, gone })
+    }
+
+    /// What asked, when its pid no longer shows it: the agent's own record of it (if that
+    /// process started before the request), else the command line the kernel captured when it
+    /// created its VM, else its pid. Never the process that holds the pid now.
+    fn former(&self, tgid: u32, req: &EnableRequest) -> ProcessInfo {
+        if let Some(p) =
+            self.acct.find(tgid).filter(|p| pidfd::started_before(p.info.start_time, req.origin.ktime_ns))
+        {
+            return p.info.clone();
+        }
+        if let Some(info) = self.kernel.cmdline(tgid).and_then(|raw| procfs::info_from_cmdline(tgid, &raw)) {
+            return info;
+        }
+        let comm = if req.origin.comm.is_empty() { "unknown" } else { req.origin.comm.as_str() };
+        ProcessInfo {
+            pid: tgid,
+            comm: comm.to_string(),
+            vm: format!("{comm}:{tgid}"),
+            exe: None,
+            cgroup: None,
+            uid: u32::MAX,
+            start_time: 0,
+            uuid: None,
+        }
     }
 
     /// Counts a decided enable, marks the VM non-coherent if a non-coherent file was really

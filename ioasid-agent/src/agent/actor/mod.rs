@@ -408,7 +408,8 @@ impl<K: Kernel> Actor<K> {
             self.series.alert(c.vm);
         }
         let kernel = &mut self.kernel;
-        let mut result = storm::respond(&c, |sig| kernel.signal(tgid, sig));
+        let start = p.info.start_time;
+        let mut result = storm::respond(&c, |sig| kernel.signal(tgid, start, sig));
         if let Some(th) = self.throttler.as_mut() {
             let (outcome, reason) = (&mut result.outcome, &mut result.reason);
             match transition {

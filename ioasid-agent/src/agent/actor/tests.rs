@@ -88,7 +88,7 @@ impl Kernel for FakeKernel {
     fn program_stats(&self) -> Vec<ProgramStats> {
         Vec::new()
     }
-    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
+    fn signal(&mut self, pid: u32, _start_time: u64, sig: Signal) -> std::io::Result<()> {
         self.signals.push((pid, sig));
         Ok(())
     }
@@ -107,11 +107,17 @@ impl Fixture {
         Self { dir }
     }
 
-    /// A VMM process in the procfs tree, named by `-name guest=VM`.
+    /// A VMM process in the procfs tree, named by `-name guest=VM`, started 10 ms after boot
+    /// (before any request a test makes: see [`T0`]).
     fn vmm(&self, pid: u32, vm: &str) {
+        self.process(pid, vm, 'S', 1);
+    }
+
+    /// A process in state `state` started `start` clock ticks after boot.
+    fn process(&self, pid: u32, vm: &str, state: char, start: u64) {
         let p = self.dir.join("proc").join(pid.to_string());
         std::fs::create_dir_all(p.join("fd")).unwrap();
-        let stat = format!("{pid} (qemu) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0");
+        let stat = format!("{pid} (qemu) {state} 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0");
         std::fs::write(p.join("stat"), stat).unwrap();
         std::fs::write(p.join("comm"), "qemu\n").unwrap();
         std::fs::write(p.join("cmdline"), format!("qemu\0-name\0guest={vm},debug-threads=on\0")).unwrap();
@@ -162,8 +168,12 @@ impl Drop for Fixture {
 
 const POLICY: &str = "default: { incoherent_dma: audit }\nrules:\n  - name: gpu\n    match: { vm: \"gpu-*\" }\n    incoherent_dma: allow\n  - name: tenants\n    match: { vm: \"tenant-*\" }\n    incoherent_dma: deny\n    wbinvd: { rate: 100, action: kill }\n";
 
+/// The kernel's clock when the tests' requests are made: 1 s after boot, after the fixture's
+/// VMMs started.
+const T0: u64 = 1_000_000_000;
+
 fn ask(tgid: u32) -> EnableRequest {
-    let mut r = EnableRequest::from_ask(tgid, &Asked { ktime_ns: 1, fd: 5, file_fd: 6 });
+    let mut r = EnableRequest::from_ask(tgid, &Asked { ktime_ns: T0 + 1, fd: 5, file_fd: 6 });
     r.origin.comm = "qemu".into();
     r.device_fd_known = true;
     r
@@ -171,7 +181,7 @@ fn ask(tgid: u32) -> EnableRequest {
 
 /// A stopped VMM's ask, recorded in the (fake) kernel as the real one records it.
 fn open_ask(a: &mut Actor<FakeKernel>, tgid: u32) -> EnableRequest {
-    a.kernel().asks.insert(tgid, Asked { ktime_ns: 1, fd: 5, file_fd: 6 });
+    a.kernel().asks.insert(tgid, Asked { ktime_ns: T0 + 1, fd: 5, file_fd: 6 });
     ask(tgid)
 }
 
@@ -216,12 +226,46 @@ async fn an_asked_enable_is_decided_once_by_the_policy() {
 }
 
 #[tokio::test]
+async fn a_pid_taken_by_another_process_is_never_signalled() {
+    let f = Fixture::new("reused");
+    // tenant-9 asked at T0, then died while no agent ran; innocent-db started on its pid 2 s
+    // after boot, after the request.
+    f.process(4900, "innocent-db", 'S', 200);
+    // gpu-2 was killed during its ask: a zombie its parent has not reaped yet.
+    f.process(4901, "gpu-2", 'Z', 1);
+    let mut a = f.actor(POLICY);
+    // What the kernel captured when each created its VM.
+    a.kernel().cmdlines.insert(4900, b"qemu\0-name\0guest=tenant-9,debug-threads=on\0".to_vec());
+    a.kernel().cmdlines.insert(4901, b"qemu\0-name\0guest=gpu-2\0".to_vec());
+    let (r1, r2) = (open_ask(&mut a, 4900), open_ask(&mut a, 4901));
+    a.on_event(Event::Enable(r1));
+    a.on_event(Event::Enable(r2));
+    assert_eq!(a.kernel().signals, vec![], "nothing sent to a process that did not ask");
+    assert!(!a.kernel().verdicts.contains_key(&4900), "no verdict for the innocent process");
+    assert!(a.kernel().asks.is_empty(), "both requests decided");
+    let recs = f.audit(2).await;
+    let got = |r: &serde_json::Value| {
+        (
+            r["vm"].as_str().map(String::from),
+            r["decision"].as_str().map(String::from),
+            r["outcome"].as_str().map(String::from),
+        )
+    };
+    let s = |x: &str| Some(x.to_string());
+    // Judged as what asked (the command line the kernel captured), not as the pid's process.
+    assert_eq!(got(&recs[0]), (s("tenant-9"), s("denied"), s("gone")), "{}", recs[0]);
+    assert!(recs[0]["reason"].as_str().unwrap().contains("started after the request"), "{}", recs[0]);
+    assert_eq!(got(&recs[1]), (s("gpu-2"), s("allowed"), s("gone")), "{}", recs[1]);
+    assert!(recs[1]["reason"].as_str().unwrap().contains("zombie"), "{}", recs[1]);
+}
+
+#[tokio::test]
 async fn a_lost_ask_is_decided_from_the_kernel_record() {
     let f = Fixture::new("lost");
     f.vmm(4300, "tenant-7");
     let mut a = f.actor(POLICY);
     a.started_ns = 0; // the ask is this agent's own
-    a.kernel().asks.insert(4300, Asked { ktime_ns: 0, fd: 9, file_fd: -1 });
+    a.kernel().asks.insert(4300, Asked { ktime_ns: T0, fd: 9, file_fd: -1 });
     a.sweep();
     assert_eq!(a.kernel().signals, vec![(4300, Signal::Kill)]);
     let recs = f.audit(1).await;
@@ -375,21 +419,21 @@ async fn a_late_event_never_decides_a_request_twice() {
     f.vmm(4801, "gpu-8");
     let mut a = f.actor(POLICY);
     // The agent stalled: both asks are recovered from the kernel's records first...
-    a.kernel().asks.insert(4800, Asked { ktime_ns: 0, fd: 5, file_fd: 6 });
-    a.kernel().asks.insert(4801, Asked { ktime_ns: 0, fd: 5, file_fd: 6 });
+    a.kernel().asks.insert(4800, Asked { ktime_ns: T0, fd: 5, file_fd: 6 });
+    a.kernel().asks.insert(4801, Asked { ktime_ns: T0, fd: 5, file_fd: 6 });
     a.recover_asks(0);
     assert_eq!(a.kernel().signals.len(), 2);
     // ...then their late events arrive: nothing more is sent, counted or written.
     for tgid in [4800, 4801] {
         let mut late = ask(tgid);
-        late.origin.ktime_ns = 0;
+        late.origin.ktime_ns = T0;
         a.on_event(Event::Enable(late));
     }
     assert_eq!(a.kernel().signals.len(), 2, "a stale event decides nothing");
     // A stale event of an older request never takes a newer request's record either.
-    a.kernel().asks.insert(4801, Asked { ktime_ns: 50, fd: 5, file_fd: 6 });
+    a.kernel().asks.insert(4801, Asked { ktime_ns: T0 + 50, fd: 5, file_fd: 6 });
     let mut stale = ask(4801);
-    stale.origin.ktime_ns = 10;
+    stale.origin.ktime_ns = T0 + 10;
     a.on_event(Event::Enable(stale));
     assert!(a.kernel().asks.contains_key(&4801), "the newer ask stays open for its own decision");
     let m = &a.metrics;
@@ -405,7 +449,7 @@ async fn an_ask_left_by_a_previous_agent_is_decided_at_start_and_says_so() {
     f.vmm(4310, "gpu-2");
     let mut a = f.actor(POLICY);
     // Asked before this agent started: found in the pinned map.
-    a.kernel().asks.insert(4310, Asked { ktime_ns: 1, fd: 9, file_fd: -1 });
+    a.kernel().asks.insert(4310, Asked { ktime_ns: T0 + 1, fd: 9, file_fd: -1 });
     a.recover_asks(0);
     assert_eq!(a.kernel().signals, vec![(4310, Signal::Cont)]);
     assert!(a.kernel().asks.is_empty());
@@ -424,7 +468,7 @@ async fn a_dry_run_resumes_a_denied_vmm_left_stopped() {
     let f = Fixture::new("dryrun");
     f.vmm(4320, "tenant-3");
     let mut a = f.actor_with(POLICY, false);
-    a.kernel().asks.insert(4320, Asked { ktime_ns: 1, fd: 9, file_fd: -1 });
+    a.kernel().asks.insert(4320, Asked { ktime_ns: T0 + 1, fd: 9, file_fd: -1 });
     a.recover_asks(0);
     assert_eq!(a.kernel().signals, vec![(4320, Signal::Cont)]);
     let recs = f.audit(1).await;
