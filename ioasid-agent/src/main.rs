@@ -37,6 +37,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Replay(args) => cmd::replay::run(args),
         Command::Top(args) => cmd::top::run(args),
+        Command::Probe(args) => cmd::probe::run(args),
         Command::Reference { what } => {
             print!(
                 "{}",

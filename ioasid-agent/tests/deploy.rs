@@ -64,8 +64,17 @@ fn kubernetes_manifests_build_and_validate() {
     let pod = &ds["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     assert_eq!(pod["hostPID"], true);
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Exec probes of the probe listener on the pod's loopback, which the agent is told to open.
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    let probe_listen = args.iter().position(|a| *a == "--probe-listen").map(|i| args[i + 1]);
+    assert_eq!(probe_listen, Some("127.0.0.1:9478"), "{args:?}");
+    for (probe, what) in [("readinessProbe", "ready"), ("livenessProbe", "live")] {
+        assert_eq!(
+            c[probe]["exec"]["command"],
+            serde_json::json!(["/usr/bin/ioasid-agent", "probe", what, "--addr", "127.0.0.1:9478"]),
+            "{probe}"
+        );
+    }
     assert!(c["env"]
         .as_array()
         .unwrap()

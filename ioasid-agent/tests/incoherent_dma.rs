@@ -961,3 +961,107 @@ fn a_policy_file_replaced_by_a_fifo_blocks_nothing() {
     assert!(started.elapsed() < Duration::from_secs(5) * slow(), "decided in {:?}", started.elapsed());
     assert_eq!(http_get(&agent.addr, "/healthz"), "ok\n");
 }
+
+/// A free TCP port on the loopback (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `ioasid-agent probe live|ready --addr A`: exit code and output.
+fn probe(what: &str, addr: &str) -> (i32, String) {
+    let out =
+        Command::new(agent_path()).args(["probe", what, "--addr", addr, "--timeout", "1s"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Scrapers flood the metrics listener: 32 keep-alive connections pipelining /metrics as fast as
+/// the agent answers. Every VMM asked about is still decided, and every probe of the probe
+/// listener answered; the decision time with and without the flood is printed (measured side by
+/// side: `cargo xtask bench` is where ratios are judged).
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn decisions_and_probes_hold_under_a_scrape_flood() {
+    require_kernel();
+    let _g = serial();
+    let probes = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start(&["--probe-listen", &probes]);
+    assert_eq!(probe("live", &probes), (0, "/healthz: ok\n".to_string()));
+    assert_eq!(probe("ready", &probes).0, 0);
+    let prefix = unique("flood");
+    let decide = |tag: &str| -> Vec<f64> {
+        (0..8)
+            .map(|i| {
+                let t = std::time::Instant::now();
+                let (status, _, err) =
+                    finish(guest(&["--name", &format!("{prefix}-{tag}-{i}"), "--file-add"]));
+                assert!(status.success(), "{err}");
+                t.elapsed().as_secs_f64()
+            })
+            .collect()
+    };
+    let quiet = decide("quiet");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // From four addresses, 8 connections each: all 32 admitted (the agent keeps 8 per peer).
+    let scrapers: Vec<_> = (0..32u8)
+        .map(|i| {
+            let (addr, stop, scraped) = (agent.addr.parse().unwrap(), stop.clone(), scraped.clone());
+            std::thread::spawn(move || {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let from = std::net::SocketAddr::from(([127, 0, 0, 1 + i % 4], 0));
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                        sock.bind(from).unwrap();
+                        let Ok(mut s) = sock.connect(addr).await else { continue };
+                        // Four requests pipelined per write, on one kept-alive connection.
+                        let req = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(4);
+                        let mut buf = vec![0u8; 1 << 16];
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            if s.write_all(req.as_bytes()).await.is_err() {
+                                break;
+                            }
+                            let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+                            match read {
+                                Ok(Ok(n)) if n > 0 => {
+                                    scraped.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                                }
+                                _ => break,
+                            };
+                        }
+                    }
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let flooded = decide("flooded");
+    let answered = (0..20).filter(|_| probe("live", &probes).0 == 0).count();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in scrapers {
+        s.join().unwrap();
+    }
+    assert_eq!(answered, 20, "probes answered during the flood");
+    let scrapes = scraped.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{scrapes} scrape reads during the flood");
+    assert!(scrapes > 100, "the flood did not scrape");
+    let records = agent.audit();
+    let decided = records.iter().filter(|r| r["vm"].as_str().is_some_and(|v| v.starts_with(&prefix))).count();
+    assert_eq!(decided, 16, "every enable decided and audited");
+    let p50 = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (q, f) = (p50(quiet), p50(flooded));
+    eprintln!(
+        "a guest's life with its decision, p50: {q:.4} s quiet, {f:.4} s under the scrape flood ({:.2}x)",
+        f / q
+    );
+    // Nothing answers after the agent stops: the probe says so, with an error.
+    drop(agent);
+    let (code, text) = probe("live", &probes);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("connecting to the agent"), "{text}");
+}

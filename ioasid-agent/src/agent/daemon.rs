@@ -31,10 +31,13 @@ use crate::{
 };
 
 const EVENT_QUEUE: usize = 4096;
+/// The least time between two sweeps a scrape asks for.
+const SCRAPE_SWEEP_GAP: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub listen: SocketAddr,
+    pub probe_listen: Option<SocketAddr>,
     pub policy: Option<PathBuf>,
     pub audit_log: PathBuf,
     pub audit_syslog: Option<PathBuf>,
@@ -161,8 +164,14 @@ async fn serve(cfg: &RunConfig, metrics: &Metrics) -> Result<Serving> {
     let local = listener.local_addr()?;
     let (refresh_tx, refresh) = mpsc::channel::<http::Refresh>(64);
     let health = http::Health::new(cfg.sweep);
-    tokio::spawn(http::serve(listener, refresh_tx, metrics.clone(), Arc::clone(&health)));
+    tokio::spawn(http::serve(listener, Some(refresh_tx), metrics.clone(), Arc::clone(&health)));
     tracing::info!(listen = %local, "serving /metrics");
+    if let Some(addr) = cfg.probe_listen {
+        let probes =
+            TcpListener::bind(addr).await.with_context(|| format!("listening for probes on {addr}"))?;
+        tracing::info!(listen = %probes.local_addr()?, "serving the probes (/healthz, /readyz)");
+        tokio::spawn(http::serve(probes, None, metrics.clone(), Arc::clone(&health)));
+    }
     Ok(Serving { local, health, refresh })
 }
 
@@ -240,17 +249,38 @@ async fn event_loop(
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let Signals { mut hup, mut term, mut int } = signals;
     let mut reloads = Reloads::new();
+    let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    let mut last_sweep = tokio::time::Instant::now();
+    let refresh_at = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(refresh_at);
     loop {
         tokio::select! {
             Some(ev) = events.recv() => actor.on_event(ev),
+            // A scrape waits for a sweep that starts after it asked (fresh values), but not
+            // one within SCRAPE_SWEEP_GAP of the last: however many scrape, the loop sweeps at
+            // most 20 times a second for them, one sweep answering all that wait.
             Some(http::Refresh(done)) = refresh.recv() => {
+                if waiting.is_empty() {
+                    refresh_at.as_mut().reset(last_sweep + SCRAPE_SWEEP_GAP.min(sweep / 2));
+                }
+                waiting.push(done);
+            }
+            () = &mut refresh_at, if !waiting.is_empty() => {
                 actor.sweep();
                 health.beat();
-                let _ = done.send(());
+                last_sweep = tokio::time::Instant::now();
+                tick.reset();
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
             }
             _ = tick.tick() => {
                 actor.sweep();
                 health.beat();
+                last_sweep = tokio::time::Instant::now();
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
             }
             _ = watch.tick() => if actor.policy_file_changed() {
                 reloads.start(actor, "file changed");

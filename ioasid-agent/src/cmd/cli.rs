@@ -36,7 +36,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: attach the hooks, enforce the policy, serve /metrics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print which hooks this kernel allows (loads and attaches each, then exits).
     Status(StatusArgs),
     /// Policy files.
@@ -46,6 +46,9 @@ pub enum Command {
     Top(TopArgs),
     /// Evaluate recorded requests (an audit log or a `run --record` file) against a policy.
     Replay(ReplayArgs),
+    /// Ask a running agent's probe listener whether it is alive or ready (exit 0 if so, 1 with
+    /// the reason if not): an exec probe no other pod can delay.
+    Probe(ProbeArgs),
     /// The reference documentation generated from the code (`cargo xtask docs` writes it to
     /// docs/).
     #[command(hide = true)]
@@ -88,10 +91,36 @@ pub fn reference() -> String {
 }
 
 #[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Which probe.
+    #[arg(value_enum)]
+    pub what: ProbeKind,
+    /// The agent's probe listener (`run --probe-listen`), or its --listen address.
+    #[arg(long, default_value = "127.0.0.1:9478")]
+    pub addr: SocketAddr,
+    /// How long to wait for the answer; 100ms to 1h.
+    #[arg(long, value_parser = units::refresh_interval, default_value = "2s")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProbeKind {
+    /// /healthz: the event loop sweeps and the ring buffer reader runs.
+    Live,
+    /// /readyz: every required hook attached, running VMMs classified, open asks decided.
+    Ready,
+}
+
+#[derive(Args, Debug)]
 pub struct RunArgs {
     /// Address of the Prometheus endpoint. Loopback by default: expose it deliberately.
     #[arg(long, default_value = "127.0.0.1:9477")]
     pub listen: SocketAddr,
+    /// A second listener that answers only the probes (/healthz, /readyz), with connections of
+    /// its own: scrapers and floods on --listen never delay them. The DaemonSet binds it to
+    /// 127.0.0.1 (reachable only inside the pod) and probes it with `ioasid-agent probe`.
+    #[arg(long, value_name = "ADDR")]
+    pub probe_listen: Option<SocketAddr>,
     /// Policy file (YAML). Without it the embedded default policy runs: audit everything.
     #[arg(long, value_name = "PATH")]
     pub policy: Option<PathBuf>,

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod learn;
 pub mod policy;
+pub mod probe;
 pub mod replay;
 pub mod run;
 pub mod status;

@@ -10,6 +10,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     let cfg = daemon::RunConfig {
         listen: args.listen,
+        probe_listen: args.probe_listen,
         policy: args.policy.clone(),
         audit_log: args.audit_log.clone(),
         audit_syslog: args.audit_syslog.clone(),
