@@ -1065,3 +1065,63 @@ fn decisions_and_probes_hold_under_a_scrape_flood() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("connecting to the agent"), "{text}");
 }
+
+/// Anyone with /dev/kvm floods: one VMM issues 20,000 FILE_ADDs in a burst while three others
+/// are denied. Every denial has its record; the flood's records past its burst are counted into
+/// `incoherent-dma-aggregated` records, none dropped.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_flood_of_enables_never_pushes_out_another_vms_record() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("flood-add");
+    let (agent, _policy) = agent_with_policy(&prefix, &[]);
+    let flooder = format!("{prefix}-noisy");
+    // Classified before it floods: each FILE_ADD is then judged in the kernel (audit).
+    let flood =
+        guest(&["--name", &flooder, "--file-add", "--file-add-delay", "0.3", "--file-add-repeat", "20000"]);
+    std::thread::sleep(Duration::from_millis(250));
+    let tenants: Vec<String> = (0..3).map(|i| format!("{prefix}-tenant-{i}")).collect();
+    let denied: Vec<_> =
+        tenants.iter().map(|t| guest(&["--name", t, "--file-add", "--file-add-delay", "0.1"])).collect();
+    let (status, summary, err) = finish(flood);
+    assert!(status.success(), "{err}");
+    assert_eq!(summary["file_add_errno"], 22);
+    for d in denied {
+        let _ = finish(d);
+    }
+    for t in &tenants {
+        let r = agent.wait_record(t);
+        assert_eq!(r.decision, Decision::Denied, "{r:?}");
+    }
+    // The flood: its burst one by one, the rest counted in aggregated records.
+    let counted = eventually(Duration::from_secs(5), || {
+        let recs = agent.audit();
+        let one_by_one =
+            recs.iter().filter(|r| r["vm"] == flooder.as_str() && r["event"] == "incoherent-dma").count();
+        let aggregated: u64 = recs
+            .iter()
+            .filter(|r| r["vm"] == flooder.as_str() && r["event"] == "incoherent-dma-aggregated")
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum();
+        // Written once a second: wait for every aggregated count to be in a record.
+        let m = agent.scrape();
+        let total = sample(&m, "ioasid_audit_records_aggregated_total", &[]).unwrap_or(0.0);
+        (aggregated > 0 && aggregated as f64 == total).then_some((one_by_one, aggregated, m))
+    });
+    let (one_by_one, aggregated, m) = counted.expect("the flood's aggregated records were not written");
+    let dropped: f64 = ["file", "syslog"]
+        .iter()
+        .filter_map(|s| sample(&m, "ioasid_audit_records_dropped_total", &[("sink", s)]))
+        .sum();
+    let events_dropped = sample(&m, "ioasid_events_dropped_total", &[]).unwrap_or(0.0);
+    eprintln!("flood of 20000 FILE_ADDs: {one_by_one} records one by one, {aggregated} aggregated, {events_dropped} events dropped in the kernel, {dropped} records dropped");
+    assert_eq!(dropped, 0.0, "no audit record dropped:\n{m}");
+    assert!(one_by_one <= 200, "the flood was not aggregated: {one_by_one} records one by one");
+    // Every FILE_ADD of the flood is in a record, counted, unless the kernel's ring dropped its
+    // event (counted too).
+    assert!(
+        one_by_one as f64 + aggregated as f64 + events_dropped >= 20_000.0,
+        "{one_by_one} + {aggregated} + {events_dropped}"
+    );
+}

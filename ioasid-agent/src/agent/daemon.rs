@@ -31,6 +31,8 @@ use crate::{
 };
 
 const EVENT_QUEUE: usize = 4096;
+/// How long shutdown waits for the audit sinks to write what is queued.
+const AUDIT_CLOSE: Duration = Duration::from_secs(5);
 /// The least time between two sweeps a scrape asks for.
 const SCRAPE_SWEEP_GAP: Duration = Duration::from_millis(50);
 
@@ -102,9 +104,12 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     let node = node_name();
     let syslog =
         cfg.audit_syslog.clone().map(|socket| crate::output::audit::Syslog { socket, host: node.clone() });
-    let audit = AuditLog::start_with(&cfg.audit_log, metrics.audit_dropped.clone(), syslog)?;
-    let record =
-        cfg.record.as_deref().map(|p| AuditLog::start(p, metrics.audit_dropped.clone())).transpose()?;
+    let audit = AuditLog::start_with(&cfg.audit_log, metrics.audit_counters(), syslog, None)?;
+    let record = cfg
+        .record
+        .as_deref()
+        .map(|p| AuditLog::start_with(p, metrics.audit_counters(), None, Some("record")))
+        .transpose()?;
     let mut load = cfg.load.clone();
     if load.lsm_deny == loader::LsmDeny::On && !policy.policy.has_deny() {
         // Pay for what the policy asks: nothing refuses, so no program on every ioctl.
@@ -146,6 +151,7 @@ pub async fn run(cfg: RunConfig, faults: Faults) -> Result<()> {
     }
     actor.recover_asks(0);
     actor.release_throttles();
+    actor.close_audit(AUDIT_CLOSE);
     tracing::info!("shutting down: detaching every hook");
     Ok(())
 }

@@ -130,6 +130,14 @@ impl<K: Kernel> Actor<K> {
         self.throttler = Some(t);
     }
 
+    /// Writes the last aggregated records and closes the audit sinks, waiting up to `within`.
+    pub fn close_audit(&mut self, within: std::time::Duration) {
+        for log in std::iter::once(&self.audit).chain(self.record.as_ref()) {
+            log.flush_aggregated();
+            log.close(within);
+        }
+    }
+
     /// Puts back every throttle in force (agent exit).
     pub fn release_throttles(&mut self) {
         if let Some(t) = self.throttler.as_mut() {
@@ -329,6 +337,11 @@ impl<K: Kernel> Actor<K> {
         }
         if full {
             self.acct.expire(self.set.retention, now);
+            // Once a second: what flooding processes' records were counted into.
+            self.audit.flush_aggregated();
+            if let Some(r) = &self.record {
+                r.flush_aggregated();
+            }
         }
         let noncoherent = self.kernel.noncoherent();
         for (tgid, p) in self.acct.procs.iter_mut().filter(|(_, p)| p.alive()) {

@@ -132,7 +132,7 @@ impl Fixture {
         let path = self.dir.join("policy.yaml");
         std::fs::write(&path, policy).unwrap();
         let metrics = Metrics::new();
-        let audit = AuditLog::start(&self.dir.join("audit.jsonl"), metrics.audit_dropped.clone()).unwrap();
+        let audit = AuditLog::start(&self.dir.join("audit.jsonl"), metrics.audit_counters()).unwrap();
         let settings = Settings {
             procfs: ProcFs::at(self.dir.join("proc")),
             sysfs: SysFs::at(self.dir.join("sys")),

@@ -6,6 +6,8 @@ text_enum! {
     /// The kind of an audit record (`event`).
     pub enum RecordKind {
         IncoherentDma => "incoherent-dma",
+        /// One process's incoherent-DMA records over a second of its flood, counted.
+        IncoherentDmaAggregated => "incoherent-dma-aggregated",
         /// A FILE_ADD that was not an incoherent-DMA enable: observed, not judged.
         VfioFileAdd => "vfio-file-add",
         WbinvdStorm => "wbinvd-storm",

@@ -1,26 +1,45 @@
 //! The audit log: one JSON line per incoherent-DMA decision, appended to a file.
 //!
-//! Records go through a bounded queue to a writer task that appends and syncs each line; if the
-//! queue is full the record is dropped, counted in `ioasid_audit_records_dropped_total` and
-//! logged, never lost silently. The same records can be replayed against another policy
-//! (`ioasid-agent replay`), since each carries everything the policy looked at.
+//! Every sink (the file or stdout, syslog, the `--record` file) has its own writer thread and
+//! bounded queue: a slow or hung sink delays no other sink and no decision. A record a sink
+//! cannot take (its queue full, a write failing) is dropped there, counted in
+//! `ioasid_audit_records_dropped_total{sink}` and logged, never lost silently. A quarter of each
+//! queue is kept for records of enforced decisions (denials, storm actions). One process's flood
+//! of requests is aggregated past a burst (per pid: 100 records, then 20 a second): the rest of
+//! its records become one `incoherent-dma-aggregated` record a second with their counts
+//! (`ioasid_audit_records_aggregated_total`), so no flood pushes out another VM's records.
+//! Shutdown waits for each sink a bounded time. The same records can be replayed against another
+//! policy (`ioasid-agent replay`), since each carries everything the policy looked at.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     io::Write,
     path::{Path, PathBuf},
-    time::SystemTime,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 
 pub use crate::engine::record::*;
 use crate::util::time::rfc3339;
 
 pub const DEFAULT_AUDIT_PATH: &str = "/var/log/ioasid/audit.jsonl";
+/// Records queued per sink.
 const QUEUE: usize = 4096;
+/// Of which this many are kept for records of enforced decisions.
+const RESERVED: usize = QUEUE / 4;
+/// Per process: records written before its flood is aggregated, and the rate after that.
+const FLOOD_BURST: f64 = 100.0;
+const FLOOD_RATE: f64 = 20.0;
+/// Processes whose flood state is kept (the oldest idle ones go first past it).
+const FLOOD_PIDS: usize = 4096;
 
 /// Where records go: a file (reopened when rotated or removed), or stdout (`--audit-log -`,
 /// for container log pipelines).
@@ -73,6 +92,11 @@ pub trait Auditable: Serialize {
     fn event(&self) -> RecordKind;
     /// Sent to syslog at severity warning (denials, storms), else notice.
     fn warning(&self) -> bool;
+    /// The record of an enforced decision (a denial, a storm's action): it may use the room
+    /// each queue keeps for such records.
+    fn enforced(&self) -> bool {
+        self.warning()
+    }
 }
 
 impl Auditable for AuditRecord {
@@ -91,6 +115,36 @@ impl Auditable for StormRecord {
     fn warning(&self) -> bool {
         true
     }
+}
+
+impl Auditable for AggregatedRecord {
+    fn event(&self) -> RecordKind {
+        self.event
+    }
+    fn warning(&self) -> bool {
+        self.decisions.keys().any(|k| k.starts_with("denied"))
+    }
+}
+
+/// One process's records aggregated over a second of its flood: how many of each decision and
+/// outcome (`denied/blocked`, ...), instead of one record each.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct AggregatedRecord {
+    /// `incoherent-dma-aggregated`.
+    pub event: RecordKind,
+    /// RFC 3339, UTC: when the summary was written.
+    pub time: String,
+    pub host: String,
+    pub vm: String,
+    pub pid: u32,
+    /// Records aggregated into this one.
+    pub count: u64,
+    /// `decision/outcome` -> records.
+    pub decisions: BTreeMap<String, u64>,
+    /// The first and last aggregated record's time.
+    pub first: String,
+    pub last: String,
+    pub reason: String,
 }
 
 impl Auditable for BlastRecord {
@@ -117,6 +171,27 @@ struct Queued {
     line: Vec<u8>,
     event: RecordKind,
     warning: bool,
+}
+
+/// One sink's side in the log: its queue (None once closed), how full it is, and its thread's
+/// end.
+struct SinkQueue {
+    name: &'static str,
+    tx: Option<SyncSender<Arc<Queued>>>,
+    queued: Arc<AtomicUsize>,
+    done: Receiver<()>,
+}
+
+/// Where each flooding process stands: its tokens, and what has been aggregated since the last
+/// summary.
+struct Flood {
+    tokens: f64,
+    at: Instant,
+    vm: String,
+    count: u64,
+    decisions: BTreeMap<String, u64>,
+    first: String,
+    last: String,
 }
 
 /// A copy of every record to the local syslog daemon (`--audit-syslog /dev/log`): RFC 5424
@@ -180,6 +255,12 @@ struct Episode {
 
 impl Episode {
     fn outcome(&mut self, r: std::io::Result<()>, lost: &IntCounter, what: &str) {
+        let r = match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(std::io::Error::new(e.kind(), "the receiver is not reading (its queue is full)"))
+            }
+            r => r,
+        };
         match r {
             Ok(()) if self.failing => {
                 self.failing = false;
@@ -198,78 +279,117 @@ impl Episode {
     }
 }
 
-/// The writer thread's side: the sinks, in order.
-struct Writer {
-    sink: Sink,
-    shown: String,
-    syslog: Option<(Syslog, std::os::unix::net::UnixDatagram)>,
-    lost: IntCounter,
-    file_state: Episode,
-    syslog_state: Episode,
+/// What one writer thread writes to.
+enum Target {
+    Log(Sink),
+    Syslog(Syslog, std::os::unix::net::UnixDatagram),
 }
 
-impl Writer {
-    fn deliver(&mut self, q: Queued) {
-        if let Some((target, sock)) = &self.syslog {
-            let sent = sock.send_to(&target.message(&q), &target.socket).map(|_| ());
-            let what = format!("syslog {}", target.socket.display());
-            self.syslog_state.outcome(sent, &self.lost, &what);
+impl Target {
+    fn deliver(&mut self, q: &Queued) -> std::io::Result<()> {
+        match self {
+            Target::Syslog(target, sock) => sock.send_to(&target.message(q), &target.socket).map(|_| ()),
+            Target::Log(sink) => {
+                let mut line = Vec::with_capacity(q.line.len() + 1);
+                line.extend_from_slice(&q.line);
+                line.push(b'\n');
+                sink.write(&line)
+            }
         }
-        let mut line = q.line;
-        line.push(b'\n');
-        let written = self.sink.write(&line);
-        self.file_state.outcome(written, &self.lost, &self.shown);
     }
+}
+
+/// Starts one sink's writer thread; its queue and end are the caller's.
+fn spawn_sink(
+    name: &'static str,
+    shown: String,
+    mut target: Target,
+    lost: IntCounter,
+) -> Result<SinkQueue, std::io::Error> {
+    let (tx, rx) = mpsc::sync_channel::<Arc<Queued>>(QUEUE);
+    let (done_tx, done) = mpsc::channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let in_queue = Arc::clone(&queued);
+    std::thread::Builder::new().name(format!("audit-{name}")).spawn(move || {
+        let mut state = Episode { failing: false };
+        while let Ok(q) = rx.recv() {
+            let r = target.deliver(&q);
+            in_queue.fetch_sub(1, Ordering::Relaxed);
+            state.outcome(r, &lost, &shown);
+        }
+        let _ = done_tx.send(());
+    })?;
+    Ok(SinkQueue { name, tx: Some(tx), queued, done })
 }
 
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Queued>,
-    /// `ioasid_audit_records_dropped_total`.
-    dropped: IntCounter,
+    sinks: Arc<Mutex<Vec<SinkQueue>>>,
+    /// `ioasid_audit_records_dropped_total{sink}`.
+    dropped: IntCounterVec,
+    /// `ioasid_audit_records_aggregated_total`.
+    aggregated: IntCounter,
+    floods: Arc<Mutex<HashMap<u32, Flood>>>,
+    /// The node, for aggregated records.
+    host: Arc<str>,
     /// This agent's id (random per start) and the next record's number: each record's `id` is
     /// `INSTANCE-N`, unique across hosts and restarts; a gap in N is a record lost.
-    instance: std::sync::Arc<str>,
-    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    instance: Arc<str>,
+    seq: Arc<AtomicU64>,
+}
+
+/// The counters an audit log keeps.
+#[derive(Clone)]
+pub struct AuditCounters {
+    pub dropped: IntCounterVec,
+    pub aggregated: IntCounter,
 }
 
 impl AuditLog {
-    /// Opens (creating directories) and starts the writer task. Fails now if the file cannot be
+    /// Opens (creating directories) and starts the writer. Fails now if the file cannot be
     /// opened, rather than losing records later.
-    pub fn start(path: &Path, dropped: IntCounter) -> Result<Self, AuditError> {
-        Self::start_with(path, dropped, None)
+    pub fn start(path: &Path, counters: AuditCounters) -> Result<Self, AuditError> {
+        Self::start_with(path, counters, None, None)
     }
 
-    /// As `start`, also sending every record to syslog.
-    pub fn start_with(path: &Path, dropped: IntCounter, syslog: Option<Syslog>) -> Result<Self, AuditError> {
+    /// As `start`, also sending every record to syslog; `name` is the file sink's `sink` label
+    /// (`file` or `stdout` unless given, e.g. `record`).
+    pub fn start_with(
+        path: &Path,
+        counters: AuditCounters,
+        syslog: Option<Syslog>,
+        name: Option<&'static str>,
+    ) -> Result<Self, AuditError> {
+        let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
         let sink = Sink::open(path)?;
-        let syslog = match syslog {
-            Some(target) => Some((
-                target,
-                std::os::unix::net::UnixDatagram::unbound()
-                    .map_err(|source| AuditError::Open { path: path.to_path_buf(), source })?,
-            )),
-            None => None,
-        };
-        let mut writer = Writer {
-            sink,
-            shown: path.display().to_string(),
-            syslog,
-            lost: dropped.clone(),
-            file_state: Episode { failing: false },
-            syslog_state: Episode { failing: false },
-        };
-        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
-        tokio::task::spawn_blocking(move || {
-            while let Some(q) = rx.blocking_recv() {
-                writer.deliver(q);
-            }
-        });
+        let name = name.unwrap_or(if matches!(sink, Sink::Stdout) { "stdout" } else { "file" });
+        let host = syslog.as_ref().map_or_else(crate::host::sys::hostname, |s| s.host.clone());
+        let mut sinks = vec![spawn_sink(
+            name,
+            path.display().to_string(),
+            Target::Log(sink),
+            counters.dropped.with_label_values(&[name]),
+        )
+        .map_err(open_err)?];
+        if let Some(target) = syslog {
+            // Never blocks: a syslog daemon that does not read loses its records, counted.
+            let sock = std::os::unix::net::UnixDatagram::unbound().map_err(open_err)?;
+            sock.set_nonblocking(true).map_err(open_err)?;
+            let shown = format!("syslog {}", target.socket.display());
+            let lost = counters.dropped.with_label_values(&["syslog"]);
+            sinks.push(spawn_sink("syslog", shown, Target::Syslog(target, sock), lost).map_err(open_err)?);
+        }
+        for s in &sinks {
+            counters.dropped.with_label_values(&[s.name]);
+        }
         Ok(Self {
-            tx,
-            dropped,
+            sinks: Arc::new(Mutex::new(sinks)),
+            dropped: counters.dropped,
+            aggregated: counters.aggregated,
+            floods: Arc::new(Mutex::new(HashMap::new())),
+            host: host.into(),
             instance: instance_id().into(),
-            seq: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            seq: Arc::new(AtomicU64::new(1)),
         })
     }
 
@@ -282,14 +402,93 @@ impl AuditLog {
         self.record_quiet(rec);
     }
 
-    /// Queues the record without a log line (a second sink, e.g. `--record`).
+    /// Queues the record without a log line (a second sink, e.g. `--record`), unless its
+    /// process floods: then it is counted into that process's next aggregated record.
     pub fn record_quiet(&self, rec: AuditRecord) {
+        if self.flooding(&rec) {
+            self.aggregated.inc();
+            return;
+        }
         self.write(&rec);
     }
 
-    /// Queues any record as one JSON line, led by its `schema` and its unique `id`.
+    /// Whether `rec`'s process is past its burst (then `rec` is counted into its flood).
+    fn flooding(&self, rec: &AuditRecord) -> bool {
+        let mut floods = self.floods.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if floods.len() >= FLOOD_PIDS && !floods.contains_key(&rec.pid) {
+            // Past the bound, forget the process quiet longest among those with nothing
+            // aggregated (the others' counts are written at the next flush, then they go).
+            if let Some(pid) =
+                floods.iter().filter(|(_, f)| f.count == 0).min_by_key(|(_, f)| f.at).map(|(p, _)| *p)
+            {
+                floods.remove(&pid);
+            }
+        }
+        let f = floods.entry(rec.pid).or_insert_with(|| Flood {
+            tokens: FLOOD_BURST,
+            at: now,
+            vm: rec.vm.clone(),
+            count: 0,
+            decisions: BTreeMap::new(),
+            first: String::new(),
+            last: String::new(),
+        });
+        f.tokens = (f.tokens + now.duration_since(f.at).as_secs_f64() * FLOOD_RATE).min(FLOOD_BURST);
+        f.at = now;
+        if f.tokens >= 1.0 {
+            f.tokens -= 1.0;
+            return false;
+        }
+        if f.count == 0 {
+            f.first = rec.time.clone();
+            f.vm = rec.vm.clone();
+        }
+        f.count += 1;
+        f.last = rec.time.clone();
+        *f.decisions.entry(format!("{}/{}", rec.decision, rec.outcome)).or_insert(0) += 1;
+        true
+    }
+
+    /// Writes one aggregated record per process whose records were aggregated since the last
+    /// call (the actor calls it every second), and forgets processes whose burst is whole again.
+    pub fn flush_aggregated(&self) {
+        let summaries: Vec<AggregatedRecord> = {
+            let mut floods = self.floods.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let out = floods
+                .iter_mut()
+                .filter(|(_, f)| f.count > 0)
+                .map(|(pid, f)| AggregatedRecord {
+                    event: RecordKind::IncoherentDmaAggregated,
+                    time: rfc3339(SystemTime::now()),
+                    host: self.host.to_string(),
+                    vm: f.vm.clone(),
+                    pid: *pid,
+                    count: std::mem::take(&mut f.count),
+                    decisions: std::mem::take(&mut f.decisions),
+                    first: std::mem::take(&mut f.first),
+                    last: std::mem::take(&mut f.last),
+                    reason: format!(
+                        "a flood of requests from one process: past {FLOOD_BURST} records (then {FLOOD_RATE} a second) its records are counted here"
+                    ),
+                })
+                .collect();
+            floods.retain(|_, f| {
+                f.count > 0 || (f.tokens + now.duration_since(f.at).as_secs_f64() * FLOOD_RATE) < FLOOD_BURST
+            });
+            out
+        };
+        for s in summaries {
+            tracing::warn!(vm = %crate::util::text::escape(&s.vm), pid = s.pid, count = s.count, "incoherent-DMA requests aggregated: one process floods");
+            self.write(&s);
+        }
+    }
+
+    /// Queues any record as one JSON line, led by its `schema` and its unique `id`, to every
+    /// sink that has room for it.
     pub fn write<T: Auditable>(&self, rec: &T) {
-        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope { schema: SCHEMA, id: format!("{}-{n}", self.instance), record: rec };
         let line = match serde_json::to_vec(&envelope) {
             Ok(l) => l,
@@ -298,12 +497,53 @@ impl AuditLog {
                 return;
             }
         };
-        let q = Queued { line, event: rec.event(), warning: rec.warning() };
-        if let Err(e) = self.tx.try_send(q) {
-            let n = self.dropped.get();
-            self.dropped.inc();
-            if crate::util::log_at_powers_of_two(n) {
-                tracing::error!(dropped_total = n + 1, error = %e, "audit queue full: record dropped");
+        let q = Arc::new(Queued { line, event: rec.event(), warning: rec.warning() });
+        let room = if rec.enforced() { QUEUE } else { QUEUE - RESERVED };
+        let sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        for s in sinks.iter() {
+            let why = match &s.tx {
+                None => Some("the log is closed"),
+                Some(_) if s.queued.load(Ordering::Relaxed) >= room => Some("queue full"),
+                Some(tx) => {
+                    s.queued.fetch_add(1, Ordering::Relaxed);
+                    match tx.try_send(Arc::clone(&q)) {
+                        Ok(()) => None,
+                        Err(TrySendError::Full(_)) => {
+                            s.queued.fetch_sub(1, Ordering::Relaxed);
+                            Some("queue full")
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            s.queued.fetch_sub(1, Ordering::Relaxed);
+                            Some("its writer stopped")
+                        }
+                    }
+                }
+            };
+            if let Some(why) = why {
+                let lost = self.dropped.with_label_values(&[s.name]);
+                let n = lost.get();
+                lost.inc();
+                if crate::util::log_at_powers_of_two(n) {
+                    tracing::error!(sink = s.name, dropped_total = n + 1, why, "audit record dropped");
+                }
+            }
+        }
+    }
+
+    /// Closes every sink and waits up to `within` for them to write what is queued; a sink
+    /// that does not finish in time (a hung device) is left behind, said and counted.
+    pub fn close(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        for s in sinks.iter_mut() {
+            s.tx = None;
+        }
+        for s in sinks.iter() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if s.done.recv_timeout(left).is_err() {
+                let unwritten = s.queued.load(Ordering::Relaxed);
+                self.dropped.with_label_values(&[s.name]).inc_by(unwritten as u64);
+                tracing::error!(sink = s.name, unwritten, "an audit sink did not finish within {within:?} at shutdown: its queued records are lost (counted)");
             }
         }
     }

@@ -117,7 +117,8 @@ pub struct Metrics {
     /// 1 for the enforcement mechanism in use: lsm | sigkill | none.
     pub enforcement_mechanism: IntGaugeVec,
     pub ioctls: IntCounterVec,
-    pub audit_dropped: IntCounter,
+    pub audit_dropped: IntCounterVec,
+    pub audit_aggregated: IntCounter,
     pub exited_dropped: IntCounter,
     /// BPF program runs and in-kernel run time (only with --bpf-stats).
     pub program_runs: IntCounterVec,
@@ -155,6 +156,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The counters the audit logs keep.
+    pub fn audit_counters(&self) -> crate::output::audit::AuditCounters {
+        crate::output::audit::AuditCounters {
+            dropped: self.audit_dropped.clone(),
+            aggregated: self.audit_aggregated.clone(),
+        }
+    }
+
     pub fn new() -> Self {
         let r = Registrar { registry: Registry::new(), docs: Default::default() };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -252,9 +261,14 @@ impl Metrics {
                 "Watched KVM/VFIO/iommufd ioctls seen, by request.",
                 &["request"],
             ),
-            audit_dropped: counter(
+            audit_dropped: counter_vec(
                 "ioasid_audit_records_dropped_total",
-                "Audit records lost: the audit queue was full or the log could not be written.",
+                "Audit records a sink lost (its queue full, or a write failed), by sink: file | stdout | syslog | record.",
+                &["sink"],
+            ),
+            audit_aggregated: counter(
+                "ioasid_audit_records_aggregated_total",
+                "Incoherent-DMA records of flooding processes counted into incoherent-dma-aggregated records instead of written one by one.",
             ),
             exited_dropped: counter(
                 "ioasid_exited_vms_dropped_total",
