@@ -1125,3 +1125,59 @@ fn a_flood_of_enables_never_pushes_out_another_vms_record() {
         "{one_by_one} + {aggregated} + {events_dropped}"
     );
 }
+
+/// An upgrade that changes the map layout, from an agent that pinned its asks inside its layout
+/// directory: the agent is killed while two VMMs wait for their decision; its pins are left as
+/// such an agent leaves them (`maps-<another layout>/IOASID_ASKED`). The next agent cannot adopt
+/// that layout and removes it, but carries the asks over (`asked-v1`) and decides both.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn open_asks_survive_a_map_layout_change() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("layout");
+    let state = StateDir::new();
+    let dir = TempDir::new("policy");
+    let path = dir.path("policy.yaml");
+    write(&path, &policy(&prefix));
+    let args = ["--policy", path.to_str().unwrap(), "--state-dir", state.arg()];
+    let mut first = Agent::start(&[&args[..], &["--test-drop-events"]].concat());
+    let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
+    let ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
+    let gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
+    let (pa, pd) = (ga.id(), gd.id());
+    let stopped = eventually(Duration::from_secs(2), || {
+        (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
+    });
+    first.signal(libc::SIGKILL);
+    assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
+    assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
+    // As an agent of another layout, from before asked-v1, leaves its state.
+    let layout = std::fs::read_dir(&state.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("maps-"))
+        .expect("no layout directory");
+    let other = state.0.join("maps-0000000000000000");
+    std::fs::rename(&layout, &other).unwrap();
+    std::fs::rename(state.0.join("asked-v1"), other.join("IOASID_ASKED")).unwrap();
+
+    let second = Agent::start(&args);
+    let decided = eventually(Duration::from_secs(5), || {
+        (proc_state(pa) != Some('T') && proc_state(pd) != Some('T')).then_some(())
+    });
+    assert!(decided.is_some(), "the asks did not survive the layout change:\n{}", second.log());
+    assert!(!other.exists(), "the other layout's pins were not removed");
+    let (status, _, err) = finish(ga);
+    assert!(status.success(), "the allowed VMM must be resumed: {err}");
+    let (status, _, _) = finish(gd);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    for (vm, decision, outcome) in
+        [(&denied, Decision::Denied, Outcome::Killed), (&allowed, Decision::Allowed, Outcome::Resumed)]
+    {
+        let r = second.wait_record(vm);
+        assert_eq!((r.decision, r.outcome), (decision, outcome), "{r:?}");
+    }
+    assert!(second.log().contains("open asks carried over"), "{}", second.log());
+}

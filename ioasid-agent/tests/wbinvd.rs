@@ -319,7 +319,11 @@ fn a_starting_agent_finds_idle_and_stopped_vmms() {
     }
     assert_eq!(proc_state(ps), Some('T'), "the agent must not resume a VMM it did not stop");
     let log = agent.log();
-    assert!(log.contains("a VMM is stopped (not waiting for a decision)") && log.contains(&stopped), "{log}");
+    assert!(
+        log.contains("a VMM is stopped, and not for a decision this agent can read")
+            && log.contains(&stopped),
+        "{log}"
+    );
     drop((gi, gs));
 }
 

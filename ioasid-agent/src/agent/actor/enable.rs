@@ -36,6 +36,12 @@ impl<K: Kernel> Actor<K> {
     /// request is decided once: a stopped VMM's request by whoever takes the kernel's ask
     /// record first (its event, or the recovery of a lost one); the other finds it taken.
     pub(super) fn decide(&mut self, req: &EnableRequest, note: Option<&str>) {
+        self.decide_as(req, note, true);
+    }
+
+    /// As `decide`; `resume: false` leaves an allowed VMM stopped (one found stopped by someone
+    /// else: an operator, a storm's `stop`, an agent with another state directory).
+    pub(super) fn decide_as(&mut self, req: &EnableRequest, note: Option<&str>, resume: bool) {
         let tgid = req.origin.tgid;
         let Some(Subject { info, unclassified, gone }) = self.subject(req) else { return };
         let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
@@ -60,6 +66,10 @@ impl<K: Kernel> Actor<K> {
         }
         if let Some(note) = note.filter(|_| unclassified.is_none()) {
             j.record.reason = Some(note.to_string());
+        }
+        if !resume && j.followup == Some(Signal::Cont) {
+            j.followup = None;
+            j.record.outcome = Outcome::LeftStopped;
         }
         if let Some(sig) = j.followup {
             // Only to the process that made the request, through a pidfd bound to it: never

@@ -284,10 +284,44 @@ impl<K: Kernel> Actor<K> {
             self.on_new_process(&info, true);
             let stopped = self.set.procfs.state(pid) == Some('T');
             if stopped && !asked.contains(&pid) {
-                tracing::warn!(pid, vm = %escape(&info.vm), "a VMM is stopped (not waiting for a decision): a storm `stop` action or an operator stopped it; resume it with kill -CONT");
+                self.judge_found_stopped(&info);
             }
             tracing::info!(pid, vm = %escape(&info.vm), stopped, "VMM found at start");
         }
+    }
+
+    /// A VMM found stopped at start with no open ask this agent can read. If it holds a device
+    /// that makes its VM non-coherent, its FILE_ADD ran and nothing this agent can read decided
+    /// it (the kernel may have stopped it for an agent with another state directory): it is
+    /// judged by the policy now, fail closed (denied: killed; else audited and left stopped,
+    /// since an operator or a storm's `stop` may have stopped it). Otherwise it is reported.
+    fn judge_found_stopped(&mut self, info: &ProcessInfo) {
+        let pid = info.pid;
+        let files = vfio::held(&self.set.procfs, &self.set.sysfs, pid);
+        let Some((fd, _)) = files.iter().find(|(_, f)| vfio::makes_noncoherent(f)) else {
+            tracing::warn!(pid, vm = %escape(&info.vm), "a VMM is stopped, and not for a decision this agent can read (an operator, a storm's `stop` action or an agent with another --state-dir stopped it); it holds no device that makes its VM non-coherent, so there is nothing to judge: resume it with kill -CONT when that is right");
+            return;
+        };
+        tracing::warn!(pid, vm = %escape(&info.vm), "a VMM is stopped with incoherent DMA enabled and no decision this agent can read: judged by the policy now");
+        let req = crate::engine::events::EnableRequest {
+            origin: crate::engine::events::Origin {
+                tgid: pid,
+                comm: info.comm.clone(),
+                ktime_ns: crate::host::sys::monotonic_ns(),
+            },
+            fd: -1,
+            file_fd: Some(*fd),
+            device_fd_known: false,
+            judged: crate::engine::events::KernelJudged::Ask,
+            mechanism: ioasid_common::verdict::Mechanism::StopAsk,
+            signal_sent: true,
+            ask_recorded: false,
+            ret: None,
+            kernel_coherent: None,
+            file_coherency: ioasid_common::events::Coherency::Noncoherent,
+        };
+        let why = "found stopped with incoherent DMA enabled and no decision this agent can read (an ask left in another --state-dir, an operator or a storm's stop): judged now; left stopped unless denied";
+        self.decide_as(&req, Some(why), false);
     }
 
     /// Reads the kernel's counters and brings every view up to date: lifecycle, accounting,

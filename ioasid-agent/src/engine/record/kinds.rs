@@ -46,6 +46,9 @@ text_enum! {
         SignalFailed => "signal-failed",
         /// The process was gone when the agent's signal was sent.
         Gone => "gone",
+        /// Allowed, but found stopped by someone else (not by a decision this agent can read):
+        /// not resumed.
+        LeftStopped => "left-stopped",
     }
 }
 

@@ -6,13 +6,22 @@
 //! definition (type, key and value size, entries, flags) in the object: an agent only ever
 //! adopts maps laid out as its programs expect. An upgrade that changes a layout cannot adopt
 //! the old maps; it says so and removes them.
+//!
+//! Except the asks (`IOASID_ASKED`: which VMMs the kernel stopped for a decision, and their
+//! FILE_ADD's fds): they are pinned beside, at `<state-dir>/asked-v1`, in a format frozen for
+//! every later agent (a test holds its definition), so a VMM stopped for a decision is decided
+//! by whichever agent comes next, whatever else its upgrade changed.
 
 use std::{
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
 
-use ioasid_common::names::PERSISTENT_MAPS;
+use ioasid_common::names::{MAP_ASKED, PERSISTENT_MAPS};
+
+/// Where the asks are pinned under the state directory: version 1 of their format (a hash map
+/// from tgid to `Asked`, 16 bytes), never changed in place.
+pub const ASKED_PIN: &str = "asked-v1";
 
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/ioasid";
@@ -39,13 +48,24 @@ pub enum StateError {
 /// The pin directory of this agent's map layout, and which maps a previous agent left there.
 #[derive(Debug)]
 pub struct StateDir {
+    /// The state directory (`--state-dir`).
+    pub base: PathBuf,
+    /// The pin directory of this agent's map layout.
     pub dir: PathBuf,
     pub adopted: Vec<&'static str>,
 }
 
 impl StateDir {
     pub fn pin_path(&self, map: &str) -> PathBuf {
-        self.dir.join(map)
+        pin_path(&self.base, &self.dir, map)
+    }
+}
+
+fn pin_path(base: &Path, dir: &Path, map: &str) -> PathBuf {
+    if map == MAP_ASKED {
+        base.join(ASKED_PIN)
+    } else {
+        dir.join(map)
     }
 }
 
@@ -70,12 +90,26 @@ pub fn prepare(base: &Path, object: &[u8]) -> Result<StateDir, StateError> {
         let path = entry.path();
         let other = entry.file_name().to_str().is_some_and(|n| n.starts_with("maps-")) && path != dir;
         if other {
+            // Agents before asked-v1 pinned the asks inside the layout directory, in the same
+            // format: carried over, so an upgrade from them loses no VMM waiting for a decision.
+            let old_asks = path.join(MAP_ASKED);
+            let asks = base.join(ASKED_PIN);
+            if old_asks.exists() && !asks.exists() {
+                match std::fs::rename(&old_asks, &asks) {
+                    Ok(()) => {
+                        tracing::info!(from = %old_asks.display(), to = %asks.display(), "a previous agent's open asks carried over")
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %old_asks.display(), error = %e, "a previous agent's open asks could not be carried over: VMMs it stopped are decided by policy when found")
+                    }
+                }
+            }
             tracing::warn!(path = %path.display(), "a previous agent's kernel state has another map layout (an upgrade changed it): it cannot be adopted and is removed");
             std::fs::remove_dir_all(&path).map_err(io(&path))?;
         }
     }
-    let adopted = PERSISTENT_MAPS.iter().copied().filter(|m| dir.join(m).exists()).collect();
-    Ok(StateDir { dir, adopted })
+    let adopted = PERSISTENT_MAPS.iter().copied().filter(|m| pin_path(base, &dir, m).exists()).collect();
+    Ok(StateDir { base: base.to_path_buf(), dir, adopted })
 }
 
 /// FNV-1a over each persistent map's definition, in `PERSISTENT_MAPS` order.
@@ -87,9 +121,10 @@ fn layout(object: &[u8]) -> Result<u64, StateError> {
             h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
         }
     };
-    for name in PERSISTENT_MAPS {
+    // The asks are not part of a layout: their format is frozen (ASKED_PIN).
+    for name in PERSISTENT_MAPS.iter().filter(|m| **m != MAP_ASKED) {
         eat(name.as_bytes());
-        if let Some(m) = obj.maps.get(name) {
+        if let Some(m) = obj.maps.get(*name) {
             for v in [m.map_type(), m.key_size(), m.value_size(), m.max_entries(), m.map_flags()] {
                 eat(&v.to_le_bytes());
             }
@@ -126,6 +161,22 @@ mod tests {
         for m in PERSISTENT_MAPS {
             assert!(obj.maps.contains_key(m), "{m} is not in the object");
         }
+    }
+
+    /// The asks' pinned format is version 1 for good: every later agent must read what an
+    /// earlier one's kernel state holds. Changing it means a new ASKED_PIN (and reading v1).
+    #[test]
+    #[cfg_attr(ioasid_stub_object, ignore = "built without the eBPF toolchain: no object to read")]
+    fn the_asks_format_is_frozen() {
+        let obj = aya_obj::Object::parse(crate::kernel::loader::OBJECT).unwrap();
+        let m = &obj.maps[MAP_ASKED];
+        let hash = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+        assert_eq!(
+            (m.map_type(), m.key_size(), m.value_size(), m.max_entries(), m.map_flags()),
+            (hash, 4, 16, 4096, 0),
+            "IOASID_ASKED changed: pin it under a new name (asked-v2) and keep reading asked-v1"
+        );
+        assert_eq!(ASKED_PIN, "asked-v1");
     }
 
     #[test]
