@@ -254,7 +254,8 @@ pub enum PolicyCommand {
         path: PathBuf,
     },
     /// Write a policy learned from audit logs: what ran is let through again (same decision),
-    /// grouped by VMM executable and uid, with its devices and WBINVD budgets; the rest denied.
+    /// one rule per VMM executable, uid and VM name pattern, with its devices and WBINVD budgets;
+    /// the rest denied.
     Learn {
         /// Audit logs (JSON lines), e.g. /var/log/ioasid/audit.jsonl and its rotations.
         #[arg(required = true)]

@@ -2,14 +2,21 @@
 //! what ran, for the rollout audit -> learn -> review -> enforce.
 //!
 //! Every incoherent-DMA enable the logs show let through (allowed or audited) gets a rule that
-//! lets it through again with the same decision; anything else is denied (`default: deny`). The
-//! enables are grouped by VMM executable and uid; each group's rule matches the VM names and
-//! cgroups it saw (exactly when one, else their common prefix and `*`), lists the PCI devices it
-//! added, and has a WBINVD budget at the highest storm rate the logs recorded for its VMs plus
-//! the margin. The result is checked before it is written: it parses, and every learned request
-//! replays to its recorded decision.
+//! lets it through again with the same decision; anything else is denied (`default: deny`).
+//! Learned rules admit what ran and nothing else: the enables are grouped by VMM executable, uid
+//! and VM name, where names that evidently share a pattern (`gpu-a100-1`, `gpu-a100-2`: the
+//! same text up to their last separator) share one (`gpu-a100-*`), never a bare `*`; each rule
+//! matches exactly its VMs' names, cgroups (their common prefix and `*` where they share one,
+//! else each exactly) and PCI devices, and has a WBINVD budget at the highest storm rate the
+//! logs recorded for its VMs plus the margin. Names, paths and devices are anyone's choice: one
+//! a policy cannot express exactly (control characters, a backslash) is reported and left out,
+//! and learning goes on. The result is checked before it is written: it parses, every learned
+//! request replays to its recorded decision, and a VM name never seen is denied.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -17,10 +24,60 @@ use super::replay::{decision, read_lines};
 use crate::{
     engine::enforce,
     engine::policy::{
-        Action, BudgetFile, DefaultSection, MatchFile, Policy, RuleFile, Uids, UnknownCoherency,
+        Action, BudgetFile, DefaultSection, MatchFile, Policy, RuleFile, Uids, UnknownCoherency, MAX_RULES,
     },
     output::audit::{AuditRecord, Decision, RecordKind, StormRecord},
 };
+
+/// The separators a name's evident pattern ends at.
+const SEPARATORS: &[char] = &['-', '_', '.', '/', ':'];
+
+/// Whether `s` can be written as a glob matching exactly it (glob escaping covers `*?[]{}`;
+/// control characters and `\` it cannot).
+fn expressible(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_control() || c == '\\')
+}
+
+/// A glob matching exactly the given values: the value, or `{a,b,...}` (commas escaped).
+fn any_of(values: &[String]) -> String {
+    let esc = |v: &String| globset::escape(v).replace(',', "[,]");
+    match values {
+        [one] => globset::escape(one),
+        many => format!("{{{}}}", many.iter().map(esc).collect::<Vec<_>>().join(",")),
+    }
+}
+
+/// A VM name's evident pattern: its text up to and including its last separator, if that
+/// leaves at least two characters before it and something after it (`gpu-a100-1` -> `gpu-a100-`).
+fn stem(name: &str) -> Option<&str> {
+    let end = name.rfind(SEPARATORS)?;
+    (end >= 2 && end + 1 < name.len()).then(|| &name[..=end])
+}
+
+/// The VM name patterns of one executable and uid's names: names sharing a stem with another
+/// name share `stem*`; every other name is matched exactly. Pattern -> the names it covers.
+fn clusters(names: &[String]) -> BTreeMap<String, Vec<String>> {
+    let mut by_stem: BTreeMap<Option<&str>, Vec<String>> = BTreeMap::new();
+    for n in names {
+        by_stem.entry(stem(n)).or_default().push(n.clone());
+    }
+    let mut out = BTreeMap::new();
+    for (s, mut ns) in by_stem {
+        ns.sort();
+        ns.dedup();
+        match s {
+            Some(s) if ns.len() >= 2 => {
+                out.insert(format!("{}*", globset::escape(s)), ns);
+            }
+            _ => {
+                for n in ns {
+                    out.insert(globset::escape(&n), vec![n]);
+                }
+            }
+        }
+    }
+    out
+}
 
 #[derive(Default)]
 struct Group {
@@ -73,7 +130,8 @@ fn render(
     records: &[AuditRecord],
     denied: usize,
     bad: usize,
-    groups: &mut BTreeMap<(String, u32), Group>,
+    groups: &mut BTreeMap<Key, Group>,
+    left_out: &[String],
     margin: f64,
 ) -> Result<String> {
     let sources = logs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
@@ -89,6 +147,9 @@ fn render(
         "",
         "Review before enforcing: every rule lets through what it saw; anything else is denied.",
     );
+    for l in left_out {
+        y += &comment("", &format!("Left out: {l}"));
+    }
     let default = DefaultSection {
         incoherent_dma: Action::Deny,
         unknown_coherency: UnknownCoherency::Judge,
@@ -97,8 +158,8 @@ fn render(
     y += "default:\n";
     y += &yaml(&default, "  ")?;
     y += "rules:\n";
-    for (i, ((exe, uid), g)) in groups.iter_mut().enumerate() {
-        let (rule, notes) = learned_rule(i, exe, *uid, g, margin);
+    for (i, (key, g)) in groups.iter_mut().enumerate() {
+        let (rule, notes) = learned_rule(i, key, g, margin);
         for note in notes {
             y += &comment("  ", &note);
         }
@@ -108,7 +169,8 @@ fn render(
 }
 
 /// One group's rule, and the comments that explain it.
-fn learned_rule(i: usize, exe: &str, uid: u32, g: &mut Group, margin: f64) -> (RuleFile, Vec<String>) {
+fn learned_rule(i: usize, (exe, uid, vm): &Key, g: &mut Group, margin: f64) -> (RuleFile, Vec<String>) {
+    let uid = *uid;
     g.devices.sort();
     g.devices.dedup();
     let mut vms = g.vms.clone();
@@ -122,9 +184,15 @@ fn learned_rule(i: usize, exe: &str, uid: u32, g: &mut Group, margin: f64) -> (R
         vms.len(),
         vms.iter().take(8).cloned().collect::<Vec<_>>().join(", ") + if vms.len() > 8 { ", ..." } else { "" }
     )];
+    let mut cgroups = g.cgroups.clone();
+    cgroups.sort();
+    cgroups.dedup();
     let matcher = MatchFile {
-        vm: pattern(&vms),
-        cgroup: pattern(&g.cgroups),
+        vm: Some(vm.clone()),
+        // Their common prefix where they share one, else each of them: never any cgroup.
+        cgroup: pattern(&cgroups)
+            .filter(|p| p.len() > 2)
+            .or_else(|| (!cgroups.is_empty()).then(|| any_of(&cgroups))),
         exe: (!exe.is_empty()).then(|| globset::escape(exe)),
         uid: Some(Uids::One(uid)),
     };
@@ -200,11 +268,45 @@ fn collect(logs: &[PathBuf]) -> Result<Logs> {
     Ok(c)
 }
 
-/// The enables by (executable, uid), with the storms of their VMs.
-fn group(c: &Logs) -> BTreeMap<(String, u32), Group> {
-    let mut groups: BTreeMap<(String, u32), Group> = BTreeMap::new();
+/// A group's key: executable, uid and VM name pattern.
+type Key = (String, u32, String);
+
+/// The enables by (executable, uid, VM name pattern), with the storms of their VMs; and the
+/// enables left out, with why.
+fn group(c: &Logs) -> (BTreeMap<Key, Group>, Vec<String>) {
+    let mut left_out = Vec::new();
+    let mut kept: Vec<&AuditRecord> = Vec::new();
     for r in &c.records {
-        let g = groups.entry((r.exe.clone().unwrap_or_default(), r.uid)).or_default();
+        let bad = [Some(&r.vm), r.exe.as_ref(), r.cgroup.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(r.vfio.iter().flat_map(|v| v.devices.iter()))
+            .find(|s| !expressible(s));
+        match bad {
+            Some(s) => left_out.push(format!(
+                "{} (pid {}): {:?} cannot be matched exactly (control characters or a backslash)",
+                r.vm, r.pid, s
+            )),
+            None => kept.push(r),
+        }
+    }
+    let mut names: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+    for r in &kept {
+        names.entry((r.exe.clone().unwrap_or_default(), r.uid)).or_default().push(r.vm.clone());
+    }
+    let mut pattern_of: HashMap<(String, u32, String), String> = HashMap::new();
+    for ((exe, uid), ns) in &names {
+        for (pat, covered) in clusters(ns) {
+            for n in covered {
+                pattern_of.insert((exe.clone(), *uid, n), pat.clone());
+            }
+        }
+    }
+    let mut groups: BTreeMap<Key, Group> = BTreeMap::new();
+    for r in kept {
+        let exe = r.exe.clone().unwrap_or_default();
+        let pat = pattern_of[&(exe.clone(), r.uid, r.vm.clone())].clone();
+        let g = groups.entry((exe, r.uid, pat)).or_default();
         g.vms.push(r.vm.clone());
         if let Some(cg) = &r.cgroup {
             g.cgroups.push(cg.clone());
@@ -223,7 +325,20 @@ fn group(c: &Logs) -> BTreeMap<(String, u32), Group> {
             g.peak_rate = Some(g.peak_rate.map_or(s.rate, |p: f64| p.max(s.rate)));
         }
     }
-    groups
+    // A policy holds at most MAX_RULES rules: the groups past it (fewest enables first) are
+    // left out, said.
+    if groups.len() > MAX_RULES {
+        let mut by_size: Vec<(Key, usize)> = groups.iter().map(|(k, g)| (k.clone(), g.vms.len())).collect();
+        by_size.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        for (k, n) in by_size.split_off(MAX_RULES) {
+            groups.remove(&k);
+            left_out.push(format!(
+                "{n} enable(s) of {} (uid {}, VMs {}): past the {MAX_RULES} rules a policy holds",
+                k.0, k.1, k.2
+            ));
+        }
+    }
+    (groups, left_out)
 }
 
 pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
@@ -234,11 +349,26 @@ pub fn learn(logs: &[PathBuf], margin: f64) -> Result<Learned> {
     if c.records.is_empty() {
         bail!("no incoherent-DMA enable that was let through in {logs:?}: nothing to learn");
     }
-    let mut groups = group(&c);
-    let y = render(logs, &c.records, c.denied, c.bad, &mut groups, margin)?;
-    // Checked before it is written: it parses, and each learned request replays unchanged.
+    let (mut groups, left_out) = group(&c);
+    for l in &left_out {
+        eprintln!("left out: {}", crate::util::text::escape(l));
+    }
+    let y = render(logs, &c.records, c.denied, c.bad, &mut groups, &left_out, margin)?;
+    // Checked before it is written: it parses, each learned request replays unchanged, and the
+    // same process under a name never seen is denied.
     let policy = Policy::parse(&y, "<learned>").context("the learned policy does not parse (a bug)")?;
-    for r in &c.records {
+    let learned: Vec<&AuditRecord> =
+        c.records.iter().filter(|r| groups.values().any(|g| g.vms.contains(&r.vm))).collect();
+    for r in &learned {
+        let mut stranger = (*r).clone();
+        stranger.vm = "ioasid-learn-never-seen".into();
+        stranger.identity = Default::default();
+        let d = enforce::replay(&stranger, &policy).decision;
+        if d != Decision::Denied {
+            bail!("the learned policy decides {d} for a VM it never saw (as {}): a bug", r.vm);
+        }
+    }
+    for r in learned {
         let enforce::Replayed { decision: d, rule, .. } = enforce::replay(r, &policy);
         if d != r.decision {
             bail!(
@@ -416,7 +546,7 @@ mod tests {
     }
 
     /// A VM name is anyone's choice (whoever has /dev/kvm): one built to close the comment and
-    /// write a rule of its own stays a value and a one-line comment of the learned file.
+    /// write a rule of its own writes no rule and stays a one-line comment of the learned file.
     #[test]
     fn vm_names_cannot_write_rules() {
         let dir = std::env::temp_dir().join(format!("ioasid-learn-inject-{}", std::process::id()));
@@ -431,15 +561,18 @@ mod tests {
         .unwrap();
         let l = learn(std::slice::from_ref(&log), 0.5).unwrap();
         let f: PolicyFile = serde_norway::from_str(&l.yaml).unwrap();
-        assert_eq!(f.rules.len(), 1, "{}", l.yaml);
-        assert_eq!(f.rules[0].name, "learned-1");
-        assert_eq!(f.rules[0].matcher.vm.as_deref(), Some(globset::escape(hostile).as_str()));
-        // And the comment naming the VM is one line.
+        // A name with line breaks cannot be matched exactly: left out (no rule admits it), and
+        // said in one comment line.
+        assert!(f.rules.is_empty(), "{}", l.yaml);
         assert!(
-            l.yaml.lines().any(|line| line.starts_with("  # 1 enable(s)") && line.contains("pwn")),
+            l.yaml
+                .lines()
+                .any(|line| line.starts_with("# Left out: x\\n  - name: pwn")
+                    && line.contains("incoherent_dma")),
             "{}",
             l.yaml
         );
+        assert!(!l.yaml.lines().any(|line| line.trim_start().starts_with("- name: pwn")), "{}", l.yaml);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -526,6 +659,60 @@ mod tests {
         assert_eq!(enforce::replay(&tenant, &p).decision, Decision::Denied);
         assert!(learn(std::slice::from_ref(&log), -1.0).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Three VMs of one QEMU, uid and cgroup enable under audit: the learned policy lets those
+    /// three through again and denies a never-seen name of the same process; hostile names are
+    /// left out with a comment while learning goes on.
+    #[test]
+    fn a_learned_policy_admits_no_stranger() {
+        let dir = std::env::temp_dir().join(format!("ioasid-learn-stranger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.jsonl");
+        let exe = "/usr/bin/qemu-system-x86_64";
+        let cg = "/machine.slice/qemu.scope";
+        let dev = ["0000:65:00.0"];
+        let mut lines: Vec<String> = ["gpu-a100-1", "gpu-a100-2", "tenant-x"]
+            .iter()
+            .map(|vm| line(vm, exe, 0, cg, &dev, "audited"))
+            .collect();
+        // Anyone's names: a trailing backslash, a DEL, a comma and braces (escaped in a glob).
+        for hostile in ["bad\\", "del\u{7f}", "a,{b}"] {
+            lines.push(line(hostile, exe, 0, cg, &dev, "audited"));
+        }
+        std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+        let l = learn(std::slice::from_ref(&log), 0.5).unwrap();
+        let y = &l.yaml;
+        let f: PolicyFile = serde_norway::from_str(y).unwrap();
+        let vms: Vec<&str> = f.rules.iter().filter_map(|r| r.matcher.vm.as_deref()).collect();
+        assert_eq!(
+            vms,
+            vec!["a,{b}".replace('{', "[{]").replace('}', "[}]").as_str(), "gpu-a100-*", "tenant-x"],
+            "{y}"
+        );
+        assert!(y.contains("# Left out: bad\\\\") && y.contains("# Left out: del\\x7f"), "{y}");
+        let p = Policy::parse(y, "learned").unwrap();
+        let rec = |vm: &str| -> AuditRecord {
+            serde_json::from_str(&line(vm, exe, 0, cg, &dev, "audited")).unwrap()
+        };
+        for seen in ["gpu-a100-1", "gpu-a100-2", "tenant-x", "a,{b}"] {
+            assert_eq!(enforce::replay(&rec(seen), &p).decision, Decision::Audited, "{seen}: {y}");
+        }
+        for stranger in ["intruder-1", "tenant-y", "gpu-a100", "bad\\"] {
+            assert_eq!(enforce::replay(&rec(stranger), &p).decision, Decision::Denied, "{stranger}: {y}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn clusters_share_a_pattern_only_where_evident() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let keys = |a: &[&str]| clusters(&v(a)).into_keys().collect::<Vec<_>>();
+        assert_eq!(keys(&["gpu-a100-1", "gpu-a100-2", "tenant-x"]), v(&["gpu-a100-*", "tenant-x"]));
+        assert_eq!(keys(&["x", "y"]), v(&["x", "y"]));
+        assert_eq!(keys(&["a-1", "b-1"]), v(&["a-1", "b-1"]), "no stem of fewer than 2 characters");
+        assert_eq!(keys(&["db-", "db-1"]), v(&["db-", "db-1"]), "a stem needs something after it");
+        assert_eq!(any_of(&v(&["a", "b,c"])), "{a,b[,]c}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use ioasid_common::verdict::{Decision, VmVerdict, RULE_DEFAULT};
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    file::{BudgetFile, DefaultSection, MatchFile, PolicyError, PolicyFile, RuleFile, Uids},
+    file::{BudgetFile, DefaultSection, MatchFile, PolicyError, PolicyFile, RuleFile, Uids, MAX_RULES},
     store::PolicyStore,
 };
 use crate::host::procfs::ProcessInfo;
