@@ -585,6 +585,54 @@ fn wait_output(mut child: std::process::Child, limit: Duration) -> (std::process
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// An agent killed (SIGKILL: no shutdown of its own) while two VMMs, `PREFIX-gpu-1` and
+/// `PREFIX-tenant-1`, are stopped for its decision (their events dropped, so the agent dies
+/// before its own recovery would decide): what the next agent inherits. `policy` is the policy
+/// text; `before` runs on the first agent before the VMMs ask.
+struct Crashed {
+    state: StateDir,
+    _policy: TempDir,
+    policy: std::path::PathBuf,
+    allowed: String,
+    denied: String,
+    ga: std::process::Child,
+    gd: std::process::Child,
+}
+
+impl Crashed {
+    fn new<T>(prefix: &str, policy: &str, before: impl FnOnce(&Agent) -> T) -> (Self, T) {
+        let state = StateDir::new();
+        let dir = TempDir::new("policy");
+        let path = dir.path("policy.yaml");
+        write(&path, policy);
+        let mut first = Agent::start(&[
+            "--policy",
+            path.to_str().unwrap(),
+            "--state-dir",
+            state.arg(),
+            "--test-drop-events",
+        ]);
+        let seen = before(&first);
+        let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
+        let ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
+        let gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
+        let (pa, pd) = (ga.id(), gd.id());
+        let stopped = eventually(Duration::from_secs(2), || {
+            (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
+        });
+        first.signal(libc::SIGKILL);
+        assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
+        assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
+        assert!(first.audit().iter().all(|r| r["vm"] != allowed.as_str() && r["vm"] != denied.as_str()));
+        (Self { state, _policy: dir, policy: path, allowed, denied, ga, gd }, seen)
+    }
+
+    /// The next agent, with the same policy and state directory.
+    fn next_agent(&self) -> Agent {
+        Agent::start(&["--policy", self.policy.to_str().unwrap(), "--state-dir", self.state.arg()])
+    }
+}
+
 /// An agent killed during stop-and-ask (SIGKILL: no shutdown of its own) leaves its VMMs
 /// stopped and its open asks in the pinned kernel state; nothing decides while no agent runs.
 /// The next agent with the same state directory adopts the asks and decides each within 1 s of
@@ -596,31 +644,18 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
     require_kernel();
     let _g = serial();
     let prefix = unique("crash");
-    let state = StateDir::new();
-    let dir = TempDir::new("policy");
-    let path = dir.path("policy.yaml");
-    write(&path, &policy(&prefix));
-    let args = ["--policy", path.to_str().unwrap(), "--state-dir", state.arg()];
-    let mut first = Agent::start(&[&args[..], &["--test-drop-events"]].concat());
     let counted = format!("{prefix}-wb");
-    let wb = GuestGuard::spawn(&["--name", &counted, "--wbinvd", "300", "--hold", "60"]);
-    let before = eventually(Duration::from_secs(10), || {
-        wbinvd_total(&first.scrape(), &counted).filter(|n| *n >= 300.0)
-    })
-    .expect("the WBINVD guest was not counted");
-    // Both VMMs are stopped at FILE_ADD, their events lost; the agent dies before its own
-    // recovery (0.5 s) would have decided.
-    let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
-    let ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
-    let gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
-    let (pa, pd) = (ga.id(), gd.id());
-    let stopped = eventually(Duration::from_secs(2), || {
-        (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
+    // A guest the first agent counts, still running when the next one starts.
+    let (c, (wb, before)) = Crashed::new(&prefix, &policy(&prefix), |first| {
+        let wb = GuestGuard::spawn(&["--name", &counted, "--wbinvd", "300", "--hold", "60"]);
+        let n = eventually(Duration::from_secs(10), || {
+            wbinvd_total(&first.scrape(), &counted).filter(|n| *n >= 300.0)
+        })
+        .expect("the WBINVD guest was not counted");
+        (wb, n)
     });
-    first.signal(libc::SIGKILL);
-    assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
-    assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
-    assert!(first.audit().iter().all(|r| r["vm"] != allowed.as_str() && r["vm"] != denied.as_str()));
+    let Crashed { ref allowed, ref denied, .. } = c;
+    let (pa, pd) = (c.ga.id(), c.gd.id());
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(
         (proc_state(pa), proc_state(pd)),
@@ -628,7 +663,7 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
         "nothing decides while no agent runs"
     );
 
-    let second = Agent::start(&args);
+    let second = c.next_agent();
     let ready = std::time::Instant::now();
     let decided = eventually(Duration::from_secs(5), || {
         (proc_state(pa) != Some('T') && proc_state(pd) != Some('T')).then_some(())
@@ -636,13 +671,13 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
     assert!(decided.is_some(), "the adopted asks were not decided:\n{}", second.log());
     let took = ready.elapsed();
     assert!(took < Duration::from_secs(1) * slow(), "decided {took:?} after the agent was ready");
-    let (status, summary, err) = finish(ga);
+    let (status, summary, err) = finish(c.ga);
     assert!(status.success(), "the allowed VMM must be resumed: {err}");
     assert_eq!(summary["file_add_errno"], 22);
-    let (status, _, _) = finish(gd);
+    let (status, _, _) = finish(c.gd);
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     for (vm, decision, outcome) in
-        [(&denied, Decision::Denied, Outcome::Killed), (&allowed, Decision::Allowed, Outcome::Resumed)]
+        [(denied, Decision::Denied, Outcome::Killed), (allowed, Decision::Allowed, Outcome::Resumed)]
     {
         let r = second.wait_record(vm);
         assert_eq!((r.decision, r.outcome), (decision, outcome), "{r:?}");
@@ -678,31 +713,18 @@ fn a_dead_askers_pid_is_never_signalled() {
     require_kernel();
     let _g = serial();
     let prefix = unique("reuse");
-    let state = StateDir::new();
-    let dir = TempDir::new("policy");
-    let path = dir.path("policy.yaml");
     // Deny by default, as the host: a decision for the pid's new process would kill it.
-    write(&path, &format!("default:\n  incoherent_dma: deny\nrules:\n  - name: gpu\n    match: {{ vm: \"{prefix}-gpu-*\" }}\n    incoherent_dma: allow\n"));
-    let args = ["--policy", path.to_str().unwrap(), "--state-dir", state.arg()];
-    let mut first = Agent::start(&[&args[..], &["--test-drop-events"]].concat());
-    let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
-    let mut ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
-    let mut gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
-    let (pa, pd) = (ga.id(), gd.id());
-    let stopped = eventually(Duration::from_secs(2), || {
-        (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
-    });
-    first.signal(libc::SIGKILL);
-    assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
-    assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
+    let policy = format!("default:\n  incoherent_dma: deny\nrules:\n  - name: gpu\n    match: {{ vm: \"{prefix}-gpu-*\" }}\n    incoherent_dma: allow\n");
+    let (mut c, ()) = Crashed::new(&prefix, &policy, |_| ());
+    let (pa, pd) = (c.ga.id(), c.gd.id());
     // Both killed by someone else while stopped; the denied one is reaped and its pid reused.
-    ga.kill().unwrap();
-    gd.kill().unwrap();
-    assert_eq!(gd.wait().unwrap().signal(), Some(libc::SIGKILL));
+    c.ga.kill().unwrap();
+    c.gd.kill().unwrap();
+    assert_eq!(c.gd.wait().unwrap().signal(), Some(libc::SIGKILL));
     assert!(eventually(Duration::from_secs(2), || (proc_state(pa)? == 'Z').then_some(())).is_some());
     let mut innocent = spawn_on_pid(pd).expect("no process could be started on the dead VMM's pid");
 
-    let second = Agent::start(&args);
+    let second = c.next_agent();
     // Neither can be read any more (a zombie's command line is empty, the other pid shows the
     // innocent process), and the previous agent that named them is gone: each is known by its
     // pid, never by what holds the pid now.
@@ -717,7 +739,7 @@ fn a_dead_askers_pid_is_never_signalled() {
     assert_eq!(proc_state(pd), Some('S'), "the innocent process was stopped or killed");
     let _ = innocent.kill();
     let _ = innocent.wait();
-    let _ = ga.wait();
+    let _ = c.ga.wait();
 }
 
 /// `--audit-log -`: records go to stdout (container log pipelines), one JSON object per line
@@ -1136,22 +1158,9 @@ fn open_asks_survive_a_map_layout_change() {
     require_kernel();
     let _g = serial();
     let prefix = unique("layout");
-    let state = StateDir::new();
-    let dir = TempDir::new("policy");
-    let path = dir.path("policy.yaml");
-    write(&path, &policy(&prefix));
-    let args = ["--policy", path.to_str().unwrap(), "--state-dir", state.arg()];
-    let mut first = Agent::start(&[&args[..], &["--test-drop-events"]].concat());
-    let (allowed, denied) = (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"));
-    let ga = guest(&["--name", &allowed, "--file-add", "--hold", "0.2"]);
-    let gd = guest(&["--name", &denied, "--file-add", "--hold", "0.2"]);
-    let (pa, pd) = (ga.id(), gd.id());
-    let stopped = eventually(Duration::from_secs(2), || {
-        (proc_state(pa)? == 'T' && proc_state(pd)? == 'T').then_some(())
-    });
-    first.signal(libc::SIGKILL);
-    assert!(stopped.is_some(), "the VMMs were not stopped for a decision");
-    assert!(eventually(Duration::from_secs(5), || first.try_exit()).is_some(), "the agent did not die");
+    let (c, ()) = Crashed::new(&prefix, &policy(&prefix), |_| ());
+    let Crashed { ref state, ref allowed, ref denied, .. } = c;
+    let (pa, pd) = (c.ga.id(), c.gd.id());
     // As an agent of another layout, from before asked-v1, leaves its state.
     let layout = std::fs::read_dir(&state.0)
         .unwrap()
@@ -1163,18 +1172,18 @@ fn open_asks_survive_a_map_layout_change() {
     std::fs::rename(&layout, &other).unwrap();
     std::fs::rename(state.0.join("asked-v1"), other.join("IOASID_ASKED")).unwrap();
 
-    let second = Agent::start(&args);
+    let second = c.next_agent();
     let decided = eventually(Duration::from_secs(5), || {
         (proc_state(pa) != Some('T') && proc_state(pd) != Some('T')).then_some(())
     });
     assert!(decided.is_some(), "the asks did not survive the layout change:\n{}", second.log());
     assert!(!other.exists(), "the other layout's pins were not removed");
-    let (status, _, err) = finish(ga);
+    let (status, _, err) = finish(c.ga);
     assert!(status.success(), "the allowed VMM must be resumed: {err}");
-    let (status, _, _) = finish(gd);
+    let (status, _, _) = finish(c.gd);
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     for (vm, decision, outcome) in
-        [(&denied, Decision::Denied, Outcome::Killed), (&allowed, Decision::Allowed, Outcome::Resumed)]
+        [(denied, Decision::Denied, Outcome::Killed), (allowed, Decision::Allowed, Outcome::Resumed)]
     {
         let r = second.wait_record(vm);
         assert_eq!((r.decision, r.outcome), (decision, outcome), "{r:?}");
