@@ -30,6 +30,7 @@ fn main() -> Result<()> {
     println!("cargo:rerun-if-env-changed=IOASID_REQUIRE_BPF");
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rerun-if-env-changed=IOASID_SKIP_KERNEL_TESTS");
+    println!("cargo:rustc-env=IOASID_COMMIT={}", commit(&root));
     println!("cargo::rustc-check-cfg=cfg(ioasid_stub_object)");
     println!("cargo::rustc-check-cfg=cfg(ioasid_kernel_tests)");
     let out = PathBuf::from(env::var("OUT_DIR")?).join("ioasid.bpf.o");
@@ -128,4 +129,30 @@ fn find_linker() -> Option<PathBuf> {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
     dirs.into_iter().map(|d| d.join("bpf-linker")).find(|p| p.is_file())
+}
+
+/// The commit the build is from (`--version`): read from the checkout's .git (HEAD, its ref,
+/// or packed-refs), no git binary needed; "unknown" outside a checkout.
+fn commit(root: &Path) -> String {
+    let git = root.join(".git");
+    println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
+    let Ok(head) = std::fs::read_to_string(git.join("HEAD")) else { return "unknown".into() };
+    let head = head.trim();
+    let id = match head.strip_prefix("ref: ") {
+        None => Some(head.to_string()),
+        Some(name) => {
+            println!("cargo:rerun-if-changed={}", git.join(name).display());
+            println!("cargo:rerun-if-changed={}", git.join("packed-refs").display());
+            std::fs::read_to_string(git.join(name)).ok().map(|s| s.trim().to_string()).or_else(|| {
+                std::fs::read_to_string(git.join("packed-refs"))
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_suffix(name)?.strip_suffix(' ').map(str::to_string))
+            })
+        }
+    };
+    match id.filter(|i| i.len() >= 12 && i.chars().all(|c| c.is_ascii_hexdigit())) {
+        Some(i) => i[..12].to_string(),
+        None => "unknown".into(),
+    }
 }

@@ -38,15 +38,16 @@ fn main() -> std::process::ExitCode {
         Command::Replay(args) => cmd::replay::run(args),
         Command::Top(args) => cmd::top::run(args),
         Command::Probe(args) => cmd::probe::run(args),
-        Command::Reference { what } => {
-            print!(
-                "{}",
-                match what {
-                    cli::Reference::Cli => cmd::cli::reference(),
-                    cli::Reference::Metrics => ioasid_agent::output::telemetry::reference(),
-                }
-            );
-            Ok(())
+        Command::Reference { what: cli::Reference::Man, out: Some(dir) } => cmd::cli::man_pages(dir)
+            .map_err(|e| anyhow::anyhow!("writing the man pages into {}: {e}", dir.display())),
+        Command::Reference { what, .. } => {
+            use std::io::Write as _;
+            let text = match what {
+                cli::Reference::Cli => cmd::cli::reference().into_bytes(),
+                cli::Reference::Metrics => ioasid_agent::output::telemetry::reference().into_bytes(),
+                other => cmd::cli::generated(*other),
+            };
+            std::io::stdout().write_all(&text).map_err(Into::into)
         }
     };
     match result {

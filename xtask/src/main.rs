@@ -140,6 +140,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "a real VMM for the QEMU guest test"),
     ("bpftool", "inspecting loaded programs (optional)"),
     ("rsyslog", "a real syslog daemon for the audit syslog sink's test"),
+    ("man-db", "renders the package's man pages in its test (man -l)"),
     ("podman", "builds the container image (cargo xtask image)"),
     ("systemd", "systemd-analyze, to verify the unit the package installs"),
     ("binutils", "strip, for the packaged and imaged agent"),

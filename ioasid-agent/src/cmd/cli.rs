@@ -9,7 +9,7 @@ use crate::{kernel::loader::IoctlHooks, output::audit::DEFAULT_AUDIT_PATH, util:
 #[derive(Parser, Debug)]
 #[command(
     name = "ioasid-agent",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IOASID_COMMIT"), ")"),
     about = "Audits and enforces incoherent (no-snoop) DMA on KVM hosts, and measures guest WBINVD per VM",
     long_about = "ioasid-agent loads eBPF programs onto KVM's WBINVD paths and the KVM/VFIO/iommufd ioctls.\n\
                   It counts every guest WBINVD/INVD per VM, judges every incoherent-DMA enable \
@@ -55,6 +55,10 @@ pub enum Command {
     Reference {
         #[arg(value_enum)]
         what: Reference,
+        /// `man`: write every page (ioasid-agent(1) and one per subcommand) into this directory
+        /// instead of printing ioasid-agent(1).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -65,6 +69,39 @@ pub enum Reference {
     Cli,
     /// Every metric family (docs/metrics.md), from the registry.
     Metrics,
+    /// The man pages (roff), from clap: the Debian package installs them.
+    Man,
+    /// Shell completions, from clap.
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Every man page (ioasid-agent(1), ioasid-agent-run(1), ...) into `dir`.
+pub fn man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(Cli::command(), dir)
+}
+
+/// The man page or a shell's completions (`reference man|bash|zsh|fish`).
+pub fn generated(what: Reference) -> Vec<u8> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    let shell = match what {
+        Reference::Man => {
+            // Writing into a Vec does not fail.
+            let _ = clap_mangen::Man::new(cmd).render(&mut out);
+            return out;
+        }
+        Reference::Bash => clap_complete::Shell::Bash,
+        Reference::Zsh => clap_complete::Shell::Zsh,
+        Reference::Fish => clap_complete::Shell::Fish,
+        Reference::Cli | Reference::Metrics => return Vec::new(),
+    };
+    clap_complete::generate(shell, &mut cmd, "ioasid-agent", &mut out);
+    out
 }
 
 /// The command-line reference in Markdown: every (visible) subcommand's long help, as clap
