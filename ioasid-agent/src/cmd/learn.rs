@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::replay::{decision, read_lines};
+use super::replay::{decision, for_each_line};
 use crate::{
     engine::enforce,
     engine::policy::{
@@ -245,25 +245,26 @@ struct Logs {
 fn collect(logs: &[PathBuf]) -> Result<Logs> {
     let mut c = Logs::default();
     for path in logs {
-        let (lines, unreadable) = read_lines(path)?;
-        c.bad += unreadable;
-        for line in &lines {
+        let mut unparsed = 0;
+        // One line at a time: only the records learned from are kept, never the file's JSON.
+        let unreadable = for_each_line(path, |line| {
             if line.value.get("event").and_then(|e| e.as_str()) == Some(RecordKind::WbinvdStorm.label()) {
-                if let Ok(s) = serde_json::from_value::<StormRecord>(line.value.clone()) {
+                if let Ok(s) = serde_json::from_value::<StormRecord>(line.value) {
                     c.storms.push(s);
                 }
-                continue;
+                return;
             }
-            match decision(line) {
+            match decision(&line) {
                 Ok(Some(r)) if r.decision == Decision::Denied => c.denied += 1,
                 Ok(Some(r)) => c.records.push(r),
                 Ok(None) => {}
                 Err(e) => {
-                    c.bad += 1;
+                    unparsed += 1;
                     eprintln!("{}:{}: not a recorded request: {e}", path.display(), line.number);
                 }
             }
-        }
+        })?;
+        c.bad += unreadable + unparsed;
     }
     Ok(c)
 }

@@ -3,8 +3,9 @@
 
 use std::io::{BufRead, Read};
 
-/// The longest line `replay` reads (an audit record is a few hundred bytes).
-const MAX_LINE: usize = 1 << 20;
+/// The longest line `replay` and `learn` read: an audit record is a few hundred bytes, one
+/// naming a VM by a 10 KB name some 20 KB (names, paths and devices are anyone's choice).
+const MAX_LINE: usize = 64 << 10;
 
 use anyhow::{bail, Context, Result};
 
@@ -21,13 +22,14 @@ pub struct Line {
     pub value: serde_json::Value,
 }
 
-/// Reads JSON lines (an audit log, a `--record` file) with every line bounded: a line longer
-/// than MAX_LINE, not UTF-8 or not JSON is reported by number on stderr and skipped. Returns
-/// the readable lines and how many were not.
-pub fn read_lines(path: &std::path::Path) -> Result<(Vec<Line>, usize)> {
+/// Reads JSON lines (an audit log, a `--record` file) one at a time, each handed to `each` and
+/// dropped: memory stays bounded by one line whatever the file's size. Every line is bounded
+/// too: a line longer than MAX_LINE, not UTF-8 or not JSON is reported by number on stderr and
+/// skipped. Returns how many lines were not readable.
+pub fn for_each_line(path: &std::path::Path, mut each: impl FnMut(Line)) -> Result<usize> {
     let file = crate::host::files::open_read(path).with_context(|| format!("opening {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
-    let (mut lines, mut bad, mut raw) = (Vec::new(), 0usize, Vec::new());
+    let (mut bad, mut raw) = (0usize, Vec::new());
     for i in 0.. {
         raw.clear();
         let n = (&mut reader)
@@ -62,14 +64,14 @@ pub fn read_lines(path: &std::path::Path) -> Result<(Vec<Line>, usize)> {
             continue;
         }
         match serde_json::from_str(line) {
-            Ok(value) => lines.push(Line { number: i + 1, value }),
+            Ok(value) => each(Line { number: i + 1, value }),
             Err(e) => {
                 bad += 1;
                 eprintln!("{}:{}: not JSON: {e}", path.display(), i + 1);
             }
         }
     }
-    Ok((lines, bad))
+    Ok(bad)
 }
 
 /// The line as a recorded incoherent-DMA decision: Ok(None) for another kind of record.
@@ -83,22 +85,21 @@ pub fn decision(line: &Line) -> std::result::Result<Option<AuditRecord>, serde_j
 
 pub fn run(args: &ReplayArgs) -> Result<()> {
     let policy = Policy::load(&args.policy)?;
-    let (lines, mut bad) = read_lines(&args.events)?;
-    let (mut total, mut changed, mut skipped) = (0usize, 0usize, 0usize);
+    let (mut total, mut changed, mut skipped, mut unparsed) = (0usize, 0usize, 0usize, 0usize);
     if !args.json {
         println!("{:<24} {:<8} {:<10} {:<10} {:<24} REASON", "VM", "PID", "RECORDED", "DECISION", "RULE");
     }
-    for line in &lines {
-        let rec = match decision(line) {
+    let unreadable = for_each_line(&args.events, |line| {
+        let rec = match decision(&line) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 skipped += 1;
-                continue;
+                return;
             }
             Err(e) => {
-                bad += 1;
+                unparsed += 1;
                 eprintln!("{}:{}: not a recorded request: {e}", args.events.display(), line.number);
-                continue;
+                return;
             }
         };
         let i = line.number - 1;
@@ -129,7 +130,8 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
                 esc(&reason.unwrap_or_default())
             );
         }
-    }
+    })?;
+    let bad = unreadable + unparsed;
     if skipped > 0 {
         eprintln!("{skipped} other audit event(s) (not incoherent-DMA decisions) skipped");
     }
