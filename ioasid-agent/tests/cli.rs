@@ -121,6 +121,7 @@ fn user_paths_that_are_fifos_are_errors_not_hangs() {
         vec!["replay", "/dev/zero", "--policy", fifo],
     ] {
         let started = std::time::Instant::now();
+        #[allow(clippy::zombie_processes, reason = "reaped by wait4 below, which also gives its rusage")]
         let mut child = Command::new(agent_path())
             .args(&args)
             .stdout(std::process::Stdio::null())
@@ -184,6 +185,7 @@ fn replay_and_learn_stream_their_input() {
         vec!["replay", events.to_str().unwrap(), "--policy", pol.to_str().unwrap()],
         vec!["policy", "learn", events.to_str().unwrap()],
     ] {
+        #[allow(clippy::zombie_processes, reason = "reaped by wait4 below, which also gives its rusage")]
         let mut child = Command::new(agent_path())
             .args(&args)
             .stdout(std::process::Stdio::null())
