@@ -63,6 +63,9 @@ fn qemu_guests_are_named_and_counted_exactly() {
         let out = child.wait_with_output().unwrap();
         // isa-debug-exit with al = 0 exits QEMU with status 1: the ROM ran to its end.
         assert_eq!(out.status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        // Exact, unless the kernel skipped runs of a counting program (a preempted trampoline
+        // program on a kernel with lazy preemption, 6.18+, under load: the known limit in the
+        // README): then the shortfall is at most the runs it skipped and says so, never silent.
         let counted = eventually(Duration::from_secs(5), || {
             let m = agent.scrape();
             let total = |fam: &str| {
@@ -71,10 +74,35 @@ fn qemu_guests_are_named_and_counted_exactly() {
                     .map(|p| sample(&m, fam, &[("vm", &name), ("path", p)]).unwrap_or(0.0))
                     .sum::<f64>()
             };
-            (total("ioasid_wbinvd_exits_total") == f64::from(wb)
-                && total("ioasid_invd_exits_total") == f64::from(inv))
-            .then_some(())
+            let (w, i) = (total("ioasid_wbinvd_exits_total"), total("ioasid_invd_exits_total"));
+            let skipped = counting_misses(&m);
+            let accounted = |got: f64, want: u32| {
+                got == f64::from(want) || (got < f64::from(want) && f64::from(want) - got <= skipped)
+            };
+            (accounted(w, wb) && accounted(i, inv)).then_some((w, i, skipped))
         });
-        assert!(counted.is_some(), "{name}: expected {wb}/{inv}:\n{}", agent.scrape());
+        let (w, i, skipped) =
+            counted.unwrap_or_else(|| panic!("{name}: expected {wb}/{inv}:\n{}", agent.scrape()));
+        if (w, i) != (f64::from(wb), f64::from(inv)) {
+            eprintln!("{name}: counted {w}/{i} of {wb}/{inv}; the kernel skipped {skipped} runs of the counting programs (ioasid_program_misses_total)");
+        }
     }
+}
+
+/// Runs the kernel skipped of the programs that count WBINVD/INVD (KVM's handlers' fentry, or
+/// the tracepoints), from `ioasid_program_misses_total`.
+fn counting_misses(metrics: &str) -> f64 {
+    [
+        "fentry/kvm_emulate_wbinvd",
+        "fentry/emulator_wbinvd",
+        "fentry/kvm_emulate_invd",
+        "fexit/handle_fastpath_invd",
+        "fexit/kvm_emulate_wbinvd",
+        "tracepoint/kvm/kvm_exit",
+        "tracepoint/kvm/kvm_emulate_insn",
+        "tp_btf/kvm_emulate_insn",
+    ]
+    .iter()
+    .filter_map(|h| sample(metrics, "ioasid_program_misses_total", &[("hook", h)]))
+    .sum()
 }
