@@ -13,6 +13,16 @@ fn agent(args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
 }
 
+/// The agent with `args`, its stderr piped (stdout dropped), for a test that watches it run.
+fn spawn_agent(args: &[&str]) -> std::process::Child {
+    Command::new(agent_path())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn policy_check_accepts_the_documented_example() {
     let dir = TempDir::new("cli");
@@ -121,13 +131,7 @@ fn user_paths_that_are_fifos_are_errors_not_hangs() {
         vec!["replay", "/dev/zero", "--policy", fifo],
     ] {
         let started = std::time::Instant::now();
-        #[allow(clippy::zombie_processes, reason = "reaped by wait4 below, which also gives its rusage")]
-        let mut child = Command::new(agent_path())
-            .args(&args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_agent(&args);
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
@@ -186,12 +190,7 @@ fn replay_and_learn_stream_their_input() {
         vec!["policy", "learn", events.to_str().unwrap()],
     ] {
         #[allow(clippy::zombie_processes, reason = "reaped by wait4 below, which also gives its rusage")]
-        let mut child = Command::new(agent_path())
-            .args(&args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_agent(&args);
         let mut err = String::new();
         let id = child.id() as i32;
         let mut stderr = child.stderr.take().unwrap();
