@@ -1190,3 +1190,40 @@ fn open_asks_survive_a_map_layout_change() {
     }
     assert!(second.log().contains("open asks carried over"), "{}", second.log());
 }
+
+/// A VMM denied its enable is killed with every process sharing its address space: a sibling
+/// it created with CLONE_VM (not a thread) before the FILE_ADD, running a vCPU of the same VM,
+/// would otherwise go on running it, incoherent DMA and all (KVM serves any process of the
+/// VM's mm). Found with kcmp(2) while the VMM is stopped for the decision, killed through a
+/// pidfd each, named in the record.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_denied_vmms_clone_vm_sibling_dies_with_it() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("sibling");
+    let (agent, policy) = agent_with_policy(&prefix, &[]);
+    let tenant = format!("{prefix}-tenant-1");
+    let pidfile = policy.path("sibling.pid");
+    let mut g = Command::new(guest_path())
+        .args(["--name", &tenant, "--file-add", "--file-add-delay", "0.2", "--clone-vm-sibling"])
+        .arg(&pidfile)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = g.wait().unwrap();
+    let sibling: u32 = std::fs::read_to_string(&pidfile).expect("no sibling started").trim().parse().unwrap();
+    let gone =
+        eventually(Duration::from_secs(3), || matches!(proc_state(sibling), None | Some('Z')).then_some(()));
+    if gone.is_none() {
+        // SAFETY: kill(2) of the test's own grandchild, left running by the failure.
+        unsafe { libc::kill(sibling as i32, libc::SIGKILL) };
+        panic!("the CLONE_VM sibling {sibling} kept running the VM:\n{}", agent.log());
+    }
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    let r = agent.wait_record(&tenant);
+    assert_eq!((r.decision, r.outcome), (Decision::Denied, Outcome::Killed), "{r:?}");
+    let reason = r.reason.clone().unwrap_or_default();
+    assert!(reason.contains("sharing its address space") && reason.contains(&sibling.to_string()), "{r:?}");
+}

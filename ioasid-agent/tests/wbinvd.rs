@@ -7,8 +7,9 @@
 
 mod support;
 
-use std::{process::Command, time::Duration};
+use std::{os::unix::process::ExitStatusExt, process::Command, time::Duration};
 
+use ioasid_agent::engine::record::Decision;
 use support::*;
 
 #[test]
@@ -345,4 +346,66 @@ fn a_vmm_gone_before_it_was_read_is_named_from_its_captured_command_line() {
     assert_eq!(wbinvd_total(&m, &name), Some(5.0), "not named from the captured command line:\n{m}");
     assert_eq!(wbinvd_total(&m, &format!("unknown:{pid}")), None, "{m}");
     assert!(agent.log().contains("named from the command line the kernel captured"), "{}", agent.log());
+}
+
+/// Starts a guest with `args` on `pid` (free: its process reaped) through ns_last_pid, at once,
+/// as a busy host reuses pids; None if another fork kept taking it.
+fn guest_on_pid(pid: u32, args: &[&str]) -> Option<std::process::Child> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let mut g = guest(args);
+        if g.id() == pid {
+            return Some(g);
+        }
+        let _ = g.kill();
+        let _ = g.wait();
+    }
+    None
+}
+
+/// The kernel keys what it keeps per process by pid *and* start: a process that takes a dead
+/// VMM's pid before the agent has seen the death (here: no sweep for 10 s) inherits neither its
+/// verdict nor its counts. `gpu-1` is allowed, leaves its verdict in the kernel and exits;
+/// `tenant-1`, forked (no exec) onto its pid at once, enables incoherent DMA microseconds after
+/// creating its VM: judged by its own rule (deny), not by the allow it would have inherited. `web-1`, on the
+/// same pid next, counts its own 70 WBINVD while the kernel still holds `gpu-1`'s 50.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_process_on_a_reused_pid_inherits_no_verdict_and_no_counts() {
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("heir");
+    let dir = TempDir::new("heir");
+    let path = dir.path("policy.yaml");
+    write(
+        &path,
+        &format!("default:\n  incoherent_dma: audit\nrules:\n  - name: gpu\n    match: {{ vm: \"{prefix}-gpu-*\" }}\n    incoherent_dma: allow\n  - name: tenants\n    match: {{ vm: \"{prefix}-tenant-*\" }}\n    incoherent_dma: deny\n"),
+    );
+    let agent = Agent::start(&["--policy", path.to_str().unwrap(), "--sweep-interval", "10s"]);
+    let (gpu, tenant, web) =
+        (format!("{prefix}-gpu-1"), format!("{prefix}-tenant-1"), format!("{prefix}-web-1"));
+    // The allowed VMM's verdict is in the kernel once its enable is decided.
+    let g = GuestGuard::spawn(&["--name", &gpu, "--file-add", "--wbinvd", "50", "--hold", "60"]);
+    let pid = g.pid();
+    let r = agent.wait_record(&gpu);
+    assert_eq!((r.decision, r.rule.as_str()), (Decision::Allowed, "gpu"), "{r:?}");
+    let counted =
+        eventually(Duration::from_secs(10), || (wbinvd_total(&agent.scrape(), &gpu)? >= 50.0).then_some(()));
+    assert!(counted.is_some(), "{}", agent.scrape());
+    drop(g);
+
+    // Forked onto the pid, no exec: nothing but the pid and start tell it from the dead VMM.
+    let pid_arg = pid.to_string();
+    let (status, summary, err) = finish(guest(&["--fork-onto", &pid_arg, "--name", &tenant, "--file-add"]));
+    assert_ne!(status.code(), Some(3), "no guest on the dead VMM's pid: {err}");
+    let r = agent.wait_record(&tenant);
+    assert_eq!((r.decision, r.rule.as_str()), (Decision::Denied, "tenants"), "inherited a verdict: {r:?}");
+    assert_eq!((status.signal(), summary), (Some(libc::SIGKILL), serde_json::Value::Null), "{err}");
+
+    let w = guest_on_pid(pid, &["--name", &web, "--wbinvd", "70"]).expect("no guest on the dead VMM's pid");
+    let (status, _, err) = finish(w);
+    assert!(status.success(), "{err}");
+    let m = agent.scrape();
+    assert_eq!(wbinvd_total(&m, &web), Some(70.0), "inherited counts:\n{m}");
+    assert_eq!(wbinvd_total(&m, &gpu), Some(50.0), "the exited VM keeps its own:\n{m}");
 }

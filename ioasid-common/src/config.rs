@@ -61,11 +61,15 @@ pub struct ProgConfig {
     pub fops_owner: u32,
     pub fops_unlocked_ioctl: u32,
     pub module_name: u32,
+    /// `task_struct.group_leader` and `task_struct.start_boottime` (BTF): a process's start,
+    /// which keys its state with its pid (see [`crate::verdict::start_ticks`]). 0: not known.
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
     /// Where KVM's own structs keep what the WBINVD handler programs read (byte offsets from
     /// the kvm module's BTF): zero `known` where they are not all known.
     pub kvm: KvmLayout,
 }
-const _: () = assert!(size_of::<ProgConfig>() == 168 + size_of::<KvmLayout>());
+const _: () = assert!(size_of::<ProgConfig>() == 176 + size_of::<KvmLayout>());
 
 /// Byte offsets in KVM's structs, from the kvm module's BTF (none before 5.11: no module BTF).
 /// With them the handler programs count, time and measure each WBINVD's flush from
@@ -134,6 +138,8 @@ impl ProgConfig {
         fops_owner: 0,
         fops_unlocked_ioctl: 0,
         module_name: 0,
+        task_group_leader: 0,
+        task_start_boottime: 0,
         kvm: KvmLayout {
             known: 0,
             vcpu_kvm: 0,

@@ -62,8 +62,10 @@ pub fn flush_cpus_bucket(cpus: u32) -> u32 {
 pub struct CostKey {
     pub tgid: u32,
     pub bucket: u32,
+    /// The process's start (see [`crate::verdict::start_ticks`]).
+    pub start: u64,
 }
-const _: () = assert!(size_of::<CostKey>() == 8);
+const _: () = assert!(size_of::<CostKey>() == 16);
 
 /// Value of [`crate::names::MAP_PENDING`].
 #[repr(C)]
@@ -73,8 +75,10 @@ pub struct Pending {
     pub tgid: u32,
     /// [`crate::counters::Path::Exit`] or [`crate::counters::Path::Emulated`].
     pub path: u32,
+    /// The VMM's start (see [`crate::verdict::start_ticks`]).
+    pub start: u64,
 }
-const _: () = assert!(size_of::<Pending>() == 16);
+const _: () = assert!(size_of::<Pending>() == 24);
 
 wire_enum! {
     /// `Control::cost_source`: which programs time WBINVD handling.

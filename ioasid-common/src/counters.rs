@@ -29,8 +29,9 @@ wire_enum! {
 /// `vcpu` value when the source does not say which vCPU it was.
 pub const VCPU_UNKNOWN: u32 = u32::MAX;
 
-/// Key of [`crate::names::MAP_COUNTERS`]. The VMM's tgid names the VM; the agent maps it to a
-/// VM name. `op` is an [`Op`], `path` a [`Path`].
+/// Key of [`crate::names::MAP_COUNTERS`]. The VMM's tgid and start (see
+/// [`crate::verdict::start_ticks`]) name the process, so a process on a reused pid never adds to
+/// a dead one's counts; the agent maps it to a VM name. `op` is an [`Op`], `path` a [`Path`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
@@ -38,8 +39,9 @@ pub struct CounterKey {
     pub vcpu: u32,
     pub op: u32,
     pub path: u32,
+    pub start: u64,
 }
-const _: () = assert!(size_of::<CounterKey>() == 16);
+const _: () = assert!(size_of::<CounterKey>() == 24);
 
 /// Value of [`crate::names::MAP_EXIT_MARKS`]: a WBINVD/INVD exit of this thread, which KVM
 /// (SVM without NRIP save) will emulate next to skip it. The emulation of the same `rip` is the

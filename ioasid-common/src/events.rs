@@ -129,6 +129,8 @@ pub struct Cmdline {
     pub ktime_ns: u64,
     pub len: u32,
     pub _pad: u32,
+    /// The process's start (see [`crate::verdict::start_ticks`]): whose command line it is.
+    pub start: u64,
     pub bytes: [u8; CMDLINE_MAX],
 }
-const _: () = assert!(core::mem::size_of::<Cmdline>() == 16 + CMDLINE_MAX);
+const _: () = assert!(core::mem::size_of::<Cmdline>() == 24 + CMDLINE_MAX);

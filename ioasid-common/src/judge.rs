@@ -124,6 +124,7 @@ mod tests {
             rule: 3,
             generation: 7,
             unknown_allowed: u32::from(unknown_allowed),
+            start: 0,
         })
     }
 

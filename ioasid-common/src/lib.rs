@@ -43,6 +43,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for verdict::FdKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for verdict::ProcKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for verdict::Asked {}
     // SAFETY: as above.
     unsafe impl aya::Pod for config::ProgConfig {}

@@ -24,8 +24,8 @@ pub const MAP_IPI_START: &str = "IOASID_IPI_START";
 /// victim (the process the IPI interrupted on another CPU).
 pub const MAP_BLAST: &str = "IOASID_BLAST";
 pub const BLAST_MAX_ENTRIES: u32 = 16384;
-/// Hash: tgid -> [`crate::verdict::VmVerdict`], the compiled policy for each classified VMM.
-/// Written by the agent only.
+/// Hash: tgid -> [`crate::verdict::VmVerdict`], the compiled policy for each classified VMM
+/// (applied only to the process whose start it carries). Written by the agent only.
 pub const MAP_VM_POLICY: &str = "IOASID_VM_POLICY";
 /// Hash: [`crate::verdict::FdKey`] -> u32 device type, kvm device fds from KVM_CREATE_DEVICE.
 pub const MAP_KVM_DEVICES: &str = "IOASID_KVM_DEVICES";
@@ -48,12 +48,13 @@ pub const MAP_PENDING_COUNT: &str = "IOASID_PENDING_COUNT";
 /// device fds the agent has resolved, so a FILE_ADD is judged by its coherency in the kernel,
 /// with no round trip. Written by the agent only.
 pub const MAP_FILE_COHERENCY: &str = "IOASID_FILE_COHERENCY";
-/// Hash: tgid -> u32 flag 1, VMMs the agent found non-coherent (a successful FILE_ADD of a
-/// device whose IOMMU does not enforce coherency, or such a device held when first seen).
-/// Written by the agent only.
+/// Hash: tgid -> u64 start ([`crate::verdict::start_ticks`]) of the VMM the agent found
+/// non-coherent (a successful FILE_ADD of a device whose IOMMU does not enforce coherency, or
+/// such a device held when first seen): applies to that process only. Written by the agent only.
 pub const MAP_NONCOHERENT: &str = "IOASID_NONCOHERENT";
-/// Hash: tgid -> u32 count of kvm_arch_register_noncoherent_dma minus unregister, by KVM itself
-/// (fentry, where trampolines load). Written by the kernel programs only.
+/// Hash: [`crate::verdict::ProcKey`] -> u64 count of kvm_arch_register_noncoherent_dma minus
+/// unregister, by KVM itself (fentry, where trampolines load). Written by the kernel programs
+/// only.
 pub const MAP_NONCOHERENT_KVM: &str = "IOASID_NONCOHERENT_KVM";
 /// Per-CPU array of u64 indexed by [`crate::cost::flush_cpus_bucket`]: CPUs reached per flush.
 pub const MAP_FLUSH_CPUS: &str = "IOASID_FLUSH_CPUS";

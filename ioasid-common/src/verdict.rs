@@ -53,8 +53,11 @@ pub struct VmVerdict {
     /// Non-zero when a file of unknown coherency is let through unjudged
     /// (`unknown_coherency: allow`); zero: judged as non-coherent.
     pub unknown_allowed: u32,
+    /// The start of the process it was compiled for ([`start_ticks`]): the kernel applies it
+    /// only to that process, never to another one on its pid.
+    pub start: u64,
 }
-const _: () = assert!(size_of::<VmVerdict>() == 16);
+const _: () = assert!(size_of::<VmVerdict>() == 24);
 
 /// Value of [`crate::names::MAP_ASKED`].
 #[repr(C)]
@@ -68,11 +71,36 @@ pub struct Asked {
 }
 const _: () = assert!(size_of::<Asked>() == 16);
 
-/// Key of [`crate::names::MAP_KVM_DEVICES`].
+/// Key of [`crate::names::MAP_KVM_DEVICES`] and [`crate::names::MAP_FILE_COHERENCY`]: an fd of
+/// one process (its tgid and start).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FdKey {
     pub tgid: u32,
     pub fd: u32,
+    pub start: u64,
 }
-const _: () = assert!(size_of::<FdKey>() == 8);
+const _: () = assert!(size_of::<FdKey>() == 16);
+
+/// Key of [`crate::names::MAP_NONCOHERENT_KVM`]: one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub start: u64,
+}
+const _: () = assert!(size_of::<ProcKey>() == 16);
+
+/// Nanoseconds per unit of a process's start as `/proc/PID/stat` gives it (field 22,
+/// `starttime`, in USER_HZ clock ticks: 100 on x86).
+pub const START_TICK_NS: u64 = 10_000_000;
+
+/// A process's start as the kernel programs key their per-process state with it: its thread
+/// group leader's `start_boottime` in `/proc/PID/stat` clock ticks, the value the agent reads
+/// there. Pid and start together name one process: a process on a reused pid has a later start
+/// and inherits nothing (no verdict, no file coherency, no counts). 0 where the kernel's layout
+/// is not known (the maps are then keyed by pid alone, as before).
+pub const fn start_ticks(start_boottime_ns: u64) -> u64 {
+    start_boottime_ns / START_TICK_NS
+}

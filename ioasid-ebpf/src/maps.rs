@@ -17,7 +17,7 @@ use ioasid_common::{
         CMDLINES_MAX_ENTRIES, COST_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, DECISIONS_RING_BYTES,
         EVENTS_RING_BYTES, INFLIGHT_MAX_ENTRIES, KVM_DEVICES_MAX_ENTRIES, VM_POLICY_MAX_ENTRIES,
     },
-    verdict::{Asked, FdKey, VmVerdict},
+    verdict::{Asked, FdKey, ProcKey, VmVerdict},
 };
 
 /// Exact counts. Per-CPU so the hot path never contends; the agent sums the CPUs.
@@ -117,7 +117,7 @@ pub fn inflight_none() -> bool {
     shared_zero(&IOASID_INFLIGHT_COUNT)
 }
 
-/// tgid -> the command line it had at KVM_CREATE_VM (LRU: bounded whatever the churn).
+/// tgid -> the command line it had at KVM_CREATE_VM, with its start (LRU: bounded whatever the churn).
 #[map]
 pub static IOASID_CMDLINES: LruHashMap<u32, Cmdline> = LruHashMap::with_max_entries(CMDLINES_MAX_ENTRIES, 0);
 
@@ -136,39 +136,44 @@ pub static IOASID_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(INF
 #[map]
 pub static IOASID_PENDING_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
-/// tgid -> 1 for VMMs the agent found non-coherent. Written by the agent only.
+/// tgid -> the start of the VMM the agent found non-coherent (see `MAP_NONCOHERENT`). Written
+/// by the agent only.
 #[map]
-pub static IOASID_NONCOHERENT: HashMap<u32, u32> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+pub static IOASID_NONCOHERENT: HashMap<u32, u64> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
 
-/// tgid -> KVM's non-coherent DMA registrations minus unregistrations (fentry). Written by the
-/// kernel programs only, so the count is never overwritten by the agent's flag.
+/// Process -> KVM's non-coherent DMA registrations minus unregistrations (fentry). Written by
+/// the kernel programs only, so the count is never overwritten by the agent's flag.
 #[map]
-pub static IOASID_NONCOHERENT_KVM: HashMap<u32, u64> = HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
+pub static IOASID_NONCOHERENT_KVM: HashMap<ProcKey, u64> =
+    HashMap::with_max_entries(VM_POLICY_MAX_ENTRIES, 0);
 
-/// True if the VMM has non-coherent DMA, by KVM's own count or the agent's finding.
+/// True if the VMM has non-coherent DMA, by KVM's own count or the agent's finding, for this
+/// very process (not another one on its pid).
 #[inline(always)]
-pub fn is_noncoherent(tgid: u32) -> bool {
-    IOASID_NONCOHERENT_KVM.get_ptr(&tgid).is_some() || IOASID_NONCOHERENT.get_ptr(&tgid).is_some()
+pub fn is_noncoherent(me: &ProcKey) -> bool {
+    IOASID_NONCOHERENT_KVM.get_ptr(me).is_some()
+        // SAFETY: pointer to a live map value, read once.
+        || IOASID_NONCOHERENT.get_ptr(&me.tgid).is_some_and(|s| unsafe { *s } == me.start)
 }
 
 /// Adds `delta` to a registration count, atomically (creating it at 0 first). A count that
 /// reaches zero is removed, so presence means "registered".
 #[inline(always)]
-pub fn noncoherent_kvm_add(tgid: u32, delta: i64) {
-    if IOASID_NONCOHERENT_KVM.get_ptr(&tgid).is_none() {
+pub fn noncoherent_kvm_add(me: &ProcKey, delta: i64) {
+    if IOASID_NONCOHERENT_KVM.get_ptr(me).is_none() {
         if delta < 0 {
             return;
         }
-        let _ = IOASID_NONCOHERENT_KVM.insert(&tgid, &0, BPF_NOEXIST as u64);
+        let _ = IOASID_NONCOHERENT_KVM.insert(me, &0, BPF_NOEXIST as u64);
     }
-    let Some(p) = IOASID_NONCOHERENT_KVM.get_ptr_mut(&tgid) else {
+    let Some(p) = IOASID_NONCOHERENT_KVM.get_ptr_mut(me) else {
         stat_inc(Stat::CounterMapFull);
         return;
     };
     atomic_add(p, delta);
     // SAFETY: live map value, read after our own atomic add.
     if unsafe { *p } == 0 {
-        let _ = IOASID_NONCOHERENT_KVM.remove(&tgid);
+        let _ = IOASID_NONCOHERENT_KVM.remove(me);
     }
 }
 

@@ -88,10 +88,23 @@ struct Args {
     /// Stay alive this many seconds after the work is done (so a watcher sees the VM live).
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
+    /// Run as a forked child (no exec) on this pid, if it is free (ns_last_pid: root): as a
+    /// process that takes a dead VMM's pid and becomes a VMM without exec'ing. The parent waits
+    /// and exits as the child did (the same signal, or code 3 if the pid was not had).
+    #[arg(long, value_name = "PID")]
+    fork_onto: Option<u32>,
+    /// With --file-add: before it, start a process sharing this one's address space (clone
+    /// with CLONE_VM, not a thread) that runs a vCPU of the VM in a loop (WBINVD), and write its
+    /// pid to this file: what a VMM denied its enable leaves running unless it is killed too.
+    #[arg(long, value_name = "PATH", requires = "file_add")]
+    clone_vm_sibling: Option<std::path::PathBuf>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(pid) = args.fork_onto {
+        fork_onto(pid)?;
+    }
     for (flag, v) in [
         ("--duration", args.duration),
         ("--hold", args.hold),
@@ -120,6 +133,10 @@ fn main() -> Result<()> {
                 file: std::fs::File::open("/dev/null").context("opening /dev/null")?,
                 container: None,
             },
+        };
+        let _sibling = match &args.clone_vm_sibling {
+            Some(path) => Some(clone_vm_sibling(&vm, path)?),
+            None => None,
         };
         thread::sleep(Duration::from_secs_f64(args.file_add_delay));
         let (mut errno, dev) = file_attr(&vm, None, &file.file, KVM_DEV_VFIO_FILE_ADD)?;
@@ -169,6 +186,70 @@ fn main() -> Result<()> {
     }
     println!("{}", summary.to_json(std::process::id()));
     Ok(())
+}
+
+/// KVM_RUNs of the CLONE_VM sibling (shared memory: the sibling shares the address space).
+static SIBLING_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The CLONE_VM sibling: runs the vCPU whose fd it is given, forever. Raw syscalls only (it
+/// shares the parent's memory and thread-local storage).
+extern "C" fn sibling_main(arg: *mut libc::c_void) -> libc::c_int {
+    const KVM_RUN: libc::c_ulong = 0xae80;
+    let fd = arg as usize as libc::c_int;
+    loop {
+        // SAFETY: KVM_RUN on the vCPU fd; takes no argument.
+        unsafe { libc::ioctl(fd, KVM_RUN, 0) };
+        SIBLING_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Starts the CLONE_VM sibling (see `--clone-vm-sibling`) once it has run the vCPU, writes its
+/// pid to `path`; returns what must live as long as it (the guest memory, the vCPU, its stack).
+fn clone_vm_sibling(vm: &VmFd, path: &std::path::Path) -> Result<(GuestMem, VcpuFd, Vec<u8>)> {
+    use std::os::fd::AsRawFd;
+    let (mem, vcpu) = setup_guest(vm, &code::storm(1))?;
+    let mut stack = vec![0u8; 256 * 1024];
+    // SAFETY: the top of a live allocation, 16-byte aligned down; the stack and everything the
+    // child touches (the vCPU fd, guest memory, SIBLING_RUNS) outlive it: returned to the caller.
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) } as usize & !15;
+    let arg = vcpu.as_raw_fd() as usize as *mut libc::c_void;
+    // SAFETY: clone with a fresh stack; the child runs only `sibling_main`.
+    let pid =
+        unsafe { libc::clone(sibling_main, top as *mut libc::c_void, libc::CLONE_VM | libc::SIGCHLD, arg) };
+    if pid < 0 {
+        bail!("clone(CLONE_VM): {}", std::io::Error::last_os_error());
+    }
+    let started = Instant::now();
+    while SIBLING_RUNS.load(std::sync::atomic::Ordering::Relaxed) < 10 {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("the CLONE_VM sibling ran no vCPU");
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::write(path, pid.to_string()).context("writing the sibling's pid")?;
+    Ok((mem, vcpu, stack))
+}
+
+/// Forks onto `pid` (see `--fork-onto`); returns in the child only.
+fn fork_onto(pid: u32) -> Result<()> {
+    let last = pid.checked_sub(1).context("--fork-onto takes a pid above 1")?;
+    std::fs::write("/proc/sys/kernel/ns_last_pid", last.to_string()).context("writing ns_last_pid")?;
+    // SAFETY: single-threaded here (nothing spawned yet); the child continues main().
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 if std::process::id() == pid => Ok(()),
+        0 => std::process::exit(3),
+        child => {
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            while unsafe { libc::waitpid(child, &mut status, 0) } == -1 {}
+            if libc::WIFSIGNALED(status) {
+                // SAFETY: re-raises the child's fatal signal on ourselves.
+                unsafe { libc::kill(libc::getpid(), libc::WTERMSIG(status)) };
+            }
+            std::process::exit(libc::WEXITSTATUS(status));
+        }
+    }
 }
 
 /// WBINVDs per paced batch: about 1 ms worth at the asked rate, at least 1.

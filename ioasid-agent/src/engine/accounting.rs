@@ -236,16 +236,88 @@ impl Accounting {
         }
     }
 
-    /// Applies the kernel totals read this sweep.
+    /// The process that kernel counts keyed by `tgid` and `start` belong to: the one on that
+    /// pid with that start, live or exited. `start` 0 (a kernel whose layout is not known) is
+    /// whichever process is on the pid. Counts of a process the agent has not seen are its own:
+    /// a new process on a reused pid sets the old one aside, and counts of a process older than
+    /// the one on its pid (read after its pid was taken) go to an exited entry of their own.
+    /// Nothing is ever added to another process's counts.
+    fn owner(
+        &mut self,
+        tgid: u32,
+        start: u64,
+        procfs: &ProcFs,
+        now: Instant,
+        captured: &dyn Fn(u32) -> Option<ProcessInfo>,
+    ) -> &mut Proc {
+        let fits = |p: &Proc| start == 0 || p.info.start_time == 0 || p.info.start_time == start;
+        if let Some(i) = self.exited.iter().rposition(|p| p.info.pid == tgid && p.info.start_time == start) {
+            if start != 0 && self.procs.get(&tgid).is_none_or(|p| p.info.start_time != start) {
+                return &mut self.exited[i];
+            }
+        }
+        match self.procs.get(&tgid) {
+            Some(p) if fits(p) => return self.ensure_with(tgid, None, procfs, now, captured),
+            // A process this agent knows on the pid, older than the counts: a new process took
+            // the pid.
+            Some(p) if p.info.start_time < start => self.set_aside(tgid),
+            Some(_) => return self.stray(tgid, start, now, captured),
+            None => {}
+        }
+        let p = self.ensure_with(tgid, None, procfs, now, captured);
+        if fits(p) {
+            if p.info.start_time == 0 {
+                p.info.start_time = start;
+            }
+            return self.procs.get_mut(&tgid).expect("just ensured");
+        }
+        // /proc shows yet another process on the pid: the counts' process is gone.
+        self.stray(tgid, start, now, captured)
+    }
+
+    /// An exited entry for counts of a process that is no longer on its pid and was never
+    /// named: from the command line the kernel captured when it has that start, else
+    /// `unknown:<pid>`.
+    fn stray(
+        &mut self,
+        tgid: u32,
+        start: u64,
+        now: Instant,
+        captured: &dyn Fn(u32) -> Option<ProcessInfo>,
+    ) -> &mut Proc {
+        let info = captured(tgid).filter(|i| i.start_time == start).unwrap_or_else(|| ProcessInfo {
+            pid: tgid,
+            comm: "unknown".into(),
+            vm: format!("unknown:{tgid}"),
+            exe: None,
+            cgroup: None,
+            uid: u32::MAX,
+            start_time: start,
+            uuid: None,
+        });
+        tracing::debug!(tgid, start, vm = %crate::util::text::escape(&info.vm), "counts of a process no longer on its pid");
+        let mut p = Proc::new(info, Some(now));
+        p.purged = true;
+        self.exited.push_back(p);
+        while self.exited.len() > MAX_EXITED {
+            if let Some(old) = self.exited.pop_front() {
+                self.exited_dropped += 1;
+                self.retire(old);
+            }
+        }
+        self.exited.back_mut().expect("just pushed")
+    }
+
+    /// Applies the kernel totals read this sweep, keyed by process (tgid, start).
     pub fn apply(
         &mut self,
-        kernel: HashMap<u32, Totals>,
+        kernel: HashMap<(u32, u64), Totals>,
         procfs: &ProcFs,
         now: Instant,
         captured: &dyn Fn(u32) -> Option<ProcessInfo>,
     ) {
-        for (tgid, totals) in kernel {
-            let p = self.ensure_with(tgid, None, procfs, now, captured);
+        for ((tgid, start), totals) in kernel {
+            let p = self.owner(tgid, start, procfs, now, captured);
             let mut grew = Vec::new();
             for (k, v) in totals {
                 let e = p.totals.entry(k).or_insert(0);
@@ -261,16 +333,16 @@ impl Accounting {
         }
     }
 
-    /// Applies the kernel's handler-time histograms read this sweep.
+    /// Applies the kernel's handler-time histograms read this sweep, keyed by process.
     pub fn apply_cost(
         &mut self,
-        kernel: HashMap<u32, CostHist>,
+        kernel: HashMap<(u32, u64), CostHist>,
         procfs: &ProcFs,
         now: Instant,
         captured: &dyn Fn(u32) -> Option<ProcessInfo>,
     ) {
-        for (tgid, hist) in kernel {
-            let p = self.ensure_with(tgid, None, procfs, now, captured);
+        for ((tgid, start), hist) in kernel {
+            let p = self.owner(tgid, start, procfs, now, captured);
             // Kernel counts only grow while the process lives; never go backwards.
             for (a, b) in p.cost.buckets.iter_mut().zip(hist.buckets.iter()) {
                 *a = (*a).max(*b);
@@ -281,15 +353,20 @@ impl Accounting {
 
     /// Processes that died and whose kernel entries should now be removed. They move to the
     /// exited ones (kept for the retention, at most [`MAX_EXITED`]).
-    pub fn take_newly_dead(&mut self) -> Vec<u32> {
+    /// Each is (tgid, start): the kernel entries of that process only.
+    pub fn take_newly_dead(&mut self) -> Vec<(u32, u64)> {
         // Every dead process moves, also a late event's placeholder of one already purged;
         // only the not yet purged are newly dead.
-        let dead: Vec<(u32, bool)> =
-            self.procs.iter().filter(|(_, p)| p.dead_since.is_some()).map(|(t, p)| (*t, p.purged)).collect();
-        for (t, _) in &dead {
+        let dead: Vec<(u32, u64, bool)> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.dead_since.is_some())
+            .map(|(t, p)| (*t, p.info.start_time, p.purged))
+            .collect();
+        for (t, _, _) in &dead {
             self.set_aside(*t);
         }
-        dead.into_iter().filter(|(_, purged)| !purged).map(|(t, _)| t).collect()
+        dead.into_iter().filter(|(_, _, purged)| !purged).map(|(t, s, _)| (t, s)).collect()
     }
 
     /// Forgets processes dead for longer than `retention`; returns their tgids.
@@ -355,11 +432,11 @@ mod tests {
         }
     }
 
-    fn kernel(tgid: u32, wb_exit: u64, wb_emul: u64) -> HashMap<u32, Totals> {
+    fn kernel(tgid: u32, wb_exit: u64, wb_emul: u64) -> HashMap<(u32, u64), Totals> {
         let mut t = Totals::new();
         t.insert((Op::Wbinvd, Path::Exit), wb_exit);
         t.insert((Op::Wbinvd, Path::Emulated), wb_emul);
-        HashMap::from([(tgid, t)])
+        HashMap::from([((tgid, 0), t)])
     }
 
     fn value(a: &Accounting, vm: &str, path: Path) -> Option<u64> {
@@ -380,7 +457,7 @@ mod tests {
 
         // The process dies (procfs says gone); a new process of the same VM starts.
         assert_eq!(a.check_liveness(&procfs, now), vec![10]);
-        assert_eq!(a.take_newly_dead(), vec![10]);
+        assert_eq!(a.take_newly_dead(), vec![(10, 1)]);
         assert!(a.take_newly_dead().is_empty());
         a.replace(info(11, "gpu-1", 2));
         a.apply(kernel(11, 1, 0), &procfs, now, &|_| None);
@@ -450,7 +527,7 @@ mod tests {
         a.replace(info(40, "old-vm", 1));
         a.apply(kernel(40, 100, 0), &procfs, now, &|_| None);
         assert_eq!(a.check_liveness(&procfs, now), vec![40]);
-        assert_eq!(a.take_newly_dead(), vec![40]);
+        assert_eq!(a.take_newly_dead(), vec![(40, 1)]);
         // Another VMM gets pid 40 (another start time): its own name and counts.
         a.replace(info(40, "new-vm", 2));
         a.apply(kernel(40, 3, 0), &procfs, now, &|_| None);
@@ -466,6 +543,38 @@ mod tests {
         a.apply(kernel(40, 1, 0), &procfs, now, &|_| None);
         assert_eq!(value(&a, "unknown:40", Path::Exit), Some(1));
         assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
+    }
+
+    /// Kernel counts keyed by (pid, start), as the programs key them.
+    fn keyed(tgid: u32, start: u64, wb_exit: u64) -> HashMap<(u32, u64), Totals> {
+        let mut t = Totals::new();
+        t.insert((Op::Wbinvd, Path::Exit), wb_exit);
+        HashMap::from([((tgid, start), t)])
+    }
+
+    #[test]
+    fn counts_keyed_by_start_go_to_their_own_process_whatever_holds_the_pid() {
+        let procfs = ProcFs::at("/nonexistent-procfs");
+        let mut a = Accounting::default();
+        let now = Instant::now();
+        a.replace(info(80, "old-vm", 5));
+        a.apply(keyed(80, 5, 10), &procfs, now, &|_| None);
+        // A new process took pid 80 before the agent noticed the old one died: its counts
+        // arrive under its own start, and set the old one aside instead of adding to it.
+        let captured = |t: u32| (t == 80).then(|| info(80, "new-vm", 9));
+        a.apply(keyed(80, 9, 3), &procfs, now, &captured);
+        assert_eq!(value(&a, "old-vm", Path::Exit), Some(10), "the old process keeps its own");
+        assert_eq!(value(&a, "new-vm", Path::Exit), Some(3), "nothing inherited");
+        assert_eq!(a.procs[&80].info.start_time, 9);
+        // The old process's last counts, read after the pid was taken, still go to it.
+        a.apply(keyed(80, 5, 12), &procfs, now, &captured);
+        assert_eq!(value(&a, "old-vm", Path::Exit), Some(12));
+        assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
+        // Counts of a process older than the one on the pid, never seen: an entry of their own.
+        a.apply(keyed(80, 2, 7), &procfs, now, &captured);
+        assert_eq!(value(&a, "unknown:80", Path::Exit), Some(7));
+        assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
+        assert_eq!(a.host.get(&(Op::Wbinvd, Path::Exit)), Some(&(12 + 3 + 7)), "the host counts all");
     }
 
     #[test]
@@ -488,7 +597,7 @@ mod tests {
         a.replace(info(70, "vm-late", 1));
         a.apply(kernel(70, 4, 0), &procfs, now, &|_| None);
         a.check_liveness(&procfs, now);
-        assert_eq!(a.take_newly_dead(), vec![70]);
+        assert_eq!(a.take_newly_dead(), vec![(70, 1)]);
         assert!(!a.procs.contains_key(&70) && a.exited.len() == 1, "moved to the capped queue");
         assert_eq!(value(&a, "vm-late", Path::Exit), Some(4), "still reported");
         // A late event of it keeps its name; kernel counts on the pid would be a new process's.

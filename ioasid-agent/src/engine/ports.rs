@@ -44,30 +44,36 @@ pub struct MapError {
 
 /// What the event loop reads from and writes to the kernel.
 pub trait Kernel {
-    /// Exact WBINVD/INVD counts summed over CPUs and vCPUs, per tgid.
-    fn counters(&mut self) -> HashMap<u32, Totals>;
-    /// Handler-time histograms summed over CPUs, per tgid.
-    fn cost(&mut self) -> HashMap<u32, CostHist>;
+    /// Exact WBINVD/INVD counts summed over CPUs and vCPUs, per process: (tgid, start as
+    /// /proc gives it; 0 where the kernel keys by tgid alone).
+    fn counters(&mut self) -> HashMap<(u32, u64), Totals>;
+    /// Handler-time histograms summed over CPUs, per process (as `counters`).
+    fn cost(&mut self) -> HashMap<(u32, u64), CostHist>;
     fn flush_cpus(&mut self) -> FlushCpus;
     fn stats(&mut self) -> Stats;
-    /// VMMs with non-coherent DMA: KVM's own registrations, and those the agent marked.
-    fn noncoherent(&mut self) -> HashSet<u32>;
-    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError>;
+    /// VMMs with non-coherent DMA: KVM's own registrations, and those the agent marked, per
+    /// process (as `counters`).
+    fn noncoherent(&mut self) -> HashSet<(u32, u64)>;
+    /// Marks the process (pid, start) non-coherent: never another one on its pid.
+    fn mark_noncoherent(&mut self, tgid: u32, start: u64) -> Result<(), MapError>;
     /// Takes back the agent's mark (a VFIO file left the VM); KVM's own count is untouched.
     fn unmark_noncoherent(&mut self, tgid: u32);
+    /// The process's verdict; the kernel applies it only to the process of `verdict.start`.
     fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError>;
-    /// What the agent resolved for a VFIO file fd, so a FILE_ADD of it is judged in the kernel.
-    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError>;
+    /// What the agent resolved for a VFIO file fd of process (pid, start), so a FILE_ADD of it
+    /// is judged in the kernel.
+    fn set_file_coherency(&mut self, tgid: u32, start: u64, fd: i32, c: Coherency) -> Result<(), MapError>;
     /// Processes the kernel stopped to ask the agent, with its record of the request.
     fn asks(&mut self) -> Vec<(u32, Asked)>;
     /// Takes the kernel's record of the ask made at `ktime_ns` by `tgid`, if it is still open:
     /// whoever takes it decides that request; anyone else must not decide it again.
     fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool;
-    /// Removes everything kept for a process that exited (after its final counts were read).
-    fn forget(&mut self, tgid: u32);
-    /// The command line `tgid` had when it created its VM (NUL-separated), if the kernel
-    /// captured it.
-    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>>;
+    /// Removes everything kept for a process (pid, start) that exited, after its final counts
+    /// were read; another process on the pid keeps its own.
+    fn forget(&mut self, tgid: u32, start: u64);
+    /// The command line `tgid` had when it created its VM (NUL-separated) and its start, if
+    /// the kernel captured it.
+    fn cmdline(&self, tgid: u32) -> Option<(Vec<u8>, u64)>;
     fn program_stats(&self) -> Vec<ProgramStats>;
     /// Sends `sig` to the process (pid, start time as /proc says) through a pidfd: to that
     /// process or to nobody (ESRCH), never to another one that reused the pid.

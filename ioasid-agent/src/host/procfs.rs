@@ -90,6 +90,14 @@ pub fn info_from_cmdline(pid: u32, raw: &[u8]) -> Option<ProcessInfo> {
     })
 }
 
+/// A process named from what the kernel captured of it at VM creation: its command line and
+/// its start (0: not known).
+pub fn info_from_captured(pid: u32, (raw, start): &(Vec<u8>, u64)) -> Option<ProcessInfo> {
+    let mut info = info_from_cmdline(pid, raw)?;
+    info.start_time = *start;
+    Some(info)
+}
+
 /// The VM's UUID from a VMM command line: QEMU's last `-uuid`/`--uuid` (or `-uuid=...`), if it
 /// is a well-formed UUID (lowercased); anything else is ignored.
 pub fn uuid_from_cmdline(args: &[String]) -> Option<String> {
@@ -144,6 +152,18 @@ impl ProcFs {
         let stat = self.read(pid, "stat").ok()?;
         let stat = String::from_utf8_lossy(&stat);
         stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
+    }
+
+    /// Every other process sharing `pid`'s address space (created with CLONE_VM, not as a
+    /// thread): they can run its VM, so a VMM denied its enable is killed with them. One kcmp(2)
+    /// per process of the host: done only when a VMM is killed.
+    pub fn mm_siblings(&self, pid: u32) -> Vec<u32> {
+        let Ok(procs) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        procs
+            .flatten()
+            .filter_map(|p| p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+            .filter(|q| *q != pid && crate::host::sys::same_mm(pid, *q))
+            .collect()
     }
 
     /// Every process holding a KVM VM fd (`anon_inode:kvm-vm`): the host's VMMs, idle and

@@ -46,6 +46,24 @@ pub fn hostname() -> String {
 
 /// bpf(2) on an attribute block of plain integers (`attr`'s size is what the kernel is told);
 /// Ok is the syscall's return value (an fd, for the commands that make one).
+/// True if processes `a` and `b` share one address space (kcmp(2) KCMP_VM): a CLONE_VM sibling,
+/// which can run the same VM (KVM refuses any other mm). False on any error (a process gone, no
+/// kcmp in this kernel).
+pub fn same_mm(a: u32, b: u32) -> bool {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp takes plain integers.
+    unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            a as libc::c_long,
+            b as libc::c_long,
+            KCMP_VM,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        ) == 0
+    }
+}
+
 pub fn bpf<T: Copy>(cmd: libc::c_long, attr: &mut [T]) -> std::io::Result<i64> {
     let size = std::mem::size_of_val(attr) as u32;
     // SAFETY: `attr` is a valid, writable block of `size` bytes of plain data; the kernel reads

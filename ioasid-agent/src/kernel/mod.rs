@@ -17,7 +17,7 @@ use ioasid_common::{
     counters::{CounterKey, Op, Path, STATS_LEN},
     events::Coherency,
     names::*,
-    verdict::{Asked, FdKey, VmVerdict},
+    verdict::{Asked, FdKey, ProcKey, VmVerdict},
 };
 
 use crate::{
@@ -37,8 +37,8 @@ pub struct BpfKernel {
     verdicts: BpfHashMap<MapData, u32, VmVerdict>,
     kvm_devices: BpfHashMap<MapData, FdKey, u32>,
     asked: BpfHashMap<MapData, u32, Asked>,
-    noncoherent: BpfHashMap<MapData, u32, u32>,
-    noncoherent_kvm: BpfHashMap<MapData, u32, u64>,
+    noncoherent: BpfHashMap<MapData, u32, u64>,
+    noncoherent_kvm: BpfHashMap<MapData, ProcKey, u64>,
     file_coherency: BpfHashMap<MapData, FdKey, u32>,
     cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
     blast: PerCpuHashMap<MapData, ioasid_common::cost::BlastKey, u64>,
@@ -55,6 +55,8 @@ pub struct BpfKernel {
     late_seen: ModulesSeen,
     /// What the control map holds.
     control: ioasid_common::config::Control,
+    /// The programs key per-process state by pid and start (else by pid alone: starts are 0).
+    starts_keyed: bool,
     // Dropping the object detaches every program: it lives as long as this value.
     ebpf: aya::Ebpf,
 }
@@ -156,6 +158,7 @@ impl BpfKernel {
             late: loaded.late,
             late_seen: ModulesSeen { fingerprint: modules_fingerprint(), at: std::time::Instant::now() },
             control: loaded.control,
+            starts_keyed: loaded.starts_keyed,
             ebpf: loaded.ebpf,
         };
         Ok((k, rings))
@@ -167,21 +170,32 @@ impl BpfKernel {
     }
 }
 
+impl BpfKernel {
+    /// A process's start as the programs key it: 0 where they key by pid alone.
+    fn keyed(&self, start: u64) -> u64 {
+        if self.starts_keyed {
+            start
+        } else {
+            0
+        }
+    }
+}
+
 impl Kernel for BpfKernel {
-    fn counters(&mut self) -> HashMap<u32, Totals> {
-        let mut out: HashMap<u32, Totals> = HashMap::new();
+    fn counters(&mut self) -> HashMap<(u32, u64), Totals> {
+        let mut out: HashMap<(u32, u64), Totals> = HashMap::new();
         for (k, sum) in per_cpu(MAP_COUNTERS, self.counters.iter()) {
             // Only the programs write this map, from typed values: anything else is skipped.
             let (Ok(op), Ok(path)) = (Op::try_from(k.op), Path::try_from(k.path)) else { continue };
-            *out.entry(k.tgid).or_default().entry((op, path)).or_insert(0) += sum;
+            *out.entry((k.tgid, k.start)).or_default().entry((op, path)).or_insert(0) += sum;
         }
         out
     }
 
-    fn cost(&mut self) -> HashMap<u32, CostHist> {
-        let mut out: HashMap<u32, CostHist> = HashMap::new();
+    fn cost(&mut self) -> HashMap<(u32, u64), CostHist> {
+        let mut out: HashMap<(u32, u64), CostHist> = HashMap::new();
         for (k, sum) in per_cpu(MAP_COST, self.cost.iter()) {
-            let h = out.entry(k.tgid).or_default();
+            let h = out.entry((k.tgid, k.start)).or_default();
             match h.buckets.get_mut(k.bucket as usize) {
                 Some(b) => *b += sum,
                 None if k.bucket == COST_SUM => h.sum_ns += sum,
@@ -211,14 +225,15 @@ impl Kernel for BpfKernel {
         out
     }
 
-    fn noncoherent(&mut self) -> HashSet<u32> {
-        let kvm = self.noncoherent_kvm.keys().map_while(Result::ok);
-        kvm.chain(self.noncoherent.keys().map_while(Result::ok)).collect()
+    fn noncoherent(&mut self) -> HashSet<(u32, u64)> {
+        let kvm = self.noncoherent_kvm.keys().map_while(Result::ok).map(|k| (k.tgid, k.start));
+        kvm.chain(self.noncoherent.iter().map_while(Result::ok)).collect()
     }
 
-    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError> {
+    fn mark_noncoherent(&mut self, tgid: u32, start: u64) -> Result<(), MapError> {
+        let start = self.keyed(start);
         self.noncoherent
-            .insert(tgid, 1, 0)
+            .insert(tgid, start, 0)
             .map_err(|source| MapError { map: MAP_NONCOHERENT, source: source.into() })
     }
 
@@ -226,14 +241,15 @@ impl Kernel for BpfKernel {
         let _ = self.noncoherent.remove(&tgid);
     }
 
-    fn set_verdict(&mut self, tgid: u32, verdict: VmVerdict) -> Result<(), MapError> {
+    fn set_verdict(&mut self, tgid: u32, mut verdict: VmVerdict) -> Result<(), MapError> {
+        verdict.start = self.keyed(verdict.start);
         self.verdicts
             .insert(tgid, verdict, 0)
             .map_err(|source| MapError { map: MAP_VM_POLICY, source: source.into() })
     }
 
-    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError> {
-        let key = FdKey { tgid, fd: fd as u32 };
+    fn set_file_coherency(&mut self, tgid: u32, start: u64, fd: i32, c: Coherency) -> Result<(), MapError> {
+        let key = FdKey { tgid, fd: fd as u32, start: self.keyed(start) };
         self.file_coherency
             .insert(key, c.wire(), 0)
             .map_err(|source| MapError { map: MAP_FILE_COHERENCY, source: source.into() })
@@ -250,23 +266,38 @@ impl Kernel for BpfKernel {
         }
     }
 
-    fn forget(&mut self, tgid: u32) {
-        let keys: Vec<CounterKey> =
-            self.counters.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
+    fn forget(&mut self, tgid: u32, start: u64) {
+        let start = self.keyed(start);
+        let keys: Vec<CounterKey> = self
+            .counters
+            .keys()
+            .map_while(Result::ok)
+            .filter(|k| k.tgid == tgid && k.start == start)
+            .collect();
         for k in keys {
             let _ = self.counters.remove(&k);
         }
         for bucket in (0..=COST_BUCKETS_NS.len() as u32).chain([COST_SUM]) {
-            let _ = self.cost.remove(&CostKey { tgid, bucket });
+            let _ = self.cost.remove(&CostKey { tgid, bucket, start });
         }
-        let _ = self.verdicts.remove(&tgid);
-        let _ = self.cmdlines.remove(&tgid);
-        let _ = self.noncoherent.remove(&tgid);
-        let _ = self.noncoherent_kvm.remove(&tgid);
-        let fds: Vec<FdKey> =
-            self.kvm_devices.keys().map_while(Result::ok).filter(|k| k.tgid == tgid).collect();
-        for k in fds {
-            let _ = self.kvm_devices.remove(&k);
+        // The pid-keyed entries only while they are still this process's: a process on the
+        // reused pid keeps its own.
+        if self.verdicts.get(&tgid, 0).is_ok_and(|v| v.start == start) {
+            let _ = self.verdicts.remove(&tgid);
+        }
+        if self.cmdlines.get(&tgid, 0).is_ok_and(|c| c.start == start) {
+            let _ = self.cmdlines.remove(&tgid);
+        }
+        if self.noncoherent.get(&tgid, 0).is_ok_and(|s| s == start) {
+            let _ = self.noncoherent.remove(&tgid);
+        }
+        let _ = self.noncoherent_kvm.remove(&ProcKey { tgid, _pad: 0, start });
+        for map in [&mut self.kvm_devices, &mut self.file_coherency] {
+            let fds: Vec<FdKey> =
+                map.keys().map_while(Result::ok).filter(|k| k.tgid == tgid && k.start == start).collect();
+            for k in fds {
+                let _ = map.remove(&k);
+            }
         }
         let blast: Vec<_> = self
             .blast
@@ -287,10 +318,10 @@ impl Kernel for BpfKernel {
         }
     }
 
-    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>> {
+    fn cmdline(&self, tgid: u32) -> Option<(Vec<u8>, u64)> {
         let c = self.cmdlines.get(&tgid, 0).ok()?;
         let len = (c.len as usize).min(c.bytes.len());
-        Some(c.bytes[..len].to_vec())
+        Some((c.bytes[..len].to_vec(), c.start))
     }
 
     fn program_stats(&self) -> Vec<ProgramStats> {

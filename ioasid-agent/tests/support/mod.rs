@@ -159,14 +159,21 @@ impl Agent {
     }
 
     /// Waits until an incoherent-DMA (or vfio-file-add) record for `vm` exists and returns it,
-    /// typed as the agent writes it.
+    /// typed as the agent writes it (records of other kinds for `vm`, a storm's, are passed over).
     pub fn wait_record(&self, vm: &str) -> AuditRecord {
-        let r = self.wait_audit(vm);
-        assert!(
-            matches!(r["event"].as_str(), Some(e) if e == RecordKind::IncoherentDma.label() || e == RecordKind::VfioFileAdd.label()),
-            "{r}"
-        );
-        serde_json::from_value(r.clone()).unwrap_or_else(|e| panic!("{e}: {r}"))
+        let enable = |r: &serde_json::Value| matches!(r["event"].as_str(), Some(e) if e == RecordKind::IncoherentDma.label() || e == RecordKind::VfioFileAdd.label());
+        let deadline = Instant::now() + Duration::from_secs(10) * slow();
+        loop {
+            if let Some(r) = self.audit().into_iter().find(|r| r["vm"] == vm && enable(r)) {
+                return serde_json::from_value(r.clone()).unwrap_or_else(|e| panic!("{e}: {r}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no incoherent-DMA record for {vm}; agent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn scrape(&self) -> String {

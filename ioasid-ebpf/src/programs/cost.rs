@@ -25,32 +25,34 @@ use ioasid_common::{
     counters::Path,
 };
 
-use super::current_ids;
+use super::{current_ids, me};
 use crate::maps::{
     config, control, pending_add, pending_none, percpu_add, IOASID_BLAST, IOASID_COST, IOASID_FLUSH_CPUS,
     IOASID_FLUSH_TARGETS, IOASID_IPI_START, IOASID_PENDING,
 };
+use ioasid_common::verdict::ProcKey;
 
-/// Records one handled WBINVD of `tgid` that took `ns`.
+/// Records one handled WBINVD of process `tgid`/`start` that took `ns`.
 #[inline(always)]
-fn record(tgid: u32, ns: u64) {
-    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: cost_bucket(ns) }, 1);
-    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: COST_SUM }, ns);
+fn record(tgid: u32, start: u64, ns: u64) {
+    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: cost_bucket(ns), start }, 1);
+    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: COST_SUM, start }, ns);
 }
 
 /// A WBINVD started on this thread (tracepoint source).
 #[inline(always)]
-pub fn start_from_tracepoint(tgid: u32, tid: u32, path: Path) {
+pub fn start_from_tracepoint(me: ProcKey, tid: u32, path: Path) {
     if control().cost_source == CostSource::Handlers.wire() {
         return;
     }
-    start(tgid, tid, path);
+    start(me, tid, path);
 }
 
 #[inline(always)]
-fn start(tgid: u32, tid: u32, path: Path) {
+fn start(me: ProcKey, tid: u32, path: Path) {
     // SAFETY: helper without pointer arguments.
-    let p = Pending { start_ns: unsafe { bpf_ktime_get_ns() }, tgid, path: path.wire() };
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    let p = Pending { start_ns, tgid: me.tgid, path: path.wire(), start: me.start };
     if IOASID_PENDING.insert(&tid, &p, BPF_NOEXIST as u64).is_ok() {
         pending_add(1);
     } else {
@@ -72,7 +74,7 @@ pub fn close_pending(tid: u32) {
     }
     // SAFETY: helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    record(p.tgid, now.saturating_sub(p.start_ns));
+    record(p.tgid, p.start, now.saturating_sub(p.start_ns));
 }
 
 /// tp_btf kvm_entry: TP_PROTO(struct kvm_vcpu *vcpu, bool force_immediate_exit) (6.10+; one
@@ -100,8 +102,7 @@ pub fn ioasid_kvm_entry(_ctx: TracePointContext) -> u32 {
 /// A WBINVD handler starts on this thread (fentry, or its kprobe twin).
 #[inline(always)]
 fn handler_start(path: Path) {
-    let (tgid, tid) = current_ids();
-    start(tgid, tid, path);
+    start(me(), current_ids().1, path);
 }
 
 /// fentry kvm_emulate_wbinvd(struct kvm_vcpu *): the exit handler starts.

@@ -54,7 +54,7 @@ use ioasid_common::{
     verdict::{Asked, Decision, FdKey, Mechanism, RULE_NONE},
 };
 
-use super::{current_ids, header};
+use super::{current_ids, current_start, header};
 use crate::{
     maps::{
         config, control, inflight_add, inflight_none, pending_none, stat_inc, IOASID_ASKED, IOASID_CMDLINES,
@@ -89,12 +89,19 @@ fn file_coherency(tgid: u32, ev: &IoctlEvent) -> Coherency {
     if ev.flags & IOCTL_F_FILE_FD_READ == 0 || ev.file_fd < 0 {
         return Coherency::Unknown;
     }
-    let key = FdKey { tgid, fd: ev.file_fd as u32 };
+    let key = fd_key(tgid, ev.file_fd);
     match IOASID_FILE_COHERENCY.get_ptr(&key) {
         // SAFETY: pointer to a live map value, read once.
         Some(c) => Coherency::try_from(unsafe { *c }).unwrap_or(Coherency::Unknown),
         None => Coherency::Unknown,
     }
+}
+
+/// The current process's `fd` as the fd maps key it (its tgid and start: a process on a reused
+/// pid finds nothing of the dead one's fds).
+#[inline(always)]
+fn fd_key(tgid: u32, fd: i32) -> FdKey {
+    FdKey { tgid, fd: fd as u32, start: current_start() }
 }
 
 /// Captures the calling process's command line (current->mm->arg_start..arg_end, at most
@@ -141,6 +148,7 @@ fn capture_cmdline(tgid: u32) {
         return;
     }
     b.len = len;
+    b.start = current_start();
     // SAFETY: a helper without pointer arguments.
     b.ktime_ns = unsafe { bpf_ktime_get_ns() };
     let _ = IOASID_CMDLINES.insert(&tgid, b, 0);
@@ -463,7 +471,7 @@ fn read_device_attr(ev: &mut IoctlEvent, tgid: u32, kattr: u64) -> Option<KvmDev
     ev.attr_group = attr.group;
     ev.attr_attr = attr.attr;
     ev.attr_addr = attr.addr;
-    let key = FdKey { tgid, fd: ev.fd as u32 };
+    let key = fd_key(tgid, ev.fd);
     if let Some(ty) = IOASID_KVM_DEVICES.get_ptr(&key) {
         // SAFETY: pointer to a live map value, read once.
         if unsafe { *ty } == KVM_DEV_TYPE_VFIO {
@@ -488,8 +496,13 @@ fn file_add(tgid: u32, coherency: Coherency) -> FileAdd {
     let ctl = control();
     FileAdd {
         coherency,
+        // Only the verdict compiled for this very process: one left by a dead process on the
+        // same pid (another start) is none, and the FILE_ADD is asked about.
         // SAFETY: pointer to a live map value, copied once.
-        verdict: IOASID_VM_POLICY.get_ptr(&tgid).map(|v| unsafe { *v }),
+        verdict: IOASID_VM_POLICY
+            .get_ptr(&tgid)
+            .map(|v| unsafe { *v })
+            .filter(|v| v.start == current_start()),
         enforce: ctl.enforce != 0,
         lsm_enforces: ctl.lsm_enforces != 0,
         ring_low: decisions_room() < u64::from(DECISIONS_RESERVE),
@@ -576,7 +589,7 @@ fn on_sys_exit_ioctl(ret: Result<u64, i64>) -> Result<(), i64> {
                 ev.attr_group = cd.ty;
                 ev.attr_flags = cd.flags;
                 ev.file_fd = cd.fd as i32;
-                let key = FdKey { tgid, fd: cd.fd };
+                let key = fd_key(tgid, cd.fd as i32);
                 let _ = IOASID_KVM_DEVICES.insert(&key, &cd.ty, BPF_ANY as u64);
             }
         }
@@ -797,7 +810,7 @@ fn lsm_deny(ctx: &LsmContext, cmd: u32) -> i32 {
     // A file the agent has not resolved is judged of unknown coherency, as at sys_enter.
     // SAFETY: bpf_probe_read_user faults safely.
     let coherency = match unsafe { bpf_probe_read_user(attr.addr as *const i32) } {
-        Ok(file_fd) => match IOASID_FILE_COHERENCY.get_ptr(&FdKey { tgid, fd: file_fd as u32 }) {
+        Ok(file_fd) => match IOASID_FILE_COHERENCY.get_ptr(&fd_key(tgid, file_fd)) {
             // SAFETY: pointer to a live map value, read once.
             Some(c) => Coherency::try_from(unsafe { *c }).unwrap_or(Coherency::Unknown),
             None => Coherency::Unknown,

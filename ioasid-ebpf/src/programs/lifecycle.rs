@@ -9,7 +9,7 @@ use ioasid_common::{
     events::{EventKind, TransitionEvent},
 };
 
-use super::{current_ids, header};
+use super::{current_ids, header, me};
 use crate::maps::{noncoherent_kvm_add, stat_inc, IOASID_EVENTS, IOASID_VM_POLICY};
 
 /// sched:sched_process_exec. After exec a process is someone else (new command line, new exe):
@@ -54,7 +54,7 @@ pub fn ioasid_kprobe_unregister_noncoherent(ctx: ProbeContext) -> u32 {
 /// `kvm` registers (1) or unregisters (0) non-coherent DMA: counted for its VMM, and an event.
 #[inline(always)]
 fn transition(kvm: u64, register: u32) {
-    noncoherent_kvm_add(current_ids().0, if register == 1 { 1 } else { -1 });
+    noncoherent_kvm_add(&me(), if register == 1 { 1 } else { -1 });
     let Some(mut entry) = IOASID_EVENTS.reserve::<TransitionEvent>(0) else {
         stat_inc(Stat::EventsDropped);
         return;

@@ -6,15 +6,53 @@ pub mod wbinvd;
 
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    bpf_ktime_get_ns,
+    bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_task,
 };
-use ioasid_common::events::{EventHeader, EventKind};
+use ioasid_common::{
+    counters::Stat,
+    events::{EventHeader, EventKind},
+    verdict::{start_ticks, ProcKey},
+};
+
+use crate::maps::{config, stat_inc};
 
 /// (tgid, tid) of the current task.
 #[inline(always)]
 pub fn current_ids() -> (u32, u32) {
     let id = bpf_get_current_pid_tgid();
     ((id >> 32) as u32, id as u32)
+}
+
+/// The current process's start (`current->group_leader->start_boottime` in /proc clock ticks,
+/// see `start_ticks`): with the tgid, it names the process, so nothing keyed by both is ever
+/// inherited by another process on a reused pid. 0 where the layout is not known (or a read
+/// fails, counted): the state is then keyed by the tgid alone, as the agent is told.
+#[inline(always)]
+pub fn current_start() -> u64 {
+    let cfg = config();
+    if cfg.task_start_boottime == 0 {
+        return 0;
+    }
+    // SAFETY: the current task, read only through bpf_probe_read_kernel (faults safely).
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let read = |p: *const u8| unsafe { bpf_probe_read_kernel(p.cast::<u64>()) };
+    let Ok(leader) = read(task.wrapping_add(cfg.task_group_leader as usize)) else {
+        stat_inc(Stat::ReadErrors);
+        return 0;
+    };
+    match read((leader as *const u8).wrapping_add(cfg.task_start_boottime as usize)) {
+        Ok(ns) => start_ticks(ns),
+        Err(_) => {
+            stat_inc(Stat::ReadErrors);
+            0
+        }
+    }
+}
+
+/// The current process: its tgid and start.
+#[inline(always)]
+pub fn me() -> ProcKey {
+    ProcKey { tgid: current_ids().0, _pad: 0, start: current_start() }
 }
 
 /// The header of a ring record of `kind` and `size` bytes, about the current task, now.

@@ -15,9 +15,10 @@ use ioasid_common::{
     config::EmulTail,
     counters::{CounterKey, ExitMark, Op, Path, Stat, VCPU_UNKNOWN},
     decode::{classify_decoded, classify_exit, classify_insn},
+    verdict::ProcKey,
 };
 
-use super::{cost, current_ids};
+use super::{cost, current_ids, me};
 use crate::{
     maps::{
         config, control, is_noncoherent, mark_exit, pending_none, percpu_add, stat_inc, take_exit_mark,
@@ -28,14 +29,15 @@ use crate::{
 
 /// Adds one to a counter on this CPU.
 #[inline(always)]
-fn count(tgid: u32, vcpu: u32, op: Op, path: Path) {
-    add(tgid, vcpu, op.wire(), path, 1);
+fn count(me: ProcKey, vcpu: u32, op: Op, path: Path) {
+    add(me, vcpu, op.wire(), path, 1);
 }
 
 /// Adds `delta` to a counter (`op` as on the wire) on this CPU.
 #[inline(always)]
-fn add(tgid: u32, vcpu: u32, op: u32, path: Path, delta: u64) {
-    percpu_add(&IOASID_COUNTERS, &CounterKey { tgid, vcpu, op, path: path.wire() }, delta);
+fn add(me: ProcKey, vcpu: u32, op: u32, path: Path, delta: u64) {
+    let key = CounterKey { tgid: me.tgid, vcpu, op, path: path.wire(), start: me.start };
+    percpu_add(&IOASID_COUNTERS, &key, delta);
 }
 
 /// kvm:kvm_exit, fired on every VM exit.
@@ -61,7 +63,7 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     let vcpu = field_u64(ctx, cfg.exit_vcpu_id)? as u32;
-    let (tgid, tid) = current_ids();
+    let (me, tid) = (me(), current_ids().1);
     if isa == KVM_ISA_SVM && control().skip_emulation != 0 {
         // KVM will emulate this very instruction to skip it (no NRIP save): the count waits
         // for that emulation, whose bytes say what the instruction is, so it is counted once
@@ -69,14 +71,14 @@ fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
         let rip = field_u64(ctx, cfg.exit_rip)?;
         if let Some(stale) = mark_exit(tid, &ExitMark { rip, vcpu, op: op.wire() }) {
             // The previous exit's emulation never came: count it as reported.
-            add(tgid, stale.vcpu, stale.op, Path::Exit, 1);
+            add(me, stale.vcpu, stale.op, Path::Exit, 1);
         }
     } else {
-        count(tgid, vcpu, op, Path::Exit);
+        count(me, vcpu, op, Path::Exit);
     }
     if op == Op::Wbinvd {
-        count_flush(tgid, vcpu);
-        cost::start_from_tracepoint(tgid, tid, Path::Exit);
+        count_flush(me, vcpu);
+        cost::start_from_tracepoint(me, tid, Path::Exit);
     }
     Ok(())
 }
@@ -151,25 +153,25 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
 #[inline(always)]
 fn emulated(op: Option<Op>, rip: impl FnOnce() -> Result<u64, i64>) -> Result<(), i64> {
     if let Some(mark) = take_exit_mark() {
-        let tgid = current_ids().0;
+        let me = me();
         if rip()? == mark.rip {
             // KVM skipping the instruction this thread exited on (no NRIP save): the same
             // instruction, counted once, here, as the hardware exit it was. The bytes decide what
             // it is (an emulator may report INVD with the WBINVD exit code).
-            add(tgid, mark.vcpu, op.map_or(mark.op, Op::wire), Path::Exit, 1);
+            add(me, mark.vcpu, op.map_or(mark.op, Op::wire), Path::Exit, 1);
             return Ok(());
         }
         // The exit's emulation never came: count the exit as it was reported.
-        add(tgid, mark.vcpu, mark.op, Path::Exit, 1);
+        add(me, mark.vcpu, mark.op, Path::Exit, 1);
     }
     let Some(op) = op else {
         return Ok(());
     };
-    let (tgid, tid) = current_ids();
-    count(tgid, VCPU_UNKNOWN, op, Path::Emulated);
+    let (me, tid) = (me(), current_ids().1);
+    count(me, VCPU_UNKNOWN, op, Path::Emulated);
     if op == Op::Wbinvd {
-        count_flush(tgid, VCPU_UNKNOWN);
-        cost::start_from_tracepoint(tgid, tid, Path::Emulated);
+        count_flush(me, VCPU_UNKNOWN);
+        cost::start_from_tracepoint(me, tid, Path::Emulated);
     }
     Ok(())
 }
@@ -178,8 +180,9 @@ fn emulated(op: Option<Op>, rip: impl FnOnce() -> Result<u64, i64>) -> Result<()
 /// function exists since 2.6.x). Optional: needs BPF trampolines.
 #[fexit(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fexit_kvm_emulate_wbinvd(ctx: FExitContext) -> i32 {
-    handler_end(Path::HandlerExit);
-    handler_counts(ctx.arg(0), Path::Exit);
+    let me = me();
+    handler_end(me, Path::HandlerExit);
+    handler_counts(me, ctx.arg(0), Path::Exit);
     0
 }
 
@@ -187,8 +190,9 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(ctx: FExitContext) -> i32 {
 /// (ctxt->ops->wbinvd), so it is a real function with BTF. Optional: needs trampolines.
 #[fexit(function = "emulator_wbinvd")]
 pub fn ioasid_fexit_emulator_wbinvd(ctx: FExitContext) -> i32 {
-    handler_end(Path::HandlerEmulated);
-    handler_counts(ctxt_vcpu(ctx.arg(0)), Path::Emulated);
+    let me = me();
+    handler_end(me, Path::HandlerEmulated);
+    handler_counts(me, ctxt_vcpu(ctx.arg(0)), Path::Emulated);
     0
 }
 
@@ -196,23 +200,22 @@ pub fn ioasid_fexit_emulator_wbinvd(ctx: FExitContext) -> i32 {
 /// tracepoints count, so only the handler's calls and time are taken here).
 #[kretprobe(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_kretprobe_kvm_emulate_wbinvd(_ctx: RetProbeContext) -> u32 {
-    handler_end(Path::HandlerExit);
+    handler_end(me(), Path::HandlerExit);
     0
 }
 
 /// kretprobe emulator_wbinvd: likewise.
 #[kretprobe(function = "emulator_wbinvd")]
 pub fn ioasid_kretprobe_emulator_wbinvd(_ctx: RetProbeContext) -> u32 {
-    handler_end(Path::HandlerEmulated);
+    handler_end(me(), Path::HandlerEmulated);
     0
 }
 
 /// A WBINVD handler returned on this thread (fexit, or its kretprobe twin): one call on `path`,
 /// and its time.
 #[inline(always)]
-fn handler_end(path: Path) {
-    let (tgid, _) = current_ids();
-    count(tgid, VCPU_UNKNOWN, Op::Wbinvd, path);
+fn handler_end(me: ProcKey, path: Path) {
+    count(me, VCPU_UNKNOWN, Op::Wbinvd, path);
     cost::handler_done();
 }
 
@@ -257,7 +260,7 @@ fn vcpu_id(vcpu: u64) -> u32 {
 /// `vcpu->arch.emulate_ctxt` then holds this very instruction: its opcode decides (an
 /// emulator may report INVD with the WBINVD exit code; KVM then runs this handler for it).
 #[inline(always)]
-fn handler_counts(vcpu: u64, path: Path) {
+fn handler_counts(me: ProcKey, vcpu: u64, path: Path) {
     let ctl = control();
     if ctl.handlers_count == 0 {
         return;
@@ -272,7 +275,7 @@ fn handler_counts(vcpu: u64, path: Path) {
             Err(_) => stat_inc(Stat::ReadErrors),
         }
     }
-    count(current_ids().0, vcpu_id(vcpu), op, path);
+    count(me, vcpu_id(vcpu), op, path);
 }
 
 /// A WBINVD handler starts with this vCPU (fentry), where the handlers count: if the VM has
@@ -298,7 +301,7 @@ pub fn handler_entered(vcpu: u64) {
             return;
         }
     }
-    count(current_ids().0, vcpu_id(vcpu), Op::Wbinvd, Path::Flushed);
+    count(me(), vcpu_id(vcpu), Op::Wbinvd, Path::Flushed);
     let field = vcpu + u64::from(k.vcpu_dirty_mask);
     let mask = if k.dirty_mask_is_ptr != 0 { kread::<u64>(field).unwrap_or(0) } else { field };
     if mask == 0 {
@@ -314,7 +317,7 @@ pub fn handler_entered(vcpu: u64) {
 pub fn ioasid_fentry_kvm_emulate_invd(ctx: FEntryContext) -> i32 {
     if control().handlers_count != 0 {
         let vcpu: u64 = ctx.arg(0);
-        count(current_ids().0, vcpu_id(vcpu), Op::Invd, Path::Exit);
+        count(me(), vcpu_id(vcpu), Op::Invd, Path::Exit);
     }
     0
 }
@@ -327,7 +330,7 @@ pub fn ioasid_fexit_handle_fastpath_invd(ctx: FExitContext) -> i32 {
     let ret: u32 = ctx.arg(1);
     if control().handlers_count != 0 && ret != 0 {
         let vcpu: u64 = ctx.arg(0);
-        count(current_ids().0, vcpu_id(vcpu), Op::Invd, Path::Exit);
+        count(me(), vcpu_id(vcpu), Op::Invd, Path::Exit);
     }
     0
 }
@@ -335,8 +338,8 @@ pub fn ioasid_fexit_handle_fastpath_invd(ctx: FExitContext) -> i32 {
 /// A WBINVD of a VM known to be non-coherent really flushed the caches of every CPU its vCPU
 /// ran on: count it. At most two hash lookups per WBINVD (not per exit).
 #[inline(always)]
-fn count_flush(tgid: u32, vcpu: u32) {
-    if is_noncoherent(tgid) {
-        count(tgid, vcpu, Op::Wbinvd, Path::Flushed);
+fn count_flush(me: ProcKey, vcpu: u32) {
+    if is_noncoherent(&me) {
+        count(me, vcpu, Op::Wbinvd, Path::Flushed);
     }
 }

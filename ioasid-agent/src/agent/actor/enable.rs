@@ -74,6 +74,9 @@ impl<K: Kernel> Actor<K> {
         if let Some(sig) = j.followup {
             // Only to the process that made the request, through a pidfd bound to it: never
             // to another that took its pid, never "resumed" or "killed" for a dead one.
+            if sig == Signal::Kill && gone.is_none() {
+                self.kill_mm_siblings(tgid, &info, &mut j.record);
+            }
             let sent = match gone {
                 Some(why) => Err(why),
                 None => pidfd::requester(&self.set.procfs, tgid, req.origin.ktime_ns)
@@ -86,6 +89,37 @@ impl<K: Kernel> Actor<K> {
             }
         }
         self.account(tgid, &info, j);
+    }
+
+    /// Kills every process sharing the denied VMM's address space (CLONE_VM siblings, found
+    /// while the VMM still lives: it is stopped or about to be killed): any of them could run
+    /// its VM on, incoherent DMA and all. Each through a pidfd of the process found; said in the
+    /// record.
+    fn kill_mm_siblings(
+        &mut self,
+        tgid: u32,
+        info: &ProcessInfo,
+        record: &mut crate::engine::record::AuditRecord,
+    ) {
+        let mut killed = Vec::new();
+        for q in self.set.procfs.mm_siblings(tgid) {
+            let Ok(start) = self.set.procfs.start_time(q) else { continue };
+            match self.kernel.signal(q, start, Signal::Kill) {
+                Ok(()) => killed.push(q.to_string()),
+                Err(e) => {
+                    tracing::warn!(pid = q, vmm = tgid, error = %e, "killing a process that shares a denied VMM's address space")
+                }
+            }
+        }
+        if killed.is_empty() {
+            return;
+        }
+        tracing::warn!(pid = tgid, vm = %escape(&info.vm), siblings = %killed.join(","), "killed with the denied VMM: processes sharing its address space (CLONE_VM)");
+        let also = format!("also killed, sharing its address space (CLONE_VM): {}", killed.join(", "));
+        record.reason = Some(match record.reason.take() {
+            Some(r) => format!("{r}; {also}"),
+            None => also,
+        });
     }
 
     /// Who asks, as the policy must see them: for a stopped VMM (an ask), what it is now, read
@@ -150,7 +184,13 @@ impl<K: Kernel> Actor<K> {
         {
             return p.info.clone();
         }
-        if let Some(info) = self.kernel.cmdline(tgid).and_then(|raw| procfs::info_from_cmdline(tgid, &raw)) {
+        // The command line the kernel captured, if its process started before the request.
+        if let Some(info) = self
+            .kernel
+            .cmdline(tgid)
+            .and_then(|c| procfs::info_from_captured(tgid, &c))
+            .filter(|i| i.start_time == 0 || pidfd::started_before(i.start_time, req.origin.ktime_ns))
+        {
             return info;
         }
         let comm = if req.origin.comm.is_empty() { "unknown" } else { req.origin.comm.as_str() };

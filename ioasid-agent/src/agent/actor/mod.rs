@@ -79,7 +79,7 @@ pub struct Actor<K: Kernel> {
 /// What the kernel captured of a process at VM creation, as the agent knows processes (for one
 /// gone before /proc was read).
 fn captured<K: Kernel>(kernel: &K) -> impl Fn(u32) -> Option<ProcessInfo> + '_ {
-    |tgid| kernel.cmdline(tgid).and_then(|raw| crate::host::procfs::info_from_cmdline(tgid, &raw))
+    |tgid| kernel.cmdline(tgid).and_then(|c| crate::host::procfs::info_from_captured(tgid, &c))
 }
 
 impl<K: Kernel> Actor<K> {
@@ -183,10 +183,22 @@ impl<K: Kernel> Actor<K> {
 
     /// Names the process and writes its verdict into the kernel, once per process.
     fn classify(&mut self, tgid: u32, comm: &str) -> ProcessInfo {
-        let known = self.acct.procs.contains_key(&tgid);
+        let mut known = self.acct.procs.contains_key(&tgid);
+        // Another process on a known pid (the known one died, its pid was taken before the
+        // liveness check noticed): a VMM of its own, named and judged afresh.
+        if let Some(p) = self.acct.procs.get(&tgid).filter(|p| p.info.start_time != 0) {
+            let now = self.set.procfs.start_time(tgid).ok();
+            if now.is_some_and(|st| st != p.info.start_time) {
+                if let Ok(info) = self.set.procfs.info(tgid) {
+                    tracing::debug!(pid = tgid, vm = %escape(&info.vm), "a new process on a known pid");
+                    self.acct.replace(info);
+                    known = false;
+                }
+            }
+        }
         let kernel = &self.kernel;
         let captured =
-            |t: u32| kernel.cmdline(t).and_then(|raw| crate::host::procfs::info_from_cmdline(t, &raw));
+            |t: u32| kernel.cmdline(t).and_then(|c| crate::host::procfs::info_from_captured(t, &c));
         let info =
             self.acct.ensure_with(tgid, Some(comm), &self.set.procfs, Instant::now(), &captured).info.clone();
         if !known {
@@ -221,7 +233,7 @@ impl<K: Kernel> Actor<K> {
             return;
         }
         let c = vfio::coherency(f);
-        match self.kernel.set_file_coherency(tgid, fd, c) {
+        match self.kernel.set_file_coherency(tgid, self.start_of(tgid), fd, c) {
             Ok(()) => {
                 tracing::debug!(pid = tgid, fd, path = %escape(&f.path), coherency = c.label(), "VFIO file resolved")
             }
@@ -233,8 +245,17 @@ impl<K: Kernel> Actor<K> {
 
     /// Marks a VMM non-coherent in the kernel (its WBINVD count as flushes); the kernel's maps
     /// are the one record of it, read back each sweep.
+    /// The start of the process on `tgid` as the agent knows it (else as /proc says now; 0 if
+    /// it is gone): with the pid, what the kernel keys its state by.
+    fn start_of(&self, tgid: u32) -> u64 {
+        match self.acct.procs.get(&tgid) {
+            Some(p) if p.info.start_time != 0 => p.info.start_time,
+            _ => self.set.procfs.start_time(tgid).unwrap_or(0),
+        }
+    }
+
     fn mark_noncoherent(&mut self, tgid: u32) {
-        if let Err(e) = self.kernel.mark_noncoherent(tgid) {
+        if let Err(e) = self.kernel.mark_noncoherent(tgid, self.start_of(tgid)) {
             tracing::warn!(pid = tgid, error = %e, "marking the VM non-coherent");
         }
         if let Some(p) = self.acct.procs.get_mut(&tgid) {
@@ -253,7 +274,7 @@ impl<K: Kernel> Actor<K> {
             p.budget = verdict.budget;
             p.rule = verdict.rule_name.clone();
         }
-        match self.kernel.set_verdict(info.pid, verdict.to_kernel(self.policy.generation)) {
+        match self.kernel.set_verdict(info.pid, verdict.to_kernel(self.policy.generation, info.start_time)) {
             Err(e) => {
                 tracing::error!(pid = info.pid, vm = %escape(&info.vm), error = %e, "writing the verdict map; FILE_ADD from this VM will be stopped and asked")
             }
@@ -363,8 +384,8 @@ impl<K: Kernel> Actor<K> {
         }
         self.export_blast(now, full);
         // A dead process's counts were read above for the last time.
-        for tgid in self.acct.take_newly_dead() {
-            self.kernel.forget(tgid);
+        for (tgid, start) in self.acct.take_newly_dead() {
+            self.kernel.forget(tgid, start);
             if let Some(b) = self.blast.as_mut() {
                 b.forget(tgid);
             }
@@ -379,7 +400,8 @@ impl<K: Kernel> Actor<K> {
         }
         let noncoherent = self.kernel.noncoherent();
         for (tgid, p) in self.acct.procs.iter_mut().filter(|(_, p)| p.alive()) {
-            p.noncoherent = noncoherent.contains(tgid);
+            p.noncoherent =
+                noncoherent.contains(&(*tgid, p.info.start_time)) || noncoherent.contains(&(*tgid, 0));
         }
         self.recover_asks(LOST_ASK_NS);
         self.kernel.refresh_file_filter();

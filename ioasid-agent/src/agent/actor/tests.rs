@@ -37,11 +37,13 @@ struct FakeKernel {
     cmdlines: HashMap<u32, Vec<u8>>,
 }
 
+// The fake keys by pid alone (start 0), as the programs do where the kernel's layout is not
+// known; keying by start is tested on the accounting and with the real programs.
 impl Kernel for FakeKernel {
-    fn counters(&mut self) -> HashMap<u32, Totals> {
-        self.counters.clone()
+    fn counters(&mut self) -> HashMap<(u32, u64), Totals> {
+        self.counters.iter().map(|(t, v)| ((*t, 0), v.clone())).collect()
     }
-    fn cost(&mut self) -> HashMap<u32, CostHist> {
+    fn cost(&mut self) -> HashMap<(u32, u64), CostHist> {
         HashMap::new()
     }
     fn flush_cpus(&mut self) -> FlushCpus {
@@ -50,10 +52,10 @@ impl Kernel for FakeKernel {
     fn stats(&mut self) -> Stats {
         self.stats
     }
-    fn noncoherent(&mut self) -> HashSet<u32> {
-        self.noncoherent.union(&self.marked).copied().collect()
+    fn noncoherent(&mut self) -> HashSet<(u32, u64)> {
+        self.noncoherent.union(&self.marked).map(|t| (*t, 0)).collect()
     }
-    fn mark_noncoherent(&mut self, tgid: u32) -> Result<(), MapError> {
+    fn mark_noncoherent(&mut self, tgid: u32, _start: u64) -> Result<(), MapError> {
         self.marked.insert(tgid);
         Ok(())
     }
@@ -64,7 +66,7 @@ impl Kernel for FakeKernel {
         self.verdicts.insert(tgid, verdict);
         Ok(())
     }
-    fn set_file_coherency(&mut self, tgid: u32, fd: i32, c: Coherency) -> Result<(), MapError> {
+    fn set_file_coherency(&mut self, tgid: u32, _start: u64, fd: i32, c: Coherency) -> Result<(), MapError> {
         self.files.insert((tgid, fd), c);
         Ok(())
     }
@@ -77,10 +79,10 @@ impl Kernel for FakeKernel {
             _ => false,
         }
     }
-    fn cmdline(&self, tgid: u32) -> Option<Vec<u8>> {
-        self.cmdlines.get(&tgid).cloned()
+    fn cmdline(&self, tgid: u32) -> Option<(Vec<u8>, u64)> {
+        self.cmdlines.get(&tgid).map(|c| (c.clone(), 0))
     }
-    fn forget(&mut self, tgid: u32) {
+    fn forget(&mut self, tgid: u32, _start: u64) {
         // As the real kernel's: the process's entries go (a new process on the pid starts anew).
         self.counters.remove(&tgid);
         self.forgotten.push(tgid);

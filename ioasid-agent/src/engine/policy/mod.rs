@@ -177,9 +177,11 @@ impl Verdict {
         }
     }
 
-    /// The verdict as compiled into the kernel's map.
-    pub fn to_kernel(&self, generation: u32) -> VmVerdict {
+    /// The verdict as compiled into the kernel's map, for the process that started at `start`
+    /// (/proc's clock ticks): the kernel applies it to that process only.
+    pub fn to_kernel(&self, generation: u32, start: u64) -> VmVerdict {
         VmVerdict {
+            start,
             decision: self.kernel_decision().wire(),
             rule: self.rule.map_or(RULE_DEFAULT, |r| r as u32),
             generation,

@@ -27,7 +27,7 @@ fn the_issue_example_means_what_it_says() {
     assert_eq!((v.action, v.rule, v.kernel_decision()), (Action::Deny, Some(1), Decision::Deny));
     let v = p.evaluate(&proc("web"));
     assert_eq!((v.action, v.rule, v.rule_name.as_str()), (Action::Audit, None, "default"));
-    assert_eq!(v.to_kernel(1).rule, RULE_DEFAULT);
+    assert_eq!(v.to_kernel(1, 0).rule, RULE_DEFAULT);
 }
 
 #[test]

@@ -23,6 +23,7 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsErro
     let enter = tracefs.format("syscalls", "sys_enter_ioctl")?;
     let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
     let mm = command_line_offsets();
+    let starts = start_offsets();
     let (file_filter, files) = file_filter(std::path::Path::new("/proc/kallsyms"));
     let config = ProgConfig {
         exit_reason: exit.field("exit_reason")?,
@@ -59,6 +60,8 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsErro
         fops_owner: files.fops_owner,
         fops_unlocked_ioctl: files.fops_unlocked_ioctl,
         module_name: files.module_name,
+        task_group_leader: starts.0,
+        task_start_boottime: starts.1,
         kvm: kvm_layout(std::path::Path::new("/sys/kernel/btf")),
     };
     Ok(KernelLayout { config, file_filter, ioctl_fns: files.fns })
@@ -200,6 +203,19 @@ fn command_line_offsets() -> CommandLineOffsets {
         Err(e) => {
             tracing::warn!(error = %e, "VMM command lines are not captured at VM creation");
             CommandLineOffsets::default()
+        }
+    }
+}
+
+/// `task_struct.group_leader` and `task_struct.start_boottime` from the kernel's BTF (5.5+), or
+/// (0, 0): the programs then key per-process state by the tgid alone, and a process on a reused
+/// pid could inherit a dead one's until the agent's next sweep (logged).
+fn start_offsets() -> (u32, u32) {
+    match member_offsets([("task_struct", "group_leader"), ("task_struct", "start_boottime")]) {
+        Ok([leader, start]) => (leader, start),
+        Err(e) => {
+            tracing::warn!(error = %e, "per-process kernel state is keyed by pid alone: a process on a reused pid may inherit a dead one's verdict or counts until the next sweep");
+            (0, 0)
         }
     }
 }

@@ -226,6 +226,8 @@ pub struct Loaded {
     pub late: Vec<HookReport>,
     /// What the control map holds.
     pub control: Control,
+    /// The programs key per-process state by pid and start (the kernel's layout is known).
+    pub starts_keyed: bool,
 }
 
 /// Attaches (`on`) or detaches the LSM program beside the functions family, with no moment
@@ -440,6 +442,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         lsm_switch,
         late,
         control: Control::OFF,
+        starts_keyed: config.task_start_boottime != 0,
     };
     let control = Control {
         enforce: u32::from(opts.enforce),
