@@ -343,6 +343,49 @@ fn a_noncoherent_enable_is_killed_in_the_kernel_with_enforce_with_signal() {
     assert_eq!(ioctl_path, if module_btf() { "functions" } else { "tp-btf" });
 }
 
+/// `--enforce-with signal`, a VMM that shares its address space with a CLONE_VM sibling running
+/// a vCPU of the same VM: a SIGKILL from the kernel would kill the VMM alone and leave the sibling
+/// running the VM with incoherent DMA. The kernel sees more users of the VMM's mm than it has
+/// threads, stops it and asks instead; the agent kills the VMM and the sibling (kcmp).
+#[test]
+#[ignore = "needs a real hypervisor kernel (VFIO, trampolines, hardware exits): runs in the lab"]
+fn a_noncoherent_enable_by_a_vmm_with_a_clone_vm_sibling_takes_the_sibling_too() {
+    use std::os::unix::process::ExitStatusExt;
+    require_kernel();
+    let _g = serial();
+    let prefix = unique("sibling");
+    let (agent, dir) = deny_agent(&prefix, &["--enforce-with", "signal"]);
+    let name = format!("{prefix}-tenant");
+    let pidfile = dir.path("sibling.pid");
+    let g = vfio_guest(&name, 2 * slow(), &["--clone-vm-sibling", pidfile.to_str().unwrap()]);
+    let pid = g.pid();
+    let stopped = eventually(Duration::from_secs(20) * slow(), || {
+        (std::fs::read_to_string(&pidfile).is_ok() && agent.audit().iter().any(|r| r["vm"] == name.as_str()))
+            .then_some(())
+    });
+    let sibling: u32 =
+        std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let gone = eventually(Duration::from_secs(5) * slow(), || {
+        matches!(proc_state(sibling), None | Some('Z')).then_some(())
+    });
+    if gone.is_none() && sibling != 0 {
+        // SAFETY: kill(2) of the test's own grandchild, left running by the failure.
+        unsafe { libc::kill(sibling as i32, libc::SIGKILL) };
+    }
+    let (status, _, err) = g.finish();
+    assert!(stopped.is_some() && sibling != 0, "no sibling or no record (pid {pid}): {err}\n{}", agent.log());
+    assert!(gone.is_some(), "the CLONE_VM sibling {sibling} kept running the VM:\n{}", agent.log());
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?} {err}");
+    let r = agent.wait_record(&name);
+    assert_eq!(
+        (r.decision, r.mechanism, r.outcome, r.coherency),
+        (Decision::Denied, Mechanism::StopAsk, Outcome::Killed, Some(Coherency::Noncoherent)),
+        "the kernel must ask, not kill the VMM alone: {r:?}"
+    );
+    let reason = r.reason.clone().unwrap_or_default();
+    assert!(reason.contains("sharing its address space") && reason.contains(&sibling.to_string()), "{r:?}");
+}
+
 /// The lab boots each kernel a second time with an IOMMU that has snoop control (VT-d ECAP
 /// bit 7): its devices' DMA is always coherent. Only `snoop_control_*` tests run there.
 #[test]

@@ -65,11 +65,18 @@ pub struct ProgConfig {
     /// which keys its state with its pid (see [`crate::verdict::start_ticks`]). 0: not known.
     pub task_group_leader: u32,
     pub task_start_boottime: u32,
+    /// `mm_struct.mm_users.counter`, `task_struct.signal`, `signal_struct.nr_threads` (BTF):
+    /// whether the current process shares its address space with another process (more users
+    /// of its mm than threads: a CLONE_VM sibling). 0: not known.
+    pub mm_users: u32,
+    pub task_signal: u32,
+    pub signal_nr_threads: u32,
+    pub _pad2: u32,
     /// Where KVM's own structs keep what the WBINVD handler programs read (byte offsets from
     /// the kvm module's BTF): zero `known` where they are not all known.
     pub kvm: KvmLayout,
 }
-const _: () = assert!(size_of::<ProgConfig>() == 176 + size_of::<KvmLayout>());
+const _: () = assert!(size_of::<ProgConfig>() == 192 + size_of::<KvmLayout>());
 
 /// Byte offsets in KVM's structs, from the kvm module's BTF (none before 5.11: no module BTF).
 /// With them the handler programs count, time and measure each WBINVD's flush from
@@ -140,6 +147,10 @@ impl ProgConfig {
         module_name: 0,
         task_group_leader: 0,
         task_start_boottime: 0,
+        mm_users: 0,
+        task_signal: 0,
+        signal_nr_threads: 0,
+        _pad2: 0,
         kvm: KvmLayout {
             known: 0,
             vcpu_kvm: 0,

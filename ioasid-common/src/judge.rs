@@ -23,6 +23,9 @@ pub struct FileAdd {
     pub lsm_enforces: bool,
     /// Fewer than `DECISIONS_RESERVE` events fit the decisions ring.
     pub ring_low: bool,
+    /// The calling process shares its address space with another process (a CLONE_VM
+    /// sibling, which can run the same VM): a signal from here would kill the caller alone.
+    pub shared_mm: bool,
 }
 
 /// The kernel's judgement of one FILE_ADD.
@@ -105,6 +108,12 @@ pub fn judge(f: &FileAdd) -> Judged {
     if matches!(decision, Decision::Allow | Decision::Audit | Decision::Observed) && f.ring_low {
         decision = Decision::Ask;
     }
+    // A denial the LSM cannot refuse, by a process whose address space another process shares:
+    // a SIGKILL from here would leave that one running the VM. Stopped and asked instead: the
+    // agent kills every process of that address space.
+    if decision == Decision::Deny && !f.lsm_enforces && f.shared_mm {
+        decision = Decision::Ask;
+    }
     let mechanism = match decision {
         Decision::Deny if f.lsm_enforces => Mechanism::Lsm,
         Decision::Deny => Mechanism::Sigkill,
@@ -129,7 +138,7 @@ mod tests {
     }
 
     fn add(coherency: Coherency, verdict: Option<VmVerdict>) -> FileAdd {
-        FileAdd { coherency, verdict, enforce: true, lsm_enforces: false, ring_low: false }
+        FileAdd { coherency, verdict, enforce: true, lsm_enforces: false, ring_low: false, shared_mm: false }
     }
 
     #[test]
@@ -159,6 +168,22 @@ mod tests {
         f.lsm_enforces = true;
         let j = judge(&f);
         assert_eq!((j.mechanism, j.signal(), j.lsm_return()), (Mechanism::Lsm, None, -EPERM));
+    }
+
+    #[test]
+    fn a_deny_by_a_process_sharing_its_address_space_is_asked_unless_the_lsm_refuses_it() {
+        let mut f = add(Coherency::Noncoherent, verdict(Decision::Deny, false));
+        f.shared_mm = true;
+        let j = judge(&f);
+        assert_eq!((j.decision, j.mechanism, j.signal()), (Decision::Ask, Mechanism::StopAsk, Some(SIGSTOP)));
+        assert_eq!((j.rule, j.generation), (3, 7), "the verdict it was judged by is kept");
+        f.lsm_enforces = true;
+        let j = judge(&f);
+        assert_eq!((j.decision, j.mechanism, j.lsm_return()), (Decision::Deny, Mechanism::Lsm, -EPERM));
+        // Nothing else changes for it.
+        let mut f = add(Coherency::Noncoherent, verdict(Decision::Allow, false));
+        f.shared_mm = true;
+        assert_eq!(judge(&f).mechanism, Mechanism::None);
     }
 
     #[test]

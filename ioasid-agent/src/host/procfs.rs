@@ -162,8 +162,19 @@ impl ProcFs {
         procs
             .flatten()
             .filter_map(|p| p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-            .filter(|q| *q != pid && crate::host::sys::same_mm(pid, *q))
+            .filter(|q| *q != pid && crate::host::sys::same_mm(pid, *q) && !self.is_kernel_thread(*q))
             .collect()
+    }
+
+    /// A kernel thread (PF_KTHREAD in /proc/PID/stat's flags): one may borrow a process's
+    /// address space for a while (vhost before 6.4), and takes no signal.
+    fn is_kernel_thread(&self, pid: u32) -> bool {
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        let Ok(stat) = self.read(pid, "stat") else { return false };
+        let stat = String::from_utf8_lossy(&stat);
+        let flags =
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+        flags.is_some_and(|f| f & PF_KTHREAD != 0)
     }
 
     /// Every process holding a KVM VM fd (`anon_inode:kvm-vm`): the host's VMMs, idle and
@@ -341,6 +352,23 @@ fn split_qemu_opts(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_threads_are_told_from_processes() {
+        let procfs = ProcFs::at("/proc");
+        assert!(!procfs.is_kernel_thread(std::process::id()));
+        // kthreadd, the parent of every kernel thread, where this pid namespace shows it.
+        let kthreadd = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            (std::fs::read_to_string(e.path().join("comm")).ok()?.trim() == "kthreadd").then_some(pid)
+        });
+        match kthreadd {
+            Some(pid) => assert!(procfs.is_kernel_thread(pid)),
+            None => eprintln!("no kernel thread in this pid namespace: only a process was checked"),
+        }
+        // No process shares this test's address space.
+        assert_eq!(procfs.mm_siblings(std::process::id()), Vec::<u32>::new());
+    }
 
     fn name(args: &[&str]) -> Option<String> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();

@@ -506,6 +506,35 @@ fn file_add(tgid: u32, coherency: Coherency) -> FileAdd {
         enforce: ctl.enforce != 0,
         lsm_enforces: ctl.lsm_enforces != 0,
         ring_low: decisions_room() < u64::from(DECISIONS_RESERVE),
+        shared_mm: shared_mm(),
+    }
+}
+
+/// True if the current process's address space has more users than the process has threads:
+/// another process shares it (a CLONE_VM sibling; or, for a moment, a reader of its /proc or
+/// a kernel thread using it: then a denial is asked about rather than killed here, still
+/// enforced). False where the layout is not known or a read fails (counted).
+#[inline(always)]
+fn shared_mm() -> bool {
+    let cfg = config();
+    if cfg.mm_users == 0 || cfg.task_mm == 0 {
+        return false;
+    }
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let (Ok(mm), Ok(signal)) = (kword(task, cfg.task_mm), kword(task, cfg.task_signal)) else {
+        stat_inc(Stat::ReadErrors);
+        return false;
+    };
+    if mm == 0 || signal == 0 {
+        return false;
+    }
+    match (kword(mm, cfg.mm_users), kword(signal, cfg.signal_nr_threads)) {
+        (Ok(users), Ok(threads)) => (users as u32 as i32) > (threads as u32 as i32),
+        _ => {
+            stat_inc(Stat::ReadErrors);
+            false
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsErro
     let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
     let mm = command_line_offsets();
     let starts = start_offsets();
+    let shared = shared_mm_offsets(mm.task_mm);
     let (file_filter, files) = file_filter(std::path::Path::new("/proc/kallsyms"));
     let config = ProgConfig {
         exit_reason: exit.field("exit_reason")?,
@@ -62,6 +63,10 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsErro
         module_name: files.module_name,
         task_group_leader: starts.0,
         task_start_boottime: starts.1,
+        mm_users: shared.0,
+        task_signal: shared.1,
+        signal_nr_threads: shared.2,
+        _pad2: 0,
         kvm: kvm_layout(std::path::Path::new("/sys/kernel/btf")),
     };
     Ok(KernelLayout { config, file_filter, ioctl_fns: files.fns })
@@ -216,6 +221,22 @@ fn start_offsets() -> (u32, u32) {
         Err(e) => {
             tracing::warn!(error = %e, "per-process kernel state is keyed by pid alone: a process on a reused pid may inherit a dead one's verdict or counts until the next sweep");
             (0, 0)
+        }
+    }
+}
+
+/// `mm_struct.mm_users.counter`, `task_struct.signal`, `signal_struct.nr_threads` from the
+/// kernel's BTF, or zeros (with `task_mm` unknown too): a denial is then killed in the kernel
+/// even where a CLONE_VM sibling shares the VMM's address space (logged).
+fn shared_mm_offsets(task_mm: u32) -> (u32, u32, u32) {
+    let pairs =
+        [("mm_struct", "mm_users.counter"), ("task_struct", "signal"), ("signal_struct", "nr_threads")];
+    match member_offsets(pairs) {
+        Ok([users, signal, threads]) if task_mm != 0 => (users, signal, threads),
+        Ok(_) => (0, 0, 0),
+        Err(e) => {
+            tracing::warn!(error = %e, "a VMM sharing its address space with another process (CLONE_VM) is not told apart: a denial killed in the kernel leaves the other process running");
+            (0, 0, 0)
         }
     }
 }
