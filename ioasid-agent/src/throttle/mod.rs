@@ -100,6 +100,9 @@ pub struct Throttler {
     procfs: ProcFs,
     gate: Option<Arc<dyn AskGate>>,
     active: HashMap<u32, Active>,
+    /// The state file could be neither read whole nor kept aside: it is never written over, so
+    /// no throttle starts (none could be put back after a crash).
+    frozen: bool,
 }
 
 /// What starting a throttle did.
@@ -113,13 +116,18 @@ impl Throttler {
     /// starts empty. Entries it could not put back stay in the file and are retried next time.
     pub fn recover(state: StateFile, cgroups: Cgroups, gate: Option<Arc<dyn AskGate>>) -> Self {
         let procfs = ProcFs::at(&cgroups.proc_root);
-        let left = match state.load() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "the throttle state file cannot be read: earlier throttles are not undone");
-                Vec::new()
+        let (left, aside) = state.salvage();
+        match aside {
+            None => {}
+            Some(Ok(kept)) => {
+                tracing::error!(kept_aside = %kept.display(), readable = left.len(), "the throttle state file could not be read whole: kept aside as it was (what it holds is not lost), the entries that could be read are put back")
             }
-        };
+            Some(Err(e)) => {
+                // Not renamed: never written over either, so nothing of it is lost.
+                tracing::error!(error = %e, "the throttle state file can be neither read nor kept aside: earlier throttles are not undone, and it is left as it is");
+                return Throttler { state, cgroups, procfs, gate, active: HashMap::new(), frozen: true };
+            }
+        }
         let mut kept = Vec::new();
         for e in left {
             match restore(&e, &procfs, gate.as_deref()) {
@@ -135,7 +143,7 @@ impl Throttler {
         if let Err(e) = state.store(&kept) {
             tracing::error!(error = %e, "writing the throttle state file");
         }
-        Throttler { state, cgroups, procfs, gate, active: HashMap::new() }
+        Throttler { state, cgroups, procfs, gate, active: HashMap::new(), frozen: false }
     }
 
     /// True while `pid` is held under a full CPU: its calm rate may be the throttle's doing, so
@@ -146,7 +154,18 @@ impl Throttler {
 
     fn persist(&self) -> Result<(), ThrottleError> {
         let entries: Vec<Entry> = self.active.values().map(|a| a.entry.clone()).collect();
-        self.state.store(&entries)
+        self.write(&entries)
+    }
+
+    /// Writes the state file, unless it must be left as it is (`frozen`).
+    fn write(&self, entries: &[Entry]) -> Result<(), ThrottleError> {
+        if self.frozen {
+            return Err(ThrottleError::State {
+                path: self.state.path().to_path_buf(),
+                why: "it could be neither read nor kept aside, and is never written over".into(),
+            });
+        }
+        self.state.store(entries)
     }
 
     /// What `pid` would be throttled with: its own cgroup's limit, saved, or a duty cycle.
@@ -175,7 +194,7 @@ impl Throttler {
         // Written ahead: whatever happens next, the previous setting is on disk.
         let mut entries: Vec<Entry> = self.active.values().map(|a| a.entry.clone()).collect();
         entries.push(entry.clone());
-        self.state.store(&entries)?;
+        self.write(&entries)?;
         let control = Controller::new(first_share(over), now);
         let at = DutyShare { share: control.share, period_us: control.period };
         let mut a = Active { entry, control, duty: None };
@@ -361,6 +380,49 @@ mod tests {
         let _t = Throttler::recover(StateFile::new(root.join("throttle.json")), cg, None);
         assert_eq!(read_trim(&vm.join("cpu.max")).unwrap(), "max 100000");
         assert!(state.load().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A state file that cannot be read whole is kept aside, byte for byte, never written over;
+    /// what can be read of it is put back. Before, it was replaced by `[]` and every leftover
+    /// limit stayed for good.
+    #[test]
+    fn an_unreadable_state_file_is_kept_aside_and_what_can_be_read_is_put_back() {
+        let root = std::env::temp_dir().join(format!("ioasid-cg3-{}", std::process::id()));
+        let vm = root.join("unified/machine.slice/vm3.scope");
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::write(vm.join("cpu.max"), "2000 100000\n").unwrap();
+        let path = root.join("throttle.json");
+        let readable = serde_json::json!({
+            "pid": 1, "start_time": 0, "vm": "vm3",
+            "saved": { "kind": "cpu-max", "dir": vm, "previous": "max 100000" },
+        });
+        let text = serde_json::to_string(&serde_json::json!([readable, {"kind": "from-the-future", "pid": 2}])).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        let cg = || Cgroups { proc_root: root.join("proc"), unified: Some(root.join("unified")), cpu_v1: None };
+        let aside = |root: &Path| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(root)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains("throttle.json.unreadable-"))
+                .collect();
+            v.sort();
+            v
+        };
+        let _t = Throttler::recover(StateFile::new(path.clone()), cg(), None);
+        assert_eq!(read_trim(&vm.join("cpu.max")).unwrap(), "max 100000", "the readable entry is put back");
+        let kept = aside(&root);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), text, "kept as it was");
+        assert!(StateFile::new(path.clone()).load().unwrap().is_empty());
+
+        // Not JSON at all: kept aside too (beside the first, under another name).
+        std::fs::write(&path, b"\xff{not json").unwrap();
+        let _t = Throttler::recover(StateFile::new(path.clone()), cg(), None);
+        let kept = aside(&root);
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(kept.iter().any(|k| std::fs::read(k).unwrap() == b"\xff{not json"));
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -60,6 +60,10 @@ impl StateFile {
         StateFile { path }
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     pub fn load(&self) -> Result<Vec<Entry>, ThrottleError> {
         match crate::host::files::read(&self.path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -67,6 +71,45 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(ThrottleError::Io { path: self.path.clone(), source: e }),
         }
+    }
+
+    /// What can be read of the file, for an agent starting: every entry it can read, and, if
+    /// any of it could not be read (not JSON, an entry of another shape, unreadable bytes),
+    /// the file itself kept aside under a new name (returned) so nothing of it is lost when the
+    /// state is written next. A missing file is no state.
+    pub fn salvage(&self) -> (Vec<Entry>, Option<Result<PathBuf, ThrottleError>>) {
+        let bytes = match crate::host::files::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Vec::new(), None),
+            Err(e) => {
+                let err = ThrottleError::Io { path: self.path.clone(), source: e };
+                return (Vec::new(), Some(self.set_aside().map_err(|_| err)));
+            }
+        };
+        if let Ok(all) = serde_json::from_slice::<Vec<Entry>>(&bytes) {
+            return (all, None);
+        }
+        // Entry by entry where the document is a JSON array; nothing where it is not.
+        let values: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap_or_default();
+        let read: Vec<Entry> = values.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect();
+        (read, Some(self.set_aside()))
+    }
+
+    /// Renames the file to `<name>.unreadable-<unix seconds>[-n]`, never over another file.
+    fn set_aside(&self) -> Result<PathBuf, ThrottleError> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        for n in 0..100 {
+            let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+            let aside = self.path.with_file_name(format!("{name}.unreadable-{secs}{suffix}"));
+            if aside.exists() {
+                continue;
+            }
+            return std::fs::rename(&self.path, &aside).map(|()| aside).map_err(io(&self.path));
+        }
+        Err(ThrottleError::State { path: self.path.clone(), why: "no free name to keep it aside".into() })
     }
 
     pub fn store(&self, entries: &[Entry]) -> Result<(), ThrottleError> {
