@@ -129,8 +129,13 @@ impl ProcFs {
         Self { root: root.into() }
     }
 
+    /// `<root>/<pid>/<file>`.
+    pub fn path(&self, pid: u32, file: &str) -> PathBuf {
+        self.root.join(pid.to_string()).join(file)
+    }
+
     fn read(&self, pid: u32, file: &str) -> Result<Vec<u8>, ProcError> {
-        let path = self.root.join(pid.to_string()).join(file);
+        let path = self.path(pid, file);
         std::fs::read(&path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => ProcError::Gone { pid },
             _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::Gone { pid },

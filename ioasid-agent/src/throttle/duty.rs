@@ -1,6 +1,8 @@
 //! The duty cycle: for a VMM without a cgroup of its own, a thread stops it (through a pidfd)
 //! for the rest of each period after it ran its share. A VMM the kernel stopped to ask about an
-//! enable is never continued by it.
+//! enable is never continued by it, nor one someone else stopped (an operator's `kill -STOP`):
+//! while that stop lasts the cycle neither stops nor continues it, and goes on once someone
+//! continues it.
 
 use std::{
     sync::{
@@ -12,8 +14,11 @@ use std::{
 
 use crate::{
     engine::ports::AskGate,
-    host::{pidfd::Pidfd, sys::Signal},
+    host::{pidfd::Pidfd, procfs::ProcFs, sys::Signal},
 };
+
+/// SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU in a /proc signal mask (bit `signo - 1`).
+const STOP_SIGNALS: u64 = 0xf << 18;
 
 /// A share of a CPU and the period it is given over.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,7 +49,7 @@ impl Duty {
 }
 
 /// The duty cycle of one VMM: within each period it is stopped, then runs for the share.
-pub fn spawn(fd: Pidfd, pid: u32, at: DutyShare, gate: Option<Arc<dyn AskGate>>) -> Duty {
+pub fn spawn(fd: Pidfd, procfs: ProcFs, pid: u32, at: DutyShare, gate: Option<Arc<dyn AskGate>>) -> Duty {
     let duty = Duty {
         share_e5: Arc::new(AtomicU32::new((at.share * 100_000.0) as u32)),
         period_us: Arc::new(AtomicU32::new(at.period_us as u32)),
@@ -52,12 +57,14 @@ pub fn spawn(fd: Pidfd, pid: u32, at: DutyShare, gate: Option<Arc<dyn AskGate>>)
     };
     let cycle = Cycle {
         fd,
+        procfs,
         pid,
         share_e5: Arc::clone(&duty.share_e5),
         period_us: Arc::clone(&duty.period_us),
         end: Arc::clone(&duty.end),
         gate,
         held: false,
+        foreign: false,
     };
     if let Err(e) = std::thread::Builder::new().name(format!("duty-{pid}")).spawn(move || cycle.run()) {
         tracing::error!(pid, error = %e, "starting a duty cycle");
@@ -68,6 +75,7 @@ pub fn spawn(fd: Pidfd, pid: u32, at: DutyShare, gate: Option<Arc<dyn AskGate>>)
 /// The duty-cycle thread's side.
 struct Cycle {
     fd: Pidfd,
+    procfs: ProcFs,
     pid: u32,
     share_e5: Arc<AtomicU32>,
     period_us: Arc<AtomicU32>,
@@ -75,6 +83,8 @@ struct Cycle {
     gate: Option<Arc<dyn AskGate>>,
     /// The kernel holds the VMM for an ask (logged once per hold).
     held: bool,
+    /// Someone else stopped the VMM: left as it is until it runs again.
+    foreign: bool,
 }
 
 /// The VMM is gone: the cycle ends.
@@ -86,6 +96,12 @@ impl Cycle {
             let share = f64::from(self.share_e5.load(Ordering::Relaxed)) / 100_000.0;
             let period = Duration::from_micros(u64::from(self.period_us.load(Ordering::Relaxed)));
             let run = period.mul_f64(share.min(1.0)).max(Duration::from_millis(1));
+            if self.stopped_by_another() {
+                if self.wait(period) {
+                    break;
+                }
+                continue;
+            }
             let Ok(ended) = self.stopped_for(share, period - run) else { return };
             if self.resume().is_err() {
                 return;
@@ -94,9 +110,45 @@ impl Cycle {
                 break;
             }
         }
-        if !self.asked() {
+        if !self.asked() && !self.foreign {
             let _ = self.fd.signal(Signal::Cont);
         }
+    }
+
+    /// The VMM's state letter and its process-wide pending signals (/proc/PID/status).
+    fn status(&self) -> Option<(char, u64)> {
+        let text = std::fs::read_to_string(self.procfs.path(self.pid, "status")).ok()?;
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let state = field("State:")?.chars().next()?;
+        let pending = u64::from_str_radix(field("ShdPnd:")?, 16).ok()?;
+        Some((state, pending))
+    }
+
+    /// True while someone else holds the VMM stopped. Checked before each stop (a stop during
+    /// the run phase shows as a stopped VMM), and noted by `resume` (a stop during the off
+    /// phase stays pending, since the VMM is already stopped: ours was taken, so a pending stop
+    /// signal is another's). Once the VMM runs again (continued by whoever stopped it), the
+    /// cycle goes on.
+    fn stopped_by_another(&mut self) -> bool {
+        let stopped = self.status().is_some_and(|(state, _)| state == 'T');
+        if self.foreign && !stopped {
+            tracing::info!(
+                pid = self.pid,
+                "duty cycle: the VMM was continued by whoever stopped it; the cycle goes on"
+            );
+            self.foreign = false;
+        } else if !self.foreign && stopped && !self.asked() {
+            self.note_foreign();
+        }
+        self.foreign
+    }
+
+    fn note_foreign(&mut self) {
+        tracing::warn!(
+            pid = self.pid,
+            "duty cycle: someone else stopped the VMM (kill -STOP?); it is neither stopped nor continued by the cycle until it runs again"
+        );
+        self.foreign = true;
     }
 
     /// Stops the VMM (under a share of a whole CPU) and waits `off`; true if the cycle ended
@@ -113,8 +165,15 @@ impl Cycle {
         Ok(share < 1.0 && self.wait(off))
     }
 
-    /// Continues the VMM, unless the kernel stopped it to ask: the agent's decision does that.
+    /// Continues the VMM, unless the kernel stopped it to ask (the agent's decision does that)
+    /// or someone else stopped it meanwhile (a stop signal pending while it is stopped).
     fn resume(&mut self) -> Result<(), Gone> {
+        if let Some(('T', pending)) = self.status() {
+            if pending & STOP_SIGNALS != 0 {
+                self.note_foreign();
+                return Ok(());
+            }
+        }
         if self.asked() {
             if !self.held {
                 tracing::warn!(
@@ -143,5 +202,103 @@ impl Cycle {
         let (lock, cv) = &*self.end;
         let g = lock.lock().unwrap_or_else(|e| e.into_inner());
         *cv.wait_timeout_while(g, d, |ended| !*ended).unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn state(pid: u32) -> Option<char> {
+        ProcFs::at("/proc").state(pid)
+    }
+
+    /// Samples `pid`'s state every 2 ms for `d`.
+    fn states(pid: u32, d: Duration) -> Vec<char> {
+        let end = Instant::now() + d;
+        let mut out = Vec::new();
+        while Instant::now() < end {
+            out.extend(state(pid));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        out
+    }
+
+    /// Waits until `pid` is in `want` (the cycle's own stop or run phase).
+    fn until(pid: u32, want: char) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while state(pid) != Some(want) {
+            assert!(Instant::now() < end, "never {want}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// An operator's `kill -STOP` holds, whether it lands in the cycle's run phase or in its
+    /// off phase (before: the cycle continued the VMM within a period), and the cycle goes on
+    /// once the operator continues it; at its end it continues only a VMM it stopped itself.
+    #[test]
+    fn an_operators_stop_is_never_overridden() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let procfs = ProcFs::at("/proc");
+        let start = procfs.start_time(pid).unwrap();
+        let fd = Pidfd::open(&procfs, pid, start).unwrap();
+        // Half of each 200 ms period running, the rest stopped: the operator's stop lands in the
+        // middle of a phase. (One sent within the moment the cycle's own stop is delivered
+        // merges with it: the kernel keeps one pending stop signal. That window is not tested.)
+        let duty = spawn(fd, procfs, pid, DutyShare { share: 0.5, period_us: 200_000 }, None);
+        let stop = |sig| {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid as i32, sig) };
+        };
+        for (phase, other) in [('S', 'T'), ('T', 'S')] {
+            // The phase from its start.
+            until(pid, other);
+            until(pid, phase);
+            std::thread::sleep(Duration::from_millis(40));
+            assert_eq!(state(pid), Some(phase), "the machine is too loaded for this test's timing");
+            stop(libc::SIGSTOP);
+            // From the moment the stop took effect (the process wakes to take it).
+            let held = states(pid, Duration::from_millis(300));
+            let from = held.iter().position(|s| *s == 'T').unwrap_or(held.len());
+            assert!(
+                from < 10 && held[from..].iter().all(|s| *s == 'T'),
+                "stopped in phase {phase}, continued by the cycle: {held:?}"
+            );
+            stop(libc::SIGCONT);
+            let after = states(pid, Duration::from_millis(600));
+            assert!(after.contains(&'S') && after.contains(&'T'), "the cycle did not go on: {after:?}");
+        }
+        // Stopped by the operator when the cycle ends: left stopped.
+        until(pid, 'T');
+        until(pid, 'S');
+        std::thread::sleep(Duration::from_millis(40));
+        stop(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(100));
+        duty.end();
+        let left = states(pid, Duration::from_millis(200));
+        assert!(left.iter().all(|s| *s == 'T'), "continued at the cycle's end: {left:?}");
+        stop(libc::SIGCONT);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// At its end the cycle continues a VMM it stopped itself: never left stopped.
+    #[test]
+    fn the_cycles_own_stop_is_undone_at_its_end() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let procfs = ProcFs::at("/proc");
+        let fd = Pidfd::open(&procfs, pid, procfs.start_time(pid).unwrap()).unwrap();
+        let duty = spawn(fd, procfs, pid, DutyShare { share: 0.05, period_us: 200_000 }, None);
+        until(pid, 'T');
+        duty.end();
+        until(pid, 'S');
+        let after = states(pid, Duration::from_millis(300));
+        assert!(after.iter().all(|s| *s == 'S'), "stopped again after the end: {after:?}");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -201,7 +201,7 @@ impl Throttler {
         let applied = match &a.entry.saved {
             Saved::DutyCycle => match Pidfd::open(&self.procfs, who.pid, who.start_time) {
                 Some(fd) => {
-                    a.duty = Some(duty::spawn(fd, who.pid, at, self.gate.clone()));
+                    a.duty = Some(duty::spawn(fd, self.procfs.clone(), who.pid, at, self.gate.clone()));
                     Ok(())
                 }
                 None => Err(ThrottleError::Io {
@@ -397,9 +397,12 @@ mod tests {
             "pid": 1, "start_time": 0, "vm": "vm3",
             "saved": { "kind": "cpu-max", "dir": vm, "previous": "max 100000" },
         });
-        let text = serde_json::to_string(&serde_json::json!([readable, {"kind": "from-the-future", "pid": 2}])).unwrap();
+        let text =
+            serde_json::to_string(&serde_json::json!([readable, {"kind": "from-the-future", "pid": 2}]))
+                .unwrap();
         std::fs::write(&path, &text).unwrap();
-        let cg = || Cgroups { proc_root: root.join("proc"), unified: Some(root.join("unified")), cpu_v1: None };
+        let cg =
+            || Cgroups { proc_root: root.join("proc"), unified: Some(root.join("unified")), cpu_v1: None };
         let aside = |root: &Path| -> Vec<PathBuf> {
             let mut v: Vec<PathBuf> = std::fs::read_dir(root)
                 .unwrap()

@@ -97,9 +97,8 @@ impl StateFile {
 
     /// Renames the file to `<name>.unreadable-<unix seconds>[-n]`, never over another file.
     fn set_aside(&self) -> Result<PathBuf, ThrottleError> {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let secs =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for n in 0..100 {
             let suffix = if n == 0 { String::new() } else { format!("-{n}") };

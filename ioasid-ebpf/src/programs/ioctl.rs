@@ -35,7 +35,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{info, warn};
 use ioasid_common::{
     abi::{
-        KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
+        EPERM, KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, NR_IOCTL,
         PT_REGS_DI, PT_REGS_DX, PT_REGS_SI, SIGKILL, SIGSTOP,
     },
     config::{ProgConfig, WATCHED_IOCTL_FNS_LEN},
@@ -683,7 +683,7 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         // SAFETY: bpf_probe_read_user faults safely.
         return match unsafe { bpf_probe_read_user(arg as *const KvmDeviceAttr) } {
             Ok(a) if is_file_add_shape(cmd, a.group, a.attr) => {
-                let ret = lsm_observe(&ctx, cmd);
+                let ret = lsm_verdict(lsm_observe(&ctx, cmd));
                 if ret == 0 {
                     // Let through: the request runs, and the device's fentry program next.
                     if let Some(ev) = IOASID_INFLIGHT.get_ptr_mut(&current_ids().1) {
@@ -697,9 +697,32 @@ pub fn ioasid_lsm_file_ioctl(ctx: LsmContext) -> i32 {
         };
     }
     if ctl.lsm_observes != 0 {
-        return lsm_observe(&ctx, cmd);
+        return lsm_verdict(lsm_observe(&ctx, cmd));
     }
-    lsm_deny(&ctx, cmd)
+    lsm_verdict(lsm_deny(&ctx, cmd))
+}
+
+/// What an LSM program of ours returns for its own judgement (0: let through, anything else:
+/// -EPERM), as two constants on two branches. LLVM may compute `-EPERM` from a boolean as
+/// `-(b & 1)` (BPF_NEG), through which verifiers before 6.13 track no bounds; 6.12's then
+/// refuses the program ("R0 has unknown scalar value should have been in [-4095, 0]"). The
+/// branch in assembly leaves it nothing to fold.
+#[inline(always)]
+fn lsm_verdict(ret: i32) -> i32 {
+    const _: () = assert!(EPERM == 1, "the assembly below returns -1");
+    let out: u64;
+    // SAFETY: register moves and a forward branch; no memory is touched.
+    unsafe {
+        core::arch::asm!(
+            "{o} = 0",
+            "if {r} == 0 goto +1",
+            "{o} = -1",
+            r = in(reg) ret as i64 as u64,
+            o = out(reg) out,
+            options(pure, nomem, nostack),
+        );
+    }
+    out as i32
 }
 
 /// The current syscall's (fd, request, argument) from its registers (x86-64 ABI: di, si, dx).
@@ -814,7 +837,7 @@ pub fn ioasid_fentry_kvm_vfio_has_attr(ctx: FEntryContext) -> i32 {
 pub fn ioasid_lsm_file_ioctl_deny(ctx: LsmContext) -> i32 {
     // An earlier LSM's refusal stands.
     match ctx.arg::<i32>(3) {
-        0 => lsm_deny(&ctx, ctx.arg(1)),
+        0 => lsm_verdict(lsm_deny(&ctx, ctx.arg(1))),
         prev => prev,
     }
 }

@@ -182,6 +182,7 @@ pub(super) fn attach(
 pub(super) fn describe(e: ProgramError) -> HookRefusal {
     if let ProgramError::LoadError { io_error, verifier_log } = &e {
         let log = verifier_log.to_string();
+        tracing::trace!(log = %log, "the verifier's whole log");
         // The verifier's statistics lines come last; the reason is just before them.
         let stats = ["verification time", "stack depth", "processed "];
         let tail: Vec<&str> = log
