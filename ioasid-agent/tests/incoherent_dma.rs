@@ -688,21 +688,6 @@ fn a_killed_agents_open_asks_are_decided_by_the_next() {
     drop(wb);
 }
 
-/// Forks `sleep` onto `pid` (free: its process reaped) through ns_last_pid, as pid reuse does
-/// on a busy host; None if another fork kept taking it.
-fn spawn_on_pid(pid: u32) -> Option<std::process::Child> {
-    for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
-        let mut c = std::process::Command::new("sleep").arg("30").spawn().ok()?;
-        if c.id() == pid {
-            return Some(c);
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    None
-}
-
 /// What asked is what gets signalled, or nothing: two VMMs stopped for a decision die while no
 /// agent runs. One (allowed) is a zombie its parent has not reaped; the other's (denied) pid is
 /// taken by an innocent process. The next agent adopts both asks: it resumes no zombie, kills
@@ -722,7 +707,8 @@ fn a_dead_askers_pid_is_never_signalled() {
     c.gd.kill().unwrap();
     assert_eq!(c.gd.wait().unwrap().signal(), Some(libc::SIGKILL));
     assert!(eventually(Duration::from_secs(2), || (proc_state(pa)? == 'Z').then_some(())).is_some());
-    let mut innocent = spawn_on_pid(pd).expect("no process could be started on the dead VMM's pid");
+    let sleep = || std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut innocent = spawn_on_pid(pd, sleep).expect("no process could be started on the dead VMM's pid");
 
     let second = c.next_agent();
     // Neither can be read any more (a zombie's command line is empty, the other pid shows the

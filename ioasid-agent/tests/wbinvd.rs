@@ -275,18 +275,7 @@ fn a_vmm_on_a_reused_pid_is_a_vm_of_its_own() {
     assert_eq!(wbinvd_total(&agent.scrape(), &first), Some(50.0));
     // Let the agent see the exit (its liveness check runs about once a second).
     std::thread::sleep(Duration::from_millis(1500));
-    let mut reused = None;
-    for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
-        let g = guest(&["--name", &second, "--wbinvd", "70", "--hold", "1.0"]);
-        if g.id() == pid {
-            reused = Some(g);
-            break;
-        }
-        let mut g = g;
-        let _ = g.kill();
-        let _ = g.wait();
-    }
+    let reused = spawn_on_pid(pid, || guest(&["--name", &second, "--wbinvd", "70", "--hold", "1.0"]));
     let g = reused.expect("could not start a guest on the exited guest's pid");
     let (status, _, err) = finish(g);
     assert!(status.success(), "{err}");
@@ -348,27 +337,13 @@ fn a_vmm_gone_before_it_was_read_is_named_from_its_captured_command_line() {
     assert!(agent.log().contains("named from the command line the kernel captured"), "{}", agent.log());
 }
 
-/// Starts a guest with `args` on `pid` (free: its process reaped) through ns_last_pid, at once,
-/// as a busy host reuses pids; None if another fork kept taking it.
-fn guest_on_pid(pid: u32, args: &[&str]) -> Option<std::process::Child> {
-    for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
-        let mut g = guest(args);
-        if g.id() == pid {
-            return Some(g);
-        }
-        let _ = g.kill();
-        let _ = g.wait();
-    }
-    None
-}
-
 /// The kernel keys what it keeps per process by pid *and* start: a process that takes a dead
 /// VMM's pid before the agent has seen the death (here: no sweep for 10 s) inherits neither its
 /// verdict nor its counts. `gpu-1` is allowed, leaves its verdict in the kernel and exits;
 /// `tenant-1`, forked (no exec) onto its pid at once, enables incoherent DMA microseconds after
-/// creating its VM: judged by its own rule (deny), not by the allow it would have inherited. `web-1`, on the
-/// same pid next, counts its own 70 WBINVD while the kernel still holds `gpu-1`'s 50.
+/// creating its VM: judged by its own rule (deny), not by the allow it would have inherited.
+/// `web-1`, on the same pid next, counts its own 70 WBINVD while the kernel still holds
+/// `gpu-1`'s 50.
 #[test]
 #[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn a_process_on_a_reused_pid_inherits_no_verdict_and_no_counts() {
@@ -402,7 +377,8 @@ fn a_process_on_a_reused_pid_inherits_no_verdict_and_no_counts() {
     assert_eq!((r.decision, r.rule.as_str()), (Decision::Denied, "tenants"), "inherited a verdict: {r:?}");
     assert_eq!((status.signal(), summary), (Some(libc::SIGKILL), serde_json::Value::Null), "{err}");
 
-    let w = guest_on_pid(pid, &["--name", &web, "--wbinvd", "70"]).expect("no guest on the dead VMM's pid");
+    let w = spawn_on_pid(pid, || guest(&["--name", &web, "--wbinvd", "70"]))
+        .expect("no guest on the dead VMM's pid");
     let (status, _, err) = finish(w);
     assert!(status.success(), "{err}");
     let m = agent.scrape();

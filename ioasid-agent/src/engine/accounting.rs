@@ -432,11 +432,17 @@ mod tests {
         }
     }
 
+    /// Kernel counts keyed by pid alone (start 0), as where the kernel's layout is not known.
     fn kernel(tgid: u32, wb_exit: u64, wb_emul: u64) -> HashMap<(u32, u64), Totals> {
         let mut t = Totals::new();
         t.insert((Op::Wbinvd, Path::Exit), wb_exit);
         t.insert((Op::Wbinvd, Path::Emulated), wb_emul);
         HashMap::from([((tgid, 0), t)])
+    }
+
+    /// Kernel counts keyed by (pid, start), as the programs key them.
+    fn keyed(tgid: u32, start: u64, wb_exit: u64) -> HashMap<(u32, u64), Totals> {
+        kernel(tgid, wb_exit, 0).into_values().map(|t| ((tgid, start), t)).collect()
     }
 
     fn value(a: &Accounting, vm: &str, path: Path) -> Option<u64> {
@@ -543,13 +549,6 @@ mod tests {
         a.apply(kernel(40, 1, 0), &procfs, now, &|_| None);
         assert_eq!(value(&a, "unknown:40", Path::Exit), Some(1));
         assert_eq!(value(&a, "new-vm", Path::Exit), Some(3));
-    }
-
-    /// Kernel counts keyed by (pid, start), as the programs key them.
-    fn keyed(tgid: u32, start: u64, wb_exit: u64) -> HashMap<(u32, u64), Totals> {
-        let mut t = Totals::new();
-        t.insert((Op::Wbinvd, Path::Exit), wb_exit);
-        HashMap::from([((tgid, start), t)])
     }
 
     #[test]

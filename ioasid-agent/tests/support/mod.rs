@@ -302,6 +302,21 @@ pub fn finish(child: Child) -> (ExitStatus, serde_json::Value, String) {
     (status, summary, String::from_utf8_lossy(&stderr).into_owned())
 }
 
+/// Starts a child with `spawn` on `pid` (free: its process reaped) through ns_last_pid, at once,
+/// as a busy host reuses pids; None if another fork kept taking it.
+pub fn spawn_on_pid(pid: u32, spawn: impl Fn() -> Child) -> Option<Child> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let mut c = spawn();
+        if c.id() == pid {
+            return Some(c);
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    None
+}
+
 /// Polls `f` until it returns Some or the timeout passes.
 /// In the lab (`IOASID_LAB=1`) the kernel under test runs under QEMU's software emulation,
 /// some 10-50 times slower: waits for something to happen are scaled by this. Bounds that are
