@@ -38,6 +38,10 @@ fn main() -> std::process::ExitCode {
         Command::Replay(args) => cmd::replay::run(args),
         Command::Top(args) => cmd::top::run(args),
         Command::Probe(args) => cmd::probe::run(args),
+        Command::DutyGuard { asks_fd } => {
+            duty_guard(*asks_fd);
+            Ok(())
+        }
         Command::Reference { what: cli::Reference::Man, out: Some(dir) } => cmd::cli::man_pages(dir)
             .map_err(|e| anyhow::anyhow!("writing the man pages into {}: {e}", dir.display())),
         Command::Reference { what, .. } => {
@@ -57,4 +61,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `duty-guard`: see `ioasid_agent::throttle::guard`.
+fn duty_guard(asks_fd: Option<i32>) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // A service stop signals every process of the unit: the agent puts back its own throttles and
+    // closes the pipe; this process waits for that.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: sets a signal's disposition to ignored.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let gate = asks_fd.filter(|fd| *fd > 2).map(|fd| {
+        // SAFETY: the fd the agent handed down (cleared of close-on-exec for this process).
+        ioasid_agent::kernel::AskMapGate::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+    });
+    let procfs = ioasid_agent::host::procfs::ProcFs::at("/proc");
+    let gate = gate.as_ref().map(|g| g as &dyn ioasid_agent::engine::ports::AskGate);
+    ioasid_agent::throttle::guard::run(std::io::stdin().lock(), &procfs, gate);
 }

@@ -486,3 +486,39 @@ fn a_killed_agents_throttles_are_put_back_by_the_next() {
     assert!(running.is_some(), "the duty-cycled VMM was left stopped");
     drop((g, d, second));
 }
+
+/// A VMM the duty cycle holds stopped when the agent is SIGKILLed is continued at once by the
+/// duty cycle's guard, with no next agent at all (before, it stayed stopped until an agent with
+/// the same `--throttle-state` came).
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn a_vmm_the_duty_cycle_held_is_continued_when_the_agent_is_killed() {
+    require_kernel();
+    let _g = serial();
+    let dir = TempDir::new("storm");
+    let duty = unique("dutyguard");
+    let rule = format!("  - name: t-{duty}\n    match: {{ vm: \"{duty}\" }}\n    wbinvd: {{ rate: 500, action: throttle }}\n");
+    let policy = budget_policy(&dir, &rule);
+    let state = dir.path("throttle.json");
+    let mut agent = Agent::start(&["--policy", &policy, "--throttle-state", state.to_str().unwrap()]);
+    let d = GuestGuard::spawn(&["--name", &duty, "--rate", "5000000", "--duration", "30"]);
+    let throttled = eventually(Duration::from_secs(5) * slow(), || {
+        agent
+            .audit()
+            .iter()
+            .any(|r| r["event"] == "wbinvd-storm" && r["outcome"] == "throttled")
+            .then_some(())
+    });
+    assert!(throttled.is_some(), "not throttled:\n{}", agent.log());
+    // Killed in the off phase, with the VMM stopped by the cycle.
+    let off = eventually(Duration::from_secs(5), || (proc_state(d.pid()) == Some('T')).then_some(()));
+    assert!(off.is_some(), "the duty cycle never stopped the VMM");
+    agent.signal(libc::SIGKILL);
+    let _ = eventually(Duration::from_secs(5), || agent.try_exit());
+    let running = eventually(Duration::from_secs(2), || (proc_state(d.pid()) != Some('T')).then_some(()));
+    assert!(running.is_some(), "the VMM the duty cycle held stays stopped:\n{}", agent.log());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(proc_state(d.pid()), Some('T'), "stopped again");
+    assert!(agent.log().contains("a VMM its duty cycle held stopped is continued"), "{}", agent.log());
+    drop(d);
+}

@@ -49,6 +49,14 @@ pub enum Command {
     /// Ask a running agent's probe listener whether it is alive or ready (exit 0 if so, 1 with
     /// the reason if not): an exec probe no other pod can delay.
     Probe(ProbeArgs),
+    /// The duty cycle's guard, started by the agent itself (see the throttle docs): continues
+    /// what the duty cycle held stopped once the agent's pipe on standard input closes.
+    #[command(hide = true)]
+    DutyGuard {
+        /// The asks map's fd, inherited: a VMM the kernel holds for a decision is left stopped.
+        #[arg(long)]
+        asks_fd: Option<i32>,
+    },
     /// The reference documentation generated from the code (`cargo xtask docs` writes it to
     /// docs/).
     #[command(hide = true)]

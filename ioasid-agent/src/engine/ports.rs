@@ -104,4 +104,8 @@ pub trait Kernel {
 /// not continue it). Shared with the duty-cycle threads.
 pub trait AskGate: Send + Sync {
     fn asked(&self, pid: u32) -> bool;
+    /// The asks map's fd, for a helper process to inherit (the duty cycle's guard).
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }

@@ -98,7 +98,19 @@ where
 /// duty-cycle threads (which must never continue a VMM stopped to ask).
 pub struct AskMapGate(std::os::fd::OwnedFd);
 
+impl AskMapGate {
+    /// A gate over an asks map fd this process was handed (the duty cycle's guard).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Self {
+        AskMapGate(fd)
+    }
+}
+
 impl AskGate for AskMapGate {
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.0.as_fd())
+    }
+
     fn asked(&self, pid: u32) -> bool {
         use std::os::fd::AsRawFd;
         let mut value = [0u8; std::mem::size_of::<Asked>()];

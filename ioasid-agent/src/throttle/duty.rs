@@ -12,13 +12,11 @@ use std::{
     time::Duration,
 };
 
+use super::guard::{self, Guard};
 use crate::{
     engine::ports::AskGate,
     host::{pidfd::Pidfd, procfs::ProcFs, sys::Signal},
 };
-
-/// SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU in a /proc signal mask (bit `signo - 1`).
-const STOP_SIGNALS: u64 = 0xf << 18;
 
 /// A share of a CPU and the period it is given over.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,23 +47,16 @@ impl Duty {
 }
 
 /// The duty cycle of one VMM: within each period it is stopped, then runs for the share.
-pub fn spawn(fd: Pidfd, procfs: ProcFs, pid: u32, at: DutyShare, gate: Option<Arc<dyn AskGate>>) -> Duty {
+pub fn spawn(mut cycle: Cycle, at: DutyShare) -> Duty {
     let duty = Duty {
         share_e5: Arc::new(AtomicU32::new((at.share * 100_000.0) as u32)),
         period_us: Arc::new(AtomicU32::new(at.period_us as u32)),
         end: Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
     };
-    let cycle = Cycle {
-        fd,
-        procfs,
-        pid,
-        share_e5: Arc::clone(&duty.share_e5),
-        period_us: Arc::clone(&duty.period_us),
-        end: Arc::clone(&duty.end),
-        gate,
-        held: false,
-        foreign: false,
-    };
+    cycle.share_e5 = Arc::clone(&duty.share_e5);
+    cycle.period_us = Arc::clone(&duty.period_us);
+    cycle.end = Arc::clone(&duty.end);
+    let pid = cycle.pid;
     if let Err(e) = std::thread::Builder::new().name(format!("duty-{pid}")).spawn(move || cycle.run()) {
         tracing::error!(pid, error = %e, "starting a duty cycle");
     }
@@ -73,10 +64,12 @@ pub fn spawn(fd: Pidfd, procfs: ProcFs, pid: u32, at: DutyShare, gate: Option<Ar
 }
 
 /// The duty-cycle thread's side.
-struct Cycle {
+pub struct Cycle {
     fd: Pidfd,
     procfs: ProcFs,
     pid: u32,
+    start: u64,
+    guard: Option<Arc<Guard>>,
     share_e5: Arc<AtomicU32>,
     period_us: Arc<AtomicU32>,
     end: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
@@ -91,6 +84,41 @@ struct Cycle {
 struct Gone;
 
 impl Cycle {
+    /// The cycle of the process `pid` (started at `start`, /proc's clock ticks), reached through
+    /// `fd`; `gate` tells a VMM the kernel stopped for a decision, `guard` hears of every stop
+    /// and continue.
+    pub fn new(
+        fd: Pidfd,
+        procfs: ProcFs,
+        pid: u32,
+        start: u64,
+        gate: Option<Arc<dyn AskGate>>,
+        guard: Option<Arc<Guard>>,
+    ) -> Self {
+        Cycle {
+            fd,
+            procfs,
+            pid,
+            start,
+            guard,
+            share_e5: Arc::new(AtomicU32::new(0)),
+            period_us: Arc::new(AtomicU32::new(0)),
+            end: Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new())),
+            gate,
+            held: false,
+            foreign: false,
+        }
+    }
+
+    /// Sends `sig` and tells the guard.
+    fn signal(&self, sig: Signal) -> std::io::Result<()> {
+        self.fd.signal(sig)?;
+        if let Some(g) = &self.guard {
+            g.tell(self.pid, self.start, sig == Signal::Stop);
+        }
+        Ok(())
+    }
+
     fn run(mut self) {
         loop {
             let share = f64::from(self.share_e5.load(Ordering::Relaxed)) / 100_000.0;
@@ -111,17 +139,16 @@ impl Cycle {
             }
         }
         if !self.asked() && !self.foreign {
-            let _ = self.fd.signal(Signal::Cont);
+            let _ = self.signal(Signal::Cont);
+        }
+        // Whatever happened, the guard holds nothing of this cycle any more.
+        if let Some(g) = &self.guard {
+            g.tell(self.pid, self.start, false);
         }
     }
 
-    /// The VMM's state letter and its process-wide pending signals (/proc/PID/status).
     fn status(&self) -> Option<(char, u64)> {
-        let text = std::fs::read_to_string(self.procfs.path(self.pid, "status")).ok()?;
-        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
-        let state = field("State:")?.chars().next()?;
-        let pending = u64::from_str_radix(field("ShdPnd:")?, 16).ok()?;
-        Some((state, pending))
+        guard::status(&self.procfs, self.pid)
     }
 
     /// True while someone else holds the VMM stopped. Checked before each stop (a stop during
@@ -159,7 +186,7 @@ impl Cycle {
             return Ok(true);
         }
         if share < 1.0 {
-            self.fd.signal(Signal::Stop).map_err(|e| self.gone(e))?;
+            self.signal(Signal::Stop).map_err(|e| self.gone(e))?;
         }
         drop(g);
         Ok(share < 1.0 && self.wait(off))
@@ -168,11 +195,9 @@ impl Cycle {
     /// Continues the VMM, unless the kernel stopped it to ask (the agent's decision does that)
     /// or someone else stopped it meanwhile (a stop signal pending while it is stopped).
     fn resume(&mut self) -> Result<(), Gone> {
-        if let Some(('T', pending)) = self.status() {
-            if pending & STOP_SIGNALS != 0 {
-                self.note_foreign();
-                return Ok(());
-            }
+        if guard::stopped_by_another(&self.procfs, self.pid) {
+            self.note_foreign();
+            return Ok(());
         }
         if self.asked() {
             if !self.held {
@@ -185,7 +210,7 @@ impl Cycle {
             return Ok(());
         }
         self.held = false;
-        self.fd.signal(Signal::Cont).map_err(|e| self.gone(e))
+        self.signal(Signal::Cont).map_err(|e| self.gone(e))
     }
 
     fn gone(&self, e: std::io::Error) -> Gone {
@@ -248,7 +273,8 @@ mod tests {
         // Half of each 200 ms period running, the rest stopped: the operator's stop lands in the
         // middle of a phase. (One sent within the moment the cycle's own stop is delivered
         // merges with it: the kernel keeps one pending stop signal. That window is not tested.)
-        let duty = spawn(fd, procfs, pid, DutyShare { share: 0.5, period_us: 200_000 }, None);
+        let cycle = Cycle::new(fd, procfs, pid, start, None, None);
+        let duty = spawn(cycle, DutyShare { share: 0.5, period_us: 200_000 });
         let stop = |sig| {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(pid as i32, sig) };
@@ -291,8 +317,12 @@ mod tests {
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
         let procfs = ProcFs::at("/proc");
-        let fd = Pidfd::open(&procfs, pid, procfs.start_time(pid).unwrap()).unwrap();
-        let duty = spawn(fd, procfs, pid, DutyShare { share: 0.05, period_us: 200_000 }, None);
+        let start = procfs.start_time(pid).unwrap();
+        let fd = Pidfd::open(&procfs, pid, start).unwrap();
+        let duty = spawn(
+            Cycle::new(fd, procfs, pid, start, None, None),
+            DutyShare { share: 0.05, period_us: 200_000 },
+        );
         until(pid, 'T');
         duty.end();
         until(pid, 'S');

@@ -37,6 +37,7 @@ use crate::{
 pub mod cgroup;
 pub mod controller;
 pub mod duty;
+pub mod guard;
 pub mod state;
 
 pub use self::{
@@ -103,6 +104,8 @@ pub struct Throttler {
     /// The state file could be neither read whole nor kept aside: it is never written over, so
     /// no throttle starts (none could be put back after a crash).
     frozen: bool,
+    /// The duty cycles' guard process, from the first duty cycle on (see `guard`).
+    guard: Option<Arc<guard::Guard>>,
 }
 
 /// What starting a throttle did.
@@ -125,7 +128,15 @@ impl Throttler {
             Some(Err(e)) => {
                 // Not renamed: never written over either, so nothing of it is lost.
                 tracing::error!(error = %e, "the throttle state file can be neither read nor kept aside: earlier throttles are not undone, and it is left as it is");
-                return Throttler { state, cgroups, procfs, gate, active: HashMap::new(), frozen: true };
+                return Throttler {
+                    state,
+                    cgroups,
+                    procfs,
+                    gate,
+                    active: HashMap::new(),
+                    frozen: true,
+                    guard: None,
+                };
             }
         }
         let mut kept = Vec::new();
@@ -143,13 +154,26 @@ impl Throttler {
         if let Err(e) = state.store(&kept) {
             tracing::error!(error = %e, "writing the throttle state file");
         }
-        Throttler { state, cgroups, procfs, gate, active: HashMap::new(), frozen: false }
+        Throttler { state, cgroups, procfs, gate, active: HashMap::new(), frozen: false, guard: None }
     }
 
     /// True while `pid` is held under a full CPU: its calm rate may be the throttle's doing, so
     /// its storm may not clear yet. The controller loosens a calm VMM (x2 per step) until then.
     pub fn holds(&self, pid: u32) -> bool {
         self.active.get(&pid).is_some_and(|a| a.control.share < 1.0)
+    }
+
+    /// The duty cycles' guard, started with the first of them (None if it cannot be: logged).
+    fn guard(&mut self) -> Option<Arc<guard::Guard>> {
+        if self.guard.is_none() {
+            match guard::Guard::spawn(self.gate.as_deref().and_then(|g| g.fd())) {
+                Ok(g) => self.guard = Some(Arc::new(g)),
+                Err(e) => {
+                    tracing::error!(error = %e, "starting the duty cycle's guard: a VMM stopped by the duty cycle when the agent dies stays stopped")
+                }
+            }
+        }
+        self.guard.clone()
     }
 
     fn persist(&self) -> Result<(), ThrottleError> {
@@ -201,7 +225,16 @@ impl Throttler {
         let applied = match &a.entry.saved {
             Saved::DutyCycle => match Pidfd::open(&self.procfs, who.pid, who.start_time) {
                 Some(fd) => {
-                    a.duty = Some(duty::spawn(fd, self.procfs.clone(), who.pid, at, self.gate.clone()));
+                    let guard = self.guard();
+                    let cycle = duty::Cycle::new(
+                        fd,
+                        self.procfs.clone(),
+                        who.pid,
+                        who.start_time,
+                        self.gate.clone(),
+                        guard,
+                    );
+                    a.duty = Some(duty::spawn(cycle, at));
                     Ok(())
                 }
                 None => Err(ThrottleError::Io {
