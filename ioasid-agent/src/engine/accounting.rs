@@ -215,6 +215,11 @@ impl Accounting {
         let Some(mut p) = self.procs.remove(&tgid) else { return };
         p.dead_since.get_or_insert_with(Instant::now);
         p.purged = true;
+        self.push_exited(p);
+    }
+
+    /// Queues an exited process, dropping the oldest past [`MAX_EXITED`] (counted, retired).
+    fn push_exited(&mut self, p: Proc) {
         self.exited.push_back(p);
         while self.exited.len() > MAX_EXITED {
             if let Some(old) = self.exited.pop_front() {
@@ -298,13 +303,7 @@ impl Accounting {
         tracing::debug!(tgid, start, vm = %crate::util::text::escape(&info.vm), "counts of a process no longer on its pid");
         let mut p = Proc::new(info, Some(now));
         p.purged = true;
-        self.exited.push_back(p);
-        while self.exited.len() > MAX_EXITED {
-            if let Some(old) = self.exited.pop_front() {
-                self.exited_dropped += 1;
-                self.retire(old);
-            }
-        }
+        self.push_exited(p);
         self.exited.back_mut().expect("just pushed")
     }
 
