@@ -33,8 +33,17 @@ fn policy_check_accepts_the_documented_example() {
     assert!(out.contains("valid: 2 rule(s)"), "{out}");
     // The example policy shipped in the repository is valid too.
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.yaml");
-    let (code, _, err) = agent(&["policy", "check", shipped]);
+    let (code, out, err) = agent(&["policy", "check", shipped]);
     assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("note:"), "{out}");
+    // A throttle budget too low to steer by is valid, and said.
+    write(
+        &p,
+        "rules:\n  - name: tiny\n    match: { vm: \"t-*\" }\n    wbinvd: { rate: 5, action: throttle }\n",
+    );
+    let (code, out, err) = agent(&["policy", "check", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("note: rule \"tiny\": a throttle budget of 5/s is under the 20/s"), "{out}");
 }
 
 #[test]

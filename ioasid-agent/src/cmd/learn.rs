@@ -8,7 +8,8 @@
 //! same text up to their last separator) share one (`gpu-a100-*`), never a bare `*`; each rule
 //! matches exactly its VMs' names, cgroups (their common prefix and `*` where they share one,
 //! else each exactly) and PCI devices, and has a WBINVD budget at the highest storm rate the
-//! logs recorded for its VMs plus the margin. Names, paths and devices are anyone's choice: one
+//! logs recorded for the processes it admits (the same process as a learned enable, by host,
+//! pid, VM name, uid, executable and cgroup) plus the margin. Names, paths and devices are anyone's choice: one
 //! a policy cannot express exactly (control characters, a backslash) is reported and left out,
 //! and learning goes on. The result is checked before it is written: it parses, every learned
 //! request replays to its recorded decision, and a VM name never seen is denied.
@@ -272,6 +273,9 @@ fn collect(logs: &[PathBuf]) -> Result<Logs> {
 /// A group's key: executable, uid and VM name pattern.
 type Key = (String, u32, String);
 
+/// The enables learned, by the process that made them (host, pid, VM name), with their group.
+type LearnedProcs<'a> = HashMap<(&'a str, u32, &'a str), Vec<(&'a AuditRecord, Key)>>;
+
 /// The enables by (executable, uid, VM name pattern), with the storms of their VMs; and the
 /// enables left out, with why.
 fn group(c: &Logs) -> (BTreeMap<Key, Group>, Vec<String>) {
@@ -304,10 +308,15 @@ fn group(c: &Logs) -> (BTreeMap<Key, Group>, Vec<String>) {
         }
     }
     let mut groups: BTreeMap<Key, Group> = BTreeMap::new();
+    // The processes whose enables were learned, by (host, pid, VM name): a storm's rate is
+    // learned only into the rule that admits the process that stormed.
+    let mut learned_procs: LearnedProcs<'_> = HashMap::new();
     for r in kept {
         let exe = r.exe.clone().unwrap_or_default();
         let pat = pattern_of[&(exe.clone(), r.uid, r.vm.clone())].clone();
-        let g = groups.entry((exe, r.uid, pat)).or_default();
+        let key = (exe, r.uid, pat);
+        learned_procs.entry((r.host.as_str(), r.pid, r.vm.as_str())).or_default().push((r, key.clone()));
+        let g = groups.entry(key).or_default();
         g.vms.push(r.vm.clone());
         if let Some(cg) = &r.cgroup {
             g.cgroups.push(cg.clone());
@@ -322,8 +331,18 @@ fn group(c: &Logs) -> (BTreeMap<Key, Group>, Vec<String>) {
         }
     }
     for s in &c.storms {
-        if let Some(g) = groups.values_mut().find(|g| g.vms.contains(&s.vm)) {
-            g.peak_rate = Some(g.peak_rate.map_or(s.rate, |p: f64| p.max(s.rate)));
+        let Some(procs) = learned_procs.get(&(s.host.as_str(), s.pid, s.vm.as_str())) else { continue };
+        // The same process as an enable learned (its uid, executable and cgroup too, where the
+        // storm record has them): never a namesake's storm, nor another user's.
+        let same = |r: &AuditRecord| {
+            s.uid.is_none_or(|u| u == r.uid)
+                && s.exe.as_ref().is_none_or(|e| Some(e) == r.exe.as_ref())
+                && s.cgroup.as_ref().is_none_or(|cg| Some(cg) == r.cgroup.as_ref())
+        };
+        if let Some((_, key)) = procs.iter().find(|(r, _)| same(r)) {
+            if let Some(g) = groups.get_mut(key) {
+                g.peak_rate = Some(g.peak_rate.map_or(s.rate, |p: f64| p.max(s.rate)));
+            }
         }
     }
     // A policy holds at most MAX_RULES rules: the groups past it (fewest enables first) are
@@ -583,7 +602,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("audit.jsonl");
         let storm = serde_json::json!({
-            "event": "wbinvd-storm", "time": "t", "host": "h", "vm": "gpu-b", "pid": 8, "rule": "default",
+            "event": "wbinvd-storm", "time": "t", "host": "h", "vm": "gpu-b", "pid": 7, "rule": "default",
             "state": "raised", "rate": 2000.0, "cost_ratio": 0.1, "budget_rate": 1000.0, "budget_cost_ratio": 0.05,
             "window_seconds": 1.0, "action": "alert", "outcome": "alerted", "policy": "p"
         });
@@ -659,6 +678,52 @@ mod tests {
             rec("tenant-x", "/usr/bin/qemu-system-x86_64", 107, "/machine.slice/x.scope", "0000:01:00.0");
         assert_eq!(enforce::replay(&tenant, &p).decision, Decision::Denied);
         assert!(learn(std::slice::from_ref(&log), -1.0).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A budget is learned only from storms of the processes the rule admits: a namesake's storm
+    /// (another pid), or one by the same pid as another uid, executable or cgroup, inflates
+    /// nothing. Before, any storm of a VM of that name set the budget (`gpu-9` got 18,360/s from
+    /// a guest nobody admitted).
+    #[test]
+    fn a_budget_is_learned_only_from_the_identity_the_rule_admits() {
+        let dir = std::env::temp_dir().join(format!("ioasid-learn-budget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.jsonl");
+        let exe = "/usr/bin/qemu-system-x86_64";
+        let cg = "/machine.slice/gpu-9.scope";
+        let storm = |pid: u32, extra: serde_json::Value, rate: f64| {
+            let mut v = serde_json::json!({
+                "event": "wbinvd-storm", "time": "t", "host": "h", "vm": "gpu-9", "pid": pid, "rule": "default",
+                "state": "raised", "rate": rate, "cost_ratio": 0.1, "budget_rate": 1000.0, "budget_cost_ratio": 0.05,
+                "window_seconds": 1.0, "action": "alert", "outcome": "alerted", "policy": "p"
+            });
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v.to_string()
+        };
+        let budget = |lines: &[String]| {
+            std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+            let l = learn(std::slice::from_ref(&log), 0.5).unwrap();
+            let f: PolicyFile = serde_norway::from_str(&l.yaml).unwrap();
+            assert_eq!(f.rules.len(), 1, "{}", l.yaml);
+            f.rules[0].wbinvd.as_ref().and_then(|b| b.rate)
+        };
+        let enable = line("gpu-9", exe, 0, cg, &["0000:65:00.0"], "audited");
+        // Another process named gpu-9 (pid 9), storming: nobody admitted it.
+        assert_eq!(budget(&[enable.clone(), storm(9, serde_json::json!({}), 18_360.0)]), None);
+        // The admitted pid, but as another uid, executable or cgroup (the pid was reused).
+        for other in [
+            serde_json::json!({"uid": 1000, "exe": exe, "cgroup": cg}),
+            serde_json::json!({"uid": 0, "exe": "/tmp/evil", "cgroup": cg}),
+            serde_json::json!({"uid": 0, "exe": exe, "cgroup": "/user.slice"}),
+        ] {
+            assert_eq!(budget(&[enable.clone(), storm(7, other.clone(), 18_360.0)]), None, "{other}");
+        }
+        // The admitted process itself (older records carry no uid, exe or cgroup: host, pid
+        // and name then).
+        let itself = serde_json::json!({"uid": 0, "exe": exe, "cgroup": cg});
+        assert_eq!(budget(&[enable.clone(), storm(7, itself, 2_000.0)]), Some(3_000.0));
+        assert_eq!(budget(&[enable, storm(7, serde_json::json!({}), 4_000.0)]), Some(6_000.0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -14,5 +14,8 @@ pub fn check(path: &Path) -> Result<()> {
         p.rule_count(),
         p.default
     );
+    for note in p.notes() {
+        println!("note: {note}");
+    }
     Ok(())
 }

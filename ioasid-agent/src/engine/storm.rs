@@ -125,6 +125,11 @@ pub struct StormChange<'a> {
     pub pid: u32,
     pub vm: &'a str,
     pub identity: VmIdentity,
+    /// Who runs it: `policy learn` learns a storm's rate only into the rule admitting this
+    /// identity.
+    pub uid: u32,
+    pub exe: Option<&'a str>,
+    pub cgroup: Option<&'a str>,
     pub rule: &'a str,
     pub budget: Budget,
     pub window: Window,
@@ -190,6 +195,9 @@ impl StormChange<'_> {
             vm: self.vm.to_string(),
             identity: self.identity.clone(),
             pid: self.pid,
+            uid: Some(self.uid),
+            exe: self.exe.map(str::to_string),
+            cgroup: self.cgroup.map(str::to_string),
             rule: self.rule.to_string(),
             state,
             rate: self.window.rate,

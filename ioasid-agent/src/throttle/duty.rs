@@ -18,6 +18,9 @@ use crate::{
     host::{pidfd::Pidfd, procfs::ProcFs, sys::Signal},
 };
 
+/// The shortest run the cycle gives (the controller's floor is one per longest period).
+const MIN_RUN: Duration = Duration::from_millis(1);
+
 /// A share of a CPU and the period it is given over.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DutyShare {
@@ -119,22 +122,49 @@ impl Cycle {
         Ok(())
     }
 
+    /// Each period: stopped, then run for the share. The run is timed from the continue sent
+    /// to the next stop sent: a late wakeup (a loaded host) lets the VMM run longer than its
+    /// slice, and the overrun is taken from the next slices (and by longer stops if need be),
+    /// as CFS bandwidth carries a quota overrun: the share holds on average, not only as asked.
     fn run(mut self) {
+        // Seconds the VMM ran beyond its slices, still to be taken back (at most a period).
+        let mut debt = 0.0f64;
+        // When the last run began, and the slice it was given.
+        let mut resumed: Option<(std::time::Instant, f64)> = None;
+        let min_run = MIN_RUN.as_secs_f64();
         loop {
             let share = f64::from(self.share_e5.load(Ordering::Relaxed)) / 100_000.0;
             let period = Duration::from_micros(u64::from(self.period_us.load(Ordering::Relaxed)));
-            let run = period.mul_f64(share.min(1.0)).max(Duration::from_millis(1));
+            let want = period.as_secs_f64() * share.min(1.0);
             if self.stopped_by_another() {
+                (resumed, debt) = (None, 0.0);
                 if self.wait(period) {
                     break;
                 }
                 continue;
             }
-            let Ok(ended) = self.stopped_for(share, period - run) else { return };
-            if self.resume().is_err() {
-                return;
+            if let Some((at, given)) = resumed.take() {
+                debt = (debt + at.elapsed().as_secs_f64() - given).clamp(0.0, period.as_secs_f64());
             }
-            if ended || self.wait(run) {
+            // What is owed is taken from this period's slice (down to the shortest run), and
+            // the rest by a longer stop (at most half a period more; the remainder next time).
+            let take = debt.min((want - min_run).max(0.0));
+            let run = (want - take).max(min_run);
+            debt -= take;
+            let longer = (debt / share.clamp(1e-3, 1.0)).min(period.as_secs_f64() / 2.0);
+            debt = (debt - longer * share.min(1.0)).max(0.0);
+            let run = Duration::from_secs_f64(run).min(period);
+            let off = period - run + Duration::from_secs_f64(longer);
+            let Ok(ended) = self.stopped_for(share, off) else { return };
+            if ended {
+                break;
+            }
+            match self.resume() {
+                Err(Gone) => return,
+                Ok(true) => resumed = Some((std::time::Instant::now(), run.as_secs_f64())),
+                Ok(false) => {}
+            }
+            if self.wait(run) {
                 break;
             }
         }
@@ -193,11 +223,12 @@ impl Cycle {
     }
 
     /// Continues the VMM, unless the kernel stopped it to ask (the agent's decision does that)
-    /// or someone else stopped it meanwhile (a stop signal pending while it is stopped).
-    fn resume(&mut self) -> Result<(), Gone> {
+    /// or someone else stopped it meanwhile (a stop signal pending while it is stopped). True
+    /// if it was continued.
+    fn resume(&mut self) -> Result<bool, Gone> {
         if guard::stopped_by_another(&self.procfs, self.pid) {
             self.note_foreign();
-            return Ok(());
+            return Ok(false);
         }
         if self.asked() {
             if !self.held {
@@ -207,10 +238,10 @@ impl Cycle {
                 );
             }
             self.held = true;
-            return Ok(());
+            return Ok(false);
         }
         self.held = false;
-        self.signal(Signal::Cont).map_err(|e| self.gone(e))
+        self.signal(Signal::Cont).map(|()| true).map_err(|e| self.gone(e))
     }
 
     fn gone(&self, e: std::io::Error) -> Gone {

@@ -8,25 +8,37 @@
 //!   written to the state file before anything is changed, and written back on clear, on the
 //!   VMM's exit, on agent exit, and by the next agent if this one died.
 //! - **No cgroup of its own**: the agent never moves processes between cgroups. It throttles by
-//!   duty cycle instead: within each 100 ms the VMM runs for the allowed share, then is stopped
+//!   duty cycle instead: within each period the VMM runs for the allowed share, then is stopped
 //!   (SIGSTOP/SIGCONT through a pidfd: never another process that reused the pid). A VMM the
 //!   kernel stopped to ask about an incoherent-DMA enable is never continued by the duty cycle.
 //!
-//! The controller: the allowed share of a CPU starts at 0.6 x budget / rate (one storming vCPU)
-//! and is corrected by 0.6 x budget / (the rate measured since): down by up to 16x at a step,
+//! The controller: the allowed share of a CPU starts at 0.5 x budget / rate (one storming vCPU)
+//! and is corrected by 0.5 x budget / (the rate measured since): down by up to 16x at a step,
 //! up by at most 1.5x (x4 once no WBINVD is seen at all: the storm is over), and by half the
 //! correction (in log terms) within [1/2, 2] of the aim. Multiplicative, so it settles in a few
-//! steps from any start; it aims under the budget so that noise stays under it. The bandwidth
-//! period is 100 ms, or 1 s under 1 % of a CPU (until over 5 % again): a quota is at least 1 ms,
-//! and an emulated WBINVD costs a couple of microseconds, so a budget can need 0.1 % of a CPU.
-//! The floor is 1 ms per second: where that runs more WBINVD than the budget, the rate settles
-//! there. The rate is measured over 1.5 periods (at least 300 ms), and a new share is given a
-//! period (at least 200 ms) to show before the next correction.
+//! steps from any start; it aims under the budget so that noise stays under it. The period is
+//! 100 ms, longer under 1 % of a CPU (as long as a 1 ms slice needs, at most 500 ms: never a
+//! whole second stopped); the floor is 1 ms per 500 ms. The rate is measured over 1.5 periods
+//! (at least 300 ms), and a new share is given a period (at least 200 ms) to show.
+//!
+//! The loop is closed on the rate, not on the limit: once a second from 3 s after a mechanism
+//! is put in force, a second over twice the budget (or over it at the floor) is a strike, and
+//! two in a row mean the mechanism does not hold (a vCPU thread in another cgroup, guest time
+//! the kernel does not charge, a quota overrun at the tick). A cgroup limit is then put back
+//! and the duty cycle takes over from the same share; a duty cycle that does not hold is said
+//! once (at its floor: the budget is under what any mechanism holds here). A VMM moved to
+//! another cgroup is followed within 0.5 s: the old cgroup's limit put back, the new cgroup
+//! saved and limited (or the duty cycle). Each change is a `changed` storm record.
+//!
+//! A cgroup that two throttles limit (a VMM died and another started there before the agent saw it
+//! go) keeps the first's saved limit: the one from before ioasid touched it is what is put
+//! back, by whichever throttle ends last.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -45,8 +57,8 @@ pub use self::{
     state::{Entry, Saved, StateFile, ThrottleMethod},
 };
 use self::{
-    cgroup::{apply_share, put_back, read_trim, Own},
-    controller::{first_share, Controller, Sample, Storming},
+    cgroup::{apply_share, put_back, read_trim, NotOwn, Own},
+    controller::{first_share, Controller, Held, Holding, Sample, Storming, MIN_SHARE},
     duty::{Duty, DutyShare},
 };
 
@@ -92,6 +104,23 @@ struct Active {
     entry: Entry,
     control: Controller,
     duty: Option<Duty>,
+    /// Whether the mechanism holds the rate (checked once a second).
+    holding: Holding,
+    /// When to look next whether the VMM is still in the cgroup limited.
+    place_check: Instant,
+    /// A mechanism that does not hold, with nothing left to change to, is audited once.
+    reported: bool,
+}
+
+/// How often a throttled VMM's cgroup is looked at (it may be moved to escape the limit).
+const PLACE_CHECK: Duration = Duration::from_millis(500);
+
+/// The cgroup directory a saved limit is for.
+fn dir_of(saved: &Saved) -> Option<&Path> {
+    match saved {
+        Saved::CpuMax { dir, .. } | Saved::CfsQuota { dir, .. } => Some(dir),
+        Saved::DutyCycle => None,
+    }
 }
 
 /// Every throttle in force.
@@ -112,6 +141,14 @@ pub struct Throttler {
 pub struct Started {
     pub method: ThrottleMethod,
     pub share: f64,
+}
+
+/// What ending a throttle did.
+pub struct Stopped {
+    pub entry: Entry,
+    /// The cgroup's limit was left in force for this VMM's throttle (the same cgroup): it puts
+    /// back what was there before either.
+    pub left_to: Option<u32>,
 }
 
 impl Throttler {
@@ -192,9 +229,23 @@ impl Throttler {
         self.state.store(entries)
     }
 
-    /// What `pid` would be throttled with: its own cgroup's limit, saved, or a duty cycle.
+    /// The throttle of another VMM on the cgroup `dir`, if any.
+    fn sharing(&self, dir: &Path, pid: u32) -> Option<&Active> {
+        self.active.values().find(|a| a.entry.pid != pid && dir_of(&a.entry.saved) == Some(dir))
+    }
+
+    /// What `pid` would be throttled with: its own cgroup's limit, saved, or a duty cycle. A
+    /// cgroup another throttle limits already (its VMM died and this one started there before
+    /// the agent saw it go) keeps that throttle's saved limit: the one from before ioasid
+    /// touched it, never ioasid's own.
     fn saved_for(&self, who: Target<'_>) -> Result<Saved, ThrottleError> {
-        Ok(match self.cgroups.own(who.pid) {
+        let own = match self.cgroups.own(who.pid) {
+            Ok(Own::V2(dir) | Own::V1(dir)) if self.sharing(&dir, who.pid).is_some() => {
+                return Ok(self.sharing(&dir, who.pid).expect("just found").entry.saved.clone());
+            }
+            own => own,
+        };
+        Ok(match own {
             Ok(Own::V2(dir)) => Saved::CpuMax { previous: read_trim(&dir.join("cpu.max"))?, dir },
             Ok(Own::V1(dir)) => Saved::CfsQuota {
                 period: read_trim(&dir.join("cpu.cfs_period_us"))?,
@@ -208,6 +259,37 @@ impl Throttler {
         })
     }
 
+    /// Puts back what `e` saved, unless another throttle limits the same cgroup (it puts back
+    /// the same saved limit when it ends). `e` is no longer in `active`.
+    fn release(&self, e: &Entry) -> Result<Option<u32>, ThrottleError> {
+        if let Some(other) = dir_of(&e.saved).and_then(|d| self.sharing(d, e.pid)) {
+            return Ok(Some(other.entry.pid));
+        }
+        restore(e, &self.procfs, self.gate.as_deref()).map(|()| None)
+    }
+
+    /// Puts `a`'s mechanism in force at its controller's share: the cgroup limit written, or
+    /// the duty cycle started.
+    fn enforce(&mut self, a: &mut Active) -> Result<(), ThrottleError> {
+        let at = DutyShare { share: a.control.share, period_us: a.control.period };
+        match &a.entry.saved {
+            Saved::DutyCycle => {
+                let (pid, start) = (a.entry.pid, a.entry.start_time);
+                let Some(fd) = Pidfd::open(&self.procfs, pid, start) else {
+                    return Err(ThrottleError::Io {
+                        path: PathBuf::from(format!("/proc/{pid}")),
+                        source: std::io::Error::from_raw_os_error(libc::ESRCH),
+                    });
+                };
+                let guard = self.guard();
+                let cycle = duty::Cycle::new(fd, self.procfs.clone(), pid, start, self.gate.clone(), guard);
+                a.duty = Some(duty::spawn(cycle, at));
+                Ok(())
+            }
+            saved => apply_share(saved, at.share, at.period_us),
+        }
+    }
+
     /// Starts throttling a VMM that storms over its budget; `now` is its WBINVD total.
     pub fn start(&mut self, who: Target<'_>, over: Storming, now: Sample) -> Result<Started, ThrottleError> {
         if let Some(a) = self.active.get(&who.pid) {
@@ -219,57 +301,141 @@ impl Throttler {
         let mut entries: Vec<Entry> = self.active.values().map(|a| a.entry.clone()).collect();
         entries.push(entry.clone());
         self.write(&entries)?;
-        let control = Controller::new(first_share(over), now);
-        let at = DutyShare { share: control.share, period_us: control.period };
-        let mut a = Active { entry, control, duty: None };
-        let applied = match &a.entry.saved {
-            Saved::DutyCycle => match Pidfd::open(&self.procfs, who.pid, who.start_time) {
-                Some(fd) => {
-                    let guard = self.guard();
-                    let cycle = duty::Cycle::new(
-                        fd,
-                        self.procfs.clone(),
-                        who.pid,
-                        who.start_time,
-                        self.gate.clone(),
-                        guard,
-                    );
-                    a.duty = Some(duty::spawn(cycle, at));
-                    Ok(())
-                }
-                None => Err(ThrottleError::Io {
-                    path: PathBuf::from(format!("/proc/{}", who.pid)),
-                    source: std::io::Error::from_raw_os_error(libc::ESRCH),
-                }),
-            },
-            saved => apply_share(saved, at.share, at.period_us),
+        let mut a = Active {
+            entry,
+            control: Controller::new(first_share(over), now),
+            duty: None,
+            holding: Holding::new(now),
+            place_check: now.at + PLACE_CHECK,
+            reported: false,
         };
-        if let Err(e) = applied {
-            let _ = restore(&a.entry, &self.procfs, self.gate.as_deref());
+        if let Err(e) = self.enforce(&mut a) {
+            let _ = self.release(&a.entry);
             let _ = self.persist();
             return Err(e);
         }
-        let started = Started { method: a.entry.method(), share: at.share };
+        let started = Started { method: a.entry.method(), share: a.control.share };
         self.active.insert(who.pid, a);
         Ok(started)
     }
 
-    /// Corrects the share of a throttled `pid` from its WBINVD total at `now`.
-    pub fn adjust(&mut self, pid: u32, now: Sample, budget: f64) {
-        let Some(a) = self.active.get_mut(&pid) else { return };
-        let Some((share, period_us)) = a.control.sample(now, budget) else { return };
-        match &a.duty {
-            Some(d) => d.set(DutyShare { share, period_us }),
-            None => {
-                if let Err(e) = apply_share(&a.entry.saved, share, period_us) {
-                    tracing::warn!(pid, error = %e, "adjusting a throttle");
+    /// Corrects the share of a throttled `pid` from its WBINVD total at `now`, follows a VMM
+    /// moved to another cgroup, and changes a mechanism that does not hold the rate to the duty
+    /// cycle. Returns what changed, for the audit log.
+    pub fn adjust(&mut self, pid: u32, now: Sample, budget: f64) -> Option<String> {
+        let a = self.active.get_mut(&pid)?;
+        if let Some((share, period_us)) = a.control.sample(now, budget) {
+            match &a.duty {
+                Some(d) => d.set(DutyShare { share, period_us }),
+                None => {
+                    if let Err(e) = apply_share(&a.entry.saved, share, period_us) {
+                        tracing::warn!(pid, error = %e, "adjusting a throttle");
+                    }
                 }
+            }
+        }
+        if now.at >= a.place_check {
+            a.place_check = now.at + PLACE_CHECK;
+            if let Some(dir) = dir_of(&a.entry.saved).map(Path::to_path_buf) {
+                if let Some(to) = self.moved(pid, &dir) {
+                    let why = format!("the VMM moved from cgroup {} to {to}", dir.display());
+                    return Some(self.change(pid, now, false, why));
+                }
+            }
+        }
+        let a = self.active.get_mut(&pid)?;
+        match a.holding.check(now, budget, a.control.share) {
+            Held::Yes => None,
+            Held::No { rate, at_floor } => {
+                let (method, share) = (a.entry.method(), a.control.share);
+                let how = format!(
+                    "{method} at {share:.4} CPU does not hold the rate: {rate:.0}/s against a budget of {budget:.0}/s"
+                );
+                if method != ThrottleMethod::DutyCycle {
+                    return Some(self.change(pid, now, true, how));
+                }
+                if std::mem::replace(&mut a.reported, true) {
+                    return None;
+                }
+                Some(if at_floor {
+                    format!("{how}, at its floor ({MIN_SHARE} CPU): the budget is under what any mechanism holds here; held at the floor")
+                } else {
+                    format!("{how}; nothing left to change to, the duty cycle goes on")
+                })
             }
         }
     }
 
-    /// Ends the throttle of `pid` and puts back exactly what was there.
-    pub fn stop(&mut self, pid: u32) -> Option<Result<Entry, ThrottleError>> {
+    /// Where `pid` is now, if no longer in the cgroup `dir` its throttle limits (None while it is
+    /// there, also with others; or when it is gone: its exit ends the throttle).
+    fn moved(&self, pid: u32, dir: &Path) -> Option<String> {
+        match self.cgroups.own(pid) {
+            Ok(Own::V2(d) | Own::V1(d)) => (d != dir).then(|| d.display().to_string()),
+            Err(why) => {
+                let there = why.0.iter().any(|w| matches!(w, NotOwn::Shared { dir: d, .. } if d == dir));
+                let gone = why.0.iter().any(|w| matches!(w, NotOwn::Unreadable { .. }));
+                (!there && !gone).then(|| format!("one not its own ({why})"))
+            }
+        }
+    }
+
+    /// Ends `pid`'s mechanism (its cgroup's limit put back, unless another throttle limits
+    /// that cgroup too) and puts the next in force: where the VMM is now (`to_duty` false: it
+    /// moved), or the duty cycle. Returns the audit reason.
+    fn change(&mut self, pid: u32, now: Sample, to_duty: bool, why: String) -> String {
+        let Some(mut a) = self.active.remove(&pid) else { return why };
+        let old = a.entry.method();
+        let (released, keep_old) = match self.release(&a.entry) {
+            Ok(None) => ("its limit put back".to_string(), false),
+            Ok(Some(other)) => (format!("its limit left in force for pid {other}'s throttle there"), false),
+            Err(e) => {
+                tracing::error!(pid, error = %e, "putting back the limit of a cgroup a VMM left");
+                (format!("its limit could not be put back ({e}): kept in the state file"), true)
+            }
+        };
+        let vm = a.entry.vm.clone();
+        let who = Target { pid, start_time: a.entry.start_time, vm: &vm };
+        let saved = if to_duty { Ok(Saved::DutyCycle) } else { self.saved_for(who) };
+        let mut entries: Vec<Entry> = self.active.values().map(|x| x.entry.clone()).collect();
+        if keep_old {
+            entries.push(a.entry.clone());
+        }
+        let result = saved.and_then(|saved| {
+            a.entry.saved = saved;
+            entries.push(a.entry.clone());
+            self.write(&entries)?;
+            if to_duty {
+                // Steered afresh, from the share the limit had come down to (a limit that did
+                // not hold was cut towards its floor): from under the budget up, never a burst
+                // of a share sized for a rate the limit was already holding down.
+                a.control = Controller::new(a.control.share, now);
+            }
+            a.holding = Holding::new(now);
+            a.reported = false;
+            self.enforce(&mut a)
+        });
+        match result {
+            Ok(()) => {
+                let reason = format!(
+                    "{why}: {old} ended ({released}); now {}: {:.4} CPU",
+                    a.entry.method(),
+                    a.control.share
+                );
+                tracing::warn!(pid, vm = %crate::util::text::escape(&a.entry.vm), reason = %reason, "throttle changed");
+                self.active.insert(pid, a);
+                reason
+            }
+            Err(e) => {
+                tracing::error!(pid, error = %e, "a throttle could not follow its VMM: it is no longer throttled");
+                let _ = self.persist();
+                format!("{why}: {old} ended ({released}); could not throttle it again ({e}): alerted only")
+            }
+        }
+    }
+
+    /// Ends the throttle of `pid` and puts back exactly what was there (unless another
+    /// throttle limits the same cgroup: then it does, when it ends).
+    pub fn stop(&mut self, pid: u32) -> Option<Result<Stopped, ThrottleError>> {
         let a = self.active.remove(&pid)?;
         if let Some(d) = &a.duty {
             // Once ended (under the lock the thread stops the VMM under) the thread never
@@ -277,15 +443,18 @@ impl Throttler {
             // run before the agent exits.
             d.end();
         }
-        if let Err(e) = restore(&a.entry, &self.procfs, self.gate.as_deref()) {
-            tracing::error!(pid, error = %e, "putting a throttled VMM's CPU limit back");
-            self.active.insert(pid, a);
-            return Some(Err(e));
-        }
+        let left_to = match self.release(&a.entry) {
+            Ok(left_to) => left_to,
+            Err(e) => {
+                tracing::error!(pid, error = %e, "putting a throttled VMM's CPU limit back");
+                self.active.insert(pid, a);
+                return Some(Err(e));
+            }
+        };
         if let Err(e) = self.persist() {
             tracing::error!(error = %e, "writing the throttle state file");
         }
-        Some(Ok(a.entry))
+        Some(Ok(Stopped { entry: a.entry, left_to }))
     }
 
     /// Puts back every throttle (agent exit).
@@ -375,22 +544,168 @@ mod tests {
         let s =
             t.start(vm1, Storming { rate: 10_000.0, budget: 1000.0 }, Sample { at: now, wbinvd: 0 }).unwrap();
         assert_eq!(s.method.label(), "cgroup-v1 cpu.cfs_quota_us");
-        assert!((s.share - 0.06).abs() < 1e-9);
-        assert_eq!(read_trim(&vm.join("cpu.cfs_quota_us")).unwrap(), "6000");
+        assert!((s.share - 0.05).abs() < 1e-9);
+        assert_eq!(read_trim(&vm.join("cpu.cfs_quota_us")).unwrap(), "5000");
         assert_eq!(read_trim(&vm.join("cpu.cfs_period_us")).unwrap(), "100000");
         let saved = StateFile::new(root.join("state/throttle.json")).load().unwrap();
         assert_eq!(saved.len(), 1, "written before the change");
-        // 4x over budget 0.3 s later: the share falls by 0.6 x 1000 / 4000, under 1 % of a CPU:
-        // the period becomes 1 s.
+        // 4x over budget 0.3 s later: the share falls by 0.5 x 1000 / 4000, under 1 % of a CPU:
+        // the period grows to hold a 1 ms slice (160 ms), never to a second.
         t.adjust(42, Sample { at: now + Duration::from_millis(300), wbinvd: 1200 }, 1000.0);
-        assert_eq!(read_trim(&vm.join("cpu.cfs_quota_us")).unwrap(), "9000");
-        assert_eq!(read_trim(&vm.join("cpu.cfs_period_us")).unwrap(), "1000000");
+        assert_eq!(read_trim(&vm.join("cpu.cfs_quota_us")).unwrap(), "1000");
+        assert_eq!(read_trim(&vm.join("cpu.cfs_period_us")).unwrap(), "160000");
         let e = t.stop(42).unwrap().unwrap();
-        assert_eq!(e.pid, 42);
+        assert_eq!((e.entry.pid, e.left_to), (42, None));
         assert_eq!(read_trim(&vm.join("cpu.cfs_quota_us")).unwrap(), "150000");
         assert_eq!(read_trim(&vm.join("cpu.cfs_period_us")).unwrap(), "50000");
         assert!(StateFile::new(root.join("state/throttle.json")).load().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A fake cgroup v1 cpu hierarchy under `root`, with cgroups `names` (limit 150000 per
+    /// 50000), and a way to place a process in one of them.
+    struct FakeV1 {
+        root: PathBuf,
+        cpu: PathBuf,
+    }
+
+    impl FakeV1 {
+        fn new(tag: &str, names: &[&str]) -> Self {
+            let root = std::env::temp_dir().join(format!("ioasid-{tag}-{}", std::process::id()));
+            let cpu = root.join("cpu");
+            for n in names {
+                let d = cpu.join(n);
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("cgroup.procs"), "").unwrap();
+                std::fs::write(d.join("cpu.cfs_quota_us"), "150000\n").unwrap();
+                std::fs::write(d.join("cpu.cfs_period_us"), "50000\n").unwrap();
+            }
+            FakeV1 { root, cpu }
+        }
+
+        fn cgroups(&self) -> Cgroups {
+            Cgroups {
+                proc_root: self.root.join("proc"),
+                unified: None,
+                cpu_v1: Some((self.cpu.clone(), "/".into())),
+            }
+        }
+
+        /// `pid` now lives in cgroup `name` (None: it exited), and nowhere else.
+        fn place(&self, pid: u32, name: Option<&str>) {
+            for e in std::fs::read_dir(&self.cpu).unwrap().flatten() {
+                let procs = e.path().join("cgroup.procs");
+                let left: String = std::fs::read_to_string(&procs)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| *l != pid.to_string())
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                std::fs::write(&procs, left).unwrap();
+            }
+            let proc_dir = self.root.join(format!("proc/{pid}"));
+            match name {
+                Some(n) => {
+                    std::fs::create_dir_all(&proc_dir).unwrap();
+                    std::fs::write(proc_dir.join("cgroup"), format!("1:cpu:/{n}\n")).unwrap();
+                    let procs = self.cpu.join(n).join("cgroup.procs");
+                    let mut text = std::fs::read_to_string(&procs).unwrap();
+                    text.push_str(&format!("{pid}\n"));
+                    std::fs::write(&procs, text).unwrap();
+                }
+                None => {
+                    let _ = std::fs::remove_dir_all(&proc_dir);
+                }
+            }
+        }
+
+        fn limit(&self, name: &str) -> (String, String) {
+            let d = self.cpu.join(name);
+            (
+                read_trim(&d.join("cpu.cfs_quota_us")).unwrap(),
+                read_trim(&d.join("cpu.cfs_period_us")).unwrap(),
+            )
+        }
+
+        fn state(&self) -> StateFile {
+            StateFile::new(self.root.join("state/throttle.json"))
+        }
+    }
+
+    impl Drop for FakeV1 {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    const STORM: Storming = Storming { rate: 10_000.0, budget: 1000.0 };
+    fn original() -> (String, String) {
+        ("150000".into(), "50000".into())
+    }
+
+    /// Two VMMs in one cgroup back to back (a storm killed, another started there before the
+    /// agent saw the first go): the second's throttle keeps the limit from before either, the
+    /// first's end leaves the second's limit alone, and the second's end puts back what was
+    /// there before ioasid touched the cgroup. Before, the cgroup kept ioasid's limit for good.
+    #[test]
+    fn two_vmms_back_to_back_in_one_cgroup_leave_the_limit_from_before_either() {
+        let f = FakeV1::new("cg-b2b", &["vm"]);
+        f.place(42, Some("vm"));
+        let mut t = Throttler::recover(f.state(), f.cgroups(), None);
+        let now = Instant::now();
+        t.start(Target { pid: 42, start_time: 1, vm: "a" }, STORM, Sample { at: now, wbinvd: 0 }).unwrap();
+        let throttled = f.limit("vm");
+        assert_ne!(throttled, original());
+        f.place(42, None);
+        f.place(43, Some("vm"));
+        let s = t
+            .start(Target { pid: 43, start_time: 2, vm: "b" }, STORM, Sample { at: now, wbinvd: 0 })
+            .unwrap();
+        assert_eq!(s.method, ThrottleMethod::CgroupV1);
+        let saved = f.state().load().unwrap();
+        assert_eq!(saved.len(), 2);
+        assert!(
+            saved.iter().all(|e| e.saved
+                == Saved::CfsQuota { dir: f.cpu.join("vm"), period: "50000".into(), quota: "150000".into() }),
+            "both keep the limit from before ioasid: {saved:?}"
+        );
+        // The first ends (its VMM exited): the second's limit stays.
+        let first = t.stop(42).unwrap().unwrap();
+        assert_eq!(first.left_to, Some(43));
+        assert_eq!(f.limit("vm"), throttled, "the second VMM's limit was lifted");
+        let second = t.stop(43).unwrap().unwrap();
+        assert_eq!(second.left_to, None);
+        assert_eq!(f.limit("vm"), original());
+        assert!(f.state().load().unwrap().is_empty());
+    }
+
+    /// A VMM moved to another cgroup while throttled is followed: the cgroup it left gets its
+    /// limit back (a process placed there later is not starved), the new one is limited
+    /// (its own limit saved first), and the change is said. Before, it ran free, unrecorded.
+    #[test]
+    fn a_throttled_vmm_that_moves_cgroup_is_followed() {
+        let f = FakeV1::new("cg-move", &["old", "new", "shared"]);
+        f.place(42, Some("old"));
+        std::fs::write(f.cpu.join("new/cpu.cfs_quota_us"), "70000\n").unwrap();
+        let mut t = Throttler::recover(f.state(), f.cgroups(), None);
+        let now = Instant::now();
+        let at = |ms: u64, n: u64| Sample { at: now + Duration::from_millis(ms), wbinvd: n };
+        t.start(Target { pid: 42, start_time: 1, vm: "a" }, STORM, at(0, 0)).unwrap();
+        assert_ne!(f.limit("old"), original());
+        assert_eq!(t.adjust(42, at(200, 100), 1000.0), None, "not moved");
+        f.place(42, Some("new"));
+        let why = t.adjust(42, at(600, 200), 1000.0).expect("the move is said");
+        assert!(why.contains("moved from cgroup") && why.contains("its limit put back"), "{why}");
+        assert!(why.contains("now cgroup-v1 cpu.cfs_quota_us"), "{why}");
+        assert_eq!(f.limit("old"), original(), "the cgroup it left keeps ioasid's limit");
+        assert_ne!(f.limit("new").0, "70000", "the new cgroup is not limited");
+        let saved = f.state().load().unwrap();
+        assert_eq!(
+            saved.iter().map(|e| e.saved.clone()).collect::<Vec<_>>(),
+            vec![Saved::CfsQuota { dir: f.cpu.join("new"), period: "50000".into(), quota: "70000".into() }]
+        );
+        t.stop(42).unwrap().unwrap();
+        assert_eq!(f.limit("new"), ("70000".into(), "50000".into()));
     }
 
     /// A throttle a dead agent left is put back by the next one.

@@ -4,6 +4,27 @@
 //! (`storm`), per-VM series live in `telemetry::vm`, the kernel is behind [`Kernel`].
 
 mod enable;
+/// A storm change of the VMM `p` (pid `tgid`), for its audit record.
+fn storm_change(
+    tgid: u32,
+    p: &crate::engine::accounting::Proc,
+    window: storm::Window,
+    transition: Transition,
+) -> StormChange<'_> {
+    StormChange {
+        pid: tgid,
+        vm: &p.info.vm,
+        identity: crate::output::audit::VmIdentity::of(&p.info),
+        uid: p.info.uid,
+        exe: p.info.exe.as_deref(),
+        cgroup: p.info.cgroup.as_deref(),
+        rule: &p.rule,
+        budget: p.budget,
+        window,
+        transition,
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -422,6 +443,7 @@ impl<K: Kernel> Actor<K> {
         let mut per_vm: std::collections::HashMap<String, VmGauges> =
             self.acct.vm_names().map(|vm| (vm.to_string(), VmGauges::default())).collect();
         let mut changes = Vec::new();
+        let mut throttle_changes = Vec::new();
         for (tgid, p) in self.acct.live() {
             let wbinvd = p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]);
             if !self.detector.is_tracked(*tgid) {
@@ -435,7 +457,9 @@ impl<K: Kernel> Actor<K> {
             }
             let hold = match self.throttler.as_mut() {
                 Some(th) => {
-                    th.adjust(*tgid, Sample { at: now, wbinvd }, p.budget.rate);
+                    if let Some(why) = th.adjust(*tgid, Sample { at: now, wbinvd }, p.budget.rate) {
+                        throttle_changes.push((*tgid, why));
+                    }
                     th.holds(*tgid)
                 }
                 None => false,
@@ -459,20 +483,29 @@ impl<K: Kernel> Actor<K> {
         for (tgid, t) in changes {
             self.on_storm(tgid, t);
         }
+        for (tgid, why) in throttle_changes {
+            self.on_throttle_change(tgid, why);
+        }
+    }
+
+    /// A throttle changed on its own (its VMM moved cgroup, or its mechanism did not hold the
+    /// rate): a `wbinvd-storm` record with state `changed`.
+    fn on_throttle_change(&mut self, tgid: u32, why: String) {
+        let Some(p) = self.acct.procs.get(&tgid) else { return };
+        let c = storm_change(tgid, p, self.detector.window(tgid).unwrap_or_default(), Transition::Raised);
+        let result = storm::Response {
+            state: crate::engine::record::StormState::Changed,
+            outcome: StormOutcome::Throttled,
+            reason: Some(why),
+        };
+        let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
+        self.audit.write(&rec);
     }
 
     fn on_storm(&mut self, tgid: u32, transition: Transition) {
         let Some(p) = self.acct.procs.get(&tgid) else { return };
         let window = self.detector.window(tgid).unwrap_or_default();
-        let c = StormChange {
-            pid: tgid,
-            vm: &p.info.vm,
-            identity: crate::output::audit::VmIdentity::of(&p.info),
-            rule: &p.rule,
-            budget: p.budget,
-            window,
-            transition,
-        };
+        let c = storm_change(tgid, p, window, transition);
         if transition == Transition::Raised {
             self.series.alert(c.vm);
         }
@@ -498,7 +531,15 @@ impl<K: Kernel> Actor<K> {
                     };
                 }
                 Transition::Cleared | Transition::Exited => match th.stop(tgid) {
-                    Some(Ok(e)) => *reason = Some(format!("throttle ended: {} put back", e.method())),
+                    Some(Ok(e)) => {
+                        *reason = Some(match e.left_to {
+                            None => format!("throttle ended: {} put back", e.entry.method()),
+                            Some(other) => format!(
+                                "throttle ended: {} left in force for pid {other}'s throttle in the same cgroup (it puts back what was there before either)",
+                                e.entry.method()
+                            ),
+                        })
+                    }
                     Some(Err(e)) => *reason = Some(format!("throttle could not be put back: {e}")),
                     None => {}
                 },

@@ -140,6 +140,10 @@ struct Rule {
     budget: Budget,
 }
 
+/// Under this `throttle` budget the throttle's measuring window (0.3-0.75 s) holds too few
+/// WBINVD to steer by: such a budget is reported when the policy is loaded and by `policy check`.
+pub const MIN_THROTTLE_RATE: f64 = 20.0;
+
 /// A validated, compiled policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -231,6 +235,24 @@ impl Policy {
     pub fn has_deny(&self) -> bool {
         self.default == Action::Deny
             || self.rules.iter().any(|r| r.incoherent_dma == Action::Deny || r.devices.is_some())
+    }
+
+    /// What is valid but will not work as written: a `throttle` budget under the rate a
+    /// throttle can steer by (`MIN_THROTTLE_RATE`). Said by `policy check` and logged at load.
+    pub fn notes(&self) -> Vec<String> {
+        let floor = MIN_THROTTLE_RATE;
+        let budgets = std::iter::once(("the default", &self.default_budget))
+            .chain(self.rules.iter().map(|r| (r.name.as_str(), &r.budget)));
+        budgets
+            .filter(|(_, b)| b.action == StormAction::Throttle && b.rate < floor)
+            .map(|(name, b)| {
+                format!(
+                    "{}: a throttle budget of {}/s is under the {floor}/s a throttle can hold (it measures the rate over 0.3-0.75 s): the VMM is held at the throttle's floor instead, audited",
+                    if name == "the default" { name.to_string() } else { format!("rule \"{}\"", crate::util::text::escape(name)) },
+                    b.rate
+                )
+            })
+            .collect()
     }
 
     pub fn rule_count(&self) -> usize {

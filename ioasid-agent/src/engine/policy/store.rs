@@ -53,6 +53,9 @@ impl PolicyStore {
             }
             None => (Policy::embedded(), None, sha256(super::EMBEDDED_DEFAULT.as_bytes())),
         };
+        for note in policy.notes() {
+            tracing::warn!(policy = %policy.source, "{note}");
+        }
         Ok(Self { policy, sha256, generation: 1, path: path.map(Path::to_path_buf), hash, pending: None })
     }
 
@@ -82,6 +85,9 @@ impl PolicyStore {
     /// Records the hash of the bytes parsed: a file rewritten during a slow reload differs from
     /// it, and is loaded at the next check.
     pub fn install(&mut self, policy: Policy, bytes: &[u8]) {
+        for note in policy.notes() {
+            tracing::warn!(policy = %policy.source, "{note}");
+        }
         self.hash = Some(hash(bytes));
         self.sha256 = sha256(bytes);
         self.policy = policy;

@@ -183,3 +183,16 @@ fn a_policy_has_a_deny_when_anything_can_be_denied() {
     assert!(p("rules:\n  - name: a\n    match: { vm: \"x*\" }\n    devices: [\"0000:01:00.0\"]\n").has_deny());
     assert!(!p("rules:\n  - name: a\n    match: { vm: \"x*\" }\n    incoherent_dma: allow\n").has_deny());
 }
+
+/// A throttle budget a throttle cannot steer by is valid, and said (by `policy check` and at
+/// load): the VMM would be held at the floor, not at the budget.
+#[test]
+fn a_throttle_budget_under_the_floor_is_noted() {
+    let p = |text: &str| Policy::parse(text, "t").unwrap();
+    assert!(Policy::embedded().notes().is_empty());
+    let under = p("default: { wbinvd: { rate: 5, action: throttle } }\nrules:\n  - name: \"gpu\\x1b\"\n    match: { vm: \"g*\" }\n    wbinvd: { rate: 10, action: throttle }\n  - name: alerts\n    match: { vm: \"a*\" }\n    wbinvd: { rate: 1, action: alert }\n  - name: fine\n    match: { vm: \"f*\" }\n    wbinvd: { rate: 20, action: throttle }\n");
+    let notes = under.notes();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes[0].starts_with("the default: a throttle budget of 5/s is under the 20/s"), "{notes:?}");
+    assert!(notes[1].starts_with("rule \"gpu\\x1b\": a throttle budget of 10/s"), "{notes:?}");
+}

@@ -57,6 +57,9 @@ text_enum! {
     pub enum StormState {
         Raised => "raised",
         Cleared => "cleared",
+        /// A throttle in force changed on its own: its VMM moved cgroup, or its mechanism did
+        /// not hold the rate (`reason` says what and what now).
+        Changed => "changed",
     }
 }
 

@@ -104,6 +104,14 @@ pub struct StormRecord {
     #[serde(flatten)]
     pub identity: VmIdentity,
     pub pid: u32,
+    /// The VMM's uid, executable and cgroup (absent from older agents' records:
+    /// `policy learn` then matches a storm to an enable by host, pid and VM name alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     pub rule: String,
     pub state: StormState,
     /// WBINVD per second over the window.
