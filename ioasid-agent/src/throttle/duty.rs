@@ -363,3 +363,43 @@ mod tests {
         let _ = child.wait();
     }
 }
+
+#[cfg(test)]
+mod share_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// CPU seconds `pid` used (utime + stime, /proc/PID/stat fields 14 and 15).
+    fn cpu(pid: u32) -> f64 {
+        let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+        let field = |n| crate::host::procfs::stat_field(&stat, n).unwrap() as f64;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (field(14) + field(15)) / hz
+    }
+
+    /// A busy process under the duty cycle uses no more than its share of a CPU on average
+    /// (within the kernel's 1/HZ CPU accounting), at the short period and near the floor.
+    #[test]
+    fn a_busy_process_gets_its_share_on_average() {
+        for (share, period_us) in [(0.05, 100_000), (0.004, 250_000)] {
+            let mut child =
+                std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
+            let pid = child.id();
+            let procfs = ProcFs::at("/proc");
+            let start = procfs.start_time(pid).unwrap();
+            let fd = Pidfd::open(&procfs, pid, start).unwrap();
+            let duty = spawn(Cycle::new(fd, procfs, pid, start, None, None), DutyShare { share, period_us });
+            std::thread::sleep(Duration::from_millis(300));
+            let (c0, t0) = (cpu(pid), Instant::now());
+            std::thread::sleep(Duration::from_secs(2));
+            let used = (cpu(pid) - c0) / t0.elapsed().as_secs_f64();
+            duty.end();
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("share {share} over {period_us} us: used {used:.4} of a CPU");
+            assert!(used <= share * 1.5 + 0.004, "share {share}: used {used:.4} of a CPU");
+        }
+    }
+}
