@@ -165,9 +165,11 @@ fn dashboard_queries_and_alerts_work_on_a_live_prometheus() {
     });
     assert!(up.is_some(), "Prometheus never scraped the agent");
 
-    // Named as KubeVirt names a domain (NAMESPACE_NAME): the join below finds its namespace.
+    // Started as KubeVirt's virt-launcher starts a VMM (a pod's cgroup, the domain named
+    // NAMESPACE_NAME): the join below finds its namespace.
     let storm = format!("{prefix}_storm");
-    let g = guest(&["--name", &storm, "--rate", "20000", "--duration", "8"]);
+    let pod = kubevirt_pod_cgroup(&format!("5d0c1e2f-3a4b-4c5d-8e6f-{:012x}", std::process::id()));
+    let g = pod.spawn(guest_path().as_os_str(), &["--name", &storm, "--rate", "20000", "--duration", "8"]);
     // Like a real VMM, the tenant creates its VM a while before it adds a device.
     let delay = format!("{}", 2.5 * f64::from(slow()));
     let tenant = format!("{prefix}-tenant-1");

@@ -12,31 +12,74 @@ use std::{process::Command, time::Duration};
 
 use support::*;
 
+/// How a test VM is started: plainly, as KubeVirt's virt-launcher (a pod's cgroup, the domain
+/// named NAMESPACE_NAME), or as Proxmox VE (`/usr/bin/kvm`, `-smbios type=1,uuid=`, `-pidfile`, in
+/// `qemu.slice/<vmid>.scope`).
+#[derive(Clone, Copy, PartialEq)]
+enum Started {
+    Plain,
+    KubeVirt,
+    Proxmox,
+}
+
 #[test]
 #[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn qemu_guests_are_named_and_counted_exactly() {
     require_kernel();
     let _g = serial();
-    let agent = Agent::start(&[]);
     let dir = TempDir::new("qemu");
+    // Every VM storms by this policy's measure: its storm record carries its identity.
+    let policy = dir.path("policy.yaml");
+    write(&policy, "default:\n  incoherent_dma: audit\n  wbinvd: { rate: 50, window: 1s, action: alert }\n");
+    let agent = Agent::start(&["--policy", policy.to_str().unwrap()]);
+    // Proxmox starts QEMU as /usr/bin/kvm, a link to it.
+    let kvm = dir.path("kvm");
+    let qemu = String::from_utf8(
+        Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(qemu.trim(), &kvm).unwrap();
     let mut vms = Vec::new();
-    for (i, (wb, inv)) in [(7_777u32, 33u32), (1_234, 5)].into_iter().enumerate() {
+    let mut cgroups = Vec::new();
+    let specs =
+        [(7_777u32, 33u32, Started::Plain), (1_234, 5, Started::KubeVirt), (2_345, 7, Started::Proxmox)];
+    for (i, (wb, inv, how)) in specs.into_iter().enumerate() {
         let path = dir.path(&format!("rom{i}.bin"));
         std::fs::write(
             &path,
             ioasid_guest::bios_rom(&ioasid_guest::counted(wb, inv, &ioasid_guest::QEMU_EXIT)),
         )
         .unwrap();
-        // libvirt's form, with a comma in the name escaped QEMU's way; the second named as
-        // KubeVirt names domains (NAMESPACE_NAME) and given a UUID.
-        let name = if i == 0 { unique("qemu,vm0") } else { format!("{}_vm1", unique("ns")) };
-        let escaped = name.replace(',', ",,");
         let uuid = format!("4c2a{:04x}-1b2c-4d3e-8f40-{:012x}", i, std::process::id());
-        let child = Command::new("qemu-system-x86_64")
+        let pod = format!("9e1d{:04x}-2b3c-4d5e-8f60-{:012x}", i, std::process::id());
+        let vmid = (100 + std::process::id() % 900_000).to_string();
+        // libvirt's form, with a comma in the name escaped QEMU's way; KubeVirt's domain name.
+        let name = match how {
+            Started::Plain => unique("qemu,vm0"),
+            Started::KubeVirt => format!("{}_vm1", unique("ns")),
+            Started::Proxmox => unique("win11"),
+        };
+        let escaped = name.replace(',', ",,");
+        let cg = match how {
+            Started::Plain => None,
+            Started::KubeVirt => Some(kubevirt_pod_cgroup(&pod)),
+            Started::Proxmox => Some(Cg::make(&format!("qemu.slice/{vmid}.scope"))),
+        };
+        let enter = cg.as_ref().map_or(String::new(), |c| format!("echo $$ > '{}' && ", c.procs().display()));
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("{enter}exec \"$0\" \"$@\""));
+        if how == Started::Proxmox {
+            // Proxmox's own QEMU also gets `-id N` (a Proxmox patch upstream QEMU refuses).
+            cmd.arg(&kvm).args(["-name", &format!("{escaped},debug-threads=on")]);
+            cmd.args(["-smbios", &format!("type=1,uuid={uuid}")]);
+            cmd.arg("-pidfile").arg(dir.path(&format!("{vmid}.pid")));
+        } else {
+            cmd.arg("qemu-system-x86_64").args(["-name", &format!("guest={escaped},debug-threads=on")]);
+            cmd.args(["-uuid", &uuid]);
+        }
+        let child = cmd
             .args(["-accel", "kvm", "-m", "16", "-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-serial", "none", "-monitor", "none"])
-            .args(["-name", &format!("guest={escaped},debug-threads=on")])
-            .args(["-uuid", &uuid])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-bios")
             .arg(&path)
@@ -44,12 +87,22 @@ fn qemu_guests_are_named_and_counted_exactly() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("qemu-system-x86_64 (Debian package qemu-system-x86; `cargo xtask setup` installs it)");
-        vms.push((name, wb, inv, child, uuid));
+        cgroups.push(cg);
+        vms.push((name, wb, inv, child, uuid, how, pod, vmid));
     }
     let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
-    for (name, wb, inv, child, uuid) in vms {
-        // Its identity for joins with KubeVirt's and libvirt's series, while it runs.
-        let (namespace, short) = name.split_once('_').unwrap_or(("", &name));
+    for (name, wb, inv, child, uuid, how, pod, vmid) in vms {
+        // Its identity for joins with its manager's series, while it runs: a manager only where
+        // its cgroup says so, and nothing guessed (a `_` outside a pod is just a `_`).
+        let (namespace, short) = match how {
+            Started::KubeVirt => name.split_once('_').unwrap(),
+            _ => ("", name.as_str()),
+        };
+        let (manager, vmid, pod_uid) = match how {
+            Started::Plain => ("qemu", "", ""),
+            Started::KubeVirt => ("kubevirt", "", pod.as_str()),
+            Started::Proxmox => ("proxmox", vmid.as_str(), ""),
+        };
         let labels = [
             ("vm", name.as_str()),
             ("namespace", namespace),
@@ -57,9 +110,39 @@ fn qemu_guests_are_named_and_counted_exactly() {
             ("uuid", uuid.as_str()),
             ("node", node.as_str()),
             ("vmm", "qemu-system-x86_64"),
+            ("manager", manager),
+            ("vmid", vmid),
+            ("pod_uid", pod_uid),
         ];
         let info = eventually(Duration::from_secs(5), || sample(&agent.scrape(), "ioasid_vm_info", &labels));
         assert_eq!(info, Some(1.0), "{name}: no ioasid_vm_info{labels:?}:\n{}", agent.scrape());
+        // The same identity in its audit record.
+        let rec = eventually(Duration::from_secs(5), || {
+            agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == name.as_str())
+        })
+        .unwrap_or_else(|| panic!("{name}: no storm record:\n{}", agent.log()));
+        let field = |k: &str| rec[k].as_str().unwrap_or("").to_string();
+        assert_eq!(
+            [
+                field("manager"),
+                field("namespace"),
+                field("name"),
+                field("uuid"),
+                field("vmid"),
+                field("pod_uid")
+            ],
+            [
+                manager,
+                namespace,
+                if how == Started::KubeVirt { short } else { "" },
+                uuid.as_str(),
+                vmid,
+                pod_uid
+            ]
+            .map(str::to_string),
+            "{rec}"
+        );
+        eprintln!("{name}: ioasid_vm_info{labels:?} = 1; audit: {rec}");
         let out = child.wait_with_output().unwrap();
         // isa-debug-exit with al = 0 exits QEMU with status 1: the ROM ran to its end.
         assert_eq!(out.status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));

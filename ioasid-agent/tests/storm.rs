@@ -522,11 +522,12 @@ fn fiftieth_of_free() -> f64 {
 }
 
 /// Seconds 2 on of `per_second` (after a throttle started or changed) under `budget`, each. In
-/// the lab (TCG: the guest, the agent's sweeps and the duty cycle's thread all emulated, a
-/// wakeup late by tens of milliseconds) their mean is under the budget and no second over 1.5x.
+/// the lab (TCG: the guest, the agent's sweeps and the duty cycle's thread all emulated, beside
+/// another lab VM in CI, a wakeup late by tens of milliseconds) their mean is under the budget
+/// and no second over 2x.
 fn assert_held(per_second: &[f64], budget: f64, what: &str) {
     let held = &per_second[2.min(per_second.len())..];
-    let (each, mean) = if slow() > 1 { (1.5 * budget, budget) } else { (budget, budget) };
+    let (each, mean) = if slow() > 1 { (2.0 * budget, budget) } else { (budget, budget) };
     for (i, r) in held.iter().enumerate() {
         assert!(*r <= each, "{what}: second {} over {each:.0} (budget {budget}): {per_second:.0?}", i + 2);
     }

@@ -183,6 +183,7 @@ impl Accounting {
                 uid: u32::MAX,
                 start_time: 0,
                 uuid: None,
+                managed: Default::default(),
             };
             Proc::new(info, Some(now))
         })
@@ -299,6 +300,7 @@ impl Accounting {
             uid: u32::MAX,
             start_time: start,
             uuid: None,
+            managed: Default::default(),
         });
         tracing::debug!(tgid, start, vm = %crate::util::text::escape(&info.vm), "counts of a process no longer on its pid");
         let mut p = Proc::new(info, Some(now));
@@ -428,6 +430,7 @@ mod tests {
             uid: 0,
             start_time: start,
             uuid: None,
+            managed: Default::default(),
         }
     }
 

@@ -266,6 +266,7 @@ mod tests {
             uid: 0,
             start_time: 1,
             uuid: None,
+            managed: Default::default(),
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use super::manager::{Managed, Manager};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
     #[error("process {pid} is gone")]
@@ -54,15 +56,23 @@ pub struct ProcessInfo {
     pub uid: u32,
     /// Start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, the identity.
     pub start_time: u64,
-    /// The VM's UUID from the command line (`-uuid`: libvirt and KubeVirt set it).
+    /// The VM's UUID from the command line (`-uuid`: libvirt and KubeVirt set it; Proxmox's
+    /// `-smbios type=1,uuid=`).
     #[serde(default)]
     pub uuid: Option<String>,
+    /// Its VM manager and what that calls the VM (see `host::manager`).
+    #[serde(default)]
+    pub managed: Managed,
 }
 
 impl ProcessInfo {
     /// KubeVirt names a VM's domain `NAMESPACE_NAME` (a namespace cannot contain `_`): the
-    /// namespace and name, split at the first `_`; None for other names.
+    /// namespace and name, split at the first `_`, for a VMM in a virt-launcher pod's cgroup;
+    /// None for any other (a `_` in a name elsewhere is just a `_`).
     pub fn kubevirt(&self) -> Option<(&str, &str)> {
+        if self.managed.manager != Manager::Kubevirt {
+            return None;
+        }
         self.vm.split_once('_').filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
     }
 
@@ -87,6 +97,8 @@ pub fn info_from_cmdline(pid: u32, raw: &[u8]) -> Option<ProcessInfo> {
         uid: u32::MAX,
         start_time: 0,
         uuid: uuid_from_cmdline(&args),
+        // Its cgroup is not known: no manager is named.
+        managed: Managed::default(),
     })
 }
 
@@ -110,11 +122,35 @@ pub fn uuid_from_cmdline(args: &[String]) -> Option<String> {
             value = Some(v);
         }
     }
-    let v = value?;
-    let ok = v.len() == 36
+    // Proxmox gives it as SMBIOS type 1's (`-smbios type=1,uuid=...,...`): taken where there
+    // is no `-uuid`.
+    let v = value.or_else(|| smbios_uuid(args))?;
+    well_formed_uuid(v).then(|| v.to_ascii_lowercase())
+}
+
+/// The `uuid=` of the last `-smbios type=1,...` option.
+fn smbios_uuid(args: &[String]) -> Option<&str> {
+    let mut value = None;
+    let mut it = args.iter().skip(1);
+    while let Some(arg) = it.next() {
+        if arg == "-smbios" || arg == "--smbios" {
+            let Some(v) = it.next() else { break };
+            let mut fields = v.split(',');
+            if fields.next() == Some("type=1") {
+                if let Some(u) = fields.find_map(|f| f.strip_prefix("uuid=")) {
+                    value = Some(u);
+                }
+            }
+        }
+    }
+    value
+}
+
+/// `8-4-4-4-12` hexadecimal digits.
+pub fn well_formed_uuid(v: &str) -> bool {
+    v.len() == 36
         && v.char_indices()
-            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() });
-    ok.then(|| v.to_ascii_lowercase())
+            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() })
 }
 
 impl ProcFs {
@@ -246,7 +282,8 @@ impl ProcFs {
         })?;
         let vm = vm_name_from_cmdline(&cmdline).unwrap_or_else(|| format!("{comm}:{pid}"));
         let uuid = uuid_from_cmdline(&cmdline);
-        Ok(ProcessInfo { pid, comm, vm, exe, cgroup, uid, start_time, uuid })
+        let managed = super::manager::identify(&cmdline, cgroup.as_deref(), &vm);
+        Ok(ProcessInfo { pid, comm, vm, exe, cgroup, uid, start_time, uuid, managed })
     }
 }
 
@@ -491,6 +528,11 @@ mod tests {
             assert_eq!(uuid_from_cmdline(&args(&["qemu", "-uuid", bad])), None, "{bad}");
         }
         assert_eq!(uuid_from_cmdline(&args(&["qemu", "-uuid"])), None);
+        // Proxmox's: SMBIOS type 1's, where there is no -uuid.
+        let smbios =
+            args(&["kvm", "-smbios", &format!("type=1,uuid={u},manufacturer=x"), "-smbios", "type=2"]);
+        assert_eq!(uuid_from_cmdline(&smbios), Some(u.to_ascii_lowercase()));
+        assert_eq!(uuid_from_cmdline(&args(&["kvm", "-smbios", &format!("type=2,uuid={u}")])), None);
         let mut p = ProcessInfo {
             pid: 1,
             comm: "qemu-kvm".into(),
@@ -500,7 +542,11 @@ mod tests {
             uid: 107,
             start_time: 1,
             uuid: None,
+            managed: Managed::default(),
         };
+        // Outside a virt-launcher pod's cgroup, a `_` is just a `_`.
+        assert_eq!(p.kubevirt(), None);
+        p.managed.manager = Manager::Kubevirt;
         assert_eq!(p.kubevirt(), Some(("tenant-a", "web-1")));
         assert_eq!(p.vmm(), "qemu-kvm");
         for vm in ["plain", "_x", "x_", "qemu:12"] {

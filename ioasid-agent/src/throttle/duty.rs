@@ -127,7 +127,9 @@ impl Cycle {
     /// slice, and the overrun is taken from the next slices (and by longer stops if need be),
     /// as CFS bandwidth carries a quota overrun: the share holds on average, not only as asked.
     fn run(mut self) {
-        // Seconds the VMM ran beyond its slices, still to be taken back (at most a period).
+        // Seconds the VMM ran beyond its slices, still to be taken back: at most a slice, so
+        // that one long overrun (the host did not run this thread for a while) costs the VM a
+        // period or two, never seconds stopped.
         let mut debt = 0.0f64;
         // When the last run began, and the slice it was given.
         let mut resumed: Option<(std::time::Instant, f64)> = None;
@@ -144,7 +146,7 @@ impl Cycle {
                 continue;
             }
             if let Some((at, given)) = resumed.take() {
-                debt = (debt + at.elapsed().as_secs_f64() - given).clamp(0.0, period.as_secs_f64());
+                debt = (debt + at.elapsed().as_secs_f64() - given).clamp(0.0, want.max(min_run));
             }
             // What is owed is taken from this period's slice (down to the shortest run), and
             // the rest by a longer stop (at most half a period more; the remainder next time).

@@ -421,3 +421,76 @@ impl Drop for GuestGuard {
         }
     }
 }
+
+/// Where cgroup v2 is mounted (the lab's /sys/fs/cgroup, this machine's /sys/fs/cgroup/unified):
+/// the VM managers' cgroups are made there, as systemd and the kubelet make them.
+pub fn cgroup2_root() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            (f.get(dash + 1) == Some(&"cgroup2")).then(|| f[4].to_string())
+        })
+        .expect("a cgroup2 mount");
+    std::path::PathBuf::from(mnt)
+}
+
+/// A cgroup made for a test VMM (parents too), removed (leaf first) when dropped.
+pub struct Cg {
+    leaf: std::path::PathBuf,
+    /// What this test made, leaf first.
+    made: Vec<std::path::PathBuf>,
+}
+
+impl Cg {
+    pub fn make(rel: &str) -> Cg {
+        let mut leaf = cgroup2_root();
+        let mut made = Vec::new();
+        for part in rel.trim_start_matches('/').split('/') {
+            leaf.push(part);
+            if !leaf.exists() {
+                std::fs::create_dir(&leaf).unwrap_or_else(|e| panic!("creating {}: {e}", leaf.display()));
+                made.push(leaf.clone());
+            }
+        }
+        made.reverse();
+        Cg { leaf, made }
+    }
+
+    pub fn procs(&self) -> std::path::PathBuf {
+        self.leaf.join("cgroup.procs")
+    }
+
+    /// `program args` started inside it.
+    pub fn spawn(&self, program: &std::ffi::OsStr, args: &[&str]) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > '{}' && exec \"$0\" \"$@\"", self.procs().display()))
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Cg {
+    fn drop(&mut self) {
+        for d in &self.made {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// The cgroup KubeVirt's virt-launcher pod gives its VMM (kubelet's systemd driver, a burstable
+/// pod with UID `pod`), under the cgroup v2 mount.
+pub fn kubevirt_pod_cgroup(pod: &str) -> Cg {
+    Cg::make(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{:x}.scope",
+        pod.replace('-', "_"),
+        std::process::id()
+    ))
+}

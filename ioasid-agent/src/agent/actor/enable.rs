@@ -203,6 +203,7 @@ impl<K: Kernel> Actor<K> {
             uid: u32::MAX,
             start_time: 0,
             uuid: None,
+            managed: Default::default(),
         }
     }
 

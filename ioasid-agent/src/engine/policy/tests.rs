@@ -12,6 +12,7 @@ fn proc(vm: &str) -> ProcessInfo {
         uid: 107,
         start_time: 1,
         uuid: None,
+        managed: Default::default(),
     }
 }
 

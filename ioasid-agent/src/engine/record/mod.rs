@@ -9,7 +9,11 @@ mod kinds;
 pub use ioasid_common::{events::Coherency, verdict::Mechanism};
 
 pub use self::kinds::{Decision, Outcome, RecordKind, StormOutcome, StormState};
-use crate::host::{procfs::ProcessInfo, vfio::VfioFile};
+use crate::host::{
+    manager::{Managed, Manager},
+    procfs::ProcessInfo,
+    vfio::VfioFile,
+};
 
 /// The ioctl an audit record is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,25 +35,36 @@ fn incoherent_dma() -> RecordKind {
     RecordKind::IncoherentDma
 }
 
-/// KubeVirt namespace and name (domain `NAMESPACE_NAME`) and the VM's UUID (`-uuid`): the fields
-/// of a record that join with KubeVirt's and libvirt's own (flattened into the record).
+/// Who knows the VM by what: its manager (`manager`), KubeVirt's namespace and name (domain
+/// `NAMESPACE_NAME`, in a virt-launcher pod) and pod UID, Proxmox's VMID, and the VM's UUID
+/// (`-uuid`, or Proxmox's `-smbios type=1,uuid=`): the fields of a record that join with the
+/// manager's own (flattened into the record). Missing is absent, never guessed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VmIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<Manager>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 impl VmIdentity {
     pub fn of(p: &ProcessInfo) -> Self {
         let kubevirt = p.kubevirt();
         Self {
+            manager: Some(p.managed.manager),
             namespace: kubevirt.map(|(ns, _)| ns.to_string()),
             name: kubevirt.map(|(_, n)| n.to_string()),
             uuid: p.uuid.clone(),
+            vmid: p.managed.vmid.clone(),
+            pod_uid: p.managed.pod_uid.clone(),
         }
     }
 }
@@ -161,6 +176,11 @@ impl AuditRecord {
             uid: self.uid,
             start_time: 0,
             uuid: self.identity.uuid.clone(),
+            managed: Managed {
+                manager: self.identity.manager.unwrap_or_default(),
+                vmid: self.identity.vmid.clone(),
+                pod_uid: self.identity.pod_uid.clone(),
+            },
         }
     }
 }

@@ -243,8 +243,8 @@ impl Metrics {
             policy_reloads: counter_vec("ioasid_policy_reloads_total", "Policy reloads by result.", &["result"]),
             vm_info: gauge_vec(
                 "ioasid_vm_info",
-                "1 per VM: its KubeVirt namespace and name (domain NAMESPACE_NAME), libvirt UUID, node and VMM program, to join with kubevirt_vmi_* series.",
-                &["vm", "namespace", "name", "uuid", "node", "vmm"],
+                "1 per VM: its manager (qemu, libvirt, proxmox, kubevirt) and what that knows it by (KubeVirt namespace, name and pod UID; Proxmox VMID), its UUID, node and VMM program, to join with the manager's own series.",
+                &["vm", "namespace", "name", "uuid", "node", "vmm", "manager", "vmid", "pod_uid"],
             ),
             policy_info: gauge_vec(
                 "ioasid_policy_info",

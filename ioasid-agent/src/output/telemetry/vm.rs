@@ -56,7 +56,7 @@ pub struct VmSeries {
     /// VM names with series out.
     vms: BTreeSet<String>,
     /// The labels of each VM's `ioasid_vm_info` series.
-    infos: HashMap<String, [String; 6]>,
+    infos: HashMap<String, [String; 9]>,
     /// Blast radius is measured: each VM's victim counters exist too.
     blast: bool,
     /// Each victim VM's "hurt by" series: the flushers it names now.
@@ -80,8 +80,9 @@ impl VmSeries {
         self.blast = true;
     }
 
-    /// `ioasid_vm_info{vm, namespace, name, uuid, node, vmm}` = 1 for the VM's current process:
-    /// the labels to join with KubeVirt's `kubevirt_vmi_*` series (namespace, name, node).
+    /// `ioasid_vm_info{vm, namespace, name, uuid, node, vmm, manager, vmid, pod_uid}` = 1 for
+    /// the VM's current process: the labels to join with its manager's series (KubeVirt's
+    /// `kubevirt_vmi_*` on namespace, name and node; Proxmox's on vmid).
     pub fn info(&mut self, p: &crate::host::procfs::ProcessInfo, node: &str) {
         let (namespace, name) = p.kubevirt().unwrap_or(("", p.vm.as_str()));
         let labels = [
@@ -91,6 +92,9 @@ impl VmSeries {
             p.uuid.clone().unwrap_or_default(),
             node.to_string(),
             p.vmm().to_string(),
+            p.managed.manager.label().to_string(),
+            p.managed.vmid.clone().unwrap_or_default(),
+            p.managed.pod_uid.clone().unwrap_or_default(),
         ];
         if self.infos.get(&p.vm) == Some(&labels) {
             return;
