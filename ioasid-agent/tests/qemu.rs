@@ -78,9 +78,8 @@ fn qemu_guests_are_named_and_counted_exactly() {
             cmd.args(["-uuid", &uuid]);
         }
         let child = cmd
-            .args(["-accel", "kvm", "-m", "16", "-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-serial", "none", "-monitor", "none"])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .args(QEMU_TINY)
+            .args(["-monitor", "none"])
             .arg("-bios")
             .arg(&path)
             .stdout(std::process::Stdio::null())

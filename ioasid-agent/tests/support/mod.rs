@@ -465,15 +465,7 @@ impl Cg {
 
     /// `program args` started inside it.
     pub fn spawn(&self, program: &std::ffi::OsStr, args: &[&str]) -> Child {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > '{}' && exec \"$0\" \"$@\"", self.procs().display()))
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_in_cgroup(&self.procs(), program, args)
     }
 }
 
@@ -494,3 +486,34 @@ pub fn kubevirt_pod_cgroup(pod: &str) -> Cg {
         std::process::id()
     ))
 }
+
+/// `program args` started inside the cgroup whose `cgroup.procs` is `procs` (it moves itself
+/// there, then execs), output piped.
+pub fn spawn_in_cgroup(procs: &Path, program: &std::ffi::OsStr, args: &[&str]) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > '{}' && exec \"$0\" \"$@\"", procs.display()))
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A tiny QEMU machine under KVM for a `-bios` ROM: 16 MB, no devices but `isa-debug-exit`
+/// (the ROM's way out), no display, no serial.
+pub const QEMU_TINY: &[&str] = &[
+    "-accel",
+    "kvm",
+    "-m",
+    "16",
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-serial",
+    "none",
+    "-device",
+    "isa-debug-exit,iobase=0xf4,iosize=0x04",
+];
