@@ -384,7 +384,7 @@ impl Throttler {
     /// moved), or the duty cycle. Returns the audit reason.
     fn change(&mut self, pid: u32, now: Sample, to_duty: bool, why: String) -> String {
         let Some(mut a) = self.active.remove(&pid) else { return why };
-        let old = a.entry.method();
+        let (old, old_entry) = (a.entry.method(), a.entry.clone());
         let (released, keep_old) = match self.release(&a.entry) {
             Ok(None) => ("its limit put back".to_string(), false),
             Ok(Some(other)) => (format!("its limit left in force for pid {other}'s throttle there"), false),
@@ -396,10 +396,12 @@ impl Throttler {
         let vm = a.entry.vm.clone();
         let who = Target { pid, start_time: a.entry.start_time, vm: &vm };
         let saved = if to_duty { Ok(Saved::DutyCycle) } else { self.saved_for(who) };
+        // A limit that could not be put back stays in the state file, whatever happens next.
         let mut entries: Vec<Entry> = self.active.values().map(|x| x.entry.clone()).collect();
         if keep_old {
-            entries.push(a.entry.clone());
+            entries.push(old_entry.clone());
         }
+        let left = entries.clone();
         let result = saved.and_then(|saved| {
             a.entry.saved = saved;
             entries.push(a.entry.clone());
@@ -427,7 +429,9 @@ impl Throttler {
             }
             Err(e) => {
                 tracing::error!(pid, error = %e, "a throttle could not follow its VMM: it is no longer throttled");
-                let _ = self.persist();
+                if let Err(e) = self.write(&left) {
+                    tracing::error!(error = %e, "writing the throttle state file");
+                }
                 format!("{why}: {old} ended ({released}); could not throttle it again ({e}): alerted only")
             }
         }
