@@ -25,7 +25,7 @@
 //! is put in force, a second over twice the budget (or over it at the floor) is a strike, and
 //! two in a row mean the mechanism does not hold (a vCPU thread in another cgroup, guest time
 //! the kernel does not charge, a quota overrun at the tick). A cgroup limit is then put back
-//! and the duty cycle takes over from the same share; a duty cycle that does not hold is said
+//! and the duty cycle takes over from the storm's first share; a duty cycle that does not hold is said
 //! once (at its floor: the budget is under what any mechanism holds here). A VMM moved to
 //! another cgroup is followed within 0.5 s: the old cgroup's limit put back, the new cgroup
 //! saved and limited (or the duty cycle). Each change is a `changed` storm record.
@@ -110,6 +110,8 @@ struct Active {
     place_check: Instant,
     /// A mechanism that does not hold, with nothing left to change to, is audited once.
     reported: bool,
+    /// The storm it started for: a new mechanism starts from the same first share.
+    over: Storming,
 }
 
 /// How often a throttled VMM's cgroup is looked at (it may be moved to escape the limit).
@@ -308,6 +310,7 @@ impl Throttler {
             holding: Holding::new(now),
             place_check: now.at + PLACE_CHECK,
             reported: false,
+            over,
         };
         if let Err(e) = self.enforce(&mut a) {
             let _ = self.release(&a.entry);
@@ -407,10 +410,11 @@ impl Throttler {
             entries.push(a.entry.clone());
             self.write(&entries)?;
             if to_duty {
-                // Steered afresh, from the share the limit had come down to (a limit that did
-                // not hold was cut towards its floor): from under the budget up, never a burst
-                // of a share sized for a rate the limit was already holding down.
-                a.control = Controller::new(a.control.share, now);
+                // Steered afresh from the storm's first share, as at the start: the share the
+                // limit that did not hold was cut to means nothing to the duty cycle (climbing
+                // from the floor, it overshot the budget seconds later), and a share sized for
+                // the rate that limit held down would be a burst.
+                a.control = Controller::new(first_share(a.over), now);
             }
             a.holding = Holding::new(now);
             a.reported = false;
