@@ -355,6 +355,9 @@ impl Throttler {
                     "{method} at {share:.4} CPU does not hold the rate: {rate:.0}/s against a budget of {budget:.0}/s"
                 );
                 if method != ThrottleMethod::DutyCycle {
+                    // The rate it ran at under a limit that did not hold is the storm's, as
+                    // the alert's first second (partial: the storm began within it) may not be.
+                    a.over.rate = a.over.rate.max(rate);
                     return Some(self.change(pid, now, true, how));
                 }
                 if std::mem::replace(&mut a.reported, true) {
@@ -410,10 +413,12 @@ impl Throttler {
             entries.push(a.entry.clone());
             self.write(&entries)?;
             if to_duty {
-                // Steered afresh from the storm's first share, as at the start: the share the
-                // limit that did not hold was cut to means nothing to the duty cycle (climbing
-                // from the floor, it overshot the budget seconds later), and a share sized for
-                // the rate that limit held down would be a burst.
+                // Steered afresh from the storm's first share, as at the start, at the higher
+                // of the alert's rate and the rate under the limit that did not hold: the share
+                // that limit was cut to means nothing to the duty cycle (climbing from the
+                // floor, it overshot the budget seconds later); a share sized for the alert's
+                // first second alone (partial) was a burst of 40 % of a CPU; one sized for a
+                // rate a limit held partly down alone would be too.
                 a.control = Controller::new(first_share(a.over), now);
             }
             a.holding = Holding::new(now);
