@@ -112,6 +112,11 @@ fn qemu_guests_are_named_and_counted_exactly() {
             ("manager", manager),
             ("vmid", vmid),
             ("pod_uid", pod_uid),
+            ("project", ""),
+            ("project_id", ""),
+            ("user", ""),
+            ("user_id", ""),
+            ("flavor", ""),
         ];
         let info = eventually(Duration::from_secs(5), || sample(&agent.scrape(), "ioasid_vm_info", &labels));
         assert_eq!(info, Some(1.0), "{name}: no ioasid_vm_info{labels:?}:\n{}", agent.scrape());
@@ -187,4 +192,179 @@ fn counting_misses(metrics: &str) -> f64 {
     .iter()
     .filter_map(|h| sample(metrics, "ioasid_program_misses_total", &[("hook", h)]))
     .sum()
+}
+
+/// A libvirtd for a test: the host's if one answers, else one started here (with virtlogd),
+/// stopped at the end.
+struct Libvirtd(Vec<std::process::Child>);
+
+const VIRSH: &[&str] = &["-q", "-c", "qemu:///system"];
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(VIRSH)
+        .args(args)
+        .output()
+        .expect("virsh (Debian's libvirt-clients; `cargo xtask setup` installs it)")
+}
+
+impl Libvirtd {
+    fn start() -> Self {
+        if virsh(&["version"]).status.success() {
+            return Libvirtd(Vec::new());
+        }
+        let spawn = |p: &str| {
+            Command::new(p)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("{p}: {e} (Debian's libvirt-daemon-system; `cargo xtask setup` installs it)")
+                })
+        };
+        let d = Libvirtd(vec![spawn("virtlogd"), spawn("libvirtd")]);
+        let up = eventually(Duration::from_secs(30), || virsh(&["version"]).status.success().then_some(()));
+        assert!(
+            up.is_some(),
+            "libvirtd does not answer: {}",
+            String::from_utf8_lossy(&virsh(&["version"]).stderr)
+        );
+        d
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An OpenStack server as Nova starts it: a real libvirtd domain named `instance-XXXXXXXX`
+/// with `<nova:instance>` metadata, running a ROM that executes exactly N WBINVD and halts. Its
+/// `ioasid_vm_info` and its storm record carry the server's name, project, user and flavor
+/// (from libvirt's live status, which names the VMM's pid), its WBINVD are counted exactly; a
+/// plain QEMU that names itself after the same domain gets none of it.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn an_openstack_servers_identity_comes_from_libvirts_status_of_its_vmm() {
+    require_kernel();
+    let _g = serial();
+    let _libvirtd = Libvirtd::start();
+    let dir = TempDir::new("nova");
+    let policy = dir.path("policy.yaml");
+    write(&policy, "default:\n  incoherent_dma: audit\n  wbinvd: { rate: 50, window: 1s, action: alert }\n");
+    let agent = Agent::start(&["--policy", policy.to_str().unwrap()]);
+    // hlt; jmp back: the guest stays, the domain runs until destroyed.
+    const HALT: [u8; 3] = [0xf4, 0xeb, 0xfd];
+    let rom = dir.path("nova.rom");
+    std::fs::write(&rom, ioasid_guest::bios_rom(&ioasid_guest::counted(4_321, 0, &HALT))).unwrap();
+    let domain = format!("instance-{:08x}", std::process::id());
+    let uuid = format!("6d1a2b3c-4d5e-4f60-8172-{:012x}", std::process::id());
+    let (project_id, user_id) = ("0a1b2c3d4e5f40718293a4b5c6d7e8f0", "5f1b2c3d4e5f40718293a4b5c6d7e8f9");
+    let xml = format!(
+        r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{domain}</name>
+  <uuid>{uuid}</uuid>
+  <metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:package version="27.1.0"/>
+      <nova:name>gpu-train-7</nova:name>
+      <nova:creationTime>2026-12-04 09:00:00</nova:creationTime>
+      <nova:flavor name="g1.a100x1"><nova:memory>16</nova:memory><nova:vcpus>1</nova:vcpus></nova:flavor>
+      <nova:owner>
+        <nova:user uuid="{user_id}">alice</nova:user>
+        <nova:project uuid="{project_id}">ml-research</nova:project>
+      </nova:owner>
+    </nova:instance>
+  </metadata>
+  <memory unit='MiB'>16</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><loader type='rom'>{rom}</loader></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+</domain>
+"#,
+        rom = rom.display()
+    );
+    let file = dir.path("domain.xml");
+    write(&file, &xml);
+    let created = virsh(&["create", file.to_str().unwrap()]);
+    assert!(created.status.success(), "virsh create: {}", String::from_utf8_lossy(&created.stderr));
+    struct Destroy(String);
+    impl Drop for Destroy {
+        fn drop(&mut self) {
+            let _ = virsh(&["destroy", &self.0]);
+        }
+    }
+    let _destroy = Destroy(domain.clone());
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let labels = [
+        ("vm", domain.as_str()),
+        ("namespace", ""),
+        ("name", "gpu-train-7"),
+        ("uuid", uuid.as_str()),
+        ("node", node.as_str()),
+        ("vmm", "qemu-system-x86_64"),
+        ("manager", "openstack"),
+        ("vmid", ""),
+        ("pod_uid", ""),
+        ("project", "ml-research"),
+        ("project_id", project_id),
+        ("user", "alice"),
+        ("user_id", user_id),
+        ("flavor", "g1.a100x1"),
+    ];
+    let info = eventually(Duration::from_secs(10), || sample(&agent.scrape(), "ioasid_vm_info", &labels));
+    assert_eq!(info, Some(1.0), "no ioasid_vm_info{labels:?}:\n{}\n{}", agent.scrape(), agent.log());
+    let counted = eventually(Duration::from_secs(10), || {
+        wbinvd_total(&agent.scrape(), &domain).filter(|n| *n >= 4_321.0 - counting_misses(&agent.scrape()))
+    });
+    assert!(counted.is_some_and(|n| n <= 4_321.0), "{domain}: not 4321 WBINVD:\n{}", agent.scrape());
+    let rec = eventually(Duration::from_secs(10), || {
+        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["vm"] == domain.as_str())
+    })
+    .unwrap_or_else(|| panic!("{domain}: no storm record:\n{}", agent.log()));
+    let field = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let got = ["manager", "name", "uuid", "project", "project_id", "user", "user_id", "flavor"]
+        .map(|k| field(&rec, k));
+    assert_eq!(
+        got,
+        ["openstack", "gpu-train-7", &uuid, "ml-research", project_id, "alice", user_id, "g1.a100x1"]
+            .map(str::to_string),
+        "{rec}"
+    );
+    eprintln!("{domain}: ioasid_vm_info{labels:?} = 1; audit: {rec}");
+    // Anyone with /dev/kvm may name a VMM after the domain: libvirt's status names another pid,
+    // so it gets no OpenStack identity.
+    let forged = dir.path("forged.rom");
+    std::fs::write(
+        &forged,
+        ioasid_guest::bios_rom(&ioasid_guest::counted(1_234, 0, &ioasid_guest::QEMU_EXIT)),
+    )
+    .unwrap();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-name", &format!("guest={domain},debug-threads=on")])
+        .args(QEMU_TINY)
+        .args(["-monitor", "none", "-bios"])
+        .arg(&forged)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec = eventually(Duration::from_secs(10), || {
+        agent.audit().into_iter().find(|r| r["event"] == "wbinvd-storm" && r["pid"] == pid)
+    })
+    .unwrap_or_else(|| panic!("the forger's storm record:\n{}", agent.log()));
+    assert_eq!(
+        ["manager", "name", "project", "user", "flavor"].map(|k| field(&rec, k)),
+        ["qemu", "", "", "", ""].map(str::to_string),
+        "{rec}"
+    );
+    assert!(agent.log().contains("not of this VMM"), "the refusal is said:\n{}", agent.log());
 }

@@ -144,6 +144,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("podman", "builds the container image (cargo xtask image)"),
     ("systemd", "systemd-analyze, to verify the unit the package installs"),
     ("binutils", "strip, for the packaged and imaged agent"),
+    ("libvirt-daemon-system", "a real libvirtd, for OpenStack's identity from its domain status"),
+    ("libvirt-daemon-driver-qemu", "libvirt's QEMU driver"),
+    ("libvirt-clients", "virsh"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -232,6 +232,9 @@ fn start_actor(
         Cgroups::discover(),
         gate,
     ));
+    if let Some(r) = crate::host::libvirt::Reader::start(crate::host::libvirt::RUN_DIR.into()) {
+        actor.set_libvirt(r);
+    }
     // Classify VMMs that were running before the agent started (every process holding a KVM
     // VM fd, and any other the counters name), then decide every ask a previous agent left
     // open (its VMM is stopped, waiting).

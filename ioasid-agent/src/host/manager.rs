@@ -24,6 +24,9 @@ text_enum! {
         /// KubeVirt: a virt-launcher pod's cgroup (`kubepods...pod<UID>`) and a
         /// `NAMESPACE_NAME` domain name.
         Kubevirt => "kubevirt",
+        /// OpenStack Nova: a libvirt domain whose live status (which names the VMM's pid)
+        /// carries `<nova:instance>` metadata (`host::libvirt`).
+        Openstack => "openstack",
     }
 }
 
@@ -37,6 +40,23 @@ pub struct Managed {
     /// The UID of KubeVirt's virt-launcher pod (joins with the pod's logs and events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// What OpenStack Nova knows the server by (from libvirt's status, read after the VMM is
+    /// first seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nova: Option<crate::host::libvirt::Nova>,
+}
+
+impl Managed {
+    /// What libvirt's status of the VMM's domain adds: libvirt as its manager (where nothing
+    /// more specific named one), OpenStack where Nova's metadata is there. A Proxmox or
+    /// KubeVirt VMM keeps its manager (KubeVirt's libvirt runs in the pod, not the host's).
+    pub fn from_libvirt(&mut self, nova: Option<crate::host::libvirt::Nova>) {
+        if !matches!(self.manager, Manager::Qemu | Manager::Libvirt) {
+            return;
+        }
+        self.manager = if nova.is_some() { Manager::Openstack } else { Manager::Libvirt };
+        self.nova = nova;
+    }
 }
 
 /// The manager of a VMM with command line `args`, cgroup path `cgroup` and VM name `vm`.
@@ -46,12 +66,12 @@ pub fn identify(args: &[String], cgroup: Option<&str>, vm: &str) -> Managed {
         // Proxmox's own QEMU also says `-id N` (a Proxmox patch; upstream QEMU has no such
         // option): where given, it must agree.
         if option(args, "-id").is_none_or(|v| v == id) {
-            return Managed { manager: Manager::Proxmox, vmid: Some(id.to_string()), pod_uid: None };
+            return Managed { manager: Manager::Proxmox, vmid: Some(id.to_string()), ..Managed::default() };
         }
     }
     if let Some(uid) = kubepods_pod(cg) {
         if vm.split_once('_').is_some_and(|(ns, name)| !ns.is_empty() && !name.is_empty()) {
-            return Managed { manager: Manager::Kubevirt, vmid: None, pod_uid: Some(uid) };
+            return Managed { manager: Manager::Kubevirt, pod_uid: Some(uid), ..Managed::default() };
         }
     }
     if libvirt_scope(cg) {
@@ -124,7 +144,7 @@ mod tests {
         let kvm = args(&["/usr/bin/kvm", "-id", "101", "-name", "win11,debug-threads=on"]);
         assert_eq!(
             identify(&kvm, Some("/qemu.slice/101.scope"), "win11"),
-            Managed { manager: Manager::Proxmox, vmid: Some("101".into()), pod_uid: None }
+            Managed { manager: Manager::Proxmox, vmid: Some("101".into()), ..Managed::default() }
         );
         // The command line alone claims nothing (another scope, no cgroup), and one that
         // disagrees with the scope is not believed; without `-id` (upstream QEMU) the scope says.
@@ -145,7 +165,7 @@ mod tests {
         for cg in [systemd.as_str(), cgroupfs.as_str()] {
             assert_eq!(
                 identify(&args(&["qemu-kvm"]), Some(cg), "default_vm1"),
-                Managed { manager: Manager::Kubevirt, vmid: None, pod_uid: Some(POD.into()) },
+                Managed { manager: Manager::Kubevirt, pod_uid: Some(POD.into()), ..Managed::default() },
                 "{cg}"
             );
             // Not KubeVirt's domain name: not KubeVirt.
@@ -165,5 +185,22 @@ mod tests {
             libvirt
         );
         assert_eq!(identify(&args(&["q"]), Some("/machine.slice/other.scope"), "gpu"), Managed::default());
+    }
+
+    /// libvirt's status (which names the VMM's pid) makes a VMM libvirt's, or OpenStack's with
+    /// Nova's metadata; a Proxmox or KubeVirt VMM keeps what its cgroup says.
+    #[test]
+    fn libvirts_status_names_libvirt_or_openstack_and_nothing_else() {
+        let nova = crate::host::libvirt::Nova { name: Some("gpu-train-7".into()), ..Default::default() };
+        let mut m = Managed::default();
+        m.from_libvirt(None);
+        assert_eq!(m.manager, Manager::Libvirt);
+        m.from_libvirt(Some(nova.clone()));
+        assert_eq!((m.manager, m.nova.as_ref()), (Manager::Openstack, Some(&nova)));
+        for manager in [Manager::Proxmox, Manager::Kubevirt] {
+            let mut m = Managed { manager, ..Managed::default() };
+            m.from_libvirt(Some(nova.clone()));
+            assert_eq!((m.manager, m.nova), (manager, None));
+        }
     }
 }

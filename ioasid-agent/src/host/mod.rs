@@ -4,6 +4,7 @@
 
 pub mod files;
 pub mod instance;
+pub mod libvirt;
 pub mod manager;
 pub mod pidfd;
 pub mod procfs;

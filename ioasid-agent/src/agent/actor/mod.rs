@@ -95,6 +95,8 @@ pub struct Actor<K: Kernel> {
     throttler: Option<crate::throttle::Throttler>,
     /// Blast radius (None: the kernel lacks the hooks; its series stay absent).
     blast: Option<crate::engine::blast::Blast>,
+    /// Reads libvirt's status of each new VMM's domain, off the event loop (None: not read).
+    libvirt: Option<crate::host::libvirt::Reader>,
 }
 
 /// What the kernel captured of a process at VM creation, as the agent knows processes (for one
@@ -127,6 +129,7 @@ impl<K: Kernel> Actor<K> {
             started_ns: crate::host::sys::monotonic_ns(),
             throttler: None,
             blast: None,
+            libvirt: None,
         };
         actor.export_policy_info();
         actor
@@ -144,6 +147,30 @@ impl<K: Kernel> Actor<K> {
     pub fn enable_blast(&mut self) {
         self.blast = Some(crate::engine::blast::Blast::default());
         self.series.enable_blast();
+    }
+
+    /// Reads libvirt's status of each new VMM's domain (OpenStack's identity) with `r`.
+    pub fn set_libvirt(&mut self, r: crate::host::libvirt::Reader) {
+        self.libvirt = Some(r);
+    }
+
+    /// What libvirt's status said of VMMs since the last sweep: their identity completed, in
+    /// `ioasid_vm_info` and in the records from now on.
+    fn apply_libvirt(&mut self) {
+        let Some(r) = &self.libvirt else { return };
+        for found in r.answers() {
+            let Some(p) = self.acct.procs.get_mut(&found.pid) else { continue };
+            if p.info.start_time != found.start_time {
+                continue; // another process on the pid since
+            }
+            p.info.managed.from_libvirt(found.domain.nova);
+            if p.info.uuid.is_none() {
+                p.info.uuid = found.domain.uuid;
+            }
+            let info = p.info.clone();
+            tracing::info!(pid = info.pid, vm = %escape(&info.vm), manager = info.managed.manager.label(), "libvirt's status names this VMM");
+            self.series.info(&info, &self.set.host);
+        }
     }
 
     /// Enables `action: throttle`.
@@ -291,6 +318,17 @@ impl<K: Kernel> Actor<K> {
         let verdict = self.policy.policy.evaluate(info);
         self.series.create(&info.vm);
         self.series.info(info, &self.set.host);
+        if let Some(r) = self.libvirt.as_mut() {
+            use crate::host::manager::Manager;
+            if matches!(info.managed.manager, Manager::Qemu | Manager::Libvirt) {
+                r.ask(crate::host::libvirt::Lookup {
+                    pid: info.pid,
+                    start_time: info.start_time,
+                    domain: info.vm.clone(),
+                    libvirt_cgroup: info.managed.manager == Manager::Libvirt,
+                });
+            }
+        }
         if let Some(p) = self.acct.procs.get_mut(&info.pid) {
             p.budget = verdict.budget;
             p.rule = verdict.rule_name.clone();
@@ -374,6 +412,7 @@ impl<K: Kernel> Actor<K> {
         let every = (1000 / self.set.sweep_interval.as_millis().max(1)).max(1) as u64;
         let full = self.sweeps.is_multiple_of(every);
         self.sweeps += 1;
+        self.apply_libvirt();
         if full {
             for tgid in self.acct.check_liveness(&self.set.procfs, now) {
                 // A VMM that exits ends its storm: say so, so raised/cleared records pair up.

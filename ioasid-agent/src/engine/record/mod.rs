@@ -10,6 +10,7 @@ pub use ioasid_common::{events::Coherency, verdict::Mechanism};
 
 pub use self::kinds::{Decision, Outcome, RecordKind, StormOutcome, StormState};
 use crate::host::{
+    libvirt::{Nova, Owner},
     manager::{Managed, Manager},
     procfs::ProcessInfo,
     vfio::VfioFile,
@@ -53,19 +54,31 @@ pub struct VmIdentity {
     pub vmid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// OpenStack: the server's project, user (names and IDs) and flavor; `name` is the
+    /// server's name.
+    #[serde(flatten)]
+    pub owner: Owner,
 }
 
 impl VmIdentity {
     pub fn of(p: &ProcessInfo) -> Self {
         let kubevirt = p.kubevirt();
+        let nova = p.managed.nova.clone().unwrap_or_default();
         Self {
             manager: Some(p.managed.manager),
             namespace: kubevirt.map(|(ns, _)| ns.to_string()),
-            name: kubevirt.map(|(_, n)| n.to_string()),
+            name: kubevirt.map(|(_, n)| n.to_string()).or(nova.name),
             uuid: p.uuid.clone(),
             vmid: p.managed.vmid.clone(),
             pod_uid: p.managed.pod_uid.clone(),
+            owner: nova.owner,
         }
+    }
+
+    /// Nova's identity as recorded (None unless the manager was OpenStack).
+    fn nova(&self) -> Option<crate::host::libvirt::Nova> {
+        (self.manager == Some(Manager::Openstack))
+            .then(|| Nova { name: self.name.clone(), owner: self.owner.clone() })
     }
 }
 
@@ -180,6 +193,7 @@ impl AuditRecord {
                 manager: self.identity.manager.unwrap_or_default(),
                 vmid: self.identity.vmid.clone(),
                 pod_uid: self.identity.pod_uid.clone(),
+                nova: self.identity.nova(),
             },
         }
     }

@@ -56,7 +56,7 @@ pub struct VmSeries {
     /// VM names with series out.
     vms: BTreeSet<String>,
     /// The labels of each VM's `ioasid_vm_info` series.
-    infos: HashMap<String, [String; 9]>,
+    infos: HashMap<String, [String; 14]>,
     /// Blast radius is measured: each VM's victim counters exist too.
     blast: bool,
     /// Each victim VM's "hurt by" series: the flushers it names now.
@@ -80,21 +80,32 @@ impl VmSeries {
         self.blast = true;
     }
 
-    /// `ioasid_vm_info{vm, namespace, name, uuid, node, vmm, manager, vmid, pod_uid}` = 1 for
-    /// the VM's current process: the labels to join with its manager's series (KubeVirt's
-    /// `kubevirt_vmi_*` on namespace, name and node; Proxmox's on vmid).
+    /// `ioasid_vm_info{vm, namespace, name, uuid, node, vmm, manager, vmid, pod_uid, project,
+    /// project_id, user, user_id, flavor}` = 1 for the VM's current process: the labels to join
+    /// with its manager's series (KubeVirt's `kubevirt_vmi_*` on namespace, name and node;
+    /// Proxmox's on vmid; OpenStack exporters' on project_id and the instance UUID).
     pub fn info(&mut self, p: &crate::host::procfs::ProcessInfo, node: &str) {
-        let (namespace, name) = p.kubevirt().unwrap_or(("", p.vm.as_str()));
+        let nova = p.managed.nova.clone().unwrap_or_default();
+        let (namespace, name) = match (p.kubevirt(), &nova.name) {
+            (Some((ns, name)), _) => (ns.to_string(), name.to_string()),
+            (None, Some(name)) => (String::new(), name.clone()),
+            (None, None) => (String::new(), p.vm.clone()),
+        };
         let labels = [
             p.vm.clone(),
-            namespace.to_string(),
-            name.to_string(),
+            namespace,
+            name,
             p.uuid.clone().unwrap_or_default(),
             node.to_string(),
             p.vmm().to_string(),
             p.managed.manager.label().to_string(),
             p.managed.vmid.clone().unwrap_or_default(),
             p.managed.pod_uid.clone().unwrap_or_default(),
+            nova.owner.project.unwrap_or_default(),
+            nova.owner.project_id.unwrap_or_default(),
+            nova.owner.user.unwrap_or_default(),
+            nova.owner.user_id.unwrap_or_default(),
+            nova.owner.flavor.unwrap_or_default(),
         ];
         if self.infos.get(&p.vm) == Some(&labels) {
             return;
