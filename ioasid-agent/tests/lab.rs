@@ -320,7 +320,8 @@ fn a_noncoherent_enable_is_killed_in_the_kernel_with_enforce_with_signal() {
     assert_eq!(
         (r.mechanism, r.outcome, r.coherency),
         (Mechanism::Sigkill, Outcome::Killed, Some(Coherency::Noncoherent)),
-        "the kernel knew the group non-coherent and killed the VMM alone: {r:?}"
+        "the kernel knew the group non-coherent and killed the VMM alone: {r:?}\nagent log:\n{}",
+        agent.log()
     );
     let said = eventually(Duration::from_secs(3), || {
         agent

@@ -125,7 +125,7 @@ pub struct LabKernel {
     /// The other packages of a split kernel: their names with `V` for the same version.
     companions: &'static [&'static str],
     /// Added to the kernel command line.
-    cmdline: &'static str,
+    pub cmdline: &'static str,
     tests: Tests,
     /// Also boots with an IOMMU that enforces coherency (the `snoop_control_*` tests).
     snoop: bool,
@@ -216,7 +216,7 @@ pub struct Options {
 
 /// The lab's cache: downloaded packages, unpacked kernels, initramfs images. Kept between runs
 /// (`IOASID_LAB_CACHE`, default /var/cache/ioasid-lab).
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     std::env::var_os("IOASID_LAB_CACHE").map_or_else(|| PathBuf::from("/var/cache/ioasid-lab"), PathBuf::from)
 }
 
@@ -230,7 +230,7 @@ fn sh(cmd: &mut Command) -> Result<String> {
 
 /// The lab's own apt: the machine's Debian mirror with the matrix's suites, its lists and
 /// state under the lab's cache. The machine's apt configuration and lists are never touched.
-struct Apt {
+pub(crate) struct Apt {
     dir: PathBuf,
 }
 
@@ -306,7 +306,7 @@ fn machine_mirrors() -> Result<(String, String, String)> {
 impl Apt {
     /// The lab's sources list (every suite of the matrix, on the machine's mirror), its lists
     /// refreshed when missing, a day old, or when the sources changed.
-    fn new(cache: &Path) -> Result<Apt> {
+    pub(crate) fn new(cache: &Path) -> Result<Apt> {
         let dir = cache.join("apt");
         for d in ["lists/partial", "cache/archives/partial"] {
             std::fs::create_dir_all(dir.join(d))?;
@@ -377,7 +377,7 @@ impl Apt {
     }
 
     /// The newest package matching `pattern`; the lists are refreshed once if none does.
-    fn resolve(&self, pattern: &str) -> Result<String> {
+    pub(crate) fn resolve(&self, pattern: &str) -> Result<String> {
         if let Some(n) = self.newest(pattern)? {
             return Ok(n);
         }
@@ -409,7 +409,7 @@ impl Apt {
     }
 
     /// Downloads (once) and unpacks (once) `pkgs` into one directory named after the first.
-    fn unpack(&self, cache: &Path, pkgs: &[String]) -> Result<PathBuf> {
+    pub(crate) fn unpack(&self, cache: &Path, pkgs: &[String]) -> Result<PathBuf> {
         let dir = cache.join(format!("pkg-{}", pkgs[0]));
         if dir.join(".unpacked").exists() {
             return Ok(dir);
@@ -433,7 +433,7 @@ pub struct Kernel {
     initrd: PathBuf,
 }
 
-fn prepare(apt: &Apt, cache: &Path, spec: &LabKernel, busybox: &Path) -> Result<Kernel> {
+pub(crate) fn prepare(apt: &Apt, cache: &Path, spec: &LabKernel, busybox: &Path) -> Result<Kernel> {
     let (prefix, suffix) = spec.image.split_once('V').context("an image pattern has V")?;
     let package = apt.resolve(&format!("^{prefix}{}{suffix}$", spec.version))?;
     let version = &package[prefix.len()..package.len() - suffix.len()];
@@ -666,20 +666,21 @@ fn tests_script(
 }
 
 /// What one boot produced.
-struct Boot {
-    serial: String,
-    log: String,
-    took: Duration,
-    timed_out: bool,
+pub(crate) struct Boot {
+    pub serial: String,
+    pub log: String,
+    pub took: Duration,
+    pub timed_out: bool,
 }
 
-fn boot(
+pub(crate) fn boot(
     kernel: &Kernel,
     cmdline: &str,
     busybox: &Path,
     dir: &Path,
     script_text: &str,
     snoop: bool,
+    forward: Option<u16>,
 ) -> Result<Boot> {
     let out = dir.join("out");
     let _ = std::fs::remove_dir_all(&out);
@@ -716,6 +717,11 @@ fn boot(
         .arg("-device")
         .arg(format!("intel-iommu,snoop-control={snoop},intremap=on"))
         .args(["-device", "edu"])
+        // `cargo xtask fleet`: the VM's agent (port 9477 on 10.0.2.15) on this port of the
+        // host's loopback.
+        .args(forward.map_or_else(Vec::new, |port| {
+            vec!["-nic".to_string(), format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:9477")]
+        }))
         .stdin(Stdio::null())
         .stdout(serial)
         .stderr(Stdio::inherit())
@@ -748,7 +754,7 @@ fn boot(
 }
 
 /// Why a boot did not complete, if it did not: a crash or hang of the guest kernel.
-fn crash(b: &Boot) -> Option<String> {
+pub(crate) fn crash(b: &Boot) -> Option<String> {
     let panic =
         b.serial.lines().find(|l| l.contains("Kernel panic") || l.contains("BUG:") || l.contains("Oops:"));
     if let Some(l) = panic {
@@ -849,7 +855,11 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
 
 /// Copies the binaries the tests run into the lab's directory: the VMs read them over 9p for
 /// minutes, and a rebuild meanwhile must not change them under a running test.
-fn snapshot(root: &Path, binaries: &[(String, PathBuf)], bin: &Path) -> Result<Vec<(String, PathBuf)>> {
+pub(crate) fn snapshot(
+    root: &Path,
+    binaries: &[(String, PathBuf)],
+    bin: &Path,
+) -> Result<Vec<(String, PathBuf)>> {
     let _ = std::fs::remove_dir_all(bin);
     std::fs::create_dir_all(bin)?;
     // Release builds: under emulation a debug agent spends seconds parsing BTF at each start.
@@ -904,7 +914,7 @@ impl Job<'_> {
                 "lab: {name} ({}, {}, {iommu}): booting, attempt {attempt}",
                 kernel.package, kernel.release
             );
-            let b = boot(kernel, self.spec.cmdline, busybox, dir, &self.script, self.snoop)
+            let b = boot(kernel, self.spec.cmdline, busybox, dir, &self.script, self.snoop, None)
                 .map_err(|e| format!("{e:#}"))?;
             let _ = std::fs::write(dir.join(format!("serial-{attempt}.log")), &b.serial);
             let _ = std::fs::write(dir.join(format!("tests-{attempt}.log")), &b.log);
