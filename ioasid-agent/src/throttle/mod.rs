@@ -241,12 +241,12 @@ impl Throttler {
     /// the agent saw it go) keeps that throttle's saved limit: the one from before ioasid
     /// touched it, never ioasid's own.
     fn saved_for(&self, who: Target<'_>) -> Result<Saved, ThrottleError> {
-        let own = match self.cgroups.own(who.pid) {
-            Ok(Own::V2(dir) | Own::V1(dir)) if self.sharing(&dir, who.pid).is_some() => {
-                return Ok(self.sharing(&dir, who.pid).expect("just found").entry.saved.clone());
+        let own = self.cgroups.own(who.pid);
+        if let Ok(Own::V2(dir) | Own::V1(dir)) = &own {
+            if let Some(other) = self.sharing(dir, who.pid) {
+                return Ok(other.entry.saved.clone());
             }
-            own => own,
-        };
+        }
         Ok(match own {
             Ok(Own::V2(dir)) => Saved::CpuMax { previous: read_trim(&dir.join("cpu.max"))?, dir },
             Ok(Own::V1(dir)) => Saved::CfsQuota {
