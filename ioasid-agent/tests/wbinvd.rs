@@ -210,9 +210,11 @@ fn the_host_totals_keep_the_counts_of_forgotten_vms() {
     // Churn: short-lived VMs, each forgotten a second after it exits.
     let agent = Agent::start(&["--vm-retention", "1s"]);
     let names: Vec<String> = (0..6).map(|i| unique(&format!("churn-{i}"))).collect();
+    let mut pids = Vec::new();
     for name in &names {
-        let (status, _, err) =
-            finish(guest(&["--name", name, "--wbinvd", "10", "--invd", "2", "--hold", "0.1"]));
+        let g = guest(&["--name", name, "--wbinvd", "10", "--invd", "2", "--hold", "0.1"]);
+        pids.push(g.id());
+        let (status, _, err) = finish(g);
         assert!(status.success(), "{err}");
     }
     let host = |m: &str, name: &str| {
@@ -226,6 +228,35 @@ fn the_host_totals_keep_the_counts_of_forgotten_vms() {
     assert_eq!(host(&m, "ioasid_host_wbinvd_exits_total"), 60.0, "every WBINVD of the forgotten VMs:\n{m}");
     assert_eq!(host(&m, "ioasid_host_invd_exits_total"), 12.0, "every INVD of the forgotten VMs:\n{m}");
     assert_eq!(sample(&m, "ioasid_host_wbinvd_flushes_total", &[]), Some(0.0), "no VM had non-coherent DMA");
+    // The programs keep a thread's WBINVD timing entry between its WBINVDs; a forgotten VM's
+    // are removed with it, so the map does not fill with the threads of VMs long gone.
+    let left = pending_entries(&pids);
+    assert!(left.is_empty(), "timing entries of forgotten VMs' threads (tid, tgid): {left:?}");
+}
+
+/// The kernel's WBINVD timing entries (thread id, process) of the processes `pids`, read from
+/// the one agent's `IOASID_PENDING` map (tests run one agent at a time).
+fn pending_entries(pids: &[u32]) -> Vec<(u32, u32)> {
+    use aya::maps::{loaded_maps, HashMap, Map, MapData};
+    use ioasid_common::{cost::Pending, names::MAP_PENDING};
+    let mut out = Vec::new();
+    let mut seen = 0;
+    for info in loaded_maps().map_while(Result::ok) {
+        if info.name_as_str() != Some(MAP_PENDING) {
+            continue;
+        }
+        seen += 1;
+        let data = MapData::from_id(info.id()).expect("opening IOASID_PENDING");
+        let map: HashMap<_, u32, Pending> = HashMap::try_from(Map::HashMap(data)).expect("a hash map");
+        out.extend(
+            map.iter()
+                .map_while(Result::ok)
+                .filter(|(_, p)| pids.contains(&p.tgid))
+                .map(|(t, p)| (t, p.tgid)),
+        );
+    }
+    assert_eq!(seen, 1, "one agent's {MAP_PENDING} map");
+    out
 }
 
 #[test]

@@ -106,7 +106,10 @@ pub struct KvmLayout {
     pub kvm_noncoherent: u32,
     /// `x86_emulate_ctxt.eip`: the rip of the instruction being emulated.
     pub ctxt_eip: u32,
-    pub _pad: u32,
+    /// Non-zero when the BTF types `kvm_vcpu.arch.emulate_ctxt` as a pointer to the struct
+    /// itself (not to a forward declaration): the programs then read the context's fields with
+    /// plain loads, else with `bpf_probe_read_kernel`.
+    pub ctxt_typed: u32,
 }
 const _: () = assert!(size_of::<KvmLayout>() == 48);
 
@@ -163,7 +166,7 @@ impl ProgConfig {
             ctxt_b: 0,
             kvm_noncoherent: 0,
             ctxt_eip: 0,
-            _pad: 0,
+            ctxt_typed: 0,
         },
     };
 }

@@ -67,10 +67,13 @@ pub struct CostKey {
 }
 const _: () = assert!(size_of::<CostKey>() == 16);
 
-/// Value of [`crate::names::MAP_PENDING`].
+/// Value of [`crate::names::MAP_PENDING`]: a thread's WBINVD timing. The programs keep a
+/// thread's entry between WBINVDs (written in place, never deleted by them); the agent removes
+/// a gone VMM's entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Pending {
+    /// When the pending WBINVD started (ktime ns); 0 while the thread has none pending.
     pub start_ns: u64,
     pub tgid: u32,
     /// [`crate::counters::Path::Exit`] or [`crate::counters::Path::Emulated`].

@@ -44,7 +44,7 @@ struct Blob<'a> {
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
 }
 
 fn parse<'a>(data: &'a [u8], path: &Path) -> Result<Blob<'a>, BtfError> {
@@ -137,8 +137,10 @@ pub fn member_offsets(vmlinux: &Path, pairs: &[(&str, &str)]) -> Result<Vec<Opti
 /// How a member found by [`member_paths`] is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leaf {
-    /// A pointer: read the address stored there.
-    Pointer,
+    /// A pointer: read the address stored there. `to_struct`: to a struct or union the BTF
+    /// defines (not a forward declaration, not `void`), which the verifier lets a program load
+    /// through directly.
+    Pointer { to_struct: bool },
     /// An array: its elements start there.
     Array,
     /// An integer of at most 8 bytes.
@@ -205,7 +207,11 @@ impl Types {
             let (resolved, kind, size) = self.resolve(ty)?;
             if parts.peek().is_none() {
                 let leaf = match kind {
-                    KIND_PTR => Leaf::Pointer,
+                    KIND_PTR => Leaf::Pointer {
+                        to_struct: self
+                            .resolve(size)
+                            .is_some_and(|(_, k, _)| k == KIND_STRUCT || k == KIND_UNION),
+                    },
                     KIND_ARRAY => Leaf::Array,
                     KIND_INT if size <= 8 => Leaf::Int,
                     _ => return None,
@@ -441,6 +447,33 @@ mod tests {
         b.extend_from_slice(&t);
         b.extend_from_slice(strings);
         b
+    }
+
+    /// A pointer member to a struct the BTF defines is one the verifier lets a program load
+    /// through; one to a forward declaration is not (Debian 6.12's kvm module types
+    /// `kvm_vcpu.arch.emulate_ctxt` so).
+    #[test]
+    fn tells_a_pointer_to_a_defined_struct_from_one_to_a_declaration() {
+        let strings = b"\0int\0ctxt\0x\0vcpu\0declared\0defined\0n\0".to_vec();
+        let (int, ctxt, x, vcpu, declared, defined, n) = (1, 5, 10, 12, 17, 26, 34);
+        let mut types = Vec::new();
+        let mut ty = |name: u32, kind: u32, vlen: u32, size_or_type: u32, extra: &[u32]| {
+            for w in [name, (kind << 24) | vlen, size_or_type].iter().chain(extra) {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        ty(int, 1, 0, 4, &[32]); // [1] int
+        ty(ctxt, 7, 0, 0, &[]); // [2] struct ctxt; (a declaration)
+        ty(ctxt, KIND_STRUCT, 1, 4, &[x, 1, 0]); // [3] struct ctxt { int x; }
+        ty(0, KIND_PTR, 0, 2, &[]); // [4] struct ctxt * (declared)
+        ty(0, KIND_PTR, 0, 3, &[]); // [5] struct ctxt * (defined)
+        ty(vcpu, KIND_STRUCT, 4, 28, &[declared, 4, 0, defined, 5, 64, n, 1, 128, x, 7, 192]); // [6]
+        ty(0, KIND_PTR, 0, 0, &[]); // [7] void * (type id 0: no type to resolve)
+        let t = Types::index(types, strings, std::path::Path::new("test")).unwrap();
+        assert_eq!(t.path("vcpu", "declared"), Some((0, Leaf::Pointer { to_struct: false })));
+        assert_eq!(t.path("vcpu", "defined"), Some((8, Leaf::Pointer { to_struct: true })));
+        assert_eq!(t.path("vcpu", "n"), Some((16, Leaf::Int)));
+        assert_eq!(t.path("vcpu", "x"), Some((24, Leaf::Pointer { to_struct: false })));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use ioasid_common::{
-    cost::{CostKey, COST_BUCKETS_NS, COST_SUM, FLUSH_CPUS_LEN},
+    cost::{CostKey, Pending, COST_BUCKETS_NS, COST_SUM, FLUSH_CPUS_LEN},
     counters::{CounterKey, Op, Path, STATS_LEN},
     events::Coherency,
     names::*,
@@ -42,6 +42,8 @@ pub struct BpfKernel {
     file_coherency: BpfHashMap<MapData, FdKey, u32>,
     cmdlines: BpfHashMap<MapData, u32, ioasid_common::events::Cmdline>,
     blast: PerCpuHashMap<MapData, ioasid_common::cost::BlastKey, u64>,
+    /// Thread id -> its WBINVD timing entry, kept by the programs between WBINVDs.
+    pending: BpfHashMap<MapData, u32, Pending>,
     /// (hook label, program name) of attached hooks.
     stats_hooks: Vec<(&'static str, &'static str)>,
     /// BPF run-time statistics are on: runs and run time are exported too.
@@ -162,6 +164,7 @@ impl BpfKernel {
             file_coherency: take(e, MAP_FILE_COHERENCY)?,
             cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
             blast: take(e, ioasid_common::names::MAP_BLAST)?,
+            pending: take(e, MAP_PENDING)?,
             stats_hooks,
             stats_on,
             modules: (loaded.file_filter == loader::FileFilter::On)
@@ -304,6 +307,19 @@ impl Kernel for BpfKernel {
             let _ = self.noncoherent.remove(&tgid);
         }
         let _ = self.noncoherent_kvm.remove(&ProcKey { tgid, _pad: 0, start });
+        // Its threads' WBINVD timing entries (the programs keep one per thread, idle between
+        // WBINVDs). A thread of another process on a reused thread id rewrites its entry with
+        // its own process, so it is not matched here.
+        let threads: Vec<u32> = self
+            .pending
+            .iter()
+            .map_while(Result::ok)
+            .filter(|(_, p)| p.tgid == tgid && p.start == start)
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in threads {
+            let _ = self.pending.remove(&tid);
+        }
         for map in [&mut self.kvm_devices, &mut self.file_coherency] {
             let fds: Vec<FdKey> =
                 map.keys().map_while(Result::ok).filter(|k| k.tgid == tgid && k.start == start).collect();

@@ -10,12 +10,13 @@
 //! no WBINVD is pending anywhere (nearly always) they cost one array read.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, tracepoint},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext,
     },
+    EbpfContext,
 };
 use ioasid_common::{
     cost::{
@@ -25,7 +26,7 @@ use ioasid_common::{
     counters::Path,
 };
 
-use super::{current_ids, me};
+use super::{current_ids, me, me_btf};
 use crate::maps::{
     config, control, pending_add, pending_none, percpu_add, IOASID_BLAST, IOASID_COST, IOASID_FLUSH_CPUS,
     IOASID_FLUSH_TARGETS, IOASID_IPI_START, IOASID_PENDING,
@@ -48,16 +49,34 @@ pub fn start_from_tracepoint(me: ProcKey, tid: u32, path: Path) {
     start(me, tid, path);
 }
 
+/// This thread's WBINVD starts now. A thread's entry stays in `IOASID_PENDING` once made (idle
+/// between WBINVDs: `start_ns` 0), so a WBINVD writes it in place instead of inserting and
+/// deleting a hash element (an allocation and a bucket lock each); the agent removes the
+/// entries of a VMM that is gone (`forget`).
 #[inline(always)]
 fn start(me: ProcKey, tid: u32, path: Path) {
     // SAFETY: helper without pointer arguments.
     let start_ns = unsafe { bpf_ktime_get_ns() };
     let p = Pending { start_ns, tgid: me.tgid, path: path.wire(), start: me.start };
-    if IOASID_PENDING.insert(&tid, &p, BPF_NOEXIST as u64).is_ok() {
+    if let Some(slot) = IOASID_PENDING.get_ptr_mut(&tid) {
+        // SAFETY: a live map value, written only by this thread's programs, which do not nest
+        // on one thread. An entry that is still pending (its WBINVD never closed) is replaced
+        // and stays counted once.
+        let idle = unsafe { (*slot).start_ns } == 0;
+        unsafe { *slot = p };
+        if idle {
+            pending_add(1);
+        }
+    } else if IOASID_PENDING.insert(&tid, &p, BPF_NOEXIST as u64).is_ok() {
         pending_add(1);
-    } else {
-        let _ = IOASID_PENDING.insert(&tid, &p, BPF_ANY as u64);
     }
+}
+
+/// True while this thread handles a WBINVD (its entry is pending).
+#[inline(always)]
+fn handling_wbinvd(tid: u32) -> bool {
+    // SAFETY: a live map value, read once.
+    IOASID_PENDING.get_ptr(&tid).is_some_and(|p| unsafe { (*p).start_ns } != 0)
 }
 
 /// Ends this thread's pending WBINVD, if any. Fast when nothing is pending anywhere.
@@ -66,12 +85,14 @@ pub fn close_pending(tid: u32) {
     if pending_none() {
         return;
     }
-    let Some(p) = IOASID_PENDING.get_ptr(&tid) else { return };
-    // SAFETY: live map value, copied once.
-    let p = unsafe { *p };
-    if IOASID_PENDING.remove(&tid).is_ok() {
-        pending_add(-1);
+    let Some(slot) = IOASID_PENDING.get_ptr_mut(&tid) else { return };
+    // SAFETY: live map value, copied once, then marked idle (see `start`).
+    let p = unsafe { *slot };
+    if p.start_ns == 0 {
+        return;
     }
+    unsafe { (*slot).start_ns = 0 };
+    pending_add(-1);
     // SAFETY: helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     record(p.tgid, p.start, now.saturating_sub(p.start_ns));
@@ -99,39 +120,47 @@ pub fn ioasid_kvm_entry(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A WBINVD handler starts on this thread (fentry, or its kprobe twin).
+/// A WBINVD handler of process `me` starts on this thread (fentry, or its kprobe twin).
 #[inline(always)]
-fn handler_start(path: Path) {
-    start(me(), current_ids().1, path);
+fn handler_start(me: ProcKey, path: Path) {
+    start(me, current_ids().1, path);
 }
 
 /// fentry kvm_emulate_wbinvd(struct kvm_vcpu *): the exit handler starts.
 #[fentry(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fentry_kvm_emulate_wbinvd(ctx: FEntryContext) -> i32 {
-    handler_start(Path::Exit);
-    super::wbinvd::handler_entered(ctx.arg(0));
+    let me = me_btf();
+    handler_start(me, Path::Exit);
+    // The vCPU's address as a number: the first argument read from the context by a helper.
+    let addr = || {
+        // SAFETY: the context holds the arguments as u64s; the read faults safely.
+        unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0)
+    };
+    super::wbinvd::handler_entered(me, crate::read::Btf(ctx.arg(0)), addr);
     0
 }
 
 /// fentry emulator_wbinvd(struct x86_emulate_ctxt *): the emulator's handler starts.
 #[fentry(function = "emulator_wbinvd")]
 pub fn ioasid_fentry_emulator_wbinvd(ctx: FEntryContext) -> i32 {
-    handler_start(Path::Emulated);
-    super::wbinvd::handler_entered(super::wbinvd::ctxt_vcpu(ctx.arg(0)));
+    let me = me_btf();
+    handler_start(me, Path::Emulated);
+    let vcpu = super::wbinvd::ctxt_vcpu(ctx.arg(0));
+    super::wbinvd::handler_entered(me, vcpu, || vcpu.0);
     0
 }
 
 /// kprobe kvm_emulate_wbinvd: the fentry's twin where kvm has no BTF (5.10).
 #[kprobe(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_kprobe_kvm_emulate_wbinvd(_ctx: ProbeContext) -> u32 {
-    handler_start(Path::Exit);
+    handler_start(me(), Path::Exit);
     0
 }
 
 /// kprobe emulator_wbinvd: likewise.
 #[kprobe(function = "emulator_wbinvd")]
 pub fn ioasid_kprobe_emulator_wbinvd(_ctx: ProbeContext) -> u32 {
-    handler_start(Path::Emulated);
+    handler_start(me(), Path::Emulated);
     0
 }
 
@@ -218,7 +247,7 @@ pub fn ioasid_fentry_wbinvd_on_cpus_mask(ctx: FEntryContext) -> i32 {
 /// caller (TLB shootdowns...) leaves after one array read while no WBINVD is pending anywhere.
 #[fentry(function = "on_each_cpu_cond_mask")]
 pub fn ioasid_fentry_on_each_cpu_cond_mask(ctx: FEntryContext) -> i32 {
-    if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
+    if pending_none() || !handling_wbinvd(current_ids().1) {
         return 0;
     }
     record_flush_cpus(ctx.arg(4), OwnCpu::AsMask);
@@ -231,7 +260,7 @@ pub fn ioasid_fentry_on_each_cpu_cond_mask(ctx: FEntryContext) -> i32 {
 /// that one is not counted. Recognised, as above, by a thread handling a WBINVD.
 #[fentry(function = "smp_call_function_many")]
 pub fn ioasid_fentry_smp_call_function_many(ctx: FEntryContext) -> i32 {
-    if pending_none() || IOASID_PENDING.get_ptr(&current_ids().1).is_none() {
+    if pending_none() || !handling_wbinvd(current_ids().1) {
         return 0;
     }
     record_flush_cpus(ctx.arg(0), OwnCpu::Skip);

@@ -887,7 +887,7 @@ fn lsm_observe(ctx: &LsmContext, cmd: u32) -> i32 {
         return 0;
     };
     let file: u64 = ctx.arg(0);
-    if !is_watched_file(&config(), Ok(file)) {
+    if !is_watched_file(config(), Ok(file)) {
         stat_inc(Stat::IgnoredRequests);
         // A FILE_ADD on a file not recognised as KVM's (a /dev/null... or a kvm-vfio device
         // of a KVM module reloaded a moment ago, before the agent learnt its new address):

@@ -6,7 +6,8 @@ pub mod wbinvd;
 
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_task,
+    bpf_ktime_get_ns, bpf_probe_read_kernel,
+    generated::{bpf_get_current_task, bpf_get_current_task_btf},
 };
 use ioasid_common::{
     counters::Stat,
@@ -14,7 +15,10 @@ use ioasid_common::{
     verdict::{start_ticks, ProcKey},
 };
 
-use crate::maps::{config, stat_inc};
+use crate::{
+    maps::{config, stat_inc},
+    read::{Btf, Kptr},
+};
 
 /// (tgid, tid) of the current task.
 #[inline(always)]
@@ -53,6 +57,26 @@ pub fn current_start() -> u64 {
 #[inline(always)]
 pub fn me() -> ProcKey {
     ProcKey { tgid: current_ids().0, _pad: 0, start: current_start() }
+}
+
+/// `me()` for the BTF-typed programs (fentry/fexit, tp_btf; `bpf_get_current_task_btf` is
+/// 5.11+): the same two fields, read with plain loads instead of two helper calls (see
+/// [`Btf`]). A program of another type calling it is refused at load.
+#[inline(always)]
+pub fn me_btf() -> ProcKey {
+    let cfg = config();
+    let mut start = 0;
+    // A constant to the verifier (the configuration is read-only): where the layout is not
+    // known, the loads below are never checked, so they cannot be refused.
+    if cfg.task_start_boottime != 0 {
+        // SAFETY: a helper without arguments; it returns the current task, BTF-typed.
+        let task = Btf(unsafe { bpf_get_current_task_btf() } as *const u8);
+        match task.ptr(cfg.task_group_leader).and_then(|l| l.field::<u64>(cfg.task_start_boottime)) {
+            Ok(ns) => start = start_ticks(ns),
+            Err(_) => stat_inc(Stat::ReadErrors),
+        }
+    }
+    ProcKey { tgid: current_ids().0, _pad: 0, start }
 }
 
 /// The header of a ring record of `kind` and `size` bytes, about the current task, now.

@@ -5,7 +5,7 @@
 //! counted in `Stat::ReadErrors` and never affects the guest.
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    helpers::bpf_probe_read_kernel_buf,
     macros::{btf_tracepoint, fentry, fexit, kretprobe, tracepoint},
     programs::{BtfTracePointContext, FEntryContext, FExitContext, RetProbeContext, TracePointContext},
     EbpfContext,
@@ -18,13 +18,13 @@ use ioasid_common::{
     verdict::ProcKey,
 };
 
-use super::{cost, current_ids, me};
+use super::{cost, current_ids, me, me_btf};
 use crate::{
     maps::{
         config, control, is_noncoherent, mark_exit, pending_none, percpu_add, stat_inc, take_exit_mark,
         IOASID_COUNTERS,
     },
-    read::field_u64,
+    read::{field_u64, kread, Btf, Kptr, Raw},
 };
 
 /// Adds one to a counter on this CPU.
@@ -105,13 +105,13 @@ pub fn ioasid_tp_btf_kvm_emulate_insn(ctx: BtfTracePointContext) -> i32 {
         cost::close_pending(current_ids().1);
     }
     // SAFETY: the tracepoint's arguments, as its prototype has them.
-    let (vcpu, failed): (u64, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
-    let Ok((opcode_len, b, ctxt)) = decoded_insn(vcpu) else {
+    let (vcpu, failed): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    let Ok((opcode_len, b, ctxt)) = decoded_insn(Btf(vcpu)) else {
         stat_inc(Stat::ReadErrors);
         return 0;
     };
     let op = if failed & 0xff != 0 { None } else { classify_decoded(opcode_len, b) };
-    if emulated(op, || kread::<u64>(ctxt + u64::from(config().kvm.ctxt_eip))).is_err() {
+    if emulated(op, || Raw(ctxt).field::<u64>(config().kvm.ctxt_eip), me_btf).is_err() {
         stat_inc(Stat::ReadErrors);
     }
     0
@@ -145,15 +145,19 @@ fn try_kvm_emulate_insn(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let long_mode = flags & KVM_EMUL_INSN_F_CS_L != 0;
     let op = if failed { None } else { classify_insn(&insn, len, long_mode) };
-    emulated(op, || field_u64(ctx, cfg.emul_rip))
+    emulated(op, || field_u64(ctx, cfg.emul_rip), me)
 }
 
 /// An instruction KVM's emulator ran (`op`: WBINVD, INVD or neither), at the rip `rip` reads:
 /// pairs it with this thread's exit it skips (SVM without NRIP save), else counts it emulated.
 #[inline(always)]
-fn emulated(op: Option<Op>, rip: impl FnOnce() -> Result<u64, i64>) -> Result<(), i64> {
+fn emulated(
+    op: Option<Op>,
+    rip: impl FnOnce() -> Result<u64, i64>,
+    who: impl Fn() -> ProcKey,
+) -> Result<(), i64> {
     if let Some(mark) = take_exit_mark() {
-        let me = me();
+        let me = who();
         if rip()? == mark.rip {
             // KVM skipping the instruction this thread exited on (no NRIP save): the same
             // instruction, counted once, here, as the hardware exit it was. The bytes decide what
@@ -167,7 +171,7 @@ fn emulated(op: Option<Op>, rip: impl FnOnce() -> Result<u64, i64>) -> Result<()
     let Some(op) = op else {
         return Ok(());
     };
-    let (me, tid) = (me(), current_ids().1);
+    let (me, tid) = (who(), current_ids().1);
     count(me, VCPU_UNKNOWN, op, Path::Emulated);
     if op == Op::Wbinvd {
         count_flush(me, VCPU_UNKNOWN);
@@ -180,9 +184,9 @@ fn emulated(op: Option<Op>, rip: impl FnOnce() -> Result<u64, i64>) -> Result<()
 /// function exists since 2.6.x). Optional: needs BPF trampolines.
 #[fexit(function = "kvm_emulate_wbinvd")]
 pub fn ioasid_fexit_kvm_emulate_wbinvd(ctx: FExitContext) -> i32 {
-    let me = me();
+    let me = me_btf();
     handler_end(me, Path::HandlerExit);
-    handler_counts(me, ctx.arg(0), Path::Exit);
+    handler_counts(me, Btf(ctx.arg(0)), Path::Exit);
     0
 }
 
@@ -190,7 +194,7 @@ pub fn ioasid_fexit_kvm_emulate_wbinvd(ctx: FExitContext) -> i32 {
 /// (ctxt->ops->wbinvd), so it is a real function with BTF. Optional: needs trampolines.
 #[fexit(function = "emulator_wbinvd")]
 pub fn ioasid_fexit_emulator_wbinvd(ctx: FExitContext) -> i32 {
-    let me = me();
+    let me = me_btf();
     handler_end(me, Path::HandlerEmulated);
     handler_counts(me, ctxt_vcpu(ctx.arg(0)), Path::Emulated);
     0
@@ -219,35 +223,47 @@ fn handler_end(me: ProcKey, path: Path) {
     cost::handler_done();
 }
 
-/// Reads a kernel value at `addr` (faults safely).
-#[inline(always)]
-fn kread<T>(addr: u64) -> Result<T, i64> {
-    // SAFETY: bpf_probe_read_kernel faults safely on any address.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(i64::from)
-}
-
 /// The instruction KVM's emulator last decoded for `vcpu`: `opcode_len`, the opcode byte `b`,
-/// and the context (`vcpu->arch.emulate_ctxt`).
+/// and the context's address (`vcpu->arch.emulate_ctxt`).
 #[inline(always)]
-fn decoded_insn(vcpu: u64) -> Result<(u8, u8, u64), i64> {
-    let k = config().kvm;
-    let ctxt = kread::<u64>(vcpu + u64::from(k.vcpu_emulate_ctxt))?;
-    Ok((kread::<u8>(ctxt + u64::from(k.ctxt_opcode_len))?, kread::<u8>(ctxt + u64::from(k.ctxt_b))?, ctxt))
+fn decoded_insn<P: Kptr>(vcpu: P) -> Result<(u8, u8, u64), i64> {
+    let k = &config().kvm;
+    // Read-only, so constants to the verifier: with no layout no load below is checked, and
+    // only the branch this kernel's BTF allows is.
+    if k.known == 0 {
+        return Err(-2);
+    }
+    if k.ctxt_typed != 0 {
+        let ctxt = vcpu.ptr(k.vcpu_emulate_ctxt)?;
+        return Ok((ctxt.field(k.ctxt_opcode_len)?, ctxt.field(k.ctxt_b)?, ctxt.addr()));
+    }
+    // `emulate_ctxt` points to a forward declaration in this BTF: the verifier lets no program
+    // load through it, so the context is read with the helper; `opcode_len` and `b` sit side
+    // by side in every kernel seen, one read for both.
+    let ctxt = Raw(vcpu.field::<u64>(k.vcpu_emulate_ctxt)?);
+    if k.ctxt_b == k.ctxt_opcode_len + 1 {
+        let [len, b] = ctxt.field::<[u8; 2]>(k.ctxt_opcode_len)?;
+        return Ok((len, b, ctxt.0));
+    }
+    Ok((ctxt.field(k.ctxt_opcode_len)?, ctxt.field(k.ctxt_b)?, ctxt.0))
 }
 
-/// The vCPU of an emulator context (`ctxt->vcpu`; 0 where it cannot be read).
+/// The vCPU of an emulator context (`ctxt->vcpu`, a `void *`; 0 where it cannot be read).
 #[inline(always)]
-pub fn ctxt_vcpu(ctxt: u64) -> u64 {
+pub fn ctxt_vcpu(ctxt: u64) -> Raw {
     if config().kvm.known == 0 {
-        return 0;
+        return Raw(0);
     }
-    kread::<u64>(ctxt + u64::from(config().kvm.ctxt_vcpu)).unwrap_or(0)
+    Raw(kread::<u64>(ctxt + u64::from(config().kvm.ctxt_vcpu)).unwrap_or(0))
 }
 
 /// The vCPU's id (`vcpu->vcpu_id`), or VCPU_UNKNOWN.
 #[inline(always)]
-fn vcpu_id(vcpu: u64) -> u32 {
-    kread::<i32>(vcpu + u64::from(config().kvm.vcpu_id)).map_or(VCPU_UNKNOWN, |id| id as u32)
+fn vcpu_id<P: Kptr>(vcpu: P) -> u32 {
+    if config().kvm.known == 0 {
+        return VCPU_UNKNOWN;
+    }
+    vcpu.field::<i32>(config().kvm.vcpu_id).map_or(VCPU_UNKNOWN, |id| id as u32)
 }
 
 /// Where the handlers count (`Control::handlers_count`, KVM's layout known): one guest
@@ -260,12 +276,12 @@ fn vcpu_id(vcpu: u64) -> u32 {
 /// `vcpu->arch.emulate_ctxt` then holds this very instruction: its opcode decides (an
 /// emulator may report INVD with the WBINVD exit code; KVM then runs this handler for it).
 #[inline(always)]
-fn handler_counts(me: ProcKey, vcpu: u64, path: Path) {
+fn handler_counts<P: Kptr>(me: ProcKey, vcpu: P, path: Path) {
     let ctl = control();
     if ctl.handlers_count == 0 {
         return;
     }
-    if vcpu == 0 {
+    if vcpu.addr() == 0 {
         stat_inc(Stat::ReadErrors);
     }
     let mut op = Op::Wbinvd;
@@ -284,16 +300,16 @@ fn handler_counts(me: ProcKey, vcpu: u64, path: Path) {
 /// (KVM adds the current CPU, flushes, then clears the mask). Read here, before KVM clears
 /// it: no program on the kernel's generic cross-CPU call path.
 #[inline(always)]
-pub fn handler_entered(vcpu: u64) {
-    if control().handlers_count == 0 {
+pub fn handler_entered<P: Kptr>(me: ProcKey, vcpu: P, vcpu_addr: impl FnOnce() -> u64) {
+    let k = &config().kvm;
+    if control().handlers_count == 0 || k.known == 0 {
         return;
     }
-    let k = config().kvm;
-    let Ok(kvm) = kread::<u64>(vcpu + u64::from(k.vcpu_kvm)) else {
+    let Ok(kvm) = vcpu.ptr(k.vcpu_kvm) else {
         stat_inc(Stat::ReadErrors);
         return;
     };
-    match kread::<i32>(kvm + u64::from(k.kvm_noncoherent)) {
+    match kvm.field::<i32>(k.kvm_noncoherent) {
         Ok(0) => return,
         Ok(_) => {}
         Err(_) => {
@@ -301,8 +317,10 @@ pub fn handler_entered(vcpu: u64) {
             return;
         }
     }
-    count(me(), vcpu_id(vcpu), Op::Wbinvd, Path::Flushed);
-    let field = vcpu + u64::from(k.vcpu_dirty_mask);
+    count(me, vcpu_id(vcpu), Op::Wbinvd, Path::Flushed);
+    // The mask's words are read in a loop, at a variable offset: from the vCPU's address as a
+    // number (never a BTF-typed pointer, which the verifier lets move by constants only).
+    let field = vcpu_addr().wrapping_add(u64::from(k.vcpu_dirty_mask));
     let mask = if k.dirty_mask_is_ptr != 0 { kread::<u64>(field).unwrap_or(0) } else { field };
     if mask == 0 {
         stat_inc(Stat::ReadErrors);
@@ -316,8 +334,7 @@ pub fn handler_entered(vcpu: u64) {
 #[fentry(function = "kvm_emulate_invd")]
 pub fn ioasid_fentry_kvm_emulate_invd(ctx: FEntryContext) -> i32 {
     if control().handlers_count != 0 {
-        let vcpu: u64 = ctx.arg(0);
-        count(me(), vcpu_id(vcpu), Op::Invd, Path::Exit);
+        count(me_btf(), vcpu_id(Btf(ctx.arg(0))), Op::Invd, Path::Exit);
     }
     0
 }
@@ -329,8 +346,7 @@ pub fn ioasid_fentry_kvm_emulate_invd(ctx: FEntryContext) -> i32 {
 pub fn ioasid_fexit_handle_fastpath_invd(ctx: FExitContext) -> i32 {
     let ret: u32 = ctx.arg(1);
     if control().handlers_count != 0 && ret != 0 {
-        let vcpu: u64 = ctx.arg(0);
-        count(me(), vcpu_id(vcpu), Op::Invd, Path::Exit);
+        count(me_btf(), vcpu_id(Btf(ctx.arg(0))), Op::Invd, Path::Exit);
     }
     0
 }

@@ -278,7 +278,10 @@ pub(super) fn kvm_layout(sysfs_btf: &std::path::Path) -> KvmLayout {
     }
     use crate::kernel::btf::Leaf;
     let at = |i: usize| found[i].map_or(0, |(off, _)| off);
-    let dirty_mask_is_ptr = matches!(found[2], Some((_, Leaf::Pointer)));
+    let dirty_mask_is_ptr = matches!(found[2], Some((_, Leaf::Pointer { .. })));
+    // Some kernels' BTF has `emulate_ctxt` point to a forward declaration of the context's
+    // struct (Debian 6.12's kvm module): the programs then read the context with the helper.
+    let ctxt_typed = matches!(found[3], Some((_, Leaf::Pointer { to_struct: true })));
     KvmLayout {
         known: 1,
         vcpu_kvm: at(0),
@@ -291,7 +294,7 @@ pub(super) fn kvm_layout(sysfs_btf: &std::path::Path) -> KvmLayout {
         ctxt_b: at(6),
         kvm_noncoherent: at(7),
         ctxt_eip: at(8),
-        _pad: 0,
+        ctxt_typed: u32::from(ctxt_typed),
     }
 }
 
