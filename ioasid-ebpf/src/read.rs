@@ -34,7 +34,7 @@ pub trait Kptr: Copy {
     fn field<T: Copy>(self, off: u32) -> Result<T, i64>;
     /// The pointer at byte offset `off` (NULL is an error).
     fn ptr(self, off: u32) -> Result<Self, i64>;
-    /// The address, for `bpf_probe_read_kernel` (loops over a cpumask).
+    /// The address as a number (a null check, an address for `bpf_probe_read_kernel`).
     fn addr(self) -> u64;
 }
 
@@ -42,7 +42,10 @@ pub trait Kptr: Copy {
 /// member loaded from one this way. Its fields are read with plain loads: the offsets come
 /// from the read-only (frozen) configuration, so they are constants to the verifier, which
 /// checks each access against the kernel's BTF and makes it fault-safe (a fault reads 0). No
-/// helper call per field: every emulated instruction, and every WBINVD, reads some.
+/// helper call per field: every emulated instruction, and every WBINVD, reads some. A pointer
+/// member loaded this way is typed only where it points to a struct the BTF defines (not a
+/// forward declaration: see `KvmLayout::ctxt_typed`); a program loading through any other is
+/// refused at load.
 #[derive(Clone, Copy)]
 pub struct Btf(pub *const u8);
 
