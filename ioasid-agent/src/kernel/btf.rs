@@ -115,7 +115,7 @@ fn cstr(strings: &[u8], off: usize) -> Option<&[u8]> {
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
-const KIND_STRUCT: u32 = 4;
+pub const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
@@ -128,10 +128,65 @@ const KIND_TYPE_TAG: u32 = 18;
 /// (the programs read a word there and keep its low bytes, little-endian) or an array (a
 /// module's name); None for a pair that is not found so.
 pub fn member_offsets(vmlinux: &Path, pairs: &[(&str, &str)]) -> Result<Vec<Option<u32>>, BtfError> {
-    let data = read(vmlinux)?;
-    let blob = parse(&data, vmlinux)?;
-    let t = Types::index(blob.types.to_vec(), blob.strings.to_vec(), vmlinux)?;
-    Ok(pairs.iter().map(|(st, member)| t.path(st, member).map(|(off, _)| off)).collect())
+    Ok(Vmlinux::read(vmlinux)?.member_offsets(pairs))
+}
+
+/// vmlinux's BTF, read and indexed once per load (a loader asks it for member offsets, for the
+/// type id of every hook it attaches and for the base of the modules' split BTF): parsing 5-6
+/// MB of BTF, and scanning its ~100k types by name, is most of what a load costs before the
+/// verifier, several seconds on an emulated machine.
+pub struct Vmlinux {
+    types: Types,
+    /// (hash of kind and name, id) of each named struct, function and typedef, sorted by hash.
+    names: Vec<(u64, u32)>,
+}
+
+/// FNV-1a of a kind and a name: the key of `Vmlinux::names`.
+fn name_hash(kind: u32, name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(kind);
+    for b in name {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The kinds `Vmlinux::names` indexes.
+const INDEXED: [u32; 3] = [KIND_STRUCT, KIND_TYPEDEF, KIND_FUNC];
+
+impl Vmlinux {
+    /// Reads and indexes `path` (normally /sys/kernel/btf/vmlinux).
+    pub fn read(path: &Path) -> Result<Self, BtfError> {
+        let data = read(path)?;
+        let blob = parse(&data, path)?;
+        let types = Types::index(blob.types.to_vec(), blob.strings.to_vec(), path)?;
+        let mut names: Vec<(u64, u32)> = (1..types.at.len() as u32)
+            .filter_map(|id| {
+                let (name, kind, _, _) = types.header(id)?;
+                if !INDEXED.contains(&kind) || name == 0 {
+                    return None;
+                }
+                Some((name_hash(kind, cstr(&types.strings, name as usize)?), id))
+            })
+            .collect();
+        names.sort_unstable();
+        Ok(Self { types, names })
+    }
+
+    /// The id of the struct, function or typedef `name`.
+    pub fn id(&self, kind: u32, name: &str) -> Option<u32> {
+        self.types.named(kind, name, Some(&self.names))
+    }
+
+    /// The byte offsets of `(struct, member)` pairs: see [`member_offsets`].
+    pub fn member_offsets(&self, pairs: &[(&str, &str)]) -> Vec<Option<u32>> {
+        let t = &self.types;
+        pairs.iter().map(|(st, member)| t.path(st, member, Some(&self.names)).map(|(off, _)| off)).collect()
+    }
+
+    /// Where a module's split ids and string offsets start.
+    fn base(&self) -> Base {
+        Base { types: self.types.at.len() as u32 - 1, str_len: self.types.strings.len() }
+    }
 }
 
 /// How a member found by [`member_paths`] is read.
@@ -157,22 +212,29 @@ pub fn member_paths(
     module: &str,
     paths: &[(&str, &str)],
 ) -> Result<Vec<Option<(u32, Leaf)>>, BtfError> {
-    let base_path = sysfs_btf.join("vmlinux");
-    let base = read(&base_path)?;
-    let base = parse(&base, &base_path)?;
+    member_paths_over(&Vmlinux::read(&sysfs_btf.join("vmlinux"))?, sysfs_btf, module, paths)
+}
+
+/// [`member_paths`] over vmlinux's BTF already read.
+pub fn member_paths_over(
+    vmlinux: &Vmlinux,
+    sysfs_btf: &Path,
+    module: &str,
+    paths: &[(&str, &str)],
+) -> Result<Vec<Option<(u32, Leaf)>>, BtfError> {
+    if module == "vmlinux" {
+        let t = &vmlinux.types;
+        return Ok(paths.iter().map(|(st, path)| t.path(st, path, Some(&vmlinux.names))).collect());
+    }
     let module_path = sysfs_btf.join(module);
-    let t = if module == "vmlinux" {
-        Types::index(base.types.to_vec(), base.strings.to_vec(), &module_path)?
-    } else {
-        let split = read(&module_path)?;
-        let split = parse(&split, &module_path)?;
-        // Split BTF continues the base's type ids and string offsets: the two sections, laid
-        // end to end, index as one.
-        let types = [base.types, split.types].concat();
-        let strings = [base.strings, split.strings].concat();
-        Types::index(types, strings, &module_path)?
-    };
-    Ok(paths.iter().map(|(st, path)| t.path(st, path)).collect())
+    let split = read(&module_path)?;
+    let split = parse(&split, &module_path)?;
+    // Split BTF continues the base's type ids and string offsets: the two sections, laid end
+    // to end, index as one.
+    let types = [&vmlinux.types.types[..], split.types].concat();
+    let strings = [&vmlinux.types.strings[..], split.strings].concat();
+    let t = Types::index(types, strings, &module_path)?;
+    Ok(paths.iter().map(|(st, path)| t.path(st, path, None)).collect())
 }
 
 struct Types {
@@ -198,8 +260,9 @@ impl Types {
     }
 
     /// `path` (dot-separated members) in struct `st`: its byte offset and how it is read.
-    fn path(&self, st: &str, path: &str) -> Option<(u32, Leaf)> {
-        let mut id = self.named(KIND_STRUCT, st)?;
+    /// `index`: vmlinux's name index, where these are vmlinux's types.
+    fn path(&self, st: &str, path: &str, index: Option<&[(u64, u32)]>) -> Option<(u32, Leaf)> {
+        let mut id = self.named(KIND_STRUCT, st, index)?;
         let mut base = 0u32;
         let mut parts = path.split('.').peekable();
         while let Some(member) = parts.next() {
@@ -231,12 +294,25 @@ impl Types {
         Some((name, (info >> 24) & 0x1f, info, size_or_type))
     }
 
-    fn named(&self, kind: u32, name: &str) -> Option<u32> {
-        (1..self.at.len() as u32).find(|id| {
+    /// The first type of `kind` named `name`: looked up in `index` where there is one (only
+    /// its candidates' names are compared), else by a walk over every type.
+    fn named(&self, kind: u32, name: &str, index: Option<&[(u64, u32)]>) -> Option<u32> {
+        let is = |id: &u32| {
             self.header(*id).is_some_and(|(n, k, _, _)| {
                 k == kind && cstr(&self.strings, n as usize) == Some(name.as_bytes())
             })
-        })
+        };
+        match index {
+            Some(index) => {
+                let h = name_hash(kind, name.as_bytes());
+                let from = index.partition_point(|(x, _)| *x < h);
+                let mut candidates: Vec<u32> =
+                    index[from..].iter().take_while(|(x, _)| *x == h).map(|(_, id)| *id).collect();
+                candidates.sort_unstable();
+                candidates.into_iter().find(is)
+            }
+            None => (1..self.at.len() as u32).find(is),
+        }
     }
 
     /// Through typedefs and qualifiers to the type they name.
@@ -316,7 +392,15 @@ impl ModuleBtf {
     /// Reads vmlinux's BTF header and counts, and every module's BTF file under `sysfs_btf`
     /// (normally /sys/kernel/btf).
     pub fn read(sysfs_btf: &Path) -> Result<Self, BtfError> {
-        let base = base(sysfs_btf)?;
+        Self::read_over(base(sysfs_btf)?, sysfs_btf)
+    }
+
+    /// [`ModuleBtf::read`] over vmlinux's BTF already read.
+    pub fn read_over_vmlinux(vmlinux: &Vmlinux, sysfs_btf: &Path) -> Result<Self, BtfError> {
+        Self::read_over(vmlinux.base(), sysfs_btf)
+    }
+
+    fn read_over(base: Base, sysfs_btf: &Path) -> Result<Self, BtfError> {
         let dir = std::fs::read_dir(sysfs_btf)
             .map_err(|source| BtfError::Read { path: sysfs_btf.into(), source })?;
         let mut modules: Vec<(String, PathBuf, Vec<u8>)> = Vec::new();
@@ -470,10 +554,10 @@ mod tests {
         ty(vcpu, KIND_STRUCT, 4, 28, &[declared, 4, 0, defined, 5, 64, n, 1, 128, x, 7, 192]); // [6]
         ty(0, KIND_PTR, 0, 0, &[]); // [7] void * (type id 0: no type to resolve)
         let t = Types::index(types, strings, std::path::Path::new("test")).unwrap();
-        assert_eq!(t.path("vcpu", "declared"), Some((0, Leaf::Pointer { to_struct: false })));
-        assert_eq!(t.path("vcpu", "defined"), Some((8, Leaf::Pointer { to_struct: true })));
-        assert_eq!(t.path("vcpu", "n"), Some((16, Leaf::Int)));
-        assert_eq!(t.path("vcpu", "x"), Some((24, Leaf::Pointer { to_struct: false })));
+        assert_eq!(t.path("vcpu", "declared", None), Some((0, Leaf::Pointer { to_struct: false })));
+        assert_eq!(t.path("vcpu", "defined", None), Some((8, Leaf::Pointer { to_struct: true })));
+        assert_eq!(t.path("vcpu", "n", None), Some((16, Leaf::Int)));
+        assert_eq!(t.path("vcpu", "x", None), Some((24, Leaf::Pointer { to_struct: false })));
     }
 
     #[test]

@@ -117,6 +117,11 @@ pub fn features() -> &'static Features {
 #[derive(Debug)]
 pub struct EbpfLoader<'a> {
     btf: Option<Cow<'a, Btf>>,
+    /// The system's BTF is read at `load` unless `btf` was called (ioasid patch: `new` parsed
+    /// it at once, so a caller passing its own parsed it twice).
+    btf_given: bool,
+    // Map flags overrides (ioasid patch), like `max_entries`.
+    map_flags: HashMap<&'a str, u32>,
     default_map_pin_directory: Option<PathBuf>,
     globals: HashMap<&'a str, (&'a [u8], bool)>,
     // Max entries overrides the max_entries field of the map that matches the provided name
@@ -160,7 +165,9 @@ impl<'a> EbpfLoader<'a> {
     /// Creates a new loader instance.
     pub fn new() -> Self {
         Self {
-            btf: Btf::from_sys_fs().ok().map(Cow::Owned),
+            btf: None,
+            btf_given: false,
+            map_flags: HashMap::new(),
             default_map_pin_directory: None,
             globals: HashMap::new(),
             max_entries: HashMap::new(),
@@ -190,6 +197,16 @@ impl<'a> EbpfLoader<'a> {
     /// ```
     pub fn btf(&mut self, btf: Option<&'a Btf>) -> &mut Self {
         self.btf = btf.map(Cow::Borrowed);
+        self.btf_given = true;
+        self
+    }
+
+    /// Sets the `map_flags` of the map named `name`, before it is created: e.g.
+    /// `BPF_F_NO_PREALLOC` where the kernel lets every program type use maps that allocate at
+    /// run time. (ioasid patch.) Only maps defined in a `maps` section (legacy definitions)
+    /// can be changed; for another, `load` fails.
+    pub fn map_flags(&mut self, name: &'a str, flags: u32) -> &mut Self {
+        self.map_flags.insert(name, flags);
         self
     }
 
@@ -419,6 +436,8 @@ impl<'a> EbpfLoader<'a> {
     pub fn load(&mut self, data: &[u8]) -> Result<Ebpf, EbpfError> {
         let Self {
             btf,
+            btf_given,
+            map_flags,
             default_map_pin_directory,
             globals,
             max_entries,
@@ -427,6 +446,9 @@ impl<'a> EbpfLoader<'a> {
             allow_unsupported_maps,
             map_pin_path_by_name,
         } = self;
+        if !*btf_given {
+            *btf = Btf::from_sys_fs().ok().map(Cow::Owned);
+        }
         let mut obj = Object::parse(data)?;
         obj.patch_map_data(globals.clone())?;
 
@@ -548,6 +570,14 @@ impl<'a> EbpfLoader<'a> {
             }
             if let Some(value_size) = value_size_override(map_type) {
                 map_obj.set_value_size(value_size)
+            }
+            if let Some(flags) = map_flags.get(name.as_str()) {
+                match &mut map_obj {
+                    aya_obj::Map::Legacy(m) => m.def.map_flags = *flags,
+                    aya_obj::Map::Btf(_) => {
+                        return Err(EbpfError::MapError(MapError::InvalidName { name: name.clone() }));
+                    }
+                }
             }
 
             let btf_fd = btf_fd.as_deref().map(|fd| fd.as_fd());

@@ -4,11 +4,7 @@
 
 use std::path::Path;
 
-use aya::{
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, Lsm, Program, ProgramError, TracePoint},
-    Btf,
-};
-use aya_obj::btf::BtfKind;
+use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, Lsm, Program, ProgramError, TracePoint};
 use ioasid_common::hooks::{HookKind, HookSpec};
 
 use crate::kernel::btf;
@@ -59,22 +55,33 @@ pub enum HookRefusal {
 
 /// What attaching needs to know of the running kernel.
 pub(super) struct Target<'a> {
-    pub vmlinux: Option<&'a Btf>,
+    /// vmlinux's BTF, indexed by name (None: unreadable, no BTF-typed hook attaches).
+    pub vmlinux: Option<&'a btf::Vmlinux>,
     /// The modules' BTF, read at the first lookup that needs it.
     pub modules: std::cell::OnceCell<Result<btf::ModuleBtf, btf::BtfError>>,
-    /// The names in /proc/kallsyms, read at the first lookup that needs them (None: unreadable).
-    pub kallsyms: std::cell::OnceCell<Option<std::collections::HashSet<String>>>,
+    /// /proc/kallsyms as read for this load (None: unreadable).
+    pub kallsyms: Option<&'a str>,
+    /// Its names, gathered at the first lookup that needs them.
+    pub symbols: std::cell::OnceCell<std::collections::HashSet<&'a str>>,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
+    pub fn new(facts: &'a super::config::KernelFacts) -> Self {
+        Self {
+            vmlinux: facts.vmlinux.as_ref().ok(),
+            modules: std::cell::OnceCell::new(),
+            kallsyms: facts.kallsyms.as_deref().ok(),
+            symbols: std::cell::OnceCell::new(),
+        }
+    }
+
     /// Whether the running kernel (or a loaded module) has a symbol `name`; None if kallsyms
     /// cannot be read.
     fn has_symbol(&self, name: &str) -> Option<bool> {
-        let names = self.kallsyms.get_or_init(|| {
-            let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
-            Some(text.lines().filter_map(|l| l.split_whitespace().nth(2)).map(str::to_string).collect())
-        });
-        Some(names.as_ref()?.contains(name))
+        let text = self.kallsyms?;
+        let names =
+            self.symbols.get_or_init(|| text.lines().filter_map(|l| l.split_whitespace().nth(2)).collect());
+        Some(names.contains(name))
     }
 }
 
@@ -89,7 +96,8 @@ fn kprobes_supported() -> bool {
 /// Where a BTF-typed attach point lives: vmlinux, or a module (the type's id in its split BTF,
 /// and an fd of its BTF object).
 enum Place {
-    Vmlinux,
+    /// The type's id in vmlinux's BTF.
+    Vmlinux(u32),
     Module(u32, std::os::fd::OwnedFd),
 }
 
@@ -97,12 +105,13 @@ enum Place {
 /// distro kernels).
 fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, HookRefusal> {
     let vmlinux = target.vmlinux.ok_or(HookRefusal::NoBtf)?;
-    let aya_kind = if kind == btf::KIND_FUNC { BtfKind::Func } else { BtfKind::Typedef };
-    if vmlinux.id_by_type_name_kind(name, aya_kind).is_ok() {
-        return Ok(Place::Vmlinux);
+    if let Some(id) = vmlinux.id(kind, name) {
+        return Ok(Place::Vmlinux(id));
     }
     let module_btf = |what: String, e: &btf::BtfError| HookRefusal::ModuleBtf { what, error: e.to_string() };
-    let modules = target.modules.get_or_init(|| btf::ModuleBtf::read(Path::new("/sys/kernel/btf")));
+    let modules = target
+        .modules
+        .get_or_init(|| btf::ModuleBtf::read_over_vmlinux(vmlinux, Path::new("/sys/kernel/btf")));
     let modules = modules.as_ref().map_err(|e| module_btf("reading module BTF".into(), e))?;
     match modules.find(name, kind) {
         Ok(Some((module, id))) => {
@@ -124,7 +133,7 @@ macro_rules! btf_typed {
     ($prog:expr, $ty:ty, $name:expr, $btf_name:expr, $kind:expr, $target:expr) => {{
         let p: &mut $ty = $prog.try_into().map_err(describe)?;
         match place($target, $btf_name, $kind)? {
-            Place::Vmlinux => p.load($name, $target.vmlinux.ok_or(HookRefusal::NoBtf)?),
+            Place::Vmlinux(id) => p.load_by_id(id),
             Place::Module(id, fd) => p.load_in_module(id, fd),
         }
         .map_err(describe)?;
@@ -171,7 +180,10 @@ pub(super) fn attach(
                 return Err(HookRefusal::LsmInactive);
             }
             let p: &mut Lsm = prog.try_into().map_err(describe)?;
-            p.load(hook, target.vmlinux.ok_or(HookRefusal::NoBtf)?).map_err(describe)?;
+            let vmlinux = target.vmlinux.ok_or(HookRefusal::NoBtf)?;
+            let function = format!("bpf_lsm_{hook}");
+            let id = vmlinux.id(btf::KIND_FUNC, &function).ok_or(HookRefusal::Absent { name: function })?;
+            p.load_by_id(id).map_err(describe)?;
             p.attach().map_err(describe)?;
         }
     }

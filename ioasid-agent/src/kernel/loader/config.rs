@@ -6,7 +6,40 @@ use ioasid_common::{
     ioctl::WATCHED_IOCTL_FNS,
 };
 
-use crate::kernel::tracefs::{TraceFs, TraceFsError};
+use crate::kernel::{
+    btf::{BtfError, Vmlinux, KIND_STRUCT},
+    tracefs::{TraceFs, TraceFsError},
+};
+
+/// What a load reads of the running kernel, once: vmlinux's BTF (member offsets, hooks' type
+/// ids) and /proc/kallsyms (the watched ioctl functions' addresses, which symbols exist). Each
+/// used to be read where it was needed, vmlinux's BTF five times and kallsyms twice per load.
+pub(super) struct KernelFacts {
+    pub vmlinux: Result<Vmlinux, BtfError>,
+    pub kallsyms: Result<String, std::io::Error>,
+}
+
+impl KernelFacts {
+    pub fn read() -> Self {
+        Self {
+            vmlinux: Vmlinux::read(std::path::Path::new("/sys/kernel/btf/vmlinux")),
+            kallsyms: std::fs::read_to_string(KALLSYMS),
+        }
+    }
+}
+
+impl KernelFacts {
+    /// Whether every program type may use hash maps that allocate elements at run time: the
+    /// kernel has the BPF memory allocator (`struct bpf_mem_alloc`, 6.1+), which serves any
+    /// context, and is not PREEMPT_RT. Before it the verifier warns (and RT refuses) when a
+    /// kprobe or tracepoint program uses one, and allocating there could deadlock.
+    pub fn runtime_allocation(&self) -> bool {
+        let rt = std::fs::read_to_string("/proc/sys/kernel/version").is_ok_and(|v| v.contains("PREEMPT_RT"));
+        !rt && self.vmlinux.as_ref().is_ok_and(|v| v.id(KIND_STRUCT, "bpf_mem_alloc").is_some())
+    }
+}
+
+const KALLSYMS: &str = "/proc/kallsyms";
 
 /// What loading needs of this kernel beyond the tracepoint layouts: the program configuration,
 /// whether the file filter is on, and the watched ioctl functions' addresses.
@@ -17,15 +50,16 @@ pub(super) struct KernelLayout {
 }
 
 /// Reads the record layouts this kernel uses into the program configuration.
-pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsError> {
+pub(super) fn prog_config(tracefs: &TraceFs, facts: &KernelFacts) -> Result<KernelLayout, TraceFsError> {
     let exit = tracefs.format("kvm", "kvm_exit")?;
     let emul = tracefs.format("kvm", "kvm_emulate_insn")?;
     let enter = tracefs.format("syscalls", "sys_enter_ioctl")?;
     let leave = tracefs.format("syscalls", "sys_exit_ioctl")?;
-    let mm = command_line_offsets();
-    let starts = start_offsets();
-    let shared = shared_mm_offsets(mm.task_mm);
-    let (file_filter, files) = file_filter(std::path::Path::new("/proc/kallsyms"));
+    let vm = facts.vmlinux.as_ref();
+    let mm = command_line_offsets(vm);
+    let starts = start_offsets(vm);
+    let shared = shared_mm_offsets(vm, mm.task_mm);
+    let (file_filter, files) = file_filter(vm, facts.kallsyms.as_deref());
     let config = ProgConfig {
         exit_reason: exit.field("exit_reason")?,
         exit_isa: exit.field("isa")?,
@@ -67,7 +101,7 @@ pub(super) fn prog_config(tracefs: &TraceFs) -> Result<KernelLayout, TraceFsErro
         task_signal: shared.1,
         signal_nr_threads: shared.2,
         _pad2: 0,
-        kvm: kvm_layout(std::path::Path::new("/sys/kernel/btf")),
+        kvm: kvm_layout(vm, std::path::Path::new("/sys/kernel/btf")),
     };
     Ok(KernelLayout { config, file_filter, ioctl_fns: files.fns })
 }
@@ -120,10 +154,12 @@ const FILE_MEMBERS: [(&str, &str); 8] = [
     ("module", "name"),
 ];
 
+/// vmlinux's BTF as read for this load, or why it could not be.
+type Vm<'a> = Result<&'a Vmlinux, &'a BtfError>;
+
 /// The offsets of `pairs` (struct, member) in the kernel's BTF, all or none.
-fn member_offsets<const N: usize>(pairs: [(&str, &str); N]) -> Result<[u32; N], FilterOff> {
-    let found = crate::kernel::btf::member_offsets(std::path::Path::new("/sys/kernel/btf/vmlinux"), &pairs)
-        .map_err(|e| FilterOff::Btf(e.to_string()))?;
+fn member_offsets<const N: usize>(vm: Vm<'_>, pairs: [(&str, &str); N]) -> Result<[u32; N], FilterOff> {
+    let found = vm.map_err(|e| FilterOff::Btf(e.to_string()))?.member_offsets(&pairs);
     let mut out = [0; N];
     for ((slot, o), (st, m)) in out.iter_mut().zip(found).zip(pairs) {
         *slot = o.ok_or_else(|| FilterOff::NoMember(format!("{st}.{m}")))?;
@@ -133,8 +169,8 @@ fn member_offsets<const N: usize>(pairs: [(&str, &str); N]) -> Result<[u32; N], 
 
 /// The file filter's configuration, or why it stays off (every watched request number is then
 /// reported, as on kernels the filter cannot read).
-fn file_filter(kallsyms: &std::path::Path) -> (FileFilter, FileLayout) {
-    match file_layout(kallsyms) {
+fn file_filter(vm: Vm<'_>, kallsyms: Result<&str, &std::io::Error>) -> (FileFilter, FileLayout) {
+    match file_layout(vm, kallsyms) {
         Ok(layout) => (FileFilter::On, layout),
         Err(why) => {
             tracing::warn!(reason = %why, "watched requests on any file are reported (the KVM/VFIO/iommufd file filter is off)");
@@ -143,11 +179,11 @@ fn file_filter(kallsyms: &std::path::Path) -> (FileFilter, FileLayout) {
     }
 }
 
-fn file_layout(kallsyms: &std::path::Path) -> Result<FileLayout, FilterOff> {
+fn file_layout(vm: Vm<'_>, kallsyms: Result<&str, &std::io::Error>) -> Result<FileLayout, FilterOff> {
     let [task_files, files_fdt, fdt_max_fds, fdt_fd, file_f_op, fops_owner, fops_unlocked_ioctl, module_name] =
-        member_offsets(FILE_MEMBERS)?;
-    let text = std::fs::read_to_string(kallsyms)
-        .map_err(|e| FilterOff::Kallsyms { path: kallsyms.display().to_string(), error: e.to_string() })?;
+        member_offsets(vm, FILE_MEMBERS)?;
+    let text =
+        kallsyms.map_err(|e| FilterOff::Kallsyms { path: KALLSYMS.to_string(), error: e.to_string() })?;
     Ok(FileLayout {
         task_files,
         files_fdt,
@@ -157,7 +193,7 @@ fn file_layout(kallsyms: &std::path::Path) -> Result<FileLayout, FilterOff> {
         fops_owner,
         fops_unlocked_ioctl,
         module_name,
-        fns: ioctl_fns(&text)?,
+        fns: ioctl_fns(text)?,
     })
 }
 
@@ -202,8 +238,8 @@ struct CommandLineOffsets {
 
 /// The command line's offsets from the kernel's BTF; all 0 (the programs capture nothing) where
 /// they cannot be told.
-fn command_line_offsets() -> CommandLineOffsets {
-    match member_offsets([("task_struct", "mm"), ("mm_struct", "arg_start"), ("mm_struct", "arg_end")]) {
+fn command_line_offsets(vm: Vm<'_>) -> CommandLineOffsets {
+    match member_offsets(vm, [("task_struct", "mm"), ("mm_struct", "arg_start"), ("mm_struct", "arg_end")]) {
         Ok([task_mm, mm_arg_start, mm_arg_end]) => CommandLineOffsets { task_mm, mm_arg_start, mm_arg_end },
         Err(e) => {
             tracing::warn!(error = %e, "VMM command lines are not captured at VM creation");
@@ -215,8 +251,8 @@ fn command_line_offsets() -> CommandLineOffsets {
 /// `task_struct.group_leader` and `task_struct.start_boottime` from the kernel's BTF (5.5+), or
 /// (0, 0): the programs then key per-process state by the tgid alone, and a process on a reused
 /// pid could inherit a dead one's until the agent's next sweep (logged).
-fn start_offsets() -> (u32, u32) {
-    match member_offsets([("task_struct", "group_leader"), ("task_struct", "start_boottime")]) {
+fn start_offsets(vm: Vm<'_>) -> (u32, u32) {
+    match member_offsets(vm, [("task_struct", "group_leader"), ("task_struct", "start_boottime")]) {
         Ok([leader, start]) => (leader, start),
         Err(e) => {
             tracing::warn!(error = %e, "per-process kernel state is keyed by pid alone: a process on a reused pid may inherit a dead one's verdict or counts until the next sweep");
@@ -228,10 +264,10 @@ fn start_offsets() -> (u32, u32) {
 /// `mm_struct.mm_users.counter`, `task_struct.signal`, `signal_struct.nr_threads` from the
 /// kernel's BTF, or zeros (with `task_mm` unknown too): a denial is then killed in the kernel
 /// even where a CLONE_VM sibling shares the VMM's address space (logged).
-fn shared_mm_offsets(task_mm: u32) -> (u32, u32, u32) {
+fn shared_mm_offsets(vm: Vm<'_>, task_mm: u32) -> (u32, u32, u32) {
     let pairs =
         [("mm_struct", "mm_users.counter"), ("task_struct", "signal"), ("signal_struct", "nr_threads")];
-    match member_offsets(pairs) {
+    match member_offsets(vm, pairs) {
         Ok([users, signal, threads]) if task_mm != 0 => (users, signal, threads),
         Ok(_) => (0, 0, 0),
         Err(e) => {
@@ -257,9 +293,14 @@ const KVM_MEMBERS: [(&str, &str); 9] = [
 /// KVM's struct layout from the kvm module's BTF (vmlinux's where KVM is built in), all or
 /// nothing: where any member is missing (no module BTF before 5.11, a renamed member) the
 /// WBINVD/INVD exits are counted from the tracepoints instead, and the log says why.
-pub(super) fn kvm_layout(sysfs_btf: &std::path::Path) -> KvmLayout {
+pub(super) fn kvm_layout(vm: Vm<'_>, sysfs_btf: &std::path::Path) -> KvmLayout {
     let module = if sysfs_btf.join("kvm").exists() { "kvm" } else { "vmlinux" };
-    let found = match crate::kernel::btf::member_paths(sysfs_btf, module, &KVM_MEMBERS) {
+    let found = match vm {
+        Ok(vm) => crate::kernel::btf::member_paths_over(vm, sysfs_btf, module, &KVM_MEMBERS)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let found = match found {
         Ok(found) => found,
         Err(e) => {
             tracing::info!(error = %e, "KVM's struct layout is not readable: WBINVD/INVD exits are counted from tracepoints");
@@ -348,7 +389,8 @@ mod tests {
             eprintln!("skipped: no kernel BTF or no KVM here");
             return;
         }
-        let l = kvm_layout(sysfs);
+        let facts = KernelFacts::read();
+        let l = kvm_layout(facts.vmlinux.as_ref(), sysfs);
         assert_eq!(l.known, 1, "{l:?}");
         assert_eq!(l.ctxt_vcpu, 0, "x86_emulate_ctxt starts with its vcpu: {l:?}");
         assert_eq!(l.ctxt_b, l.ctxt_opcode_len + 1, "{l:?}");

@@ -9,7 +9,7 @@ use std::fmt;
 
 use aya::{
     maps::{Array, MapData},
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use ioasid_common::{
     config::Control,
@@ -22,7 +22,7 @@ use ioasid_common::{
         HOOK_FEXIT_HANDLE_FASTPATH_INVD, HOOK_FEXIT_KVM_VFIO_SET_ATTR, HOOK_KVM_EXIT, HOOK_LSM_FILE_IOCTL,
         HOOK_LSM_FILE_IOCTL_DENY, HOOK_TP_BTF_KVM_EMULATE_INSN, HOOK_TP_BTF_SYS_ENTER, LSM_IOCTL_HOOKS,
     },
-    names::{GLOBAL_CONFIG, MAP_CONTROL, PERSISTENT_MAPS},
+    names::{GLOBAL_CONFIG, MAP_BLAST, MAP_CONTROL, MAP_COST, MAP_COUNTERS, PERSISTENT_MAPS},
 };
 
 mod attach;
@@ -35,12 +35,17 @@ pub use self::{
 };
 use self::{
     attach::{attach, Target},
-    config::{prog_config, svm_without_nrips, KernelLayout},
+    config::{prog_config, svm_without_nrips, KernelFacts, KernelLayout},
 };
 use crate::{
     kernel::tracefs::{TraceFs, TraceFsError},
     util::text_enum,
 };
+
+/// The per-CPU hash maps: allocated on demand where the kernel allows it (`load`).
+pub(super) const PERCPU_HASHES: [&str; 3] = [MAP_COUNTERS, MAP_COST, MAP_BLAST];
+/// include/uapi/linux/bpf.h
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// The compiled kernel object (empty when the agent was built without the eBPF toolchain).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ioasid.bpf.o"));
@@ -384,22 +389,30 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         return Err(LoadError::NoObject);
     }
     let tracefs = TraceFs::locate_or_mount()?;
-    let KernelLayout { config, file_filter, ioctl_fns } = prog_config(&tracefs)?;
-    let btf = Btf::from_sys_fs().ok();
+    let facts = KernelFacts::read();
+    let KernelLayout { config, file_filter, ioctl_fns } = prog_config(&tracefs, &facts)?;
     let state = opts.state_dir.as_deref().map(|base| state::prepare(base, OBJECT)).transpose()?;
     let mut loader = EbpfLoader::new();
-    loader.btf(btf.as_ref()).override_global(GLOBAL_CONFIG, &config, true);
+    // The object has no CO-RE relocations (a test holds it): aya needs no kernel BTF to load it,
+    // and would parse all of vmlinux's for nothing.
+    loader.btf(None).override_global(GLOBAL_CONFIG, &config, true);
+    if facts.runtime_allocation() {
+        // Per-CPU hash maps preallocate every element's per-CPU value: 98k elements times the
+        // possible CPUs (over 200 MB of kernel memory on a 256-CPU host, and most of a map
+        // creation's time), for a few keys per VM. Where the kernel's BPF allocator serves any
+        // program type in any context (6.1+), they allocate an element when a key first
+        // appears instead. The layout's hash keeps the object's flags: an agent adopts either.
+        for map in PERCPU_HASHES {
+            loader.map_flags(map, BPF_F_NO_PREALLOC);
+        }
+    }
     if let Some(state) = &state {
         for map in PERSISTENT_MAPS {
             loader.map_pin_path(map, state.pin_path(map));
         }
     }
     let ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
-    let target = Target {
-        vmlinux: btf.as_ref(),
-        modules: std::cell::OnceCell::new(),
-        kallsyms: std::cell::OnceCell::new(),
-    };
+    let target = Target::new(&facts);
     let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
         .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
         .ok();
@@ -562,11 +575,15 @@ impl Attacher<'_> {
         if self.lsm_active == Some(false) {
             return Err(HookRefusal::LsmInactive);
         }
-        let btf = self.target.vmlinux.ok_or(HookRefusal::NoBtf)?;
+        let vmlinux = self.target.vmlinux.ok_or(HookRefusal::NoBtf)?;
+        let function = "bpf_lsm_file_ioctl";
+        let id = vmlinux
+            .id(crate::kernel::btf::KIND_FUNC, function)
+            .ok_or(HookRefusal::Absent { name: function.into() })?;
         let prog =
             self.ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
         let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
-        p.load("file_ioctl", btf).map_err(attach::describe)?;
+        p.load_by_id(id).map_err(attach::describe)?;
         self.lsm_loaded = true;
         Ok(())
     }
@@ -693,12 +710,8 @@ fn late_hooks(hooks: &[HookReport], fns_observe: bool) -> Vec<HookReport> {
 /// Tries the `late` hooks again (a module was loaded): returns the labels of those attached now,
 /// and keeps the others. Of the kernel-verdict group, the first that attaches serves.
 pub fn attach_late(ebpf: &mut Ebpf, late: &mut Vec<HookReport>) -> Vec<&'static str> {
-    let btf = Btf::from_sys_fs().ok();
-    let target = Target {
-        vmlinux: btf.as_ref(),
-        modules: std::cell::OnceCell::new(),
-        kallsyms: std::cell::OnceCell::new(),
-    };
+    let facts = KernelFacts::read();
+    let target = Target::new(&facts);
     let mut attached = Vec::new();
     for h in late.iter_mut() {
         if h.spec.group.is_some_and(|g| attached.iter().any(|a: &&str| hook_group(a) == Some(g))) {

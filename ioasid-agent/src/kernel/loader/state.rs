@@ -179,6 +179,32 @@ mod tests {
         assert_eq!(ASKED_PIN, "asked-v1");
     }
 
+    /// The loader hands aya no kernel BTF (parsing vmlinux's costs seconds on an emulated
+    /// machine): that holds only while the object needs no CO-RE relocation.
+    #[test]
+    #[cfg_attr(ioasid_stub_object, ignore = "built without the eBPF toolchain: no object to read")]
+    fn the_object_needs_no_kernel_btf_to_load() {
+        let obj = aya_obj::Object::parse(crate::kernel::loader::OBJECT).unwrap();
+        assert!(
+            !obj.has_btf_relocations(),
+            "the object has CO-RE relocations: load it with Btf::from_sys_fs() (kernel::loader::load)"
+        );
+    }
+
+    /// Only legacy map definitions (a `maps` section) can have their flags set at load (the
+    /// per-CPU hashes, allocated on demand where the kernel allows it).
+    #[test]
+    #[cfg_attr(ioasid_stub_object, ignore = "built without the eBPF toolchain: no object to read")]
+    fn the_per_cpu_hashes_flags_can_be_set_at_load() {
+        let obj = aya_obj::Object::parse(crate::kernel::loader::OBJECT).unwrap();
+        for name in crate::kernel::loader::PERCPU_HASHES {
+            match &obj.maps[name] {
+                aya_obj::Map::Legacy(m) => assert_eq!(m.def.map_flags, 0, "{name}"),
+                aya_obj::Map::Btf(_) => panic!("{name} is a BTF map definition: aya cannot set its flags"),
+            }
+        }
+    }
+
     #[test]
     fn a_directory_off_bpffs_is_refused() {
         let dir = std::env::temp_dir().join(format!("ioasid-state-{}", std::process::id()));
