@@ -259,6 +259,42 @@ fn pending_entries(pids: &[u32]) -> Vec<(u32, u32)> {
     out
 }
 
+/// The per-CPU hash maps (counters, WBINVD cost, blast radius) allocate an element when its key
+/// first appears where the kernel's BPF allocator serves every program type (6.1 on), and are
+/// preallocated before it (5.10, where the verifier warns about run-time allocation from
+/// kprobe and tracepoint programs): preallocated, they hold 98,304 elements times 8 bytes per
+/// possible CPU. The expectation comes from the kernel's release, not the agent's own test.
+#[test]
+#[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
+fn per_cpu_hashes_are_allocated_on_demand_where_the_kernel_allows() {
+    use aya::maps::loaded_maps;
+    use ioasid_common::names::{MAP_BLAST, MAP_COST, MAP_COUNTERS};
+    require_kernel();
+    let _g = serial();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let version = std::fs::read_to_string("/proc/sys/kernel/version").unwrap();
+    let mut n = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (n.next().unwrap_or(0), n.next().unwrap_or(0));
+    let on_demand = (major, minor) >= (6, 1) && !version.contains("PREEMPT_RT");
+    let agent = Agent::start(&[]);
+    for name in [MAP_COUNTERS, MAP_COST, MAP_BLAST] {
+        let flags: Vec<u32> = loaded_maps()
+            .map_while(Result::ok)
+            .filter(|m| m.name_as_str() == Some(name))
+            .map(|m| m.map_flags())
+            .collect();
+        // BPF_F_NO_PREALLOC is 1.
+        let want = u32::from(on_demand);
+        assert_eq!(
+            flags,
+            [want],
+            "{name} on {}: one agent's map, flags {want}\n{}",
+            release.trim(),
+            agent.log()
+        );
+    }
+}
+
 #[test]
 #[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn exposition_passes_promtool() {

@@ -76,7 +76,7 @@ type Subset = &'static [Part];
 /// The kernel-facing subset: what the lab must show on every kernel (the hooks and what serves,
 /// exact WBINVD/INVD counts, a real non-coherent FILE_ADD and FILE_DEL, denial, blast radius,
 /// storms under kill and throttle).
-const KERNEL_FACING: Subset = &[KF_LAB, KF_STORMS];
+const KERNEL_FACING: Subset = &[KF_LAB, KF_MAPS, KF_STORMS];
 
 /// One binary's share of a subset: its name, the filters to run, the ones to skip.
 type Part = (&'static str, &'static [&'static str], &'static [&'static str]);
@@ -91,14 +91,17 @@ const KF_STORMS: Part = (
     &[],
 );
 
+/// How the per-CPU hash maps are allocated: on demand from 6.1 on, preallocated on 5.10.
+const KF_MAPS: Part = ("wbinvd", &["per_cpu_hashes_are_allocated_on_demand_where_the_kernel_allows"], &[]);
+
 /// The kernel-facing subset without the storm tests.
-const KERNEL_FACING_NO_STORMS: Subset = &[KF_LAB];
+const KERNEL_FACING_NO_STORMS: Subset = &[KF_LAB, KF_MAPS];
 
 /// The kernel-facing subset, and a real VMM's exact counts under load: where tracepoints
 /// counted, Debian's lazy-preemption kernels (6.18, 7.3) fell short there (7.3 shows it; 6.18
 /// shares its hooks and preemption); KVM's handlers count now.
 const KERNEL_FACING_UNDER_LOAD: Subset =
-    &[KF_LAB, KF_STORMS, ("qemu", &["qemu_guests_are_named_and_counted_exactly"], &[])];
+    &[KF_LAB, KF_MAPS, KF_STORMS, ("qemu", &["qemu_guests_are_named_and_counted_exactly"], &[])];
 
 /// The enforcement subset (5.10 with BPF LSM on its command line): the hooks (the deny-only LSM
 /// program serves), the EPERM path, the observing LSM's refusal, and a second agent beside a

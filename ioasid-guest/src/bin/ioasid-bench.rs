@@ -290,17 +290,31 @@ fn anon(len: usize) -> Result<*mut libc::c_void> {
 /// `ioasid-bench [CASE...]`: runs the named cases (all without arguments) and prints one JSON
 /// object: `CASE` (ns per operation) and `CASE.ops` (operations run) for each. `--list`: the
 /// cases, as a JSON array.
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ioasid-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let rounds = if quick() { 3 } else { 7 };
     let wanted: Vec<String> = std::env::args().skip(1).collect();
-    if wanted.iter().any(|w| w == "--list") {
-        let names: Vec<String> = CASES.iter().map(|(k, _)| format!("\"{k}\"")).collect();
-        println!("[{}]", names.join(","));
+    let names: Vec<&str> = CASES.iter().map(|(k, _)| *k).collect();
+    if wanted.iter().any(|w| w == "--help" || w == "-h") {
+        println!("usage: ioasid-bench [--list | CASE...]\nRuns the named cases (every case without one) and prints one JSON object: CASE (ns per operation) and CASE.ops. IOASID_BENCH_QUICK=1: a tenth of the operations, 3 rounds.\ncases: {}", names.join(", "));
         return Ok(());
     }
-    if let Some(bad) = wanted.iter().find(|w| !CASES.iter().any(|(k, _)| k == w)) {
-        let names: Vec<&str> = CASES.iter().map(|(k, _)| *k).collect();
-        bail!("no case {bad:?}; cases: {}", names.join(", "));
+    if wanted.iter().any(|w| w == "--list") {
+        let quoted: Vec<String> = names.iter().map(|k| format!("\"{k}\"")).collect();
+        println!("[{}]", quoted.join(","));
+        return Ok(());
+    }
+    if let Some(bad) = wanted.iter().find(|w| !names.contains(&w.as_str())) {
+        bail!("no case {bad:?} (--help); cases: {}", names.join(", "));
     }
     let mut out = Vec::new();
     for (key, case) in CASES {
