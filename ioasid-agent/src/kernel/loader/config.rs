@@ -26,9 +26,7 @@ impl KernelFacts {
             kallsyms: std::fs::read_to_string(KALLSYMS),
         }
     }
-}
 
-impl KernelFacts {
     /// Whether every program type may use hash maps that allocate elements at run time: the
     /// kernel has the BPF memory allocator (`struct bpf_mem_alloc`, 6.1+), which serves any
     /// context, and is not PREEMPT_RT. Before it the verifier warns (and RT refuses) when a
