@@ -86,8 +86,8 @@ fn trailing(kind: u32, vlen: usize) -> Option<usize> {
 enum Walk {
     /// `f` matched the type with this id.
     Found(u32),
-    /// No match; the section holds this many types.
-    Count(u32),
+    /// No match (the section walked to its end).
+    NotFound,
 }
 
 /// Walks the types, calling `f(kind, name_off)` for each; `None` if the section is malformed.
@@ -104,7 +104,7 @@ fn walk(types: &[u8], first_id: u32, mut f: impl FnMut(u32, u32) -> bool) -> Opt
         off = off.checked_add(12 + trailing(kind, vlen)?)?;
         id = id.checked_add(1)?;
     }
-    (off == types.len()).then_some(Walk::Count(id - first_id))
+    (off == types.len()).then_some(Walk::NotFound)
 }
 
 fn cstr(strings: &[u8], off: usize) -> Option<&[u8]> {
@@ -121,15 +121,6 @@ const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
-
-/// The byte offsets of `(struct, member)` pairs in vmlinux's BTF (`/sys/kernel/btf/vmlinux`),
-/// looking through anonymous struct/union members as C does (`mm_struct`'s fields sit in an
-/// anonymous struct). A member is found only if it is a pointer, an integer of at most 8 bytes
-/// (the programs read a word there and keep its low bytes, little-endian) or an array (a
-/// module's name); None for a pair that is not found so.
-pub fn member_offsets(vmlinux: &Path, pairs: &[(&str, &str)]) -> Result<Vec<Option<u32>>, BtfError> {
-    Ok(Vmlinux::read(vmlinux)?.member_offsets(pairs))
-}
 
 /// vmlinux's BTF, read and indexed once per load (a loader asks it for member offsets, for the
 /// type id of every hook it attaches and for the base of the modules' split BTF): parsing 5-6
@@ -177,7 +168,11 @@ impl Vmlinux {
         self.types.named(kind, name, Some(&self.names))
     }
 
-    /// The byte offsets of `(struct, member)` pairs: see [`member_offsets`].
+    /// The byte offsets of `(struct, member)` pairs, looking through anonymous struct/union
+    /// members as C does (`mm_struct`'s fields sit in an anonymous struct). A member is found
+    /// only if it is a pointer, an integer of at most 8 bytes (the programs read a word there
+    /// and keep its low bytes, little-endian) or an array (a module's name); None for a pair
+    /// that is not found so.
     pub fn member_offsets(&self, pairs: &[(&str, &str)]) -> Vec<Option<u32>> {
         let t = &self.types;
         pairs.iter().map(|(st, member)| t.path(st, member, Some(&self.names)).map(|(off, _)| off)).collect()
@@ -208,15 +203,6 @@ pub enum Leaf {
 /// and anonymous members; each with how its leaf is read. None for a path that is not found,
 /// or whose leaf is not a pointer, an array or an integer of at most 8 bytes.
 pub fn member_paths(
-    sysfs_btf: &Path,
-    module: &str,
-    paths: &[(&str, &str)],
-) -> Result<Vec<Option<(u32, Leaf)>>, BtfError> {
-    member_paths_over(&Vmlinux::read(&sysfs_btf.join("vmlinux"))?, sysfs_btf, module, paths)
-}
-
-/// [`member_paths`] over vmlinux's BTF already read.
-pub fn member_paths_over(
     vmlinux: &Vmlinux,
     sysfs_btf: &Path,
     module: &str,
@@ -371,16 +357,6 @@ fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
     std::fs::read(path).map_err(|source| BtfError::Read { path: path.to_path_buf(), source })
 }
 
-fn base(sysfs_btf: &Path) -> Result<Base, BtfError> {
-    let path = sysfs_btf.join("vmlinux");
-    let data = read(&path)?;
-    let blob = parse(&data, &path)?;
-    let Some(Walk::Count(types)) = walk(blob.types, 1, |_, _| false) else {
-        return Err(BtfError::Malformed { path, what: "type section" });
-    };
-    Ok(Base { types, str_len: blob.strings.len() })
-}
-
 /// Every kernel module's BTF, read once (the loader looks up several functions in it).
 pub struct ModuleBtf {
     base: Base,
@@ -389,18 +365,10 @@ pub struct ModuleBtf {
 }
 
 impl ModuleBtf {
-    /// Reads vmlinux's BTF header and counts, and every module's BTF file under `sysfs_btf`
-    /// (normally /sys/kernel/btf).
-    pub fn read(sysfs_btf: &Path) -> Result<Self, BtfError> {
-        Self::read_over(base(sysfs_btf)?, sysfs_btf)
-    }
-
-    /// [`ModuleBtf::read`] over vmlinux's BTF already read.
-    pub fn read_over_vmlinux(vmlinux: &Vmlinux, sysfs_btf: &Path) -> Result<Self, BtfError> {
-        Self::read_over(vmlinux.base(), sysfs_btf)
-    }
-
-    fn read_over(base: Base, sysfs_btf: &Path) -> Result<Self, BtfError> {
+    /// Reads every module's BTF file under `sysfs_btf` (normally /sys/kernel/btf), split BTF on
+    /// top of `vmlinux`'s.
+    pub fn read(vmlinux: &Vmlinux, sysfs_btf: &Path) -> Result<Self, BtfError> {
+        let base = vmlinux.base();
         let dir = std::fs::read_dir(sysfs_btf)
             .map_err(|source| BtfError::Read { path: sysfs_btf.into(), source })?;
         let mut modules: Vec<(String, PathBuf, Vec<u8>)> = Vec::new();
@@ -431,7 +399,7 @@ impl ModuleBtf {
             });
             match found {
                 Some(Walk::Found(id)) => return Ok(Some((module.clone(), id))),
-                Some(Walk::Count(_)) => {}
+                Some(Walk::NotFound) => {}
                 None => return Err(BtfError::Malformed { path: path.clone(), what: "type section" }),
             }
         }
@@ -494,16 +462,12 @@ mod tests {
             eprintln!("no /sys/kernel/btf/vmlinux on this machine: nothing to check");
             return;
         }
-        let found = super::member_offsets(
-            vmlinux,
-            &[
-                ("task_struct", "mm"),
-                ("mm_struct", "arg_start"),
-                ("mm_struct", "arg_end"),
-                ("task_struct", "nope"),
-            ],
-        )
-        .unwrap();
+        let found = super::Vmlinux::read(vmlinux).unwrap().member_offsets(&[
+            ("task_struct", "mm"),
+            ("mm_struct", "arg_start"),
+            ("mm_struct", "arg_end"),
+            ("task_struct", "nope"),
+        ]);
         let (mm, start, end) = (found[0].unwrap(), found[1].unwrap(), found[2].unwrap());
         assert!(mm > 0 && mm % 8 == 0 && start % 8 == 0, "{found:?}");
         assert_eq!(end, start + 8, "{found:?}");
@@ -574,11 +538,12 @@ mod tests {
         let kvm = blob(&[(o + 1, 4, 1, &[0; 12]), (o + 10, 12, 0, &[]), (o + 29, 8, 0, &[])], strs);
         std::fs::write(dir.join("kvm"), kvm).unwrap();
         std::fs::write(dir.join("junk"), b"\x9f\xeb\x01\x00\xff\xff").unwrap();
-        let found = ModuleBtf::read(&dir).and_then(|b| b.find("kvm_emulate_wbinvd", KIND_FUNC));
+        let vm = Vmlinux::read(&dir.join("vmlinux")).unwrap();
+        let found = ModuleBtf::read(&vm, &dir).and_then(|b| b.find("kvm_emulate_wbinvd", KIND_FUNC));
         // A malformed file is an error naming it, not a panic.
         assert!(matches!(found, Err(BtfError::Malformed { .. })), "{found:?}");
         std::fs::remove_file(dir.join("junk")).unwrap();
-        let btf = ModuleBtf::read(&dir).unwrap();
+        let btf = ModuleBtf::read(&vm, &dir).unwrap();
         // Split ids continue after vmlinux's three types.
         assert_eq!(btf.find("kvm_emulate_wbinvd", KIND_FUNC).unwrap(), Some(("kvm".into(), 5)));
         assert_eq!(btf.find("btf_trace_kvm_entry", KIND_TYPEDEF).unwrap(), Some(("kvm".into(), 6)));

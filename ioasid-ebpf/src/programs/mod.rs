@@ -6,7 +6,7 @@ pub mod wbinvd;
 
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    bpf_ktime_get_ns, bpf_probe_read_kernel,
+    bpf_ktime_get_ns,
     generated::{bpf_get_current_task, bpf_get_current_task_btf},
 };
 use ioasid_common::{
@@ -17,7 +17,7 @@ use ioasid_common::{
 
 use crate::{
     maps::{config, stat_inc},
-    read::{Btf, Kptr},
+    read::{Btf, Kptr, Raw},
 };
 
 /// (tgid, tid) of the current task.
@@ -33,18 +33,20 @@ pub fn current_ids() -> (u32, u32) {
 /// fails, counted): the state is then keyed by the tgid alone, as the agent is told.
 #[inline(always)]
 pub fn current_start() -> u64 {
-    let cfg = config();
-    if cfg.task_start_boottime == 0 {
+    if config().task_start_boottime == 0 {
         return 0;
     }
-    // SAFETY: the current task, read only through bpf_probe_read_kernel (faults safely).
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let read = |p: *const u8| unsafe { bpf_probe_read_kernel(p.cast::<u64>()) };
-    let Ok(leader) = read(task.wrapping_add(cfg.task_group_leader as usize)) else {
-        stat_inc(Stat::ReadErrors);
-        return 0;
-    };
-    match read((leader as *const u8).wrapping_add(cfg.task_start_boottime as usize)) {
+    // SAFETY: a helper without arguments; the task is then read only through
+    // bpf_probe_read_kernel (faults safely).
+    start_of(Raw(unsafe { bpf_get_current_task() }))
+}
+
+/// The start of `task`'s process, read as `P` reads (see `current_start`); the caller checked
+/// that the layout is known.
+#[inline(always)]
+fn start_of<P: Kptr>(task: P) -> u64 {
+    let cfg = config();
+    match task.ptr(cfg.task_group_leader).and_then(|l| l.field::<u64>(cfg.task_start_boottime)) {
         Ok(ns) => start_ticks(ns),
         Err(_) => {
             stat_inc(Stat::ReadErrors);
@@ -64,18 +66,14 @@ pub fn me() -> ProcKey {
 /// [`Btf`]). A program of another type calling it is refused at load.
 #[inline(always)]
 pub fn me_btf() -> ProcKey {
-    let cfg = config();
-    let mut start = 0;
     // A constant to the verifier (the configuration is read-only): where the layout is not
-    // known, the loads below are never checked, so they cannot be refused.
-    if cfg.task_start_boottime != 0 {
+    // known, the loads of `start_of` are never checked, so they cannot be refused.
+    let start = if config().task_start_boottime != 0 {
         // SAFETY: a helper without arguments; it returns the current task, BTF-typed.
-        let task = Btf(unsafe { bpf_get_current_task_btf() } as *const u8);
-        match task.ptr(cfg.task_group_leader).and_then(|l| l.field::<u64>(cfg.task_start_boottime)) {
-            Ok(ns) => start = start_ticks(ns),
-            Err(_) => stat_inc(Stat::ReadErrors),
-        }
-    }
+        start_of(Btf(unsafe { bpf_get_current_task_btf() } as *const u8))
+    } else {
+        0
+    };
     ProcKey { tgid: current_ids().0, _pad: 0, start }
 }
 

@@ -109,9 +109,7 @@ fn place(target: &Target<'_>, name: &str, kind: u32) -> Result<Place, HookRefusa
         return Ok(Place::Vmlinux(id));
     }
     let module_btf = |what: String, e: &btf::BtfError| HookRefusal::ModuleBtf { what, error: e.to_string() };
-    let modules = target
-        .modules
-        .get_or_init(|| btf::ModuleBtf::read_over_vmlinux(vmlinux, Path::new("/sys/kernel/btf")));
+    let modules = target.modules.get_or_init(|| btf::ModuleBtf::read(vmlinux, Path::new("/sys/kernel/btf")));
     let modules = modules.as_ref().map_err(|e| module_btf("reading module BTF".into(), e))?;
     match modules.find(name, kind) {
         Ok(Some((module, id))) => {
@@ -180,14 +178,19 @@ pub(super) fn attach(
                 return Err(HookRefusal::LsmInactive);
             }
             let p: &mut Lsm = prog.try_into().map_err(describe)?;
-            let vmlinux = target.vmlinux.ok_or(HookRefusal::NoBtf)?;
-            let function = format!("bpf_lsm_{hook}");
-            let id = vmlinux.id(btf::KIND_FUNC, &function).ok_or(HookRefusal::Absent { name: function })?;
-            p.load_by_id(id).map_err(describe)?;
+            load_lsm(p, hook, target)?;
             p.attach().map_err(describe)?;
         }
     }
     Ok(())
+}
+
+/// Loads an LSM program against the hook `hook` (vmlinux's `bpf_lsm_<hook>`).
+pub(super) fn load_lsm(p: &mut Lsm, hook: &str, target: &Target<'_>) -> Result<(), HookRefusal> {
+    let vmlinux = target.vmlinux.ok_or(HookRefusal::NoBtf)?;
+    let function = format!("bpf_lsm_{hook}");
+    let id = vmlinux.id(btf::KIND_FUNC, &function).ok_or(HookRefusal::Absent { name: function })?;
+    p.load_by_id(id).map_err(describe)
 }
 
 /// The kernel's answer: its errno, with the verifier's last lines when it said something.

@@ -294,8 +294,9 @@ const KVM_MEMBERS: [(&str, &str); 9] = [
 pub(super) fn kvm_layout(vm: Vm<'_>, sysfs_btf: &std::path::Path) -> KvmLayout {
     let module = if sysfs_btf.join("kvm").exists() { "kvm" } else { "vmlinux" };
     let found = match vm {
-        Ok(vm) => crate::kernel::btf::member_paths_over(vm, sysfs_btf, module, &KVM_MEMBERS)
-            .map_err(|e| e.to_string()),
+        Ok(vm) => {
+            crate::kernel::btf::member_paths(vm, sysfs_btf, module, &KVM_MEMBERS).map_err(|e| e.to_string())
+        }
         Err(e) => Err(e.to_string()),
     };
     let found = match found {
@@ -402,11 +403,9 @@ mod tests {
             eprintln!("skipped: no /sys/kernel/btf/vmlinux here");
             return;
         }
-        let v = crate::kernel::btf::member_offsets(
-            std::path::Path::new("/sys/kernel/btf/vmlinux"),
-            &FILE_MEMBERS,
-        )
-        .unwrap();
+        let v = Vmlinux::read(std::path::Path::new("/sys/kernel/btf/vmlinux"))
+            .unwrap()
+            .member_offsets(&FILE_MEMBERS);
         assert!(v.iter().all(Option::is_some), "{v:?}");
     }
 }

@@ -575,15 +575,10 @@ impl Attacher<'_> {
         if self.lsm_active == Some(false) {
             return Err(HookRefusal::LsmInactive);
         }
-        let vmlinux = self.target.vmlinux.ok_or(HookRefusal::NoBtf)?;
-        let function = "bpf_lsm_file_ioctl";
-        let id = vmlinux
-            .id(crate::kernel::btf::KIND_FUNC, function)
-            .ok_or(HookRefusal::Absent { name: function.into() })?;
         let prog =
             self.ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
         let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
-        p.load_by_id(id).map_err(attach::describe)?;
+        attach::load_lsm(p, "file_ioctl", &self.target)?;
         self.lsm_loaded = true;
         Ok(())
     }
