@@ -237,26 +237,22 @@ fn the_host_totals_keep_the_counts_of_forgotten_vms() {
 /// The kernel's WBINVD timing entries (thread id, process) of the processes `pids`, read from
 /// the one agent's `IOASID_PENDING` map (tests run one agent at a time).
 fn pending_entries(pids: &[u32]) -> Vec<(u32, u32)> {
-    use aya::maps::{loaded_maps, HashMap, Map, MapData};
+    use aya::maps::{HashMap, Map, MapData};
     use ioasid_common::{cost::Pending, names::MAP_PENDING};
-    let mut out = Vec::new();
-    let mut seen = 0;
-    for info in loaded_maps().map_while(Result::ok) {
-        if info.name_as_str() != Some(MAP_PENDING) {
-            continue;
-        }
-        seen += 1;
-        let data = MapData::from_id(info.id()).expect("opening IOASID_PENDING");
-        let map: HashMap<_, u32, Pending> = HashMap::try_from(Map::HashMap(data)).expect("a hash map");
-        out.extend(
-            map.iter()
-                .map_while(Result::ok)
-                .filter(|(_, p)| pids.contains(&p.tgid))
-                .map(|(t, p)| (t, p.tgid)),
-        );
-    }
-    assert_eq!(seen, 1, "one agent's {MAP_PENDING} map");
-    out
+    let infos = loaded_named(MAP_PENDING);
+    assert_eq!(infos.len(), 1, "one agent's {MAP_PENDING} map");
+    let data = MapData::from_id(infos[0].id()).expect("opening IOASID_PENDING");
+    let map: HashMap<_, u32, Pending> = HashMap::try_from(Map::HashMap(data)).expect("a hash map");
+    map.iter()
+        .map_while(Result::ok)
+        .filter(|(_, p)| pids.contains(&p.tgid))
+        .map(|(t, p)| (t, p.tgid))
+        .collect()
+}
+
+/// The kernel's loaded maps named `name` (tests run one agent at a time: one each).
+fn loaded_named(name: &str) -> Vec<aya::maps::MapInfo> {
+    aya::maps::loaded_maps().map_while(Result::ok).filter(|m| m.name_as_str() == Some(name)).collect()
 }
 
 /// The per-CPU hash maps (counters, WBINVD cost, blast radius) allocate an element when its key
@@ -267,7 +263,6 @@ fn pending_entries(pids: &[u32]) -> Vec<(u32, u32)> {
 #[test]
 #[cfg_attr(not(ioasid_kernel_tests), ignore = "kernel test: needs root, /dev/kvm and the real eBPF object")]
 fn per_cpu_hashes_are_allocated_on_demand_where_the_kernel_allows() {
-    use aya::maps::loaded_maps;
     use ioasid_common::names::{MAP_BLAST, MAP_COST, MAP_COUNTERS};
     require_kernel();
     let _g = serial();
@@ -278,11 +273,7 @@ fn per_cpu_hashes_are_allocated_on_demand_where_the_kernel_allows() {
     let on_demand = (major, minor) >= (6, 1) && !version.contains("PREEMPT_RT");
     let agent = Agent::start(&[]);
     for name in [MAP_COUNTERS, MAP_COST, MAP_BLAST] {
-        let flags: Vec<u32> = loaded_maps()
-            .map_while(Result::ok)
-            .filter(|m| m.name_as_str() == Some(name))
-            .map(|m| m.map_flags())
-            .collect();
+        let flags: Vec<u32> = loaded_named(name).iter().map(|m| m.map_flags()).collect();
         // BPF_F_NO_PREALLOC is 1.
         let want = u32::from(on_demand);
         assert_eq!(
