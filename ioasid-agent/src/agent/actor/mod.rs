@@ -414,13 +414,8 @@ impl<K: Kernel> Actor<K> {
         self.sweeps += 1;
         self.apply_libvirt();
         if full {
-            for tgid in self.acct.check_liveness(&self.set.procfs, now) {
-                // A VMM that exits ends its storm: say so, so raised/cleared records pair up.
-                if self.detector.window(tgid).is_some_and(|w| w.storm) {
-                    self.on_storm(tgid, Transition::Exited);
-                }
-                self.detector.forget(tgid);
-            }
+            // Marked dead now, settled once their final counts are read (`settle_exited`).
+            self.acct.check_liveness(&self.set.procfs, now);
         }
         // A process is its pid and its start time: one on a reused pid is new.
         let before: HashSet<(u32, u64)> =
@@ -443,6 +438,7 @@ impl<K: Kernel> Actor<K> {
             self.on_new_process(&info, preexisting);
         }
         self.export_blast(now, full);
+        self.settle_exited(now);
         // A dead process's counts were read above for the last time.
         for (tgid, start) in self.acct.take_newly_dead() {
             self.kernel.forget(tgid, start);
@@ -472,6 +468,42 @@ impl<K: Kernel> Actor<K> {
         self.metrics.set_host_totals(&self.acct.host);
         self.detect_storms(now);
         self.export_host_stats();
+    }
+
+    /// The VMMs that exited since the last sweep, their final counts read: the detector sees
+    /// those counts once more, so a storm is recorded however short the VMM's life (one that
+    /// lived between two sweeps was never seen alive), and a storm in progress is recorded as
+    /// over. Then their tracks go.
+    fn settle_exited(&mut self, now: Instant) {
+        let first = self.sweeps == 1;
+        let exited: Vec<u32> =
+            self.acct.procs.iter().filter(|(_, p)| !p.alive() && !p.purged).map(|(t, _)| *t).collect();
+        for tgid in exited {
+            let tracked = self.detector.is_tracked(tgid);
+            let Some(p) = self.acct.procs.get_mut(&tgid) else { continue };
+            if !tracked {
+                // Never seen alive: judged by the policy now, for its budget.
+                let v = self.policy.policy.evaluate(&p.info);
+                (p.budget, p.rule) = (v.budget, v.rule_name);
+            }
+            let (wbinvd, cost) = (p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]), p.cost.sum_ns);
+            let budget = p.budget;
+            if !tracked {
+                if first {
+                    self.detector.baseline(tgid, now, wbinvd, cost);
+                } else {
+                    self.detector.baseline(tgid, now - self.set.sweep_interval, 0, 0);
+                }
+            }
+            if self.detector.observe(tgid, now, wbinvd, cost, &budget, false) == Some(Transition::Raised) {
+                self.on_storm(tgid, Transition::Raised);
+            }
+            // A VMM that exits ends its storm: said, so raised and cleared records pair up.
+            if self.detector.window(tgid).is_some_and(|w| w.storm) {
+                self.on_storm(tgid, Transition::Exited);
+            }
+            self.detector.forget(tgid);
+        }
     }
 
     /// Feeds each live VMM's totals to the detector, acts on alerts raised or cleared, and sets
@@ -550,6 +582,20 @@ impl<K: Kernel> Actor<K> {
         }
         let kernel = &mut self.kernel;
         let start = p.info.start_time;
+        if transition == Transition::Raised && !p.alive() {
+            // Seen in its final counts: there is no process left to act on.
+            let reason = "the VMM exited before its storm was seen: no action was taken";
+            tracing::warn!(vm = %escape(c.vm), pid = tgid, rate = window.rate, cost_ratio = window.cost_ratio, budget_rate = c.budget.rate, "WBINVD storm, seen after the VMM exited");
+            let result = storm::Response {
+                state: crate::engine::record::StormState::Raised,
+                outcome: StormOutcome::VmmExited,
+                reason: Some(reason.into()),
+            };
+            let rec =
+                c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
+            self.audit.write(&rec);
+            return;
+        }
         let mut result = storm::respond(&c, |sig| kernel.signal(tgid, start, sig));
         if let Some(th) = self.throttler.as_mut() {
             let (outcome, reason) = (&mut result.outcome, &mut result.reason);

@@ -338,6 +338,47 @@ async fn a_sweep_names_vms_counts_and_detects_a_storm() {
     assert_eq!(sample(&m, "ioasid_vms", &[]), Some(0.0));
 }
 
+/// A VMM that storms and exits between two sweeps is never seen alive; one seen alive exits
+/// before its storm's counts were read. Both storms are recorded from the final counts, raised
+/// (nothing left to act on) then over, judged by the policy's budget for them.
+#[tokio::test]
+async fn a_storm_is_recorded_however_short_the_vmms_life() {
+    let f = Fixture::new("short");
+    f.vmm(4510, "tenant-late");
+    let mut a = f.actor(POLICY);
+    let storm = Totals::from([((Op::Wbinvd, Path::Exit), 5_000)]);
+    a.kernel().counters.insert(4510, Totals::from([((Op::Wbinvd, Path::Exit), 1)]));
+    // Sweeps 1-10: only the 11th checks liveness again (once a second at 100 ms).
+    for _ in 0..10 {
+        a.sweep();
+    }
+    // Never seen alive: gone before /proc was read, named from what the kernel captured.
+    a.kernel().cmdlines.insert(4511, b"qemu\0-name\0guest=tenant-brief\0".to_vec());
+    a.kernel().counters.insert(4511, storm.clone());
+    // Seen alive, quiet; its storm's counts and its exit come together.
+    a.kernel().counters.insert(4510, storm);
+    std::fs::remove_dir_all(f.dir.join("proc/4510")).unwrap();
+    a.sweep();
+    assert_eq!(a.kernel().signals, vec![], "nothing is left to signal");
+    let recs = f.audit(4).await;
+    for vm in ["tenant-brief", "tenant-late"] {
+        let got: Vec<_> = recs
+            .iter()
+            .filter(|r| r["event"] == "wbinvd-storm" && r["vm"] == vm)
+            .map(|r| {
+                (r["state"].as_str().unwrap(), r["outcome"].as_str().unwrap(), r["rule"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("raised", "vmm-exited", "tenants"), ("cleared", "vmm-exited", "tenants")],
+            "{vm}: {recs:?}"
+        );
+    }
+    assert_eq!(sample(&a.metrics, "ioasid_dos_alerts_total", &[("vm", "tenant-brief")]), Some(1.0));
+    assert_eq!(sample(&a.metrics, "ioasid_vms", &[]), Some(0.0));
+}
+
 #[tokio::test]
 async fn kernel_statistics_become_counters() {
     let f = Fixture::new("stats");
