@@ -191,10 +191,20 @@ impl Accounting {
 
     /// Replaces a process's identity (it was re-read after an exec). Another process on the
     /// same pid (another start time) sets the old one aside instead of overwriting it.
-    pub fn replace(&mut self, info: ProcessInfo) {
+    /// What libvirt's status added to the same process of the same name stays (it names the
+    /// VMM by pid and is not in /proc): a re-read never drops a VM's OpenStack identity.
+    pub fn replace(&mut self, mut info: ProcessInfo) -> &ProcessInfo {
         let tgid = info.pid;
         match self.procs.get_mut(&tgid) {
-            Some(p) if p.info.start_time == info.start_time => p.info = info,
+            Some(p) if p.info.start_time == info.start_time => {
+                if p.info.vm == info.vm {
+                    info.managed.keep_libvirt(&p.info.managed);
+                    if info.uuid.is_none() {
+                        info.uuid = p.info.uuid.take();
+                    }
+                }
+                p.info = info;
+            }
             Some(_) => {
                 self.set_aside(tgid);
                 self.procs.insert(tgid, Proc::new(info, None));
@@ -203,6 +213,7 @@ impl Accounting {
                 self.procs.insert(tgid, Proc::new(info, None));
             }
         }
+        &self.procs[&tgid].info
     }
 
     /// Moves the process on `tgid` to the exited ones (dead from now if it was not yet known
@@ -449,6 +460,25 @@ mod tests {
 
     fn value(a: &Accounting, vm: &str, path: Path) -> Option<u64> {
         a.vm_totals().get(vm).map(|(t, _)| t.get(&(Op::Wbinvd, path)).copied().unwrap_or(0))
+    }
+
+    #[test]
+    fn a_reread_keeps_what_libvirt_said_of_the_same_vmm() {
+        use crate::host::{libvirt::Nova, manager::Manager};
+        let mut a = Accounting::default();
+        let mut first = info(30, "instance-1", 1);
+        first.managed.from_libvirt(Some(Nova { name: Some("srv".into()), ..Nova::default() }));
+        first.uuid = Some("u-1".into());
+        a.replace(first);
+        let kept = a.replace(info(30, "instance-1", 1)).clone();
+        let nova_name = kept.managed.nova.and_then(|n| n.name);
+        assert_eq!(
+            (kept.managed.manager, nova_name.as_deref(), kept.uuid.as_deref()),
+            (Manager::Openstack, Some("srv"), Some("u-1"))
+        );
+        // Renamed (an exec with another -name): libvirt's status was of the other domain.
+        let renamed = a.replace(info(30, "other", 1));
+        assert_eq!((renamed.managed.manager, renamed.managed.nova.is_none()), (Manager::Qemu, true));
     }
 
     #[test]

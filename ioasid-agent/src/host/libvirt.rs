@@ -220,6 +220,8 @@ pub struct Found {
 pub struct Reader {
     ask: mpsc::SyncSender<Lookup>,
     answers: mpsc::Receiver<Found>,
+    /// Answers taken off the queue before they were asked for (`wait`).
+    taken: Vec<Found>,
     full: bool,
 }
 
@@ -236,7 +238,7 @@ impl Reader {
             .name("libvirt-status".into())
             .spawn(move || serve(&dir, &asks, &tell));
         match spawned {
-            Ok(_) => Some(Reader { ask, answers, full: false }),
+            Ok(_) => Some(Reader { ask, answers, taken: Vec::new(), full: false }),
             Err(e) => {
                 tracing::warn!(error = %e, "no thread to read libvirt's domain status: VMs get no OpenStack identity");
                 None
@@ -259,8 +261,19 @@ impl Reader {
     }
 
     /// The answers so far.
-    pub fn answers(&self) -> Vec<Found> {
-        self.answers.try_iter().collect()
+    pub fn answers(&mut self) -> Vec<Found> {
+        let mut out = std::mem::take(&mut self.taken);
+        out.extend(self.answers.try_iter());
+        out
+    }
+
+    /// Waits up to `within` for the next answer, kept for `answers`.
+    #[cfg(test)]
+    pub fn wait(&mut self, within: Duration) -> bool {
+        let got = self.answers.recv_timeout(within).ok();
+        let some = got.is_some();
+        self.taken.extend(got);
+        some
     }
 }
 
@@ -312,10 +325,10 @@ fn serve(dir: &Path, asks: &mpsc::Receiver<Lookup>, tell: &mpsc::Sender<Found>) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const STATUS: &str = r#"<!--
+    pub(crate) const STATUS: &str = r#"<!--
 WARNING: THIS IS AN AUTO-GENERATED FILE.
 -->
 <domstatus state='running' reason='booted' pid='4242'>

@@ -57,6 +57,14 @@ impl Managed {
         self.manager = if nova.is_some() { Manager::Openstack } else { Manager::Libvirt };
         self.nova = nova;
     }
+
+    /// What libvirt's status said before (`old`), kept over a re-read of the same VMM from
+    /// /proc, which cannot say it.
+    pub fn keep_libvirt(&mut self, old: &Managed) {
+        if matches!(old.manager, Manager::Libvirt | Manager::Openstack) && self.nova.is_none() {
+            self.from_libvirt(old.nova.clone());
+        }
+    }
 }
 
 /// The manager of a VMM with command line `args`, cgroup path `cgroup` and VM name `vm`.

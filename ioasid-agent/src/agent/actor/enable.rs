@@ -42,6 +42,9 @@ impl<K: Kernel> Actor<K> {
     /// As `decide`; `resume: false` leaves an allowed VMM stopped (one found stopped by someone
     /// else: an operator, a storm's `stop`, an agent with another state directory).
     pub(super) fn decide_as(&mut self, req: &EnableRequest, note: Option<&str>, resume: bool) {
+        // What libvirt's status said of VMMs since the last sweep: the record names the VM as
+        // libvirt and Nova do (a VMM adds its device moments after it was first seen).
+        self.apply_libvirt();
         let tgid = req.origin.tgid;
         let Some(Subject { info, unclassified, gone }) = self.subject(req) else { return };
         let vfio = req.file_fd.map(|fd| vfio::resolve(&self.set.procfs, &self.set.sysfs, tgid, fd));
@@ -165,7 +168,7 @@ impl<K: Kernel> Actor<K> {
         }
         let info = match fresh {
             Ok(info) => {
-                self.acct.replace(info.clone());
+                let info = self.acct.replace(info).clone();
                 self.write_verdict(&info);
                 info
             }

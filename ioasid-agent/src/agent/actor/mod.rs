@@ -157,7 +157,7 @@ impl<K: Kernel> Actor<K> {
     /// What libvirt's status said of VMMs since the last sweep: their identity completed, in
     /// `ioasid_vm_info` and in the records from now on.
     fn apply_libvirt(&mut self) {
-        let Some(r) = &self.libvirt else { return };
+        let Some(r) = self.libvirt.as_mut() else { return };
         for found in r.answers() {
             let Some(p) = self.acct.procs.get_mut(&found.pid) else { continue };
             if p.info.start_time != found.start_time {

@@ -379,6 +379,29 @@ async fn a_storm_is_recorded_however_short_the_vmms_life() {
     assert_eq!(sample(&a.metrics, "ioasid_vms", &[]), Some(0.0));
 }
 
+/// A VMM adds its device moments after it was first seen: the decision's record names it as
+/// libvirt's status does (OpenStack's name, project, user, flavor) once that status was read,
+/// without waiting for the next sweep to apply it.
+#[tokio::test]
+async fn a_decision_names_the_vm_as_libvirts_status_read_since_does() {
+    let f = Fixture::new("nova");
+    f.vmm(4242, "instance-0000002a");
+    let run = f.dir.join("libvirt");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("instance-0000002a.xml"), crate::host::libvirt::tests::STATUS).unwrap();
+    let mut a = f.actor(POLICY);
+    a.set_libvirt(crate::host::libvirt::Reader::start(run).unwrap());
+    // First seen by its counters: its libvirt status is asked for.
+    a.kernel().counters.insert(4242, Totals::from([((Op::Wbinvd, Path::Exit), 1)]));
+    a.sweep();
+    assert!(a.libvirt.as_mut().unwrap().wait(Duration::from_secs(10)), "libvirt's status was read");
+    let req = open_ask(&mut a, 4242);
+    a.on_event(Event::Enable(req));
+    let recs = f.audit(1).await;
+    let got = ["manager", "name", "project", "user", "flavor"].map(|k| recs[0][k].as_str().unwrap_or(""));
+    assert_eq!(got, ["openstack", "gpu-train-7", "ml-research", "alice", "g1.a100x1"], "{}", recs[0]);
+}
+
 #[tokio::test]
 async fn kernel_statistics_become_counters() {
     let f = Fixture::new("stats");
