@@ -189,10 +189,11 @@ impl Accounting {
         })
     }
 
-    /// Replaces a process's identity (it was re-read after an exec). Another process on the
-    /// same pid (another start time) sets the old one aside instead of overwriting it.
-    /// What libvirt's status added to the same process of the same name stays (it names the
-    /// VMM by pid and is not in /proc): a re-read never drops a VM's OpenStack identity.
+    /// Replaces a process's identity with one re-read from /proc (after an exec, or for a
+    /// decision) and returns it. What libvirt's status added to the same process of the same
+    /// name stays (it names the VMM by pid and is not in /proc): a re-read never drops a VM's
+    /// OpenStack identity. Another process on the same pid (another start time) sets the old
+    /// one aside instead of overwriting it.
     pub fn replace(&mut self, mut info: ProcessInfo) -> &ProcessInfo {
         let tgid = info.pid;
         match self.procs.get_mut(&tgid) {
