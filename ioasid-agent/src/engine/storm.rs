@@ -60,6 +60,28 @@ impl Detector {
         self.tracks.entry(pid).or_default().samples.push_back((at, wbinvd, cost_ns));
     }
 
+    /// Starts tracking `pid` unless it is tracked: from its totals now if they predate the
+    /// agent (`preexisting`: the first sweep), else from zero one `sweep` ago (it appeared
+    /// since the last sweep).
+    pub fn track(
+        &mut self,
+        pid: u32,
+        now: Instant,
+        preexisting: bool,
+        sweep: Duration,
+        wbinvd: u64,
+        cost_ns: u64,
+    ) {
+        if self.is_tracked(pid) {
+            return;
+        }
+        if preexisting {
+            self.baseline(pid, now, wbinvd, cost_ns);
+        } else {
+            self.baseline(pid, now - sweep, 0, 0);
+        }
+    }
+
     pub fn is_tracked(&self, pid: u32) -> bool {
         self.tracks.contains_key(&pid)
     }
@@ -134,6 +156,8 @@ pub struct StormChange<'a> {
     pub budget: Budget,
     pub window: Window,
     pub transition: Transition,
+    /// The VMM has exited (its storm was seen in its final counts): nothing to act on.
+    pub exited: bool,
 }
 
 /// What became of a storm change: its state, what was done, and why it went as it did.
@@ -155,6 +179,14 @@ impl Response {
 pub fn respond(c: &StormChange<'_>, signal: impl FnOnce(Signal) -> std::io::Result<()>) -> Response {
     let (w, b, vm) = (c.window, c.budget, escape(c.vm));
     match c.transition {
+        Transition::Raised if c.exited => {
+            tracing::warn!(
+                vm = %vm, pid = c.pid, rate = w.rate, cost_ratio = w.cost_ratio, budget_rate = b.rate,
+                budget_cost_ratio = b.cost_ratio, "WBINVD storm, seen after the VMM exited"
+            );
+            let why = "the VMM exited before its storm was seen: no action was taken";
+            Response::new(StormState::Raised, StormOutcome::VmmExited, Some(why.into()))
+        }
         Transition::Raised => {
             let sig = match b.action {
                 // Carried out by the caller (the throttler), not by a signal.

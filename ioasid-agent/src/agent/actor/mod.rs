@@ -22,6 +22,7 @@ fn storm_change(
         budget: p.budget,
         window,
         transition,
+        exited: !p.alive(),
     }
 }
 
@@ -488,13 +489,7 @@ impl<K: Kernel> Actor<K> {
             }
             let (wbinvd, cost) = (p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]), p.cost.sum_ns);
             let budget = p.budget;
-            if !tracked {
-                if first {
-                    self.detector.baseline(tgid, now, wbinvd, cost);
-                } else {
-                    self.detector.baseline(tgid, now - self.set.sweep_interval, 0, 0);
-                }
-            }
+            self.detector.track(tgid, now, first, self.set.sweep_interval, wbinvd, cost);
             if self.detector.observe(tgid, now, wbinvd, cost, &budget, false) == Some(Transition::Raised) {
                 self.on_storm(tgid, Transition::Raised);
             }
@@ -517,15 +512,7 @@ impl<K: Kernel> Actor<K> {
         let mut throttle_changes = Vec::new();
         for (tgid, p) in self.acct.live() {
             let wbinvd = p.total(Op::Wbinvd, &[Path::Exit, Path::Emulated]);
-            if !self.detector.is_tracked(*tgid) {
-                // A VMM that ran before the agent starts from what it has; one that appeared
-                // since started from zero one sweep ago.
-                if first {
-                    self.detector.baseline(*tgid, now, wbinvd, p.cost.sum_ns);
-                } else {
-                    self.detector.baseline(*tgid, now - self.set.sweep_interval, 0, 0);
-                }
-            }
+            self.detector.track(*tgid, now, first, self.set.sweep_interval, wbinvd, p.cost.sum_ns);
             let hold = match self.throttler.as_mut() {
                 Some(th) => {
                     if let Some(why) = th.adjust(*tgid, Sample { at: now, wbinvd }, p.budget.rate) {
@@ -582,22 +569,10 @@ impl<K: Kernel> Actor<K> {
         }
         let kernel = &mut self.kernel;
         let start = p.info.start_time;
-        if transition == Transition::Raised && !p.alive() {
-            // Seen in its final counts: there is no process left to act on.
-            let reason = "the VMM exited before its storm was seen: no action was taken";
-            tracing::warn!(vm = %escape(c.vm), pid = tgid, rate = window.rate, cost_ratio = window.cost_ratio, budget_rate = c.budget.rate, "WBINVD storm, seen after the VMM exited");
-            let result = storm::Response {
-                state: crate::engine::record::StormState::Raised,
-                outcome: StormOutcome::VmmExited,
-                reason: Some(reason.into()),
-            };
-            let rec =
-                c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
-            self.audit.write(&rec);
-            return;
-        }
         let mut result = storm::respond(&c, |sig| kernel.signal(tgid, start, sig));
-        if let Some(th) = self.throttler.as_mut() {
+        // A storm seen only in an exited VMM's final counts: nothing to throttle either.
+        let acts = !(transition == Transition::Raised && c.exited);
+        if let Some(th) = self.throttler.as_mut().filter(|_| acts) {
             let (outcome, reason) = (&mut result.outcome, &mut result.reason);
             match transition {
                 Transition::Raised if c.budget.action == StormAction::Throttle => {
@@ -630,7 +605,7 @@ impl<K: Kernel> Actor<K> {
                 },
                 Transition::Raised => {}
             }
-        } else if transition == Transition::Raised && c.budget.action == StormAction::Throttle {
+        } else if acts && transition == Transition::Raised && c.budget.action == StormAction::Throttle {
             result.reason = Some("throttling is not available in this agent: alerted only".into());
         }
         let rec = c.record(result, rfc3339(SystemTime::now()), &self.set.host, &self.policy.policy.source);
