@@ -73,8 +73,23 @@ pub const CMDLINES_MAX_ENTRIES: u32 = 4096;
 /// Per-CPU array of one [`crate::events::Cmdline`]: the capture's scratch (too big for the stack).
 pub const MAP_CMDLINE_SCRATCH: &str = "IOASID_CMDLINE_SCRATCH";
 
+/// Array of [`KEYS_GEN_LEN`] u64s: per swept hash map, how many times a key was added to it
+/// (by the programs; by the agent for the maps only it writes). While a map's count stands
+/// still the agent reads the keys it knows by lookup, instead of walking the map: a walk visits
+/// every bucket of the hash table however few entries it holds (tens of thousands, ten times a
+/// second). Not pinned: a new agent walks each map once.
+pub const MAP_KEYS_GEN: &str = "IOASID_KEYS_GEN";
+/// Slots of [`MAP_KEYS_GEN`].
+pub const KEYS_GEN_COUNTERS: u32 = 0;
+pub const KEYS_GEN_COST: u32 = 1;
+pub const KEYS_GEN_BLAST: u32 = 2;
+pub const KEYS_GEN_NONCOHERENT_KVM: u32 = 3;
+pub const KEYS_GEN_ASKED: u32 = 4;
+pub const KEYS_GEN_LEN: u32 = 5;
+
 /// Every map name, for the object test.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 26] = [
+    MAP_KEYS_GEN,
     MAP_FLUSH_TARGETS,
     MAP_IPI_START,
     MAP_BLAST,

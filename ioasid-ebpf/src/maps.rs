@@ -96,7 +96,13 @@ fn atomic_add(p: *mut u64, delta: i64) {
 /// Adds to a one-element host-wide counter (in-flight ioctls, pending WBINVDs).
 #[inline(always)]
 fn shared_add(counter: &Array<u64>, delta: i64) {
-    if let Some(p) = counter.get_ptr_mut(0) {
+    shared_add_at(counter, 0, delta);
+}
+
+/// Adds to element `i` of an array of host-wide counters.
+#[inline(always)]
+fn shared_add_at(counter: &Array<u64>, i: u32, delta: i64) {
+    if let Some(p) = counter.get_ptr_mut(i) {
         atomic_add(p, delta);
     }
 }
@@ -164,7 +170,9 @@ pub fn noncoherent_kvm_add(me: &ProcKey, delta: i64) {
         if delta < 0 {
             return;
         }
-        let _ = IOASID_NONCOHERENT_KVM.insert(me, &0, BPF_NOEXIST as u64);
+        if IOASID_NONCOHERENT_KVM.insert(me, &0, BPF_NOEXIST as u64).is_ok() {
+            key_added(ioasid_common::names::KEYS_GEN_NONCOHERENT_KVM);
+        }
     }
     let Some(p) = IOASID_NONCOHERENT_KVM.get_ptr_mut(me) else {
         stat_inc(Stat::CounterMapFull);
@@ -267,10 +275,22 @@ pub fn stat_inc(stat: Stat) {
     }
 }
 
-/// Adds `v` to `key` in a per-CPU counter map, on this CPU, creating the key if needed. A
-/// full map is counted (`Stat::CounterMapFull`): a count is never dropped silently.
+/// How many times a key was added to each swept hash map (`names::MAP_KEYS_GEN`).
+#[map]
+pub static IOASID_KEYS_GEN: Array<u64> = Array::with_max_entries(ioasid_common::names::KEYS_GEN_LEN, 0);
+
+/// A key was added to the map of `slot` (after the insert, so an agent that sees the count
+/// unchanged knows every key there was when it last walked the map).
 #[inline(always)]
-pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
+pub fn key_added(slot: u32) {
+    shared_add_at(&IOASID_KEYS_GEN, slot, 1);
+}
+
+/// Adds `v` to `key` in a per-CPU counter map, on this CPU, creating the key if needed (and
+/// counting that in the keys generation `gen`). A full map is counted
+/// (`Stat::CounterMapFull`): a count is never dropped silently.
+#[inline(always)]
+pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, gen: u32, key: &K, v: u64) {
     if let Some(slot) = map.get_ptr_mut(key) {
         // This CPU's slot of a per-CPU hash element, added to atomically (see `stat_inc`: an
         // IPI-context program may interrupt us). Wrapping, and summed wrapping by the agent: a
@@ -281,6 +301,7 @@ pub fn percpu_add<K>(map: &PerCpuHashMap<K, u64>, key: &K, v: u64) {
     // First event for this key: create it with `v` on this CPU (0 on the others). A concurrent
     // insert of the same key on another CPU makes ours fail with EEXIST: add to it instead.
     if map.insert(key, v, BPF_NOEXIST as u64).is_ok() {
+        key_added(gen);
         return;
     }
     match map.get_ptr_mut(key) {

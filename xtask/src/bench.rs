@@ -71,6 +71,21 @@ impl Agent {
         Ok(agent)
     }
 
+    /// The agent's CPU time so far, user and system, in seconds (/proc/PID/stat).
+    fn cpu_seconds(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name (which may hold anything but ends at the last
+        // parenthesis): state is the first, utime the 12th, stime the 13th.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').context("/proc/PID/stat")?.1.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<f64> {
+            Ok(fields.get(i).context("/proc/PID/stat: too few fields")?.parse::<u64>()? as f64)
+        };
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok((ticks(11)? + ticks(12)?) / hz)
+    }
+
     fn metrics(&self) -> Result<String> {
         let url = format!("http://{}/metrics", self.addr);
         Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
@@ -247,6 +262,11 @@ impl Drop for Peer {
     }
 }
 
+/// Whether the agent enforces denials with its LSM program (`ioasid_enforcement_mechanism`).
+fn lsm_enforces(agent: &Agent) -> Result<bool> {
+    Ok(agent.metrics()?.lines().any(|l| l == "ioasid_enforcement_mechanism{mechanism=\"lsm\"} 1"))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -263,21 +283,52 @@ fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
 }
 
 /// The agent configurations `cargo xtask bench` measures (`--setups` picks some): what operators
-/// run (`agent`: the kernel's best hooks), the configuration before ioasid counted from KVM's
-/// handlers and observed ioctls from KVM's own functions (`before`: the observing LSM and the
-/// exit/emulation tracepoints; where BPF LSM loads), and each syscall-hook family.
-pub const SETUPS: [(&str, &[&str]); 4] = [
+/// run (`agent`: the kernel's best hooks, audit only), the same enforcing a policy with a deny
+/// (`deny`: the LSM refusing FILE_ADDs on every ioctl; where BPF LSM loads), the configuration
+/// before ioasid counted from KVM's handlers and observed ioctls from KVM's own functions
+/// (`before`: the observing LSM and the exit/emulation tracepoints; where BPF LSM loads), and
+/// each syscall-hook family.
+pub const SETUPS: [(&str, &[&str]); 5] = [
     ("agent", &[]),
+    ("deny", &[]),
     ("before", &["--ioctl-hooks", "lsm", "--count-with-tracepoints"]),
     ("tp_btf", &["--ioctl-hooks", "tp-btf"]),
     ("tracepoint", &["--ioctl-hooks", "tracepoint"]),
 ];
 
-/// One measured configuration: no agent, an agent setup (real or empty programs), or a peer.
+/// The setup that enforces the deny policy (the others run `--dry-run`, audit only).
+const DENY_SETUP: &str = "deny";
+
+/// An agent setup's arguments (`flags`, then the deny policy for [`DENY_SETUP`]) and whether it
+/// enforces. Its empty twin (`--empty-programs`) then attaches the LSM's empty program, as the
+/// real one attaches the LSM.
+fn setup_args(root: &Path, name: &str, flags: &[&str]) -> Result<(Vec<String>, bool)> {
+    let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    if name != DENY_SETUP {
+        return Ok((args, false));
+    }
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("deny.yaml");
+    std::fs::write(&path, DENY_POLICY)?;
+    args.extend(["--policy".to_string(), path.display().to_string()]);
+    Ok((args, true))
+}
+
+/// One measured configuration: no agent, an agent setup (real or empty programs; its
+/// arguments, whether it enforces), or a peer.
 enum Config {
     Without,
-    Agent(Vec<&'static str>),
+    Agent(Vec<String>, bool),
     Peer(Vec<String>),
+}
+
+impl Agent {
+    /// The agent of one measured configuration.
+    fn start_config(root: &Path, args: &[String], enforce: bool) -> Result<Self> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_enforcing(root, &args, enforce)
+    }
 }
 
 pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Result<()> {
@@ -290,13 +341,19 @@ pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Res
         if !setups.is_empty() && !setups.iter().any(|s| s == name) {
             continue;
         }
-        match Agent::start(root, flags) {
+        let (args, enforce) = setup_args(root, name, flags)?;
+        match Agent::start_config(root, &args, enforce) {
+            // Without BPF LSM a deny is enforced by signals from KVM's FILE_ADD path: the same
+            // programs as `agent`, measured there.
+            Ok(agent) if name == DENY_SETUP && !lsm_enforces(&agent)? => {
+                eprintln!("xtask: bench: no `{name}` setup on this kernel: the LSM does not enforce here")
+            }
             Ok(_) => {
                 measured.push((name, flags));
-                let mut empty = flags.to_vec();
-                empty.push("--empty-programs");
-                configs.push((format!("{name}_empty"), Config::Agent(empty)));
-                configs.push((name.to_string(), Config::Agent(flags.to_vec())));
+                let mut empty = args.clone();
+                empty.push("--empty-programs".to_string());
+                configs.push((format!("{name}_empty"), Config::Agent(empty, enforce)));
+                configs.push((name.to_string(), Config::Agent(args, enforce)));
             }
             Err(e) => eprintln!("xtask: bench: no `{name}` setup on this kernel: {e:#}"),
         }
@@ -308,19 +365,26 @@ pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Res
         configs.push((name.clone(), Config::Peer(argv.clone())));
     }
     let mut results: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); configs.len()];
+    // The agent's own CPU (user + system) per second of each round: what its sweeps, naming
+    // and exporting cost the host beside its programs.
+    let mut agent_cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("xtask: bench round {}/{rounds}", round + 1);
         for (i, (_, config)) in configs.iter().enumerate() {
             let agent = match config {
-                Config::Agent(flags) => Some(Agent::start(root, flags)?),
+                Config::Agent(args, enforce) => Some(Agent::start_config(root, args, *enforce)?),
                 _ => None,
             };
             let peer = match config {
                 Config::Peer(argv) => Some(Peer::start(argv)?),
                 _ => None,
             };
+            let (t0, c0) = (Instant::now(), agent.as_ref().map(Agent::cpu_seconds).transpose()?);
             for (k, v) in bench_once(root)? {
                 results[i].entry(k).or_default().push(v);
+            }
+            if let (Some(agent), Some(c0)) = (&agent, c0) {
+                agent_cpu[i].push((agent.cpu_seconds()? - c0) * 1e3 / t0.elapsed().as_secs_f64());
             }
             drop(peer);
             drop(agent);
@@ -348,7 +412,10 @@ pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Res
         let (empty, real) = (1 + 2 * f, 2 + 2 * f);
         println!(
             "\n{:<30} {:>11} {:>13} {:>7} {:>13} {:>7} {:>10}",
-            format!("setup: {setup} {}", flags.join(" ")),
+            format!(
+                "setup: {setup} {}",
+                if *setup == DENY_SETUP { "--policy deny.yaml" } else { "" }.to_string() + &flags.join(" ")
+            ),
             "without",
             "empty progs",
             "ratio",
@@ -385,6 +452,20 @@ pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Res
         }
     }
 
+    println!(
+        "\nthe agent's own CPU while the benchmarks ran (user + system, ms per s of wall time, medians):"
+    );
+    println!("{:<12} {:>12} {:>14}", "setup", "agent", "empty progs");
+    let mut cpu_report = serde_json::Map::new();
+    for (f, (setup, _)) in measured.iter().enumerate() {
+        let (empty, real) = (1 + 2 * f, 2 + 2 * f);
+        let (e, r) = (median(agent_cpu[empty].clone()), median(agent_cpu[real].clone()));
+        println!("{setup:<12} {r:>12.1} {e:>14.1}");
+        cpu_report.insert(setup.to_string(), serde_json::json!({ "agent": r, "empty": e }));
+    }
+    report.insert("agent_cpu_ms_per_s".into(), serde_json::Value::Object(cpu_report));
+
+    // The run counts take each policy (audit, deny, deny with signals) in turn themselves.
     let counted: Vec<(&str, &[&str])> =
         measured.iter().copied().filter(|(s, _)| matches!(*s, "agent" | "before")).collect();
     report.insert("run_counts".into(), run_counts(root, &counted)?);
@@ -395,11 +476,12 @@ pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Res
     println!("{:<12} {:<46} {:>12} {:>10} {:>10}", "setup", "hook", "runs", "program", "empty");
     let mut kernel = serde_json::Map::new();
     for (setup, flags) in &measured {
+        let (setup_args, enforce) = setup_args(root, setup, flags)?;
         let per_run = |extra: &[&str]| -> Result<BTreeMap<String, (f64, f64)>> {
-            let mut args = vec!["--bpf-stats"];
-            args.extend_from_slice(flags);
-            args.extend_from_slice(extra);
-            let agent = Agent::start(root, &args)?;
+            let mut args = vec!["--bpf-stats".to_string()];
+            args.extend(setup_args.iter().cloned());
+            args.extend(extra.iter().map(|e| e.to_string()));
+            let agent = Agent::start_config(root, &args, enforce)?;
             bench_once(root)?;
             let text = agent.metrics()?;
             drop(agent);
@@ -416,6 +498,10 @@ pub fn run(root: &Path, rounds: usize, setups: &[String], no_peers: bool) -> Res
         };
         let real = per_run(&[])?;
         let empty = per_run(&["--empty-programs"])?;
+        let lsm = ioasid_common::hooks::HOOK_LSM_FILE_IOCTL;
+        if *setup == DENY_SETUP && real.contains_key(lsm) && !empty.contains_key(lsm) {
+            bail!("the `{DENY_SETUP}` setup's empty twin ran no {lsm} program: nothing to compare with");
+        }
         for (hook, (n, ns)) in &real {
             let base = empty.get(hook).map(|(_, ns)| *ns);
             let base_text = base.map_or("-".to_string(), |b| format!("{b:.1}"));

@@ -62,7 +62,7 @@ enum Task {
         #[arg(long)]
         no_build: bool,
         /// Agent setups to measure, comma-separated (default: every one this kernel allows):
-        /// agent, before, tp_btf, tracepoint.
+        /// agent, deny, before, tp_btf, tracepoint.
         #[arg(long, value_delimiter = ',')]
         setups: Vec<String>,
         /// Skip the peers (perf stat, bpftrace) even where installed.

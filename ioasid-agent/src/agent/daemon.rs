@@ -276,6 +276,7 @@ async fn event_loop(
             }
             () = &mut refresh_at, if !waiting.is_empty() => {
                 actor.sweep();
+                actor.export_program_stats();
                 health.beat();
                 last_sweep = tokio::time::Instant::now();
                 tick.reset();
@@ -285,6 +286,9 @@ async fn event_loop(
             }
             _ = tick.tick() => {
                 actor.sweep();
+                if !waiting.is_empty() {
+                    actor.export_program_stats();
+                }
                 health.beat();
                 last_sweep = tokio::time::Instant::now();
                 for done in waiting.drain(..) {

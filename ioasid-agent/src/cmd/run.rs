@@ -20,7 +20,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             optional_hooks: !args.no_optional_hooks,
             ioctl_hooks: args.ioctl_hooks.into(),
             // The daemon turns this Off while the policy has no deny.
-            lsm_deny: if args.dry_run || args.empty_programs {
+            // With --empty-programs a deny policy attaches the LSM's empty twin: what the
+            // benchmarks compare a deny policy's program with.
+            lsm_deny: if args.dry_run {
                 loader::LsmDeny::Never("not enforcing (--dry-run)")
             } else if args.enforce_with == crate::cmd::cli::EnforceWith::Signal {
                 loader::LsmDeny::Never("--enforce-with signal: denials kill from KVM's FILE_ADD path")

@@ -5,13 +5,14 @@
 
 pub mod btf;
 pub mod decode;
+mod known;
 pub mod loader;
 pub mod ring;
 pub mod tracefs;
 
 use std::collections::{HashMap, HashSet};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use ioasid_common::{
     cost::{CostKey, Pending, COST_BUCKETS_NS, COST_SUM, FLUSH_CPUS_LEN},
     counters::{CounterKey, Op, Path, STATS_LEN},
@@ -19,6 +20,7 @@ use ioasid_common::{
     names::*,
     verdict::{Asked, FdKey, ProcKey, VmVerdict},
 };
+use known::{Known, Lookup};
 
 use crate::{
     engine::{
@@ -44,6 +46,10 @@ pub struct BpfKernel {
     blast: PerCpuHashMap<MapData, ioasid_common::cost::BlastKey, u64>,
     /// Thread id -> its WBINVD timing entry, kept by the programs between WBINVDs.
     pending: BpfHashMap<MapData, u32, Pending>,
+    /// How many keys were added to each swept map (`MAP_KEYS_GEN`; None: every read walks).
+    keys_gen: Option<Array<MapData, u64>>,
+    /// The swept maps' keys as of their last walk (see `known`).
+    known: KnownKeys,
     /// (hook label, program name) of attached hooks.
     stats_hooks: Vec<(&'static str, &'static str)>,
     /// BPF run-time statistics are on: runs and run time are exported too.
@@ -165,6 +171,14 @@ impl BpfKernel {
             cmdlines: take(e, ioasid_common::names::MAP_CMDLINES)?,
             blast: take(e, ioasid_common::names::MAP_BLAST)?,
             pending: take(e, MAP_PENDING)?,
+            keys_gen: match take(e, MAP_KEYS_GEN) {
+                Ok(m) => Some(m),
+                Err(err) => {
+                    tracing::warn!(error = %err, "every sweep walks the kernel's hash maps");
+                    None
+                }
+            },
+            known: KnownKeys::default(),
             stats_hooks,
             stats_on,
             modules: (loaded.file_filter == loader::FileFilter::On)
@@ -196,10 +210,91 @@ impl BpfKernel {
     }
 }
 
+/// The keys of each swept hash map as of its last walk.
+#[derive(Default)]
+struct KnownKeys {
+    counters: Known<CounterKey>,
+    cost: Known<CostKey>,
+    blast: Known<ioasid_common::cost::BlastKey>,
+    noncoherent_kvm: Known<ProcKey>,
+    asked: Known<u32>,
+    /// Written by the agent only: its own count of the keys it added (a new agent walks once).
+    noncoherent: Known<u32>,
+    noncoherent_added: u64,
+}
+
+/// Every entry of a per-CPU counter map, each summed over the CPUs (wrapping): by lookup of the
+/// keys known while none was added (`gen`), else by a walk.
+fn read_per_cpu<K: aya::Pod + Copy>(
+    name: &'static str,
+    map: &PerCpuHashMap<MapData, K, u64>,
+    known: &mut Known<K>,
+    gen: Option<u64>,
+) -> Vec<(K, u64)> {
+    let sum = |values: aya::maps::PerCpuValues<u64>| values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+    known.read(
+        gen,
+        || {
+            let mut complete = true;
+            let entries = per_cpu(name, map.iter().inspect(|r| complete &= r.is_ok())).collect();
+            (entries, complete)
+        },
+        |k| lookup(name, map.get(k, 0).map(sum)),
+    )
+}
+
+/// Every entry of a hash map: as [`read_per_cpu`].
+fn read_hash<K: aya::Pod + Copy, V: aya::Pod>(
+    name: &'static str,
+    map: &BpfHashMap<MapData, K, V>,
+    known: &mut Known<K>,
+    gen: Option<u64>,
+) -> Vec<(K, V)> {
+    known.read(
+        gen,
+        || {
+            let mut complete = true;
+            let entries = map
+                .iter()
+                .map_while(|r| match r {
+                    Ok(kv) => Some(kv),
+                    Err(e) => {
+                        tracing::warn!(map = name, error = %e, "reading a kernel map");
+                        complete = false;
+                        None
+                    }
+                })
+                .collect();
+            (entries, complete)
+        },
+        |k| lookup(name, map.get(k, 0)),
+    )
+}
+
+/// One known key's lookup, as [`Known::read`] takes it.
+fn lookup<V>(name: &'static str, got: Result<V, aya::maps::MapError>) -> Lookup<V> {
+    match got {
+        Ok(v) => Lookup::Found(v),
+        Err(aya::maps::MapError::KeyNotFound) => Lookup::Gone,
+        Err(e) => {
+            tracing::warn!(map = name, error = %e, "reading a kernel map");
+            Lookup::Failed
+        }
+    }
+}
+
+impl BpfKernel {
+    /// How many keys were added to the map of `slot` so far (None: unknown, walk it).
+    fn keys_added(&self, slot: u32) -> Option<u64> {
+        self.keys_gen.as_ref()?.get(&slot, 0).ok()
+    }
+}
+
 impl Kernel for BpfKernel {
     fn counters(&mut self) -> HashMap<(u32, u64), Totals> {
         let mut out: HashMap<(u32, u64), Totals> = HashMap::new();
-        for (k, sum) in per_cpu(MAP_COUNTERS, self.counters.iter()) {
+        let gen = self.keys_added(KEYS_GEN_COUNTERS);
+        for (k, sum) in read_per_cpu(MAP_COUNTERS, &self.counters, &mut self.known.counters, gen) {
             // Only the programs write this map, from typed values: anything else is skipped.
             let (Ok(op), Ok(path)) = (Op::try_from(k.op), Path::try_from(k.path)) else { continue };
             *out.entry((k.tgid, k.start)).or_default().entry((op, path)).or_insert(0) += sum;
@@ -209,7 +304,8 @@ impl Kernel for BpfKernel {
 
     fn cost(&mut self) -> HashMap<(u32, u64), CostHist> {
         let mut out: HashMap<(u32, u64), CostHist> = HashMap::new();
-        for (k, sum) in per_cpu(MAP_COST, self.cost.iter()) {
+        let gen = self.keys_added(KEYS_GEN_COST);
+        for (k, sum) in read_per_cpu(MAP_COST, &self.cost, &mut self.known.cost, gen) {
             let h = out.entry((k.tgid, k.start)).or_default();
             match h.buckets.get_mut(k.bucket as usize) {
                 Some(b) => *b += sum,
@@ -241,12 +337,17 @@ impl Kernel for BpfKernel {
     }
 
     fn noncoherent(&mut self) -> HashSet<(u32, u64)> {
-        let kvm = self.noncoherent_kvm.keys().map_while(Result::ok).map(|k| (k.tgid, k.start));
-        kvm.chain(self.noncoherent.iter().map_while(Result::ok)).collect()
+        let gen = self.keys_added(KEYS_GEN_NONCOHERENT_KVM);
+        let kvm = read_hash(MAP_NONCOHERENT_KVM, &self.noncoherent_kvm, &mut self.known.noncoherent_kvm, gen);
+        let ours = Some(self.known.noncoherent_added);
+        let agent = read_hash(MAP_NONCOHERENT, &self.noncoherent, &mut self.known.noncoherent, ours);
+        kvm.into_iter().map(|(k, _)| (k.tgid, k.start)).chain(agent).collect()
     }
 
     fn mark_noncoherent(&mut self, tgid: u32, start: u64) -> Result<(), MapError> {
         let start = self.keyed(start);
+        // Counted first: a key added is never missed, whatever the insert's outcome.
+        self.known.noncoherent_added += 1;
         self.noncoherent
             .insert(tgid, start, 0)
             .map_err(|source| MapError { map: MAP_NONCOHERENT, source: source.into() })
@@ -271,7 +372,8 @@ impl Kernel for BpfKernel {
     }
 
     fn asks(&mut self) -> Vec<(u32, Asked)> {
-        self.asked.iter().map_while(Result::ok).collect()
+        let gen = self.keys_added(KEYS_GEN_ASKED);
+        read_hash(MAP_ASKED, &self.asked, &mut self.known.asked, gen)
     }
 
     fn take_ask(&mut self, tgid: u32, ktime_ns: u64) -> bool {
@@ -337,7 +439,8 @@ impl Kernel for BpfKernel {
     }
 
     fn blast(&mut self) -> Vec<(ioasid_common::cost::BlastKey, u64)> {
-        per_cpu(ioasid_common::names::MAP_BLAST, self.blast.iter()).collect()
+        let gen = self.keys_added(KEYS_GEN_BLAST);
+        read_per_cpu(MAP_BLAST, &self.blast, &mut self.known.blast, gen)
     }
 
     fn forget_blast(&mut self, keys: &[ioasid_common::cost::BlastKey]) {

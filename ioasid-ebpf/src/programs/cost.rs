@@ -24,6 +24,7 @@ use ioasid_common::{
         BLAST_IPIS, BLAST_MAX_CPUS, BLAST_NS, COST_SUM,
     },
     counters::Path,
+    names::{KEYS_GEN_BLAST, KEYS_GEN_COST},
 };
 
 use super::{current_ids, me, me_btf};
@@ -36,8 +37,8 @@ use ioasid_common::verdict::ProcKey;
 /// Records one handled WBINVD of process `tgid`/`start` that took `ns`.
 #[inline(always)]
 fn record(tgid: u32, start: u64, ns: u64) {
-    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: cost_bucket(ns), start }, 1);
-    percpu_add(&IOASID_COST, &CostKey { tgid, bucket: COST_SUM, start }, ns);
+    percpu_add(&IOASID_COST, KEYS_GEN_COST, &CostKey { tgid, bucket: cost_bucket(ns), start }, 1);
+    percpu_add(&IOASID_COST, KEYS_GEN_COST, &CostKey { tgid, bucket: COST_SUM, start }, ns);
 }
 
 /// A WBINVD started on this thread (tracepoint source).
@@ -308,8 +309,8 @@ fn flush_ipi_end() {
     unsafe { (*start).start_ns = 0 };
     let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(s.start_ns);
     let key = |kind| BlastKey { flusher_tgid: s.flusher_tgid, victim_tgid: s.victim_tgid, kind, _pad: 0 };
-    percpu_add(&IOASID_BLAST, &key(BLAST_IPIS), 1);
-    percpu_add(&IOASID_BLAST, &key(BLAST_NS), ns);
+    percpu_add(&IOASID_BLAST, KEYS_GEN_BLAST, &key(BLAST_IPIS), 1);
+    percpu_add(&IOASID_BLAST, KEYS_GEN_BLAST, &key(BLAST_NS), ns);
 }
 
 /// fentry wbinvd_ipi(void *garbage) (arch/x86/kvm/x86.c, up to 6.16; static, address-taken):

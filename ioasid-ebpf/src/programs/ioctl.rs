@@ -573,6 +573,7 @@ fn enforce_by_signal<C: EbpfContext>(ctx: &C, ev: &mut IoctlEvent, tgid: u32, si
     if sig == SIGSTOP {
         let asked = Asked { ktime_ns: ev.header.ktime_ns, fd: ev.fd, file_fd: ev.file_fd };
         if IOASID_ASKED.insert(&tgid, &asked, BPF_ANY as u64).is_ok() {
+            crate::maps::key_added(ioasid_common::names::KEYS_GEN_ASKED);
             ev.flags |= IOCTL_F_ASK_RECORDED;
         }
     }

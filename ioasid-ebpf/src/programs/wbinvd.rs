@@ -15,6 +15,7 @@ use ioasid_common::{
     config::EmulTail,
     counters::{CounterKey, ExitMark, Op, Path, Stat, VCPU_UNKNOWN},
     decode::{classify_decoded, classify_exit, classify_insn},
+    names::KEYS_GEN_COUNTERS,
     verdict::ProcKey,
 };
 
@@ -37,7 +38,7 @@ fn count(me: ProcKey, vcpu: u32, op: Op, path: Path) {
 #[inline(always)]
 fn add(me: ProcKey, vcpu: u32, op: u32, path: Path, delta: u64) {
     let key = CounterKey { tgid: me.tgid, vcpu, op, path: path.wire(), start: me.start };
-    percpu_add(&IOASID_COUNTERS, &key, delta);
+    percpu_add(&IOASID_COUNTERS, KEYS_GEN_COUNTERS, &key, delta);
 }
 
 /// kvm:kvm_exit, fired on every VM exit.

@@ -713,6 +713,12 @@ impl<K: Kernel> Actor<K> {
                 self.metrics.kernel_errors.with_label_values(&[stat.label()]).inc_by(delta);
             }
         }
+    }
+
+    /// The kernel's statistics of each attached program (runs, run time, recursion misses):
+    /// read for a scrape only, the one reader of these series (a read costs a syscall and an
+    /// allocation in the kernel per program).
+    pub fn export_program_stats(&mut self) {
         for ps in self.kernel.program_stats() {
             let misses = self.metrics.program_misses.with_label_values(&[ps.hook]);
             misses.inc_by(ps.misses.saturating_sub(misses.get()));

@@ -247,7 +247,7 @@ pub fn set_lsm_deny(
 ) -> Result<bool, HookRefusal> {
     match (on, switch.link.take()) {
         (true, None) => {
-            switch.link = Some(lsm_attach(ebpf)?);
+            switch.link = Some(lsm_attach(ebpf, LSM_PROGRAM)?);
             control.lsm_enforces = 1;
         }
         (false, Some(link)) => {
@@ -549,7 +549,7 @@ impl Attacher<'_> {
                 Ok(()) if wanted == LsmDeny::Off => {
                     HookState::Refused(HookRefusal::Unneeded { why: NO_DENY })
                 }
-                Ok(()) => match lsm_attach(&mut self.ebpf) {
+                Ok(()) => match lsm_attach(&mut self.ebpf, lsm_program(self.opts.empty_programs)) {
                     Ok(link) => {
                         self.lsm_link = Some(link);
                         HookState::Attached
@@ -569,14 +569,11 @@ impl Attacher<'_> {
 
     /// Loads the observing LSM program (not attached), for `lsm_attach` now or at a reload.
     fn lsm_load(&mut self) -> Result<(), HookRefusal> {
-        if self.opts.empty_programs {
-            return Err(HookRefusal::NotRequested { flag: "--empty-programs" });
-        }
         if self.lsm_active == Some(false) {
             return Err(HookRefusal::LsmInactive);
         }
-        let prog =
-            self.ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
+        let name = lsm_program(self.opts.empty_programs);
+        let prog = self.ebpf.program_mut(name).ok_or(HookRefusal::Absent { name: name.into() })?;
         let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
         attach::load_lsm(p, "file_ioctl", &self.target)?;
         self.lsm_loaded = true;
@@ -666,14 +663,25 @@ fn handlers_served(hooks: &[HookReport]) -> bool {
 
 /// The observing LSM program (the one `functions_family` attaches for denials).
 const LSM_PROGRAM: &str = "ioasid_lsm_file_ioctl";
+const LSM_EMPTY_PROGRAM: &str = "ioasid_lsm_file_ioctl_empty";
 
 /// Why the LSM program is not attached beside the functions family while nothing is denied.
 pub const NO_DENY: &str =
     "no deny in the policy: nothing to refuse (a reload that brings one attaches it first)";
 
-/// Attaches the (loaded) LSM program: from then on it refuses denied FILE_ADDs.
-pub fn lsm_attach(ebpf: &mut Ebpf) -> Result<aya::programs::lsm::LsmLinkId, HookRefusal> {
-    let prog = ebpf.program_mut(LSM_PROGRAM).ok_or(HookRefusal::Absent { name: LSM_PROGRAM.into() })?;
+/// The LSM program beside the functions family: the real one, or with `--empty-programs` its
+/// empty twin (the benchmarks' baseline of what a deny policy's attachment costs).
+fn lsm_program(empty_programs: bool) -> &'static str {
+    if empty_programs {
+        LSM_EMPTY_PROGRAM
+    } else {
+        LSM_PROGRAM
+    }
+}
+
+/// Attaches the (loaded) LSM program `name`: from then on it refuses denied FILE_ADDs.
+pub fn lsm_attach(ebpf: &mut Ebpf, name: &str) -> Result<aya::programs::lsm::LsmLinkId, HookRefusal> {
+    let prog = ebpf.program_mut(name).ok_or(HookRefusal::Absent { name: name.into() })?;
     let p: &mut aya::programs::Lsm = prog.try_into().map_err(attach::describe)?;
     p.attach().map_err(attach::describe)
 }
