@@ -87,19 +87,24 @@ where
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
-/// Sums a per-CPU map's values (wrapping: a correction may subtract on another CPU than the
-/// count it corrects), logging (not failing) a read error once per sweep.
-fn per_cpu<K, I>(map: &'static str, iter: I) -> impl Iterator<Item = (K, u64)>
-where
-    I: Iterator<Item = Result<(K, aya::maps::PerCpuValues<u64>), aya::maps::MapError>>,
-{
-    iter.map_while(move |item| match item {
-        Ok((k, values)) => Some((k, values.iter().fold(0u64, |a, v| a.wrapping_add(*v)))),
-        Err(e) => {
-            tracing::warn!(map, error = %e, "reading a kernel map");
-            None
-        }
-    })
+/// The entries a map's walk yields up to its first error (logged, not failed: once per sweep),
+/// and whether it went to the end.
+fn walk<K, V>(
+    map: &'static str,
+    iter: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
+) -> (Vec<(K, V)>, bool) {
+    let mut complete = true;
+    let entries = iter
+        .map_while(|item| match item {
+            Ok(kv) => Some(kv),
+            Err(e) => {
+                tracing::warn!(map, error = %e, "reading a kernel map");
+                complete = false;
+                None
+            }
+        })
+        .collect();
+    (entries, complete)
 }
 
 /// Whether the kernel holds an open ask for a process: a second fd of the asks map, for the
@@ -231,13 +236,13 @@ fn read_per_cpu<K: aya::Pod + Copy>(
     known: &mut Known<K>,
     gen: Option<u64>,
 ) -> Vec<(K, u64)> {
+    // Wrapping: a correction may subtract on another CPU than the count it corrects.
     let sum = |values: aya::maps::PerCpuValues<u64>| values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
     known.read(
         gen,
         || {
-            let mut complete = true;
-            let entries = per_cpu(name, map.iter().inspect(|r| complete &= r.is_ok())).collect();
-            (entries, complete)
+            let (entries, complete) = walk(name, map.iter());
+            (entries.into_iter().map(|(k, v)| (k, sum(v))).collect(), complete)
         },
         |k| lookup(name, map.get(k, 0).map(sum)),
     )
@@ -250,25 +255,7 @@ fn read_hash<K: aya::Pod + Copy, V: aya::Pod>(
     known: &mut Known<K>,
     gen: Option<u64>,
 ) -> Vec<(K, V)> {
-    known.read(
-        gen,
-        || {
-            let mut complete = true;
-            let entries = map
-                .iter()
-                .map_while(|r| match r {
-                    Ok(kv) => Some(kv),
-                    Err(e) => {
-                        tracing::warn!(map = name, error = %e, "reading a kernel map");
-                        complete = false;
-                        None
-                    }
-                })
-                .collect();
-            (entries, complete)
-        },
-        |k| lookup(name, map.get(k, 0)),
-    )
+    known.read(gen, || walk(name, map.iter()), |k| lookup(name, map.get(k, 0)))
 }
 
 /// One known key's lookup, as [`Known::read`] takes it.
